@@ -1,0 +1,58 @@
+/**
+ * Typed failures of the cloudlet core. Every error names the thing, the cause and the fix.
+ * `retryable: false` marks failures a retry cannot fix (wrong base, corrupt overlay, bad input);
+ * the activity layer turns those into non-retryable Temporal failures.
+ */
+export type ErrorCode =
+  | 'BAD_INPUT'
+  | 'NOT_FOUND'
+  | 'CORRUPT'
+  | 'DIGEST_MISMATCH'
+  | 'WRONG_BASE'
+  | 'UNSUPPORTED_VERSION'
+  | 'CPU_MODEL_UNUSABLE'
+  | 'HYPERVISOR_UNAVAILABLE'
+  | 'HYPERVISOR'
+  | 'UNKNOWN_HOST'
+  | 'TIMEOUT'
+  | 'CONFLICT';
+
+const NON_RETRYABLE: ReadonlySet<ErrorCode> = new Set<ErrorCode>([
+  'BAD_INPUT',
+  'NOT_FOUND',
+  'CORRUPT',
+  'DIGEST_MISMATCH',
+  'WRONG_BASE',
+  'UNSUPPORTED_VERSION',
+  'CPU_MODEL_UNUSABLE',
+  'UNKNOWN_HOST',
+  'CONFLICT',
+]);
+
+export interface CloudletErrorOptions {
+  /** What the user can do about it. */
+  fix?: string;
+  /** Structured facts for logs and API responses. */
+  details?: Record<string, unknown>;
+  cause?: unknown;
+}
+
+export class CloudletError extends Error {
+  readonly code: ErrorCode;
+  readonly fix: string | undefined;
+  readonly details: Record<string, unknown>;
+  readonly retryable: boolean;
+
+  constructor(code: ErrorCode, message: string, options: CloudletErrorOptions = {}) {
+    super(options.fix ? `${message}. Fix: ${options.fix}` : message, { cause: options.cause });
+    this.name = 'CloudletError';
+    this.code = code;
+    this.fix = options.fix;
+    this.details = options.details ?? {};
+    this.retryable = !NON_RETRYABLE.has(code);
+  }
+}
+
+export function isCloudletError(e: unknown): e is CloudletError {
+  return e instanceof CloudletError;
+}
