@@ -1,0 +1,35 @@
+#!/usr/bin/env bash
+# Installs and starts everything the project needs, idempotently, and says what it does:
+# Debian packages, npm dependencies, the Temporal CLI (built from its Go module), libvirtd,
+# the Temporal dev server, and the test guest. A second run finds everything in place.
+set -euo pipefail
+source "$(dirname "$0")/lib.sh"
+cd "$ROOT"
+
+# 1. Debian packages: hypervisor, native-addon toolchain, compression tools, the guest build's needs.
+PACKAGES=(qemu-system-x86 qemu-utils libvirt-daemon-system libvirt-clients libvirt-dev tini
+  xdelta3 xz-utils build-essential python3 pkg-config curl)
+if [ -f infra/guest/host-packages.txt ]; then
+  while read -r p; do [ -n "$p" ] && [ "${p#\#}" = "$p" ] && PACKAGES+=("$p"); done < infra/guest/host-packages.txt
+fi
+ensure_packages "${PACKAGES[@]}"
+
+# 2. npm dependencies (native addons are compiled against this Node's own headers).
+NODE_PREFIX="$(dirname "$(dirname "$(node -p process.execPath)")")"
+[ -f "$NODE_PREFIX/include/node/node.h" ] || die "Node's headers are not at $NODE_PREFIX/include/node; native addons cannot be built (install Node with its headers)"
+export npm_config_nodedir="$NODE_PREFIX"
+if [ ! -f node_modules/.package-lock.json ] || [ package-lock.json -nt node_modules/.package-lock.json ] \
+   || [ package.json -nt node_modules/.package-lock.json ]; then
+  say "installing npm dependencies (native addons built against $NODE_PREFIX/include/node)"
+  npm install --no-audit --no-fund 2>&1 | grep -v 'Unknown user config "nodedir"' >&2
+  touch node_modules/.package-lock.json
+fi
+
+# 3. Temporal CLI and dev server.
+bash infra/temporal.sh start
+
+# 4. libvirtd (without systemd) and the test guest.
+[ -f infra/libvirt.sh ] && bash infra/libvirt.sh start
+[ -f infra/guest/build.sh ] && bash infra/guest/build.sh
+
+say "setup complete: Temporal on ${CLOUDLET_TEMPORAL_ADDRESS:-127.0.0.1:7233} (Web UI http://127.0.0.1:${CLOUDLET_TEMPORAL_UI_PORT:-8233}), libvirt on qemu:///system"

@@ -1,0 +1,61 @@
+#!/usr/bin/env bash
+# The Temporal dev server (SQLite, Web UI) for the embedded defaults.
+#   infra/temporal.sh install   build the Temporal CLI from its Go module into .tools/ (once)
+#   infra/temporal.sh start     start `temporal server start-dev` unless it already answers
+#   infra/temporal.sh stop | status
+set -euo pipefail
+source "$(dirname "$0")/lib.sh"
+
+CLI_VERSION=v1.5.1 # later releases carry replace directives and cannot be go-installed
+TEMPORAL="$TOOLS/temporal"
+ADDRESS="${CLOUDLET_TEMPORAL_ADDRESS:-127.0.0.1:7233}"
+HOST="${ADDRESS%:*}"; PORT="${ADDRESS##*:}"
+UI_PORT="${CLOUDLET_TEMPORAL_UI_PORT:-8233}"
+STATE="$VAR/temporal"
+# Search attributes the workflows set (operators filter runs by them in the Web UI).
+SEARCH_ATTRIBUTES=(CloudletHost=Keyword CloudletBaseId=Keyword CloudletOverlayId=Keyword CloudletOperation=Keyword CloudletStatus=Keyword)
+
+install() {
+  if [ -x "$TEMPORAL" ] && [ "$(cat "$TOOLS/temporal.version" 2>/dev/null)" = "$CLI_VERSION" ]; then
+    return 0
+  fi
+  command -v go >/dev/null || die "the Go toolchain is needed to build the Temporal CLI; install Go >= 1.23 (https://go.dev/doc/install) and retry"
+  say "building the Temporal CLI $CLI_VERSION from its Go module (first time: several minutes)"
+  mkdir -p "$TOOLS"
+  GOBIN="$TOOLS" GOFLAGS=-buildvcs=false go install "github.com/temporalio/cli/cmd/temporal@$CLI_VERSION" \
+    || die "go install of the Temporal CLI failed (see above); check that the Go module proxy is reachable"
+  echo "$CLI_VERSION" > "$TOOLS/temporal.version"
+}
+
+healthy() { "$TEMPORAL" operator cluster health --address "$ADDRESS" 2>/dev/null | grep -q SERVING; }
+
+start() {
+  install
+  if healthy; then say "Temporal server already answers on $ADDRESS"; return 0; fi
+  mkdir -p "$STATE"
+  local args=(server start-dev --ip "$HOST" --port "$PORT" --ui-port "$UI_PORT"
+    --db-filename "$STATE/temporal.db" --log-level warn)
+  local sa; for sa in "${SEARCH_ATTRIBUTES[@]}"; do args+=(--search-attribute "$sa"); done
+  say "starting the Temporal dev server on $ADDRESS (Web UI http://$HOST:$UI_PORT, state $STATE/temporal.db)"
+  setsid nohup "$TEMPORAL" "${args[@]}" >>"$STATE/server.log" 2>&1 < /dev/null &
+  echo $! > "$STATE/server.pid"
+  WAIT_SECONDS=90 wait_for healthy || die "the Temporal server did not answer on $ADDRESS within 90 s; see $STATE/server.log (is the port taken?)"
+  say "Temporal server is up"
+}
+
+stop() {
+  if [ -f "$STATE/server.pid" ] && kill -0 "$(cat "$STATE/server.pid")" 2>/dev/null; then
+    say "stopping the Temporal dev server"
+    kill "$(cat "$STATE/server.pid")"; rm -f "$STATE/server.pid"
+  else
+    say "no Temporal dev server started from this checkout is running"
+  fi
+}
+
+case "${1:-}" in
+  install) install ;;
+  start) start ;;
+  stop) stop ;;
+  status) healthy && say "Temporal server answers on $ADDRESS" || { say "Temporal server is not answering on $ADDRESS"; exit 1; } ;;
+  *) die "usage: infra/temporal.sh install|start|stop|status" ;;
+esac

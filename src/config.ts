@@ -1,0 +1,53 @@
+/**
+ * Process configuration, parsed from the environment once, at the edge. Every setting has an
+ * embedded default (Temporal dev server, local libvirt, SQLite under var/).
+ */
+import path from 'node:path';
+import { z } from 'zod';
+import { CloudletError } from './core/errors';
+import { HOST_ID_PATTERN } from './common/names';
+
+export const REPO_ROOT = path.resolve(__dirname, '..');
+
+const EnvSchema = z.object({
+  CLOUDLET_TEMPORAL_ADDRESS: z.string().regex(/^[^:\s]+:\d+$/, 'host:port').default('127.0.0.1:7233'),
+  CLOUDLET_NAMESPACE: z.string().min(1).default('default'),
+  CLOUDLET_TEMPORAL_UI_PORT: z.coerce.number().int().min(1).max(65535).default(8233),
+  CLOUDLET_VAR: z.string().min(1).default(path.join(REPO_ROOT, 'var')),
+  CLOUDLET_HOST_ID: z.string().regex(HOST_ID_PATTERN, 'a DNS label such as "local" or "host-a"').default('local'),
+  CLOUDLET_LOG_LEVEL: z.enum(['trace', 'debug', 'info', 'warn', 'error', 'silent']).default('info'),
+});
+
+export interface Config {
+  temporalAddress: string;
+  namespace: string;
+  webUiUrl: string;
+  varDir: string;
+  hostId: string;
+  logLevel: z.infer<typeof EnvSchema>['CLOUDLET_LOG_LEVEL'];
+}
+
+export function loadConfig(env: NodeJS.ProcessEnv = process.env): Config {
+  const parsed = EnvSchema.safeParse(env);
+  if (!parsed.success) {
+    const problems = parsed.error.issues.map((i) => `${i.path.join('.')}: ${i.message}`).join('; ');
+    throw new CloudletError('BAD_INPUT', `invalid environment configuration (${problems})`, {
+      fix: 'correct or unset the named CLOUDLET_* variables',
+    });
+  }
+  const e = parsed.data;
+  const uiHost = e.CLOUDLET_TEMPORAL_ADDRESS.split(':')[0] ?? '127.0.0.1';
+  return {
+    temporalAddress: e.CLOUDLET_TEMPORAL_ADDRESS,
+    namespace: e.CLOUDLET_NAMESPACE,
+    webUiUrl: `http://${uiHost}:${e.CLOUDLET_TEMPORAL_UI_PORT}`,
+    varDir: path.resolve(e.CLOUDLET_VAR),
+    hostId: e.CLOUDLET_HOST_ID,
+    logLevel: e.CLOUDLET_LOG_LEVEL,
+  };
+}
+
+/** Where a host keeps its instances, stores and logs. */
+export function hostDir(config: Config, hostId: string): string {
+  return path.join(config.varDir, 'hosts', hostId);
+}
