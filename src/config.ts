@@ -5,7 +5,7 @@
 import path from 'node:path';
 import { z } from 'zod';
 import { CloudletError } from './core/errors';
-import { HOST_ID_PATTERN } from './common/names';
+import { HOST_ID_PATTERN, WORKFLOW_TASK_QUEUE } from './common/names';
 
 export const REPO_ROOT = path.resolve(__dirname, '..');
 
@@ -15,6 +15,7 @@ const EnvSchema = z.object({
   CLOUDLET_TEMPORAL_UI_PORT: z.coerce.number().int().min(1).max(65535).default(8233),
   CLOUDLET_VAR: z.string().min(1).default(path.join(REPO_ROOT, 'var')),
   CLOUDLET_HOST_ID: z.string().regex(HOST_ID_PATTERN, 'a DNS label such as "local" or "host-a"').default('local'),
+  CLOUDLET_WORKFLOW_QUEUE: z.string().min(1).default(WORKFLOW_TASK_QUEUE),
   CLOUDLET_LOG_LEVEL: z.enum(['trace', 'debug', 'info', 'warn', 'error', 'silent']).default('info'),
 });
 
@@ -24,6 +25,8 @@ export interface Config {
   webUiUrl: string;
   varDir: string;
   hostId: string;
+  /** The shared queue for workflow tasks (tests use their own to stay isolated). */
+  workflowTaskQueue: string;
   logLevel: z.infer<typeof EnvSchema>['CLOUDLET_LOG_LEVEL'];
 }
 
@@ -43,6 +46,7 @@ export function loadConfig(env: NodeJS.ProcessEnv = process.env): Config {
     webUiUrl: `http://${uiHost}:${e.CLOUDLET_TEMPORAL_UI_PORT}`,
     varDir: path.resolve(e.CLOUDLET_VAR),
     hostId: e.CLOUDLET_HOST_ID,
+    workflowTaskQueue: e.CLOUDLET_WORKFLOW_QUEUE,
     logLevel: e.CLOUDLET_LOG_LEVEL,
   };
 }

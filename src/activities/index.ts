@@ -1,0 +1,33 @@
+/**
+ * All activities of one host, created with that host's dependencies. Workflows see only the
+ * types (see ./guest for GuestActivities); the worker registers the implementations.
+ */
+import path from 'node:path';
+import type { Logger } from 'pino';
+import type { Config } from '../config';
+import { loadGuestImage } from '../guest/manifest';
+import { createLibvirtHypervisor } from '../hypervisor/libvirt';
+import { createGuestActivities } from './guest';
+import { withFailureMapping } from './failures';
+
+export interface HostActivityDeps {
+  hostId: string;
+  dataDir: string;
+  config: Config;
+  log: Logger;
+}
+
+export async function createHostActivities(deps: HostActivityDeps) {
+  const hypervisor = await createLibvirtHypervisor();
+  const guestDir = path.join(deps.config.varDir, 'guest');
+  const guest = createGuestActivities({
+    hostId: deps.hostId,
+    dataDir: deps.dataDir,
+    hypervisor,
+    guestImage: () => loadGuestImage(guestDir),
+    log: deps.log,
+  });
+  return withFailureMapping({ ...guest });
+}
+
+export type HostActivities = Awaited<ReturnType<typeof createHostActivities>>;

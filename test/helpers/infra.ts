@@ -1,0 +1,25 @@
+/**
+ * Integration tests talk to the real Temporal dev server and real libvirt. `npm test` has
+ * already started them through infra/setup.sh; a test file run on its own starts what is
+ * missing through the same idempotent scripts.
+ */
+import { execFileSync } from 'node:child_process';
+import path from 'node:path';
+
+export const REPO = path.resolve(__dirname, '..', '..');
+
+export function ensureInfra(parts: Array<'temporal' | 'libvirt' | 'guest'> = ['temporal', 'libvirt', 'guest']): void {
+  const scripts: Record<string, string[]> = {
+    temporal: ['infra/temporal.sh', 'start'],
+    libvirt: ['infra/libvirt.sh', 'start'],
+    guest: ['infra/guest/build.sh'],
+  };
+  for (const p of parts) {
+    execFileSync('bash', scripts[p] ?? [], { cwd: REPO, stdio: ['ignore', 'ignore', 'inherit'], timeout: 30 * 60_000 });
+  }
+}
+
+/** A short unique suffix for queue, host and instance names of one test run. */
+export function uniqueSuffix(): string {
+  return `${process.pid.toString(36)}${Date.now().toString(36).slice(-5)}`;
+}
