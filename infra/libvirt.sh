@@ -1,0 +1,139 @@
+#!/usr/bin/env bash
+# libvirtd on a host without systemd (this sandbox; see docs/hypervisor.md), idempotently.
+#   infra/libvirt.sh start    install missing Debian packages, configure qemu.conf (marked block),
+#                             start libvirtd under a child subreaper (tini -s) unless it answers
+#   infra/libvirt.sh stop     stop the libvirtd this script started
+#   infra/libvirt.sh status   exit 0 iff libvirtd answers on qemu:///system
+#
+# Two things make libvirt slow here and are fixed below (measured figures in docs/hypervisor.md):
+#  1. QEMU capabilities must stay cached: libvirt re-probes QEMU (~2 s per probe) whenever it
+#     thinks KVM usability changed; it checks /dev/kvm as the configured qemu user. Running QEMU
+#     as root makes that check stable (and the cache in /var/cache/libvirt/qemu/capabilities valid).
+#  2. Orphans must be reaped quickly: libvirt daemonizes QEMU (probes and domains), so QEMU
+#     processes are re-parented; libvirt waits for each killed QEMU to vanish (destroy, save,
+#     capability probes). PID 1 of this sandbox reaps slowly; `tini -s` reaps at once.
+set -euo pipefail
+source "$(dirname "$0")/lib.sh"
+
+URI=qemu:///system
+STATE="$VAR/libvirt"
+PIDFILE="$STATE/libvirtd.pid"   # the tini process that supervises libvirtd
+LOG="$STATE/libvirtd.log"
+QEMU_CONF=/etc/libvirt/qemu.conf
+MARK_BEGIN="# BEGIN cloudlet (infra/libvirt.sh) -- edited by the project, do not change by hand"
+MARK_END="# END cloudlet (infra/libvirt.sh)"
+PACKAGES=(qemu-system-x86 qemu-utils libvirt-daemon-system libvirt-clients libvirt-dev tini)
+
+answers() { virsh -c "$URI" version >/dev/null 2>&1; }
+
+# The settings we need in qemu.conf, one per line.
+qemu_conf_block() {
+  cat <<EOF
+$MARK_BEGIN
+# Run QEMU as root: libvirt then checks /dev/kvm as root, its verdict never flips, and the
+# QEMU capabilities cache stays valid (no ~2 s re-probe on domain start/restore).
+user = "root"
+group = "root"
+# No SELinux/AppArmor confinement and no chown of images (we own the files as root anyway).
+security_driver = "none"
+dynamic_ownership = 0
+remember_owner = 0
+# QEMU stdout/stderr straight to /var/log/libvirt/qemu/<domain>.log, no virtlogd needed.
+stdio_handler = "file"
+# No cgroups and no per-domain mount namespace inside a container: less work per start.
+cgroup_controllers = [ ]
+namespaces = [ ]
+$MARK_END
+EOF
+}
+
+configure() {
+  [ -f "$QEMU_CONF" ] || die "$QEMU_CONF is missing although libvirt-daemon-system is installed; reinstall it (apt-get install --reinstall libvirt-daemon-system)"
+  local current wanted
+  current="$(awk -v b="$MARK_BEGIN" -v e="$MARK_END" '$0==b{on=1} on{print} $0==e{on=0}' "$QEMU_CONF")"
+  wanted="$(qemu_conf_block)"
+  if [ "$current" = "$wanted" ]; then
+    say "$QEMU_CONF already holds the cloudlet settings"
+    return 1
+  fi
+  say "writing the cloudlet settings into $QEMU_CONF (user/group root, security_driver none, stdio_handler file, no cgroups/namespaces)"
+  local tmp; tmp="$(mktemp "$QEMU_CONF.XXXXXX")"
+  awk -v b="$MARK_BEGIN" -v e="$MARK_END" '$0==b{skip=1} !skip{print} $0==e{skip=0}' "$QEMU_CONF" > "$tmp"
+  printf '%s\n' "$wanted" >> "$tmp"
+  chmod --reference="$QEMU_CONF" "$tmp"
+  mv "$tmp" "$QEMU_CONF"
+  return 0
+}
+
+our_pid() {
+  [ -f "$PIDFILE" ] && kill -0 "$(cat "$PIDFILE")" 2>/dev/null && cat "$PIDFILE"
+}
+
+start() {
+  [ "$(id -u)" = 0 ] || die "libvirtd for qemu:///system must run as root; rerun as root"
+  ensure_packages "${PACKAGES[@]}"
+  local changed=0
+  configure && changed=1
+  if answers; then
+    if [ "$changed" = 1 ]; then
+      warn "libvirtd already runs with the old qemu.conf; restart it to apply: bash infra/libvirt.sh stop && bash infra/libvirt.sh start"
+    fi
+    say "libvirtd already answers on $URI; nothing to do"
+    return 0
+  fi
+  mkdir -p "$STATE"
+  # A libvirtd that does not answer but holds the pid file would block the new one.
+  if [ -f /run/libvirtd.pid ] && kill -0 "$(cat /run/libvirtd.pid)" 2>/dev/null; then
+    die "a libvirtd (pid $(cat /run/libvirtd.pid)) runs but does not answer on $URI; see $LOG, stop it (kill $(cat /run/libvirtd.pid)) and retry"
+  fi
+  local caps=/var/cache/libvirt/qemu/capabilities
+  if compgen -G "$caps/*.xml" >/dev/null; then
+    say "QEMU capabilities cache present in $caps (libvirtd reuses it if QEMU, libvirt and /dev/kvm are unchanged)"
+  else
+    say "no QEMU capabilities cache yet in $caps: this first start probes QEMU (several seconds)"
+  fi
+  say "starting libvirtd under tini -s (child subreaper), log $LOG"
+  local t0; t0=$(date +%s%N)
+  setsid nohup tini -s -- libvirtd >>"$LOG" 2>&1 < /dev/null &
+  echo $! > "$PIDFILE"
+  WAIT_SECONDS=90 wait_for answers || die "libvirtd did not answer on $URI within 90 s; see $LOG"
+  local ms=$(( ($(date +%s%N) - t0) / 1000000 ))
+  say "libvirtd answers on $URI after ${ms} ms (tini pid $(cat "$PIDFILE")): $(virsh -c "$URI" version 2>/dev/null | grep -i 'running hypervisor' | sed 's/^ *//')"
+}
+
+stop() {
+  local pid
+  if pid="$(our_pid)"; then
+    say "stopping libvirtd (tini pid $pid; running domains keep running)"
+    kill -TERM "$pid"
+    local deadline=$(( $(date +%s) + 30 ))
+    while kill -0 "$pid" 2>/dev/null; do
+      [ "$(date +%s)" -lt "$deadline" ] || die "libvirtd (tini pid $pid) did not stop within 30 s"
+      sleep 0.1
+    done
+    rm -f "$PIDFILE"
+    say "libvirtd stopped"
+  elif answers; then
+    warn "libvirtd answers on $URI but was not started by this script (no live $PIDFILE); leaving it alone"
+  else
+    say "libvirtd is not running"
+  fi
+}
+
+status() {
+  if answers; then
+    local how="not started by this script"
+    our_pid >/dev/null && how="under tini, pid $(cat "$PIDFILE")"
+    say "libvirtd answers on $URI ($how)"
+  else
+    say "libvirtd does not answer on $URI; start it with: bash infra/libvirt.sh start"
+    return 1
+  fi
+}
+
+case "${1:-}" in
+  start) start ;;
+  stop) stop ;;
+  status) status ;;
+  *) die "usage: infra/libvirt.sh start|stop|status" ;;
+esac

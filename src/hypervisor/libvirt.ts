@@ -1,0 +1,447 @@
+/**
+ * The libvirt implementation of the Hypervisor adapter: the @unraid/libvirt native addon where
+ * it covers a call, virsh (execFile) where it does not. See docs/hypervisor.md.
+ */
+import fs from 'node:fs';
+import net from 'node:net';
+import os from 'node:os';
+import path from 'node:path';
+import type pino from 'pino';
+import { CloudletError } from '../core/errors';
+import { createLogger } from '../common/logger';
+import { assertCpuModelUsable, parseDomainCapabilities, parseMissingFeatures, usableModels, type DomainCapabilities } from './domcaps';
+import { buildDomainXml, buildXml, editDomainXml, interfaceElements, interfaceXml, isValidMac, parseDomainXml } from './domain-xml';
+import { virtTypeVerdict } from './kvm';
+import { loadNative, nativeMessage, type NativeDomain, type NativeHypervisor } from './native';
+import { waitForSerialLine } from './serial';
+import type { DomainSpec, DomainState, ForwardResult, Hypervisor, NicSpec, ReplugResult, RestoreOptions, RestoreResult, VirtType } from './types';
+import { runVirsh, VirshError } from './virsh';
+
+export const DEFAULT_URI = 'qemu:///system';
+const START_FIX = 'start it with: bash infra/libvirt.sh start (then check: virsh -c qemu:///system version)';
+const NAME = /^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$/;
+
+export interface LibvirtOptions {
+  uri?: string;
+  logger?: pino.Logger;
+  /** How long a NIC unplug may take before replugNic gives up (the guest must acknowledge it). */
+  detachTimeoutMs?: number;
+}
+
+const since = (t0: number): number => Math.round(performance.now() - t0);
+
+function isUnavailable(msg: string): boolean {
+  return /Failed to connect socket|failed to connect to the hypervisor|Connection refused|libvirt-sock|no connection driver|client socket is closed|Cannot recv data|Cannot write data|End of file while reading/i.test(msg);
+}
+
+function isNoDomain(msg: string): boolean {
+  return /Domain not found|no domain with matching name|failed to get domain/i.test(msg);
+}
+
+function assertName(name: string): void {
+  if (!NAME.test(name)) {
+    throw new CloudletError('BAD_INPUT', `"${name}" is not a valid domain name`, { fix: 'use letters, digits, "-", "_" and "." (at most 64 characters)' });
+  }
+}
+
+function assertFile(file: string, what: string, fix: string): void {
+  if (!fs.existsSync(file)) {
+    throw new CloudletError('NOT_FOUND', `${what} ${file} does not exist`, { fix, details: { path: file } });
+  }
+}
+
+/** A free TCP port on 127.0.0.1 (the OS picks it; tiny race until QEMU binds it). */
+export function freeLocalPort(): Promise<number> {
+  return new Promise((resolve, reject) => {
+    const srv = net.createServer();
+    srv.once('error', reject);
+    srv.listen(0, '127.0.0.1', () => {
+      const addr = srv.address();
+      const port = typeof addr === 'object' && addr ? addr.port : 0;
+      srv.close(() => resolve(port));
+    });
+  });
+}
+
+export class LibvirtHypervisor implements Hypervisor {
+  readonly uri: string;
+  private readonly log: pino.Logger;
+  private readonly detachTimeoutMs: number;
+  private conn: Promise<NativeHypervisor> | undefined;
+  private readonly caps = new Map<VirtType, Promise<DomainCapabilities>>();
+
+  constructor(options: LibvirtOptions = {}) {
+    this.uri = options.uri ?? process.env.CLOUDLET_LIBVIRT_URI ?? DEFAULT_URI;
+    this.log = options.logger ?? createLogger('hypervisor');
+    this.detachTimeoutMs = options.detachTimeoutMs ?? 15000;
+  }
+
+  // ---- plumbing -------------------------------------------------------------------------------
+
+  private connection(): Promise<NativeHypervisor> {
+    this.conn ??= (async () => {
+      let native;
+      try {
+        native = loadNative();
+      } catch (e) {
+        throw new CloudletError('HYPERVISOR_UNAVAILABLE', `the libvirt binding cannot be loaded (${nativeMessage(e)})`, {
+          fix: 'reinstall npm dependencies so @unraid/libvirt builds its addon (npm run setup; needs libvirt-dev and build-essential)',
+          cause: e,
+        });
+      }
+      const h = new native.Hypervisor({ uri: this.uri });
+      try {
+        await h.connectOpen();
+      } catch (e) {
+        throw this.unavailable(nativeMessage(e), e);
+      }
+      return h;
+    })().catch((e: unknown) => {
+      this.conn = undefined;
+      throw e;
+    });
+    return this.conn;
+  }
+
+  private unavailable(msg: string, cause?: unknown): CloudletError {
+    return new CloudletError('HYPERVISOR_UNAVAILABLE', `libvirtd does not answer on ${this.uri} (${msg.trim()})`, { fix: START_FIX, cause });
+  }
+
+  /** Maps a libvirt/virsh failure to a CloudletError naming the operation and the domain. */
+  private fail(op: string, e: unknown, name?: string): CloudletError {
+    if (e instanceof CloudletError) return e;
+    const msg = e instanceof VirshError ? e.stderr : nativeMessage(e);
+    if (isUnavailable(msg)) {
+      this.conn = undefined; // reconnect next time
+      return this.unavailable(msg, e);
+    }
+    if (name !== undefined && isNoDomain(msg)) {
+      return new CloudletError('NOT_FOUND', `domain "${name}" is not defined on ${this.uri} (${op})`, {
+        fix: 'check the name with `virsh -c qemu:///system list --all`; define or restore the domain first',
+        details: { domain: name, operation: op },
+        cause: e,
+      });
+    }
+    return new CloudletError('HYPERVISOR', `${op}${name ? ` of domain "${name}"` : ''} failed: ${msg.trim()}`, {
+      fix: `see /var/log/libvirt/qemu/${name ?? '<domain>'}.log and var/libvirt/libvirtd.log`,
+      details: { domain: name, operation: op },
+      cause: e,
+    });
+  }
+
+  private async virsh(op: string, args: string[], name?: string): Promise<string> {
+    const t0 = performance.now();
+    try {
+      const out = await runVirsh(this.uri, args);
+      this.log.debug({ args, ms: since(t0) }, 'virsh');
+      return out;
+    } catch (e) {
+      throw this.fail(op, e, name);
+    }
+  }
+
+  private async domain(name: string, op: string): Promise<{ h: NativeHypervisor; d: NativeDomain }> {
+    assertName(name);
+    const h = await this.connection();
+    try {
+      return { h, d: await h.domainLookupByName(name) };
+    } catch (e) {
+      throw this.fail(op, e, name);
+    }
+  }
+
+  private async withTempFile<T>(content: string, fn: (file: string) => Promise<T>): Promise<T> {
+    const dir = await fs.promises.mkdtemp(path.join(os.tmpdir(), 'cloudlet-hv-'));
+    const file = path.join(dir, 'x.xml');
+    try {
+      await fs.promises.writeFile(file, content);
+      return await fn(file);
+    } finally {
+      await fs.promises.rm(dir, { recursive: true, force: true });
+    }
+  }
+
+  /** Files a domain XML refers to (kernel, initrd, disks) must exist before libvirt sees them. */
+  private assertXmlFiles(xml: string, what: string): void {
+    const info = parseDomainXml(xml, what);
+    for (const disk of info.disks) {
+      if (disk.path) assertFile(disk.path, `disk image of domain "${info.name}" (${disk.target})`, 'create the disk first (copy the base image or qemu-img create -b), or pass the right diskPath');
+    }
+    for (const [kind, file] of [['kernel', info.kernel], ['initrd', info.initrd]] as const) {
+      if (file) assertFile(file, `${kind} of domain "${info.name}"`, 'build the guest (bash infra/guest/build.sh) or pass the right path');
+    }
+  }
+
+  // ---- Hypervisor -----------------------------------------------------------------------------
+
+  async virtType(): Promise<VirtType> {
+    const v = await virtTypeVerdict();
+    return v.virtType;
+  }
+
+  async defineDomain(spec: DomainSpec): Promise<void> {
+    assertName(spec.name);
+    if (!isValidMac(spec.nic.mac)) {
+      throw new CloudletError('BAD_INPUT', `"${spec.nic.mac}" is not a unicast MAC address`, { fix: 'use six hex octets with an even first octet, e.g. 52:54:00:12:34:56' });
+    }
+    if (!(spec.memoryMiB >= 16) || !Number.isInteger(spec.vcpus) || spec.vcpus < 1) {
+      throw new CloudletError('BAD_INPUT', `domain "${spec.name}" needs memoryMiB >= 16 and vcpus >= 1 (got ${spec.memoryMiB} MiB, ${spec.vcpus} vCPUs)`, { fix: 'correct the domain spec' });
+    }
+    const fix = 'build the guest (bash infra/guest/build.sh) or pass the right path';
+    assertFile(spec.kernel, `kernel of domain "${spec.name}"`, fix);
+    if (spec.initrd !== undefined) assertFile(spec.initrd, `initrd of domain "${spec.name}"`, fix);
+    assertFile(spec.disk.path, `disk image of domain "${spec.name}"`, 'create the disk first (copy the base image or qemu-img create -b)');
+    const virtType = spec.virtType ?? (await this.virtType());
+    const xml = buildDomainXml(spec, virtType);
+    const h = await this.connection();
+    try {
+      await h.domainDefineXML(xml);
+    } catch (e) {
+      throw this.fail('define', e, spec.name);
+    }
+    this.log.info({ domain: spec.name, virtType }, 'domain defined');
+  }
+
+  async start(name: string): Promise<void> {
+    const { h, d } = await this.domain(name, 'start');
+    this.assertXmlFiles(await h.domainGetXMLDesc(d, 0).catch((e: unknown) => { throw this.fail('start', e, name); }), `domain "${name}"`);
+    const t0 = performance.now();
+    try {
+      await h.domainCreate(d);
+    } catch (e) {
+      throw this.fail('start', e, name);
+    }
+    this.log.info({ domain: name, ms: since(t0) }, 'domain started');
+  }
+
+  async destroy(name: string): Promise<void> {
+    const state = await this.state(name);
+    if (state === 'absent' || state === 'shut off') return;
+    const { h, d } = await this.domain(name, 'destroy');
+    const t0 = performance.now();
+    try {
+      await h.domainDestroy(d);
+    } catch (e) {
+      throw this.fail('destroy', e, name);
+    }
+    this.log.info({ domain: name, ms: since(t0) }, 'domain destroyed');
+  }
+
+  async undefine(name: string): Promise<void> {
+    if ((await this.state(name)) === 'absent') return;
+    const { h, d } = await this.domain(name, 'undefine');
+    try {
+      await h.domainUndefine(d);
+    } catch (e) {
+      // A transient domain (restored without a definition) vanishes when destroyed.
+      const msg = nativeMessage(e);
+      if (/transient/i.test(msg) || isNoDomain(msg)) return;
+      throw this.fail('undefine', e, name);
+    }
+  }
+
+  async state(name: string): Promise<DomainState> {
+    assertName(name);
+    const h = await this.connection();
+    let d: NativeDomain;
+    try {
+      d = await h.domainLookupByName(name);
+    } catch (e) {
+      if (isNoDomain(nativeMessage(e))) return 'absent';
+      throw this.fail('state', e, name);
+    }
+    let info;
+    try {
+      info = await h.domainGetInfo(d);
+    } catch (e) {
+      if (isNoDomain(nativeMessage(e))) return 'absent';
+      throw this.fail('state', e, name);
+    }
+    switch (info.state) {
+      case 1: // running
+      case 2: // blocked
+      case 4: // shutting down
+        return 'running';
+      case 3: // paused
+      case 7: // pmsuspended
+        return 'paused';
+      case 0:
+        return 'absent';
+      default: // 5 shutoff, 6 crashed
+        return 'shut off';
+    }
+  }
+
+  async suspend(name: string): Promise<void> {
+    const { h, d } = await this.domain(name, 'suspend');
+    await h.domainSuspend(d).catch((e: unknown) => { throw this.fail('suspend', e, name); });
+  }
+
+  async resume(name: string): Promise<void> {
+    const { h, d } = await this.domain(name, 'resume');
+    await h.domainResume(d).catch((e: unknown) => { throw this.fail('resume', e, name); });
+  }
+
+  async domainXml(name: string): Promise<string> {
+    const { h, d } = await this.domain(name, 'dumpxml');
+    return h.domainGetXMLDesc(d, 0).catch((e: unknown) => { throw this.fail('dumpxml', e, name); });
+  }
+
+  async save(name: string, file: string): Promise<{ ms: number }> {
+    const { h, d } = await this.domain(name, 'save');
+    const abs = path.resolve(file);
+    assertFile(path.dirname(abs), 'directory for the save file', 'create the directory first');
+    const t0 = performance.now();
+    try {
+      await h.domainSave(d, abs);
+    } catch (e) {
+      throw this.fail('save', e, name);
+    }
+    const ms = since(t0);
+    this.log.info({ domain: name, file: abs, ms }, 'domain saved');
+    return { ms };
+  }
+
+  async saveFileXml(file: string): Promise<string> {
+    const abs = path.resolve(file);
+    assertFile(abs, 'save file', 'pass the path of a file written by save (virsh save)');
+    return this.virsh('read the domain XML of a save file', ['save-image-dumpxml', abs]);
+  }
+
+  async restore(file: string, options: RestoreOptions = {}): Promise<RestoreResult> {
+    const abs = path.resolve(file);
+    assertFile(abs, 'save file', 'pass the path of a file written by save (virsh save)');
+    const edited = options.xml !== undefined || options.diskPath !== undefined || options.serialPath !== undefined;
+    let xml = options.xml ?? (await this.saveFileXml(abs));
+    if (options.diskPath !== undefined || options.serialPath !== undefined) {
+      xml = editDomainXml(xml, { diskPath: options.diskPath, diskTarget: options.diskTarget, serialPath: options.serialPath }, `domain XML of ${abs}`);
+    }
+    this.assertXmlFiles(xml, `domain XML of ${abs}`);
+    const name = parseDomainXml(xml).name;
+    await this.connection();
+    const t0 = performance.now();
+    if (!edited && !options.paused) {
+      const h = await this.connection();
+      try {
+        await h.domainRestore(abs);
+      } catch (e) {
+        throw this.fail('restore', e, name);
+      }
+    } else {
+      await this.withTempFile(xml, (x) =>
+        this.virsh('restore', ['restore', abs, ...(edited ? ['--xml', x] : []), options.paused ? '--paused' : '--running'], name));
+    }
+    const ms = since(t0);
+    this.log.info({ domain: name, file: abs, ms, edited }, 'domain restored');
+    return { name, ms };
+  }
+
+  async replugNic(name: string, nic: NicSpec): Promise<ReplugResult> {
+    if (!isValidMac(nic.mac)) {
+      throw new CloudletError('BAD_INPUT', `"${nic.mac}" is not a unicast MAC address`, { fix: 'use six hex octets with an even first octet, e.g. 52:54:00:12:34:56' });
+    }
+    const state = await this.state(name);
+    if (state !== 'running') {
+      throw new CloudletError(state === 'absent' ? 'NOT_FOUND' : 'CONFLICT', `domain "${name}" is ${state}; a NIC can only be replugged in a running guest (the guest acknowledges the unplug)`, {
+        fix: state === 'absent' ? 'restore or start the domain first' : 'resume the domain first',
+      });
+    }
+    const before = interfaceElements(await this.domainXml(name), `live XML of "${name}"`);
+    const t0 = performance.now();
+    for (const old of before) {
+      await this.withTempFile(old.xml, (x) => this.virsh('detach the NIC', ['detach-device', name, x, '--live'], name));
+    }
+    // libvirt returns once QEMU has the unplug request; the NIC is gone when the guest released it.
+    const deadline = Date.now() + this.detachTimeoutMs;
+    const oldMacs = new Set(before.map((b) => b.info.mac?.toLowerCase()));
+    for (;;) {
+      const now = interfaceElements(await this.domainXml(name));
+      if (!now.some((n) => oldMacs.has(n.info.mac?.toLowerCase()))) break;
+      if (Date.now() > deadline) {
+        throw new CloudletError('TIMEOUT', `the guest of "${name}" did not release its NIC within ${this.detachTimeoutMs} ms`, {
+          fix: 'check that the guest runs and its kernel supports PCI hot-unplug (ACPI); see the serial console',
+        });
+      }
+      await new Promise((r) => setTimeout(r, 20));
+    }
+    const detachMs = since(t0);
+    const t1 = performance.now();
+    await this.withTempFile(interfaceXml(nic), (x) => this.virsh('attach the NIC', ['attach-device', name, x, '--live'], name));
+    const attachMs = since(t1);
+    const result = { oldMac: before[0]?.info.mac, newMac: nic.mac.toLowerCase(), detachMs, attachMs };
+    this.log.info({ domain: name, ...result }, 'NIC replugged');
+    return result;
+  }
+
+  async forwardPort(name: string, options: { hostPort?: number; guestPort: number }): Promise<ForwardResult> {
+    const { guestPort } = options;
+    if (!Number.isInteger(guestPort) || guestPort < 1 || guestPort > 65535) {
+      throw new CloudletError('BAD_INPUT', `guest port ${guestPort} is not a TCP port`, { fix: 'pass 1..65535' });
+    }
+    const nics = interfaceElements(await this.domainXml(name)).filter((n) => n.info.type === 'user');
+    const alias = nics[nics.length - 1]?.info.alias;
+    if (!alias) {
+      throw new CloudletError('CONFLICT', `domain "${name}" has no running user-mode NIC to forward a port through`, {
+        fix: 'start/restore the domain with an <interface type="user"> NIC (or replug one)',
+      });
+    }
+    const netdev = `host${alias}`;
+    for (let attempt = 0; ; attempt++) {
+      const hostPort = options.hostPort ?? (await freeLocalPort());
+      const out = await this.virsh('forward a port', ['qemu-monitor-command', name, '--hmp', `hostfwd_add ${netdev} tcp:127.0.0.1:${hostPort}-:${guestPort}`], name);
+      if (out.trim() === '') {
+        this.log.info({ domain: name, hostPort, guestPort, netdev }, 'port forwarded');
+        return { hostPort, guestPort, hostAddress: '127.0.0.1' };
+      }
+      // QEMU reports HMP failures as output, not as an error status.
+      if (options.hostPort !== undefined || attempt >= 2) {
+        throw new CloudletError(options.hostPort !== undefined ? 'CONFLICT' : 'HYPERVISOR', `QEMU refused to forward 127.0.0.1:${hostPort} to port ${guestPort} of "${name}": ${out.trim()}`, {
+          fix: options.hostPort !== undefined ? 'pick another host port or omit it to get a free one' : 'retry; see the QEMU log',
+        });
+      }
+    }
+  }
+
+  private capabilities(virtType: VirtType): Promise<DomainCapabilities> {
+    let p = this.caps.get(virtType);
+    if (!p) {
+      p = this.virsh('read domain capabilities', ['domcapabilities', '--virttype', virtType]).then(parseDomainCapabilities);
+      p.catch(() => this.caps.delete(virtType));
+      this.caps.set(virtType, p);
+    }
+    return p;
+  }
+
+  async usableCpuModels(virtType?: VirtType): Promise<string[]> {
+    return usableModels(await this.capabilities(virtType ?? (await this.virtType())));
+  }
+
+  async checkCpuModel(model: string, virtType?: VirtType): Promise<void> {
+    const t = virtType ?? (await this.virtType());
+    const caps = await this.capabilities(t);
+    const info = caps.cpuModels.find((m) => m.name === model);
+    let missing: string[] = [];
+    if (info && !info.usable && info.blockers.length === 0) {
+      const cpu = buildXml({ cpu: { '@_mode': 'custom', '@_match': 'exact', model: { '@_fallback': 'forbid', '#text': model } } });
+      missing = await this.withTempFile(cpu, async (x) => {
+        try {
+          await runVirsh(this.uri, ['hypervisor-cpu-compare', '--virttype', t, '--error', x]);
+          return [];
+        } catch (e) {
+          return e instanceof VirshError ? parseMissingFeatures(e.stderr) : [];
+        }
+      });
+    }
+    assertCpuModelUsable(caps, model, t, missing);
+  }
+
+  waitForSerialLine(file: string, pattern: RegExp, timeoutMs: number, fromByte = 0): Promise<string> {
+    return waitForSerialLine(file, pattern, timeoutMs, fromByte);
+  }
+
+  async close(): Promise<void> {
+    const c = this.conn;
+    this.conn = undefined;
+    if (c) await (await c.catch(() => undefined))?.connectClose();
+  }
+}

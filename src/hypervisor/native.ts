@@ -1,0 +1,82 @@
+/**
+ * The native addon of @unraid/libvirt, loaded directly: the package itself is ESM-only while this
+ * project is CommonJS, but its N-API addon (build/Release/libvirt.node) is a plain CommonJS
+ * module. Every method returns a promise (the work runs on libuv's thread pool); failures reject
+ * with a bare string holding libvirt's message (not an Error).
+ */
+import fs from 'node:fs';
+import path from 'node:path';
+
+/** An opaque native domain handle (virDomainPtr wrapper). */
+export interface NativeDomain {
+  readonly __nativeDomain: unique symbol;
+}
+
+export interface NativeDomainInfo {
+  /** virDomainState: 0 nostate, 1 running, 2 blocked, 3 paused, 4 shutdown, 5 shutoff, 6 crashed, 7 pmsuspended. */
+  state: number;
+  maxMem: number;
+  memory: number;
+  nrVirtCpu: number;
+  cpuTime: number;
+}
+
+export interface NativeHypervisor {
+  connectOpen(): Promise<void>;
+  connectClose(): Promise<void>;
+  connectListDefinedDomains(): Promise<string[]>;
+  connectListDomains(): Promise<number[]>;
+  domainDefineXML(xml: string): Promise<NativeDomain>;
+  domainCreate(domain: NativeDomain): Promise<void>;
+  domainLookupByName(name: string): Promise<NativeDomain>;
+  domainGetInfo(domain: NativeDomain): Promise<NativeDomainInfo>;
+  domainGetName(domain: NativeDomain): Promise<string>;
+  domainGetUUIDString(domain: NativeDomain): Promise<string>;
+  /** flags: virDomainXMLFlags (1 secure, 2 inactive, 4 update-cpu, 8 migratable). */
+  domainGetXMLDesc(domain: NativeDomain, flags?: number): Promise<string>;
+  domainSave(domain: NativeDomain, file: string): Promise<void>;
+  domainRestore(file: string): Promise<void>;
+  domainDestroy(domain: NativeDomain): Promise<void>;
+  domainUndefine(domain: NativeDomain): Promise<void>;
+  domainSuspend(domain: NativeDomain): Promise<void>;
+  domainResume(domain: NativeDomain): Promise<void>;
+}
+
+interface NativeModule {
+  Hypervisor: new (options: { uri: string }) => NativeHypervisor;
+}
+
+const ADDON = path.join('node_modules', '@unraid', 'libvirt', 'build', 'Release', 'libvirt.node');
+
+/** Walks up from `from` to the first node_modules holding the addon. */
+export function findAddon(from: string = __dirname): string | undefined {
+  let dir = path.resolve(from);
+  for (;;) {
+    const candidate = path.join(dir, ADDON);
+    if (fs.existsSync(candidate)) return candidate;
+    const parent = path.dirname(dir);
+    if (parent === dir) return undefined;
+    dir = parent;
+  }
+}
+
+let loaded: NativeModule | undefined;
+
+/** Loads the addon once; throws a plain Error with the path tried when it is missing. */
+export function loadNative(): NativeModule {
+  if (loaded) return loaded;
+  const file = findAddon();
+  if (!file) {
+    throw new Error(`the libvirt addon (${ADDON}) was not found above ${__dirname}`);
+  }
+  // eslint-disable-next-line @typescript-eslint/no-require-imports
+  loaded = require(file) as NativeModule;
+  return loaded;
+}
+
+/** libvirt's message from a rejected native call. */
+export function nativeMessage(e: unknown): string {
+  if (typeof e === 'string') return e;
+  if (e instanceof Error) return e.message;
+  return String(e);
+}

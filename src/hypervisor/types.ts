@@ -1,0 +1,104 @@
+/**
+ * The hypervisor adapter's contract. The libvirt implementation (./libvirt.ts) is the only code
+ * in the project that talks to libvirt, virsh or QEMU's monitor.
+ */
+
+/** libvirt domain type: `kvm` where KVM really runs guests, `qemu` (TCG emulation) otherwise. */
+export type VirtType = 'kvm' | 'qemu';
+
+export type DomainState = 'running' | 'paused' | 'shut off' | 'absent';
+
+export type DiskFormat = 'raw' | 'qcow2';
+
+export interface NicSpec {
+  /** Unicast MAC, e.g. 52:54:00:12:34:56. */
+  mac: string;
+  /** Default virtio. */
+  model?: 'virtio' | 'e1000' | 'vmxnet3' | 'rtl8139';
+}
+
+export interface DomainSpec {
+  name: string;
+  uuid?: string;
+  memoryMiB: number;
+  vcpus: number;
+  /** Direct kernel boot. */
+  kernel: string;
+  initrd?: string;
+  cmdline?: string;
+  /** The VM's disk (virtio, vda). A qcow2 file records its backing file itself. */
+  disk: { path: string; format: DiskFormat };
+  /** One NIC on QEMU user networking (slirp). */
+  nic: NicSpec;
+  /** The serial console (ttyS0) goes to this file (appended). */
+  serialPath: string;
+  /** Default qemu64 (usable under TCG and KVM). */
+  cpuModel?: string;
+  /** Default: the detected virt type (see virtType()). */
+  virtType?: VirtType;
+  /** Default pc (i440fx). */
+  machine?: string;
+}
+
+export interface RestoreOptions {
+  /** A complete domain XML to restore with (must stay ABI-compatible with the saved one). */
+  xml?: string;
+  /** New disk path (edits the saved XML; the first disk or `diskTarget`). */
+  diskPath?: string;
+  diskTarget?: string;
+  /** New serial console file (edits the saved XML). */
+  serialPath?: string;
+  /** Leave the restored domain paused (default: running). */
+  paused?: boolean;
+}
+
+export interface RestoreResult {
+  name: string;
+  ms: number;
+}
+
+export interface ReplugResult {
+  oldMac: string | undefined;
+  newMac: string;
+  detachMs: number;
+  attachMs: number;
+}
+
+export interface ForwardResult {
+  hostPort: number;
+  guestPort: number;
+  /** Always 127.0.0.1. */
+  hostAddress: string;
+}
+
+export interface Hypervisor {
+  /** kvm if KVM really runs a guest here (probed once per process), else qemu; CLOUDLET_VIRT_TYPE overrides. */
+  virtType(): Promise<VirtType>;
+  defineDomain(spec: DomainSpec): Promise<void>;
+  start(name: string): Promise<void>;
+  /** Stops a running/paused domain at once (no-op when it is shut off). */
+  destroy(name: string): Promise<void>;
+  /** Removes a shut-off domain's definition (no-op when absent). */
+  undefine(name: string): Promise<void>;
+  state(name: string): Promise<DomainState>;
+  suspend(name: string): Promise<void>;
+  resume(name: string): Promise<void>;
+  /** The live (or inactive) domain XML. */
+  domainXml(name: string): Promise<string>;
+  /** libvirt save of a running/paused domain to `path` (memory snapshot + domain XML header); the domain stops. */
+  save(name: string, path: string): Promise<{ ms: number }>;
+  /** The domain XML stored in a save file's header. */
+  saveFileXml(path: string): Promise<string>;
+  /** Restores a save file, optionally with an edited domain XML (new disk / serial paths). */
+  restore(path: string, options?: RestoreOptions): Promise<RestoreResult>;
+  /** Hot-unplugs the domain's NIC and plugs a new user-mode virtio NIC with `mac`. */
+  replugNic(name: string, nic: NicSpec): Promise<ReplugResult>;
+  /** 127.0.0.1:hostPort -> guest:guestPort via QEMU's hostfwd_add; a free port is picked if none is given. Lost on restore and replug. */
+  forwardPort(name: string, options: { hostPort?: number; guestPort: number }): Promise<ForwardResult>;
+  /** Throws CPU_MODEL_UNUSABLE unless the model is usable='yes' in domcapabilities for the virt type. */
+  checkCpuModel(model: string, virtType?: VirtType): Promise<void>;
+  usableCpuModels(virtType?: VirtType): Promise<string[]>;
+  /** Resolves with the first serial-console line matching `pattern`; TIMEOUT names the file and the last lines. */
+  waitForSerialLine(path: string, pattern: RegExp, timeoutMs: number): Promise<string>;
+  close(): Promise<void>;
+}
