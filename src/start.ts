@@ -3,7 +3,8 @@
  * installed and started Temporal and libvirt and built the test guest; this starts a worker for
  * the local host, runs the guestSelfTest workflow on it, and tells where to look.
  */
-import { spawn } from 'node:child_process';
+import { execFile, spawn } from 'node:child_process';
+import { promisify } from 'node:util';
 import fs from 'node:fs';
 import path from 'node:path';
 import { loadConfig, REPO_ROOT } from './config';
@@ -11,6 +12,7 @@ import { assertHostServing, connectClient } from './client/connect';
 import { guestSelfTest, progressQuery } from './workflows';
 import { isCloudletError } from './core/errors';
 
+const execFileP = promisify(execFile);
 const say = (msg: string): void => console.log(`\x1b[1;34m[cloudlet]\x1b[0m ${msg}`);
 
 async function waitUntil(what: string, check: () => Promise<boolean>, timeoutMs: number): Promise<void> {
@@ -71,7 +73,17 @@ async function main(): Promise<void> {
     } finally {
       clearInterval(poll);
     }
-    say(`runs so far: ${path.relative(REPO_ROOT, path.join(REPO_ROOT, '.tools', 'temporal'))} workflow list --query "CloudletOperation='guestSelfTest'"`);
+    const query = `CloudletOperation='guestSelfTest' AND CloudletHost='${hostId}'`;
+    say(`the latest runs, as \`.tools/temporal workflow list --query "${query}"\` shows them:`);
+    const cli = path.join(REPO_ROOT, '.tools', 'temporal');
+    // Visibility is eventually consistent: wait until the finished run is listed.
+    let listing = '';
+    await waitUntil('the run to be listed', async () => {
+      const { stdout } = await execFileP(cli, ['workflow', 'list', '--address', config.temporalAddress, '--namespace', config.namespace, '--query', query, '--limit', '5']);
+      listing = stdout;
+      return stdout.includes(workflowId) && /Completed/.test(stdout);
+    }, 30_000);
+    console.log(listing.trimEnd());
     say(`Web UI: ${uiUrl}`);
     say('stop everything with `npm run stop`');
   } finally {

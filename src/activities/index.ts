@@ -6,7 +6,7 @@ import path from 'node:path';
 import type { Logger } from 'pino';
 import type { Config } from '../config';
 import { loadGuestImage } from '../guest/manifest';
-import { createLibvirtHypervisor } from '../hypervisor/libvirt';
+import { LibvirtHypervisor } from '../hypervisor/libvirt';
 import { createGuestActivities } from './guest';
 import { withFailureMapping } from './failures';
 
@@ -17,8 +17,8 @@ export interface HostActivityDeps {
   log: Logger;
 }
 
-export async function createHostActivities(deps: HostActivityDeps) {
-  const hypervisor = await createLibvirtHypervisor();
+export function createHostActivities(deps: HostActivityDeps) {
+  const hypervisor = new LibvirtHypervisor({ logger: deps.log });
   const guestDir = path.join(deps.config.varDir, 'guest');
   const guest = createGuestActivities({
     hostId: deps.hostId,
@@ -30,4 +30,4 @@ export async function createHostActivities(deps: HostActivityDeps) {
   return withFailureMapping({ ...guest });
 }
 
-export type HostActivities = Awaited<ReturnType<typeof createHostActivities>>;
+export type HostActivities = ReturnType<typeof createHostActivities>;

@@ -8,6 +8,7 @@ import { hostTaskQueue } from '../common/names';
 import type { Config } from '../config';
 import { hostDir } from '../config';
 import { createHostActivities } from '../activities';
+import { installRuntimeLogging } from './runtime-logging';
 
 export interface HostWorker {
   /** Resolves when both workers have stopped. */
@@ -17,8 +18,9 @@ export interface HostWorker {
 }
 
 export async function createHostWorker(config: Config, hostId: string, log: Logger): Promise<HostWorker> {
+  installRuntimeLogging(log);
   const connection = await NativeConnection.connect({ address: config.temporalAddress });
-  const activities = await createHostActivities({ hostId, dataDir: hostDir(config, hostId), config, log });
+  const activities = createHostActivities({ hostId, dataDir: hostDir(config, hostId), config, log });
   const activityWorker = await Worker.create({
     connection,
     namespace: config.namespace,

@@ -8,7 +8,7 @@ import {
   CancellationScope,
   proxyActivities,
   setCurrentDetails,
-  upsertTypedSearchAttributes,
+  upsertSearchAttributes,
   workflowInfo,
   defineQuery,
   setHandler,
@@ -59,14 +59,14 @@ export async function guestSelfTest(input: GuestSelfTestInput): Promise<GuestSel
     progress.stage = name;
     setCurrentDetails(`stage: ${name}; done: ${progress.done.join(', ') || 'nothing yet'}`);
   };
-  upsertTypedSearchAttributes([
+  upsertSearchAttributes([
     { key: SearchAttributes.host, value: input.hostId },
     { key: SearchAttributes.operation, value: 'guestSelfTest' },
     { key: SearchAttributes.status, value: 'running' },
   ]);
 
   const instanceId = `selftest-${workflowInfo().runId.slice(0, 8)}`;
-  const token = `tok-${workflowInfo().runId.slice(0, 12)}`;
+  const token = `tok-${workflowInfo().runId.slice(-12)}`;
   const message = `customized by ${workflowInfo().workflowId}`;
   const timings: Record<string, number> = {};
   let guest: GuestHandle | undefined;
@@ -99,10 +99,10 @@ export async function guestSelfTest(input: GuestSelfTestInput): Promise<GuestSel
     timings.firstAnswerAfterReplugMs = answer.waitedMs;
 
     stage('done');
-    upsertTypedSearchAttributes([{ key: SearchAttributes.status, value: 'succeeded' }]);
+    upsertSearchAttributes([{ key: SearchAttributes.status, value: 'succeeded' }]);
     return { hostId: input.hostId, domain: guest.domain, bootId: guest.bootId, token, timings, answer: answer.state };
   } catch (err) {
-    upsertTypedSearchAttributes([{ key: SearchAttributes.status, value: 'failed' }]);
+    upsertSearchAttributes([{ key: SearchAttributes.status, value: 'failed' }]);
     throw err;
   } finally {
     // Compensation: never leave a VM or its files behind, even when the run is cancelled.

@@ -1,0 +1,31 @@
+/**
+ * Route the Temporal SDK's own logs (worker state changes, workflow and activity logs) into the
+ * process's structured pino logger, once per process.
+ */
+import { Runtime } from '@temporalio/worker';
+import type { Logger as TemporalLogger, LogLevel, LogMetadata } from '@temporalio/common';
+import type { Logger } from 'pino';
+
+let installed = false;
+
+export function installRuntimeLogging(log: Logger): void {
+  if (installed) return;
+  installed = true;
+  const at = (level: LogLevel, message: string, meta?: LogMetadata): void => {
+    const l = level.toLowerCase() as 'trace' | 'debug' | 'info' | 'warn' | 'error';
+    log[l](meta ?? {}, message);
+  };
+  const logger: TemporalLogger = {
+    log: at,
+    trace: (m, meta) => at('TRACE', m, meta),
+    debug: (m, meta) => at('DEBUG', m, meta),
+    info: (m, meta) => at('INFO', m, meta),
+    warn: (m, meta) => at('WARN', m, meta),
+    error: (m, meta) => at('ERROR', m, meta),
+  };
+  try {
+    Runtime.install({ logger });
+  } catch {
+    // A Runtime already exists in this process (e.g. installed by the embedding program); keep it.
+  }
+}
