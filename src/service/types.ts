@@ -1,0 +1,131 @@
+/**
+ * The cloudlet service: what the HTTP API (src/api) and the CLI's `--api` mode offer, independent
+ * of how it is carried out. The Temporal-backed implementation starts workflows on the hosts'
+ * queues; tests of the API use a fake.
+ *
+ * Long operations return an OperationRef at once; their progress and outcome are read with
+ * getOperation. An idempotency key makes a retried request return the same operation.
+ */
+
+export type OperationKind = 'importBaseVm' | 'resumeBaseVm' | 'createOverlay' | 'synthesizeVm' | 'terminateVm' | 'rebuildOverlay';
+
+export type OperationState = 'running' | 'succeeded' | 'failed' | 'cancelled';
+
+export interface OperationRef {
+  /** The workflow id; it says what the operation is, e.g. "synthesizeVm/host-b/inst-1a2b". */
+  id: string;
+  kind: OperationKind;
+  /** Link to the run in the Temporal Web UI. */
+  webUiUrl?: string;
+}
+
+export interface Progress {
+  stage: string;
+  /** Stages finished so far, in order. */
+  done: string[];
+  bytesDone?: number;
+  bytesTotal?: number;
+}
+
+export interface OperationStatus extends OperationRef {
+  state: OperationState;
+  hostId: string;
+  startedAt: string;
+  closedAt?: string;
+  progress?: Progress;
+  /** The operation's result when it succeeded (shape depends on kind). */
+  result?: unknown;
+  /** When it failed: the failure's type (e.g. CORRUPT, WRONG_BASE) and message. */
+  error?: { type: string; message: string; nonRetryable: boolean };
+}
+
+export interface HostInfo {
+  id: string;
+  /** True when a worker polls the host's task queue. */
+  serving: boolean;
+}
+
+export interface BaseInfo {
+  id: string;
+  hostIds: string[];
+  diskBytes: number;
+  memoryBytes: number;
+  cpuModel?: string;
+  importedAt: string;
+}
+
+export interface OverlayInfo {
+  /** sha256 of the overlay file. */
+  id: string;
+  baseId: string;
+  bytes: number;
+  /** Where hosts fetch it (HTTP, Range requests supported). */
+  url: string;
+  createdAt: string;
+  fromInstanceId?: string;
+}
+
+export interface InstanceInfo {
+  id: string;
+  hostId: string;
+  state: 'provisioning' | 'running' | 'terminating' | 'terminated' | 'failed';
+  baseId: string;
+  overlayId?: string;
+  /** 127.0.0.1:port where the guest's application port is forwarded (dev networking). */
+  appEndpoint?: string;
+  /** Milliseconds per stage of synthesis, "first response" included. */
+  timings?: Record<string, number>;
+  operationId: string;
+}
+
+export interface ImportBaseRequest {
+  hostId: string;
+  /** A base package: a path on the host or an http(s) URL. */
+  source: string;
+}
+
+export interface ResumeBaseRequest {
+  hostId: string;
+  baseId: string;
+  /** Guest port to reach from the host (the application's port). */
+  appPort?: number;
+}
+
+export interface CreateOverlayRequest {
+  instanceId: string;
+  /** Keep the instance running after its snapshot is taken (default false: destroy it). */
+  keepInstance?: boolean;
+}
+
+export interface ProvisionRequest {
+  hostId: string;
+  /** The overlay to synthesize from (the original system's overlay_url). */
+  overlayUrl: string;
+  /** Wait until the guest's application answers on this port before reporting success. */
+  waitForAppPort?: number;
+}
+
+/** Thrown by services for unknown ids (404) and conflicts (409); the API maps codes to statuses. */
+export interface CloudletService {
+  listHosts(): Promise<HostInfo[]>;
+
+  importBase(req: ImportBaseRequest, idempotencyKey?: string): Promise<OperationRef>;
+  listBases(): Promise<BaseInfo[]>;
+  getBase(id: string): Promise<BaseInfo | undefined>;
+  /** Local path of the base package file, for download (exported on demand). */
+  basePackageFile(id: string): Promise<string | undefined>;
+
+  resumeBase(req: ResumeBaseRequest, idempotencyKey?: string): Promise<OperationRef>;
+  createOverlay(req: CreateOverlayRequest, idempotencyKey?: string): Promise<OperationRef>;
+  listOverlays(): Promise<OverlayInfo[]>;
+  getOverlay(id: string): Promise<OverlayInfo | undefined>;
+  /** Local path of the overlay file, for download with Range. */
+  overlayFile(id: string): Promise<string | undefined>;
+
+  provisionInstance(req: ProvisionRequest, idempotencyKey?: string): Promise<OperationRef>;
+  listInstances(): Promise<InstanceInfo[]>;
+  getInstance(id: string): Promise<InstanceInfo | undefined>;
+  terminateInstance(id: string, idempotencyKey?: string): Promise<OperationRef>;
+
+  getOperation(id: string): Promise<OperationStatus | undefined>;
+}
