@@ -1,0 +1,12 @@
+/**
+ * Base VMs: create one from a saved VM, export it as one package file, import a package, open a
+ * stored base for the overlay engine. Format and base id: docs/base-package.md.
+ */
+export { createBase } from './create';
+export type { CreateBaseInput } from './create';
+export { exportBase, importBase, readPackageManifest, PACKAGE_MAGIC } from './package';
+export type { ImportResult } from './package';
+export { openBase, openStoredBase, listBases, removeBase } from './stored';
+export type { BaseRef, BaseSummary, OpenedBase } from './stored';
+export { BaseManifestSchema, PACKAGE_FORMAT_VERSION, MEMBER_NAMES, computeBaseId, canonicalJson, parseManifest } from './manifest';
+export type { BaseManifest, Member, MemberName } from './manifest';

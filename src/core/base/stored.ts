@@ -1,0 +1,143 @@
+/**
+ * Bases as they sit in a store: reading manifests, opening a base for the overlay engine, listing.
+ */
+import { promises as fsp } from 'node:fs';
+import path from 'node:path';
+import { readChunkIndex } from '../chunk';
+import type { ChunkIndex } from '../chunk';
+import { CloudletError } from '../errors';
+import { BASE_FILES, Store } from '../store';
+import type { BaseManifest } from './manifest';
+import { parseManifest } from './manifest';
+
+/** A base as the overlay engine uses it (the contract's BaseRef). */
+export interface BaseRef {
+  id: string;
+  /** The raw disk image. */
+  diskPath: string;
+  diskIndex: ChunkIndex;
+  /** The memory image of the base's save file (splitSnapshot). */
+  memImagePath: string;
+  memIndex: ChunkIndex;
+}
+
+export interface OpenedBase extends BaseRef {
+  manifest: BaseManifest;
+  /** The libvirt save file and the skeleton that rebuilds it from the memory image. */
+  savePath: string;
+  skeletonPath: string;
+  dir: string;
+}
+
+export interface BaseSummary {
+  baseId: string;
+  addedAt: string;
+  diskSize: number;
+  memorySize: number;
+  cpuModel: string | undefined;
+  memoryMode: 'parsed' | 'opaque';
+}
+
+export async function readStoredManifest(store: Store, baseId: string): Promise<BaseManifest> {
+  const file = store.baseFile(baseId, 'manifest');
+  let text: string;
+  try {
+    text = await fsp.readFile(file, 'utf8');
+  } catch (e) {
+    if ((e as NodeJS.ErrnoException).code === 'ENOENT') {
+      throw new CloudletError('NOT_FOUND', `base ${baseId} is not in the store ${store.root}`, {
+        fix: 'list the bases with `cloudlet base list`, or import the base package first',
+        details: { baseId },
+      });
+    }
+    throw e;
+  }
+  let raw: unknown;
+  try {
+    raw = JSON.parse(text);
+  } catch (e) {
+    throw new CloudletError('CORRUPT', `${file} is not JSON`, { fix: `remove the base (cloudlet base remove ${baseId}) and import it again`, cause: e });
+  }
+  const manifest = parseManifest(raw, `stored base ${baseId}`);
+  if (manifest.baseId !== baseId) {
+    throw new CloudletError('CORRUPT', `${file} describes base ${manifest.baseId}, not ${baseId}`, { fix: `remove the base (cloudlet base remove ${baseId}) and import it again` });
+  }
+  return manifest;
+}
+
+export function registerBase(store: Store, manifest: BaseManifest): void {
+  store.catalog.putBase({
+    id: manifest.baseId,
+    addedAt: store.catalog.getBase(manifest.baseId)?.addedAt ?? new Date().toISOString(),
+    diskSize: manifest.disk.size,
+    memorySize: manifest.memory.saveFileSize,
+    manifest,
+  });
+}
+
+/** Open base `baseId` of the store at `storeRoot`: paths, manifest and both chunk indexes. */
+export async function openBase(storeRoot: string, baseId: string): Promise<OpenedBase> {
+  const store = await Store.open(storeRoot);
+  try {
+    return await openStoredBase(store, baseId);
+  } finally {
+    store.close();
+  }
+}
+
+export async function openStoredBase(store: Store, baseId: string): Promise<OpenedBase> {
+  const manifest = await readStoredManifest(store, baseId);
+  const dir = store.baseDir(baseId);
+  const [diskIndex, memIndex] = await Promise.all([
+    readChunkIndex(path.join(dir, BASE_FILES.diskIndex)),
+    readChunkIndex(path.join(dir, BASE_FILES.memoryIndex)),
+  ]);
+  if (diskIndex.byteLength !== manifest.disk.size || memIndex.byteLength !== manifest.memory.imageSize) {
+    throw new CloudletError('CORRUPT', `the chunk indexes of stored base ${baseId} do not match its manifest`, {
+      fix: `remove the base (cloudlet base remove ${baseId}) and import it again`,
+    });
+  }
+  return {
+    id: baseId,
+    manifest,
+    dir,
+    diskPath: path.join(dir, BASE_FILES.disk),
+    diskIndex,
+    memImagePath: path.join(dir, BASE_FILES.memoryImage),
+    memIndex,
+    savePath: path.join(dir, BASE_FILES.memorySave),
+    skeletonPath: path.join(dir, BASE_FILES.memorySkeleton),
+  };
+}
+
+/** The bases of the store at `storeRoot`, oldest first. */
+export async function listBases(storeRoot: string): Promise<BaseSummary[]> {
+  const store = await Store.open(storeRoot);
+  try {
+    const out: BaseSummary[] = [];
+    for (const rec of store.catalog.listBases()) {
+      const m = parseManifest(rec.manifest, `catalog entry of base ${rec.id}`);
+      out.push({
+        baseId: rec.id,
+        addedAt: rec.addedAt,
+        diskSize: m.disk.size,
+        memorySize: m.memory.saveFileSize,
+        cpuModel: m.cpuModel,
+        memoryMode: m.memory.mode,
+      });
+    }
+    return out;
+  } finally {
+    store.close();
+  }
+}
+
+/** Remove base `baseId` from the store at `storeRoot`. */
+export async function removeBase(storeRoot: string, baseId: string): Promise<void> {
+  const store = await Store.open(storeRoot);
+  try {
+    await store.removeBase(baseId);
+  } finally {
+    store.close();
+  }
+}
