@@ -1,0 +1,371 @@
+/**
+ * Overlay application (the synthesis core): fetch blobs in order, verify each one's sha256,
+ * decompress several at once on the thread pool while applying earlier ones in order, write the
+ * disk as a qcow2 over the base disk and patch a copy of the base memory image, rebuild the save
+ * file, verify every digest, then rename into place. On any error the temporary files go away.
+ */
+import { hash as oneShotHash, randomBytes } from 'node:crypto';
+import { closeSync, constants as fsConstants, fsyncSync, ftruncateSync, openSync, writeSync } from 'node:fs';
+import { copyFile, rename, rm } from 'node:fs/promises';
+import { availableParallelism } from 'node:os';
+import path from 'node:path';
+import { performance } from 'node:perf_hooks';
+import { xd3_decode_memory } from 'xdelta3-wasm';
+import { CloudletError, isCloudletError } from '../errors';
+import { xdelta, preadFully } from './create';
+import { CHUNK, ChangedDigest, HEADER_SIZE, Kind, MAX_RUN, RECORD_HEADER_SIZE, Target, ZERO_CHUNK, dataAreaLength, decodeHeader, decodeMeta, type BlobRef, type OverlayMeta } from './format';
+import { xzDecompress } from './lzma';
+import { Qcow2Writer } from './qcow2-writer';
+import { openOverlaySource, type OverlaySource } from './source';
+import type { BaseRef, JoinSnapshot, OnProgress } from './types';
+
+export async function readMetaFrom(src: OverlaySource): Promise<{ meta: OverlayMeta; dataStart: number }> {
+  const header = decodeHeader(await src.read(0, HEADER_SIZE), src.name);
+  const meta = decodeMeta(await src.read(HEADER_SIZE, header.metaLength), header, src.name);
+  return { meta, dataStart: HEADER_SIZE + header.metaLength };
+}
+
+export async function readOverlayMeta(pathOrUrl: string): Promise<OverlayMeta> {
+  const src = await openOverlaySource(pathOrUrl);
+  try {
+    return (await readMetaFrom(src)).meta;
+  } finally {
+    await src.close();
+  }
+}
+
+export interface ApplyToPartsInput {
+  base: BaseRef;
+  overlay: string;
+  outDiskPath: string;
+  outSavePath: string;
+  join: JoinSnapshot;
+  concurrency?: number;
+  onProgress?: OnProgress;
+}
+
+function corrupt(segment: number, msg: string, cause?: unknown): CloudletError {
+  return new CloudletError('CORRUPT', `overlay segment ${segment} is corrupt: ${msg}`, {
+    fix: 'fetch the overlay again or rebuild it',
+    details: { part: `segment ${segment}`, segment },
+    cause,
+  });
+}
+
+function checkBase(meta: OverlayMeta, base: BaseRef, where: string): void {
+  const problems: string[] = [];
+  if (meta.base.id !== base.id) problems.push(`it was made from base ${meta.base.id}, not ${base.id}`);
+  if (meta.base.diskSize !== base.diskIndex.byteLength) problems.push(`base disk size ${meta.base.diskSize} ≠ ${base.diskIndex.byteLength}`);
+  if (meta.base.memImageSize !== base.memIndex.byteLength) problems.push(`base memory image size ${meta.base.memImageSize} ≠ ${base.memIndex.byteLength}`);
+  if (problems.length > 0) {
+    throw new CloudletError('WRONG_BASE', `overlay ${where} does not apply to base ${base.id}: ${problems.join('; ')}`, {
+      fix: `import base ${meta.base.id} on this host, or use an overlay made from base ${base.id}`,
+      details: { expectedBaseId: meta.base.id, baseId: base.id },
+    });
+  }
+}
+
+/** Applies decoded segments in order. */
+class Applier {
+  private readonly next = [0, 0];
+  readonly digests = { [Target.Disk]: new ChangedDigest(), [Target.Memory]: new ChangedDigest() };
+  private readonly chunks: [number, number];
+  private readonly baseDiskFd: number;
+  private readonly baseMemFd: number;
+
+  constructor(
+    private readonly meta: OverlayMeta,
+    private readonly base: BaseRef,
+    private readonly disk: Qcow2Writer,
+    private readonly memFd: number,
+  ) {
+    this.chunks = [Math.ceil(meta.launch.disk.virtualSize / CHUNK), Math.ceil(meta.launch.memory.imageSize / CHUNK)];
+    this.baseDiskFd = openSync(base.diskPath, 'r');
+    this.baseMemFd = openSync(base.memImagePath, 'r');
+  }
+
+  close(): void {
+    closeSync(this.baseDiskFd);
+    closeSync(this.baseMemFd);
+  }
+
+  private readBase(target: Target, chunk: number, count: number): Buffer {
+    const [fd, size, p] = target === Target.Disk ? [this.baseDiskFd, this.base.diskIndex.byteLength, this.base.diskPath] : [this.baseMemFd, this.base.memIndex.byteLength, this.base.memImagePath];
+    const out = Buffer.alloc(count * CHUNK);
+    const start = chunk * CHUNK;
+    const len = Math.max(0, Math.min(out.length, size - start));
+    preadFully(fd, out, 0, len, start, p);
+    return out;
+  }
+
+  private write(target: Target, chunk: number, data: Buffer): void {
+    const n = data.length / CHUNK;
+    for (let i = 0; i < n; i++) this.digests[target].add(chunk + i, data.subarray(i * CHUNK, (i + 1) * CHUNK));
+    if (target === Target.Disk) {
+      this.disk.writeChunks(chunk, data);
+    } else {
+      let done = 0;
+      while (done < data.length) done += writeSync(this.memFd, data, done, data.length - done, chunk * CHUNK + done);
+    }
+  }
+
+  apply(seg: number, buf: Buffer): void {
+    let pos = 0;
+    const need = (n: number, what: string): void => {
+      if (pos + n > buf.length) throw corrupt(seg, `record at byte ${pos} needs ${n} bytes of ${what}, only ${buf.length - pos} left`);
+    };
+    while (pos < buf.length) {
+      need(RECORD_HEADER_SIZE, 'record header');
+      const op = buf[pos] ?? 0;
+      const kind = op & 0x0f;
+      const target = op >> 4;
+      const chunk = buf.readUIntLE(pos + 1, 6);
+      const count = buf.readUInt32LE(pos + 7);
+      const at = pos;
+      pos += RECORD_HEADER_SIZE;
+      if (target !== Target.Disk && target !== Target.Memory) throw corrupt(seg, `record at byte ${at} has unknown target ${target}`);
+      if (kind > Kind.Delta) throw corrupt(seg, `record at byte ${at} has unknown kind ${kind}`);
+      if (count < 1 || count > MAX_RUN || (kind === Kind.Delta && count !== 1)) throw corrupt(seg, `record at byte ${at} has bad count ${count}`);
+      const limit = this.chunks[target] ?? 0;
+      if (chunk < (this.next[target] ?? 0) || chunk + count > limit) {
+        throw corrupt(seg, `record at byte ${at} writes ${target === Target.Disk ? 'disk' : 'memory'} chunks ${chunk}+${count}, out of order or outside 0..${limit}`);
+      }
+      this.next[target] = chunk + count;
+      let data: Buffer;
+      switch (kind as Kind) {
+        case Kind.Zero:
+          if (target === Target.Disk) {
+            for (let i = 0; i < count; i++) this.digests[target].add(chunk + i, ZERO_CHUNK);
+            this.disk.writeZero(chunk, count);
+            continue;
+          }
+          data = Buffer.alloc(count * CHUNK);
+          break;
+        case Kind.Raw:
+          need(count * CHUNK, 'raw data');
+          data = buf.subarray(pos, pos + count * CHUNK);
+          pos += count * CHUNK;
+          break;
+        case Kind.BaseMem:
+        case Kind.BaseDisk:
+        case Kind.SelfDisk:
+        case Kind.SelfMem: {
+          need(6, 'source chunk');
+          const src = buf.readUIntLE(pos, 6);
+          pos += 6;
+          data = this.source(seg, at, kind as Kind, src, count);
+          break;
+        }
+        case Kind.Delta: {
+          need(4, 'delta length');
+          const len = buf.readUInt32LE(pos);
+          pos += 4;
+          if (len === 0 || len >= CHUNK) throw corrupt(seg, `record at byte ${at} has delta length ${len}`);
+          need(len, 'delta');
+          const delta = buf.subarray(pos, pos + len);
+          pos += len;
+          const r = xd3_decode_memory(delta, this.readBase(target, chunk, 1), CHUNK);
+          if (r.ret !== 0 || r.output.length !== CHUNK) throw corrupt(seg, `record at byte ${at}: xdelta3 delta does not decode to one chunk (${r.str})`);
+          data = Buffer.from(r.output.buffer, r.output.byteOffset, CHUNK);
+          break;
+        }
+        default:
+          throw corrupt(seg, `record at byte ${at} has unknown kind ${kind}`);
+      }
+      this.write(target, chunk, data);
+    }
+  }
+
+  private source(seg: number, at: number, kind: Kind, src: number, count: number): Buffer {
+    switch (kind) {
+      case Kind.BaseMem:
+      case Kind.BaseDisk: {
+        const t = kind === Kind.BaseMem ? Target.Memory : Target.Disk;
+        const ix = t === Target.Memory ? this.base.memIndex : this.base.diskIndex;
+        if (src + count > ix.chunkCount) throw corrupt(seg, `record at byte ${at} copies base chunks ${src}+${count}, beyond the base's ${ix.chunkCount}`);
+        return this.readBase(t, src, count);
+      }
+      case Kind.SelfDisk: {
+        const out = Buffer.alloc(count * CHUNK);
+        for (let i = 0; i < count; i++) {
+          if (!this.disk.has(src + i)) throw corrupt(seg, `record at byte ${at} copies disk chunk ${src + i}, which the overlay has not written`);
+          this.disk.readChunk(src + i, out.subarray(i * CHUNK, (i + 1) * CHUNK));
+        }
+        return out;
+      }
+      default: {
+        if (src + count > (this.next[Target.Memory] ?? 0)) {
+          throw corrupt(seg, `record at byte ${at} copies memory chunks ${src}+${count}, which the overlay has not written yet`);
+        }
+        const out = Buffer.alloc(count * CHUNK);
+        preadFully(this.memFd, out, 0, out.length, src * CHUNK, 'memory image being rebuilt');
+        return out;
+      }
+    }
+  }
+}
+
+/** Yields the blobs of the data area in order, each checked against its sha256. */
+async function* blobs(src: OverlaySource, dataStart: number, refs: Array<[string, BlobRef]>): AsyncIterable<Buffer> {
+  const total = refs.reduce((s, [, r]) => s + r.length, 0);
+  let pending: Buffer[] = [];
+  let have = 0;
+  let i = 0;
+  const take = function* (): Generator<Buffer> {
+    for (;;) {
+      const entry = refs[i];
+      if (!entry || have < entry[1].length) return;
+      const all = pending.length === 1 ? (pending[0] as Buffer) : Buffer.concat(pending, have);
+      const blob = all.subarray(0, entry[1].length);
+      const rest = all.subarray(entry[1].length);
+      pending = rest.length > 0 ? [rest] : [];
+      have = rest.length;
+      const digest = oneShotHash('sha256', blob, 'hex');
+      if (digest !== entry[1].sha256) {
+        throw new CloudletError('DIGEST_MISMATCH', `overlay ${src.name}: ${entry[0]} does not match its sha256 (expected ${entry[1].sha256}, got ${digest})`, {
+          fix: 'fetch the overlay again or rebuild it',
+          details: { part: entry[0], expected: entry[1].sha256, actual: digest },
+        });
+      }
+      i += 1;
+      yield blob;
+    }
+  };
+  for await (const piece of src.stream(dataStart, total)) {
+    pending.push(piece);
+    have += piece.length;
+    yield* take();
+  }
+  yield* take();
+}
+
+export async function applyOverlayToParts(input: ApplyToPartsInput): Promise<{ meta: OverlayMeta; timings: Record<string, number> }> {
+  const t0 = performance.now();
+  const timings: Record<string, number> = {};
+  const mark = (name: string, since: number): number => {
+    const now = performance.now();
+    timings[name] = Math.round((timings[name] ?? 0) + (now - since));
+    return now;
+  };
+  const concurrency = Math.max(1, input.concurrency ?? availableParallelism());
+  const src = await openOverlaySource(input.overlay);
+  const tag = `${process.pid}-${randomBytes(4).toString('hex')}`;
+  const diskTmp = `${input.outDiskPath}.${tag}.tmp`;
+  const saveTmp = `${input.outSavePath}.${tag}.tmp`;
+  const memTmp = path.join(path.dirname(input.outSavePath), `.memimg-${tag}.tmp`);
+  let disk: Qcow2Writer | undefined;
+  let memFd: number | undefined;
+  let applier: Applier | undefined;
+  try {
+    const { meta, dataStart } = await readMetaFrom(src);
+    checkBase(meta, input.base, src.name);
+    let t = mark('meta', t0);
+    const needDelta = (meta.stats['delta'] ?? 0) > 0;
+    if (needDelta) await xdelta();
+
+    await copyFile(input.base.memImagePath, memTmp, fsConstants.COPYFILE_FICLONE);
+    memFd = openSync(memTmp, 'r+');
+    ftruncateSync(memFd, meta.launch.memory.imageSize);
+    disk = new Qcow2Writer(diskTmp, meta.launch.disk.virtualSize, path.resolve(input.base.diskPath));
+    applier = new Applier(meta, input.base, disk, memFd);
+    t = mark('prepare', t);
+
+    const refs: Array<[string, BlobRef]> = [['skeleton', meta.launch.memory.skeleton], ...meta.segments.map((s, i): [string, BlobRef] => [`segment ${i}`, s])];
+    const total = dataAreaLength(meta);
+    let done = 0;
+    let skeleton: Buffer | undefined;
+    const inflight: Array<{ index: number; job: Promise<Buffer> }> = [];
+    const decode = (index: number, blob: Buffer): Promise<Buffer> => {
+      const ref = refs[index]?.[1];
+      const name = refs[index]?.[0] ?? `blob ${index}`;
+      const job = xzDecompress(blob).then(
+        (raw) => {
+          if (raw.length !== ref?.rawLength) throw corrupt(index - 1, `${name} decompressed to ${raw.length} bytes, the meta says ${ref?.rawLength}`);
+          return raw;
+        },
+        (e: unknown) => {
+          throw isCloudletError(e) ? e : corrupt(index - 1, `${name} is not a valid xz stream: ${(e as Error).message}`, e);
+        },
+      );
+      job.catch(() => undefined);
+      return job;
+    };
+    let waitMs = 0;
+    let applyMs = 0;
+    const applyOne = async (): Promise<void> => {
+      const item = inflight.shift();
+      if (!item) return;
+      const w0 = performance.now();
+      const raw = await item.job;
+      const w1 = performance.now();
+      waitMs += w1 - w0;
+      if (item.index === 0) skeleton = raw;
+      else {
+        const seg = item.index - 1;
+        try {
+          applier?.apply(seg, raw);
+        } catch (e) {
+          throw isCloudletError(e) ? e : corrupt(seg, (e as Error).message, e);
+        }
+      }
+      applyMs += performance.now() - w1;
+      done += refs[item.index]?.[1].length ?? 0;
+      input.onProgress?.(done, total);
+    };
+    let index = 0;
+    for await (const blob of blobs(src, dataStart, refs)) {
+      inflight.push({ index, job: decode(index, blob) });
+      index += 1;
+      // Keep `concurrency` decompressions running; apply the oldest once it is done.
+      while (inflight.length > concurrency) await applyOne();
+    }
+    if (index !== refs.length) throw new CloudletError('CORRUPT', `overlay ${src.name} is truncated: ${index} of ${refs.length} blobs present`);
+    while (inflight.length > 0) await applyOne();
+    timings['decompressWait'] = Math.round(waitMs);
+    timings['applySegments'] = Math.round(applyMs);
+    t = mark('stream', t);
+
+    for (const target of [Target.Disk, Target.Memory]) {
+      const expected = target === Target.Disk ? meta.launch.disk : meta.launch.memory;
+      const got = applier.digests[target];
+      const actual = got.hex();
+      if (got.count !== expected.changedChunks || actual !== expected.changedSha256) {
+        const what = target === Target.Disk ? 'disk' : 'memory';
+        throw new CloudletError('DIGEST_MISMATCH', `overlay ${src.name}: the rebuilt ${what} chunks do not match the digest in the meta (${got.count} chunks, sha256 ${actual}; expected ${expected.changedChunks}, ${expected.changedSha256})`, {
+          fix: 'check that the base is intact (re-import it) and fetch the overlay again',
+          details: { part: `${what} digest`, expected: expected.changedSha256, actual },
+        });
+      }
+    }
+    disk.finish();
+    fsyncSync(memFd);
+    closeSync(memFd);
+    memFd = undefined;
+    t = mark('finishDisk', t);
+
+    if (!skeleton) throw new CloudletError('CORRUPT', `overlay ${src.name} has no skeleton`);
+    const joined = await input.join(skeleton, memTmp, saveTmp);
+    t = mark('joinSnapshot', t);
+    if (joined.size !== meta.launch.memory.saveFileSize || joined.sha256 !== meta.launch.memory.saveFileSha256) {
+      throw new CloudletError('DIGEST_MISMATCH', `overlay ${src.name}: the rebuilt memory snapshot has sha256 ${joined.sha256} (${joined.size} bytes), the meta says ${meta.launch.memory.saveFileSha256} (${meta.launch.memory.saveFileSize} bytes)`, {
+        fix: 'check that the base is intact (re-import it) and fetch the overlay again',
+        details: { part: 'memory snapshot digest', expected: meta.launch.memory.saveFileSha256, actual: joined.sha256 },
+      });
+    }
+    await rename(diskTmp, input.outDiskPath);
+    await rename(saveTmp, input.outSavePath);
+    mark('rename', t);
+    timings['total'] = Math.round(performance.now() - t0);
+    return { meta, timings };
+  } catch (e) {
+    disk?.abort();
+    await rm(diskTmp, { force: true });
+    await rm(saveTmp, { force: true });
+    throw e;
+  } finally {
+    applier?.close();
+    if (memFd !== undefined) closeSync(memFd);
+    await rm(memTmp, { force: true });
+    await src.close();
+  }
+}

@@ -1,0 +1,143 @@
+/**
+ * Where overlay bytes come from: a local file or an http(s) URL read with Range requests. A broken
+ * download is resumed from the last byte received (a new Range request), a few times.
+ */
+import { open, type FileHandle } from 'node:fs/promises';
+import { CloudletError } from '../errors';
+
+export interface OverlaySource {
+  readonly name: string;
+  /** Exactly `length` bytes at `offset`, or a CORRUPT "truncated" error. */
+  read(offset: number, length: number): Promise<Buffer>;
+  /** `length` bytes from `offset`, in pieces, in order. */
+  stream(offset: number, length: number): AsyncIterable<Buffer>;
+  close(): Promise<void>;
+}
+
+export function isUrl(s: string): boolean {
+  return /^https?:\/\//i.test(s);
+}
+
+export async function openOverlaySource(pathOrUrl: string, opts: { retries?: number } = {}): Promise<OverlaySource> {
+  return isUrl(pathOrUrl) ? new HttpSource(pathOrUrl, opts.retries ?? 5) : FileSource.open(pathOrUrl);
+}
+
+function truncated(name: string, offset: number, length: number, got: number): CloudletError {
+  return new CloudletError('CORRUPT', `overlay ${name} is truncated: wanted ${length} bytes at offset ${offset}, got ${got}`, {
+    fix: 'fetch the overlay again or rebuild it',
+    details: { where: name, part: 'data', offset, length, got },
+  });
+}
+
+const PIECE = 1 << 20;
+
+class FileSource implements OverlaySource {
+  private constructor(
+    readonly name: string,
+    private readonly fh: FileHandle,
+  ) {}
+
+  static async open(path: string): Promise<FileSource> {
+    try {
+      return new FileSource(path, await open(path, 'r'));
+    } catch (e) {
+      throw new CloudletError('NOT_FOUND', `cannot open overlay ${path}: ${(e as Error).message}`, { cause: e, fix: 'check the overlay path' });
+    }
+  }
+
+  async read(offset: number, length: number): Promise<Buffer> {
+    const buf = Buffer.allocUnsafe(length);
+    let done = 0;
+    while (done < length) {
+      const { bytesRead } = await this.fh.read(buf, done, length - done, offset + done);
+      if (bytesRead === 0) throw truncated(this.name, offset, length, done);
+      done += bytesRead;
+    }
+    return buf;
+  }
+
+  async *stream(offset: number, length: number): AsyncIterable<Buffer> {
+    for (let at = 0; at < length; at += PIECE) yield await this.read(offset + at, Math.min(PIECE, length - at));
+  }
+
+  async close(): Promise<void> {
+    await this.fh.close();
+  }
+}
+
+class HttpSource implements OverlaySource {
+  constructor(
+    readonly name: string,
+    private readonly retries: number,
+  ) {}
+
+  private async request(from: number, to: number): Promise<Response> {
+    let res: Response;
+    try {
+      res = await fetch(this.name, { headers: { Range: `bytes=${from}-${to}` } });
+    } catch (e) {
+      throw new CloudletError('TIMEOUT', `cannot fetch overlay ${this.name}: ${(e as Error).message}`, { cause: e, fix: 'check the URL and that the server is up' });
+    }
+    if (res.status === 416) throw truncated(this.name, from, to - from + 1, 0);
+    if (res.status === 404) throw new CloudletError('NOT_FOUND', `overlay ${this.name} not found (HTTP 404)`, { fix: 'check the URL' });
+    if (res.status !== 206 && !(res.status === 200 && from === 0)) {
+      throw new CloudletError('BAD_INPUT', `overlay server answered HTTP ${res.status} to a Range request for ${this.name}`, { fix: 'serve overlays from a server that supports Range requests' });
+    }
+    return res;
+  }
+
+  async read(offset: number, length: number): Promise<Buffer> {
+    const parts: Buffer[] = [];
+    let got = 0;
+    for await (const piece of this.stream(offset, length)) {
+      parts.push(piece);
+      got += piece.length;
+    }
+    if (got !== length) throw truncated(this.name, offset, length, got);
+    return Buffer.concat(parts, length);
+  }
+
+  async *stream(offset: number, length: number): AsyncIterable<Buffer> {
+    let done = 0;
+    let failures = 0;
+    while (done < length) {
+      const res = await this.request(offset + done, offset + length - 1);
+      const body = res.body;
+      if (!body) throw truncated(this.name, offset, length, done);
+      const reader = body.getReader();
+      // A 200 answer to a request from 0 holds the whole file: skip nothing, stop at length.
+      try {
+        for (;;) {
+          const { done: eof, value } = await reader.read();
+          if (eof) break;
+          const piece = Buffer.from(value.buffer, value.byteOffset, Math.min(value.byteLength, length - done));
+          if (piece.length > 0) {
+            done += piece.length;
+            yield piece;
+          }
+          if (done >= length) break;
+        }
+      } catch (e) {
+        failures += 1;
+        if (failures > this.retries) {
+          throw new CloudletError('TIMEOUT', `download of overlay ${this.name} failed ${failures} times (last at byte ${offset + done}): ${(e as Error).message}`, {
+            cause: e,
+            fix: 'check the network and retry',
+          });
+        }
+        continue; // resume with a new Range request from offset + done
+      } finally {
+        await reader.cancel().catch(() => undefined);
+      }
+      if (done < length) {
+        // The server closed the body early without an error: the file is shorter than the meta says.
+        failures += 1;
+        if (failures > this.retries) throw truncated(this.name, offset, length, done);
+      }
+    }
+  }
+
+  async close(): Promise<void> {
+    /* nothing held between requests */
+  }
+}

@@ -1,0 +1,40 @@
+import type { ChunkIndex } from '../chunk';
+import type { OnProgress } from '../progress';
+
+/** A base as stored on a host; memory as the memory image of its save file. */
+export interface BaseRef {
+  id: string;
+  /** Raw disk image. */
+  diskPath: string;
+  diskIndex: ChunkIndex;
+  /** Memory image (splitSnapshot output) of the base's save file. */
+  memImagePath: string;
+  memIndex: ChunkIndex;
+}
+
+export interface CreateOverlayOptions {
+  /** LZMA preset 0-9 (default 6). */
+  lzmaLevel?: number;
+  /** xdelta3 stage against the base chunk at the same place (default false: measured smaller and faster without). */
+  delta?: boolean;
+  /** Bytes of encoded input per segment (default 4 MiB). */
+  segmentSize?: number;
+  /** Segments compressed at once (default: available cores). */
+  concurrency?: number;
+}
+
+/** The launch VM's memory snapshot, already split by the codec into a memory image + skeleton. */
+export interface LaunchMemory {
+  memImagePath: string;
+  skeleton: Buffer;
+  mode: 'parsed' | 'opaque';
+  domainXml: string;
+  cpuModel: string | undefined;
+  saveFileSize: number;
+  saveFileSha256: string;
+}
+
+/** Rebuilds the save file from a skeleton and a memory image (the codec's joinSnapshot). */
+export type JoinSnapshot = (skeleton: Buffer, memImagePath: string, outSavePath: string) => Promise<{ size: number; sha256: string }>;
+
+export type { OnProgress };

@@ -1,0 +1,159 @@
+import { execFileSync } from 'node:child_process';
+import { mkdtempSync, readdirSync, readFileSync, rmSync, writeFileSync, existsSync } from 'node:fs';
+import { tmpdir } from 'node:os';
+import path from 'node:path';
+import { buildChunkIndex } from '../../src/core/chunk';
+import { isCloudletError } from '../../src/core/errors';
+import { applyOverlayToParts, readOverlayMeta } from '../../src/core/overlay/apply';
+import { createOverlayFromParts } from '../../src/core/overlay/create';
+import type { BaseRef, LaunchMemory } from '../../src/core/overlay/types';
+import { fakeJoin, generatePair, type GeneratedPair } from './overlay-fixture';
+
+let dir: string;
+let pair: GeneratedPair;
+let base: BaseRef;
+let memory: LaunchMemory;
+const skeleton = Buffer.from('SKELETON: device state and page order would be here\n');
+
+async function expectedSave(): Promise<{ size: number; sha256: string }> {
+  const p = path.join(dir, 'expected.sav');
+  rmSync(p, { force: true });
+  return fakeJoin(skeleton, pair.launchMem, p);
+}
+
+beforeAll(async () => {
+  dir = mkdtempSync(path.join(tmpdir(), 'ov-unit-'));
+  // Base disk size not a multiple of 2 MiB, launch memory larger than the base's.
+  pair = generatePair(dir, { diskSize: 6 * 1024 * 1024 + 3 * 4096, memSize: 4 * 1024 * 1024, launchMemSize: 4 * 1024 * 1024 + 64 * 4096, fraction: 0.08, seed: 3 });
+  base = { id: 'b'.repeat(64), diskPath: pair.baseDisk, diskIndex: await buildChunkIndex(pair.baseDisk), memImagePath: pair.baseMem, memIndex: await buildChunkIndex(pair.baseMem) };
+  const save = await expectedSave();
+  memory = { memImagePath: pair.launchMem, skeleton, mode: 'parsed', domainXml: '<domain/>', cpuModel: 'qemu64', saveFileSize: save.size, saveFileSha256: save.sha256 };
+});
+
+afterAll(() => rmSync(dir, { recursive: true, force: true }));
+
+async function create(name: string, options = {}): Promise<string> {
+  const out = path.join(dir, name);
+  await createOverlayFromParts({ base, launchDiskPath: pair.launchQcow2, memory, outPath: out, options: { segmentSize: 64 * 1024, lzmaLevel: 1, ...options } });
+  return out;
+}
+
+async function apply(overlay: string, b: BaseRef = base): Promise<{ disk: string; save: string; timings: Record<string, number> }> {
+  const outDir = mkdtempSync(path.join(dir, 'out-'));
+  const disk = path.join(outDir, 'disk.qcow2');
+  const save = path.join(outDir, 'memory.sav');
+  const { timings } = await applyOverlayToParts({ base: b, overlay, outDiskPath: disk, outSavePath: save, join: fakeJoin });
+  return { disk, save, timings };
+}
+
+function sameDisk(qcow2: string, raw: string): boolean {
+  try {
+    execFileSync('qemu-img', ['compare', '-f', 'qcow2', '-F', 'raw', qcow2, raw], { stdio: 'pipe' });
+    execFileSync('qemu-img', ['check', qcow2], { stdio: 'pipe' });
+    return true;
+  } catch {
+    return false;
+  }
+}
+
+describe('overlay round trip on generated data', () => {
+  test.each([
+    ['no delta', { delta: false }],
+    ['with xdelta3', { delta: true }],
+  ])('%s: rebuilds the disk and the save file exactly', async (name, options) => {
+    const overlay = await create(`rt-${name.replace(/\W/g, '')}.overlay`, options);
+    const meta = await readOverlayMeta(overlay);
+    expect(meta.base.id).toBe(base.id);
+    expect(meta.segments.length).toBeGreaterThan(1);
+    expect(meta.launch.disk.changedChunks).toBeGreaterThan(0);
+    expect(meta.launch.memory.imageSize).toBe(4 * 1024 * 1024 + 64 * 4096);
+    for (const kind of ['zero', 'raw', 'baseMem', 'baseDisk']) expect(meta.stats[kind] ?? 0).toBeGreaterThan(0);
+    expect((meta.stats['selfDisk'] ?? 0) + (meta.stats['selfMem'] ?? 0)).toBeGreaterThan(0);
+    if (options.delta) expect(meta.stats['delta'] ?? 0).toBeGreaterThan(0);
+    const out = await apply(overlay);
+    expect(sameDisk(out.disk, pair.launchRaw)).toBe(true);
+    expect(readFileSync(out.save).equals(Buffer.concat([skeleton, readFileSync(pair.launchMem)]))).toBe(true);
+    expect(readdirSync(path.dirname(out.disk)).sort()).toEqual(['disk.qcow2', 'memory.sav']);
+  });
+
+  test('the overlay is much smaller than the changed data', async () => {
+    const overlay = await create('size.overlay');
+    const meta = await readOverlayMeta(overlay);
+    const changedBytes = (meta.launch.disk.changedChunks + meta.launch.memory.changedChunks) * 4096;
+    expect(readFileSync(overlay).length).toBeLessThan(changedBytes / 2);
+  });
+});
+
+describe('overlay application rejects bad inputs with typed errors', () => {
+  let good: string;
+  let bytes: Buffer;
+  beforeAll(async () => {
+    good = await create('good.overlay');
+    bytes = readFileSync(good);
+  });
+
+  async function expectTypedFailure(overlay: string, b: BaseRef = base): Promise<string> {
+    const outDir = mkdtempSync(path.join(dir, 'bad-'));
+    const disk = path.join(outDir, 'disk.qcow2');
+    const save = path.join(outDir, 'memory.sav');
+    let code = 'none';
+    try {
+      await applyOverlayToParts({ base: b, overlay, outDiskPath: disk, outSavePath: save, join: fakeJoin });
+    } catch (e) {
+      if (!isCloudletError(e)) throw e;
+      code = e.code;
+    }
+    // Nothing half-written: no outputs, no temporary files.
+    expect(readdirSync(outDir)).toEqual([]);
+    rmSync(outDir, { recursive: true });
+    return code;
+  }
+
+  test('a wrong base is WRONG_BASE', async () => {
+    expect(await expectTypedFailure(good, { ...base, id: 'c'.repeat(64) })).toBe('WRONG_BASE');
+  });
+
+  test('a missing file is NOT_FOUND, a non-overlay is CORRUPT', async () => {
+    expect(await expectTypedFailure(path.join(dir, 'nope.overlay'))).toBe('NOT_FOUND');
+    const junk = path.join(dir, 'junk.overlay');
+    writeFileSync(junk, Buffer.alloc(1000, 7));
+    expect(await expectTypedFailure(junk)).toBe('CORRUPT');
+  });
+
+  test('a flipped byte anywhere gives a typed error naming the part', async () => {
+    const meta = await readOverlayMeta(good);
+    const step = Math.max(1, Math.floor(bytes.length / 80));
+    const positions = new Set<number>([0, 8, 12, 16, 24, 60, 64, 65, 100, bytes.length - 1]);
+    for (let p = 0; p < bytes.length; p += step) positions.add(p);
+    const codes = new Map<string, number>();
+    for (const p of positions) {
+      const bad = Buffer.from(bytes);
+      bad[p] = (bad[p] ?? 0) ^ (1 << (p % 8));
+      const f = path.join(dir, 'flip.overlay');
+      writeFileSync(f, bad);
+      const code = await expectTypedFailure(f);
+      expect(code).not.toBe('none');
+      codes.set(code, (codes.get(code) ?? 0) + 1);
+    }
+    expect(codes.get('DIGEST_MISMATCH') ?? 0).toBeGreaterThan(meta.segments.length / 2);
+  });
+
+  test('truncation at many offsets is CORRUPT', async () => {
+    const step = Math.max(1, Math.floor(bytes.length / 50));
+    for (let len = 0; len < bytes.length; len += step) {
+      const f = path.join(dir, 'trunc.overlay');
+      writeFileSync(f, bytes.subarray(0, len));
+      expect(await expectTypedFailure(f)).toBe('CORRUPT');
+    }
+  });
+
+  test('a changed base chunk is caught by the digests', async () => {
+    const baseCopy = path.join(dir, 'base-tampered.mem');
+    const m = readFileSync(pair.baseMem);
+    // Tamper with every base memory chunk that the overlay references: flip a byte in each chunk.
+    for (let i = 0; i < m.length; i += 4096) m[i + 17] = (m[i + 17] ?? 0) ^ 0xff;
+    writeFileSync(baseCopy, m);
+    expect(await expectTypedFailure(good, { ...base, memImagePath: baseCopy })).toBe('DIGEST_MISMATCH');
+    expect(existsSync(baseCopy)).toBe(true);
+  });
+});
