@@ -1,12 +1,25 @@
 #!/usr/bin/env node
 'use strict';
-// Thin launcher: run the compiled CLI (npm run build) or, in a checkout, the TypeScript source.
+// Launcher: run the compiled CLI (npm run build) or, in a checkout without dist/, the TypeScript
+// source through tsx (a devDependency).
 const path = require('node:path');
 const fs = require('node:fs');
-const compiled = path.join(__dirname, '..', 'dist', 'cli', 'main.js');
+const root = path.join(__dirname, '..');
+const compiled = path.join(root, 'dist', 'cli', 'main.js');
+let cli;
 if (fs.existsSync(compiled)) {
-  require(compiled);
+  cli = require(compiled);
 } else {
-  console.error('cloudlet: the CLI is not built; run `npm run build` in ' + path.join(__dirname, '..'));
-  process.exit(1);
+  let tsx;
+  try {
+    tsx = require('tsx/cjs/api');
+  } catch {
+    console.error('cloudlet: the CLI is not built and tsx is not installed; run `npm run build` (or `npm install`) in ' + root);
+    process.exit(1);
+  }
+  tsx.register();
+  cli = require(path.join(root, 'src', 'cli', 'main.ts'));
 }
+cli.runCli(process.argv.slice(2)).then((code) => {
+  process.exitCode = code;
+});
