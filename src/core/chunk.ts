@@ -27,7 +27,7 @@ export interface ChunkIndex {
 
 export interface BuildChunkIndexOptions {
   onProgress?(done: number, total: number): void;
-  /** Hashing threads (default: min(2, available cores)); 0 hashes on the calling thread. */
+  /** Hashing threads (default: min(2, available cores)); 0 hashes on the calling thread (as do files of one read or less). */
   threads?: number;
 }
 
@@ -205,7 +205,7 @@ export async function buildChunkIndex(path: string, opts: BuildChunkIndexOptions
       }
       return got;
     };
-    if (threads <= 0) {
+    if (threads <= 0 || byteLength <= READ_SIZE) {
       const buf = new ArrayBuffer(READ_SIZE);
       for (let pos = 0; pos < byteLength; ) {
         const n = await readAt(buf, pos);
