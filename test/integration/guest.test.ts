@@ -337,6 +337,17 @@ describe('test guest under plain QEMU (TCG, 256 MiB)', () => {
     expect(result).toEqual({ exitCode: 7, output: 'to stdout: installed\nto stderr\n' });
   });
 
+  it('kills a recipe that outlives its ?timeout', async () => {
+    const started = Date.now();
+    const res = await fetch(`http://127.0.0.1:${guest.hostPort}/cgi-bin/exec?timeout=1`, {
+      method: 'POST',
+      body: 'echo started; sleep 30; echo not reached',
+      signal: AbortSignal.timeout(30_000),
+    });
+    expect(ExecSchema.parse(await res.json())).toEqual({ exitCode: 143, output: 'started\n' });
+    expect(Date.now() - started).toBeLessThan(20_000);
+  }, 40_000);
+
   it('keeps its memory state across a NIC replug with a new MAC and a new forward', async () => {
     const newPort = await freePort();
     const newMac = '52:54:00:7e:00:02';
