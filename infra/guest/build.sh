@@ -71,12 +71,20 @@ inputs_description() {
   echo "host:e2fsprogs=$(host_version e2fsprogs) kmod=$(host_version kmod) cpio=$(host_version cpio) gzip=$(host_version gzip)"
   echo "disk=$DISK_MIB $DISK_UUID $DISK_HASH_SEED $DISK_LABEL epoch=$EPOCH"
   echo "port=$APP_PORT ready=$READY_LINE cmdline=$CMDLINE modules=${MODULES[*]}"
-  # The guest files: everything in infra/guest except the host-side TypeScript helper and docs.
+  # The guest files: everything in infra/guest except docs and TypeScript; of the mode, only whether
+  # the file is executable counts (as in git), the copies are normalized (see normalize_modes).
   (cd "$GUEST_DIR" && find . -type f ! -name '*.ts' ! -name '*.md' | LC_ALL=C sort | while read -r f; do
-    printf '%s %s %s\n' "$(stat -c %a "$f")" "$(sha256sum < "$f" | cut -d' ' -f1)" "$f"
+    printf '%s %s %s\n' "$([ -x "$f" ] && echo x || echo -)" "$(sha256sum < "$f" | cut -d' ' -f1)" "$f"
   done)
 }
 INPUTS_DIGEST="$(inputs_description | sha256sum | cut -d' ' -f1)"
+
+# Directories 755, files 755 if executable else 644, whatever the checkout's umask was.
+normalize_modes() {
+  find "$1" -type d -exec chmod 0755 {} +
+  find "$1" -type f -perm /111 -exec chmod 0755 {} +
+  find "$1" -type f ! -perm /111 -exec chmod 0644 {} +
+}
 
 # --- 3. Up to date? -----------------------------------------------------------------------------------
 manifest_field() { sed -n "s/^  \"$1\": \"\\([^\"]*\\)\".*/\\1/p" "$OUT/manifest.json"; }
@@ -132,6 +140,7 @@ ROOTFS="$WORK/rootfs"
 say "assembling the initramfs (busybox $BUSYBOX_VERSION, kernel modules of $KVER)"
 mkdir -p "$ROOTFS"/{bin,sbin,usr/bin,usr/sbin,proc,sys,dev,run,tmp,data,root,etc/guest,lib/modules/"$KVER"}
 cp -a "$GUEST_DIR/rootfs/." "$ROOTFS/"
+normalize_modes "$ROOTFS"
 install -m 0755 "$WORK/busybox/bin/busybox" "$ROOTFS/bin/busybox"
 # Applet links, created here so the image needs no `busybox --install` at boot.
 "$ROOTFS/bin/busybox" --list-full | while read -r applet; do
@@ -178,6 +187,7 @@ say "making the ${DISK_MIB} MiB ext4 disk with mkfs.ext4 -d (fixed UUID, hash se
 DISKDIR="$WORK/disk"
 mkdir -p "$DISKDIR"
 cp -a "$GUEST_DIR/disk/." "$DISKDIR/"
+normalize_modes "$DISKDIR"
 find "$DISKDIR" -exec touch -h -d "@$EPOCH" {} +
 truncate -s "${DISK_MIB}M" "$WORK/disk.raw"
 E2FSPROGS_FAKE_TIME=$EPOCH mkfs.ext4 -q -F -t ext4 -b 4096 -L "$DISK_LABEL" -U "$DISK_UUID" -m 0 \
