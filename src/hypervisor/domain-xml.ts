@@ -4,7 +4,7 @@
  */
 import { XMLBuilder, XMLParser } from 'fast-xml-parser';
 import { CloudletError } from '../core/errors';
-import type { DomainSpec, NicSpec, VirtType } from './types';
+import type { DiskFormat, DomainSpec, NicSpec, VirtType } from './types';
 
 /** A parsed XML element: attributes as '@_name', text as '#text', children by tag name. */
 export type XmlNode = { [key: string]: unknown };
@@ -221,6 +221,8 @@ export interface DomainXmlEdits {
   /** New source file for the disk with target `diskTarget` (default: the first disk). */
   diskPath?: string;
   diskTarget?: string;
+  /** New format of that disk (e.g. qcow2 when a raw base disk becomes a qcow2 layer over it). */
+  diskFormat?: DiskFormat;
   /** New path for every file-backed serial port (and console) of the domain. */
   serialPath?: string;
   name?: string;
@@ -250,6 +252,14 @@ export function editDomainXml(xml: string, edits: DomainXmlEdits, what = 'domain
       disk.source = { [ATTR + 'file']: edits.diskPath };
     }
     disk[ATTR + 'type'] = 'file';
+    // The saved XML describes the old image's backing chain (for a raw disk an explicit empty
+    // <backingStore/>, i.e. "none"); drop it so libvirt reads the new image's own chain.
+    delete disk.backingStore;
+    if (edits.diskFormat !== undefined) {
+      const driver = child(disk, 'driver');
+      if (driver) driver[ATTR + 'type'] = edits.diskFormat;
+      else disk.driver = { [ATTR + 'name']: 'qemu', [ATTR + 'type']: edits.diskFormat };
+    }
   }
   if (edits.serialPath !== undefined) {
     for (const tag of ['serial', 'console']) {
