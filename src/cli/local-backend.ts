@@ -31,8 +31,13 @@ export class LocalBackend implements Backend {
     return importBase(this.storeRoot, packageFile, { onProgress });
   }
 
-  exportBase(baseId: string, outFile: string, onProgress: OnProgress): Promise<BaseManifest> {
-    return exportBase(this.storeRoot, baseId, outFile, { onProgress });
+  async exportBase(baseId: string, outFile: string, onProgress: OnProgress): Promise<BaseManifest> {
+    return exportBase(this.storeRoot, await this.resolveBaseId(baseId), outFile, { onProgress });
+  }
+
+  /** Full id from an id or a unique prefix. */
+  resolveBaseId(ref: string): Promise<string> {
+    return withStore(this.storeRoot, (store) => store.resolveBaseId(ref));
   }
 
   listBases(): Promise<BaseSummary[]> {
@@ -41,7 +46,7 @@ export class LocalBackend implements Backend {
 
   baseInfo(baseId: string): Promise<BaseDetails> {
     return withStore(this.storeRoot, async (store) => {
-      const base = await openStoredBase(store, baseId);
+      const base = await openStoredBase(store, await store.resolveBaseId(baseId));
       const files: BaseDetails['files'] = {};
       for (const [role, name] of Object.entries(BASE_FILES)) {
         const p = path.join(base.dir, name);
@@ -51,13 +56,13 @@ export class LocalBackend implements Backend {
     });
   }
 
-  removeBase(baseId: string): Promise<void> {
-    return removeBase(this.storeRoot, baseId);
+  async removeBase(baseId: string): Promise<void> {
+    return removeBase(this.storeRoot, await this.resolveBaseId(baseId));
   }
 
   createOverlay(req: OverlayCreateRequest, onProgress: OnProgress): Promise<OverlayCreateResult> {
     return withStore(this.storeRoot, async (store) => {
-      const base = await openStoredBase(store, req.baseId);
+      const base = await openStoredBase(store, await store.resolveBaseId(req.baseId));
       const started = performance.now();
       const tmpDir = req.outPath === undefined ? await store.makeTempDir('overlay') : undefined;
       const outPath = req.outPath !== undefined ? path.resolve(req.outPath) : path.join(tmpDir as string, 'new.overlay');
@@ -102,10 +107,7 @@ export class LocalBackend implements Backend {
     return withStore(this.storeRoot, async (store) => {
       const overlay = await resolveOverlay(store, req.overlay);
       const started = performance.now();
-      let baseId = req.baseId;
-      if (baseId === undefined) {
-        baseId = (await readOverlayMeta(overlay)).base.id;
-      }
+      const baseId = req.baseId !== undefined ? await store.resolveBaseId(req.baseId) : (await readOverlayMeta(overlay)).base.id;
       const base = await openStoredBase(store, baseId);
       const outDir = path.resolve(req.outDir);
       await fsp.mkdir(outDir, { recursive: true });

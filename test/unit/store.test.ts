@@ -129,6 +129,22 @@ describe('Store', () => {
     });
   });
 
+  test('resolveBaseId accepts a full id or a unique prefix of at least 6 digits', async () => {
+    await withStore(dir, async (store) => {
+      const a = 'abcdef01'.repeat(8);
+      const b = 'abcdef02'.repeat(8);
+      store.catalog.putBase({ id: a, addedAt: 't', diskSize: 1, memorySize: 1, manifest: {} });
+      await fsp.mkdir(store.baseDir(b));
+      expect(await store.resolveBaseId(a)).toBe(a);
+      expect(await store.resolveBaseId('abcdef01a')).toBe(a);
+      expect(await store.resolveBaseId('abcdef02')).toBe(b);
+      expectCode(await store.resolveBaseId('abcdef').catch((e: unknown) => e), 'BAD_INPUT');
+      expectCode(await store.resolveBaseId('abcd').catch((e: unknown) => e), 'BAD_INPUT');
+      expectCode(await store.resolveBaseId('../abcdef').catch((e: unknown) => e), 'BAD_INPUT');
+      expectCode(await store.resolveBaseId('0123456').catch((e: unknown) => e), 'NOT_FOUND');
+    });
+  });
+
   test('an unwritable store root is a BAD_INPUT', async () => {
     const file = path.join(dir, 'file');
     await fsp.writeFile(file, 'x');

@@ -73,6 +73,27 @@ export class Store {
     return path.join(this.baseDir(id), BASE_FILES[role]);
   }
 
+  /**
+   * A full base id from a full id or a unique prefix of at least 6 hex digits (as shown by
+   * `base list`): NOT_FOUND when no base matches, BAD_INPUT when several do.
+   */
+  async resolveBaseId(ref: string): Promise<string> {
+    if (SHA256_HEX.test(ref)) return ref;
+    if (!/^[0-9a-f]{6,63}$/.test(ref)) {
+      throw new CloudletError('BAD_INPUT', `"${ref}" is not a base id (64 lower-case hex digits, or a unique prefix of at least 6)`, {
+        fix: 'use an id shown by `cloudlet base list`',
+      });
+    }
+    const ids = new Set(this.catalog.listBases().map((b) => b.id));
+    for (const d of await fsp.readdir(path.join(this.root, 'bases'))) if (SHA256_HEX.test(d)) ids.add(d);
+    const matches = [...ids].filter((id) => id.startsWith(ref));
+    if (matches.length === 1) return matches[0] as string;
+    if (matches.length === 0) {
+      throw new CloudletError('NOT_FOUND', `no base in the store ${this.root} has an id starting with ${ref}`, { fix: 'list the bases with `cloudlet base list`' });
+    }
+    throw new CloudletError('BAD_INPUT', `${matches.length} bases have ids starting with ${ref}`, { fix: 'give more digits of the id' });
+  }
+
   async hasBaseDir(id: string): Promise<boolean> {
     return exists(path.join(this.baseDir(id), BASE_FILES.manifest));
   }
