@@ -8,6 +8,7 @@ import type { Config } from '../config';
 import { loadGuestImage } from '../guest/manifest';
 import { LibvirtHypervisor } from '../hypervisor/libvirt';
 import { createGuestActivities } from './guest';
+import { createInstanceActivities } from './instances';
 import { withFailureMapping } from './failures';
 
 export interface HostActivityDeps {
@@ -15,6 +16,8 @@ export interface HostActivityDeps {
   dataDir: string;
   config: Config;
   log: Logger;
+  /** Base URL of this host's overlay publisher. */
+  publicUrl: () => string;
 }
 
 export function createHostActivities(deps: HostActivityDeps) {
@@ -27,7 +30,14 @@ export function createHostActivities(deps: HostActivityDeps) {
     guestImage: () => loadGuestImage(guestDir),
     log: deps.log,
   });
-  return withFailureMapping({ ...guest });
+  const instances = createInstanceActivities({
+    hostId: deps.hostId,
+    dataDir: deps.dataDir,
+    hypervisor,
+    publicUrl: deps.publicUrl,
+    log: deps.log,
+  });
+  return withFailureMapping({ ...guest, ...instances });
 }
 
 export type HostActivities = ReturnType<typeof createHostActivities>;

@@ -9,18 +9,24 @@ import type { Config } from '../config';
 import { hostDir } from '../config';
 import { createHostActivities } from '../activities';
 import { installRuntimeLogging } from './runtime-logging';
+import { startPublisher } from './publisher';
+import path from 'node:path';
 
 export interface HostWorker {
   /** Resolves when both workers have stopped. */
   run(): Promise<void>;
   shutdown(): void;
   connection: NativeConnection;
+  /** Where this host publishes its overlays. */
+  publicUrl: string;
 }
 
-export async function createHostWorker(config: Config, hostId: string, log: Logger): Promise<HostWorker> {
+export async function createHostWorker(config: Config, hostId: string, log: Logger, publishPort = 0): Promise<HostWorker> {
   installRuntimeLogging(log);
   const connection = await NativeConnection.connect({ address: config.temporalAddress });
-  const activities = createHostActivities({ hostId, dataDir: hostDir(config, hostId), config, log });
+  const dataDir = hostDir(config, hostId);
+  const publisher = await startPublisher(path.join(dataDir, 'store'), { port: publishPort });
+  const activities = createHostActivities({ hostId, dataDir, config, log, publicUrl: () => publisher.url });
   const activityWorker = await Worker.create({
     connection,
     namespace: config.namespace,
@@ -34,13 +40,15 @@ export async function createHostWorker(config: Config, hostId: string, log: Logg
     taskQueue: config.workflowTaskQueue,
     workflowsPath: require.resolve('../workflows'),
   });
-  log.info({ hostId, queues: [hostTaskQueue(hostId), config.workflowTaskQueue] }, 'host worker ready');
+  log.info({ hostId, publishes: publisher.url, queues: [hostTaskQueue(hostId), config.workflowTaskQueue] }, 'host worker ready');
   return {
     connection,
+    publicUrl: publisher.url,
     async run() {
       try {
         await Promise.all([activityWorker.run(), workflowWorker.run()]);
       } finally {
+        await publisher.close();
         await connection.close();
       }
     },

@@ -1,2 +1,3 @@
 // Every workflow the workers register. Workflows import activity *types* only.
 export { guestSelfTest, progressQuery } from './guest-self-test';
+export { importBaseVm, resumeBaseVm, createOverlayVm, synthesizeVm, terminateVm, operationProgressQuery } from './operations';

@@ -1,0 +1,290 @@
+/**
+ * Host activities of the cloudlet operations: import a base, resume it as an instance, snapshot
+ * an instance into an overlay and publish it, synthesize an instance from an overlay URL,
+ * terminate. Each is idempotent and heartbeats on long work; failures that a retry cannot fix
+ * are typed CloudletErrors (made non-retryable at the boundary, see ./failures).
+ */
+import { randomUUID } from 'node:crypto';
+import fs from 'node:fs';
+import path from 'node:path';
+import { pipeline } from 'node:stream/promises';
+import { Readable } from 'node:stream';
+import type { Logger } from 'pino';
+import { CloudletError, isCloudletError } from '../core/errors';
+import { importBase, openBase } from '../core/base';
+import { applyOverlay, createOverlay, readOverlayMeta } from '../core/overlay';
+import { readSaveHeader, rewriteSaveHeaderXml } from '../core/snapshot';
+import { Store } from '../core/store';
+import type { Hypervisor } from '../hypervisor/types';
+import { createQcow2Overlay } from '../hypervisor/disk';
+import { editDomainXml } from '../hypervisor/domain-xml';
+import { GuestAppClient } from '../guest/app-client';
+import { heartbeat, withHeartbeats } from './heartbeat';
+import { randomMac } from './guest';
+
+export interface InstanceRecord {
+  instanceId: string;
+  hostId: string;
+  domain: string;
+  baseId: string;
+  overlayId?: string;
+  /** 127.0.0.1 port forwarded to the guest's application port. */
+  hostPort?: number;
+  appPort: number;
+  createdAt: string;
+}
+
+export interface CloudletActivityDeps {
+  hostId: string;
+  dataDir: string;
+  hypervisor: Hypervisor;
+  /** Base URL under which this host publishes its store's overlays (see workers/publisher). */
+  publicUrl: () => string;
+  log: Logger;
+}
+
+const INSTANCE_ID = /^[a-z0-9][a-z0-9-]{0,62}$/;
+const APP_PORT_DEFAULT = 8080;
+
+const progress = (stage: string) => (done: number, total: number) => heartbeat({ stage, bytesDone: done, bytesTotal: total });
+
+export function createInstanceActivities(deps: CloudletActivityDeps) {
+  const { hypervisor: hv, log } = deps;
+  const storeRoot = path.join(deps.dataDir, 'store');
+  const instancesDir = path.join(deps.dataDir, 'instances');
+  const domainName = (instanceId: string): string => `cl-${deps.hostId}-${instanceId}`;
+
+  function instanceDir(instanceId: string): string {
+    if (!INSTANCE_ID.test(instanceId)) {
+      throw new CloudletError('BAD_INPUT', `invalid instance id "${instanceId}"`, { fix: 'use lower-case letters, digits and dashes (at most 63)' });
+    }
+    return path.join(instancesDir, instanceId);
+  }
+
+  async function readRecord(instanceId: string): Promise<InstanceRecord> {
+    const file = path.join(instanceDir(instanceId), 'instance.json');
+    try {
+      return JSON.parse(await fs.promises.readFile(file, 'utf8')) as InstanceRecord;
+    } catch (cause) {
+      throw new CloudletError('NOT_FOUND', `instance ${instanceId} does not exist on host ${deps.hostId}`, {
+        fix: 'list the instances of this host, or provision one first',
+        cause,
+      });
+    }
+  }
+
+  async function writeRecord(rec: InstanceRecord): Promise<void> {
+    const file = path.join(instanceDir(rec.instanceId), 'instance.json');
+    await fs.promises.writeFile(`${file}.tmp`, JSON.stringify(rec, null, 2));
+    await fs.promises.rename(`${file}.tmp`, file);
+  }
+
+  /**
+   * Restore a save file as this instance's VM: libvirt refuses a restore under another name or
+   * UUID, so the domain XML is rewritten inside the (padded) header of the instance's own copy of
+   * the save file; then the NIC is replugged with a fresh MAC and the app port forwarded.
+   */
+  async function restoreAsInstance(rec: InstanceRecord, savePath: string, diskPath: string): Promise<{ restoreMs: number; replugMs: number; hostPort: number }> {
+    const state = await hv.state(rec.domain);
+    if (state === 'running' && rec.hostPort !== undefined) return { restoreMs: 0, replugMs: 0, hostPort: rec.hostPort };
+    if (state !== 'absent') {
+      await hv.destroy(rec.domain);
+      await hv.undefine(rec.domain);
+    }
+    const header = await readSaveHeader(savePath);
+    const serialPath = path.join(path.dirname(savePath), 'serial.log');
+    const xml = editDomainXml(header.domainXml, { name: rec.domain, uuid: randomUUID(), diskPath, diskFormat: 'qcow2', serialPath }, `domain XML of ${savePath}`);
+    await rewriteSaveHeaderXml(savePath, xml);
+    const restored = await withHeartbeats(hv.restore(savePath), () => ({ stage: 'resume' }));
+    const t0 = Date.now();
+    await hv.replugNic(rec.domain, { mac: randomMac() });
+    const replugMs = Date.now() - t0;
+    const fwd = await hv.forwardPort(rec.domain, { guestPort: rec.appPort });
+    rec.hostPort = fwd.hostPort;
+    await writeRecord(rec);
+    log.info({ instanceId: rec.instanceId, domain: rec.domain, restoreMs: restored.ms, replugMs, hostPort: fwd.hostPort }, 'instance running');
+    return { restoreMs: restored.ms, replugMs, hostPort: fwd.hostPort };
+  }
+
+  /** Fetch an http(s) source into the host's temp area (a path is used as it is). */
+  async function localFile(source: string, what: string): Promise<{ file: string; temp: boolean }> {
+    if (!/^https?:\/\//.test(source)) return { file: source, temp: false };
+    await fs.promises.mkdir(path.join(storeRoot, 'tmp'), { recursive: true });
+    const file = path.join(storeRoot, 'tmp', `download-${randomUUID()}`);
+    const res = await fetch(source).catch((cause: unknown) => {
+      throw new CloudletError('NOT_FOUND', `cannot fetch ${what} from ${source}: ${(cause as Error).message}`, { fix: 'check the URL and that its server is up', cause });
+    });
+    if (!res.ok || !res.body) throw new CloudletError('NOT_FOUND', `fetching ${what} from ${source} answered HTTP ${res.status}`, { fix: 'check the URL' });
+    const total = Number(res.headers.get('content-length') ?? 0);
+    let done = 0;
+    const body = Readable.fromWeb(res.body as import('node:stream/web').ReadableStream<Uint8Array>);
+    body.on('data', (c: Buffer) => {
+      done += c.length;
+      heartbeat({ stage: 'download', bytesDone: done, bytesTotal: total });
+    });
+    await pipeline(body, fs.createWriteStream(file));
+    return { file, temp: true };
+  }
+
+  return {
+    async importBasePackage(input: { source: string }): Promise<{ baseId: string; alreadyPresent: boolean; diskBytes: number; memoryBytes: number; cpuModel?: string }> {
+      const { file, temp } = await localFile(input.source, 'the base package');
+      try {
+        const r = await importBase(storeRoot, file, { onProgress: progress('import') });
+        const m = r.manifest;
+        log.info({ baseId: m.baseId, alreadyPresent: r.alreadyPresent }, 'base imported');
+        return { baseId: m.baseId, alreadyPresent: r.alreadyPresent, diskBytes: m.disk.size, memoryBytes: m.memory.saveFileSize, ...(m.cpuModel ? { cpuModel: m.cpuModel } : {}) };
+      } finally {
+        if (temp) await fs.promises.rm(file, { force: true });
+      }
+    },
+
+    /** Early, before any transfer: the CPU model the VM was saved with must be usable here. */
+    async checkCpuModel(input: { cpuModel?: string }): Promise<{ virtType: string; cpuModel: string }> {
+      const virtType = await hv.virtType();
+      const cpuModel = input.cpuModel ?? 'qemu64';
+      await hv.checkCpuModel(cpuModel, virtType);
+      return { virtType, cpuModel };
+    },
+
+    async describeOverlay(input: { overlayUrl: string }): Promise<{ baseId: string; cpuModel?: string; segments: number; bytes: number }> {
+      const meta = await readOverlayMeta(input.overlayUrl);
+      const bytes = meta.segments.reduce((n, s) => n + s.length, 0);
+      return { baseId: meta.base.id, ...(meta.launch.cpuModel ? { cpuModel: meta.launch.cpuModel } : {}), segments: meta.segments.length, bytes };
+    },
+
+    async checkBasePresent(input: { baseId: string }): Promise<{ cpuModel?: string }> {
+      try {
+        const base = await openBase(storeRoot, input.baseId);
+        return base.manifest.cpuModel ? { cpuModel: base.manifest.cpuModel } : {};
+      } catch (e) {
+        if (isCloudletError(e) && e.code === 'NOT_FOUND') {
+          throw new CloudletError('WRONG_BASE', `host ${deps.hostId} does not have base ${input.baseId}`, {
+            fix: `import the base package on host ${deps.hostId} first (POST /v1/bases or cloudlet base import)`,
+            details: { baseId: input.baseId, hostId: deps.hostId },
+          });
+        }
+        throw e;
+      }
+    },
+
+    /** A new instance from a base: a qcow2 over the base disk and the base's memory, resumed. */
+    async resumeBaseInstance(input: { instanceId: string; baseId: string; appPort?: number }): Promise<InstanceRecord & { restoreMs: number }> {
+      const dir = instanceDir(input.instanceId);
+      const base = await openBase(storeRoot, input.baseId);
+      await fs.promises.mkdir(dir, { recursive: true });
+      const rec: InstanceRecord = fs.existsSync(path.join(dir, 'instance.json'))
+        ? await readRecord(input.instanceId)
+        : { instanceId: input.instanceId, hostId: deps.hostId, domain: domainName(input.instanceId), baseId: input.baseId, appPort: input.appPort ?? APP_PORT_DEFAULT, createdAt: new Date().toISOString() };
+      await writeRecord(rec);
+      const diskPath = path.join(dir, 'disk.qcow2');
+      const savePath = path.join(dir, 'memory.sav');
+      if ((await hv.state(rec.domain)) !== 'running') {
+        await createQcow2Overlay(diskPath, base.diskPath, 'raw');
+        await withHeartbeats(fs.promises.copyFile(base.savePath, savePath), () => ({ stage: 'copy base memory' }));
+      }
+      const r = await restoreAsInstance(rec, savePath, diskPath);
+      return { ...(await readRecord(input.instanceId)), restoreMs: r.restoreMs };
+    },
+
+    /** Save the instance's memory (the VM stops) and build its overlay against its base; publish it. */
+    async createInstanceOverlay(input: { instanceId: string; keepInstance: boolean; lzmaLevel?: number; delta?: boolean }): Promise<{ overlayId: string; url: string; bytes: number; baseId: string; createMs: number }> {
+      const rec = await readRecord(input.instanceId);
+      const dir = instanceDir(input.instanceId);
+      const launchSave = path.join(dir, 'launch.sav');
+      const diskPath = path.join(dir, 'disk.qcow2');
+      const state = await hv.state(rec.domain);
+      if (state === 'running' || state === 'paused') {
+        await hv.save(rec.domain, `${launchSave}.partial`);
+        await fs.promises.rename(`${launchSave}.partial`, launchSave);
+      } else if (!fs.existsSync(launchSave)) {
+        throw new CloudletError('CONFLICT', `instance ${input.instanceId} is ${state} and has no saved memory to build an overlay from`, { fix: 'resume it first' });
+      }
+      const base = await openBase(storeRoot, rec.baseId);
+      const store = await Store.open(storeRoot);
+      try {
+        const tmpDir = await store.makeTempDir('overlay-');
+        const out = path.join(tmpDir, 'overlay');
+        const t0 = Date.now();
+        const meta = await createOverlay({
+          base,
+          launchDiskPath: diskPath,
+          launchSavePath: launchSave,
+          outPath: out,
+          options: { ...(input.lzmaLevel !== undefined ? { lzmaLevel: input.lzmaLevel } : {}), ...(input.delta !== undefined ? { delta: input.delta } : {}) },
+          onProgress: (d, t, stage) => heartbeat({ stage: stage ?? 'create overlay', bytesDone: d, bytesTotal: t }),
+        });
+        const createMs = Date.now() - t0;
+        const added = await store.addOverlay(out, { meta, baseId: rec.baseId, move: true });
+        await fs.promises.rm(tmpDir, { recursive: true, force: true });
+        if (input.keepInstance) {
+          // Resume the instance from the snapshot just taken (its copy keeps the launch state).
+          const again = path.join(dir, 'memory.sav');
+          await fs.promises.copyFile(launchSave, again);
+          rec.hostPort = undefined;
+          await restoreAsInstance(rec, again, diskPath);
+        }
+        const url = `${deps.publicUrl()}/overlays/${added.digest}.overlay`;
+        log.info({ instanceId: input.instanceId, overlayId: added.digest, bytes: added.size, createMs }, 'overlay created');
+        return { overlayId: added.digest, url, bytes: added.size, baseId: rec.baseId, createMs };
+      } finally {
+        store.close();
+      }
+    },
+
+    /** Fetch, decompress and apply an overlay to the local base: the launch VM's disk and memory. */
+    async synthesizeInstanceFiles(input: { instanceId: string; overlayUrl: string; baseId: string; appPort?: number }): Promise<{ timings: Record<string, number> }> {
+      const dir = instanceDir(input.instanceId);
+      await fs.promises.mkdir(dir, { recursive: true });
+      const rec: InstanceRecord = { instanceId: input.instanceId, hostId: deps.hostId, domain: domainName(input.instanceId), baseId: input.baseId, appPort: input.appPort ?? APP_PORT_DEFAULT, createdAt: new Date().toISOString() };
+      const diskPath = path.join(dir, 'disk.qcow2');
+      const savePath = path.join(dir, 'memory.sav');
+      if (fs.existsSync(path.join(dir, 'synthesized'))) return { timings: {} }; // done by an earlier attempt
+      const base = await openBase(storeRoot, input.baseId);
+      const r = await applyOverlay({
+        base,
+        overlay: input.overlayUrl,
+        outDiskPath: diskPath,
+        outSavePath: savePath,
+        onProgress: (d: number, t: number) => heartbeat({ stage: 'apply overlay', bytesDone: d, bytesTotal: t }),
+      });
+      if (r.meta.base.id !== input.baseId) {
+        throw new CloudletError('WRONG_BASE', `overlay ${input.overlayUrl} was made for base ${r.meta.base.id}, not ${input.baseId}`);
+      }
+      await writeRecord(rec);
+      await fs.promises.writeFile(path.join(dir, 'synthesized'), '');
+      return { timings: r.timings };
+    },
+
+    async resumeInstance(input: { instanceId: string }): Promise<{ restoreMs: number; replugMs: number; hostPort: number }> {
+      const rec = await readRecord(input.instanceId);
+      const dir = instanceDir(input.instanceId);
+      return restoreAsInstance(rec, path.join(dir, 'memory.sav'), path.join(dir, 'disk.qcow2'));
+    },
+
+    async waitForApp(input: { instanceId: string; timeoutMs?: number }): Promise<{ waitedMs: number; state: unknown }> {
+      const rec = await readRecord(input.instanceId);
+      if (rec.hostPort === undefined) throw new CloudletError('CONFLICT', `instance ${input.instanceId} has no forwarded port yet`, { fix: 'resume it first' });
+      const app = new GuestAppClient(rec.hostPort);
+      return app.waitForState(input.timeoutMs ?? 60_000, () => heartbeat({ stage: 'wait for app' }));
+    },
+
+    async getInstance(input: { instanceId: string }): Promise<InstanceRecord & { state: string }> {
+      const rec = await readRecord(input.instanceId);
+      return { ...rec, state: await hv.state(rec.domain) };
+    },
+
+    /** Stop the VM and remove its files; a no-op for an instance that is already gone. */
+    async terminateInstance(input: { instanceId: string }): Promise<{ existed: boolean }> {
+      const dir = instanceDir(input.instanceId);
+      const domain = domainName(input.instanceId);
+      const existed = fs.existsSync(dir) || (await hv.state(domain)) !== 'absent';
+      await hv.destroy(domain);
+      await hv.undefine(domain);
+      await fs.promises.rm(dir, { recursive: true, force: true });
+      return { existed };
+    },
+  };
+}
+
+export type InstanceActivities = ReturnType<typeof createInstanceActivities>;

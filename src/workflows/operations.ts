@@ -1,0 +1,170 @@
+/**
+ * The cloudlet operations as workflows: orchestration only (order, retries, timeouts,
+ * compensation). Every activity runs on the task queue of the host that holds the data.
+ */
+import {
+  ApplicationFailure,
+  CancellationScope,
+  defineQuery,
+  proxyActivities,
+  setCurrentDetails,
+  setHandler,
+  upsertSearchAttributes,
+} from '@temporalio/workflow';
+import type { ActivityOptions } from '@temporalio/workflow';
+import type { InstanceActivities } from '../activities/instances';
+import { hostTaskQueue, SearchAttributes } from '../common/names';
+
+export interface OperationProgress {
+  stage: string;
+  done: string[];
+}
+export const operationProgressQuery = defineQuery<OperationProgress>('progress');
+
+/** Non-retryable failure types: a retry cannot fix them. */
+const NON_RETRYABLE = ['BAD_INPUT', 'NOT_FOUND', 'CORRUPT', 'DIGEST_MISMATCH', 'WRONG_BASE', 'UNSUPPORTED_VERSION', 'CPU_MODEL_UNUSABLE', 'CONFLICT'];
+
+function hostActivities(hostId: string) {
+  const common: ActivityOptions = { taskQueue: hostTaskQueue(hostId), retry: { maximumAttempts: 5, initialInterval: '1 second', nonRetryableErrorTypes: NON_RETRYABLE } };
+  return {
+    quick: proxyActivities<InstanceActivities>({ ...common, startToCloseTimeout: '2 minutes' }),
+    long: proxyActivities<InstanceActivities>({ ...common, startToCloseTimeout: '30 minutes', heartbeatTimeout: '1 minute' }),
+  };
+}
+
+function tracker(operation: string, hostId: string, extra: Array<{ key: typeof SearchAttributes.baseId | typeof SearchAttributes.overlayId; value: string }> = []) {
+  const progress: OperationProgress = { stage: 'starting', done: [] };
+  setHandler(operationProgressQuery, () => progress);
+  upsertSearchAttributes([
+    { key: SearchAttributes.host, value: hostId },
+    { key: SearchAttributes.operation, value: operation },
+    { key: SearchAttributes.status, value: 'running' },
+    ...extra,
+  ]);
+  return {
+    stage(name: string): void {
+      if (progress.stage !== 'starting') progress.done.push(progress.stage);
+      progress.stage = name;
+      setCurrentDetails(`**${operation}** on host \`${hostId}\`: ${name}${progress.done.length ? ` (done: ${progress.done.join(', ')})` : ''}`);
+    },
+    tag(key: typeof SearchAttributes.baseId | typeof SearchAttributes.overlayId, value: string): void {
+      upsertSearchAttributes([{ key, value }]);
+    },
+    finish(status: 'succeeded' | 'failed'): void {
+      this.stage(status === 'succeeded' ? 'done' : 'failed');
+      upsertSearchAttributes([{ key: SearchAttributes.status, value: status }]);
+    },
+  };
+}
+
+async function tracked<T>(t: ReturnType<typeof tracker>, body: () => Promise<T>): Promise<T> {
+  try {
+    const r = await body();
+    t.finish('succeeded');
+    return r;
+  } catch (e) {
+    t.finish('failed');
+    throw e;
+  }
+}
+
+export interface ImportBaseVmInput { hostId: string; source: string }
+export async function importBaseVm(input: ImportBaseVmInput) {
+  const t = tracker('importBaseVm', input.hostId);
+  const { long } = hostActivities(input.hostId);
+  return tracked(t, async () => {
+    t.stage('import');
+    const r = await long.importBasePackage({ source: input.source });
+    t.tag(SearchAttributes.baseId, r.baseId);
+    return { hostId: input.hostId, ...r };
+  });
+}
+
+export interface ResumeBaseVmInput { hostId: string; baseId: string; instanceId: string; appPort?: number }
+export async function resumeBaseVm(input: ResumeBaseVmInput) {
+  const t = tracker('resumeBaseVm', input.hostId, [{ key: SearchAttributes.baseId, value: input.baseId }]);
+  const { quick, long } = hostActivities(input.hostId);
+  return tracked(t, async () => {
+    t.stage('check base');
+    const base = await quick.checkBasePresent({ baseId: input.baseId });
+    t.stage('verify CPU model');
+    await quick.checkCpuModel(base.cpuModel ? { cpuModel: base.cpuModel } : {});
+    t.stage('resume');
+    try {
+      return await long.resumeBaseInstance({ instanceId: input.instanceId, baseId: input.baseId, ...(input.appPort ? { appPort: input.appPort } : {}) });
+    } catch (e) {
+      await CancellationScope.nonCancellable(() => quick.terminateInstance({ instanceId: input.instanceId }));
+      throw e;
+    }
+  });
+}
+
+export interface CreateOverlayVmInput { hostId: string; instanceId: string; keepInstance?: boolean; lzmaLevel?: number; delta?: boolean }
+export async function createOverlayVm(input: CreateOverlayVmInput) {
+  const t = tracker('createOverlay', input.hostId);
+  const { quick, long } = hostActivities(input.hostId);
+  return tracked(t, async () => {
+    t.stage('snapshot and build overlay');
+    const r = await long.createInstanceOverlay({
+      instanceId: input.instanceId,
+      keepInstance: input.keepInstance ?? false,
+      ...(input.lzmaLevel !== undefined ? { lzmaLevel: input.lzmaLevel } : {}),
+      ...(input.delta !== undefined ? { delta: input.delta } : {}),
+    });
+    t.tag(SearchAttributes.overlayId, r.overlayId);
+    t.tag(SearchAttributes.baseId, r.baseId);
+    if (!input.keepInstance) {
+      t.stage('destroy instance');
+      await quick.terminateInstance({ instanceId: input.instanceId });
+    }
+    return { hostId: input.hostId, instanceId: input.instanceId, ...r };
+  });
+}
+
+export interface SynthesizeVmInput { hostId: string; instanceId: string; overlayUrl: string; waitForApp?: boolean; appPort?: number }
+export async function synthesizeVm(input: SynthesizeVmInput) {
+  const t = tracker('synthesizeVm', input.hostId);
+  const { quick, long } = hostActivities(input.hostId);
+  const started = Date.now();
+  const timings: Record<string, number> = {};
+  const timed = async <T>(name: string, f: () => Promise<T>): Promise<T> => {
+    t.stage(name);
+    const t0 = Date.now();
+    try {
+      return await f();
+    } finally {
+      timings[`${name}Ms`] = Date.now() - t0;
+    }
+  };
+  return tracked(t, async () => {
+    // Early checks, before any transfer: what the overlay needs, and whether this host has it.
+    const overlay = await timed('inspect overlay', () => quick.describeOverlay({ overlayUrl: input.overlayUrl }));
+    t.tag(SearchAttributes.baseId, overlay.baseId);
+    await timed('verify CPU model', () => quick.checkCpuModel(overlay.cpuModel ? { cpuModel: overlay.cpuModel } : {}));
+    await timed('check base', () => quick.checkBasePresent({ baseId: overlay.baseId }));
+    try {
+      const applied = await timed('fetch and apply overlay', () =>
+        long.synthesizeInstanceFiles({ instanceId: input.instanceId, overlayUrl: input.overlayUrl, baseId: overlay.baseId, ...(input.appPort ? { appPort: input.appPort } : {}) }));
+      const resumed = await timed('resume and replug NIC', () => long.resumeInstance({ instanceId: input.instanceId }));
+      if (input.waitForApp ?? true) await timed('wait for app', () => long.waitForApp({ instanceId: input.instanceId }));
+      timings.firstResponseMs = Date.now() - started;
+      return { hostId: input.hostId, instanceId: input.instanceId, baseId: overlay.baseId, hostPort: resumed.hostPort, timings, applyTimings: applied.timings };
+    } catch (e) {
+      // Compensation: no half-made VM or file stays behind.
+      await CancellationScope.nonCancellable(() => quick.terminateInstance({ instanceId: input.instanceId }));
+      throw e;
+    }
+  });
+}
+
+export interface TerminateVmInput { hostId: string; instanceId: string }
+export async function terminateVm(input: TerminateVmInput) {
+  const t = tracker('terminateVm', input.hostId);
+  const { quick } = hostActivities(input.hostId);
+  return tracked(t, async () => {
+    t.stage('terminate');
+    const r = await quick.terminateInstance({ instanceId: input.instanceId });
+    if (!r.existed) throw ApplicationFailure.nonRetryable(`instance ${input.instanceId} does not exist on host ${input.hostId}`, 'NOT_FOUND');
+    return { hostId: input.hostId, instanceId: input.instanceId };
+  });
+}

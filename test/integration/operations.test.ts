@@ -1,0 +1,112 @@
+/**
+ * The cloudlet story on two host workers, real Temporal and real libvirt: import the base on
+ * host A and host B, resume it on A, customize the guest, create an overlay on A (published by
+ * A over HTTP), synthesize on B from the overlay's URL, and the application on B answers with
+ * the state set on A.
+ */
+import type { Client } from '@temporalio/client';
+import { WorkflowFailedError } from '@temporalio/client';
+import fs from 'node:fs';
+import { loadConfig, type Config } from '../../src/config';
+import { connectClient } from '../../src/client/connect';
+import { createHostWorker, type HostWorker } from '../../src/workers/host-worker';
+import { createLogger } from '../../src/common/logger';
+import { createOverlayVm, importBaseVm, resumeBaseVm, synthesizeVm, terminateVm } from '../../src/workflows';
+import { GuestAppClient } from '../../src/guest/app-client';
+import { ensureInfra, uniqueSuffix } from '../helpers/infra';
+import { testBasePackage } from '../helpers/test-base';
+
+jest.setTimeout(20 * 60_000);
+
+describe('cloudlet operations across two hosts', () => {
+  const suffix = uniqueSuffix();
+  const hostA = `a-${suffix}`;
+  const hostB = `b-${suffix}`;
+  let config: Config;
+  let client: Client;
+  const workers: HostWorker[] = [];
+  const runs: Promise<void>[] = [];
+  let pkg: { packageFile: string; baseId: string };
+
+  beforeAll(async () => {
+    ensureInfra();
+    config = { ...loadConfig({ CLOUDLET_LOG_LEVEL: 'warn' }), workflowTaskQueue: `wf-ops-${suffix}` };
+    pkg = await testBasePackage(256);
+    client = await connectClient(config);
+    for (const h of [hostA, hostB]) {
+      const w = await createHostWorker(config, h, createLogger(`worker-${h}`, 'warn'));
+      workers.push(w);
+      runs.push(w.run());
+    }
+  });
+
+  afterAll(async () => {
+    for (const w of workers) w.shutdown();
+    await Promise.all(runs);
+    await client?.connection.close();
+    for (const h of [hostA, hostB]) fs.rmSync(`${config.varDir}/hosts/${h}`, { recursive: true, force: true });
+  });
+
+  const exec = <T>(wf: (...a: never[]) => Promise<T>, id: string, arg: unknown): Promise<T> =>
+    client.workflow.execute(wf as (a: unknown) => Promise<T>, { taskQueue: config.workflowTaskQueue, workflowId: id, args: [arg] });
+
+  it('provisions on B, from an overlay made on A, a VM that answers with the state set on A', async () => {
+    for (const hostId of [hostA, hostB]) {
+      const r = await exec(importBaseVm, `importBaseVm/${hostId}/${pkg.baseId.slice(0, 12)}`, { hostId, source: pkg.packageFile });
+      expect(r.baseId).toBe(pkg.baseId);
+    }
+
+    const resumed = await exec(resumeBaseVm, `resumeBaseVm/${hostA}/dev1`, { hostId: hostA, baseId: pkg.baseId, instanceId: 'dev1' });
+    expect(resumed.hostPort).toBeGreaterThan(0);
+    const appA = new GuestAppClient(resumed.hostPort as number);
+    const before = await appA.waitForState(60_000);
+    const token = `token-${suffix}`;
+    const message = `installed on ${hostA}`;
+    await appA.set(token, message);
+
+    const overlay = await exec(createOverlayVm, `createOverlay/${hostA}/dev1`, { hostId: hostA, instanceId: 'dev1' });
+    expect(overlay.url).toMatch(/^http:\/\/127\.0\.0\.1:\d+\/overlays\/[0-9a-f]{64}\.overlay$/);
+    expect(overlay.bytes).toBeGreaterThan(0);
+
+    const synth = await exec(synthesizeVm, `synthesizeVm/${hostB}/app1`, { hostId: hostB, instanceId: 'app1', overlayUrl: overlay.url });
+    const state = await new GuestAppClient(synth.hostPort).state();
+    expect(state.token).toBe(token);
+    expect(state.disk).toBe(message);
+    expect(state.bootId).toBe(before.state.bootId); // resumed, never rebooted
+    expect(synth.timings.firstResponseMs).toBeGreaterThan(0);
+
+    // Operators find the run by its search attributes.
+    const query = `WorkflowId = 'synthesizeVm/${hostB}/app1' AND CloudletHost = '${hostB}' AND CloudletBaseId = '${pkg.baseId}' AND CloudletStatus = 'succeeded'`;
+    const deadline = Date.now() + 30_000;
+    let found = 0;
+    while (found === 0 && Date.now() < deadline) {
+      for await (const _ of client.workflow.list({ query })) found++;
+      if (found === 0) await new Promise((r) => setTimeout(r, 250));
+    }
+    expect(found).toBe(1);
+
+    await exec(terminateVm, `terminateVm/${hostB}/app1`, { hostId: hostB, instanceId: 'app1' });
+    expect(fs.existsSync(`${config.varDir}/hosts/${hostB}/instances/app1`)).toBe(false);
+  });
+
+  it('refuses, before any transfer, to synthesize on a host without the overlay\'s base', async () => {
+    const hostC = `c-${suffix}`;
+    const w = await createHostWorker(config, hostC, createLogger(`worker-${hostC}`, 'warn'));
+    const r = w.run();
+    try {
+      const overlayFile = fs.readdirSync(`${config.varDir}/hosts/${hostA}/store/overlays`).find((f) => f.endsWith('.overlay'));
+      expect(overlayFile).toBeDefined();
+      const err = await exec(synthesizeVm, `synthesizeVm/${hostC}/x`, {
+        hostId: hostC, instanceId: 'x', overlayUrl: `${workers[0]?.publicUrl}/overlays/${overlayFile}`,
+      }).catch((e: unknown) => e);
+      expect(err).toBeInstanceOf(WorkflowFailedError);
+      const cause = (err as WorkflowFailedError).cause?.cause as { type?: string; message?: string } | undefined;
+      expect(cause?.type).toBe('WRONG_BASE');
+      expect(cause?.message).toMatch(/does not have base/);
+    } finally {
+      w.shutdown();
+      await r;
+      fs.rmSync(`${config.varDir}/hosts/${hostC}`, { recursive: true, force: true });
+    }
+  });
+});
