@@ -9,7 +9,6 @@ import { closeSync, openSync, readSync } from 'node:fs';
 import { open, rename, rm, stat } from 'node:fs/promises';
 import { availableParallelism } from 'node:os';
 import { init as xdInit, xd3_encode_memory, xd3_smatch_cfg } from 'xdelta3-wasm';
-import { hashChunks } from '../chunk';
 import { CloudletError } from '../errors';
 import {
   CHUNK,
@@ -20,6 +19,7 @@ import {
   MAX_RUN,
   OVERLAY_FORMAT_VERSION,
   Target,
+  ZERO_CHUNK_SHA256,
   encodeHeader,
   encodeRecordHeader,
   isZero,
@@ -311,6 +311,11 @@ class LaunchDiskReader {
   }
 }
 
+/** sha256 of a 4 KiB chunk; all-zero chunks (common) skip hashing. */
+function chunkDigestFast(content: Buffer): Buffer {
+  return isZero(content) ? ZERO_CHUNK_SHA256 : oneShotHash('sha256', content, 'buffer');
+}
+
 function baseChunkEqual(ix: BaseRef['diskIndex'], chunk: number, digest: Buffer, content: Buffer): boolean {
   return chunk < ix.chunkCount ? ix.equalAt(chunk, digest) : isZero(content);
 }
@@ -375,10 +380,9 @@ export async function createOverlayFromParts(input: CreateFromPartsInput): Promi
         const n = Math.min(READ_BLOCK_CHUNKS, b - c);
         const buf = block.subarray(0, n * CHUNK);
         diskReader.read(c * CHUNK, buf);
-        const digests = hashChunks(buf);
         for (let i = 0; i < n; i++) {
           const content = buf.subarray(i * CHUNK, (i + 1) * CHUNK);
-          const d = digests.subarray(i * 32, (i + 1) * 32);
+          const d = chunkDigestFast(content);
           if (baseChunkEqual(base.diskIndex, c + i, d, content)) continue;
           await enc.put(Target.Disk, c + i, Buffer.from(content), d);
         }
@@ -401,11 +405,10 @@ export async function createOverlayFromParts(input: CreateFromPartsInput): Promi
           if (bytesRead === 0) throw new CloudletError('CORRUPT', `memory image ${memory.memImagePath} shrank while being read`);
           got += bytesRead;
         }
-        const digests = hashChunks(buf);
         const first = pos / CHUNK;
         for (let i = 0; i < buf.length / CHUNK; i++) {
           const content = buf.subarray(i * CHUNK, (i + 1) * CHUNK);
-          const d = digests.subarray(i * 32, (i + 1) * 32);
+          const d = chunkDigestFast(content);
           if (baseChunkEqual(base.memIndex, first + i, d, content)) continue;
           await enc.put(Target.Memory, first + i, Buffer.from(content), d);
         }

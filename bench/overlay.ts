@@ -1,0 +1,276 @@
+/**
+ * Overlay benchmark: `npx tsx bench/overlay.ts [generated|flat|guest ...]` (all by default).
+ *
+ * Prints JSON lines. For each case, our overlay (dedup + LZMA segments) beside the NAIVE method of
+ * the original prototype measured in the same run (xdelta3 over each whole image against the base,
+ * then `xz -9`; apply = `xz -d` + `xdelta3 -d`): overlay size, create time, apply time and their
+ * ratios (targets: size ≤ 0.5, apply ≤ 0.25), plus apply throughput against the parallel `xz -d`
+ * bound on the same segments. `flat` shows apply time when only the base disk grows.
+ *
+ * Environment: BENCH_DIR (default var/bench/overlay), BENCH_DISK_MIB (1024), BENCH_MEM_MIB (512),
+ * BENCH_FRACTION (0.03), BENCH_LZMA (6), BENCH_KEEP=1 to keep files.
+ */
+import { execFile, execFileSync, spawn } from 'node:child_process';
+import { mkdirSync, readFileSync, rmSync, statSync, writeFileSync } from 'node:fs';
+import { availableParallelism } from 'node:os';
+import path from 'node:path';
+import { performance } from 'node:perf_hooks';
+import { promisify } from 'node:util';
+import { buildChunkIndex } from '../src/core/chunk';
+import { applyOverlayToParts } from '../src/core/overlay/apply';
+import { createOverlayFromParts } from '../src/core/overlay/create';
+import type { OverlayMeta } from '../src/core/overlay/format';
+import type { BaseRef, CreateOverlayOptions, JoinSnapshot, LaunchMemory } from '../src/core/overlay/types';
+import { fakeJoin, generatePair, sha256File } from '../test/unit/overlay-fixture';
+
+const run = promisify(execFile);
+const MiB = 1024 * 1024;
+const cores = availableParallelism();
+const env = (k: string, d: number): number => (process.env[k] ? Number(process.env[k]) : d);
+const root = path.resolve(process.env['BENCH_DIR'] ?? path.join(__dirname, '..', 'var', 'bench', 'overlay'));
+
+function emit(obj: Record<string, unknown>): void {
+  process.stdout.write(JSON.stringify(obj) + '\n');
+}
+
+function r3(x: number): number {
+  return Math.round(x * 1000) / 1000;
+}
+
+async function timed<T>(f: () => Promise<T>): Promise<[T, number]> {
+  const t = performance.now();
+  const v = await f();
+  return [v, (performance.now() - t) / 1000];
+}
+
+function dropCaches(): void {
+  // Best effort: measure with warm base files either way (a host keeps its bases hot), but do not
+  // let one method profit from the other's writes.
+  try {
+    execFileSync('sync');
+  } catch {
+    /* ignore */
+  }
+}
+
+/**
+ * xdelta3's source window: its default (64 MiB, as the prototype ran it) unless BENCH_NAIVE_WINDOW=full,
+ * which lets xdelta3 see the whole base (slower, smaller deltas).
+ */
+const NAIVE_WINDOW = process.env['BENCH_NAIVE_WINDOW'] === 'full' ? 'full' : 'default';
+function naiveWindow(base: string): string[] {
+  return NAIVE_WINDOW === 'full' ? ['-B', String(Math.min(2 ** 31, Math.max(64 * MiB, statSync(base).size)))] : [];
+}
+
+/** The naive method: xdelta3 over each whole image against its base, then xz -9. */
+async function naive(dir: string, pairs: Array<{ name: string; base: string; launch: string }>): Promise<{ size: number; createS: number; applyS: number; exact: boolean }> {
+  mkdirSync(dir, { recursive: true });
+  let size = 0;
+  const [, createS] = await timed(async () => {
+    for (const p of pairs) {
+      const delta = path.join(dir, `${p.name}.vcdiff`);
+      await run('xdelta3', ['-e', '-f', ...naiveWindow(p.base), '-s', p.base, p.launch, delta], { maxBuffer: 1 << 20 });
+      await run('xz', ['-9', '-f', '-T1', delta]);
+      size += statSync(`${delta}.xz`).size;
+    }
+  });
+  dropCaches();
+  let exact = true;
+  const [, applyS] = await timed(async () => {
+    for (const p of pairs) {
+      const delta = path.join(dir, `${p.name}.vcdiff`);
+      const out = path.join(dir, `${p.name}.out`);
+      await run('xz', ['-d', '-k', '-f', '-T1', `${delta}.xz`]);
+      await run('xdelta3', ['-d', '-f', ...naiveWindow(p.base), '-s', p.base, delta, out]);
+    }
+  });
+  for (const p of pairs) {
+    const out = path.join(dir, `${p.name}.out`);
+    exact &&= sha256File(out) === sha256File(p.launch);
+    rmSync(out, { force: true });
+  }
+  return { size, createS, applyS, exact };
+}
+
+/** Decompress the overlay's segments with `xz -d`, `cores` processes at once: the machine's bound. */
+async function xzBound(overlay: string, meta: OverlayMeta, dir: string): Promise<{ rawBytes: number; seconds: number; mbps: number }> {
+  mkdirSync(dir, { recursive: true });
+  const bytes = readFileSync(overlay);
+  const header = bytes.readUInt32LE(16);
+  const dataStart = 64 + header;
+  const files = meta.segments.map((s, i) => {
+    const f = path.join(dir, `seg-${i}.xz`);
+    writeFileSync(f, bytes.subarray(dataStart + s.offset, dataStart + s.offset + s.length));
+    return f;
+  });
+  const rawBytes = meta.segments.reduce((a, s) => a + s.rawLength, 0);
+  const queue = [...files];
+  const worker = async (): Promise<void> => {
+    for (let f = queue.shift(); f; f = queue.shift()) {
+      await new Promise<void>((resolve, reject) => {
+        const p = spawn('xz', ['-d', '-c', '-T1', f], { stdio: ['ignore', 'ignore', 'inherit'] });
+        p.on('error', reject);
+        p.on('exit', (code) => (code === 0 ? resolve() : reject(new Error(`xz -d exited ${code}`))));
+      });
+    }
+  };
+  const [, seconds] = await timed(() => Promise.all(Array.from({ length: cores }, worker)).then(() => undefined));
+  rmSync(dir, { recursive: true, force: true });
+  return { rawBytes, seconds, mbps: rawBytes / MiB / seconds };
+}
+
+interface OursResult {
+  meta: OverlayMeta;
+  size: number;
+  createS: number;
+  applyS: number;
+  timings: Record<string, number>;
+  exact: boolean;
+}
+
+async function ours(
+  dir: string,
+  base: BaseRef,
+  launchDisk: string,
+  memory: LaunchMemory,
+  join: JoinSnapshot,
+  expected: { diskRaw?: string; saveSha256: string },
+  options: CreateOverlayOptions,
+): Promise<OursResult> {
+  mkdirSync(dir, { recursive: true });
+  const overlay = path.join(dir, 'launch.overlay');
+  rmSync(overlay, { force: true });
+  const [meta, createS] = await timed(() => createOverlayFromParts({ base, launchDiskPath: launchDisk, memory, outPath: overlay, options }));
+  const disk = path.join(dir, 'synth.qcow2');
+  const save = path.join(dir, 'synth.sav');
+  rmSync(disk, { force: true });
+  rmSync(save, { force: true });
+  dropCaches();
+  const [{ timings }, applyS] = await timed(() => applyOverlayToParts({ base, overlay, outDiskPath: disk, outSavePath: save, join }));
+  let exact = sha256File(save) === expected.saveSha256;
+  if (expected.diskRaw) {
+    try {
+      execFileSync('qemu-img', ['compare', '-q', '-f', 'qcow2', '-F', 'raw', disk, expected.diskRaw]);
+    } catch {
+      exact = false;
+    }
+  }
+  rmSync(save, { force: true });
+  return { meta, size: statSync(overlay).size, createS, applyS, timings, exact };
+}
+
+async function indexBase(id: string, diskPath: string, memImagePath: string): Promise<BaseRef> {
+  return { id, diskPath, diskIndex: await buildChunkIndex(diskPath), memImagePath, memIndex: await buildChunkIndex(memImagePath) };
+}
+
+function report(caseName: string, o: OursResult, n: { size: number; createS: number; applyS: number; exact: boolean }, bound: { mbps: number; rawBytes: number }, extra: Record<string, unknown> = {}): void {
+  const rawBytes = o.meta.segments.reduce((a, s) => a + s.rawLength, 0);
+  const applyMbps = rawBytes / MiB / o.applyS;
+  const streamMbps = rawBytes / MiB / ((o.timings['stream'] ?? o.applyS * 1000) / 1000);
+  emit({
+    case: caseName,
+    ...extra,
+    overlayBytes: o.size,
+    naiveBytes: n.size,
+    sizeRatio: r3(o.size / n.size),
+    createS: r3(o.createS),
+    naiveCreateS: r3(n.createS),
+    createRatio: r3(o.createS / n.createS),
+    applyS: r3(o.applyS),
+    naiveApplyS: r3(n.applyS),
+    applyRatio: r3(o.applyS / n.applyS),
+    segments: o.meta.segments.length,
+    segmentRawBytes: rawBytes,
+    applyMiBps: r3(applyMbps),
+    streamMiBps: r3(streamMbps),
+    xzParallelBoundMiBps: r3(bound.mbps),
+    applyVsBound: r3(bound.mbps / applyMbps),
+    streamVsBound: r3(bound.mbps / streamMbps),
+    changedChunks: { disk: o.meta.launch.disk.changedChunks, memory: o.meta.launch.memory.changedChunks },
+    kinds: o.meta.stats,
+    applyTimingsMs: o.timings,
+    exact: o.exact,
+    naiveExact: n.exact,
+    naiveXdelta3Window: NAIVE_WINDOW,
+    targets: { sizeRatio: 0.5, applyRatio: 0.25, applyVsBound: 2 },
+  });
+}
+
+async function generatedCase(): Promise<void> {
+  const diskMiB = env('BENCH_DISK_MIB', 1024);
+  const memMiB = env('BENCH_MEM_MIB', 512);
+  const fraction = env('BENCH_FRACTION', 0.03);
+  const dir = path.join(root, 'generated');
+  rmSync(dir, { recursive: true, force: true });
+  mkdirSync(dir, { recursive: true });
+  const [pair, genS] = await timed(async () => generatePair(dir, { diskSize: diskMiB * MiB, memSize: memMiB * MiB, fraction, seed: 1 }));
+  const base = await indexBase('generated-base', pair.baseDisk, pair.baseMem);
+  const skeleton = Buffer.from('generated pair: the save file is skeleton + memory image\n');
+  const expectedSave = path.join(dir, 'expected.sav');
+  const save = await fakeJoin(skeleton, pair.launchMem, expectedSave);
+  rmSync(expectedSave);
+  const memory: LaunchMemory = { memImagePath: pair.launchMem, skeleton, mode: 'parsed', domainXml: '<domain/>', cpuModel: undefined, saveFileSize: save.size, saveFileSha256: save.sha256 };
+  const n = await naive(path.join(dir, 'naive'), [
+    { name: 'disk', base: pair.baseDisk, launch: pair.launchRaw },
+    { name: 'memory', base: pair.baseMem, launch: pair.launchMem },
+  ]);
+  for (const delta of [false, true]) {
+    const o = await ours(path.join(dir, 'ours'), base, pair.launchQcow2, memory, fakeJoin, { diskRaw: pair.launchRaw, saveSha256: save.sha256 }, { lzmaLevel: env('BENCH_LZMA', 6), delta });
+    const bound = await xzBound(path.join(dir, 'ours', 'launch.overlay'), o.meta, path.join(dir, 'xzbound'));
+    report('generated', o, n, bound, { delta, diskMiB, memMiB, fraction, generateS: r3(genS) });
+  }
+  if (!process.env['BENCH_KEEP']) rmSync(dir, { recursive: true, force: true });
+}
+
+/** Apply time when only the base disk grows: the same changes over bases of 1, 4 and 16 GiB. */
+async function flatCase(): Promise<void> {
+  const dir = path.join(root, 'flat');
+  rmSync(dir, { recursive: true, force: true });
+  mkdirSync(dir, { recursive: true });
+  const pair = generatePair(dir, { diskSize: 256 * MiB, memSize: 128 * MiB, fraction: 0.03, seed: 2 });
+  const skeleton = Buffer.from('flat case\n');
+  const expectedSave = path.join(dir, 'expected.sav');
+  const save = await fakeJoin(skeleton, pair.launchMem, expectedSave);
+  rmSync(expectedSave);
+  const memory: LaunchMemory = { memImagePath: pair.launchMem, skeleton, mode: 'parsed', domainXml: '<domain/>', cpuModel: undefined, saveFileSize: save.size, saveFileSha256: save.sha256 };
+  for (const gib of [1, 4, 16]) {
+    // The grown base: the same data then a sparse zero tail; the launch disk: the same top layer, resized.
+    const baseDisk = path.join(dir, `base-${gib}g.raw`);
+    execFileSync('cp', ['--sparse=always', pair.baseDisk, baseDisk]);
+    execFileSync('truncate', ['-s', `${gib}G`, baseDisk]);
+    const launch = path.join(dir, `launch-${gib}g.qcow2`);
+    execFileSync('cp', [pair.launchQcow2, launch]);
+    execFileSync('qemu-img', ['rebase', '-u', '-f', 'qcow2', '-b', baseDisk, '-F', 'raw', launch]);
+    execFileSync('qemu-img', ['resize', '-q', '-f', 'qcow2', launch, `${gib}G`]);
+    const [base, indexS] = await timed(() => indexBase(`flat-${gib}`, baseDisk, pair.baseMem));
+    const o = await ours(path.join(dir, `ours-${gib}`), base, launch, memory, fakeJoin, { saveSha256: save.sha256 }, { lzmaLevel: env('BENCH_LZMA', 6) });
+    emit({
+      case: 'flat-base-growth',
+      baseDiskGiB: gib,
+      overlayBytes: o.size,
+      createS: r3(o.createS),
+      applyS: r3(o.applyS),
+      applyTimingsMs: o.timings,
+      indexBaseS: r3(indexS),
+      exact: o.exact,
+    });
+    rmSync(path.join(dir, `ours-${gib}`), { recursive: true, force: true });
+    rmSync(baseDisk);
+    rmSync(launch);
+  }
+  if (!process.env['BENCH_KEEP']) rmSync(dir, { recursive: true, force: true });
+}
+
+async function main(): Promise<void> {
+  const cases = process.argv.slice(2).filter((a) => !a.startsWith('-'));
+  const want = (c: string): boolean => cases.length === 0 || cases.includes(c);
+  mkdirSync(root, { recursive: true });
+  emit({ bench: 'overlay', cores, node: process.version, xz: execFileSync('xz', ['--version']).toString().split('\n')[0], started: new Date().toISOString() });
+  if (want('generated')) await generatedCase();
+  if (want('flat')) await flatCase();
+}
+
+main().catch((e: unknown) => {
+  process.stderr.write(`${(e as Error).stack ?? String(e)}\n`);
+  process.exit(1);
+});
