@@ -9,6 +9,7 @@ import fs from 'node:fs';
 import path from 'node:path';
 import { pipeline } from 'node:stream/promises';
 import { Readable } from 'node:stream';
+import type { ReadableStream as WebReadableStream } from 'node:stream/web';
 import type { Logger } from 'pino';
 import { CloudletError, isCloudletError } from '../core/errors';
 import { importBase, openBase } from '../core/base';
@@ -117,7 +118,7 @@ export function createInstanceActivities(deps: CloudletActivityDeps) {
     if (!res.ok || !res.body) throw new CloudletError('NOT_FOUND', `fetching ${what} from ${source} answered HTTP ${res.status}`, { fix: 'check the URL' });
     const total = Number(res.headers.get('content-length') ?? 0);
     let done = 0;
-    const body = Readable.fromWeb(res.body as import('node:stream/web').ReadableStream<Uint8Array>);
+    const body = Readable.fromWeb(res.body as WebReadableStream<Uint8Array>);
     body.on('data', (c: Buffer) => {
       done += c.length;
       heartbeat({ stage: 'download', bytesDone: done, bytesTotal: total });
