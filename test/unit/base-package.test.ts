@@ -10,6 +10,7 @@
  */
 import { createHash, randomBytes } from 'node:crypto';
 import { promises as fsp } from 'node:fs';
+import http from 'node:http';
 import os from 'node:os';
 import path from 'node:path';
 import type * as NodeCrypto from 'node:crypto';
@@ -188,6 +189,35 @@ describe('package round trip', () => {
     expect((err as CloudletError).code).toBe('CORRUPT');
     await expect(fsp.stat(out)).rejects.toThrow();
     expect((await fsp.readdir(dir)).filter((f) => f.includes('bad-export'))).toEqual([]);
+  });
+});
+
+describe('import from a URL', () => {
+  test('downloads into the store, imports, and cleans up; a 404 is NOT_FOUND', async () => {
+    const server = http.createServer((req, res) => {
+      if (req.url === '/base.cbp') {
+        res.writeHead(200, { 'content-length': String(pkgBytes.length) });
+        res.end(pkgBytes);
+      } else {
+        res.writeHead(404);
+        res.end();
+      }
+    });
+    await new Promise<void>((r) => server.listen(0, '127.0.0.1', () => r()));
+    const port = (server.address() as { port: number }).port;
+    try {
+      const store = path.join(dir, 'storeUrl');
+      const stages = new Set<string>();
+      const r = await importBase(store, `http://127.0.0.1:${port}/base.cbp`, { onProgress: (_d, _t, stage) => stages.add(stage ?? '') });
+      expect(r).toEqual({ manifest, alreadyPresent: false });
+      expect(stages.has('download')).toBe(true);
+      expect(await leftovers(store)).toEqual([`bases/${manifest.baseId}`]);
+      const err = await importBase(store, `http://127.0.0.1:${port}/missing.cbp`).catch((e: unknown) => e);
+      expect((err as CloudletError).code).toBe('NOT_FOUND');
+      expect(await leftovers(store)).toEqual([`bases/${manifest.baseId}`]);
+    } finally {
+      server.close();
+    }
   });
 });
 

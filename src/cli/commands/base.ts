@@ -36,7 +36,7 @@ export function registerBaseCommands(program: Command, env: CommandEnv): void {
   base
     .command('import')
     .description('verify a base package and add it to the store (idempotent)')
-    .argument('<package>', 'package file written by `cloudlet base export`')
+    .argument('<package>', 'package file written by `cloudlet base export`, or its http(s) URL')
     .action(
       env.run(async (ctx, backend, file: string) => {
         const r = await withProgress(ctx, (p) => backend.importBase(file, p));

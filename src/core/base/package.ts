@@ -240,10 +240,58 @@ function sameIndex(a: ChunkIndex, b: ChunkIndex): boolean {
 }
 
 /**
- * Import a package into the store at `storeRoot`: verify everything, then move the base into place
- * atomically. Importing a base that is already there is a no-op (`alreadyPresent: true`).
+ * Import a package (a file, or an http(s) URL downloaded into the store's tmp/ first) into the
+ * store at `storeRoot`: verify everything, then move the base into place atomically. Importing a
+ * base that is already there is a no-op (`alreadyPresent: true`).
  */
-export async function importBase(storeRoot: string, packageFile: string, opts: { onProgress?: OnProgress } = {}): Promise<ImportResult> {
+export async function importBase(storeRoot: string, packageFileOrUrl: string, opts: { onProgress?: OnProgress } = {}): Promise<ImportResult> {
+  if (!/^https?:\/\//i.test(packageFileOrUrl)) return importBaseFile(storeRoot, packageFileOrUrl, opts);
+  const store = await Store.open(storeRoot);
+  let dir: string;
+  try {
+    dir = await store.makeTempDir('download');
+  } finally {
+    store.close();
+  }
+  try {
+    const file = path.join(dir, 'package.cbp');
+    await download(packageFileOrUrl, file, opts.onProgress);
+    return await importBaseFile(storeRoot, file, opts);
+  } finally {
+    await fsp.rm(dir, { recursive: true, force: true });
+  }
+}
+
+async function download(url: string, file: string, onProgress?: OnProgress): Promise<void> {
+  let res: Response;
+  try {
+    res = await fetch(url);
+  } catch (e) {
+    throw new CloudletError('TIMEOUT', `cannot fetch base package ${url}: ${(e as Error).message}`, { fix: 'check the URL and that the server is up', cause: e });
+  }
+  if (res.status === 404) throw new CloudletError('NOT_FOUND', `base package ${url} not found (HTTP 404)`, { fix: 'check the URL' });
+  if (!res.ok || !res.body) {
+    throw new CloudletError(res.status >= 500 ? 'TIMEOUT' : 'BAD_INPUT', `fetching base package ${url} answered HTTP ${res.status}`, { fix: 'check the URL and the server' });
+  }
+  const total = Number(res.headers.get('content-length') ?? 0);
+  const out = await fsp.open(file, 'wx');
+  let done = 0;
+  try {
+    for await (const part of res.body as unknown as AsyncIterable<Uint8Array>) {
+      await writeAll(out, Buffer.from(part.buffer, part.byteOffset, part.byteLength));
+      done += part.byteLength;
+      onProgress?.(done, Math.max(total, done), 'download');
+    }
+    await out.sync();
+  } catch (e) {
+    if (e instanceof CloudletError) throw e;
+    throw new CloudletError('TIMEOUT', `download of base package ${url} broke after ${done} bytes: ${(e as Error).message}`, { fix: 'retry the import', cause: e });
+  } finally {
+    await out.close();
+  }
+}
+
+async function importBaseFile(storeRoot: string, packageFile: string, opts: { onProgress?: OnProgress }): Promise<ImportResult> {
   const fh = await openOrThrow(packageFile, 'r');
   const store = await Store.open(storeRoot).catch(async (e: unknown) => {
     await fh.close();
