@@ -3,10 +3,10 @@
  * (large reads of the image, large writes of the output), and checks the result's sha256 against
  * the one recorded in the skeleton. Writes to a temp name and renames at the end.
  */
-import { createHash } from 'node:crypto';
 import { open, rename, unlink, type FileHandle } from 'node:fs/promises';
 import { CloudletError } from '../errors';
 import * as F from './format';
+import { createStreamHasher, type StreamHasher } from './hasher';
 import { decodeSkeleton } from './skeleton';
 
 const IO_SIZE = 8 * 1024 * 1024;
@@ -18,9 +18,14 @@ class OutWriter {
   private len = 0;
   private pos = 0;
   private inFlight: Promise<unknown> = Promise.resolve();
-  readonly hash = createHash('sha256');
+  readonly hash: StreamHasher;
 
-  constructor(private readonly fh: FileHandle) {}
+  constructor(
+    private readonly fh: FileHandle,
+    expectedSize: number,
+  ) {
+    this.hash = createStreamHasher(expectedSize);
+  }
 
   get size(): number {
     return this.pos + this.len;
@@ -56,7 +61,8 @@ class OutWriter {
     await this.inFlight;
     if (this.len === 0) return;
     const full = this.buf;
-    this.hash.update(full.subarray(0, this.len));
+    const hashing = this.hash.update(full.subarray(0, this.len));
+    if (hashing) await hashing;
     this.inFlight = this.fh.write(full, 0, this.len, this.pos);
     this.pos += this.len;
     this.len = 0;
@@ -95,8 +101,8 @@ export async function joinSnapshot(skeleton: Buffer, memImagePath: string, outSa
     const out = await open(tmp, 'w');
     let size: number;
     let sha256: string;
+    const w = new OutWriter(out, header.saveFileSize);
     try {
-      const w = new OutWriter(out);
       const readBuf = Buffer.allocUnsafe(IO_SIZE);
       if (header.mode === 'opaque') {
         for (let pos = 0; pos < imgSize; ) {
@@ -146,8 +152,9 @@ export async function joinSnapshot(skeleton: Buffer, memImagePath: string, outSa
       }
       await w.close();
       size = w.size;
-      sha256 = w.hash.digest('hex');
+      sha256 = await w.hash.digest();
     } finally {
+      w.hash.close();
       await out.close();
     }
     if (size !== header.saveFileSize || sha256 !== header.saveFileSha256) {

@@ -3,9 +3,9 @@
  * it is read, so the caller gets the file's sha256 for free. `peek` exposes buffered bytes without
  * consuming them (the buffer grows on demand for long look-aheads).
  */
-import { createHash, type Hash } from 'node:crypto';
 import type { FileHandle } from 'node:fs/promises';
 import { CloudletError } from '../errors';
+import { createStreamHasher, type StreamHasher } from './hasher';
 
 const READ_SIZE = 8 * 1024 * 1024;
 const MAX_BUFFER = 256 * 1024 * 1024;
@@ -18,7 +18,7 @@ export class StreamReader {
   private at = 0;
   /** End of valid data in buf. */
   private end = 0;
-  private readonly hash: Hash = createHash('sha256');
+  private readonly hash: StreamHasher;
   private eofReached = false;
 
   constructor(
@@ -26,7 +26,9 @@ export class StreamReader {
     readonly size: number,
     private readonly what: string,
     private readonly onRead?: (done: number, total: number) => void,
-  ) {}
+  ) {
+    this.hash = createStreamHasher(size);
+  }
 
   /** Absolute offset of the next byte. */
   get pos(): number {
@@ -61,7 +63,8 @@ export class StreamReader {
         this.eofReached = true;
         break;
       }
-      this.hash.update(this.buf.subarray(this.end, this.end + bytesRead));
+      const pending = this.hash.update(this.buf.subarray(this.end, this.end + bytesRead));
+      if (pending) await pending;
       this.end += bytesRead;
       if (this.base + this.end >= this.size) this.eofReached = true;
       this.onRead?.(this.base + this.end, this.size);
@@ -109,6 +112,11 @@ export class StreamReader {
       this.at = this.end;
       await this.ensure(READ_SIZE);
     }
-    return this.hash.digest('hex');
+    return this.hash.digest();
+  }
+
+  /** Releases the hashing thread (error paths). */
+  close(): void {
+    this.hash.close();
   }
 }

@@ -4,10 +4,10 @@
  * (every other byte plus the page-record order). Anything outside what we understand makes the
  * split fall back to 'opaque' mode, never to a wrong result.
  */
-import { createHash } from 'node:crypto';
 import { open, rename, unlink, type FileHandle } from 'node:fs/promises';
 import { CloudletError } from '../errors';
 import * as F from './format';
+import { createStreamHasher } from './hasher';
 import { cpuModelOf, decodeFixedHeader, decodeHeaderData } from './header';
 import { snapshotLog, type Logger } from './log';
 import { StreamReader } from './reader';
@@ -133,8 +133,16 @@ interface ParseResult {
 }
 
 async function parseAndWrite(savePath: string, fh: FileHandle, size: number, img: FileHandle, opts: SplitOptions, log: Logger): Promise<ParseResult> {
+  const r = new StreamReader(fh, size, `save file ${savePath}`, opts.onProgress);
+  try {
+    return await parseWith(r, savePath, fh, size, img, log);
+  } finally {
+    r.close();
+  }
+}
+
+async function parseWith(r: StreamReader, savePath: string, fh: FileHandle, size: number, img: FileHandle, log: Logger): Promise<ParseResult> {
   const what = `save file ${savePath}`;
-  const r = new StreamReader(fh, size, what, opts.onProgress);
   const unsupported = (why: string): never => {
     throw new NotUnderstood(`${why} (offset ${r.pos})`);
   };
@@ -518,22 +526,26 @@ async function parseAndWrite(savePath: string, fh: FileHandle, size: number, img
 
 /** Opaque mode: the memory image is a copy of the save file. */
 async function copyOpaque(fh: FileHandle, size: number, img: FileHandle, opts: SplitOptions): Promise<string> {
-  const hash = createHash('sha256');
-  const bufs = [Buffer.allocUnsafe(IO_SIZE), Buffer.allocUnsafe(IO_SIZE)];
-  let pending: Promise<unknown> = Promise.resolve();
-  for (let pos = 0, k = 0; pos < size; k ^= 1) {
-    const buf = bufs[k] as Buffer;
-    const { bytesRead } = await fh.read(buf, 0, Math.min(IO_SIZE, size - pos), pos);
-    if (bytesRead === 0) throw new CloudletError('CORRUPT', `save file shrank while being copied (at offset ${pos})`);
-    hash.update(buf.subarray(0, bytesRead));
+  const hash = createStreamHasher(size);
+  try {
+    const bufs = [Buffer.allocUnsafe(IO_SIZE), Buffer.allocUnsafe(IO_SIZE)];
+    let pending: Promise<unknown> = Promise.resolve();
+    for (let pos = 0, k = 0; pos < size; k ^= 1) {
+      const buf = bufs[k] as Buffer;
+      const { bytesRead } = await fh.read(buf, 0, Math.min(IO_SIZE, size - pos), pos);
+      if (bytesRead === 0) throw new CloudletError('CORRUPT', `save file shrank while being copied (at offset ${pos})`);
+      await hash.update(buf.subarray(0, bytesRead));
+      await pending;
+      pending = img.write(buf, 0, bytesRead, pos);
+      pos += bytesRead;
+      opts.onProgress?.(pos, size);
+    }
     await pending;
-    pending = img.write(buf, 0, bytesRead, pos);
-    pos += bytesRead;
-    opts.onProgress?.(pos, size);
+    await img.truncate(size);
+    return await hash.digest();
+  } finally {
+    hash.close();
   }
-  await pending;
-  await img.truncate(size);
-  return hash.digest('hex');
 }
 
 export async function splitSnapshot(savePath: string, memImagePath: string, opts: SplitOptions = {}): Promise<SnapshotLayout> {
