@@ -54,7 +54,6 @@ class WorkerHasher implements StreamHasher {
   private onFailure: ((e: Error) => void) | undefined;
 
   constructor() {
-    this.worker.unref();
     this.worker.on('message', (m: { ack?: number; buf?: ArrayBuffer; digest?: string }) => {
       if (m.ack !== undefined) {
         this.inFlight -= m.ack;
