@@ -1,0 +1,25 @@
+/**
+ * HTTP statuses of the service's error codes, shared by the server (to answer) and the client (to
+ * recognise the codes it can turn back into CloudletErrors). No fastify here: the client uses it.
+ */
+import type { ErrorCode } from '../core/errors';
+
+export const STATUS_OF_CODE: Readonly<Record<ErrorCode, number>> = {
+  BAD_INPUT: 400,
+  NOT_FOUND: 404,
+  CONFLICT: 409,
+  // The request names something the cloudlet cannot use: well-formed, but not processable.
+  UNKNOWN_HOST: 422,
+  WRONG_BASE: 422,
+  CORRUPT: 422,
+  DIGEST_MISMATCH: 422,
+  UNSUPPORTED_VERSION: 422,
+  CPU_MODEL_UNUSABLE: 422,
+  HYPERVISOR_UNAVAILABLE: 503,
+  HYPERVISOR: 502,
+  TIMEOUT: 504,
+};
+
+export function isErrorCode(code: string): code is ErrorCode {
+  return Object.prototype.hasOwnProperty.call(STATUS_OF_CODE, code);
+}

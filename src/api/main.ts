@@ -1,0 +1,86 @@
+/**
+ * The API server's entry: parse the environment (zod), get a CloudletService, listen.
+ *
+ *   CLOUDLET_API_TOKENS    comma-separated bearer tokens (required unless CLOUDLET_API_INSECURE=1)
+ *   CLOUDLET_API_INSECURE  1: serve without authentication (development only)
+ *   CLOUDLET_API_HOST      listen address (default 127.0.0.1)
+ *   CLOUDLET_API_PORT      listen port (default 8080)
+ *
+ * `runApi(createService)` is what a wiring module calls with the Temporal-backed service; run
+ * directly with `--fake`, it serves the in-memory fake (for trying the API and its docs).
+ */
+import { z } from 'zod';
+import { createLogger } from '../common/logger';
+import type { CloudletService } from '../service/types';
+import { parseTokens } from './auth';
+import { startApi, type RunningApi } from './server';
+
+const ApiEnvSchema = z.object({
+  CLOUDLET_API_TOKENS: z.string().optional(),
+  CLOUDLET_API_INSECURE: z.enum(['0', '1', 'true', 'false', '']).optional(),
+  CLOUDLET_API_HOST: z.string().min(1).default('127.0.0.1'),
+  CLOUDLET_API_PORT: z.coerce.number().int().min(0).max(65535).default(8080),
+});
+
+export interface ApiConfig {
+  tokens: string[];
+  insecure: boolean;
+  host: string;
+  port: number;
+}
+
+export function loadApiConfig(env: NodeJS.ProcessEnv = process.env): ApiConfig {
+  const r = ApiEnvSchema.safeParse(env);
+  if (!r.success) {
+    const problems = r.error.issues.map((i) => `${i.path.join('.')}: ${i.message}`).join('; ');
+    throw new Error(`invalid API configuration (${problems}). Fix: correct or unset the named CLOUDLET_API_* variables`);
+  }
+  const e = r.data;
+  const insecure = e.CLOUDLET_API_INSECURE === '1' || e.CLOUDLET_API_INSECURE === 'true';
+  const tokens = parseTokens(e.CLOUDLET_API_TOKENS);
+  if (tokens.length === 0 && !insecure) {
+    throw new Error(
+      'CLOUDLET_API_TOKENS is empty: the API refuses to start without a bearer token. ' +
+        'Fix: export CLOUDLET_API_TOKENS=$(openssl rand -hex 32), or CLOUDLET_API_INSECURE=1 on a development machine',
+    );
+  }
+  return { tokens, insecure, host: e.CLOUDLET_API_HOST, port: e.CLOUDLET_API_PORT };
+}
+
+/** Start the API over the service `createService` makes; closes both on SIGINT/SIGTERM. */
+export async function runApi(createService: () => Promise<CloudletService & { close?: () => Promise<void> }>, env: NodeJS.ProcessEnv = process.env): Promise<RunningApi> {
+  const config = loadApiConfig(env);
+  const logger = createLogger('cloudlet-api');
+  const service = await createService();
+  const api = await startApi(service, { tokens: config.tokens, insecure: config.insecure, host: config.host, port: config.port, logger });
+  logger.info({ url: api.url, openapi: `${api.url}/openapi.json`, tokens: config.tokens.length, insecure: config.insecure }, 'cloudlet API listening');
+  const stop = async (signal: string) => {
+    logger.info({ signal }, 'cloudlet API stopping');
+    await api.close();
+    await service.close?.();
+    process.exit(0);
+  };
+  process.once('SIGINT', (s) => void stop(s));
+  process.once('SIGTERM', (s) => void stop(s));
+  return api;
+}
+
+if (require.main === module) {
+  const args = process.argv.slice(2);
+  if (args.includes('--fake')) {
+    runApi(async () => {
+      const { FakeCloudletService } = await import('../service/fake');
+      const fake = new FakeCloudletService();
+      return Object.assign(fake, { close: async () => fake.cleanup() });
+    }).catch((e: unknown) => {
+      process.stderr.write(`cloudlet-api: ${(e as Error).message}\n`);
+      process.exit(1);
+    });
+  } else {
+    process.stderr.write(
+      'cloudlet-api: this entry serves no real service by itself; the Temporal-backed service starts it with runApi(createService) ' +
+        '(see docs/api.md). Run with --fake to try the API over the in-memory fake.\n',
+    );
+    process.exit(2);
+  }
+}

@@ -1,0 +1,72 @@
+import { notFound } from '../errors';
+import { accepted, defineRoute, R, type Route } from '../route';
+import { AcceptedSchema, InstanceInfoSchema, InstanceListSchema, InstanceParamsSchema, ProvisionBodySchema } from '../schemas';
+import type { ProvisionRequest } from '../../service/types';
+
+export const instanceRoutes: Route[] = [
+  defineRoute({
+    method: 'POST',
+    path: '/v1/instances',
+    operationId: 'provisionInstance',
+    summary: 'Provision an instance on a host by VM synthesis from an overlay URL (synthesizeVm workflow)',
+    tag: 'instances',
+    idempotent: true,
+    body: ProvisionBodySchema,
+    responses: {
+      202: { description: 'Synthesis started.', schema: AcceptedSchema, headers: { Location: 'The operation status URL' } },
+      400: R.badInput,
+      401: R.unauthorized,
+      409: R.conflict,
+      422: R.unprocessable,
+    },
+    handler: async ({ service, body, idempotencyKey, reply }) => {
+      const req: ProvisionRequest = { hostId: body.hostId, overlayUrl: body.overlayUrl };
+      if (body.waitForAppPort !== undefined) req.waitForAppPort = body.waitForAppPort;
+      return accepted(reply, await service.provisionInstance(req, idempotencyKey));
+    },
+  }),
+  defineRoute({
+    method: 'GET',
+    path: '/v1/instances',
+    operationId: 'listInstances',
+    summary: 'List instances',
+    tag: 'instances',
+    responses: { 200: { description: 'The instances.', schema: InstanceListSchema }, 401: R.unauthorized },
+    handler: async ({ service }) => ({ instances: await service.listInstances() }),
+  }),
+  defineRoute({
+    method: 'GET',
+    path: '/v1/instances/{id}',
+    operationId: 'getInstance',
+    summary: 'Show an instance (state, application endpoint, synthesis timings)',
+    tag: 'instances',
+    params: InstanceParamsSchema,
+    responses: { 200: { description: 'The instance.', schema: InstanceInfoSchema }, 400: R.badInput, 401: R.unauthorized, 404: R.notFound },
+    handler: async ({ service, params }) => {
+      const inst = await service.getInstance(params.id);
+      if (!inst) throw notFound('instance', params.id);
+      return inst;
+    },
+  }),
+  defineRoute({
+    method: 'DELETE',
+    path: '/v1/instances/{id}',
+    operationId: 'terminateInstance',
+    summary: 'Terminate an instance (terminateVm workflow)',
+    tag: 'instances',
+    idempotent: true,
+    params: InstanceParamsSchema,
+    responses: {
+      202: { description: 'Termination started.', schema: AcceptedSchema, headers: { Location: 'The operation status URL' } },
+      400: R.badInput,
+      401: R.unauthorized,
+      404: R.notFound,
+      409: R.conflict,
+    },
+    handler: async ({ service, params, idempotencyKey, reply }) => {
+      // Check first so an unknown id is a 404 here rather than a failed workflow later.
+      if (!(await service.getInstance(params.id))) throw notFound('instance', params.id);
+      return accepted(reply, await service.terminateInstance(params.id, idempotencyKey));
+    },
+  }),
+];

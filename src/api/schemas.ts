@@ -1,0 +1,196 @@
+/**
+ * The HTTP API's boundary: zod schemas for what clients send (parsed) and what the API answers
+ * (documented in the OpenAPI document). Every named schema is registered in `apiSchemas`, which is
+ * where the OpenAPI components come from.
+ */
+import { z } from 'zod';
+import { HOST_ID_PATTERN } from '../common/names';
+
+/** Named schemas of the API; their names become OpenAPI components. */
+export const apiSchemas = z.registry<{ id: string; description?: string }>();
+
+function named<T extends z.ZodType>(id: string, schema: T, description?: string): T {
+  apiSchemas.add(schema, description === undefined ? { id } : { id, description });
+  return schema;
+}
+
+// ---- identifiers -------------------------------------------------------------------------------
+
+export const HostIdSchema = z.string().regex(HOST_ID_PATTERN, 'a host id: lower-case letters, digits and dashes (a DNS label)');
+export const Sha256IdSchema = z.string().regex(/^[0-9a-f]{64}$/, 'a sha256 in lower-case hex (64 characters)');
+export const InstanceIdSchema = z
+  .string()
+  .regex(/^[A-Za-z0-9][A-Za-z0-9_.-]{0,127}$/, 'an instance id: letters, digits, ".", "_" and "-", at most 128 characters');
+/** Workflow ids, e.g. "synthesizeVm/host-b/inst-1a2b" (slashes allowed). */
+export const OperationIdSchema = z.string().min(1).max(1000);
+export const IdempotencyKeySchema = z
+  .string()
+  .regex(/^[A-Za-z0-9_-]{1,64}$/, 'an Idempotency-Key: 1 to 64 characters of A-Z, a-z, 0-9, "_" and "-"');
+const PortSchema = z.number().int().min(1).max(65535);
+
+function isHttpUrl(s: string): boolean {
+  try {
+    const u = new URL(s);
+    return u.protocol === 'http:' || u.protocol === 'https:';
+  } catch {
+    return false;
+  }
+}
+/** An http(s) URL or an absolute path on the host that runs the operation. */
+const UrlOrHostPath = (what: string) =>
+  z
+    .string()
+    .min(1)
+    .max(4096)
+    .refine((s) => isHttpUrl(s) || s.startsWith('/'), `${what} must be an http(s) URL or an absolute path on the host`);
+
+// ---- requests ----------------------------------------------------------------------------------
+
+export const ImportBaseBodySchema = named(
+  'ImportBaseRequest',
+  z.strictObject({
+    hostId: HostIdSchema,
+    source: UrlOrHostPath('source').describe('The base package: an http(s) URL or an absolute path on the host.'),
+  }),
+);
+
+export const ResumeBaseBodySchema = named(
+  'ResumeBaseRequest',
+  z.strictObject({
+    hostId: HostIdSchema,
+    appPort: PortSchema.optional().describe('Guest port to forward to the host (the application port).'),
+  }),
+);
+
+export const ProvisionBodySchema = named(
+  'ProvisionRequest',
+  z.strictObject({
+    hostId: HostIdSchema,
+    overlayUrl: UrlOrHostPath('overlayUrl').describe('The overlay to synthesize from (the original system\'s overlay_url).'),
+    waitForAppPort: PortSchema.optional().describe('Report success only once the guest answers on this port.'),
+  }),
+);
+
+export const CreateOverlayBodySchema = named(
+  'CreateOverlayRequest',
+  z.strictObject({
+    instanceId: InstanceIdSchema,
+    keepInstance: z.boolean().optional().describe('Keep the instance running after its snapshot (default false: destroy it).'),
+  }),
+);
+
+export const Sha256ParamsSchema = z.strictObject({ id: Sha256IdSchema });
+export const InstanceParamsSchema = z.strictObject({ id: InstanceIdSchema });
+export const OperationParamsSchema = z.strictObject({ id: OperationIdSchema });
+
+// ---- responses ---------------------------------------------------------------------------------
+
+export const OperationKindSchema = z.enum(['importBaseVm', 'resumeBaseVm', 'createOverlay', 'synthesizeVm', 'terminateVm', 'rebuildOverlay']);
+
+export const OperationRefSchema = named(
+  'OperationRef',
+  z.object({
+    id: z.string().describe('The workflow id, e.g. "synthesizeVm/host-b/inst-1a2b".'),
+    kind: OperationKindSchema,
+    webUiUrl: z.string().optional().describe('The run in the Temporal Web UI.'),
+  }),
+);
+
+export const AcceptedSchema = named(
+  'Accepted',
+  z.object({
+    operation: OperationRefSchema,
+    statusUrl: z.string().describe('Path of the operation\'s status (also in the Location header), relative to the API root.'),
+  }),
+  'The operation started (or, for a repeated Idempotency-Key, the one started before).',
+);
+
+export const ProgressSchema = named(
+  'Progress',
+  z.object({
+    stage: z.string(),
+    done: z.array(z.string()),
+    bytesDone: z.number().optional(),
+    bytesTotal: z.number().optional(),
+  }),
+);
+
+export const OperationStatusSchema = named(
+  'OperationStatus',
+  z.object({
+    id: z.string(),
+    kind: OperationKindSchema,
+    webUiUrl: z.string().optional(),
+    state: z.enum(['running', 'succeeded', 'failed', 'cancelled']),
+    hostId: z.string(),
+    startedAt: z.string(),
+    closedAt: z.string().optional(),
+    progress: ProgressSchema.optional(),
+    result: z.unknown().optional().describe('The result when it succeeded (shape depends on kind).'),
+    error: z.object({ type: z.string(), message: z.string(), nonRetryable: z.boolean() }).optional(),
+  }),
+);
+
+export const HostInfoSchema = named('HostInfo', z.object({ id: z.string(), serving: z.boolean() }));
+
+export const BaseInfoSchema = named(
+  'BaseInfo',
+  z.object({
+    id: z.string(),
+    hostIds: z.array(z.string()),
+    diskBytes: z.number(),
+    memoryBytes: z.number(),
+    cpuModel: z.string().optional(),
+    importedAt: z.string(),
+  }),
+);
+
+export const OverlayInfoSchema = named(
+  'OverlayInfo',
+  z.object({
+    id: z.string().describe('sha256 of the overlay file (also its ETag).'),
+    baseId: z.string(),
+    bytes: z.number(),
+    url: z.string().describe('Where hosts fetch it (HTTP, Range supported).'),
+    createdAt: z.string(),
+    fromInstanceId: z.string().optional(),
+  }),
+);
+
+export const InstanceInfoSchema = named(
+  'InstanceInfo',
+  z.object({
+    id: z.string(),
+    hostId: z.string(),
+    state: z.enum(['provisioning', 'running', 'terminating', 'terminated', 'failed']),
+    baseId: z.string(),
+    overlayId: z.string().optional(),
+    appEndpoint: z.string().optional(),
+    timings: z.record(z.string(), z.number()).optional(),
+    operationId: z.string(),
+  }),
+);
+
+export const ErrorBodySchema = named(
+  'Error',
+  z.object({
+    error: z.object({
+      code: z.string().describe('NOT_FOUND, CONFLICT, BAD_INPUT, UNAUTHORIZED, INTERNAL, ...'),
+      message: z.string(),
+      fix: z.string().optional(),
+      requestId: z.string(),
+      issues: z
+        .array(z.object({ path: z.array(z.union([z.string(), z.number()])), message: z.string(), code: z.string() }))
+        .optional()
+        .describe('For 400: what is wrong, where (zod issues).'),
+      details: z.record(z.string(), z.unknown()).optional(),
+    }),
+  }),
+);
+export type ErrorBody = z.infer<typeof ErrorBodySchema>;
+
+export const HostListSchema = named('HostList', z.object({ hosts: z.array(HostInfoSchema) }));
+export const BaseListSchema = named('BaseList', z.object({ bases: z.array(BaseInfoSchema) }));
+export const OverlayListSchema = named('OverlayList', z.object({ overlays: z.array(OverlayInfoSchema) }));
+export const InstanceListSchema = named('InstanceList', z.object({ instances: z.array(InstanceInfoSchema) }));
+export const HealthSchema = named('Health', z.object({ ok: z.literal(true) }));

@@ -1,0 +1,152 @@
+/**
+ * The cloudlet HTTP API: a thin face over a CloudletService. `buildServer` makes the fastify app
+ * (tests drive it with `app.inject`, no port); `startApi` also listens.
+ */
+import fastify, { type FastifyBaseLogger, type FastifyInstance, type FastifyReply, type FastifyRequest } from 'fastify';
+import { randomUUID } from 'node:crypto';
+import type pino from 'pino';
+import type { z } from 'zod';
+import type { CloudletService } from '../service/types';
+import { authenticate, TokenSet } from './auth';
+import { ApiError, sendError, validationError } from './errors';
+import { buildOpenApi } from './openapi';
+import { defineRoute, type Route } from './route';
+import { baseRoutes } from './routes/bases';
+import { hostRoutes } from './routes/hosts';
+import { instanceRoutes } from './routes/instances';
+import { operationRoutes } from './routes/operations';
+import { overlayRoutes } from './routes/overlays';
+import { HealthSchema, IdempotencyKeySchema } from './schemas';
+
+export interface ApiOptions {
+  service: CloudletService;
+  /** Accepted bearer tokens. Empty is refused unless `insecure` is set. */
+  tokens: readonly string[];
+  /** Serve without authentication (local development only; logged loudly). */
+  insecure?: boolean;
+  logger?: pino.Logger;
+  /** Largest JSON body accepted, in bytes (default 64 KiB: bodies are small). */
+  bodyLimit?: number;
+}
+
+/** Every route of the API, in documentation order (without the two meta routes). */
+export const apiRoutes: readonly Route[] = [...hostRoutes, ...baseRoutes, ...instanceRoutes, ...overlayRoutes, ...operationRoutes];
+
+export async function buildServer(options: ApiOptions): Promise<FastifyInstance> {
+  const insecure = options.insecure === true;
+  if (options.tokens.length === 0 && !insecure) {
+    throw new Error(
+      'the cloudlet API needs at least one bearer token. Fix: set CLOUDLET_API_TOKENS (comma-separated, e.g. `openssl rand -hex 32`), ' +
+        'or CLOUDLET_API_INSECURE=1 to serve without authentication on a development machine',
+    );
+  }
+  const tokens = new TokenSet(options.tokens);
+
+  const loggerInstance: FastifyBaseLogger | undefined = options.logger;
+  const app: FastifyInstance = fastify({
+    ...(loggerInstance ? { loggerInstance } : { logger: false }),
+    bodyLimit: options.bodyLimit ?? 64 * 1024,
+    genReqId: () => `req-${randomUUID()}`,
+  });
+  if (insecure) app.log.warn('the cloudlet API serves WITHOUT authentication (CLOUDLET_API_INSECURE=1): use this on a development machine only');
+
+  // Bodies are JSON; anything else is 415 rather than a string zod would reject confusingly.
+  app.removeContentTypeParser('text/plain');
+  app.setErrorHandler((err, req, reply) => sendError(err, req, reply));
+  app.setNotFoundHandler((req, reply) =>
+    sendError(new ApiError(404, 'NOT_FOUND', `no route ${req.method} ${req.url.split('?')[0] ?? ''}`, { fix: 'see GET /openapi.json for the routes' }), req, reply),
+  );
+  app.addHook('onSend', async (req, reply) => {
+    void reply.header('x-request-id', String(req.id));
+  });
+
+  let openapi: Record<string, unknown> | undefined;
+  const metaRoutes: Route[] = [
+    defineRoute({
+      method: 'GET',
+      path: '/healthz',
+      operationId: 'health',
+      summary: 'Liveness of the API process (no authentication)',
+      tag: 'meta',
+      auth: false,
+      responses: { 200: { description: 'The API answers.', schema: HealthSchema } },
+      handler: async () => ({ ok: true }),
+    }),
+    defineRoute({
+      method: 'GET',
+      path: '/openapi.json',
+      operationId: 'openapi',
+      summary: 'This OpenAPI 3.1 document (no authentication)',
+      tag: 'meta',
+      auth: false,
+      responses: { 200: { description: 'The OpenAPI document.' } },
+      handler: async () => (openapi ??= buildOpenApi(allRoutes)),
+    }),
+  ];
+  const allRoutes = [...metaRoutes, ...apiRoutes];
+
+  for (const route of allRoutes) {
+    app.route({
+      method: route.method,
+      url: route.fastifyPath ?? route.path.replace(/\{(\w+)\}/g, ':$1'),
+      handler: (req, reply) => handle(route, req, reply),
+    });
+  }
+
+  async function handle(route: Route, req: FastifyRequest, reply: FastifyReply): Promise<unknown> {
+    if (route.auth !== false && !insecure) authenticate(req.headers.authorization, tokens);
+    const params = route.params ? parse(route.params, 'params', rawParams(route, req.params)) : undefined;
+    let idempotencyKey: string | undefined;
+    if (route.idempotent) {
+      const raw = req.headers['idempotency-key'];
+      if (raw !== undefined) {
+        const r = IdempotencyKeySchema.safeParse(raw);
+        if (!r.success) throw validationError('header', prefixIssues(r.error, 'Idempotency-Key'));
+        idempotencyKey = r.data;
+      }
+    }
+    const body = route.body ? parse(route.body, 'body', req.body) : undefined;
+    return route.handler({ params, body, idempotencyKey, service: options.service, req, reply });
+  }
+
+  return app;
+}
+
+function parse(schema: z.ZodType, where: string, value: unknown): unknown {
+  const r = schema.safeParse(value);
+  if (!r.success) throw validationError(where, r.error);
+  return r.data;
+}
+
+function prefixIssues(error: z.ZodError, name: string): z.ZodError {
+  for (const i of error.issues) i.path.unshift(name);
+  return error;
+}
+
+/** A wildcard route's `*` param under the name the OpenAPI path gives it. */
+function rawParams(route: Route, params: unknown): unknown {
+  if (!route.fastifyPath?.includes('*')) return params;
+  const name = /\{(\w+)\}/.exec(route.path)?.[1] ?? 'id';
+  return { [name]: (params as Record<string, unknown>)['*'] };
+}
+
+export interface RunningApi {
+  app: FastifyInstance;
+  /** http://host:port of the listening server. */
+  url: string;
+  close(): Promise<void>;
+}
+
+/** Build the server and listen (default 127.0.0.1, port 8080; port 0 picks a free one). */
+export async function startApi(
+  service: CloudletService,
+  options: Omit<ApiOptions, 'service'> & { host?: string; port?: number },
+): Promise<RunningApi> {
+  const app = await buildServer({ ...options, service });
+  const host = options.host ?? '127.0.0.1';
+  await app.listen({ host, port: options.port ?? 8080 });
+  const addr = app.server.address();
+  const port = typeof addr === 'object' && addr ? addr.port : (options.port ?? 8080);
+  const shownHost = host.includes(':') ? `[${host}]` : host;
+  return { app, url: `http://${shownHost}:${port}`, close: () => app.close() };
+}
