@@ -5,7 +5,7 @@ import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import pino from 'pino';
 import { CloudletError } from '../../src/core/errors';
-import { decodeSkeleton, joinSnapshot, readSaveHeader, rewriteSaveHeaderXml, splitSnapshot, type SplitStats } from '../../src/core/snapshot';
+import { decodeSkeleton, joinSnapshot, readSaveHeader, rewriteSaveHeaderXml, splitSnapshot, verifySnapshot, type SplitStats } from '../../src/core/snapshot';
 import { craftSaveFile, DEFAULT_COOKIE, DEFAULT_XML, pageData, trickyDeviceData, type CraftRecord, type CraftSpec } from '../fixtures/snapshot/craft';
 
 const silent = pino({ level: 'silent' });
@@ -28,7 +28,7 @@ async function roundTrip(spec: CraftSpec) {
   const out = join(dir, `s${k}.out`);
   await writeFile(save, crafted.file);
   let stats: SplitStats | undefined;
-  const layout = await splitSnapshot(save, img, { logger: silent, onStats: (s) => (stats = s) });
+  const layout = await splitSnapshot(save, img, { logger: silent, verify: true, onStats: (s) => (stats = s) });
   const image = await readFile(img);
   const joined = await joinSnapshot(layout.skeleton, img, out);
   const rebuilt = await readFile(out);
@@ -219,6 +219,8 @@ describe('joinSnapshot guards', () => {
     const out = join(dir, 'bad.out');
     await expect(joinSnapshot(r.layout.skeleton, bad, out)).rejects.toMatchObject({ code: 'DIGEST_MISMATCH' });
     expect((await readdir(dir)).filter((f) => f.startsWith('bad.out'))).toEqual([]);
+    await expect(verifySnapshot(r.layout.skeleton, bad)).rejects.toMatchObject({ code: 'DIGEST_MISMATCH' });
+    await expect(verifySnapshot(r.layout.skeleton, r.img)).resolves.toEqual(r.joined);
     await writeFile(bad, image.subarray(0, 4096));
     await expect(joinSnapshot(r.layout.skeleton, bad, out)).rejects.toMatchObject({ code: 'CORRUPT' });
   });

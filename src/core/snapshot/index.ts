@@ -4,6 +4,6 @@
  * Format notes: docs/memory-snapshot.md.
  */
 export { splitSnapshot, type RamBlockLayout, type SnapshotLayout, type SplitOptions, type SplitStats } from './split';
-export { joinSnapshot } from './join';
+export { joinSnapshot, verifySnapshot } from './join';
 export { readSaveHeader, rewriteSaveHeaderXml, cpuModelOf, type SaveHeader } from './header';
 export { decodeSkeleton, SKELETON_VERSION, type SkeletonHeader, type DecodedSkeleton } from './skeleton';

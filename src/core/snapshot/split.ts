@@ -8,6 +8,7 @@ import { open, rename, unlink, type FileHandle } from 'node:fs/promises';
 import { CloudletError } from '../errors';
 import * as F from './format';
 import { createStreamHasher } from './hasher';
+import { verifySnapshot } from './join';
 import { cpuModelOf, decodeFixedHeader, decodeHeaderData } from './header';
 import { snapshotLog, type Logger } from './log';
 import { StreamReader } from './reader';
@@ -49,6 +50,8 @@ export interface SplitStats {
 export interface SplitOptions {
   onProgress?(done: number, total: number): void;
   logger?: Logger;
+  /** Re-read the memory image after the split and check it rebuilds the save file (costs one more pass). */
+  verify?: boolean;
   /** Receives parse statistics (tests, benchmarks). */
   onStats?(stats: SplitStats): void;
 }
@@ -593,6 +596,7 @@ export async function splitSnapshot(savePath: string, memImagePath: string, opts
     } finally {
       await img.close();
     }
+    if (opts.verify) await verifySnapshot(result.skeleton, tmp);
     await rename(tmp, memImagePath);
     return result;
   } catch (e) {
