@@ -4,7 +4,7 @@
  * final name that is not complete.
  */
 import { createHash, randomBytes } from 'node:crypto';
-import { promises as fsp } from 'node:fs';
+import { constants as fsConstants, promises as fsp } from 'node:fs';
 import path from 'node:path';
 import { CloudletError } from '../errors';
 import type { OnProgress } from '../progress';
@@ -83,51 +83,34 @@ export async function writeFileAtomic(target: string, data: string | Buffer): Pr
 }
 
 /**
- * Copy `source` to `target` atomically and durably, hashing on the way; when `expectSha256` is
- * given the copy is kept only if it matches.
+ * Copy `source` to `target` atomically and durably and return the sha256 of what was stored; when
+ * `expectSha256` is given the copy is kept only if it matches. The copy itself is done by the
+ * kernel (copy_file_range); the digest is taken from the copy, so it describes the stored bytes
+ * even if the source changes meanwhile.
  */
 export async function copyFileAtomic(
   source: string,
   target: string,
   opts: { expectSha256?: string; onProgress?: OnProgress } = {},
 ): Promise<{ sha256: string; size: number }> {
-  const src = await openOrThrow(source, 'r');
+  await (await openOrThrow(source, 'r')).close();
   const tmp = tempNameFor(target);
   try {
-    const size = (await src.stat()).size;
-    const dst = await fsp.open(tmp, 'wx');
-    const hash = createHash('sha256');
-    let pos = 0;
-    try {
-      const buf = Buffer.allocUnsafe(IO_BLOCK);
-      for (;;) {
-        const { bytesRead } = await src.read(buf, 0, buf.length, pos);
-        if (bytesRead === 0) break;
-        const part = buf.subarray(0, bytesRead);
-        hash.update(part);
-        await writeAll(dst, part);
-        pos += bytesRead;
-        opts.onProgress?.(pos, size);
-      }
-      await dst.sync();
-    } finally {
-      await dst.close();
-    }
-    const sha256 = hash.digest('hex');
-    if (opts.expectSha256 !== undefined && sha256 !== opts.expectSha256) {
-      throw new CloudletError('DIGEST_MISMATCH', `${source} has sha256 ${sha256}, expected ${opts.expectSha256}`, {
+    await fsp.copyFile(source, tmp, fsConstants.COPYFILE_EXCL);
+    const digest = await sha256File(tmp, opts.onProgress);
+    if (opts.expectSha256 !== undefined && digest.sha256 !== opts.expectSha256) {
+      throw new CloudletError('DIGEST_MISMATCH', `${source} has sha256 ${digest.sha256}, expected ${opts.expectSha256}`, {
         fix: 'the file changed while it was copied or is not the one recorded; fetch it again',
-        details: { file: source, sha256, expected: opts.expectSha256 },
+        details: { file: source, sha256: digest.sha256, expected: opts.expectSha256 },
       });
     }
+    await fsyncFile(tmp);
     await fsp.rename(tmp, target);
     await fsyncDir(path.dirname(target));
-    return { sha256, size: pos };
+    return digest;
   } catch (e) {
     await fsp.rm(tmp, { force: true });
     throw e;
-  } finally {
-    await src.close();
   }
 }
 
