@@ -54,7 +54,32 @@ export class Store {
       });
     }
     const catalog = (opts.catalog ?? ((r: string) => new SqliteCatalog(path.join(r, 'catalog.db'))))(abs);
-    return new Store(abs, catalog);
+    const store = new Store(abs, catalog);
+    await store.removeStaleTemp();
+    return store;
+  }
+
+  /**
+   * Remove what crashed operations left in tmp/: entries of processes that no longer run (older
+   * than a minute) and anything older than a day. Best effort; never fails the caller.
+   */
+  async removeStaleTemp(now = Date.now()): Promise<string[]> {
+    const removed: string[] = [];
+    const dir = path.join(this.root, 'tmp');
+    for (const name of await fsp.readdir(dir).catch(() => [] as string[])) {
+      try {
+        const age = now - (await fsp.lstat(path.join(dir, name))).mtimeMs;
+        const pid = Number(/^[a-z0-9]+(?:-[a-z0-9]+)*?-(\d+)-[0-9a-f]{12}$/.exec(name)?.[1] ?? NaN);
+        const owner = Number.isInteger(pid) ? pid : undefined;
+        if (age > 24 * 3600_000 || (age > 60_000 && (owner === undefined || !processAlive(owner)))) {
+          await fsp.rm(path.join(dir, name), { recursive: true, force: true });
+          removed.push(name);
+        }
+      } catch {
+        // Another process may be removing it too.
+      }
+    }
+    return removed;
   }
 
   close(): void {
@@ -189,6 +214,15 @@ export class Store {
     else if (!known) {
       throw new CloudletError('NOT_FOUND', `overlay ${digest} is not in the store ${this.root}`, { fix: 'list the overlays with `cloudlet overlay list`' });
     }
+  }
+}
+
+function processAlive(pid: number): boolean {
+  try {
+    process.kill(pid, 0);
+    return true;
+  } catch (e) {
+    return (e as NodeJS.ErrnoException).code === 'EPERM';
   }
 }
 
