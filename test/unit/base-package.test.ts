@@ -263,6 +263,30 @@ describe('damaged packages', () => {
     }
   });
 
+  test('fuzz: 60 random single-byte corruptions (seeded) all end in typed errors', async () => {
+    let seed = 0x2545f491;
+    const next = (): number => {
+      seed ^= seed << 13;
+      seed ^= seed >>> 17;
+      seed ^= seed << 5;
+      return (seed >>> 0) / 0x100000000;
+    };
+    const codes = new Map<string, number>();
+    for (let i = 0; i < 60; i++) {
+      const bad = Buffer.from(pkgBytes);
+      const off = Math.floor(next() * bad.length);
+      bad[off] = (bad[off] ?? 0) ^ (1 + Math.floor(next() * 255));
+      const { err, store } = await importBytes(bad, `fuzz${i}`);
+      expect(err).toBeInstanceOf(CloudletError);
+      const code = (err as CloudletError).code;
+      codes.set(code, (codes.get(code) ?? 0) + 1);
+      expect(await leftovers(store)).toEqual([]);
+      await fsp.rm(store, { recursive: true, force: true });
+    }
+    // Most of the package is payload: most corruptions are caught by a member digest.
+    expect(codes.get('DIGEST_MISMATCH') ?? 0).toBeGreaterThan(30);
+  });
+
   test('trailing bytes are CORRUPT', async () => {
     const { err } = await importBytes(Buffer.concat([pkgBytes, Buffer.from('x')]), 'trailing');
     expect((err as CloudletError).code).toBe('CORRUPT');
