@@ -66,18 +66,36 @@ function alignUp(n: number, a: number): number {
   return Math.ceil(n / a) * a;
 }
 
-/** Coalescing, double-buffered writer of the memory image (pages mostly arrive in address order). */
+/** Zero gaps up to this many pages are written as zeros to keep one write; longer ones stay holes. */
+const MAX_ZERO_GAP = 16;
+
+/**
+ * Coalescing, double-buffered writer of the memory image (pages mostly arrive in address order).
+ * Never-written zero pages are left as holes of the sparse file unless a short gap is cheaper to fill.
+ */
 class ImageWriter {
   private buf = Buffer.allocUnsafe(IO_SIZE);
   private spare = Buffer.allocUnsafe(IO_SIZE);
   private start = -1;
   private len = 0;
+  /** Zero pages (holes) right after the buffered run. */
+  private gap = 0;
   private inFlight: Promise<unknown> = Promise.resolve();
 
   constructor(private readonly fh: FileHandle) {}
 
+  /** Makes `off` the next buffered page if it continues the run (filling a short hole gap). */
   private contiguous(off: number): boolean {
-    return this.start >= 0 && off === this.start + this.len && this.len + F.PAGE_SIZE <= this.buf.length;
+    if (this.start < 0) return false;
+    const end = this.start + this.len;
+    if (off === end && this.len + F.PAGE_SIZE <= this.buf.length) return true;
+    if (this.gap > 0 && this.gap <= MAX_ZERO_GAP && off === end + this.gap * F.PAGE_SIZE && this.len + (this.gap + 1) * F.PAGE_SIZE <= this.buf.length) {
+      this.buf.fill(0, this.len, this.len + this.gap * F.PAGE_SIZE);
+      this.len += this.gap * F.PAGE_SIZE;
+      this.gap = 0;
+      return true;
+    }
+    return false;
   }
 
   private async restart(off: number): Promise<void> {
@@ -90,6 +108,7 @@ class ImageWriter {
     if (!this.contiguous(off)) return this.restart(off).then(() => void this.put(off, page));
     page.copy(this.buf, this.len);
     this.len += page.length;
+    this.gap = 0;
     return undefined;
   }
 
@@ -97,15 +116,13 @@ class ImageWriter {
     if (!this.contiguous(off)) return this.restart(off).then(() => void this.fill(off, byte));
     this.buf.fill(byte, this.len, this.len + F.PAGE_SIZE);
     this.len += F.PAGE_SIZE;
+    this.gap = 0;
     return undefined;
   }
 
-  /** A zero page that was never written: extend the current run if contiguous, else leave the hole. */
+  /** A zero page that was never written: a hole of the sparse image (nothing to write). */
   zeroHole(off: number): void {
-    if (this.start >= 0 && off === this.start + this.len && this.len + F.PAGE_SIZE <= this.buf.length) {
-      this.buf.fill(0, this.len, this.len + F.PAGE_SIZE);
-      this.len += F.PAGE_SIZE;
-    }
+    if (this.start >= 0 && off === this.start + this.len + this.gap * F.PAGE_SIZE) this.gap++;
   }
 
   async flush(): Promise<void> {
@@ -117,6 +134,7 @@ class ImageWriter {
       this.spare = full;
     }
     this.len = 0;
+    this.gap = 0;
     this.start = -1;
   }
 
