@@ -6,6 +6,11 @@ import { buildChunkIndex } from '../../src/core/chunk';
 import { isCloudletError } from '../../src/core/errors';
 import { applyOverlayToParts, readOverlayMeta } from '../../src/core/overlay/apply';
 import { createOverlayFromParts } from '../../src/core/overlay/create';
+import { HEADER_SIZE, encodeHeader, type OverlayMeta } from '../../src/core/overlay/format';
+import { xzCompress, xzDecompress } from '../../src/core/overlay/lzma';
+import { createHash } from 'node:crypto';
+import http from 'node:http';
+import type { AddressInfo } from 'node:net';
 import type { BaseRef, LaunchMemory } from '../../src/core/overlay/types';
 import { fakeJoin, generatePair, type GeneratedPair } from './overlay-fixture';
 
@@ -155,5 +160,149 @@ describe('overlay application rejects bad inputs with typed errors', () => {
     writeFileSync(baseCopy, m);
     expect(await expectTypedFailure(good, { ...base, memImagePath: baseCopy })).toBe('DIGEST_MISMATCH');
     expect(existsSync(baseCopy)).toBe(true);
+  });
+});
+
+/** Re-assemble an overlay from a meta and (compressed) blobs, with consistent offsets and digests. */
+function assemble(meta: OverlayMeta, blobs: Buffer[]): Buffer {
+  let offset = 0;
+  const refs = blobs.map((b) => {
+    const r = { offset, length: b.length, sha256: createHash('sha256').update(b).digest('hex') };
+    offset += b.length;
+    return r;
+  });
+  const m: OverlayMeta = {
+    ...meta,
+    launch: { ...meta.launch, memory: { ...meta.launch.memory, skeleton: { ...meta.launch.memory.skeleton, ...refs[0]! } } },
+    segments: meta.segments.map((s, i) => ({ ...s, ...refs[i + 1]! })),
+  };
+  const json = Buffer.from(JSON.stringify(m));
+  return Buffer.concat([encodeHeader(json), json, ...blobs]);
+}
+
+describe('segments with valid digests but damaged records', () => {
+  test('every damaged record is a typed error or (harmless damage) an exact result', async () => {
+    const good = await create('records.overlay');
+    const bytes = readFileSync(good);
+    const meta = await readOverlayMeta(good);
+    const dataStart = HEADER_SIZE + bytes.readUInt32LE(16);
+    const blobs = [meta.launch.memory.skeleton, ...meta.segments].map((r) => bytes.subarray(dataStart + r.offset, dataStart + r.offset + r.length));
+    const raws = await Promise.all(blobs.slice(1).map((b) => xzDecompress(b)));
+    const expectedSave = Buffer.concat([skeleton, readFileSync(pair.launchMem)]);
+    const outcomes = new Map<string, number>();
+    let trial = 0;
+    for (const [si, raw] of raws.entries()) {
+      if (si > 0 && si !== raws.length - 1) continue; // first (disk records) and last (memory records)
+      // Damage record headers (the first bytes of a segment are a header) and bytes inside.
+      const positions = [0, 1, 3, 6, 7, 8, 10, 11, 12, 16, raw.length - 1, raw.length >> 1, raw.length >> 2];
+      for (const p of positions) {
+        const bad = Buffer.from(raw);
+        bad[p] = (bad[p] ?? 0) ^ (0x11 << (trial++ % 4));
+        const rebuilt: Buffer[] = [...blobs];
+        rebuilt[si + 1] = await xzCompress(bad, 0);
+        const m = { ...meta, segments: meta.segments.map((s, i) => (i === si ? { ...s, rawLength: bad.length } : s)) };
+        const f = path.join(dir, 'records-bad.overlay');
+        writeFileSync(f, assemble(m, rebuilt));
+        const outDir = mkdtempSync(path.join(dir, 'rec-'));
+        try {
+          await applyOverlayToParts({ base, overlay: f, outDiskPath: path.join(outDir, 'd.qcow2'), outSavePath: path.join(outDir, 'm.sav'), join: fakeJoin });
+          expect(readFileSync(path.join(outDir, 'm.sav')).equals(expectedSave)).toBe(true);
+          expect(sameDisk(path.join(outDir, 'd.qcow2'), pair.launchRaw)).toBe(true);
+          outcomes.set('exact', (outcomes.get('exact') ?? 0) + 1);
+        } catch (e) {
+          if (!isCloudletError(e)) throw e;
+          expect(readdirSync(outDir)).toEqual([]);
+          outcomes.set(e.code, (outcomes.get(e.code) ?? 0) + 1);
+        }
+        rmSync(outDir, { recursive: true, force: true });
+      }
+    }
+    expect(outcomes.get('CORRUPT') ?? 0).toBeGreaterThan(0);
+    expect(outcomes.get('DIGEST_MISMATCH') ?? 0).toBeGreaterThan(0);
+  });
+
+  test('the reassembled, undamaged overlay still applies (the helper is faithful)', async () => {
+    const good = await create('records2.overlay');
+    const bytes = readFileSync(good);
+    const meta = await readOverlayMeta(good);
+    const dataStart = HEADER_SIZE + bytes.readUInt32LE(16);
+    const blobs = [meta.launch.memory.skeleton, ...meta.segments].map((r) => bytes.subarray(dataStart + r.offset, dataStart + r.offset + r.length));
+    const f = path.join(dir, 'records-same.overlay');
+    writeFileSync(f, assemble(meta, blobs));
+    const out = await apply(f);
+    expect(sameDisk(out.disk, pair.launchRaw)).toBe(true);
+  });
+});
+
+describe('applying from an http URL', () => {
+  test('uses Range requests and resumes a broken download', async () => {
+    const overlay = await create('http.overlay');
+    const bytes = readFileSync(overlay);
+    let drops = 0;
+    const ranges: string[] = [];
+    const server = http.createServer((req, res) => {
+      const m = /^bytes=(\d+)-(\d+)$/.exec(req.headers.range ?? '');
+      if (!m) {
+        res.writeHead(400);
+        res.end();
+        return;
+      }
+      ranges.push(req.headers.range ?? '');
+      const from = Number(m[1]);
+      const to = Math.min(Number(m[2]), bytes.length - 1);
+      if (from >= bytes.length) {
+        res.writeHead(416);
+        res.end();
+        return;
+      }
+      const body = bytes.subarray(from, to + 1);
+      res.writeHead(206, { 'content-length': body.length, 'content-range': `bytes ${from}-${to}/${bytes.length}` });
+      if (body.length > 16 * 1024 && drops < 2) {
+        drops += 1;
+        res.write(body.subarray(0, body.length >> 2), () => res.destroy());
+        return;
+      }
+      res.end(body);
+    });
+    await new Promise<void>((r) => server.listen(0, '127.0.0.1', r));
+    try {
+      const url = `http://127.0.0.1:${(server.address() as AddressInfo).port}/x.overlay`;
+      const out = await apply(url);
+      expect(drops).toBe(2);
+      expect(ranges.length).toBeGreaterThanOrEqual(5);
+      expect(sameDisk(out.disk, pair.launchRaw)).toBe(true);
+      expect(readFileSync(out.save).equals(Buffer.concat([skeleton, readFileSync(pair.launchMem)]))).toBe(true);
+      // A URL whose file is shorter than its meta says: CORRUPT (truncated), nothing left behind.
+      const cut = http.createServer((req, res) => {
+        const m = /^bytes=(\d+)-(\d+)$/.exec(req.headers.range ?? '');
+        const from = Number(m?.[1] ?? 0);
+        const short = bytes.subarray(0, bytes.length - 1000);
+        if (from >= short.length) {
+          res.writeHead(416);
+          res.end();
+          return;
+        }
+        const body = short.subarray(from, Math.min(Number(m?.[2] ?? short.length - 1), short.length - 1) + 1);
+        res.writeHead(206, { 'content-length': body.length });
+        res.end(body);
+      });
+      await new Promise<void>((r) => cut.listen(0, '127.0.0.1', r));
+      try {
+        const outDir = mkdtempSync(path.join(dir, 'cut-'));
+        const err = await applyOverlayToParts({
+          base,
+          overlay: `http://127.0.0.1:${(cut.address() as AddressInfo).port}/x.overlay`,
+          outDiskPath: path.join(outDir, 'd.qcow2'),
+          outSavePath: path.join(outDir, 'm.sav'),
+          join: fakeJoin,
+        }).catch((e: unknown) => e);
+        expect(isCloudletError(err) && err.code).toBe('CORRUPT');
+        expect(readdirSync(outDir)).toEqual([]);
+      } finally {
+        cut.close();
+      }
+    } finally {
+      server.close();
+    }
   });
 });

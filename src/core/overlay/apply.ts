@@ -77,11 +77,16 @@ class Applier {
     private readonly meta: OverlayMeta,
     private readonly base: BaseRef,
     private readonly disk: Qcow2Writer,
-    private readonly memFd: number,
   ) {
     this.chunks = [Math.ceil(meta.launch.disk.virtualSize / CHUNK), Math.ceil(meta.launch.memory.imageSize / CHUNK)];
     this.baseDiskFd = openSync(base.diskPath, 'r');
     this.baseMemFd = openSync(base.memImagePath, 'r');
+  }
+
+  private memFd = -1;
+
+  setMemoryFd(fd: number): void {
+    this.memFd = fd;
   }
 
   close(): void {
@@ -205,6 +210,35 @@ class Applier {
   }
 }
 
+/**
+ * True if a decoded segment may hold a memory record (walks record headers only; anything
+ * malformed answers true, and the applier then reports it precisely).
+ */
+export function touchesMemory(buf: Buffer): boolean {
+  let pos = 0;
+  while (pos < buf.length) {
+    if (pos + RECORD_HEADER_SIZE > buf.length) return true;
+    const op = buf[pos] ?? 0;
+    if (op >> 4 !== Target.Disk) return true;
+    const count = buf.readUInt32LE(pos + 7);
+    pos += RECORD_HEADER_SIZE;
+    switch ((op & 0x0f) as Kind) {
+      case Kind.Zero:
+        break;
+      case Kind.Raw:
+        pos += count * CHUNK;
+        break;
+      case Kind.Delta:
+        if (pos + 4 > buf.length) return true;
+        pos += 4 + buf.readUInt32LE(pos);
+        break;
+      default:
+        pos += 6;
+    }
+  }
+  return false;
+}
+
 /** Yields the blobs of the data area in order, each checked against its sha256. */
 async function* blobs(src: OverlaySource, dataStart: number, refs: Array<[string, BlobRef]>): AsyncIterable<Buffer> {
   const total = refs.reduce((s, [, r]) => s + r.length, 0);
@@ -255,6 +289,7 @@ export async function applyOverlayToParts(input: ApplyToPartsInput): Promise<{ m
   const memTmp = path.join(path.dirname(input.outSavePath), `.memimg-${tag}.tmp`);
   let disk: Qcow2Writer | undefined;
   let memFd: number | undefined;
+  let memCopy: Promise<void> | undefined;
   let applier: Applier | undefined;
   try {
     const { meta, dataStart } = await readMetaFrom(src);
@@ -263,11 +298,23 @@ export async function applyOverlayToParts(input: ApplyToPartsInput): Promise<{ m
     const needDelta = (meta.stats['delta'] ?? 0) > 0;
     if (needDelta) await xdelta();
 
-    await copyFile(input.base.memImagePath, memTmp, fsConstants.COPYFILE_FICLONE);
-    memFd = openSync(memTmp, 'r+');
-    ftruncateSync(memFd, meta.launch.memory.imageSize);
+    // The copy of the base memory image runs on the thread pool while disk segments stream in;
+    // it is awaited before the first segment that touches memory.
+    memCopy = copyFile(input.base.memImagePath, memTmp, fsConstants.COPYFILE_FICLONE);
+    memCopy.catch(() => undefined);
+    let memReady: Promise<void> | undefined = memCopy;
+    const waitForMemory = async (): Promise<void> => {
+      if (!memReady) return;
+      const w = performance.now();
+      await memReady;
+      memReady = undefined;
+      memFd = openSync(memTmp, 'r+');
+      ftruncateSync(memFd, meta.launch.memory.imageSize);
+      applier?.setMemoryFd(memFd);
+      timings['memCopyWait'] = Math.round(performance.now() - w);
+    };
     disk = new Qcow2Writer(diskTmp, meta.launch.disk.virtualSize, path.resolve(input.base.diskPath));
-    applier = new Applier(meta, input.base, disk, memFd);
+    applier = new Applier(meta, input.base, disk);
     t = mark('prepare', t);
 
     const refs: Array<[string, BlobRef]> = [['skeleton', meta.launch.memory.skeleton], ...meta.segments.map((s, i): [string, BlobRef] => [`segment ${i}`, s])];
@@ -302,6 +349,7 @@ export async function applyOverlayToParts(input: ApplyToPartsInput): Promise<{ m
       if (item.index === 0) skeleton = raw;
       else {
         const seg = item.index - 1;
+        if (touchesMemory(raw)) await waitForMemory();
         try {
           applier?.apply(seg, raw);
         } catch (e) {
@@ -321,6 +369,7 @@ export async function applyOverlayToParts(input: ApplyToPartsInput): Promise<{ m
     }
     if (index !== refs.length) throw new CloudletError('CORRUPT', `overlay ${src.name} is truncated: ${index} of ${refs.length} blobs present`);
     while (inflight.length > 0) await applyOne();
+    await waitForMemory();
     timings['decompressWait'] = Math.round(waitMs);
     timings['applySegments'] = Math.round(applyMs);
     t = mark('stream', t);
@@ -338,9 +387,11 @@ export async function applyOverlayToParts(input: ApplyToPartsInput): Promise<{ m
       }
     }
     disk.finish();
-    fsyncSync(memFd);
-    closeSync(memFd);
-    memFd = undefined;
+    if (memFd !== undefined) {
+      fsyncSync(memFd);
+      closeSync(memFd);
+      memFd = undefined;
+    }
     t = mark('finishDisk', t);
 
     if (!skeleton) throw new CloudletError('CORRUPT', `overlay ${src.name} has no skeleton`);
@@ -365,6 +416,7 @@ export async function applyOverlayToParts(input: ApplyToPartsInput): Promise<{ m
   } finally {
     applier?.close();
     if (memFd !== undefined) closeSync(memFd);
+    await memCopy?.catch(() => undefined);
     await rm(memTmp, { force: true });
     await src.close();
   }
