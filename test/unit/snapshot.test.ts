@@ -1,6 +1,6 @@
 import { createHash } from 'node:crypto';
 import { existsSync } from 'node:fs';
-import { mkdtemp, readFile, readdir, rm, writeFile } from 'node:fs/promises';
+import { mkdtemp, readFile, readdir, rm, stat, writeFile } from 'node:fs/promises';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import pino from 'pino';
@@ -243,6 +243,16 @@ describe('joinSnapshot guards', () => {
     expect(r.layout.skeleton.length).toBeLessThan(8 * 1024); // vs 8 bytes x 4096 record headers
     expect(r.rebuilt.equals(r.crafted.file)).toBe(true);
   });
+});
+
+test('never-written zero pages stay holes of a sparse memory image', async () => {
+  const pages = 4096;
+  const r = await roundTrip({ blocks: [ram(pages)], parts: [seq('pc.ram', 0, pages, (i) => (i === 0 || i === 2000 || i === pages - 1 ? 'page' : 'zero'))] });
+  expect(r.image.equals(r.crafted.image)).toBe(true);
+  const st = await stat(r.img);
+  expect(st.size).toBe(pages * 4096);
+  expect(st.blocks * 512).toBeLessThan(pages * 4096 / 4);
+  expect(r.rebuilt.equals(r.crafted.file)).toBe(true);
 });
 
 describe('libvirt header', () => {
