@@ -4,6 +4,7 @@
  */
 import type { FastifyReply, FastifyRequest } from 'fastify';
 import fs from 'node:fs';
+import { Readable } from 'node:stream';
 import { ApiError } from './errors';
 import { decideRange, etagMatches } from './range';
 
@@ -60,10 +61,15 @@ export async function sendFileWithRange(req: FastifyRequest, reply: FastifyReply
       .code(206)
       .header('content-range', `bytes ${start}-${end}/${size}`)
       .header('content-length', String(end - start + 1));
-    if (req.method === 'HEAD') return reply.send();
+    if (req.method === 'HEAD') return reply.send(noBody());
     return reply.send(fs.createReadStream(what.file, { start, end }));
   }
   void reply.code(200).header('content-length', String(size));
-  if (req.method === 'HEAD') return reply.send();
+  if (req.method === 'HEAD') return reply.send(noBody());
   return reply.send(fs.createReadStream(what.file));
+}
+
+/** HEAD: an empty stream keeps the Content-Length set above (fastify sets 0 for no payload). */
+function noBody(): Readable {
+  return Readable.from([]);
 }

@@ -46,7 +46,12 @@ export async function buildServer(options: ApiOptions): Promise<FastifyInstance>
   const app: FastifyInstance = fastify({
     ...(loggerInstance ? { loggerInstance } : { logger: false }),
     bodyLimit: options.bodyLimit ?? 64 * 1024,
-    genReqId: () => `req-${randomUUID()}`,
+    // A caller's X-Request-Id (when it looks like one) is kept, so a request can be traced end to end.
+    requestIdHeader: false,
+    genReqId: (req) => {
+      const given = req.headers['x-request-id'];
+      return typeof given === 'string' && /^[A-Za-z0-9._:-]{8,128}$/.test(given) ? given : `req-${randomUUID()}`;
+    },
   });
   if (insecure) app.log.warn('the cloudlet API serves WITHOUT authentication (CLOUDLET_API_INSECURE=1): use this on a development machine only');
 

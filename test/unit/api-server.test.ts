@@ -174,6 +174,14 @@ describe('status codes of service errors', () => {
     expect(logged?.err?.message).toBe('database is locked');
   });
 
+  test('a well-formed X-Request-Id from the caller is kept, another is replaced', async () => {
+    const kept = await app.inject({ url: '/v1/instances/inst-none', headers: { ...AUTH, 'x-request-id': 'trace-1234abcd' } });
+    expect(kept.headers['x-request-id']).toBe('trace-1234abcd');
+    expect(errorOf(kept).requestId).toBe('trace-1234abcd');
+    const replaced = await app.inject({ url: '/healthz', headers: { 'x-request-id': 'bad id\u0007' } });
+    expect(replaced.headers['x-request-id']).toMatch(/^req-[0-9a-f-]{36}$/);
+  });
+
   test('a CloudletError thrown synchronously by the service keeps its code and fix', async () => {
     jest.spyOn(fake, 'provisionInstance').mockRejectedValueOnce(new CloudletError('CPU_MODEL_UNUSABLE', 'CPU model Haswell is not usable on host-b', { fix: 'use a base made with qemu64' }));
     const res = await post('/v1/instances', { hostId: 'host-b', overlayUrl: 'http://127.0.0.1:9/o.overlay' });
@@ -312,7 +320,12 @@ describe('downloads with Range', () => {
     const res = await get({ range: 'bytes=0-9' }, 'HEAD');
     expect(res.statusCode).toBe(206);
     expect(res.headers['content-range']).toBe(`bytes 0-9/${content.length}`);
+    expect(res.headers['content-length']).toBe('10');
     expect(res.rawPayload.length).toBe(0);
+    const whole = await get({}, 'HEAD');
+    expect(whole.statusCode).toBe(200);
+    expect(whole.headers).toMatchObject({ 'content-length': String(content.length), etag: `"${id}"`, 'accept-ranges': 'bytes' });
+    expect(whole.rawPayload.length).toBe(0);
   });
 
   test('a base package downloads the same way', async () => {
