@@ -16,6 +16,7 @@ import { Writable } from 'node:stream';
 import { promisify } from 'node:util';
 import { z } from 'zod';
 import { runCli } from '../../src/cli/main';
+import { createLogger } from '../../src/common/logger';
 import { qcow2Disk } from '../../src/cli/resume-libvirt';
 import { LibvirtHypervisor, editDomainXml } from '../../src/hypervisor';
 import { sha256File } from '../../src/core/store/files';
@@ -79,7 +80,7 @@ let launchDisk: string;
 let launchSave: string;
 let overlayFile: string;
 let customized: z.infer<typeof StateSchema>;
-const hv = new LibvirtHypervisor();
+const hv = new LibvirtHypervisor({ logger: createLogger('cli-test', 'warn') });
 
 beforeAll(async () => {
   await run('bash', [path.join(ROOT, 'infra', 'guest', 'build.sh')], { cwd: ROOT, timeout: 600_000, maxBuffer: 16 << 20 });
@@ -162,6 +163,16 @@ test('a launch VM resumed from the base and customized becomes an overlay', asyn
   expect(listed.map((o) => o.digest)).toEqual([r.sha256]);
 }, 300_000);
 
+test('without -o the overlay goes into the store under its digest, and synthesize takes the digest', async () => {
+  const r = await cliJson<{ path: string; sha256: string }>('--store', storeA, 'overlay', 'create', '--base', baseId.slice(0, 12), '--disk', launchDisk, '--memory', launchSave, '--lzma-level', '1');
+  expect(r.path).toBe(path.join(storeA, 'overlays', `${r.sha256}.overlay`));
+  expect((await sha256File(r.path)).sha256).toBe(r.sha256);
+  const out = path.join(dir, 'synth-by-digest');
+  const s = await cliJson<{ savePath: string }>('--store', storeA, 'synthesize', r.sha256, '--out', out);
+  expect((await sha256File(s.savePath)).sha256).toBe((await sha256File(launchSave)).sha256);
+  expect(await fsp.readdir(path.join(storeA, 'tmp'))).toEqual([]);
+}, 300_000);
+
 test('export + import into a second store, then synthesize reproduces the launch VM exactly', async () => {
   const pkg = path.join(dir, 'base.cbp');
   expect((await cliJson<{ baseId: string }>('--store', storeA, 'base', 'export', baseId, '-o', pkg)).baseId).toBe(baseId);
@@ -208,6 +219,16 @@ test('failures are typed, exit 1, and say what went wrong (also as JSON)', async
   const e = (JSON.parse(r.out) as { error: { code: string; message: string } }).error;
   expect(['CORRUPT', 'DIGEST_MISMATCH']).toContain(e.code);
   expect(await fsp.readdir(out)).toEqual([]);
+
+  // An overlay applied to another base (same memory, other disk) is WRONG_BASE.
+  const otherDisk = path.join(dir, 'other.raw');
+  await fsp.writeFile(otherDisk, randomBytes(1 << 20));
+  const other = await cliJson<{ baseId: string }>('--store', storeB, 'base', 'create', '--disk', otherDisk, '--memory', path.join(dir, 'base.sav'));
+  const wrongOut = path.join(dir, 'wrong-out');
+  const wrong = await cli('--store', storeB, 'synthesize', overlayFile, '--base', other.baseId, '--out', wrongOut);
+  expect(wrong.code).toBe(1);
+  expect(wrong.err).toMatch(/^cloudlet: WRONG_BASE: /);
+  expect(await fsp.readdir(wrongOut)).toEqual([]);
 
   const usage = await cli('synthesize');
   expect(usage.code).toBe(2);
