@@ -10,6 +10,7 @@ import { LibvirtHypervisor } from '../hypervisor/libvirt';
 import { createGuestActivities } from './guest';
 import { createInstanceActivities } from './instances';
 import { withFailureMapping } from './failures';
+import { createRecipeActivities } from './recipes';
 
 export interface HostActivityDeps {
   hostId: string;
@@ -37,7 +38,8 @@ export function createHostActivities(deps: HostActivityDeps) {
     publicUrl: deps.publicUrl,
     log: deps.log,
   });
-  return withFailureMapping({ ...guest, ...instances });
+  const recipes = createRecipeActivities({ hostId: deps.hostId, dataDir: deps.dataDir, log: deps.log });
+  return withFailureMapping({ ...guest, ...instances, ...recipes });
 }
 
 export type HostActivities = ReturnType<typeof createHostActivities>;

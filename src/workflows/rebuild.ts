@@ -1,0 +1,180 @@
+/**
+ * rebuildOverlay: rebuild a recipe's overlay, as a Temporal Schedule does on its own (see
+ * src/service/schedules.ts). On the recipe's host: resume the base (child resumeBaseVm), run the
+ * recipe inside the guest, create and publish the overlay (child createOverlayVm), then VERIFY it
+ * by synthesizing it once (child synthesizeVm, waiting for the application) and running the
+ * recipe's check. Only a verified overlay becomes the recipe's current one; until then, and on
+ * any failure, the previous one stays current, and the run's instances (and its unverified
+ * overlay) are removed.
+ */
+import {
+  ApplicationFailure,
+  CancellationScope,
+  executeChild,
+  isCancellation,
+  proxyActivities,
+  setCurrentDetails,
+  setHandler,
+  upsertSearchAttributes,
+  workflowInfo,
+} from '@temporalio/workflow';
+import type { ActivityOptions, RetryPolicy } from '@temporalio/workflow';
+import type { InstanceActivities } from '../activities/instances';
+import type { RecipeActivities, RecipeInput } from '../activities/recipes';
+import { HOST_ID_PATTERN, hostTaskQueue, SearchAttributes } from '../common/names';
+import { createOverlayVm, operationProgressQuery, resumeBaseVm, synthesizeVm, type OperationProgress } from './operations';
+
+export interface RebuildOverlayResult {
+  recipeId: string;
+  hostId: string;
+  baseId: string;
+  /** The new overlay, now the recipe's current one. */
+  overlayId: string;
+  url: string;
+  bytes: number;
+  /** The overlay that was current before (kept), if any. */
+  previousOverlayId?: string;
+  /** Milliseconds per stage. */
+  timings: Record<string, number>;
+}
+
+const NON_RETRYABLE = ['BAD_INPUT', 'NOT_FOUND', 'CORRUPT', 'DIGEST_MISMATCH', 'WRONG_BASE', 'UNSUPPORTED_VERSION', 'CPU_MODEL_UNUSABLE', 'CONFLICT', 'RECIPE_FAILED', 'RECIPE_CHECK_FAILED'];
+
+/** The innermost failure: child workflow and activity failures wrap the one that says what happened. */
+function rootCause(e: unknown): { message: string; type?: string } {
+  let message = e instanceof Error ? e.message : String(e);
+  let type: string | undefined;
+  for (let c: unknown = e; c instanceof Error; c = c.cause) {
+    if (c.message) message = c.message;
+    if (c instanceof ApplicationFailure && c.type) type = c.type;
+  }
+  return type ? { message, type } : { message };
+}
+
+/** "verify: synthesize" -> "verifySynthesize" (timing keys). */
+const camel = (s: string): string => s.replace(/[^a-zA-Z0-9]+([a-zA-Z0-9])/g, (_m, c: string) => c.toUpperCase());
+
+export async function rebuildOverlay(input: RecipeInput): Promise<RebuildOverlayResult> {
+  const hostId = typeof input === 'object' && input !== null && typeof input.hostId === 'string' ? input.hostId : '';
+  if (!HOST_ID_PATTERN.test(hostId)) {
+    // Checked here: without a valid host there is no queue to validate the rest on.
+    throw ApplicationFailure.nonRetryable(`the recipe has no valid hostId (${JSON.stringify(hostId)}). Fix: give the host that holds the base, e.g. "local"`, 'BAD_INPUT');
+  }
+  const info = workflowInfo();
+  const common: ActivityOptions & { retry: RetryPolicy } = { taskQueue: hostTaskQueue(hostId), retry: { maximumAttempts: 5, initialInterval: '1 second', nonRetryableErrorTypes: NON_RETRYABLE } };
+  const quick = proxyActivities<RecipeActivities & InstanceActivities>({ ...common, startToCloseTimeout: '2 minutes' });
+
+  const progress: OperationProgress = { stage: 'starting', done: [] };
+  setHandler(operationProgressQuery, () => progress);
+  const timings: Record<string, number> = {};
+  let stageStarted = Date.now();
+  const stage = (name: string): void => {
+    const now = Date.now();
+    if (progress.stage !== 'starting') {
+      progress.done.push(progress.stage);
+      timings[`${camel(progress.stage)}Ms`] = now - stageStarted;
+    }
+    stageStarted = now;
+    progress.stage = name;
+    setCurrentDetails(`**rebuildOverlay** of recipe \`${input.recipeId}\` on host \`${hostId}\`: ${name}${progress.done.length ? ` (done: ${progress.done.join(', ')})` : ''}`);
+  };
+  upsertSearchAttributes([
+    { key: SearchAttributes.host, value: hostId },
+    { key: SearchAttributes.operation, value: 'rebuildOverlay' },
+    { key: SearchAttributes.status, value: 'running' },
+  ]);
+  const started = Date.now();
+
+  stage('validate recipe');
+  const recipe = await quick.parseRecipe(input).catch((e: unknown) => {
+    upsertSearchAttributes([{ key: SearchAttributes.status, value: 'failed' }]);
+    throw e;
+  });
+  upsertSearchAttributes([{ key: SearchAttributes.baseId, value: recipe.baseId }]);
+  const runTag = info.runId.replace(/-/g, '').slice(0, 8);
+  const buildInstance = `rb-${recipe.recipeId}-${runTag}`;
+  const verifyInstance = `rv-${recipe.recipeId}-${runTag}`;
+  const recipeRun = proxyActivities<RecipeActivities>({
+    ...common,
+    // An activity retry runs the whole script again: recipes must be re-runnable (docs/recipes.md).
+    retry: { ...common.retry, maximumAttempts: 2 },
+    startToCloseTimeout: `${recipe.timeoutSeconds + 60} seconds`,
+    heartbeatTimeout: '1 minute',
+  });
+  const checker = proxyActivities<RecipeActivities>({ ...common, startToCloseTimeout: `${(recipe.check?.timeoutSeconds ?? 30) + 60} seconds`, heartbeatTimeout: '1 minute' });
+
+  let overlay: { overlayId: string; url: string; bytes: number } | undefined;
+  try {
+    stage('resume base');
+    await executeChild(resumeBaseVm, {
+      workflowId: `${info.workflowId}/resume`,
+      args: [{ hostId, baseId: recipe.baseId, instanceId: buildInstance, appPort: recipe.appPort }],
+    });
+
+    stage('run recipe in guest');
+    await recipeRun.runRecipeInGuest({ instanceId: buildInstance, recipe });
+
+    stage('create overlay');
+    const made = await executeChild(createOverlayVm, {
+      workflowId: `${info.workflowId}/overlay`,
+      args: [{ hostId, instanceId: buildInstance, keepInstance: false }],
+    });
+    overlay = { overlayId: made.overlayId, url: made.url, bytes: made.bytes };
+    upsertSearchAttributes([{ key: SearchAttributes.overlayId, value: made.overlayId }]);
+
+    stage('verify: synthesize');
+    await executeChild(synthesizeVm, {
+      workflowId: `${info.workflowId}/verify`,
+      args: [{ hostId, instanceId: verifyInstance, overlayUrl: made.url, waitForApp: true, appPort: recipe.appPort }],
+    });
+    if (recipe.check) {
+      stage('verify: check application');
+      await checker.checkRecipeApp({ instanceId: verifyInstance, recipeId: recipe.recipeId, check: recipe.check });
+    }
+
+    stage('make current');
+    await quick.terminateInstance({ instanceId: verifyInstance });
+    const recorded = await quick.recordRecipeOverlay({
+      recipeId: recipe.recipeId,
+      baseId: recipe.baseId,
+      overlay: { ...overlay, workflowId: info.workflowId },
+    });
+    stage('done');
+    timings.totalMs = Date.now() - started;
+    upsertSearchAttributes([{ key: SearchAttributes.status, value: 'succeeded' }]);
+    return {
+      recipeId: recipe.recipeId,
+      hostId,
+      baseId: recipe.baseId,
+      ...overlay,
+      ...(recorded.previous ? { previousOverlayId: recorded.previous.overlayId } : {}),
+      timings,
+    };
+  } catch (e) {
+    // Compensation: the previous overlay stays current; no instance of this run stays behind.
+    const failedStage = progress.stage;
+    const root = rootCause(e);
+    await CancellationScope.nonCancellable(async () => {
+      stage('clean up after failure');
+      await quick.terminateInstance({ instanceId: buildInstance });
+      await quick.terminateInstance({ instanceId: verifyInstance });
+      await quick.discardRecipeRun({
+        recipeId: recipe.recipeId,
+        baseId: recipe.baseId,
+        workflowId: info.workflowId,
+        message: `${failedStage}: ${root.message}`,
+        ...(overlay ? { overlayId: overlay.overlayId } : {}),
+      });
+      stage('failed');
+      upsertSearchAttributes([{ key: SearchAttributes.status, value: 'failed' }]);
+    });
+    if (isCancellation(e)) throw e;
+    // One readable failure for operators: the recipe, the stage, and the root cause's type and message.
+    throw ApplicationFailure.create({
+      type: root.type ?? 'REBUILD_FAILED',
+      nonRetryable: true,
+      message: `rebuild of recipe ${recipe.recipeId} failed at "${failedStage}"; the previous overlay stays current: ${root.message}`,
+      cause: e instanceof Error ? e : undefined,
+    });
+  }
+}
