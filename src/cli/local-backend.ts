@@ -110,36 +110,53 @@ export class LocalBackend implements Backend {
       const baseId = req.baseId !== undefined ? await store.resolveBaseId(req.baseId) : (await readOverlayMeta(overlay)).base.id;
       const base = await openStoredBase(store, baseId);
       const outDir = path.resolve(req.outDir);
-      await fsp.mkdir(outDir, { recursive: true });
-      const diskPath = path.join(outDir, 'disk.qcow2');
-      const savePath = path.join(outDir, 'memory.sav');
-      for (const p of [diskPath, savePath]) {
-        if (await fsp.stat(p).then(() => true, () => false)) {
-          throw new CloudletError('CONFLICT', `${p} already exists`, { fix: 'choose another --out directory or remove the old files' });
-        }
+      const createdDir = await fsp.mkdir(outDir, { recursive: true });
+      try {
+        return await this.synthesizeInto(overlay, base, outDir, req, onProgress, started);
+      } catch (e) {
+        // Leave no empty directory of ours behind (the engine already removed its temp files).
+        if (createdDir !== undefined) await fsp.rmdir(outDir).catch(() => undefined);
+        throw e;
       }
-      const input: Parameters<typeof applyOverlay>[0] = {
-        base,
-        overlay,
-        outDiskPath: diskPath,
-        outSavePath: savePath,
-        onProgress: (d: number, t: number, stage?: string) => onProgress(d, t, stage ?? 'synthesize'),
-      };
-      if (req.concurrency !== undefined) input.concurrency = req.concurrency;
-      const { meta, timings } = await applyOverlay(input);
-      const result: SynthesizeResult = { baseId: base.id, diskPath, savePath, seconds: (performance.now() - started) / 1000, timings, meta };
-      if (req.resume) {
-        if (!this.resumer) {
-          throw new CloudletError('HYPERVISOR_UNAVAILABLE', 'this CLI was started without a hypervisor adapter, so it cannot resume the VM', { fix: 'run synthesize without --resume' });
-        }
-        const t0 = performance.now();
-        const resumeInput: Parameters<Resumer>[0] = { diskPath, savePath, serialPath: path.join(outDir, 'serial.log'), cpuModel: meta.launch.cpuModel };
-        if (req.resume.forwardGuestPort !== undefined) resumeInput.forwardGuestPort = req.resume.forwardGuestPort;
-        const resumed = await this.resumer(resumeInput);
-        result.resumed = { ...resumed, seconds: (performance.now() - t0) / 1000 };
-      }
-      return result;
     });
+  }
+
+  private async synthesizeInto(
+    overlay: string,
+    base: Awaited<ReturnType<typeof openStoredBase>>,
+    outDir: string,
+    req: SynthesizeRequest,
+    onProgress: OnProgress,
+    started: number,
+  ): Promise<SynthesizeResult> {
+    const diskPath = path.join(outDir, 'disk.qcow2');
+    const savePath = path.join(outDir, 'memory.sav');
+    for (const p of [diskPath, savePath]) {
+      if (await fsp.stat(p).then(() => true, () => false)) {
+        throw new CloudletError('CONFLICT', `${p} already exists`, { fix: 'choose another --out directory or remove the old files' });
+      }
+    }
+    const input: Parameters<typeof applyOverlay>[0] = {
+      base,
+      overlay,
+      outDiskPath: diskPath,
+      outSavePath: savePath,
+      onProgress: (d: number, t: number, stage?: string) => onProgress(d, t, stage ?? 'synthesize'),
+    };
+    if (req.concurrency !== undefined) input.concurrency = req.concurrency;
+    const { meta, timings } = await applyOverlay(input);
+    const result: SynthesizeResult = { baseId: base.id, diskPath, savePath, seconds: (performance.now() - started) / 1000, timings, meta };
+    if (req.resume) {
+      if (!this.resumer) {
+        throw new CloudletError('HYPERVISOR_UNAVAILABLE', 'this CLI was started without a hypervisor adapter, so it cannot resume the VM', { fix: 'run synthesize without --resume' });
+      }
+      const t0 = performance.now();
+      const resumeInput: Parameters<Resumer>[0] = { diskPath, savePath, serialPath: path.join(outDir, 'serial.log'), cpuModel: meta.launch.cpuModel };
+      if (req.resume.forwardGuestPort !== undefined) resumeInput.forwardGuestPort = req.resume.forwardGuestPort;
+      const resumed = await this.resumer(resumeInput);
+      result.resumed = { ...resumed, seconds: (performance.now() - t0) / 1000 };
+    }
+    return result;
   }
 }
 

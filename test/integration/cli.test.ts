@@ -218,7 +218,7 @@ test('failures are typed, exit 1, and say what went wrong (also as JSON)', async
   expect(r.code).toBe(1);
   const e = (JSON.parse(r.out) as { error: { code: string; message: string } }).error;
   expect(['CORRUPT', 'DIGEST_MISMATCH']).toContain(e.code);
-  expect(await fsp.readdir(out)).toEqual([]);
+  await expect(fsp.stat(out)).rejects.toThrow(); // nothing left, not even the directory
 
   // An overlay applied to another base (same memory, other disk) is WRONG_BASE.
   const otherDisk = path.join(dir, 'other.raw');
@@ -228,7 +228,7 @@ test('failures are typed, exit 1, and say what went wrong (also as JSON)', async
   const wrong = await cli('--store', storeB, 'synthesize', overlayFile, '--base', other.baseId, '--out', wrongOut);
   expect(wrong.code).toBe(1);
   expect(wrong.err).toMatch(/^cloudlet: WRONG_BASE: /);
-  expect(await fsp.readdir(wrongOut)).toEqual([]);
+  await expect(fsp.stat(wrongOut)).rejects.toThrow();
 
   const usage = await cli('synthesize');
   expect(usage.code).toBe(2);
