@@ -255,6 +255,19 @@ test('never-written zero pages stay holes of a sparse memory image', async () =>
   expect(r.rebuilt.equals(r.crafted.file)).toBe(true);
 });
 
+test('large files (hashed on worker threads) split and join exactly, parsed and opaque', async () => {
+  const pages = 10 * 1024; // 40 MiB of page payloads: above the worker-hashing threshold
+  const spec: CraftSpec = { blocks: [ram(pages)], parts: [seq('pc.ram', 0, pages / 2), seq('pc.ram', pages / 2, pages / 2)] };
+  const parsed = await roundTrip(spec);
+  expect(parsed.layout.mode).toBe('parsed');
+  expect(parsed.layout.saveFileSha256).toBe(sha(parsed.crafted.file));
+  expect(parsed.rebuilt.equals(parsed.crafted.file)).toBe(true);
+  const opaque = await roundTrip({ ...spec, qemuVersion: 4 });
+  expect(opaque.layout.mode).toBe('opaque');
+  expect(opaque.layout.saveFileSha256).toBe(sha(opaque.crafted.file));
+  expect(opaque.rebuilt.equals(opaque.crafted.file)).toBe(true);
+});
+
 describe('libvirt header', () => {
   test('readSaveHeader returns XML, cookie, flags and the stream offset', async () => {
     const crafted = craftSaveFile({ ...base, wasRunning: 0 });

@@ -103,3 +103,35 @@ class WorkerHasher implements StreamHasher {
 export function createStreamHasher(expectedBytes: number): StreamHasher {
   return expectedBytes >= WORKER_THRESHOLD ? new WorkerHasher() : new InlineHasher();
 }
+
+const FILE_WORKER_SOURCE = `
+const { parentPort, workerData } = require('node:worker_threads');
+const { openSync, readSync, closeSync } = require('node:fs');
+const { createHash } = require('node:crypto');
+const fd = openSync(workerData.path, 'r');
+try {
+  const buf = Buffer.allocUnsafe(8 * 1024 * 1024);
+  const h = createHash('sha256');
+  let size = 0;
+  for (let n; (n = readSync(fd, buf, 0, buf.length, null)) > 0; size += n) h.update(buf.subarray(0, n));
+  parentPort.postMessage({ digest: h.digest('hex'), size });
+} finally {
+  closeSync(fd);
+}
+`;
+
+/**
+ * sha256 of a whole file, read and hashed by a worker thread on its own (no copies through the
+ * main thread): used while the main thread parses the same file. Resolves to undefined when the
+ * file's size is not `expectedSize` (it changed while being read).
+ */
+export function hashFileInWorker(path: string, expectedSize: number): { digest: Promise<string | undefined>; close(): void } {
+  const worker = new Worker(FILE_WORKER_SOURCE, { eval: true, workerData: { path } });
+  const digest = new Promise<string | undefined>((resolve, reject) => {
+    worker.once('message', (m: { digest: string; size: number }) => resolve(m.size === expectedSize ? m.digest : undefined));
+    worker.once('error', reject);
+    worker.once('exit', (code) => reject(new Error(`the hashing thread for ${path} exited (code ${code})`)));
+  });
+  digest.catch(() => undefined).finally(() => void worker.terminate());
+  return { digest, close: () => void worker.terminate() };
+}

@@ -7,6 +7,8 @@ import type { FileHandle } from 'node:fs/promises';
 import { CloudletError } from '../errors';
 import { createStreamHasher, type StreamHasher } from './hasher';
 
+const NO_HASH: StreamHasher = { update: () => undefined, digest: () => Promise.resolve(''), close: () => undefined };
+
 const READ_SIZE = 8 * 1024 * 1024;
 const MAX_BUFFER = 256 * 1024 * 1024;
 
@@ -26,8 +28,10 @@ export class StreamReader {
     readonly size: number,
     private readonly what: string,
     private readonly onRead?: (done: number, total: number) => void,
+    /** false: the caller hashes the file another way (finish() then returns ''). */
+    hash = true,
   ) {
-    this.hash = createStreamHasher(size);
+    this.hash = hash ? createStreamHasher(size) : NO_HASH;
   }
 
   /** Absolute offset of the next byte. */
@@ -106,7 +110,7 @@ export class StreamReader {
     return v;
   }
 
-  /** Reads and hashes the rest of the file; returns its sha256 (hex). Call once, at the end. */
+  /** Reads and hashes the rest of the file; returns its sha256 (hex; '' when not hashing). Call once, at the end. */
   async finish(): Promise<string> {
     while (!this.eofReached) {
       this.at = this.end;

@@ -7,7 +7,7 @@
 import { open, rename, unlink, type FileHandle } from 'node:fs/promises';
 import { CloudletError } from '../errors';
 import * as F from './format';
-import { createStreamHasher } from './hasher';
+import { createStreamHasher, hashFileInWorker } from './hasher';
 import { verifySnapshot } from './join';
 import { cpuModelOf, decodeFixedHeader, decodeHeaderData } from './header';
 import { snapshotLog, type Logger } from './log';
@@ -60,6 +60,8 @@ export interface SplitOptions {
 class NotUnderstood extends Error {}
 
 const IO_SIZE = 8 * 1024 * 1024;
+/** Files at least this large are hashed by a worker thread reading the file itself. */
+const HASH_IN_WORKER_FROM = 32 * 1024 * 1024;
 const TWO32 = 2 ** 32;
 
 function alignUp(n: number, a: number): number {
@@ -154,11 +156,20 @@ interface ParseResult {
 }
 
 async function parseAndWrite(savePath: string, fh: FileHandle, size: number, img: FileHandle, opts: SplitOptions, log: Logger): Promise<ParseResult> {
-  const r = new StreamReader(fh, size, `save file ${savePath}`, opts.onProgress);
+  // Large files: a worker reads and hashes the file on its own, beside the parse (no copies).
+  const fileHash = size >= HASH_IN_WORKER_FROM ? hashFileInWorker(savePath, size) : undefined;
+  const r = new StreamReader(fh, size, `save file ${savePath}`, opts.onProgress, !fileHash);
   try {
-    return await parseWith(r, savePath, fh, size, img, log);
+    const result = await parseWith(r, savePath, fh, size, img, log);
+    if (fileHash) {
+      const digest = await fileHash.digest;
+      if (digest === undefined) throw new CloudletError('CORRUPT', `save file ${savePath} changed while it was being split`, { fix: 'do not modify a save file while it is split' });
+      result.header.saveFileSha256 = digest;
+    }
+    return result;
   } finally {
     r.close();
+    fileHash?.close();
   }
 }
 
