@@ -4,7 +4,7 @@
  * talking to the cloudlet HTTP API) is another implementation of this interface, selected in
  * `selectBackend`; the commands do not change.
  */
-import type { BaseManifest, BaseSummary, ImportResult } from '../core/base';
+import type { BaseManifest, BaseSummary, ImportResult, VerifyReport } from '../core/base';
 import type { OnProgress } from '../core/progress';
 import type { OverlayRecord } from '../core/store';
 
@@ -72,6 +72,7 @@ export interface Backend {
   listBases(): Promise<BaseSummary[]>;
   baseInfo(baseId: string): Promise<BaseDetails>;
   removeBase(baseId: string): Promise<void>;
+  verifyBase(baseId: string, onProgress: OnProgress): Promise<VerifyReport>;
   createOverlay(req: OverlayCreateRequest, onProgress: OnProgress): Promise<OverlayCreateResult>;
   overlayInfo(pathOrUrl: string): Promise<unknown>;
   listOverlays(): Promise<OverlayRecord[]>;

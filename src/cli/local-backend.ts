@@ -5,8 +5,8 @@
 import { promises as fsp } from 'node:fs';
 import path from 'node:path';
 import { performance } from 'node:perf_hooks';
-import type { BaseManifest, BaseSummary, ImportResult } from '../core/base';
-import { createBase, exportBase, importBase, listBases, openStoredBase, removeBase } from '../core/base';
+import type { BaseManifest, BaseSummary, ImportResult, VerifyReport } from '../core/base';
+import { createBase, exportBase, importBase, listBases, openStoredBase, removeBase, verifyBase } from '../core/base';
 import { CloudletError } from '../core/errors';
 import { applyOverlay, createOverlay, readOverlayMeta } from '../core/overlay';
 import type { OnProgress } from '../core/progress';
@@ -58,6 +58,10 @@ export class LocalBackend implements Backend {
 
   async removeBase(baseId: string): Promise<void> {
     return removeBase(this.storeRoot, await this.resolveBaseId(baseId));
+  }
+
+  verifyBase(baseId: string, onProgress: OnProgress): Promise<VerifyReport> {
+    return verifyBase(this.storeRoot, baseId, { onProgress });
   }
 
   createOverlay(req: OverlayCreateRequest, onProgress: OnProgress): Promise<OverlayCreateResult> {

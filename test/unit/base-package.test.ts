@@ -39,7 +39,7 @@ jest.mock('../../src/core/snapshot', () => {
 
 import { buildChunkIndex } from '../../src/core/chunk';
 import type { BaseManifest } from '../../src/core/base';
-import { computeBaseId, createBase, exportBase, importBase, listBases, openBase, readPackageManifest, removeBase } from '../../src/core/base';
+import { computeBaseId, createBase, exportBase, importBase, listBases, openBase, readPackageManifest, removeBase, verifyBase } from '../../src/core/base';
 import { canonicalJson } from '../../src/core/base/manifest';
 import { CloudletError } from '../../src/core/errors';
 
@@ -168,6 +168,23 @@ describe('package round trip', () => {
     await removeBase(storeB, manifest.baseId);
     expect(await listBases(storeB)).toEqual([]);
     expect(await leftovers(storeB)).toEqual([]);
+  });
+
+  test('verifyBase finds damaged stored files', async () => {
+    const storeV = path.join(dir, 'storeV');
+    await importBase(storeV, pkg);
+    expect(await verifyBase(storeV, manifest.baseId)).toEqual({ baseId: manifest.baseId, ok: true, problems: [] });
+    const b = path.join(storeV, 'bases', manifest.baseId);
+    for (const f of ['memory.img', 'disk.idx']) {
+      const bytes = await fsp.readFile(path.join(b, f));
+      bytes[bytes.length - 5] = (bytes[bytes.length - 5] ?? 0) ^ 1;
+      await fsp.writeFile(path.join(b, f), bytes);
+    }
+    const report = await verifyBase(storeV, manifest.baseId.slice(0, 10));
+    expect(report.ok).toBe(false);
+    expect(report.problems).toHaveLength(2);
+    expect(report.problems[0]).toMatch(/^disk\.idx: /);
+    expect(report.problems[1]).toBe('memory.img: 1 chunks differ from memory.idx');
   });
 
   test('export of an unknown base is NOT_FOUND and writes nothing', async () => {

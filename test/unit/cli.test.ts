@@ -53,6 +53,7 @@ function fakeBackend(calls: Array<[string, unknown]>, overrides: Partial<Backend
     },
     listBases: async () => [{ baseId: ID, addedAt: '2026-01-01T00:00:00.000Z', diskSize: 8192, memorySize: 100, cpuModel: 'qemu64', memoryMode: 'parsed' }],
     baseInfo: notUsed,
+    verifyBase: async (id) => (id === ID ? { baseId: ID, ok: true, problems: [] } : { baseId: id, ok: false, problems: ['disk.raw: sha256 differs'] }),
     removeBase: async (id) => {
       calls.push(['removeBase', id]);
     },
@@ -152,6 +153,18 @@ test('a CloudletError exits 1 with its message; --json adds a JSON error; --debu
   expect(JSON.parse(json.out)).toEqual({ error: { code: 'NOT_FOUND', message: `base ${ID} is not in the store /s. Fix: list the bases`, fix: 'list the bases', retryable: false, details: {} } });
   const debug = await cli(['--debug', 'base', 'remove', ID], failing);
   expect(debug.err).toMatch(/\n\s+at /);
+});
+
+test('base verify: ok, or CORRUPT listing the problems', async () => {
+  const ok = await cli(['base', 'verify', ID], fakeBackend([]));
+  expect(ok.code).toBe(0);
+  expect(ok.out).toBe(`base ${ID}: all files match the manifest\n`);
+  const other = 'cd'.repeat(32);
+  const bad = await cli(['--json', 'base', 'verify', other], fakeBackend([]));
+  expect(bad.code).toBe(1);
+  const e = (JSON.parse(bad.out) as { error: { code: string; details: { problems: string[] } } }).error;
+  expect(e.code).toBe('CORRUPT');
+  expect(e.details.problems).toEqual(['disk.raw: sha256 differs']);
 });
 
 test('an unexpected failure exits 70 without a stack trace unless --debug', async () => {

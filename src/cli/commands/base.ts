@@ -1,5 +1,6 @@
 /** `cloudlet base create|import|export|list|info|remove`. */
 import type { Command } from 'commander';
+import { CloudletError } from '../../core/errors';
 import { formatBytes } from '../../core/progress';
 import { withProgress } from '../context';
 import { baseListText, manifestText } from '../format';
@@ -66,6 +67,23 @@ export function registerBaseCommands(program: Command, env: CommandEnv): void {
         ctx.print(info, () =>
           [manifestText(info.manifest), `directory  ${info.dir}`, ...Object.entries(info.files).map(([role, f]) => `  ${role.padEnd(15)} ${formatBytes(f.size).padStart(10)}  ${f.path}`)].join('\n'),
         );
+      }),
+    );
+
+  base
+    .command('verify')
+    .description("re-check a stored base's files against its manifest (exit 1 if damaged)")
+    .argument('<baseId>', 'base id')
+    .action(
+      env.run(async (ctx, backend, baseId: string) => {
+        const report = await withProgress(ctx, (p) => backend.verifyBase(baseId, p));
+        if (!report.ok) {
+          throw new CloudletError('CORRUPT', `stored base ${report.baseId} is damaged: ${report.problems.join('; ')}`, {
+            fix: `remove it (cloudlet base remove ${report.baseId}) and import its package again`,
+            details: { baseId: report.baseId, problems: report.problems },
+          });
+        }
+        ctx.print(report, () => `base ${report.baseId}: all files match the manifest`);
       }),
     );
 

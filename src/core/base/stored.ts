@@ -3,10 +3,12 @@
  */
 import { promises as fsp } from 'node:fs';
 import path from 'node:path';
-import { readChunkIndex } from '../chunk';
+import { buildChunkIndex, readChunkIndex } from '../chunk';
 import type { ChunkIndex } from '../chunk';
 import { CloudletError } from '../errors';
+import type { OnProgress } from '../progress';
 import { BASE_FILES, Store } from '../store';
+import { sha256File } from '../store/files';
 import type { BaseManifest } from './manifest';
 import { parseManifest } from './manifest';
 
@@ -137,6 +139,46 @@ export async function removeBase(storeRoot: string, baseId: string): Promise<voi
   const store = await Store.open(storeRoot);
   try {
     await store.removeBase(baseId);
+  } finally {
+    store.close();
+  }
+}
+
+export interface VerifyReport {
+  baseId: string;
+  ok: boolean;
+  /** One line per problem found (empty when ok). */
+  problems: string[];
+}
+
+/**
+ * Re-check a stored base against its manifest: the sha256 of every member, and the memory image
+ * against the memory index (the disk index is checked through its digest). Reports problems
+ * instead of throwing, so an operator sees all of them.
+ */
+export async function verifyBase(storeRoot: string, baseId: string, opts: { onProgress?: OnProgress } = {}): Promise<VerifyReport> {
+  const store = await Store.open(storeRoot);
+  try {
+    const id = await store.resolveBaseId(baseId);
+    const manifest = await readStoredManifest(store, id);
+    const dir = store.baseDir(id);
+    const problems: string[] = [];
+    for (const m of manifest.members) {
+      const file = path.join(dir, m.name);
+      const got = await sha256File(file, (d, t) => opts.onProgress?.(d, t, `verify ${m.name}`)).catch((e: unknown) => e as Error);
+      if (got instanceof Error) problems.push(`${m.name}: ${got.message}`);
+      else if (got.size !== m.size || got.sha256 !== m.sha256) problems.push(`${m.name}: ${got.size} bytes sha256 ${got.sha256}, the manifest says ${m.size} bytes sha256 ${m.sha256}`);
+    }
+    try {
+      const stored = await readChunkIndex(path.join(dir, BASE_FILES.memoryIndex));
+      const built = await buildChunkIndex(path.join(dir, BASE_FILES.memoryImage), { onProgress: (d, t) => opts.onProgress?.(d, t, 'verify memory.img') });
+      let bad = built.byteLength === stored.byteLength ? 0 : -1;
+      for (let i = 0; bad >= 0 && i < built.chunkCount; i++) if (!stored.equalAt(i, built.digestAt(i))) bad++;
+      if (bad !== 0) problems.push(`memory.img: ${bad < 0 ? `${built.byteLength} bytes, the index describes ${stored.byteLength}` : `${bad} chunks differ from memory.idx`}`);
+    } catch (e) {
+      problems.push(`memory.img: ${(e as Error).message}`);
+    }
+    return { baseId: id, ok: problems.length === 0, problems };
   } finally {
     store.close();
   }
