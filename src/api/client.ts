@@ -25,6 +25,7 @@ import type {
   ResumeBaseRequest,
 } from '../service/types';
 import { isErrorCode } from './codes';
+import type { RecipeScheduleDetail, RecipeScheduleSpec, RecipeScheduleSummary } from './routes/schedules';
 
 export interface ApiClientOptions {
   /** Root of the API, e.g. http://127.0.0.1:8080 (a path prefix is kept). */
@@ -206,6 +207,36 @@ export class CloudletApiClient implements CloudletService {
     return this.orUndefined(this.json<OperationStatus>('GET', `/v1/operations/${encodeURIComponent(id)}`));
   }
 
+  // ---- recipe schedules ------------------------------------------------------------------------
+
+  async createSchedule(recipe: unknown, spec: RecipeScheduleSpec): Promise<RecipeScheduleDetail> {
+    return this.json<RecipeScheduleDetail>('POST', '/v1/schedules', { body: { recipe, ...spec } });
+  }
+
+  async listSchedules(): Promise<RecipeScheduleSummary[]> {
+    return (await this.json<{ schedules: RecipeScheduleSummary[] }>('GET', '/v1/schedules')).schedules;
+  }
+
+  async getSchedule(recipeId: string): Promise<RecipeScheduleDetail | undefined> {
+    return this.orUndefined(this.json<RecipeScheduleDetail>('GET', `/v1/schedules/${encodeURIComponent(recipeId)}`));
+  }
+
+  async triggerSchedule(recipeId: string): Promise<void> {
+    await this.json('POST', `/v1/schedules/${encodeURIComponent(recipeId)}/trigger`);
+  }
+
+  async pauseSchedule(recipeId: string, note?: string): Promise<void> {
+    await this.noContent('POST', `/v1/schedules/${encodeURIComponent(recipeId)}/pause`, note === undefined ? undefined : { note });
+  }
+
+  async unpauseSchedule(recipeId: string, note?: string): Promise<void> {
+    await this.noContent('POST', `/v1/schedules/${encodeURIComponent(recipeId)}/unpause`, note === undefined ? undefined : { note });
+  }
+
+  async deleteSchedule(recipeId: string): Promise<void> {
+    await this.noContent('DELETE', `/v1/schedules/${encodeURIComponent(recipeId)}`);
+  }
+
   /**
    * Poll an operation until it closes. Resolves with the final status when it succeeded; throws a
    * CloudletError with the workflow's failure type and message when it failed or was cancelled,
@@ -257,6 +288,13 @@ export class CloudletApiClient implements CloudletService {
     } catch (cause) {
       throw new CloudletApiError(res.status, 'BAD_RESPONSE', `${method} ${apiPath} answered ${res.status} with a body that is not JSON`, { cause });
     }
+  }
+
+  private async noContent(method: string, apiPath: string, body?: unknown): Promise<void> {
+    const headers: Record<string, string> = {};
+    if (body !== undefined) headers['content-type'] = 'application/json';
+    const res = await this.send(method, apiPath, { headers, body: body === undefined ? undefined : JSON.stringify(body), timeout: true });
+    await res.arrayBuffer();
   }
 
   /** Send a request; resolves only for 2xx/3xx, else throws the API's error as a CloudletApiError. */

@@ -6,13 +6,14 @@
  *   CLOUDLET_API_HOST      listen address (default 127.0.0.1)
  *   CLOUDLET_API_PORT      listen port (default 8080)
  *
- * `runApi(createService)` is what a wiring module calls with the Temporal-backed service; run
+ * `runApi(createBackend)` is what a wiring module calls with the Temporal-backed service; run
  * directly with `--fake`, it serves the in-memory fake (for trying the API and its docs).
  */
 import { z } from 'zod';
 import { createLogger } from '../common/logger';
 import type { CloudletService } from '../service/types';
 import { parseTokens } from './auth';
+import type { RecipeScheduleApi } from './routes/schedules';
 import { startApi, type RunningApi } from './server';
 
 const ApiEnvSchema = z.object({
@@ -47,17 +48,31 @@ export function loadApiConfig(env: NodeJS.ProcessEnv = process.env): ApiConfig {
   return { tokens, insecure, host: e.CLOUDLET_API_HOST, port: e.CLOUDLET_API_PORT };
 }
 
-/** Start the API over the service `createService` makes; closes both on SIGINT/SIGTERM. */
-export async function runApi(createService: () => Promise<CloudletService & { close?: () => Promise<void> }>, env: NodeJS.ProcessEnv = process.env): Promise<RunningApi> {
+/** What the API serves: the service, and (optionally) recipe schedules; closed on shutdown. */
+export interface ApiBackend {
+  service: CloudletService;
+  schedules?: RecipeScheduleApi;
+  close?: () => Promise<void>;
+}
+
+/** Start the API over the backend `createBackend` makes; closes both on SIGINT/SIGTERM. */
+export async function runApi(createBackend: () => Promise<ApiBackend>, env: NodeJS.ProcessEnv = process.env): Promise<RunningApi> {
   const config = loadApiConfig(env);
   const logger = createLogger('cloudlet-api');
-  const service = await createService();
-  const api = await startApi(service, { tokens: config.tokens, insecure: config.insecure, host: config.host, port: config.port, logger });
+  const backend = await createBackend();
+  const api = await startApi(backend.service, {
+    ...(backend.schedules ? { schedules: backend.schedules } : {}),
+    tokens: config.tokens,
+    insecure: config.insecure,
+    host: config.host,
+    port: config.port,
+    logger,
+  });
   logger.info({ url: api.url, openapi: `${api.url}/openapi.json`, tokens: config.tokens.length, insecure: config.insecure }, 'cloudlet API listening');
   const stop = async (signal: string) => {
     logger.info({ signal }, 'cloudlet API stopping');
     await api.close();
-    await service.close?.();
+    await backend.close?.();
     process.exit(0);
   };
   process.once('SIGINT', (s) => void stop(s));
@@ -69,16 +84,16 @@ if (require.main === module) {
   const args = process.argv.slice(2);
   if (args.includes('--fake')) {
     runApi(async () => {
-      const { FakeCloudletService } = await import('../service/fake');
-      const fake = new FakeCloudletService();
-      return Object.assign(fake, { close: async () => fake.cleanup() });
+      const { FakeCloudletService, FakeRecipeSchedules } = await import('../service/fake');
+      const service = new FakeCloudletService();
+      return { service, schedules: new FakeRecipeSchedules(service), close: async () => service.cleanup() };
     }).catch((e: unknown) => {
       process.stderr.write(`cloudlet-api: ${(e as Error).message}\n`);
       process.exit(1);
     });
   } else {
     process.stderr.write(
-      'cloudlet-api: this entry serves no real service by itself; the Temporal-backed service starts it with runApi(createService) ' +
+      'cloudlet-api: this entry serves no real service by itself; the Temporal-backed service starts it with runApi(createBackend) ' +
         '(see docs/api.md). Run with --fake to try the API over the in-memory fake.\n',
     );
     process.exit(2);

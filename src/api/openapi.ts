@@ -75,7 +75,7 @@ export function buildOpenApi(routes: readonly Route[], info: OpenApiInfo = {}): 
       security: r.auth === false ? [] : [{ bearer: [] }],
     };
     if (r.description !== undefined) op.description = r.description;
-    if (r.body) op.requestBody = { required: true, content: { 'application/json': { schema: schemaOf(r.body, 'input') } } };
+    if (r.body) op.requestBody = { required: r.bodyOptional !== true, content: { 'application/json': { schema: schemaOf(r.body, 'input') } } };
     (paths[r.path] ??= {})[r.method.toLowerCase()] = op;
   }
 

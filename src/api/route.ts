@@ -45,6 +45,8 @@ export interface RouteDef<PS extends z.ZodType | undefined = undefined, BS exten
   idempotent?: boolean;
   params?: PS;
   body?: BS;
+  /** The body may be left out (parsed as {}). */
+  bodyOptional?: boolean;
   responses: Record<number, ResponseDoc>;
   /** Returns the JSON body (sent with the reply's status, 200 unless set) or the reply itself once sent. */
   handler(ctx: RouteContext<Out<PS>, Out<BS>>): Promise<unknown>;
@@ -63,6 +65,7 @@ export interface Route {
   idempotent?: boolean;
   params?: z.ZodType;
   body?: z.ZodType;
+  bodyOptional?: boolean;
   responses: Record<number, ResponseDoc>;
   handler(ctx: RouteContext<unknown, unknown>): Promise<unknown>;
 }

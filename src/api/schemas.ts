@@ -194,3 +194,61 @@ export const BaseListSchema = named('BaseList', z.object({ bases: z.array(BaseIn
 export const OverlayListSchema = named('OverlayList', z.object({ overlays: z.array(OverlayInfoSchema) }));
 export const InstanceListSchema = named('InstanceList', z.object({ instances: z.array(InstanceInfoSchema) }));
 export const HealthSchema = named('Health', z.object({ ok: z.literal(true) }));
+
+// ---- recipe schedules --------------------------------------------------------------------------
+
+export const RecipeIdSchema = z.string().regex(/^[a-z0-9]([a-z0-9-]{0,38}[a-z0-9])?$/, 'a recipe id: lower-case letters, digits and dashes, at most 40');
+export const RecipeParamsSchema = z.strictObject({ recipeId: RecipeIdSchema });
+
+/**
+ * A recipe as the API checks it: the fields that name things are validated here; the rest
+ * (files, command, check, timeouts: see docs/recipes.md) by the service, whose BAD_INPUT is a 400.
+ */
+export const RecipeBodySchema = named(
+  'Recipe',
+  z.looseObject({
+    recipeId: RecipeIdSchema,
+    hostId: HostIdSchema.describe('The host that builds and verifies the overlay; it must hold the base.'),
+    baseId: Sha256IdSchema,
+    files: z.array(z.object({ path: z.string(), content: z.string(), mode: z.string().optional() })).optional(),
+    command: z.string().min(1).describe('Shell script run in the guest that installs and starts the application.'),
+    check: z.object({ path: z.string(), expect: z.string(), timeoutSeconds: z.number().int().optional() }).optional(),
+    timeoutSeconds: z.number().int().optional(),
+    appPort: PortSchema.optional(),
+  }),
+);
+
+export const CreateScheduleBodySchema = named(
+  'CreateScheduleRequest',
+  z.strictObject({
+    recipe: RecipeBodySchema,
+    every: z.string().regex(/^\d+\s*(s|m|h|d)$/, 'a number and a unit: s, m, h or d, e.g. "6h"').describe('Rebuild interval (at least 10 s).'),
+    paused: z.boolean().optional(),
+    note: z.string().max(500).optional(),
+    triggerImmediately: z.boolean().optional().describe('Also start one rebuild right away.'),
+  }),
+);
+
+export const ScheduleNoteBodySchema = named('ScheduleNote', z.strictObject({ note: z.string().max(500).optional() }));
+
+const RecipeRunSchema = z.object({ workflowId: z.string(), runId: z.string(), scheduledAt: z.string(), startedAt: z.string() });
+
+export const ScheduleInfoSchema = named(
+  'Schedule',
+  z.object({
+    recipeId: z.string(),
+    scheduleId: z.string().describe('The Temporal Schedule id (recipe-<recipeId>).'),
+    recipe: z.unknown(),
+    every: z.string(),
+    paused: z.boolean(),
+    note: z.string().optional(),
+    recentRuns: z.array(RecipeRunSchema),
+    nextRunAt: z.string().optional(),
+    runningWorkflowIds: z.array(z.string()).optional(),
+    actionsTaken: z.number().optional(),
+    skippedOverlap: z.number().optional(),
+    lastRun: RecipeRunSchema.extend({ status: z.string() }).optional(),
+    lastSucceeded: RecipeRunSchema.extend({ result: z.unknown() }).optional(),
+  }),
+);
+export const ScheduleListSchema = named('ScheduleList', z.object({ schedules: z.array(ScheduleInfoSchema) }));

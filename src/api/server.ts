@@ -16,10 +16,13 @@ import { hostRoutes } from './routes/hosts';
 import { instanceRoutes } from './routes/instances';
 import { operationRoutes } from './routes/operations';
 import { overlayRoutes } from './routes/overlays';
+import { scheduleRoutes, type RecipeScheduleApi } from './routes/schedules';
 import { HealthSchema, IdempotencyKeySchema } from './schemas';
 
 export interface ApiOptions {
   service: CloudletService;
+  /** Recipe schedules (the service's RecipeSchedules); without them /v1/schedules answers 501. */
+  schedules?: RecipeScheduleApi;
   /** Accepted bearer tokens. Empty is refused unless `insecure` is set. */
   tokens: readonly string[];
   /** Serve without authentication (local development only; logged loudly). */
@@ -29,8 +32,10 @@ export interface ApiOptions {
   bodyLimit?: number;
 }
 
+const serviceRoutes: readonly Route[] = [...hostRoutes, ...baseRoutes, ...instanceRoutes, ...overlayRoutes, ...operationRoutes];
+
 /** Every route of the API, in documentation order (without the two meta routes). */
-export const apiRoutes: readonly Route[] = [...hostRoutes, ...baseRoutes, ...instanceRoutes, ...overlayRoutes, ...operationRoutes];
+export const apiRoutes: readonly Route[] = [...serviceRoutes, ...scheduleRoutes(undefined)];
 
 export async function buildServer(options: ApiOptions): Promise<FastifyInstance> {
   const insecure = options.insecure === true;
@@ -88,7 +93,7 @@ export async function buildServer(options: ApiOptions): Promise<FastifyInstance>
       handler: async () => (openapi ??= buildOpenApi(allRoutes)),
     }),
   ];
-  const allRoutes = [...metaRoutes, ...apiRoutes];
+  const allRoutes = [...metaRoutes, ...serviceRoutes, ...scheduleRoutes(options.schedules)];
 
   for (const route of allRoutes) {
     app.route({
@@ -110,7 +115,7 @@ export async function buildServer(options: ApiOptions): Promise<FastifyInstance>
         idempotencyKey = r.data;
       }
     }
-    const body = route.body ? parse(route.body, 'body', req.body) : undefined;
+    const body = route.body ? parse(route.body, 'body', req.body === undefined && route.bodyOptional ? {} : req.body) : undefined;
     return route.handler({ params, body, idempotencyKey, service: options.service, req, reply });
   }
 

@@ -9,6 +9,7 @@ import { createHash } from 'node:crypto';
 import fs from 'node:fs';
 import os from 'node:os';
 import path from 'node:path';
+import type { RecipeScheduleApi, RecipeScheduleDetail, RecipeScheduleSpec, RecipeScheduleSummary } from '../api/routes/schedules';
 import { CloudletError } from '../core/errors';
 import type {
   BaseInfo,
@@ -138,6 +139,13 @@ export class FakeCloudletService implements CloudletService {
     op.status.state = 'failed';
     op.status.closedAt = now();
     op.status.error = { type, message, nonRetryable };
+  }
+
+  /** Start a rebuildOverlay operation (what a recipe schedule's action does). */
+  startRebuild(recipeId: string, hostId: string): OperationRef {
+    this.requireHost(hostId);
+    this.counter += 1;
+    return this.start('rebuildOverlay', hostId, `${recipeId}-${this.counter}`, () => ({ recipeId, hostId }));
   }
 
   /** Remove every file the fake wrote. */
@@ -383,4 +391,90 @@ function sha256(b: Buffer): string {
 
 function now(): string {
   return new Date().toISOString();
+}
+
+/** In-memory recipe schedules over a FakeCloudletService: a trigger starts a rebuildOverlay operation. */
+export class FakeRecipeSchedules implements RecipeScheduleApi {
+  private readonly schedules = new Map<string, RecipeScheduleDetail>();
+
+  constructor(private readonly service: FakeCloudletService) {}
+
+  async create(recipe: unknown, spec: RecipeScheduleSpec): Promise<RecipeScheduleDetail> {
+    const r = recipe as { recipeId?: unknown; hostId?: unknown };
+    if (typeof r.recipeId !== 'string' || typeof r.hostId !== 'string') {
+      throw new CloudletError('BAD_INPUT', 'invalid overlay recipe (recipeId and hostId are required)');
+    }
+    const m = /^(\d+)\s*(s|m|h|d)$/.exec(spec.every);
+    const ms = m ? Number(m[1]) * ({ s: 1e3, m: 6e4, h: 3.6e6, d: 8.64e7 }[m[2] as 's' | 'm' | 'h' | 'd']) : 0;
+    if (ms < 10_000) throw new CloudletError('BAD_INPUT', `invalid recipe schedule (every: at least 10 s, not ${spec.every})`);
+    if (this.schedules.has(r.recipeId)) {
+      throw new CloudletError('CONFLICT', `recipe ${r.recipeId} already has a schedule (recipe-${r.recipeId})`, { fix: 'delete it first, or trigger it' });
+    }
+    if (!(await this.service.listHosts()).some((h) => h.id === r.hostId)) {
+      throw new CloudletError('UNKNOWN_HOST', `host ${r.hostId} is not part of this cloudlet`);
+    }
+    const s: RecipeScheduleDetail = {
+      recipeId: r.recipeId,
+      scheduleId: `recipe-${r.recipeId}`,
+      recipe: structuredClone(recipe),
+      every: spec.every,
+      paused: spec.paused ?? false,
+      recentRuns: [],
+      nextRunAt: new Date(Date.now() + ms).toISOString(),
+      runningWorkflowIds: [],
+      actionsTaken: 0,
+      skippedOverlap: 0,
+    };
+    if (spec.note !== undefined) s.note = spec.note;
+    this.schedules.set(r.recipeId, s);
+    if (spec.triggerImmediately) await this.trigger(r.recipeId);
+    return structuredClone(s);
+  }
+
+  async list(): Promise<RecipeScheduleSummary[]> {
+    return [...this.schedules.values()].map(({ recipeId, scheduleId, recipe, every, paused, note, recentRuns }) => ({
+      recipeId,
+      scheduleId,
+      recipe,
+      every,
+      paused,
+      ...(note !== undefined ? { note } : {}),
+      recentRuns: [...recentRuns],
+    }));
+  }
+
+  async get(recipeId: string): Promise<RecipeScheduleDetail> {
+    return structuredClone(this.require(recipeId));
+  }
+
+  async trigger(recipeId: string): Promise<void> {
+    const s = this.require(recipeId);
+    const ref = this.service.startRebuild(recipeId, (s.recipe as { hostId: string }).hostId);
+    const at = new Date().toISOString();
+    s.recentRuns.push({ workflowId: ref.id, runId: `run-${s.recentRuns.length + 1}`, scheduledAt: at, startedAt: at });
+    s.actionsTaken = (s.actionsTaken ?? 0) + 1;
+  }
+
+  async pause(recipeId: string, note = 'paused through the cloudlet service'): Promise<void> {
+    const s = this.require(recipeId);
+    s.paused = true;
+    s.note = note;
+  }
+
+  async unpause(recipeId: string, note = 'unpaused through the cloudlet service'): Promise<void> {
+    const s = this.require(recipeId);
+    s.paused = false;
+    s.note = note;
+  }
+
+  async delete(recipeId: string): Promise<void> {
+    this.require(recipeId);
+    this.schedules.delete(recipeId);
+  }
+
+  private require(recipeId: string): RecipeScheduleDetail {
+    const s = this.schedules.get(recipeId);
+    if (!s) throw new CloudletError('NOT_FOUND', `there is no schedule for recipe ${recipeId}`, { fix: 'list the recipe schedules, or create one' });
+    return s;
+  }
 }

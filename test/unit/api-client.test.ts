@@ -161,3 +161,26 @@ test('an unreachable API is a CloudletApiError with status 0 naming the URL', as
   expect(err.message).toContain(`http://127.0.0.1:${port}/v1/hosts`);
   expect(() => new CloudletApiClient({ baseUrl: 'not a url' })).toThrow(CloudletError);
 });
+
+test('recipe schedules through the client', async () => {
+  const { FakeRecipeSchedules } = await import('../../src/service/fake');
+  const withSchedules = await startApi(fake, { schedules: new FakeRecipeSchedules(fake), tokens: [TOKEN], port: 0 });
+  try {
+    const c = new CloudletApiClient({ baseUrl: withSchedules.url, token: TOKEN });
+    const recipe = { recipeId: 'shop', hostId: 'host-b', baseId: 'e'.repeat(64), command: 'start-shop' };
+    const created = await c.createSchedule(recipe, { every: '1h', triggerImmediately: true });
+    expect(created).toMatchObject({ recipeId: 'shop', every: '1h', recentRuns: [expect.objectContaining({ workflowId: expect.stringMatching(/^rebuildOverlay\/host-b\/shop-/) })] });
+    await c.triggerSchedule('shop');
+    await c.pauseSchedule('shop', 'maintenance');
+    expect(await c.getSchedule('shop')).toMatchObject({ paused: true, note: 'maintenance', actionsTaken: 2 });
+    await c.unpauseSchedule('shop');
+    expect((await c.listSchedules()).map((s) => [s.recipeId, s.paused])).toEqual([['shop', false]]);
+    const dup = (await c.createSchedule(recipe, { every: '1h' }).catch((e: unknown) => e)) as CloudletApiError;
+    expect(dup).toMatchObject({ code: 'CONFLICT', status: 409 });
+    await c.deleteSchedule('shop');
+    expect(await c.getSchedule('shop')).toBeUndefined();
+    await expect(c.deleteSchedule('shop')).rejects.toMatchObject({ code: 'NOT_FOUND' });
+  } finally {
+    await withSchedules.close();
+  }
+});

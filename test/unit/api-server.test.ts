@@ -339,3 +339,56 @@ describe('downloads with Range', () => {
     expect(part.payload).toBe('base');
   });
 });
+
+describe('recipe schedules', () => {
+  const recipe = { recipeId: 'web-app', hostId: 'host-a', baseId: 'd'.repeat(64), command: 'echo hi > /data/state', files: [{ path: '/data/x', content: 'y' }] };
+
+  test('without a schedules backend the routes answer 501', async () => {
+    const res = await app.inject({ url: '/v1/schedules', headers: AUTH });
+    expect(res.statusCode).toBe(501);
+    expect(errorOf(res).code).toBe('NOT_IMPLEMENTED');
+  });
+
+  test('create, list, trigger, pause, unpause and delete', async () => {
+    const { FakeRecipeSchedules } = await import('../../src/service/fake');
+    const withSchedules = await buildServer({ service: fake, schedules: new FakeRecipeSchedules(fake), tokens: [TOKEN] });
+    const inject = (method: 'GET' | 'POST' | 'DELETE', url: string, payload?: object) =>
+      withSchedules.inject({ method, url, headers: AUTH, ...(payload ? { payload } : {}) });
+    try {
+      const created = await inject('POST', '/v1/schedules', { recipe, every: '6h', note: 'nightly' });
+      expect(created.statusCode).toBe(201);
+      expect(created.headers.location).toBe('/v1/schedules/web-app');
+      expect(created.json()).toMatchObject({ recipeId: 'web-app', scheduleId: 'recipe-web-app', every: '6h', paused: false, note: 'nightly', recipe });
+
+      expect((await inject('POST', '/v1/schedules', { recipe, every: '6h' })).statusCode).toBe(409);
+      const bad = await inject('POST', '/v1/schedules', { recipe: { ...recipe, recipeId: 'Web App' }, every: 'often' });
+      expect(bad.statusCode).toBe(400);
+      expect(errorOf(bad).issues?.map((i) => i.path.join('.')).sort()).toEqual(['body.every', 'body.recipe.recipeId']);
+      // A rule only the service knows (at least 10 s) is still a 400.
+      const tooOften = await inject('POST', '/v1/schedules', { recipe: { ...recipe, recipeId: 'other' }, every: '5s' });
+      expect(tooOften.statusCode).toBe(400);
+      expect(errorOf(tooOften).message).toContain('at least 10 s');
+
+      const list = await inject('GET', '/v1/schedules');
+      expect((list.json() as { schedules: Array<{ recipeId: string }> }).schedules.map((s) => s.recipeId)).toEqual(['web-app']);
+
+      const trig = await inject('POST', '/v1/schedules/web-app/trigger');
+      expect(trig.statusCode).toBe(202);
+      const shown = (await inject('GET', '/v1/schedules/web-app')).json() as { recentRuns: Array<{ workflowId: string }> };
+      expect(shown.recentRuns).toHaveLength(1);
+      const run = await inject('GET', `/v1/operations/${encodeURIComponent(shown.recentRuns[0]?.workflowId ?? '')}`);
+      expect(OperationStatusSchema.parse(run.json())).toMatchObject({ kind: 'rebuildOverlay', hostId: 'host-a' });
+
+      expect((await inject('POST', '/v1/schedules/web-app/pause')).statusCode).toBe(204);
+      expect((await inject('GET', '/v1/schedules/web-app')).json()).toMatchObject({ paused: true });
+      expect((await inject('POST', '/v1/schedules/web-app/unpause', { note: 'back on' })).statusCode).toBe(204);
+      expect((await inject('GET', '/v1/schedules/web-app')).json()).toMatchObject({ paused: false, note: 'back on' });
+
+      expect((await inject('DELETE', '/v1/schedules/web-app')).statusCode).toBe(204);
+      expect((await inject('GET', '/v1/schedules/web-app')).statusCode).toBe(404);
+      expect((await inject('POST', '/v1/schedules/web-app/trigger')).statusCode).toBe(404);
+    } finally {
+      await withSchedules.close();
+    }
+  });
+});
