@@ -1,5 +1,5 @@
 /**
- * Overlay benchmark: `npx tsx bench/overlay.ts [generated|flat|guest ...]` (all by default).
+ * Overlay benchmark: `npx tsx bench/overlay.ts [guest|generated|flat ...]` (all by default).
  *
  * Prints JSON lines. For each case, our overlay (dedup + LZMA segments) beside the NAIVE method of
  * the original prototype measured in the same run (xdelta3 over each whole image against the base,
@@ -12,7 +12,7 @@
  */
 import { execFile, execFileSync, spawn } from 'node:child_process';
 import { mkdirSync, readFileSync, rmSync, statSync, writeFileSync } from 'node:fs';
-import { availableParallelism } from 'node:os';
+import { availableParallelism, loadavg } from 'node:os';
 import path from 'node:path';
 import { performance } from 'node:perf_hooks';
 import { promisify } from 'node:util';
@@ -21,6 +21,14 @@ import { applyOverlayToParts } from '../src/core/overlay/apply';
 import { createOverlayFromParts } from '../src/core/overlay/create';
 import type { OverlayMeta } from '../src/core/overlay/format';
 import type { BaseRef, CreateOverlayOptions, JoinSnapshot, LaunchMemory } from '../src/core/overlay/types';
+import { importBase, openBase } from '../src/core/base';
+import { applyOverlay, createOverlay } from '../src/core/overlay';
+import { GuestAppClient } from '../src/guest/app-client';
+import { loadGuestImage } from '../src/guest/manifest';
+import { editDomainXml } from '../src/hypervisor/domain-xml';
+import { LibvirtHypervisor } from '../src/hypervisor/libvirt';
+import { ensureInfra, REPO } from '../test/helpers/infra';
+import { testBasePackage } from '../test/helpers/test-base';
 import { fakeJoin, generatePair, sha256File } from '../test/unit/overlay-fixture';
 
 const run = promisify(execFile);
@@ -261,11 +269,96 @@ async function flatCase(): Promise<void> {
   if (!process.env['BENCH_KEEP']) rmSync(dir, { recursive: true, force: true });
 }
 
+export const CUSTOMIZE_RECIPE = [
+  'mkdir -p /data/app/www /data/app/bin',
+  'cp /bin/busybox /data/app/bin/server',
+  'i=0; while [ $i -lt 300 ]; do echo "<p>page $i of the cloudlet demo application, served by busybox httpd</p>" > /data/app/www/page$i.html; i=$((i+1)); done',
+  'dd if=/dev/urandom of=/data/app/key.bin bs=4k count=16 2>/dev/null',
+  'i=0; while [ $i -lt 20000 ]; do echo "$i,user$i,$((i * 7 % 1000)),ok"; i=$((i+1)); done > /data/app/data.csv',
+  'cat /data/app/www/*.html > /run/app-cache.html',
+  '(/data/app/bin/server httpd -f -p 8081 -h /data/app/www &) ; sleep 1',
+  'sync; echo done',
+];
+
+/**
+ * (a) The real test guest, customized as a developer would: resume the base VM (its save file with
+ * a qcow2 over its disk), add an application and data through /cgi-bin/exec, set the token, save.
+ */
+async function guestCase(): Promise<void> {
+  ensureInfra(['libvirt', 'guest']);
+  const guest = loadGuestImage(path.join(REPO, 'var', 'guest'));
+  const pkg = await testBasePackage();
+  const dir = path.join(root, 'guest');
+  rmSync(dir, { recursive: true, force: true });
+  mkdirSync(dir, { recursive: true });
+  await importBase(path.join(dir, 'store'), pkg.packageFile);
+  const base = await openBase(path.join(dir, 'store'), pkg.baseId);
+  const hv = new LibvirtHypervisor();
+  const launchDisk = path.join(dir, 'launch.qcow2');
+  const launchSave = path.join(dir, 'launch.sav');
+  let domain: string | undefined;
+  const token = `bench-${Date.now()}`;
+  try {
+    execFileSync('qemu-img', ['create', '-q', '-f', 'qcow2', '-b', base.diskPath, '-F', 'raw', launchDisk]);
+    const xml = editDomainXml(await hv.saveFileXml(base.savePath), { diskPath: launchDisk, diskFormat: 'qcow2', serialPath: path.join(dir, 'serial.log') });
+    domain = (await hv.restore(base.savePath, { xml })).name;
+    const fwd = await hv.forwardPort(domain, { guestPort: guest.appPort });
+    const app = new GuestAppClient(fwd.hostPort);
+    await app.waitForState(60_000);
+    // The "application": its binary (a copy of busybox, run from the data disk), a web root of
+    // pages, a small random key, a data file; a cache of the pages and the running server in memory.
+    const recipe = CUSTOMIZE_RECIPE.join('\n');
+    const res = await fetch(`http://127.0.0.1:${fwd.hostPort}/cgi-bin/exec`, { method: 'POST', body: recipe, signal: AbortSignal.timeout(120_000) });
+    if (!res.ok) throw new Error(`customization failed: HTTP ${res.status} ${await res.text()}`);
+    await app.set(token, 'customized by bench/overlay.ts');
+    await hv.save(domain, launchSave);
+  } finally {
+    if (domain) {
+      await hv.destroy(domain).catch(() => undefined);
+      await hv.undefine(domain).catch(() => undefined);
+    }
+    await hv.close();
+  }
+  const launchRaw = path.join(dir, 'launch.raw');
+  execFileSync('qemu-img', ['convert', '-O', 'raw', launchDisk, launchRaw]);
+  const n = await naive(path.join(dir, 'naive'), [
+    { name: 'disk', base: base.diskPath, launch: launchRaw },
+    { name: 'memory', base: base.savePath, launch: launchSave },
+  ]);
+  const saveSha = sha256File(launchSave);
+  for (const delta of [false, true]) {
+    const overlay = path.join(dir, `launch-${delta}.overlay`);
+    const [meta, createS] = await timed(() => createOverlay({ base, launchDiskPath: launchDisk, launchSavePath: launchSave, outPath: overlay, options: { lzmaLevel: env('BENCH_LZMA', 6), delta } }));
+    const outDisk = path.join(dir, 'synth.qcow2');
+    const outSave = path.join(dir, 'synth.sav');
+    rmSync(outDisk, { force: true });
+    rmSync(outSave, { force: true });
+    dropCaches();
+    const [{ timings }, applyS] = await timed(() => applyOverlay({ base, overlay, outDiskPath: outDisk, outSavePath: outSave }));
+    let exact = sha256File(outSave) === saveSha;
+    try {
+      execFileSync('qemu-img', ['compare', '-q', outDisk, launchDisk]);
+    } catch {
+      exact = false;
+    }
+    const bound = await xzBound(overlay, meta, path.join(dir, 'xzbound'));
+    report('guest', { meta, size: statSync(overlay).size, createS, applyS, timings, exact }, n, bound, {
+      delta,
+      memoryMiB: Math.round(meta.launch.memory.imageSize / MiB),
+      diskMiB: Math.round(meta.launch.disk.virtualSize / MiB),
+      saveFileBytes: meta.launch.memory.saveFileSize,
+      customization: 'busybox copied as the app binary and started as an httpd, 300 pages, 64 KiB random key, 20000-line CSV, page cache in tmpfs; token set',
+    });
+  }
+  if (!process.env['BENCH_KEEP']) rmSync(dir, { recursive: true, force: true });
+}
+
 async function main(): Promise<void> {
   const cases = process.argv.slice(2).filter((a) => !a.startsWith('-'));
   const want = (c: string): boolean => cases.length === 0 || cases.includes(c);
   mkdirSync(root, { recursive: true });
-  emit({ bench: 'overlay', cores, node: process.version, xz: execFileSync('xz', ['--version']).toString().split('\n')[0], started: new Date().toISOString() });
+  emit({ bench: 'overlay', cores, loadAverage: loadavg().map((x) => Math.round(x * 10) / 10), node: process.version, xz: execFileSync('xz', ['--version']).toString().split('\n')[0], started: new Date().toISOString() });
+  if (want('guest')) await guestCase();
   if (want('generated')) await generatedCase();
   if (want('flat')) await flatCase();
 }

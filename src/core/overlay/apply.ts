@@ -5,15 +5,16 @@
  * file, verify every digest, then rename into place. On any error the temporary files go away.
  */
 import { hash as oneShotHash, randomBytes } from 'node:crypto';
-import { closeSync, constants as fsConstants, fsyncSync, ftruncateSync, openSync, writeSync } from 'node:fs';
-import { copyFile, rename, rm } from 'node:fs/promises';
+import { closeSync, ftruncateSync, openSync, writeSync } from 'node:fs';
+import { open, rename, rm } from 'node:fs/promises';
 import { availableParallelism } from 'node:os';
 import path from 'node:path';
 import { performance } from 'node:perf_hooks';
 import { xd3_decode_memory } from 'xdelta3-wasm';
+import type { ChunkIndex } from '../chunk';
 import { CloudletError, isCloudletError } from '../errors';
 import { xdelta, preadFully } from './create';
-import { CHUNK, ChangedDigest, HEADER_SIZE, Kind, MAX_RUN, RECORD_HEADER_SIZE, Target, ZERO_CHUNK, dataAreaLength, decodeHeader, decodeMeta, type BlobRef, type OverlayMeta } from './format';
+import { CHUNK, ChangedDigest, HEADER_SIZE, Kind, MAX_RUN, RECORD_HEADER_SIZE, Target, ZERO_CHUNK, ZERO_CHUNK_SHA256, dataAreaLength, decodeHeader, decodeMeta, type BlobRef, type OverlayMeta } from './format';
 import { xzDecompress } from './lzma';
 import { Qcow2Writer } from './qcow2-writer';
 import { openOverlaySource, type OverlaySource } from './source';
@@ -239,6 +240,44 @@ export function touchesMemory(buf: Buffer): boolean {
   return false;
 }
 
+/**
+ * A sparse copy of the base memory image: only the chunks whose digest is not the zero chunk's are
+ * copied (the rest stay holes, which read as zero). Costs what the base's non-zero memory costs,
+ * not its RAM size. Async I/O on the thread pool, so it overlaps with decompression.
+ */
+async function copyNonZeroChunks(src: string, index: ChunkIndex, dest: string, size: number): Promise<void> {
+  const input = await open(src, 'r');
+  const output = await open(dest, 'wx');
+  try {
+    await output.truncate(size);
+    const limit = Math.min(index.chunkCount, Math.ceil(size / CHUNK));
+    const maxRun = 2048; // 8 MiB per I/O
+    const buf = Buffer.allocUnsafe(maxRun * CHUNK);
+    let i = 0;
+    while (i < limit) {
+      if (index.equalAt(i, ZERO_CHUNK_SHA256)) {
+        i += 1;
+        continue;
+      }
+      let j = i + 1;
+      while (j < limit && j - i < maxRun && !index.equalAt(j, ZERO_CHUNK_SHA256)) j += 1;
+      const pos = i * CHUNK;
+      const len = Math.min((j - i) * CHUNK, index.byteLength - pos, size - pos);
+      let got = 0;
+      while (got < len) {
+        const { bytesRead } = await input.read(buf, got, len - got, pos + got);
+        if (bytesRead === 0) throw new CloudletError('CORRUPT', `base memory image ${src} is shorter than its index says`, { fix: 're-import the base' });
+        got += bytesRead;
+      }
+      await output.write(buf, 0, len, pos);
+      i = j;
+    }
+  } finally {
+    await input.close();
+    await output.close();
+  }
+}
+
 /** Yields the blobs of the data area in order, each checked against its sha256. */
 async function* blobs(src: OverlaySource, dataStart: number, refs: Array<[string, BlobRef]>): AsyncIterable<Buffer> {
   const total = refs.reduce((s, [, r]) => s + r.length, 0);
@@ -300,7 +339,7 @@ export async function applyOverlayToParts(input: ApplyToPartsInput): Promise<{ m
 
     // The copy of the base memory image runs on the thread pool while disk segments stream in;
     // it is awaited before the first segment that touches memory.
-    memCopy = copyFile(input.base.memImagePath, memTmp, fsConstants.COPYFILE_FICLONE);
+    memCopy = copyNonZeroChunks(input.base.memImagePath, input.base.memIndex, memTmp, meta.launch.memory.imageSize);
     memCopy.catch(() => undefined);
     let memReady: Promise<void> | undefined = memCopy;
     const waitForMemory = async (): Promise<void> => {
@@ -388,7 +427,7 @@ export async function applyOverlayToParts(input: ApplyToPartsInput): Promise<{ m
     }
     disk.finish();
     if (memFd !== undefined) {
-      fsyncSync(memFd);
+      // A temporary input of joinSnapshot only: no fsync.
       closeSync(memFd);
       memFd = undefined;
     }

@@ -333,7 +333,7 @@ export interface CreateFromPartsInput {
 export async function createOverlayFromParts(input: CreateFromPartsInput): Promise<OverlayMeta> {
   const { base, memory, outPath } = input;
   const level = input.options?.lzmaLevel ?? 6;
-  const useDelta = input.options?.delta ?? false;
+  const useDelta = input.options?.delta ?? true;
   const segmentSize = input.options?.segmentSize ?? 4 * 1024 * 1024;
   const concurrency = input.options?.concurrency ?? availableParallelism();
   if (!Number.isInteger(level) || level < 0 || level > 9) throw new CloudletError('BAD_INPUT', `lzmaLevel must be 0..9, got ${level}`);

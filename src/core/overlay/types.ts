@@ -15,7 +15,11 @@ export interface BaseRef {
 export interface CreateOverlayOptions {
   /** LZMA preset 0-9 (default 6). */
   lzmaLevel?: number;
-  /** xdelta3 stage against the base chunk at the same place (default false: measured smaller and faster without). */
+  /**
+   * xdelta3 stage against the base chunk at the same place (default true: on the customized test
+   * guest it made the overlay 42% smaller and creation 2.7x faster, since less data goes to LZMA;
+   * see bench/overlay.ts).
+   */
   delta?: boolean;
   /** Bytes of encoded input per segment (default 4 MiB). */
   segmentSize?: number;
