@@ -240,7 +240,8 @@ export class CloudletApiClient implements CloudletService {
   /**
    * Poll an operation until it closes. Resolves with the final status when it succeeded; throws a
    * CloudletError with the workflow's failure type and message when it failed or was cancelled,
-   * NOT_FOUND when the operation does not exist, TIMEOUT after `timeoutMs`.
+   * NOT_FOUND when the operation does not exist, TIMEOUT after `timeoutMs`. Transient failures of
+   * the status request (API unreachable, 5xx) are retried until the deadline.
    */
   async waitForOperation(id: string, options: WaitOptions = {}): Promise<OperationStatus> {
     const deadline = Date.now() + (options.timeoutMs ?? 30 * 60_000);
@@ -249,7 +250,16 @@ export class CloudletApiClient implements CloudletService {
     let lastSeen = '';
     for (;;) {
       options.signal?.throwIfAborted();
-      const status = await this.getOperation(id);
+      let status: OperationStatus | undefined;
+      try {
+        status = await this.getOperation(id);
+      } catch (e) {
+        // The API or Temporal behind it hiccuped (unreachable, 5xx): keep polling until the deadline.
+        if (!(e instanceof CloudletApiError && (e.status === 0 || e.status >= 500)) || Date.now() >= deadline) throw e;
+        await sleep(Math.min(interval, Math.max(0, deadline - Date.now())), options.signal);
+        interval = Math.min(maxInterval, Math.ceil(interval * 1.5));
+        continue;
+      }
       if (!status) throw new CloudletError('NOT_FOUND', `operation ${id} does not exist`, { fix: 'check the id (the operation.id of a 202 answer)' });
       const seen = JSON.stringify([status.state, status.progress]);
       if (seen !== lastSeen) {

@@ -67,6 +67,14 @@ export function sendError(err: unknown, req: FastifyRequest, reply: FastifyReply
     body = { code: err.code, message: err.message, requestId };
     if (err.fix !== undefined) body.fix = err.fix;
     if (Object.keys(err.details).length > 0) body.details = err.details;
+    // A service's own validation (e.g. of a recipe) lists its issues like the API's.
+    const issues = err.details.issues;
+    if (err.code === 'BAD_INPUT' && Array.isArray(issues) && issues.every(isIssue)) body.issues = issues;
+  } else if (err instanceof Error && TEMPORAL_ERRORS[err.name] !== undefined) {
+    // Temporal client errors a service may let through (matched by name: no Temporal import here).
+    const [st, code, fix] = TEMPORAL_ERRORS[err.name] ?? [500, 'INTERNAL', ''];
+    status = st;
+    body = { code, message: err.message, fix, requestId };
   } else if (isClientFastifyError(err)) {
     // fastify's own 4xx: bad JSON, unsupported media type, body too large...
     status = err.statusCode;
@@ -84,6 +92,18 @@ export function sendError(err: unknown, req: FastifyRequest, reply: FastifyReply
   if (status >= 500) req.log.error({ err, requestId, status }, 'request failed');
   else req.log.info({ requestId, status, code: body.code, msg: body.message }, 'request refused');
   return reply.code(status).type('application/json; charset=utf-8').send({ error: body });
+}
+
+const TEMPORAL_ERRORS: Record<string, [number, string, string]> = {
+  WorkflowExecutionAlreadyStartedError: [409, 'CONFLICT', 'an operation with this id is running or done: follow it with GET /v1/operations/{id}'],
+  WorkflowNotFoundError: [404, 'NOT_FOUND', 'check the operation id'],
+  ScheduleNotFoundError: [404, 'NOT_FOUND', 'list the schedules with GET /v1/schedules'],
+  ScheduleAlreadyRunning: [409, 'CONFLICT', 'delete the schedule first, or trigger it'],
+};
+
+function isIssue(x: unknown): x is ApiIssue {
+  const i = x as Partial<ApiIssue> | null;
+  return typeof i === 'object' && i !== null && Array.isArray(i.path) && typeof i.message === 'string' && typeof i.code === 'string';
 }
 
 function isClientFastifyError(err: unknown): err is FastifyError & { statusCode: number } {

@@ -184,3 +184,17 @@ test('recipe schedules through the client', async () => {
     await withSchedules.close();
   }
 });
+
+test('waitForOperation rides out a transient failure of the status endpoint', async () => {
+  const op = await client.importBase({ hostId: 'host-a', source: '/srv/base.pkg' });
+  const spy = jest
+    .spyOn(fake, 'getOperation')
+    .mockRejectedValueOnce(new CloudletError('HYPERVISOR_UNAVAILABLE', 'Temporal is restarting'))
+    .mockRejectedValueOnce(new Error('socket hang up'));
+  const done = await client.waitForOperation(op.id, { intervalMs: 5 });
+  expect(done.state).toBe('succeeded');
+  expect(spy.mock.calls.length).toBeGreaterThan(2);
+  // A refusal that is not transient still ends the wait at once.
+  spy.mockRejectedValueOnce(new CloudletError('BAD_INPUT', 'no'));
+  await expect(client.waitForOperation(op.id, { intervalMs: 5 })).rejects.toMatchObject({ status: 400 });
+});

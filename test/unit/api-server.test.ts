@@ -392,3 +392,19 @@ describe('recipe schedules', () => {
     }
   });
 });
+
+describe('errors a Temporal-backed service may let through', () => {
+  test('are mapped by name, and a service BAD_INPUT keeps its issues', async () => {
+    const started = Object.assign(new Error('Workflow execution already started'), { name: 'WorkflowExecutionAlreadyStartedError' });
+    jest.spyOn(fake, 'importBase').mockRejectedValueOnce(started);
+    const res = await post('/v1/bases', { hostId: 'host-a', source: '/srv/base.pkg' });
+    expect(res.statusCode).toBe(409);
+    expect(errorOf(res).code).toBe('CONFLICT');
+
+    const issues = [{ path: ['command'], message: 'Required', code: 'invalid_type' }];
+    jest.spyOn(fake, 'importBase').mockRejectedValueOnce(new CloudletError('BAD_INPUT', 'invalid package', { details: { issues } }));
+    const bad = await post('/v1/bases', { hostId: 'host-a', source: '/srv/base.pkg' });
+    expect(bad.statusCode).toBe(400);
+    expect(errorOf(bad).issues).toEqual(issues);
+  });
+});
