@@ -135,3 +135,58 @@ export function hashFileInWorker(path: string, expectedSize: number): { digest: 
   digest.catch(() => undefined).finally(() => void worker.terminate());
   return { digest, close: () => void worker.terminate() };
 }
+
+const PASS_WORKER_SOURCE = `
+const { parentPort } = require('node:worker_threads');
+const { createHash } = require('node:crypto');
+const h = createHash('sha256');
+parentPort.on('message', (m) => {
+  if (m === 'digest') { parentPort.postMessage({ digest: h.digest('hex') }); return; }
+  h.update(new Uint8Array(m.buf, 0, m.len));
+  parentPort.postMessage({ buf: m.buf }, [m.buf]);
+});
+`;
+
+/**
+ * Hashes buffers in order on a worker thread without copying them: each buffer is transferred to
+ * the worker and handed back once hashed (the caller then writes it out and reuses it).
+ */
+export class PassThroughHasher {
+  private readonly worker = new Worker(PASS_WORKER_SOURCE, { eval: true });
+  private readonly waiting: { resolve(b: ArrayBuffer): void; reject(e: unknown): void }[] = [];
+  private onDigest: { resolve(hex: string): void; reject(e: unknown): void } | undefined;
+  private failure: unknown;
+
+  constructor() {
+    this.worker.on('message', (m: { buf?: ArrayBuffer; digest?: string }) => {
+      if (m.buf) this.waiting.shift()?.resolve(m.buf);
+      else if (m.digest !== undefined) this.onDigest?.resolve(m.digest);
+    });
+    this.worker.on('error', (e) => {
+      this.failure = e;
+      for (const w of this.waiting.splice(0)) w.reject(e);
+      this.onDigest?.reject(e);
+    });
+  }
+
+  /** Transfers `buf` (detached until the promise resolves with it) to be hashed after the previous ones. */
+  submit(buf: ArrayBuffer, len: number): Promise<ArrayBuffer> {
+    if (this.failure) return Promise.reject(this.failure);
+    return new Promise((resolve, reject) => {
+      this.waiting.push({ resolve, reject });
+      this.worker.postMessage({ buf, len }, [buf]);
+    });
+  }
+
+  digest(): Promise<string> {
+    if (this.failure) return Promise.reject(this.failure);
+    return new Promise((resolve, reject) => {
+      this.onDigest = { resolve, reject };
+      this.worker.postMessage('digest');
+    });
+  }
+
+  close(): void {
+    void this.worker.terminate();
+  }
+}

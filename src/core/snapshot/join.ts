@@ -3,36 +3,51 @@
  * (large reads of the image, large writes of the output), and checks the result's sha256 against
  * the one recorded in the skeleton. Writes to a temp name and renames at the end.
  */
+import { createHash, type Hash } from 'node:crypto';
 import { open, rename, unlink, type FileHandle } from 'node:fs/promises';
 import { CloudletError } from '../errors';
 import * as F from './format';
-import { createStreamHasher, type StreamHasher } from './hasher';
+import { PassThroughHasher } from './hasher';
 import { decodeSkeleton } from './skeleton';
 
 const IO_SIZE = 8 * 1024 * 1024;
 
-/** Buffered, hashing, double-buffered output. */
+/** Outputs shorter than this are hashed inline (a worker costs ~30 ms to start). */
+const HASH_IN_WORKER_FROM = 32 * 1024 * 1024;
+/** Output buffers in rotation (filling, hashing, writing). */
+const POOL = 4;
+
+/**
+ * Buffered, hashing output. Large outputs: a full buffer is transferred to a hashing thread, then
+ * written, then reused; up to POOL buffers are in flight, so building, hashing and writing overlap
+ * and no byte is copied for hashing.
+ */
 class OutWriter {
-  private buf = Buffer.allocUnsafe(IO_SIZE);
-  private spare = Buffer.allocUnsafe(IO_SIZE);
+  private buf: Buffer;
+  private readonly free: Buffer[] = [];
+  private freeWaiter: (() => void) | undefined;
+  private allocated = 1;
   private len = 0;
   private pos = 0;
-  private inFlight: Promise<unknown> = Promise.resolve();
-  readonly hash: StreamHasher;
+  private readonly pending = new Set<Promise<void>>();
+  private failure: unknown;
+  private readonly inline: Hash | undefined;
+  private readonly worker: PassThroughHasher | undefined;
 
   constructor(
     /** undefined: hash only (verification), write nothing. */
     private readonly fh: FileHandle | undefined,
     expectedSize: number,
   ) {
-    this.hash = createStreamHasher(expectedSize);
+    this.buf = Buffer.from(new ArrayBuffer(IO_SIZE));
+    if (expectedSize >= HASH_IN_WORKER_FROM) this.worker = new PassThroughHasher();
+    else this.inline = createHash('sha256');
   }
 
   get size(): number {
     return this.pos + this.len;
   }
 
-  /** Room for n bytes (n <= IO_SIZE); returns the buffer and the offset to write at. */
   /** True when n more bytes fit in the buffer without a flush. */
   fits(n: number): boolean {
     return this.len + n <= this.buf.length;
@@ -51,29 +66,73 @@ class OutWriter {
 
   async write(data: Buffer): Promise<void> {
     for (let off = 0; off < data.length; ) {
-      if (this.fits(1) === false) await this.flush();
+      if (!this.fits(1)) await this.flush();
       const n = Math.min(data.length - off, this.buf.length - this.len);
       data.copy(this.buf, this.reserve(n), off, off + n);
       off += n;
     }
   }
 
-  async flush(): Promise<void> {
-    await this.inFlight;
-    if (this.len === 0) return;
-    const full = this.buf;
-    const hashing = this.hash.update(full.subarray(0, this.len));
-    if (hashing) await hashing;
-    if (this.fh) this.inFlight = this.fh.write(full, 0, this.len, this.pos);
-    this.pos += this.len;
-    this.len = 0;
-    this.buf = this.spare;
-    this.spare = full;
+  private async nextBuffer(): Promise<Buffer> {
+    for (;;) {
+      if (this.failure) throw this.failure;
+      const b = this.free.pop();
+      if (b) return b;
+      if (this.allocated < POOL) {
+        this.allocated++;
+        return Buffer.from(new ArrayBuffer(IO_SIZE));
+      }
+      await new Promise<void>((resolve) => (this.freeWaiter = resolve));
+    }
   }
 
-  async close(): Promise<void> {
+  private release(b: Buffer): void {
+    this.free.push(b);
+    const w = this.freeWaiter;
+    this.freeWaiter = undefined;
+    w?.();
+  }
+
+  async flush(): Promise<void> {
+    if (this.failure) throw this.failure;
+    if (this.len === 0) return;
+    const full = this.buf;
+    const len = this.len;
+    const at = this.pos;
+    this.pos += len;
+    this.len = 0;
+    if (this.inline) {
+      this.inline.update(full.subarray(0, len));
+      if (this.fh) await this.fh.write(full, 0, len, at);
+      return;
+    }
+    const worker = this.worker as PassThroughHasher;
+    const job = worker
+      .submit(full.buffer as ArrayBuffer, len)
+      .then(async (ab) => {
+        const b = Buffer.from(ab);
+        if (this.fh) await this.fh.write(b, 0, len, at);
+        this.release(b);
+      })
+      .catch((e: unknown) => {
+        this.failure ??= e;
+        this.freeWaiter?.();
+      });
+    this.pending.add(job);
+    void job.finally(() => this.pending.delete(job));
+    this.buf = await this.nextBuffer();
+  }
+
+  /** Flushes, waits for every write, returns the sha256 (hex) of everything written. */
+  async finish(): Promise<string> {
     await this.flush();
-    await this.inFlight;
+    await Promise.all([...this.pending]);
+    if (this.failure) throw this.failure;
+    return this.inline ? this.inline.digest('hex') : (this.worker as PassThroughHasher).digest();
+  }
+
+  close(): void {
+    this.worker?.close();
   }
 }
 
@@ -147,9 +206,8 @@ async function rebuild(skeleton: Buffer, memImagePath: string, outFh: FileHandle
         }
       }
     }
-    await w.close();
+    const sha256 = await w.finish();
     const size = w.size;
-    const sha256 = await w.hash.digest();
     if (size !== header.saveFileSize || sha256 !== header.saveFileSha256) {
       throw new CloudletError('DIGEST_MISMATCH', `rebuilt save file has ${size} bytes and sha256 ${sha256}; the skeleton expects ${header.saveFileSize} bytes and ${header.saveFileSha256}`, {
         fix: 'the memory image does not match this skeleton (wrong base or damaged overlay); rebuild it',
@@ -157,7 +215,7 @@ async function rebuild(skeleton: Buffer, memImagePath: string, outFh: FileHandle
     }
     return { size, sha256 };
   } finally {
-    w.hash.close();
+    w.close();
     await img.close();
   }
 }
