@@ -1,0 +1,207 @@
+/**
+ * Hypervisor bench: boot-to-ready, save and restore under libvirt, and QEMU's own restore of the
+ * same save file measured in the same run (QEMU started by hand with libvirt's command line and
+ * `-incoming exec:` on the QEMU stream inside the save file), so the ratio shows what libvirt adds.
+ *
+ *   npx tsx bench/hypervisor.ts [--runs N]      (npm run bench -- hypervisor)
+ *
+ * Prints one JSON line per metric: {"bench","metric","unit","median","runs"}. Needs libvirtd
+ * (bash infra/libvirt.sh start) and the test guest (bash infra/guest/build.sh); uses one VM at a time.
+ */
+import { spawn } from 'node:child_process';
+import fs from 'node:fs';
+import net from 'node:net';
+import os from 'node:os';
+import path from 'node:path';
+import { z } from 'zod';
+import { createQcow2Overlay, LibvirtHypervisor } from '../src/hypervisor';
+
+const ROOT = path.resolve(__dirname, '..');
+const GUEST = path.join(ROOT, 'var', 'guest');
+const NAME = 'hv-bench';
+const ManifestSchema = z.object({ kernel: z.string(), initrd: z.string(), disk: z.string(), cmdline: z.string(), readyLine: z.string(), defaultMemoryMiB: z.number().int() });
+
+function argRuns(): number {
+  const i = process.argv.indexOf('--runs');
+  const v = i >= 0 ? Number(process.argv[i + 1]) : Number(process.env.BENCH_RUNS ?? 3);
+  if (!Number.isInteger(v) || v < 1) throw new Error('--runs needs a positive integer');
+  return v;
+}
+
+const median = (xs: number[]): number => {
+  const s = [...xs].sort((a, b) => a - b);
+  const m = Math.floor(s.length / 2);
+  return s.length % 2 ? (s[m] as number) : ((s[m - 1] as number) + (s[m] as number)) / 2;
+};
+
+/** Offset of the QEMU stream in a libvirt save file: 92-byte header + data_len (XML, cookie, padding). */
+function qemuStreamOffset(file: string): number {
+  const fd = fs.openSync(file, 'r');
+  try {
+    const h = Buffer.alloc(92);
+    fs.readSync(fd, h, 0, 92, 0);
+    if (h.subarray(0, 16).toString('latin1') !== 'LibvirtQemudSave') throw new Error(`${file} is not a libvirt save file`);
+    if (h.readUInt32LE(28) !== 0) throw new Error(`${file} is compressed; the bench needs save_image_format = "raw"`);
+    return 92 + h.readUInt32LE(20);
+  } finally {
+    fs.closeSync(fd);
+  }
+}
+
+/** The argv of the last QEMU libvirt started for `name` (from /var/log/libvirt/qemu/<name>.log). */
+function lastQemuArgv(name: string): string[] {
+  const log = fs.readFileSync(`/var/log/libvirt/qemu/${name}.log`, 'utf8');
+  const start = log.lastIndexOf('/usr/bin/qemu-system-x86_64 \\\n');
+  if (start < 0) throw new Error(`no QEMU command line in the log of ${name}`);
+  const lines: string[] = [];
+  for (const line of log.slice(start).split('\n')) {
+    lines.push(line.replace(/ \\$/, ''));
+    if (!line.endsWith(' \\')) break;
+  }
+  const argv: string[] = [];
+  for (const line of lines) {
+    // Each line holds an option and its value; values with spaces or JSON are single-quoted.
+    const m = /^(\S+)(?: (.*))?$/.exec(line);
+    if (!m?.[1]) continue;
+    argv.push(m[1]);
+    if (m[2] !== undefined) argv.push(m[2].replace(/^'(.*)'$/, '$1'));
+  }
+  return argv;
+}
+
+/** libvirt's argv, made standalone: our own QMP socket and serial file, no fd passing, no sandbox. */
+function standaloneArgv(argv: string[], qmp: string, serial: string, incoming: string): string[] {
+  const out: string[] = [];
+  for (let i = 1; i < argv.length; i++) {
+    const opt = argv[i] as string;
+    const val = argv[i + 1];
+    const takesValue = opt.startsWith('-') && val !== undefined && !val.startsWith('-');
+    if (opt === '-S') continue;
+    if (takesValue) i++;
+    if (opt === '-object' && val?.includes('"secret"')) continue;
+    if (opt === '-add-fd' || opt === '-sandbox' || opt === '-incoming') continue;
+    if (opt === '-chardev' && val?.includes('id=charmonitor')) { out.push(opt, `socket,id=charmonitor,path=${qmp},server=on,wait=off`); continue; }
+    if (opt === '-chardev' && val?.includes('/dev/fdset/')) { out.push(opt, val.replace(/path=\/dev\/fdset\/\d+/, `path=${serial}`)); continue; }
+    out.push(opt);
+    if (takesValue) out.push(val);
+  }
+  out.push('-incoming', incoming);
+  return out;
+}
+
+/** Minimal QMP client: connect (retrying), negotiate, then ask until the VM runs. */
+async function waitRunning(sock: string, deadlineMs: number): Promise<void> {
+  const deadline = Date.now() + deadlineMs;
+  for (;;) {
+    const ok = await new Promise<boolean>((resolve) => {
+      const c = net.createConnection(sock);
+      let buf = '';
+      let negotiated = false;
+      c.on('error', () => resolve(false));
+      c.on('data', (d) => {
+        buf += d.toString();
+        let nl;
+        while ((nl = buf.indexOf('\n')) >= 0) {
+          const msg = JSON.parse(buf.slice(0, nl)) as { QMP?: unknown; return?: { status?: string } };
+          buf = buf.slice(nl + 1);
+          if (msg.QMP) c.write('{"execute":"qmp_capabilities"}\n');
+          else if (msg.return && !negotiated) { negotiated = true; c.write('{"execute":"query-status"}\n'); }
+          else if (msg.return?.status !== undefined) {
+            if (msg.return.status === 'running') { c.end(); resolve(true); return; }
+            // The stream records the run state at save time (paused, as libvirt saves): like
+            // libvirt, resume once the incoming migration is done.
+            if (msg.return.status === 'paused') c.write('{"execute":"cont"}\n');
+            setTimeout(() => c.write('{"execute":"query-status"}\n'), 10);
+          }
+        }
+      });
+    });
+    if (ok) return;
+    if (Date.now() > deadline) throw new Error('QEMU did not reach running');
+    await new Promise((r) => setTimeout(r, 10));
+  }
+}
+
+async function qemuRestoreMs(argv: string[], saveFile: string, dir: string): Promise<number> {
+  const qmp = path.join(dir, 'qmp.sock');
+  fs.rmSync(qmp, { force: true });
+  const offset = qemuStreamOffset(saveFile);
+  const args = standaloneArgv(argv, qmp, path.join(dir, 'serial-qemu.log'), `exec:tail -c +${offset + 1} ${saveFile}`);
+  const t0 = performance.now();
+  const child = spawn(argv[0] as string, args, { stdio: ['ignore', 'ignore', 'pipe'] });
+  let stderr = '';
+  child.stderr.on('data', (d) => (stderr += String(d)));
+  const exited = new Promise<void>((resolve) => child.on('exit', () => resolve()));
+  try {
+    await Promise.race([waitRunning(qmp, 60000), exited.then(() => { throw new Error(`QEMU exited: ${stderr}`); })]);
+    return performance.now() - t0;
+  } finally {
+    child.kill('SIGTERM');
+    await exited;
+  }
+}
+
+async function main(): Promise<void> {
+  const runs = argRuns();
+  const manifest = ManifestSchema.parse(JSON.parse(fs.readFileSync(path.join(GUEST, 'manifest.json'), 'utf8')));
+  const hv = new LibvirtHypervisor();
+  const virtType = await hv.virtType();
+  const dir = fs.mkdtempSync(path.join(os.tmpdir(), 'hv-bench-'));
+  const m: Record<string, number[]> = { boot_to_ready_ms: [], save_ms: [], restore_libvirt_ms: [], restore_qemu_ms: [], replug_nic_ms: [] };
+  try {
+    await hv.destroy(NAME);
+    await hv.undefine(NAME);
+    const base = path.join(dir, 'base.raw');
+    fs.copyFileSync(path.join(GUEST, manifest.disk), base);
+    for (let r = 0; r < runs; r++) {
+      const disk = path.join(dir, `disk-${r}.qcow2`);
+      const disk2 = path.join(dir, `disk-${r}-restored.qcow2`);
+      const serial = path.join(dir, `serial-${r}.log`);
+      await createQcow2Overlay(disk, base);
+      let t0 = performance.now();
+      await hv.defineDomain({
+        name: NAME, memoryMiB: manifest.defaultMemoryMiB, vcpus: 1, virtType,
+        kernel: path.join(GUEST, manifest.kernel), initrd: path.join(GUEST, manifest.initrd), cmdline: manifest.cmdline,
+        disk: { path: disk, format: 'qcow2' }, nic: { mac: '52:54:00:be:00:01' }, serialPath: serial,
+      });
+      await hv.start(NAME);
+      await hv.waitForSerialLine(serial, new RegExp(`^${manifest.readyLine} `), 120000);
+      m.boot_to_ready_ms?.push(performance.now() - t0);
+
+      const saveFile = path.join(dir, `save-${r}.img`);
+      t0 = performance.now();
+      await hv.save(NAME, saveFile);
+      m.save_ms?.push(performance.now() - t0);
+
+      fs.copyFileSync(disk, disk2);
+      t0 = performance.now();
+      await hv.restore(saveFile, { diskPath: disk2, serialPath: path.join(dir, `serial-${r}-restored.log`) });
+      m.restore_libvirt_ms?.push(performance.now() - t0);
+      const replug = await hv.replugNic(NAME, { mac: '52:54:00:be:00:02' });
+      m.replug_nic_ms?.push(replug.detachMs + replug.attachMs);
+      const argv = lastQemuArgv(NAME);
+      await hv.destroy(NAME);
+
+      // The same restore without libvirt: QEMU alone, same devices, on a fresh copy of the disk.
+      fs.copyFileSync(disk, disk2);
+      m.restore_qemu_ms?.push(await qemuRestoreMs(argv, saveFile, dir));
+      await hv.undefine(NAME);
+      fs.rmSync(saveFile, { force: true });
+    }
+  } finally {
+    await hv.destroy(NAME).catch(() => undefined);
+    await hv.undefine(NAME).catch(() => undefined);
+    await hv.close();
+    fs.rmSync(dir, { recursive: true, force: true });
+  }
+  for (const [metric, values] of Object.entries(m)) {
+    console.log(JSON.stringify({ bench: 'hypervisor', metric, unit: 'ms', virtType, median: Math.round(median(values)), runs: values.map(Math.round) }));
+  }
+  const ratio = median(m.restore_libvirt_ms ?? []) / median(m.restore_qemu_ms ?? []);
+  console.log(JSON.stringify({ bench: 'hypervisor', metric: 'restore_libvirt_over_qemu', unit: 'ratio', virtType, median: Math.round(ratio * 100) / 100, runs: runs }));
+}
+
+main().catch((e: unknown) => {
+  console.error(e);
+  process.exit(1);
+});
