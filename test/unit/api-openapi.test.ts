@@ -1,3 +1,5 @@
+// ajv comes with fastify (its schema compiler): used here only to check the document.
+import Ajv2020 from 'ajv/dist/2020';
 import { buildOpenApi } from '../../src/api/openapi';
 import { decideRange, etagMatches } from '../../src/api/range';
 import { apiRoutes, buildServer } from '../../src/api/server';
@@ -81,6 +83,59 @@ describe('the OpenAPI document', () => {
   test('is the same document when built directly', () => {
     const again = buildOpenApi([...apiRoutes]) as Doc;
     expect(again.paths['/v1/overlays/{id}']).toEqual(doc.paths['/v1/overlays/{id}']);
+  });
+});
+
+describe('what the API answers matches what the document says', () => {
+  test('every JSON answer validates against its documented schema (JSON Schema 2020-12)', async () => {
+    const fake = new FakeCloudletService();
+    const token = 'openapi-test-token-123456';
+    const app = await buildServer({ service: fake, tokens: [token] });
+    const doc = JSON.parse((await app.inject({ url: '/openapi.json' })).payload) as Doc;
+    const ajv = new Ajv2020({ strict: false, allErrors: true });
+    ajv.addSchema({ $id: 'api', components: doc.components });
+    for (const id of Object.keys(doc.components.schemas)) expect(ajv.getSchema(`api#/components/schemas/${id}`)).toBeDefined();
+
+    const base = fake.addBase(['host-a']);
+    const inst = fake.addInstance('host-a', base.id);
+    const overlay = fake.addOverlay(base.id, Buffer.from('overlay bytes'), inst.id);
+    const calls: Array<[method: 'GET' | 'POST' | 'DELETE', url: string, docPath: string, body?: object]> = [
+      ['GET', '/v1/hosts', '/v1/hosts'],
+      ['GET', '/v1/bases', '/v1/bases'],
+      ['GET', `/v1/bases/${base.id}`, '/v1/bases/{id}'],
+      ['GET', '/v1/bases/nope', '/v1/bases/{id}'],
+      ['POST', '/v1/bases', '/v1/bases', { hostId: 'host-b', source: '/srv/b.pkg' }],
+      ['POST', '/v1/bases', '/v1/bases', { hostId: 7 }],
+      ['POST', `/v1/bases/${base.id}/instances`, '/v1/bases/{id}/instances', { hostId: 'host-a' }],
+      ['POST', '/v1/instances', '/v1/instances', { hostId: 'host-b', overlayUrl: overlay.url }],
+      ['POST', '/v1/instances', '/v1/instances', { hostId: 'host-x', overlayUrl: overlay.url }],
+      ['GET', '/v1/instances', '/v1/instances'],
+      ['GET', `/v1/instances/${inst.id}`, '/v1/instances/{id}'],
+      ['POST', '/v1/overlays', '/v1/overlays', { instanceId: inst.id, keepInstance: true }],
+      ['GET', '/v1/overlays', '/v1/overlays'],
+      ['GET', `/v1/overlays/${overlay.id}`, '/v1/overlays/{id}'],
+      ['DELETE', `/v1/instances/${inst.id}`, '/v1/instances/{id}'],
+      ['DELETE', `/v1/instances/${inst.id}`, '/v1/instances/{id}'],
+      ['GET', `/v1/operations/${encodeURIComponent(`terminateVm/host-a/${inst.id}`)}`, '/v1/operations/{id}'],
+      ['GET', '/v1/hosts', '/v1/hosts'], // without a token: below
+    ];
+    let checked = 0;
+    for (const [i, [method, url, docPath, body]] of calls.entries()) {
+      const withToken = i < calls.length - 1;
+      const res = await app.inject({ method, url, headers: withToken ? { authorization: `Bearer ${token}` } : {}, ...(body ? { payload: body } : {}) });
+      const responses = doc.paths[docPath]?.[method.toLowerCase()]?.responses ?? {};
+      expect([method, url, Object.keys(responses)]).toEqual([method, url, expect.arrayContaining([String(res.statusCode)])]);
+      const content = (responses[String(res.statusCode)] as { content?: Record<string, { schema: object }> }).content;
+      const schema = content?.['application/json']?.schema;
+      expect(schema).toBeDefined();
+      const validate = ajv.compile({ $id: `check-${i}`, ...(JSON.parse(JSON.stringify(schema).replace(/"#\/components/g, '"api#/components')) as object) });
+      const ok = validate(res.json());
+      expect([method, url, res.statusCode, ok ? 'valid' : ajv.errorsText(validate.errors)]).toEqual([method, url, res.statusCode, 'valid']);
+      checked += 1;
+    }
+    expect(checked).toBe(calls.length);
+    await app.close();
+    fake.cleanup();
   });
 });
 
