@@ -71,10 +71,23 @@ our_pid() {
 
 start() {
   [ "$(id -u)" = 0 ] || die "libvirtd for qemu:///system must run as root; rerun as root"
+  local p fresh=0
+  for p in "${PACKAGES[@]}"; do
+    dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || fresh=1
+  done
   ensure_packages "${PACKAGES[@]}"
   local changed=0
   configure && changed=1
+  if answers && ! our_pid >/dev/null && [ "$fresh" = 1 ] && [ -f /run/libvirtd.pid ]; then
+    # The package's init script started a libvirtd of its own (not under a subreaper): replace it.
+    say "stopping the libvirtd the package installation started (pid $(cat /run/libvirtd.pid)), to run it under tini"
+    kill "$(cat /run/libvirtd.pid)"
+    WAIT_SECONDS=30 wait_for bash -c '! virsh -c qemu:///system version' || die "the libvirtd started by the package did not stop; kill it and retry"
+  fi
   if answers; then
+    if ! our_pid >/dev/null; then
+      warn "this libvirtd was not started by infra/libvirt.sh, so it may not run under a child subreaper (slow destroy/save); to switch: kill \$(cat /run/libvirtd.pid) && bash infra/libvirt.sh start"
+    fi
     if [ "$changed" = 1 ]; then
       warn "libvirtd already runs with the old qemu.conf; restart it to apply: bash infra/libvirt.sh stop && bash infra/libvirt.sh start"
     fi
