@@ -168,6 +168,7 @@ export const InstanceInfoSchema = named(
     appEndpoint: z.string().optional(),
     timings: z.record(z.string(), z.number()).optional(),
     operationId: z.string(),
+    progress: ProgressSchema.optional().describe('While provisioning: the progress of the operation that makes it (GET /v1/instances/{id} only).'),
   }),
 );
 

@@ -208,12 +208,17 @@ describe('operations: 202, Location, status, idempotency', () => {
     const raw = await app.inject({ url: `/v1/operations/${body.operation.id}`, headers: AUTH });
     expect(OperationStatusSchema.parse(raw.json()).id).toBe(body.operation.id);
 
+    const instanceView = InstanceInfoSchema.parse((await app.inject({ url: `/v1/instances/${body.operation.id.split('/')[2] ?? ''}`, headers: AUTH })).json());
+    expect(instanceView.state).toBe('provisioning');
+    expect(instanceView.progress?.done).toEqual(expect.arrayContaining(['verify CPU model']));
+
     fake.advance(body.operation.id, true);
     const done = OperationStatusSchema.parse((await app.inject({ url: body.statusUrl, headers: AUTH })).json());
     expect(done.state).toBe('succeeded');
     const instanceId = body.operation.id.split('/')[2] ?? '';
     const inst = InstanceInfoSchema.parse((await app.inject({ url: `/v1/instances/${instanceId}`, headers: AUTH })).json());
     expect(inst.state).toBe('running');
+    expect(inst.progress).toBeUndefined();
     expect(inst.timings?.['first response']).toBeGreaterThan(0);
   });
 

@@ -38,14 +38,17 @@ export const instanceRoutes: Route[] = [
     method: 'GET',
     path: '/v1/instances/{id}',
     operationId: 'getInstance',
-    summary: 'Show an instance (state, application endpoint, synthesis timings)',
+    summary: 'Show an instance (state, progress while provisioning, application endpoint, synthesis timings)',
     tag: 'instances',
     params: InstanceParamsSchema,
     responses: { 200: { description: 'The instance.', schema: InstanceInfoSchema }, 400: R.badInput, 401: R.unauthorized, 404: R.notFound },
     handler: async ({ service, params }) => {
       const inst = await service.getInstance(params.id);
       if (!inst) throw notFound('instance', params.id);
-      return inst;
+      if (inst.state !== 'provisioning') return inst;
+      // Show it with the progress of the operation that makes it.
+      const op = await service.getOperation(inst.operationId);
+      return op?.progress ? { ...inst, progress: op.progress } : inst;
     },
   }),
   defineRoute({
