@@ -15,6 +15,7 @@ import os from 'node:os';
 import path from 'node:path';
 import type * as NodeCrypto from 'node:crypto';
 import type * as NodeFs from 'node:fs';
+import type * as Errors from '../../src/core/errors';
 
 jest.mock('../../src/core/snapshot', () => {
   const { promises: fs } = jest.requireActual<typeof NodeFs>('node:fs');
@@ -22,6 +23,10 @@ jest.mock('../../src/core/snapshot', () => {
   return {
     splitSnapshot: async (savePath: string, memImagePath: string) => {
       const data = await fs.readFile(savePath);
+      if (data.subarray(0, 7).toString() === 'NOTSAVE') {
+        const { CloudletError: Err } = jest.requireActual<typeof Errors>('../../src/core/errors');
+        throw new Err('CORRUPT', `save file ${savePath} is not a libvirt save file`, { fix: 'pass a file written by virsh save' });
+      }
       await fs.writeFile(memImagePath, data);
       return {
         mode: 'opaque',
@@ -133,6 +138,16 @@ describe('createBase', () => {
     expect(again).toEqual(manifest);
     expect(await listBases(storeA)).toHaveLength(1);
     expect(await leftovers(storeA)).toEqual([`bases/${manifest.baseId}`]);
+  });
+
+  test('a bad save file is reported under the name the user gave, and nothing is left in the store', async () => {
+    const bad = path.join(dir, 'not-a-save.sav');
+    await fsp.writeFile(bad, 'NOTSAVE and more');
+    const store = path.join(dir, 'storeBadSave');
+    const err = await createBase({ diskPath: path.join(dir, 'disk.raw'), savePath: bad, storeRoot: store }).catch((e: unknown) => e);
+    expect((err as CloudletError).code).toBe('CORRUPT');
+    expect((err as Error).message).toBe(`save file ${bad} is not a libvirt save file. Fix: pass a file written by virsh save`);
+    expect(await leftovers(store)).toEqual([]);
   });
 
   test('a qcow2 disk is refused with a hint to convert it', async () => {

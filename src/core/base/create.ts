@@ -7,6 +7,7 @@ import { promises as fsp } from 'node:fs';
 import path from 'node:path';
 import { buildChunkIndex, writeChunkIndex } from '../chunk';
 import { CloudletError } from '../errors';
+import type { CloudletErrorOptions } from '../errors';
 import type { OnProgress } from '../progress';
 import { splitSnapshot } from '../snapshot';
 import { BASE_FILES, Store } from '../store';
@@ -46,7 +47,9 @@ export async function createBase(input: CreateBaseInput): Promise<BaseManifest> 
       return existing;
     }
 
-    const layout = await splitSnapshot(p(BASE_FILES.memorySave), p(BASE_FILES.memoryImage), { onProgress: progress('split memory') });
+    const layout = await splitSnapshot(p(BASE_FILES.memorySave), p(BASE_FILES.memoryImage), { onProgress: progress('split memory') }).catch((e: unknown) => {
+      throw nameInput(e, p(BASE_FILES.memorySave), input.savePath);
+    });
     await fsyncFile(p(BASE_FILES.memoryImage));
     await writeFileSynced(p(BASE_FILES.memorySkeleton), layout.skeleton);
     const diskIndex = await buildChunkIndex(p(BASE_FILES.disk), { onProgress: progress('index disk') });
@@ -95,6 +98,15 @@ export async function createBase(input: CreateBaseInput): Promise<BaseManifest> 
     if (tmp !== undefined) await fsp.rm(tmp, { recursive: true, force: true });
     store.close();
   }
+}
+
+/** The codec names the store's temporary copy; tell the user about their own file instead. */
+function nameInput(e: unknown, copy: string, original: string): unknown {
+  if (!(e instanceof CloudletError) || !e.message.includes(copy)) return e;
+  const message = e.fix !== undefined && e.message.endsWith(`. Fix: ${e.fix}`) ? e.message.slice(0, -`. Fix: ${e.fix}`.length) : e.message;
+  const options: CloudletErrorOptions = { details: e.details, cause: e };
+  if (e.fix !== undefined) options.fix = e.fix;
+  return new CloudletError(e.code, message.split(copy).join(original), options);
 }
 
 async function statFile(file: string, what: string): Promise<{ size: number }> {
