@@ -149,6 +149,8 @@ export interface RecipeActivityDeps {
   hostId: string;
   dataDir: string;
   log: Logger;
+  /** Where the Temporal server is (to trigger recipe schedules); defaults to the local dev server. */
+  temporal?: { address: string; namespace: string };
 }
 
 const tail = (s: string, n = 2000): string => (s.length > n ? `…${s.slice(-n)}` : s);
@@ -211,6 +213,26 @@ export function createRecipeActivities(deps: RecipeActivityDeps) {
   }
 
   return {
+    /**
+     * A base was (re-)imported on this host: trigger the schedules of this host's recipes made on
+     * it (see RecipeSchedules.onBaseReimported). For importBaseVm to call after its import.
+     */
+    async rebuildRecipesOfBase(input: { baseId: string }): Promise<{ triggered: string[]; skippedPaused: string[] }> {
+      // Loaded here: the schedule service imports this module's recipe format.
+      const [{ Client, Connection }, { RecipeSchedules }] = await Promise.all([import('@temporalio/client'), import('../service/schedules')]);
+      const t = deps.temporal ?? { address: '127.0.0.1:7233', namespace: 'default' };
+      const connection = await Connection.connect({ address: t.address, connectTimeout: '10s' });
+      let r: { triggered: string[]; skippedPaused: string[] };
+      try {
+        const schedules = new RecipeSchedules(new Client({ connection, namespace: t.namespace }), { workflowTaskQueue: '', checkHost: false });
+        r = await schedules.onBaseReimported(input.baseId, { hostId: deps.hostId });
+      } finally {
+        await connection.close();
+      }
+      log.info({ baseId: input.baseId, ...r }, 'recipe rebuilds triggered by a base import');
+      return r;
+    },
+
     /** Validate a recipe (e.g. the arguments a schedule was created with) for this host. */
     async parseRecipe(input: unknown): Promise<Recipe> {
       const recipe = parseRecipe(input);

@@ -13,7 +13,7 @@ import { hostDir, loadConfig, type Config } from '../../src/config';
 import { connectClient } from '../../src/client/connect';
 import { createHostWorker, type HostWorker } from '../../src/workers/host-worker';
 import { createLogger } from '../../src/common/logger';
-import { parseRecipe, readRecipeState, recipeScript, type RecipeInput } from '../../src/activities/recipes';
+import { createRecipeActivities, parseRecipe, readRecipeState, recipeScript, type RecipeInput } from '../../src/activities/recipes';
 import { RecipeSchedules } from '../../src/service/schedules';
 import { ensureInfra, REPO, uniqueSuffix } from '../helpers/infra';
 
@@ -163,6 +163,11 @@ describe('recipe schedules against the Temporal server', () => {
     expect((await schedules.get(recipeId)).paused).toBe(false);
     await until('the schedule to be listed', 30_000, async () => ((await schedules.list()).find((s) => s.recipeId === recipeId && !s.paused)));
     expect(await schedules.onBaseReimported('0'.repeat(64))).toEqual({ triggered: [], skippedPaused: [] });
+    // What importBaseVm calls after an import: the host's recipes on that base are rebuilt.
+    const activities = createRecipeActivities({ hostId, dataDir: hostDir(config, hostId), log: createLogger('recipes', 'warn'), temporal: { address: config.temporalAddress, namespace: config.namespace } });
+    expect(await activities.rebuildRecipesOfBase({ baseId: missingBase })).toEqual({ triggered: [recipeId], skippedPaused: [] });
+    const again = await until('the re-import to start a rebuild', 60_000, async () => (await schedules.get(recipeId)).recentRuns[1]);
+    await expect(client.workflow.getHandle(again.workflowId, again.runId).result()).rejects.toMatchObject({ cause: { type: 'WRONG_BASE' } });
     await schedules.pause(recipeId, 'off again');
     expect((await schedules.get(recipeId)).note).toBe('off again');
     await schedules.delete(recipeId);
