@@ -96,15 +96,17 @@ export async function buildServer(options: ApiOptions): Promise<FastifyInstance>
   const allRoutes = [...metaRoutes, ...serviceRoutes, ...scheduleRoutes(options.schedules)];
 
   for (const route of allRoutes) {
+    const needsToken = route.auth !== false && !insecure;
     app.route({
       method: route.method,
       url: route.fastifyPath ?? route.path.replace(/\{(\w+)\}/g, ':$1'),
+      // Before the body is read: a client without a token learns nothing from a 400.
+      ...(needsToken ? { onRequest: async (req: FastifyRequest) => authenticate(req.headers.authorization, tokens) } : {}),
       handler: (req, reply) => handle(route, req, reply),
     });
   }
 
   async function handle(route: Route, req: FastifyRequest, reply: FastifyReply): Promise<unknown> {
-    if (route.auth !== false && !insecure) authenticate(req.headers.authorization, tokens);
     const params = route.params ? parse(route.params, 'params', rawParams(route, req.params)) : undefined;
     let idempotencyKey: string | undefined;
     if (route.idempotent) {

@@ -73,6 +73,11 @@ describe('authentication', () => {
     expect(fake.calls).toHaveLength(0);
   });
 
+  test('the token is checked before the body is read', async () => {
+    const res = await app.inject({ method: 'POST', url: '/v1/bases', headers: { 'content-type': 'application/json' }, payload: '{not json' });
+    expect(res.statusCode).toBe(401);
+  });
+
   test('every configured token is accepted', async () => {
     for (const t of [TOKEN, 'second-token-abcdefghijkl']) {
       const res = await app.inject({ url: '/v1/hosts', headers: { authorization: `bearer ${t}` } });
