@@ -2,6 +2,7 @@ import { createHash } from 'node:crypto';
 import { existsSync } from 'node:fs';
 import { mkdtemp, readFile, readdir, rm, stat, writeFile } from 'node:fs/promises';
 import { tmpdir } from 'node:os';
+import { deflateRawSync } from 'node:zlib';
 import { join } from 'node:path';
 import pino from 'pino';
 import { CloudletError } from '../../src/core/errors';
@@ -233,6 +234,49 @@ describe('joinSnapshot guards', () => {
     v9.writeUInt32LE(9, 8);
     expect(() => decodeSkeleton(v9)).toThrow(expect.objectContaining({ code: 'UNSUPPORTED_VERSION' }));
     expect(() => decodeSkeleton(sk.subarray(0, sk.length - 5))).toThrow(expect.objectContaining({ code: 'CORRUPT' }));
+  });
+
+  test('ZERO records take their fill byte from the skeleton: the join reads only pages with data', async () => {
+    const r = await roundTrip({
+      blocks: [ram(256)],
+      parts: [seq('pc.ram', 0, 256, (i) => (i < 10 || i === 200 ? 'page' : 'zero')).map((rec) => (rec.page === 100 ? { ...rec, fill: 0x7f } : rec))],
+    });
+    const image = Buffer.from(r.image);
+    image.fill(0xee, 10 * 4096, 200 * 4096); // scribble over the zero pages: not read by the join
+    image.fill(0xee, 201 * 4096);
+    const scribbled = join(dir, 'scribbled.img');
+    await writeFile(scribbled, image);
+    const out = join(dir, 'scribbled.out');
+    expect(await joinSnapshot(r.layout.skeleton, scribbled, out)).toEqual(r.joined);
+    expect((await readFile(out)).equals(r.crafted.file)).toBe(true);
+    const run = decodeSkeleton(r.layout.skeleton).ops.find((o) => o.op === 'run');
+    expect(run?.op === 'run' && [...(run.fills ?? [])]).toEqual([[100, 0x7f]]);
+  });
+
+  test('version 1 skeletons (ZERO fill bytes read from the image) still join', async () => {
+    const r = await roundTrip(base);
+    const { header, ops } = decodeSkeleton(r.layout.skeleton);
+    const varint = (v: number): number[] => {
+      const out: number[] = [];
+      for (; v >= 0x80; v = Math.floor(v / 0x80)) out.push((v % 0x80) | 0x80);
+      return [...out, v];
+    };
+    const body = Buffer.concat([
+      ...ops.map((o) =>
+        o.op === 'lit'
+          ? Buffer.concat([Buffer.from([1, ...varint(o.data.length)]), o.data])
+          : Buffer.concat([Buffer.from([2, ...varint(o.block), ...varint(o.firstPage), ...varint(o.count), o.named ? 1 : 0]), o.zeroBits]),
+      ),
+      Buffer.from([0]),
+    ]);
+    const json = Buffer.from(JSON.stringify(header));
+    const head = Buffer.alloc(16);
+    head.write('CLDSKEL\0', 0, 'latin1');
+    head.writeUInt32LE(1, 8);
+    head.writeUInt32LE(json.length, 12);
+    const v1 = Buffer.concat([head, json, deflateRawSync(body)]);
+    expect(decodeSkeleton(v1).ops.every((o) => o.op === 'lit' || o.fills === undefined)).toBe(true);
+    expect(await joinSnapshot(v1, r.img, join(dir, 'v1.out'))).toEqual(r.joined);
   });
 
   test('the skeleton is compact: runs, not per-record headers', async () => {

@@ -11,6 +11,8 @@ import { PassThroughHasher } from './hasher';
 import { decodeSkeleton } from './skeleton';
 
 const IO_SIZE = 8 * 1024 * 1024;
+/** Zero-record gaps up to this many pages are read through rather than split into two reads. */
+const MAX_ZERO_READ = 64;
 
 /** Outputs shorter than this are hashed inline (a worker costs ~30 ms to start). */
 const HASH_IN_WORKER_FROM = 32 * 1024 * 1024;
@@ -178,12 +180,26 @@ async function rebuild(skeleton: Buffer, memImagePath: string, outFh: FileHandle
         const name = names[o.block];
         if (!b || !name) throw new CloudletError('CORRUPT', `skeleton names RAM block ${o.block}, which it does not list`);
         const pagesPerRead = IO_SIZE / F.PAGE_SIZE;
+        const isZero = (i: number): number => ((o.zeroBits[i >> 3] as number) >> (i & 7)) & 1;
         for (let done = 0; done < o.count; ) {
           const n = Math.min(pagesPerRead, o.count - done);
-          await readFully(img, readBuf, n * F.PAGE_SIZE, b.imageOffset + (o.firstPage + done) * F.PAGE_SIZE, what);
+          const windowAt = b.imageOffset + (o.firstPage + done) * F.PAGE_SIZE;
+          if (o.fills === undefined) await readFully(img, readBuf, n * F.PAGE_SIZE, windowAt, what);
+          else {
+            // Read only the pages of PAGE records (runs of ZERO records longer than MAX_ZERO_READ are skipped).
+            for (let k = 0; k < n; ) {
+              while (k < n && isZero(done + k)) k++;
+              if (k >= n) break;
+              const first = k;
+              let last = k;
+              for (k++; k < n && k - last <= MAX_ZERO_READ; k++) if (!isZero(done + k)) last = k;
+              await readFully(img, readBuf.subarray(first * F.PAGE_SIZE), (last - first + 1) * F.PAGE_SIZE, windowAt + first * F.PAGE_SIZE, what);
+              k = last + 1;
+            }
+          }
           for (let k = 0; k < n; k++) {
             const i = done + k;
-            const zero = ((o.zeroBits[i >> 3] as number) >> (i & 7)) & 1;
+            const zero = isZero(i);
             const withName = i === 0 && o.named;
             const len = 8 + (withName ? 1 + name.length : 0) + (zero ? 1 : F.PAGE_SIZE);
             if (!w.fits(len)) await w.flush();
@@ -199,7 +215,7 @@ async function rebuild(skeleton: Buffer, memImagePath: string, outFh: FileHandle
               name.copy(buf, p);
               p += name.length;
             }
-            if (zero) buf[p] = readBuf[k * F.PAGE_SIZE] as number;
+            if (zero) buf[p] = o.fills ? (o.fills.get(i) ?? 0) : (readBuf[k * F.PAGE_SIZE] as number);
             else readBuf.copy(buf, p, k * F.PAGE_SIZE, (k + 1) * F.PAGE_SIZE);
           }
           done += n;

@@ -5,17 +5,21 @@
  *   "CLDSKEL\0" | u32le version | u32le json length | JSON header | deflate(op stream)
  *
  * Op stream: 0x01 LIT varint(n) <n bytes> | 0x02 RUN varint(block) varint(firstPage) varint(count)
- * u8(named) <ceil(count/8) bytes: bit i set = record i is a ZERO record> | 0x00 END.
+ * u8(named) <ceil(count/8) bytes: bit i set = record i is a ZERO record> [version 2: varint(k),
+ * k x (varint(i) u8(fill)): the ZERO records whose fill byte is not 0] | 0x00 END.
  * A RUN is `count` page records of one block at consecutive page addresses; every record but the
  * first carries RAM_SAVE_FLAG_CONTINUE; the first carries the block name iff `named`. PAGE payloads
- * and ZERO fill bytes come from the memory image.
+ * come from the memory image; ZERO fill bytes from the skeleton (version 1: from the image), so a
+ * join never reads the image where the save only has zero pages.
  */
 import { deflateRawSync, inflateRawSync } from 'node:zlib';
 import { z } from 'zod';
 import { CloudletError } from '../errors';
 
 export const SKELETON_MAGIC = Buffer.from('CLDSKEL\0', 'ascii');
-export const SKELETON_VERSION = 1;
+export const SKELETON_VERSION = 2;
+/** Versions decodeSkeleton reads (1: ZERO fill bytes come from the memory image). */
+export const SKELETON_VERSIONS_READ: readonly number[] = [1, 2];
 
 export const OP_END = 0x00;
 export const OP_LIT = 0x01;
@@ -38,7 +42,16 @@ export type SkeletonHeader = z.infer<typeof SkeletonHeaderSchema>;
 
 export type SkeletonOp =
   | { op: 'lit'; data: Buffer }
-  | { op: 'run'; block: number; firstPage: number; count: number; named: boolean; zeroBits: Buffer };
+  | {
+      op: 'run';
+      block: number;
+      firstPage: number;
+      count: number;
+      named: boolean;
+      zeroBits: Buffer;
+      /** Fill bytes of ZERO records that are not 0, by record index; undefined: read them from the image (version 1). */
+      fills: Map<number, number> | undefined;
+    };
 
 export function encodeSkeleton(header: SkeletonHeader, ops: readonly SkeletonOp[]): Buffer {
   const json = Buffer.from(JSON.stringify(SkeletonHeaderSchema.parse(header)), 'utf8');
@@ -70,6 +83,12 @@ export function encodeSkeleton(header: SkeletonHeader, ops: readonly SkeletonOp[
       small.push(o.named ? 1 : 0);
       flushSmall();
       parts.push(o.zeroBits.subarray(0, Math.ceil(o.count / 8)));
+      const fills = [...(o.fills ?? new Map<number, number>())].filter(([, b]) => b !== 0).sort((x, y) => x[0] - y[0]);
+      varint(fills.length);
+      for (const [i, b] of fills) {
+        varint(i);
+        small.push(b);
+      }
     }
   }
   small.push(OP_END);
@@ -92,8 +111,8 @@ export function decodeSkeleton(skeleton: Buffer): DecodedSkeleton {
     new CloudletError('CORRUPT', `memory snapshot skeleton is invalid: ${why}`, { fix: 'split the save file again (splitSnapshot) or fetch an intact overlay' });
   if (skeleton.length < 16 || !skeleton.subarray(0, 8).equals(SKELETON_MAGIC)) throw corrupt('bad magic at offset 0 (expected CLDSKEL)');
   const version = skeleton.readUInt32LE(8);
-  if (version !== SKELETON_VERSION) {
-    throw new CloudletError('UNSUPPORTED_VERSION', `memory snapshot skeleton has version ${version}; this build reads version ${SKELETON_VERSION}`, { fix: 'upgrade cloudlet or rebuild the overlay with this version' });
+  if (!SKELETON_VERSIONS_READ.includes(version)) {
+    throw new CloudletError('UNSUPPORTED_VERSION', `memory snapshot skeleton has version ${version}; this build reads versions ${SKELETON_VERSIONS_READ.join(', ')}`, { fix: 'upgrade cloudlet or rebuild the overlay with this version' });
   }
   const jsonLen = skeleton.readUInt32LE(12);
   if (16 + jsonLen > skeleton.length) throw corrupt(`header JSON of ${jsonLen} bytes runs past the end (truncated)`);
@@ -143,11 +162,21 @@ export function decodeSkeleton(skeleton: Buffer): DecodedSkeleton {
       const count = varint();
       const named = byte() === 1;
       const zeroBits = bytes(Math.ceil(count / 8));
+      let fills: Map<number, number> | undefined;
+      if (version >= 2) {
+        fills = new Map();
+        for (let k = varint(); k > 0; k--) {
+          const i = varint();
+          const b = byte();
+          if (i >= count || !(((zeroBits[i >> 3] as number) >> (i & 7)) & 1)) throw corrupt(`fill byte for record ${i} of the page run at body offset ${at}, which is not a ZERO record`);
+          fills.set(i, b);
+        }
+      }
       const b = header.blocks[block];
       if (!b || count === 0 || (firstPage + count) * header.pageSize > Math.ceil(b.size / header.pageSize) * header.pageSize) {
         throw corrupt(`page run at body offset ${at} (block ${block}, pages ${firstPage}+${count}) is outside the RAM blocks`);
       }
-      ops.push({ op: 'run', block, firstPage, count, named, zeroBits });
+      ops.push({ op: 'run', block, firstPage, count, named, zeroBits, fills });
     } else throw corrupt(`unknown op ${op} at body offset ${at}`);
   }
   if (p !== body.length) throw corrupt(`${body.length - p} trailing bytes after END`);

@@ -334,7 +334,7 @@ async function parseWith(r: StreamReader, savePath: string, fh: FileHandle, size
       const page = addr / F.PAGE_SIZE;
       recBlock.push(block);
       recPage.push(page);
-      recZero.push(zero ? 1 : 0);
+      recZero.push(zero ? 1 + r.u8(hdr) : 0); // 0: PAGE; 1 + fill byte: ZERO
       recNamed.push(named ? 1 : 0);
       recStart.push(at);
       recLen.push(hdr + plen);
@@ -510,12 +510,12 @@ async function parseWith(r: StreamReader, savePath: string, fh: FileHandle, size
   const pushLit = (b: Buffer): void => {
     pendingLit.push(b);
   };
-  let run: { block: number; firstPage: number; count: number; named: boolean; zero: number[] } | undefined;
+  let run: { block: number; firstPage: number; count: number; named: boolean; zero: number[]; fills: Map<number, number> } | undefined;
   const closeRun = (): void => {
     if (!run) return;
     const zeroBits = Buffer.alloc(Math.ceil(run.count / 8));
     for (const i of run.zero) zeroBits[i >> 3] = (zeroBits[i >> 3] as number) | (1 << (i & 7));
-    ops.push({ op: 'run', block: run.block, firstPage: run.firstPage, count: run.count, named: run.named, zeroBits });
+    ops.push({ op: 'run', block: run.block, firstPage: run.firstPage, count: run.count, named: run.named, zeroBits, fills: run.fills });
     stats.runs++;
     run = undefined;
   };
@@ -539,14 +539,17 @@ async function parseWith(r: StreamReader, savePath: string, fh: FileHandle, size
       pushLit(rec);
       continue;
     }
-    if (run && run.block === block && page === run.firstPage + run.count && !named) {
-      if (recZero[ev] === 1) run.zero.push(run.count);
-      run.count++;
-      continue;
+    const z = recZero[ev] ?? 0;
+    if (!(run && run.block === block && page === run.firstPage + run.count && !named)) {
+      closeRun();
+      closeLit();
+      run = { block, firstPage: page, count: 0, named, zero: [], fills: new Map() };
     }
-    closeRun();
-    closeLit();
-    run = { block, firstPage: page, count: 1, named, zero: recZero[ev] === 1 ? [0] : [] };
+    if (z > 0) {
+      run.zero.push(run.count);
+      if (z > 1) run.fills.set(run.count, z - 1);
+    }
+    run.count++;
   }
   closeRun();
   closeLit();
