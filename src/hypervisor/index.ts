@@ -6,3 +6,4 @@ export { createQcow2Overlay } from './disk';
 export { serialSize, waitForSerialLine } from './serial';
 export { buildDomainXml, editDomainXml, parseDomainXml, interfaceXml, isValidMac, DEFAULT_CPU_MODEL, type DomainXmlInfo } from './domain-xml';
 export { parseDomainCapabilities, assertCpuModelUsable, usableModels, type DomainCapabilities, type CpuModelInfo } from './domcaps';
+export { FakeHypervisor, type FakeOptions } from './fake';

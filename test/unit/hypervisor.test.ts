@@ -4,6 +4,7 @@ import path from 'node:path';
 import { CloudletError } from '../../src/core/errors';
 import { buildDomainXml, editDomainXml, interfaceElements, interfaceXml, isValidMac, parseDomainXml, parseXml } from '../../src/hypervisor/domain-xml';
 import { assertCpuModelUsable, parseDomainCapabilities, parseMissingFeatures, suggestModels, usableModels } from '../../src/hypervisor/domcaps';
+import { FakeHypervisor } from '../../src/hypervisor/fake';
 import { detectVirtType, PROBE_EXIT_CODE, probeFirmware } from '../../src/hypervisor/kvm';
 import { findAddon } from '../../src/hypervisor/native';
 import { serialSize, waitForSerialLine } from '../../src/hypervisor/serial';
@@ -292,5 +293,40 @@ describe('waitForSerialLine', () => {
     expect(err.message).toContain(file);
     expect(err.message).toContain('"kernel panic"');
     await expect(waitForSerialLine(path.join(dir, 'none.log'), /READY/, 100)).rejects.toThrow(/did not appear within 100 ms/);
+  });
+});
+
+describe('FakeHypervisor', () => {
+  it('follows the same life cycle and errors as the real adapter', async () => {
+    const dir = fs.mkdtempSync(path.join(os.tmpdir(), 'hv-fake-'));
+    try {
+      const file = (n: string): string => {
+        const f = path.join(dir, n);
+        fs.writeFileSync(f, '');
+        return f;
+      };
+      const hv = new FakeHypervisor({ onStartSerialLines: () => ['CLOUDLET-GUEST-READY bootId=fake'] });
+      const s: DomainSpec = { ...spec, kernel: file('vmlinuz'), disk: { path: file('a.qcow2'), format: 'qcow2' }, serialPath: path.join(dir, 'serial.log') };
+      await hv.defineDomain(s);
+      expect(await hv.state('hv-unit')).toBe('shut off');
+      await hv.start('hv-unit');
+      await expect(hv.waitForSerialLine(s.serialPath, /READY/, 1000)).resolves.toBe('CLOUDLET-GUEST-READY bootId=fake');
+      const save = path.join(dir, 'save');
+      await hv.save('hv-unit', save);
+      expect(await hv.state('hv-unit')).toBe('shut off');
+      const r = await hv.restore(save, { diskPath: file('b.qcow2') });
+      expect(r.name).toBe('hv-unit');
+      expect(JSON.parse(await hv.domainXml('hv-unit'))).toMatchObject({ disk: { path: path.join(dir, 'b.qcow2') } });
+      await expect(hv.replugNic('hv-unit', { mac: '52:54:00:00:00:02' })).resolves.toMatchObject({ oldMac: spec.nic.mac, newMac: '52:54:00:00:00:02' });
+      expect((await hv.forwardPort('hv-unit', { guestPort: 8080 })).hostAddress).toBe('127.0.0.1');
+      await expect(hv.checkCpuModel('Haswell')).rejects.toMatchObject({ code: 'CPU_MODEL_UNUSABLE' });
+      await expect(hv.start('hv-none')).rejects.toMatchObject({ code: 'NOT_FOUND' });
+      await hv.destroy('hv-unit');
+      await hv.undefine('hv-unit');
+      expect(await hv.state('hv-unit')).toBe('absent');
+      expect(hv.calls.map((c) => c.op)).toEqual(['defineDomain', 'start', 'save', 'restore', 'replugNic', 'forwardPort', 'checkCpuModel', 'start', 'destroy', 'undefine']);
+    } finally {
+      fs.rmSync(dir, { recursive: true, force: true });
+    }
   });
 });

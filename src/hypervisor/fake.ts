@@ -1,0 +1,181 @@
+/**
+ * An in-memory Hypervisor for unit tests of the layers above (activities, CLI): domains are
+ * records, a save writes a small JSON file (so copies and paths behave like real save files),
+ * and every call is recorded in `calls`. No VM runs; forwarded ports are not bound.
+ */
+import fs from 'node:fs';
+import { CloudletError } from '../core/errors';
+import { assertCpuModelUsable, type DomainCapabilities } from './domcaps';
+import { isValidMac } from './domain-xml';
+import { waitForSerialLine } from './serial';
+import type { DomainSpec, DomainState, ForwardResult, Hypervisor, NicSpec, ReplugResult, RestoreOptions, RestoreResult, VirtType } from './types';
+
+interface FakeDomain {
+  spec: DomainSpec;
+  state: Exclude<DomainState, 'absent'>;
+  persistent: boolean;
+}
+
+const SAVE_MAGIC = 'cloudlet-fake-save';
+
+export interface FakeOptions {
+  virtType?: VirtType;
+  usableCpuModels?: string[];
+  /** Lines appended to the domain's serial file when it starts or is restored (e.g. a ready line). */
+  onStartSerialLines?: (spec: DomainSpec) => string[];
+}
+
+export class FakeHypervisor implements Hypervisor {
+  readonly domains = new Map<string, FakeDomain>();
+  readonly calls: { op: string; args: unknown[] }[] = [];
+  private nextPort = 20000;
+
+  constructor(private readonly options: FakeOptions = {}) {}
+
+  private record(op: string, ...args: unknown[]): void {
+    this.calls.push({ op, args });
+  }
+
+  private get(name: string, op: string): FakeDomain {
+    const d = this.domains.get(name);
+    if (!d) throw new CloudletError('NOT_FOUND', `domain "${name}" is not defined on fake:/// (${op})`, { fix: 'define or restore the domain first' });
+    return d;
+  }
+
+  private emitSerial(spec: DomainSpec): void {
+    const lines = this.options.onStartSerialLines?.(spec) ?? [];
+    if (lines.length) fs.appendFileSync(spec.serialPath, lines.map((l) => `${l}\r\n`).join(''));
+  }
+
+  async virtType(): Promise<VirtType> {
+    return this.options.virtType ?? 'qemu';
+  }
+
+  async defineDomain(spec: DomainSpec): Promise<void> {
+    this.record('defineDomain', spec);
+    if (!isValidMac(spec.nic.mac)) throw new CloudletError('BAD_INPUT', `"${spec.nic.mac}" is not a unicast MAC address`);
+    for (const [what, f] of [['kernel', spec.kernel], ['disk image', spec.disk.path]] as const) {
+      if (!fs.existsSync(f)) throw new CloudletError('NOT_FOUND', `${what} of domain "${spec.name}" ${f} does not exist`);
+    }
+    const existing = this.domains.get(spec.name);
+    this.domains.set(spec.name, { spec: { ...spec }, state: existing?.state ?? 'shut off', persistent: true });
+  }
+
+  async start(name: string): Promise<void> {
+    this.record('start', name);
+    const d = this.get(name, 'start');
+    if (d.state !== 'shut off') throw new CloudletError('HYPERVISOR', `start of domain "${name}" failed: domain is already active`);
+    d.state = 'running';
+    this.emitSerial(d.spec);
+  }
+
+  async destroy(name: string): Promise<void> {
+    this.record('destroy', name);
+    const d = this.domains.get(name);
+    if (!d) return;
+    if (d.persistent) d.state = 'shut off';
+    else this.domains.delete(name);
+  }
+
+  async undefine(name: string): Promise<void> {
+    this.record('undefine', name);
+    const d = this.domains.get(name);
+    if (!d) return;
+    if (d.state === 'shut off') this.domains.delete(name);
+    else d.persistent = false;
+  }
+
+  async state(name: string): Promise<DomainState> {
+    return this.domains.get(name)?.state ?? 'absent';
+  }
+
+  async suspend(name: string): Promise<void> {
+    this.record('suspend', name);
+    this.get(name, 'suspend').state = 'paused';
+  }
+
+  async resume(name: string): Promise<void> {
+    this.record('resume', name);
+    this.get(name, 'resume').state = 'running';
+  }
+
+  async domainXml(name: string): Promise<string> {
+    return JSON.stringify(this.get(name, 'dumpxml').spec);
+  }
+
+  async save(name: string, file: string): Promise<{ ms: number }> {
+    this.record('save', name, file);
+    const d = this.get(name, 'save');
+    if (d.state === 'shut off') throw new CloudletError('HYPERVISOR', `save of domain "${name}" failed: domain is not running`);
+    fs.writeFileSync(file, JSON.stringify({ magic: SAVE_MAGIC, spec: d.spec }));
+    d.state = 'shut off';
+    if (!d.persistent) this.domains.delete(name);
+    return { ms: 1 };
+  }
+
+  private readSave(file: string): DomainSpec {
+    if (!fs.existsSync(file)) throw new CloudletError('NOT_FOUND', `save file ${file} does not exist`);
+    const parsed = JSON.parse(fs.readFileSync(file, 'utf8')) as { magic?: string; spec?: DomainSpec };
+    if (parsed.magic !== SAVE_MAGIC || !parsed.spec) throw new CloudletError('CORRUPT', `${file} is not a save file of the fake hypervisor`);
+    return parsed.spec;
+  }
+
+  async saveFileXml(file: string): Promise<string> {
+    return JSON.stringify(this.readSave(file));
+  }
+
+  async restore(file: string, options: RestoreOptions = {}): Promise<RestoreResult> {
+    this.record('restore', file, options);
+    const saved = this.readSave(file);
+    const spec: DomainSpec = {
+      ...saved,
+      disk: { ...saved.disk, path: options.diskPath ?? saved.disk.path },
+      serialPath: options.serialPath ?? saved.serialPath,
+    };
+    if (!fs.existsSync(spec.disk.path)) throw new CloudletError('NOT_FOUND', `disk image of domain "${spec.name}" ${spec.disk.path} does not exist`);
+    const existing = this.domains.get(spec.name);
+    if (existing && existing.state !== 'shut off') throw new CloudletError('HYPERVISOR', `restore of domain "${spec.name}" failed: domain is already active`);
+    this.domains.set(spec.name, { spec, state: options.paused ? 'paused' : 'running', persistent: existing?.persistent ?? false });
+    return { name: spec.name, ms: 1 };
+  }
+
+  async replugNic(name: string, nic: NicSpec): Promise<ReplugResult> {
+    this.record('replugNic', name, nic);
+    const d = this.get(name, 'replug');
+    if (d.state !== 'running') throw new CloudletError('CONFLICT', `domain "${name}" is ${d.state}; a NIC can only be replugged in a running guest`);
+    const oldMac = d.spec.nic.mac;
+    d.spec = { ...d.spec, nic: { ...nic, mac: nic.mac.toLowerCase() } };
+    return { oldMac, newMac: nic.mac.toLowerCase(), detachMs: 1, attachMs: 1 };
+  }
+
+  async forwardPort(name: string, options: { hostPort?: number; guestPort: number }): Promise<ForwardResult> {
+    this.record('forwardPort', name, options);
+    if (this.get(name, 'forward').state !== 'running') throw new CloudletError('CONFLICT', `domain "${name}" is not running`);
+    return { hostPort: options.hostPort ?? this.nextPort++, guestPort: options.guestPort, hostAddress: '127.0.0.1' };
+  }
+
+  private caps(virtType: VirtType): DomainCapabilities {
+    const usable = this.options.usableCpuModels ?? ['qemu64', 'kvm64'];
+    return {
+      virtType, machine: 'pc', emulator: undefined, hostModel: undefined,
+      cpuModels: [...usable.map((name) => ({ name, usable: true, vendor: undefined, blockers: [] })),
+        { name: 'Haswell', usable: false, vendor: 'Intel', blockers: ['pcid', 'x2apic'] }],
+    };
+  }
+
+  async checkCpuModel(model: string, virtType?: VirtType): Promise<void> {
+    this.record('checkCpuModel', model, virtType);
+    const t = virtType ?? (await this.virtType());
+    assertCpuModelUsable(this.caps(t), model, t);
+  }
+
+  async usableCpuModels(virtType?: VirtType): Promise<string[]> {
+    return this.caps(virtType ?? (await this.virtType())).cpuModels.filter((m) => m.usable).map((m) => m.name);
+  }
+
+  waitForSerialLine(file: string, pattern: RegExp, timeoutMs: number, fromByte = 0): Promise<string> {
+    return waitForSerialLine(file, pattern, timeoutMs, fromByte);
+  }
+
+  async close(): Promise<void> {}
+}
