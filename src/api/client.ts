@@ -53,7 +53,10 @@ export class CloudletApiError extends CloudletError {
   readonly issues: ApiIssue[];
 
   constructor(status: number, apiCode: string, message: string, extra: { requestId?: string; issues?: ApiIssue[]; fix?: string; details?: Record<string, unknown>; cause?: unknown } = {}) {
+    // Service errors arrive with "Fix: ..." in their message already; the API's own carry it apart.
+    const fix = extra.fix !== undefined && !message.includes('Fix:') ? extra.fix : undefined;
     super(codeFor(status, apiCode), message, {
+      ...(fix !== undefined ? { fix } : {}),
       details: { ...extra.details, httpStatus: status, apiCode, ...(extra.requestId ? { requestId: extra.requestId } : {}), ...(extra.fix ? { fix: extra.fix } : {}) },
       cause: extra.cause,
     });

@@ -105,10 +105,11 @@ test('refusals become CloudletErrors with the server code, message and issues', 
   expect(bad.code).toBe('BAD_INPUT');
   expect(bad.issues.map((i) => i.path.join('.'))).toEqual(['body.hostId', 'body.source']);
   expect(bad.requestId).toMatch(/^req-/);
+  expect(bad.message).toMatch(/^invalid request body \(body\.hostId: .*\. Fix: correct the listed fields/);
 
   const unknownHost = (await client.provisionInstance({ hostId: 'host-q', overlayUrl: 'http://127.0.0.1:9/x' }).catch((e: unknown) => e)) as CloudletApiError;
   expect(unknownHost).toMatchObject({ code: 'UNKNOWN_HOST', status: 422 });
-  expect(unknownHost.message).toContain('host host-q is not part of this cloudlet');
+  expect(unknownHost.message).toBe('host host-q is not part of this cloudlet. Fix: use one of host-a, host-b');
 
   const base = fake.addBase(['host-a']);
   const instance = fake.addInstance('host-a', base.id);
