@@ -163,21 +163,39 @@ class PackageReader {
     });
   }
 
-  /** Copy `length` bytes at `pos` into `outPath`, returning their sha256. */
+  /**
+   * Copy `length` bytes at `pos` into `outPath`, returning their sha256. Double-buffered: the
+   * next block is read while the current one is hashed and written.
+   */
   async copyOut(pos: number, length: number, outPath: string, progress: (n: number) => void): Promise<string> {
     const out = await fsp.open(outPath, 'wx');
     const hash = createHash('sha256');
-    try {
-      const buf = Buffer.allocUnsafe(IO_BLOCK);
-      let done = 0;
-      while (done < length) {
-        const { bytesRead } = await this.fh.read(buf, 0, Math.min(buf.length, length - done), pos + done);
+    const bufs = [Buffer.allocUnsafe(IO_BLOCK), Buffer.allocUnsafe(IO_BLOCK)];
+    const readBlock = async (i: number, at: number): Promise<Buffer> => {
+      const buf = bufs[i % 2] as Buffer;
+      const want = Math.min(buf.length, length - at);
+      let got = 0;
+      while (got < want) {
+        const { bytesRead } = await this.fh.read(buf, got, want - got, pos + at + got);
         if (bytesRead === 0) throw this.truncated('a member', pos + length);
-        const part = buf.subarray(0, bytesRead);
+        got += bytesRead;
+      }
+      return buf.subarray(0, got);
+    };
+    try {
+      let done = 0;
+      let i = 0;
+      let next: Promise<Buffer> | undefined = length > 0 ? readBlock(0, 0) : undefined;
+      while (next) {
+        const part = await next;
+        done += part.length;
+        i += 1;
+        next = done < length ? readBlock(i, done) : undefined;
+        // Keep a rejected read-ahead from going unhandled if the write below fails first.
+        next?.catch(() => undefined);
         hash.update(part);
         await writeAll(out, part);
-        done += bytesRead;
-        progress(bytesRead);
+        progress(part.length);
       }
       await out.sync();
     } finally {
