@@ -122,6 +122,13 @@ export class LibvirtHypervisor implements Hypervisor {
         cause: e,
       });
     }
+    if (/is already active|already exists with uuid|already defined with uuid/i.test(msg)) {
+      return new CloudletError('CONFLICT', `${op}${name ? ` of domain "${name}"` : ''} failed: ${msg.trim()}`, {
+        fix: 'destroy the active domain of that name first, or give this VM its own name and UUID (for a save file: in its header)',
+        details: { domain: name, operation: op },
+        cause: e,
+      });
+    }
     return new CloudletError('HYPERVISOR', `${op}${name ? ` of domain "${name}"` : ''} failed: ${msg.trim()}`, {
       fix: `see /var/log/libvirt/qemu/${name ?? '<domain>'}.log and var/libvirt/libvirtd.log`,
       details: { domain: name, operation: op },
@@ -222,6 +229,8 @@ export class LibvirtHypervisor implements Hypervisor {
     try {
       await h.domainDestroy(d);
     } catch (e) {
+      // Stopped (or vanished) between the state check and the call: the goal is reached.
+      if (/not running|Domain not found/i.test(nativeMessage(e))) return;
       throw this.fail('destroy', e, name);
     }
     this.log.info({ domain: name, ms: since(t0) }, 'domain destroyed');
@@ -258,6 +267,7 @@ export class LibvirtHypervisor implements Hypervisor {
       throw this.fail('state', e, name);
     }
     switch (info.state) {
+      case 0: // no state (transitional)
       case 1: // running
       case 2: // blocked
       case 4: // shutting down
@@ -265,8 +275,6 @@ export class LibvirtHypervisor implements Hypervisor {
       case 3: // paused
       case 7: // pmsuspended
         return 'paused';
-      case 0:
-        return 'absent';
       default: // 5 shutoff, 6 crashed
         return 'shut off';
     }

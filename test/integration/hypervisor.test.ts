@@ -136,6 +136,9 @@ describe('a guest under libvirt', () => {
     expect(live.disks[0]?.path).toBe(path.join(dir, 'b.qcow2'));
     expect(live.serialPaths).toEqual([serialB]);
     expect(live.interfaces.map((i) => i.mac)).toEqual(['52:54:00:c1:00:01']);
+    // A second restore while it runs: CONFLICT, and the running VM is untouched.
+    await expect(hv.restore(saveFile, { diskPath: path.join(dir, 'b.qcow2'), serialPath: serialB })).rejects.toMatchObject({ code: 'CONFLICT' });
+    expect(await hv.state(NAME)).toBe('running');
 
     const from = await serialSize(serialB);
     const replug = await hv.replugNic(NAME, { mac: '52:54:00:c1:00:02' });
