@@ -111,6 +111,14 @@ start() {
   echo $! > "$PIDFILE"
   WAIT_SECONDS=90 wait_for answers || die "libvirtd did not answer on $URI within 90 s; see $LOG"
   local ms=$(( ($(date +%s%N) - t0) / 1000000 ))
+  # A capability file newer than our start means libvirtd (re-)probed QEMU; later starts and
+  # restores must not do it again (see docs/hypervisor.md).
+  local marker="$STATE/.started"; touch -d "@$(( t0 / 1000000000 - 1 ))" "$marker"
+  if [ -n "$(find "$caps" -name '*.xml' -newer "$marker" 2>/dev/null | head -1)" ]; then
+    say "libvirtd probed QEMU's capabilities and cached them in $caps"
+  else
+    say "libvirtd reused the cached QEMU capabilities (no probe)"
+  fi
   say "libvirtd answers on $URI after ${ms} ms (tini pid $(cat "$PIDFILE")): $(virsh -c "$URI" version 2>/dev/null | grep -i 'running hypervisor' | sed 's/^ *//')"
 }
 
