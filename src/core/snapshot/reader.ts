@@ -103,6 +103,17 @@ export class StreamReader {
     return this.buf.readUInt32BE(this.at + skip);
   }
 
+  /** Consumes n buffered bytes without looking at them. */
+  skip(n: number): void {
+    this.at += n;
+  }
+
+  /** Consumes n buffered bytes, copying them into target at targetStart. */
+  copyTo(n: number, target: Buffer, targetStart: number): void {
+    this.buf.copy(target, targetStart, this.at, this.at + n);
+    this.at += n;
+  }
+
   /** Consumes n buffered bytes and returns a view of them (valid until the next ensure). */
   take(n: number): Buffer {
     const v = this.buf.subarray(this.at, this.at + n);

@@ -105,13 +105,22 @@ class ImageWriter {
     this.start = off;
   }
 
-  /** Synchronous unless a buffer must be flushed (then returns the promise to await). */
-  put(off: number, page: Buffer): Promise<void> | undefined {
-    if (!this.contiguous(off)) return this.restart(off).then(() => void this.put(off, page));
-    page.copy(this.buf, this.len);
-    this.len += page.length;
-    this.gap = 0;
-    return undefined;
+  /**
+   * Takes the next page of `r` (consumed now, synchronously) for image offset `off`. Returns a
+   * promise to await only when a full buffer had to be flushed first.
+   */
+  putFrom(off: number, r: StreamReader): Promise<void> | undefined {
+    if (this.contiguous(off)) {
+      r.copyTo(F.PAGE_SIZE, this.buf, this.len);
+      this.len += F.PAGE_SIZE;
+      this.gap = 0;
+      return undefined;
+    }
+    const page = Buffer.from(r.take(F.PAGE_SIZE)); // the reader's buffer may move while we flush
+    return this.restart(off).then(() => {
+      page.copy(this.buf, this.len);
+      this.len += F.PAGE_SIZE;
+    });
   }
 
   fill(off: number, byte: number): Promise<void> | undefined {
@@ -343,16 +352,16 @@ async function parseWith(r: StreamReader, savePath: string, fh: FileHandle, size
       const prev = seen[page] ?? 0;
       if (prev !== 0) stats.resentRecords++;
       seen[page] = rec + 1;
-      r.take(hdr);
-      const payload = r.take(plen);
+      r.skip(hdr);
       const off = b.imageOffset + addr;
       let pending: Promise<void> | undefined;
       if (!zero) {
         stats.pageRecords++;
-        pending = w.put(off, payload);
+        pending = w.putFrom(off, r);
       } else {
         stats.zeroRecords++;
-        const fill = payload[0] as number;
+        const fill = r.u8();
+        r.skip(1);
         if (fill === 0 && prev === 0) w.zeroHole(off);
         else pending = w.fill(off, fill);
       }
