@@ -251,16 +251,15 @@ async function copyNonZeroChunks(src: string, index: ChunkIndex, dest: string, s
   try {
     await output.truncate(size);
     const limit = Math.min(index.chunkCount, Math.ceil(size / CHUNK));
-    const maxRun = 2048; // 8 MiB per I/O
-    const buf = Buffer.allocUnsafe(maxRun * CHUNK);
-    let i = 0;
-    while (i < limit) {
-      if (index.equalAt(i, ZERO_CHUNK_SHA256)) {
-        i += 1;
-        continue;
-      }
-      let j = i + 1;
-      while (j < limit && j - i < maxRun && !index.equalAt(j, ZERO_CHUNK_SHA256)) j += 1;
+    const blockChunks = 2048; // 8 MiB per I/O; a block whose chunks are all zero stays a hole
+    const buf = Buffer.allocUnsafe(blockChunks * CHUNK);
+    for (let first = 0; first < limit; first += blockChunks) {
+      const last = Math.min(limit, first + blockChunks);
+      let i = first;
+      while (i < last && index.equalAt(i, ZERO_CHUNK_SHA256)) i += 1;
+      if (i === last) continue;
+      let j = last;
+      while (j > i && index.equalAt(j - 1, ZERO_CHUNK_SHA256)) j -= 1;
       const pos = i * CHUNK;
       const len = Math.min((j - i) * CHUNK, index.byteLength - pos, size - pos);
       let got = 0;
@@ -269,8 +268,8 @@ async function copyNonZeroChunks(src: string, index: ChunkIndex, dest: string, s
         if (bytesRead === 0) throw new CloudletError('CORRUPT', `base memory image ${src} is shorter than its index says`, { fix: 're-import the base' });
         got += bytesRead;
       }
-      await output.write(buf, 0, len, pos);
-      i = j;
+      let put = 0;
+      while (put < len) put += (await output.write(buf, put, len - put, pos + put)).bytesWritten;
     }
   } finally {
     await input.close();
@@ -383,12 +382,12 @@ export async function applyOverlayToParts(input: ApplyToPartsInput): Promise<{ m
       if (!item) return;
       const w0 = performance.now();
       const raw = await item.job;
+      waitMs += performance.now() - w0;
+      if (touchesMemoryOrSkeleton(item.index, raw)) await waitForMemory();
       const w1 = performance.now();
-      waitMs += w1 - w0;
       if (item.index === 0) skeleton = raw;
       else {
         const seg = item.index - 1;
-        if (touchesMemory(raw)) await waitForMemory();
         try {
           applier?.apply(seg, raw);
         } catch (e) {
@@ -400,6 +399,9 @@ export async function applyOverlayToParts(input: ApplyToPartsInput): Promise<{ m
       input.onProgress?.(done, total);
     };
     let index = 0;
+    function touchesMemoryOrSkeleton(i: number, raw: Buffer): boolean {
+      return i > 0 && touchesMemory(raw);
+    }
     for await (const blob of blobs(src, dataStart, refs)) {
       inflight.push({ index, job: decode(index, blob) });
       index += 1;

@@ -22,6 +22,8 @@ export const OVERLAY_FORMAT_VERSION = 1;
 export const HEADER_SIZE = 64;
 /** Upper bound on the meta, so a corrupt length cannot make a reader allocate gigabytes. */
 export const MAX_META_LENGTH = 64 * 1024 * 1024;
+/** Upper bound on a blob's decompressed size (segments are a few MiB; skeletons are small). */
+export const MAX_BLOB_RAW_LENGTH = 512 * 1024 * 1024;
 
 export enum Target {
   Disk = 0,
@@ -199,6 +201,12 @@ function checkLayout(meta: OverlayMeta, where: string): void {
   let expected = 0;
   const blobs: Array<[string, BlobRef]> = [['skeleton', meta.launch.memory.skeleton], ...meta.segments.map((s, i): [string, BlobRef] => [`segment ${i}`, s])];
   for (const [name, b] of blobs) {
+    if (b.rawLength > MAX_BLOB_RAW_LENGTH) {
+      throw new CloudletError('CORRUPT', `overlay ${where}: ${name} claims ${b.rawLength} bytes decompressed, more than the ${MAX_BLOB_RAW_LENGTH} a blob may hold`, {
+        fix: 'rebuild the overlay',
+        details: { where, part: `meta.${name}` },
+      });
+    }
     if (b.offset !== expected || b.length === 0) {
       throw new CloudletError('CORRUPT', `overlay ${where}: ${name} is at offset ${b.offset} (length ${b.length}), expected offset ${expected}`, {
         fix: 'rebuild the overlay',
