@@ -24,6 +24,8 @@ import type { InstanceRecord } from './instances';
 
 export const RECIPE_ID_PATTERN = /^[a-z0-9]([a-z0-9-]{0,38}[a-z0-9])?$/;
 const MAX_FILE_BYTES = 256 * 1024;
+/** The test guest's port of its application and of `POST /cgi-bin/exec` (docs/test-guest.md). */
+export const GUEST_EXEC_PORT = 8080;
 const MAX_FILES_BYTES = 1024 * 1024;
 
 export const RecipeFileSchema = z.object({
@@ -63,10 +65,18 @@ export const RecipeSchema = z
     check: RecipeCheckSchema.optional(),
     /** The command is killed after this many seconds (default 300). */
     timeoutSeconds: z.number().int().min(1).max(3600).default(300),
-    /** The guest port of the application (default 8080, the test guest's). */
-    appPort: z.number().int().min(1).max(65535).default(8080),
+    /**
+     * The guest port of the application (default 8080, the test guest's own application, which
+     * also serves the exec endpoint). The verifying synthesis forwards this port; for another
+     * port, give a `check` (the test guest's readiness probe only answers on 8080).
+     */
+    appPort: z.number().int().min(1).max(65535).default(GUEST_EXEC_PORT),
   })
   .strict()
+  .refine((r) => r.appPort === GUEST_EXEC_PORT || r.check !== undefined, {
+    message: `a recipe whose application is not on port ${GUEST_EXEC_PORT} needs a check, to verify it`,
+    path: ['check'],
+  })
   .refine((r) => r.files.reduce((n, f) => n + Buffer.byteLength(f.content), 0) <= MAX_FILES_BYTES, {
     message: `the files of a recipe hold at most ${MAX_FILES_BYTES} bytes in all`,
     path: ['files'],

@@ -24,6 +24,9 @@ import type { RecipeActivities, RecipeInput } from '../activities/recipes';
 import { HOST_ID_PATTERN, hostTaskQueue, SearchAttributes } from '../common/names';
 import { createOverlayVm, operationProgressQuery, resumeBaseVm, synthesizeVm, type OperationProgress } from './operations';
 
+/** The test guest's port of `POST /cgi-bin/exec` (docs/test-guest.md); see GUEST_EXEC_PORT. */
+const GUEST_EXEC_PORT = 8080;
+
 export interface RebuildOverlayResult {
   recipeId: string;
   hostId: string;
@@ -108,7 +111,8 @@ export async function rebuildOverlay(input: RecipeInput): Promise<RebuildOverlay
     stage('resume base');
     await executeChild(resumeBaseVm, {
       workflowId: `${info.workflowId}/resume`,
-      args: [{ hostId, baseId: recipe.baseId, instanceId: buildInstance, appPort: recipe.appPort }],
+      // The build instance forwards the guest's exec port (the recipe mechanism).
+      args: [{ hostId, baseId: recipe.baseId, instanceId: buildInstance, appPort: GUEST_EXEC_PORT }],
     });
 
     stage('run recipe in guest');
@@ -125,7 +129,9 @@ export async function rebuildOverlay(input: RecipeInput): Promise<RebuildOverlay
     stage('verify: synthesize');
     await executeChild(synthesizeVm, {
       workflowId: `${info.workflowId}/verify`,
-      args: [{ hostId, instanceId: verifyInstance, overlayUrl: made.url, waitForApp: true, appPort: recipe.appPort }],
+      // The verify instance forwards the application's port; the readiness probe is the test
+      // guest's (port 8080); on another port the recipe's check is what verifies.
+      args: [{ hostId, instanceId: verifyInstance, overlayUrl: made.url, waitForApp: recipe.appPort === GUEST_EXEC_PORT, appPort: recipe.appPort }],
     });
     if (recipe.check) {
       stage('verify: check application');

@@ -94,6 +94,8 @@ describe('recipe scripts under the guest\'s busybox', () => {
       .toThrow(/recipeId: .*baseId: .*files\.0\.path: an absolute path.*files\.1\.path: no "\.\." segment.*command: .*Unrecognized key: "extra"/s);
     expect(() => parseRecipe({ ...base, command: 'true', files: Array.from({ length: 5 }, (_, i) => ({ path: `/f${i}`, content: 'x'.repeat(250_000) })) }))
       .toThrow(/files: the files of a recipe hold at most 1048576 bytes/);
+    expect(() => parseRecipe({ ...base, command: 'true', appPort: 8081 })).toThrow(/check: a recipe whose application is not on port 8080 needs a check/);
+    expect(parseRecipe({ ...base, command: 'true', appPort: 8081, check: { path: '/', expect: 'ok' } }).check).toEqual({ path: '/', expect: 'ok', timeoutSeconds: 30 });
     expect(parseRecipe({ ...base, command: 'true' })).toEqual({ ...base, command: 'true', files: [], timeoutSeconds: 300, appPort: 8080 });
   });
 });

@@ -98,7 +98,9 @@ describe('scheduled overlay rebuilds', () => {
         `for i in 1 2 3 4 5 6 7 8 9 10; do grep -q ':1F91 ' /proc/net/tcp && break; usleep 200000; done`,
         'echo installed',
       ].join('\n'),
-      check: { path: '/cgi-bin/state', expect: marker },
+      // Verified on the port of the server the recipe started (so the check proves the process came along).
+      appPort: 8081,
+      check: { path: '/', expect: `<h1>${marker}</h1>` },
       timeoutSeconds: 60,
     };
   });
