@@ -32,7 +32,7 @@ async function main(): Promise<void> {
   const workerLog = path.join(logDir, `worker-${hostId}.log`);
   say(`starting the worker of host "${hostId}" (log: ${path.relative(REPO_ROOT, workerLog)})`);
   const out = fs.openSync(workerLog, 'a');
-  const worker = spawn(process.execPath, [require.resolve('tsx/cli'), path.join(__dirname, 'workers', 'main.ts'), '--host', hostId], {
+  const worker = spawn(process.execPath, ['--import', 'tsx', path.join(__dirname, 'workers', 'main.ts'), '--host', hostId], {
     stdio: ['ignore', out, out],
     env: process.env,
   });

@@ -236,11 +236,14 @@ export function createInstanceActivities(deps: CloudletActivityDeps) {
     /** Fetch, decompress and apply an overlay to the local base: the launch VM's disk and memory. */
     async synthesizeInstanceFiles(input: { instanceId: string; overlayUrl: string; baseId: string; appPort?: number }): Promise<{ timings: Record<string, number> }> {
       const dir = instanceDir(input.instanceId);
+      if (fs.existsSync(path.join(dir, 'synthesized'))) return { timings: {} }; // done by an earlier attempt
+      // An earlier attempt that died half-way (e.g. its worker was killed) may have left partial
+      // files: start from an empty directory.
+      await fs.promises.rm(dir, { recursive: true, force: true });
       await fs.promises.mkdir(dir, { recursive: true });
       const rec: InstanceRecord = { instanceId: input.instanceId, hostId: deps.hostId, domain: domainName(input.instanceId), baseId: input.baseId, appPort: input.appPort ?? APP_PORT_DEFAULT, createdAt: new Date().toISOString() };
       const diskPath = path.join(dir, 'disk.qcow2');
       const savePath = path.join(dir, 'memory.sav');
-      if (fs.existsSync(path.join(dir, 'synthesized'))) return { timings: {} }; // done by an earlier attempt
       const base = await openBase(storeRoot, input.baseId);
       const r = await applyOverlay({
         base,

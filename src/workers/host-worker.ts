@@ -10,6 +10,7 @@ import { hostDir } from '../config';
 import { createHostActivities } from '../activities';
 import { installRuntimeLogging } from './runtime-logging';
 import { startPublisher } from './publisher';
+import fs from 'node:fs';
 import path from 'node:path';
 
 export interface HostWorker {
@@ -25,6 +26,8 @@ export async function createHostWorker(config: Config, hostId: string, log: Logg
   installRuntimeLogging(log);
   const connection = await NativeConnection.connect({ address: config.temporalAddress });
   const dataDir = hostDir(config, hostId);
+  // One worker per host: whatever a killed predecessor left in the store's temp area is garbage.
+  await fs.promises.rm(path.join(dataDir, 'store', 'tmp'), { recursive: true, force: true });
   const publisher = await startPublisher(path.join(dataDir, 'store'), { port: publishPort });
   const activities = createHostActivities({ hostId, dataDir, config, log, publicUrl: () => publisher.url });
   const activityWorker = await Worker.create({

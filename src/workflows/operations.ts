@@ -28,7 +28,7 @@ function hostActivities(hostId: string) {
   const common: ActivityOptions = { taskQueue: hostTaskQueue(hostId), retry: { maximumAttempts: 5, initialInterval: '1 second', nonRetryableErrorTypes: NON_RETRYABLE } };
   return {
     quick: proxyActivities<InstanceActivities>({ ...common, startToCloseTimeout: '2 minutes' }),
-    long: proxyActivities<InstanceActivities>({ ...common, startToCloseTimeout: '30 minutes', heartbeatTimeout: '1 minute' }),
+    long: proxyActivities<InstanceActivities>({ ...common, startToCloseTimeout: '30 minutes', heartbeatTimeout: '20 seconds' }),
   };
 }
 
@@ -117,7 +117,7 @@ export async function createOverlayVm(input: CreateOverlayVmInput) {
       t.stage('destroy instance');
       await quick.terminateInstance({ instanceId: input.instanceId });
     }
-    return { hostId: input.hostId, instanceId: input.instanceId, ...r };
+    return { hostId: input.hostId, instanceId: input.instanceId, kept: input.keepInstance ?? false, ...r };
   });
 }
 

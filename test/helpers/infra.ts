@@ -23,3 +23,26 @@ export function ensureInfra(parts: Array<'temporal' | 'libvirt' | 'guest'> = ['t
 export function uniqueSuffix(): string {
   return `${process.pid.toString(36)}${Date.now().toString(36).slice(-5)}`;
 }
+
+/** Destroy and undefine every libvirt domain of the given test hosts (named cl-<hostId>-*). */
+export function removeHostDomains(hostIds: string[]): void {
+  const virsh = (...args: string[]): string => execFileSync('virsh', ['-c', 'qemu:///system', ...args], { encoding: 'utf8', stdio: ['ignore', 'pipe', 'ignore'] });
+  const names = virsh('list', '--all', '--name').split('\n').map((s) => s.trim()).filter(Boolean);
+  for (const n of names.filter((x) => hostIds.some((h) => x.startsWith(`cl-${h}-`)))) {
+    try {
+      virsh('destroy', n);
+    } catch {
+      // already shut off
+    }
+    try {
+      virsh('undefine', n);
+    } catch {
+      // already gone
+    }
+  }
+}
+
+/** The command line that runs a host worker as ONE process (so a signal reaches the worker itself). */
+export function workerCommand(hostId: string): { command: string; args: string[] } {
+  return { command: process.execPath, args: ['--import', 'tsx', path.join(REPO, 'src', 'workers', 'main.ts'), '--host', hostId] };
+}

@@ -13,7 +13,7 @@ import { createHostWorker, type HostWorker } from '../../src/workers/host-worker
 import { createLogger } from '../../src/common/logger';
 import { createOverlayVm, importBaseVm, resumeBaseVm, synthesizeVm, terminateVm } from '../../src/workflows';
 import { GuestAppClient } from '../../src/guest/app-client';
-import { ensureInfra, uniqueSuffix } from '../helpers/infra';
+import { ensureInfra, removeHostDomains, uniqueSuffix } from '../helpers/infra';
 import { testBasePackage } from '../helpers/test-base';
 
 jest.setTimeout(20 * 60_000);
@@ -44,6 +44,7 @@ describe('cloudlet operations across two hosts', () => {
     for (const w of workers) w.shutdown();
     await Promise.all(runs);
     await client?.connection.close();
+    removeHostDomains([hostA, hostB]);
     for (const h of [hostA, hostB]) fs.rmSync(`${config.varDir}/hosts/${h}`, { recursive: true, force: true });
   });
 

@@ -1,0 +1,302 @@
+/**
+ * The CloudletService on Temporal. Operations are workflows started on the shared workflow
+ * queue with ids that say what they are ("synthesizeVm/<host>/<instance>"); their activities
+ * run on the hosts' own queues. The service keeps no database of its own: what exists (bases on
+ * hosts, overlays, instances) is read back from the results of the workflows that made it,
+ * found through their search attributes. An idempotency key becomes part of the workflow id
+ * and duplicate ids are rejected, so a retried request returns the operation it started first.
+ */
+import { randomBytes } from 'node:crypto';
+import fs from 'node:fs';
+import path from 'node:path';
+import { WorkflowExecutionAlreadyStartedError, WorkflowFailedError, type Client, type WorkflowHandle } from '@temporalio/client';
+import { ApplicationFailure } from '@temporalio/common';
+import { assertHostServing } from '../client/connect';
+import type { Config } from '../config';
+import { hostDir } from '../config';
+import { CloudletError } from '../core/errors';
+import { exportBase } from '../core/base';
+import { createOverlayVm, importBaseVm, operationProgressQuery, resumeBaseVm, synthesizeVm, terminateVm } from '../workflows';
+import type {
+  BaseInfo,
+  CloudletService,
+  CreateOverlayRequest,
+  HostInfo,
+  ImportBaseRequest,
+  InstanceInfo,
+  OperationKind,
+  OperationRef,
+  OperationStatus,
+  OverlayInfo,
+  ProvisionRequest,
+  ResumeBaseRequest,
+} from './types';
+
+const KEY = /^[A-Za-z0-9_-]{1,64}$/;
+const KINDS: OperationKind[] = ['importBaseVm', 'resumeBaseVm', 'createOverlay', 'synthesizeVm', 'terminateVm', 'rebuildOverlay'];
+
+interface Closed {
+  id: string;
+  type: string;
+  host: string;
+  status: 'succeeded' | 'failed' | 'running';
+  startTime: Date;
+  closeTime?: Date;
+}
+
+export interface TemporalServiceOptions {
+  /** Hosts the cluster has (listed even when no worker serves them right now). */
+  hosts: string[];
+}
+
+export class TemporalCloudletService implements CloudletService {
+  constructor(
+    private readonly client: Client,
+    private readonly config: Config,
+    private readonly options: TemporalServiceOptions,
+  ) {}
+
+  // ---- operations ------------------------------------------------------------------------------
+
+  private ref(id: string, kind: OperationKind): OperationRef {
+    return { id, kind, webUiUrl: `${this.config.webUiUrl}/namespaces/${this.config.namespace}/workflows/${encodeURIComponent(id)}` };
+  }
+
+  private opId(kind: OperationKind, hostId: string, key: string | undefined, object: string): string {
+    if (key !== undefined && !KEY.test(key)) throw new CloudletError('BAD_INPUT', `invalid idempotency key "${key}"`, { fix: 'use 1-64 letters, digits, "_" or "-"' });
+    return `${kind}/${hostId}/${object}${key ? `/${key}` : ''}`;
+  }
+
+  private async start(kind: OperationKind, workflow: (input: never) => Promise<unknown>, id: string, input: unknown, summary: string): Promise<OperationRef> {
+    try {
+      await this.client.workflow.start(workflow as (input: unknown) => Promise<unknown>, {
+        taskQueue: this.config.workflowTaskQueue,
+        workflowId: id,
+        args: [input],
+        workflowIdReusePolicy: 'REJECT_DUPLICATE',
+        staticSummary: summary,
+      });
+    } catch (e) {
+      if (!(e instanceof WorkflowExecutionAlreadyStartedError)) throw e;
+      // Same idempotency key: the operation that was started first.
+    }
+    return this.ref(id, kind);
+  }
+
+  async getOperation(id: string): Promise<OperationStatus | undefined> {
+    const handle: WorkflowHandle = this.client.workflow.getHandle(id);
+    let d;
+    try {
+      d = await handle.describe();
+    } catch (e) {
+      if ((e as Error).name === 'WorkflowNotFoundError') return undefined;
+      throw e;
+    }
+    const kind = d.type as OperationKind;
+    const hostId = String(d.searchAttributes?.CloudletHost?.[0] ?? '');
+    const status: OperationStatus = {
+      ...this.ref(id, KINDS.includes(kind) ? kind : 'importBaseVm'),
+      kind,
+      hostId,
+      state: 'running',
+      startedAt: d.startTime.toISOString(),
+      ...(d.closeTime ? { closedAt: d.closeTime.toISOString() } : {}),
+    };
+    const name = d.status.name;
+    if (name === 'RUNNING') {
+      const p = await handle.query(operationProgressQuery).catch(() => undefined);
+      if (p) status.progress = { stage: p.stage, done: p.done };
+      const pending = d.raw.pendingActivities?.[0];
+      const details = pending?.heartbeatDetails?.payloads?.[0]?.data;
+      if (details && status.progress) {
+        try {
+          const h = JSON.parse(Buffer.from(details).toString('utf8')) as { bytesDone?: number; bytesTotal?: number };
+          if (typeof h.bytesDone === 'number') status.progress.bytesDone = h.bytesDone;
+          if (typeof h.bytesTotal === 'number') status.progress.bytesTotal = h.bytesTotal;
+        } catch {
+          // heartbeat details of another shape
+        }
+      }
+      return status;
+    }
+    if (name === 'COMPLETED') {
+      status.state = 'succeeded';
+      status.result = await handle.result();
+      return status;
+    }
+    status.state = name === 'CANCELLED' ? 'cancelled' : 'failed';
+    try {
+      await handle.result();
+    } catch (e) {
+      const cause = e instanceof WorkflowFailedError ? (e.cause?.cause ?? e.cause) : e;
+      status.error = cause instanceof ApplicationFailure
+        ? { type: cause.type ?? 'FAILED', message: cause.message, nonRetryable: cause.nonRetryable === true }
+        : { type: name, message: (cause as Error)?.message ?? String(cause), nonRetryable: true };
+    }
+    return status;
+  }
+
+  /** Recent operations of some kinds, newest first, from visibility. */
+  private async list(kinds: OperationKind[], status?: 'succeeded' | 'running'): Promise<Closed[]> {
+    const parts = [`(${kinds.map((k) => `CloudletOperation = '${k}'`).join(' OR ')})`];
+    if (status) parts.push(`CloudletStatus = '${status}'`);
+    const out: Closed[] = [];
+    for await (const w of this.client.workflow.list({ query: parts.join(' AND '), pageSize: 200 })) {
+      out.push({
+        id: w.workflowId,
+        type: w.type,
+        host: String(w.searchAttributes?.CloudletHost?.[0] ?? ''),
+        status: String(w.searchAttributes?.CloudletStatus?.[0] ?? 'running') as Closed['status'],
+        startTime: w.startTime,
+        ...(w.closeTime ? { closeTime: w.closeTime } : {}),
+      });
+      if (out.length >= 1000) break;
+    }
+    return out;
+  }
+
+  private async resultOf<T>(id: string): Promise<T> {
+    return (await this.client.workflow.getHandle(id).result()) as T;
+  }
+
+  // ---- hosts -------------------------------------------------------------------------------------
+
+  async listHosts(): Promise<HostInfo[]> {
+    return Promise.all(this.options.hosts.map(async (id) => ({ id, serving: await assertHostServing(this.client, id).then(() => true, () => false) })));
+  }
+
+  private async requireHost(hostId: string): Promise<void> {
+    await assertHostServing(this.client, hostId);
+  }
+
+  // ---- bases ---------------------------------------------------------------------------------------
+
+  async importBase(req: ImportBaseRequest, key?: string): Promise<OperationRef> {
+    await this.requireHost(req.hostId);
+    const id = this.opId('importBaseVm', req.hostId, key, key ? 'base' : `base-${randomBytes(4).toString('hex')}`);
+    return this.start('importBaseVm', importBaseVm, id, { hostId: req.hostId, source: req.source }, `Import a base VM package on host ${req.hostId} from ${req.source}`);
+  }
+
+  async listBases(): Promise<BaseInfo[]> {
+    const byId = new Map<string, BaseInfo>();
+    for (const w of await this.list(['importBaseVm'], 'succeeded')) {
+      const r = await this.resultOf<{ baseId: string; hostId: string; diskBytes: number; memoryBytes: number; cpuModel?: string }>(w.id);
+      const b = byId.get(r.baseId) ?? { id: r.baseId, hostIds: [], diskBytes: r.diskBytes, memoryBytes: r.memoryBytes, ...(r.cpuModel ? { cpuModel: r.cpuModel } : {}), importedAt: (w.closeTime ?? w.startTime).toISOString() };
+      if (!b.hostIds.includes(r.hostId)) b.hostIds.push(r.hostId);
+      byId.set(r.baseId, b);
+    }
+    return [...byId.values()];
+  }
+
+  async getBase(id: string): Promise<BaseInfo | undefined> {
+    return (await this.listBases()).find((b) => b.id === id);
+  }
+
+  async basePackageFile(id: string): Promise<string | undefined> {
+    const base = await this.getBase(id);
+    const hostId = base?.hostIds[0];
+    if (!base || !hostId) return undefined;
+    // Development topology: the hosts' stores are on this machine. A production API would ask the
+    // host to export and publish the package instead.
+    const out = path.join(this.config.varDir, 'cluster', 'exports', `${id}.cloudletbase`);
+    if (!fs.existsSync(out)) {
+      fs.mkdirSync(path.dirname(out), { recursive: true });
+      await exportBase(path.join(hostDir(this.config, hostId), 'store'), id, `${out}.tmp`);
+      fs.renameSync(`${out}.tmp`, out);
+    }
+    return out;
+  }
+
+  // ---- instances and overlays ------------------------------------------------------------------------
+
+  private newInstanceId(key: string | undefined): string {
+    return key ? `i-${key.toLowerCase().replace(/[^a-z0-9-]/g, '-').slice(0, 40)}` : `i-${randomBytes(4).toString('hex')}`;
+  }
+
+  async resumeBase(req: ResumeBaseRequest, key?: string): Promise<OperationRef> {
+    await this.requireHost(req.hostId);
+    const instanceId = this.newInstanceId(key);
+    return this.start('resumeBaseVm', resumeBaseVm, `resumeBaseVm/${req.hostId}/${instanceId}`, { hostId: req.hostId, baseId: req.baseId, instanceId, ...(req.appPort ? { appPort: req.appPort } : {}) }, `Resume base ${req.baseId.slice(0, 12)} on host ${req.hostId} as instance ${instanceId}`);
+  }
+
+  async provisionInstance(req: ProvisionRequest, key?: string): Promise<OperationRef> {
+    await this.requireHost(req.hostId);
+    const instanceId = this.newInstanceId(key);
+    return this.start('synthesizeVm', synthesizeVm, `synthesizeVm/${req.hostId}/${instanceId}`, {
+      hostId: req.hostId, instanceId, overlayUrl: req.overlayUrl, waitForApp: true, ...(req.waitForAppPort ? { appPort: req.waitForAppPort } : {}),
+    }, `Synthesize instance ${instanceId} on host ${req.hostId} from ${req.overlayUrl}`);
+  }
+
+  async listInstances(): Promise<InstanceInfo[]> {
+    const made = await this.list(['resumeBaseVm', 'synthesizeVm']);
+    const gone = new Set<string>();
+    for (const w of await this.list(['terminateVm', 'createOverlay'], 'succeeded')) {
+      if (w.type === 'terminateVm') gone.add(`${w.host}/${w.id.split('/')[2]}`);
+      else {
+        // createOverlay destroys its instance unless asked to keep it (its result says which).
+        const r = await this.resultOf<{ instanceId: string; hostId: string; kept?: boolean }>(w.id);
+        if (!r.kept) gone.add(`${r.hostId}/${r.instanceId}`);
+      }
+    }
+    const out: InstanceInfo[] = [];
+    for (const w of made) {
+      const [, hostId = '', instanceId = ''] = w.id.split('/');
+      const info: InstanceInfo = { id: instanceId, hostId, state: 'provisioning', baseId: '', operationId: w.id };
+      if (w.status === 'failed') info.state = 'failed';
+      if (w.status === 'succeeded') {
+        const r = await this.resultOf<{ baseId: string; hostPort?: number; timings?: Record<string, number> }>(w.id);
+        info.baseId = r.baseId;
+        info.state = gone.has(`${hostId}/${instanceId}`) ? 'terminated' : 'running';
+        if (r.hostPort) info.appEndpoint = `127.0.0.1:${r.hostPort}`;
+        if (r.timings) info.timings = r.timings;
+      }
+      out.push(info);
+    }
+    return out;
+  }
+
+  async getInstance(id: string): Promise<InstanceInfo | undefined> {
+    return (await this.listInstances()).find((i) => i.id === id);
+  }
+
+  async terminateInstance(id: string, key?: string): Promise<OperationRef> {
+    const inst = await this.getInstance(id);
+    if (!inst) throw new CloudletError('NOT_FOUND', `instance ${id} does not exist`, { fix: 'list instances with GET /v1/instances' });
+    return this.start('terminateVm', terminateVm, this.opId('terminateVm', inst.hostId, key, id), { hostId: inst.hostId, instanceId: id }, `Terminate instance ${id} on host ${inst.hostId}`);
+  }
+
+  async createOverlay(req: CreateOverlayRequest, key?: string): Promise<OperationRef> {
+    const inst = await this.getInstance(req.instanceId);
+    if (!inst) throw new CloudletError('NOT_FOUND', `instance ${req.instanceId} does not exist`, { fix: 'resume a base first (POST /v1/bases/{id}/instances)' });
+    if (inst.state !== 'running') throw new CloudletError('CONFLICT', `instance ${req.instanceId} is ${inst.state}`, { fix: 'create overlays from a running instance' });
+    return this.start('createOverlay', createOverlayVm, this.opId('createOverlay', inst.hostId, key, req.instanceId), {
+      hostId: inst.hostId, instanceId: req.instanceId, keepInstance: req.keepInstance ?? false,
+    }, `Create and publish an overlay of instance ${req.instanceId} on host ${inst.hostId}`);
+  }
+
+  async listOverlays(): Promise<OverlayInfo[]> {
+    const out = new Map<string, OverlayInfo>();
+    for (const w of await this.list(['createOverlay', 'rebuildOverlay'], 'succeeded')) {
+      const r = await this.resultOf<{ overlayId: string; url: string; bytes: number; baseId: string; instanceId?: string }>(w.id);
+      if (!r.overlayId || out.has(r.overlayId)) continue;
+      out.set(r.overlayId, { id: r.overlayId, baseId: r.baseId, bytes: r.bytes, url: r.url, createdAt: (w.closeTime ?? w.startTime).toISOString(), ...(r.instanceId ? { fromInstanceId: r.instanceId } : {}) });
+    }
+    return [...out.values()];
+  }
+
+  async getOverlay(id: string): Promise<OverlayInfo | undefined> {
+    return (await this.listOverlays()).find((o) => o.id === id);
+  }
+
+  async overlayFile(id: string): Promise<string | undefined> {
+    if (!/^[0-9a-f]{64}$/.test(id)) return undefined;
+    // Development topology: every host's store is on this machine.
+    const hostsDir = path.join(this.config.varDir, 'hosts');
+    for (const h of fs.existsSync(hostsDir) ? fs.readdirSync(hostsDir) : []) {
+      const f = path.join(hostsDir, h, 'store', 'overlays', `${id}.overlay`);
+      if (fs.existsSync(f)) return f;
+    }
+    return undefined;
+  }
+}
+

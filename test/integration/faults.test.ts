@@ -1,0 +1,151 @@
+/**
+ * Faults, on real Temporal and real libvirt:
+ * 1. host B's worker process is killed (SIGKILL) during synthesis and started again: the
+ *    workflow completes by itself and no stray or partial file remains on B;
+ * 2. the overlay URL serves corrupted bytes: the workflow fails non-retryably, naming the bad
+ *    segment, and leaves nothing behind.
+ */
+import type { Client } from '@temporalio/client';
+import { WorkflowFailedError } from '@temporalio/client';
+import { spawn, type ChildProcess } from 'node:child_process';
+import fs from 'node:fs';
+import path from 'node:path';
+import { loadConfig, type Config } from '../../src/config';
+import { assertHostServing, connectClient } from '../../src/client/connect';
+import { createHostWorker, type HostWorker } from '../../src/workers/host-worker';
+import { startPublisher, type Publisher } from '../../src/workers/publisher';
+import { createLogger } from '../../src/common/logger';
+import { createOverlayVm, importBaseVm, operationProgressQuery, resumeBaseVm, synthesizeVm } from '../../src/workflows';
+import { readOverlayMeta } from '../../src/core/overlay';
+import { GuestAppClient } from '../../src/guest/app-client';
+import { REPO, ensureInfra, removeHostDomains, uniqueSuffix, workerCommand } from '../helpers/infra';
+import { testBasePackage } from '../helpers/test-base';
+
+jest.setTimeout(20 * 60_000);
+
+async function until<T>(what: string, timeoutMs: number, f: () => Promise<T | undefined>): Promise<T> {
+  const deadline = Date.now() + timeoutMs;
+  for (;;) {
+    const v = await f().catch(() => undefined);
+    if (v !== undefined) return v;
+    if (Date.now() > deadline) throw new Error(`timed out after ${timeoutMs} ms waiting for ${what}`);
+    await new Promise((r) => setTimeout(r, 100));
+  }
+}
+
+function listFiles(dir: string): string[] {
+  if (!fs.existsSync(dir)) return [];
+  return fs.readdirSync(dir, { recursive: true, withFileTypes: true }).filter((e) => e.isFile()).map((e) => path.join(e.parentPath, e.name));
+}
+
+describe('faults during synthesis', () => {
+  const suffix = uniqueSuffix();
+  const hostA = `fa-${suffix}`;
+  const hostB = `fb-${suffix}`;
+  let config: Config;
+  let client: Client;
+  let workerA: HostWorker;
+  let runA: Promise<void>;
+  let workerB: ChildProcess | undefined;
+  let overlayUrl: string;
+  let token: string;
+
+  const startWorkerB = (): ChildProcess => {
+    const { command, args } = workerCommand(hostB);
+    const child = spawn(command, args, {
+      cwd: REPO,
+      env: { ...process.env, CLOUDLET_WORKFLOW_QUEUE: config.workflowTaskQueue, CLOUDLET_VAR: config.varDir, CLOUDLET_LOG_LEVEL: 'warn' },
+      stdio: ['ignore', 'ignore', 'inherit'],
+    });
+    return child;
+  };
+  const exec = <T>(wf: (...a: never[]) => Promise<T>, id: string, arg: unknown): Promise<T> =>
+    client.workflow.execute(wf as (a: unknown) => Promise<T>, { taskQueue: config.workflowTaskQueue, workflowId: id, args: [arg] });
+
+  beforeAll(async () => {
+    ensureInfra();
+    config = { ...loadConfig({ CLOUDLET_LOG_LEVEL: 'warn' }), workflowTaskQueue: `wf-faults-${suffix}` };
+    const pkg = await testBasePackage(256);
+    client = await connectClient(config);
+    workerA = await createHostWorker(config, hostA, createLogger(`worker-${hostA}`, 'warn'));
+    runA = workerA.run();
+    workerB = startWorkerB();
+    await until(`host ${hostB} to serve`, 120_000, async () => (await assertHostServing(client, hostB), true));
+    for (const hostId of [hostA, hostB]) await exec(importBaseVm, `importBaseVm/${hostId}`, { hostId, source: pkg.packageFile });
+    const r = await exec(resumeBaseVm, `resumeBaseVm/${hostA}/dev`, { hostId: hostA, baseId: pkg.baseId, instanceId: 'dev' });
+    token = `fault-${suffix}`;
+    await new GuestAppClient(r.hostPort as number).set(token, 'before the fault');
+    overlayUrl = (await exec(createOverlayVm, `createOverlay/${hostA}/dev`, { hostId: hostA, instanceId: 'dev' })).url;
+  });
+
+  afterAll(async () => {
+    workerB?.kill('SIGKILL');
+    workerA?.shutdown();
+    await runA;
+    await client?.connection.close();
+    removeHostDomains([hostA, hostB]);
+    for (const h of [hostA, hostB]) fs.rmSync(path.join(config.varDir, 'hosts', h), { recursive: true, force: true });
+  });
+
+  it('completes a synthesis whose host worker was killed half-way, leaving no stray file', async () => {
+    const id = `synthesizeVm/${hostB}/k1`;
+    const handle = await client.workflow.start(synthesizeVm, { taskQueue: config.workflowTaskQueue, workflowId: id, args: [{ hostId: hostB, instanceId: 'k1', overlayUrl }] });
+    // Kill B's worker while it fetches and applies the overlay.
+    await until('B to be applying the overlay', 120_000, async () => {
+      if ((await handle.query(operationProgressQuery)).stage !== 'fetch and apply overlay') return undefined;
+      const d = await handle.describe();
+      const pending = d.raw.pendingActivities ?? [];
+      return pending.some((p) => p.activityType?.name === 'synthesizeInstanceFiles' && p.lastStartedTime) ? true : undefined;
+    });
+    workerB?.kill('SIGKILL');
+    await until('worker B to exit', 30_000, async () => (workerB?.exitCode !== null || workerB?.signalCode !== null ? true : undefined));
+    workerB = startWorkerB();
+
+    const result = await handle.result();
+    // The apply activity really was cut off: it completed on a later attempt, on the new worker.
+    const events = (await handle.fetchHistory()).events ?? [];
+    const scheduled = events.find((e) => e.activityTaskScheduledEventAttributes?.activityType?.name === 'synthesizeInstanceFiles');
+    const started = events.find((e) => e.activityTaskStartedEventAttributes && String(e.activityTaskStartedEventAttributes.scheduledEventId) === String(scheduled?.eventId));
+    expect(started?.activityTaskStartedEventAttributes?.attempt).toBeGreaterThanOrEqual(2);
+    const state = await new GuestAppClient(result.hostPort).state();
+    expect(state.token).toBe(token);
+    expect(state.disk).toBe('before the fault');
+
+    const files = listFiles(path.join(config.varDir, 'hosts', hostB)).map((f) => path.relative(path.join(config.varDir, 'hosts', hostB), f));
+    expect(files.filter((f) => /\.tmp$|\.partial$|download-/.test(f))).toEqual([]);
+    expect(files.filter((f) => f.startsWith('instances/')).sort()).toEqual(
+      ['instances/k1/disk.qcow2', 'instances/k1/instance.json', 'instances/k1/memory.sav', 'instances/k1/serial.log', 'instances/k1/synthesized'].sort(),
+    );
+  });
+
+  it('fails non-retryably, naming the bad segment, when the overlay URL serves corrupted bytes', async () => {
+    const meta = await readOverlayMeta(overlayUrl);
+    const seg = meta.segments[Math.floor(meta.segments.length / 2)];
+    expect(seg).toBeDefined();
+    const segIndex = meta.segments.indexOf(seg!);
+    const bad = path.join(config.varDir, 'hosts', hostA, `corrupt-${suffix}`);
+    const overlaysDir = path.join(bad, 'overlays');
+    fs.mkdirSync(overlaysDir, { recursive: true });
+    const bytes = Buffer.from(await (await fetch(overlayUrl)).arrayBuffer());
+    const at = seg!.offset + Math.floor(seg!.length / 2);
+    bytes[at] = (bytes[at] ?? 0) ^ 0xff;
+    fs.writeFileSync(path.join(overlaysDir, 'bad.overlay'), bytes);
+    let pub: Publisher | undefined;
+    try {
+      pub = await startPublisher(bad);
+      const err = await exec(synthesizeVm, `synthesizeVm/${hostB}/c1`, { hostId: hostB, instanceId: 'c1', overlayUrl: `${pub.url}/overlays/bad.overlay` }).catch((e: unknown) => e);
+      expect(err).toBeInstanceOf(WorkflowFailedError);
+      const cause = (err as WorkflowFailedError).cause?.cause as { type?: string; message?: string; nonRetryable?: boolean } | undefined;
+      expect(cause?.type).toBe('DIGEST_MISMATCH');
+      expect(cause?.nonRetryable).toBe(true);
+      expect(cause?.message).toContain(`segment ${segIndex} does not match its sha256`);
+      // The run was not retried (one attempt) and nothing of instance c1 remains.
+      const history = await client.workflow.getHandle(`synthesizeVm/${hostB}/c1`).fetchHistory();
+      const attempts = (history.events ?? []).filter((e) => e.activityTaskStartedEventAttributes).map((e) => e.activityTaskStartedEventAttributes?.attempt);
+      expect(Math.max(...attempts.map((a) => a ?? 1))).toBe(1);
+      expect(fs.existsSync(path.join(config.varDir, 'hosts', hostB, 'instances', 'c1'))).toBe(false);
+    } finally {
+      await pub?.close();
+    }
+  });
+});
