@@ -65,8 +65,23 @@ configure() {
   return 0
 }
 
+# Is process $1 alive (a zombie is not: PID 1 here reaps slowly)?
+alive() {
+  local st
+  st="$(cat "/proc/$1/stat" 2>/dev/null)" || return 1
+  st="${st##*) }"
+  [ "${st%% *}" != Z ]
+}
+
 our_pid() {
-  [ -f "$PIDFILE" ] && kill -0 "$(cat "$PIDFILE")" 2>/dev/null && cat "$PIDFILE"
+  [ -f "$PIDFILE" ] && alive "$(cat "$PIDFILE")" && cat "$PIDFILE"
+}
+
+# The pid of a live libvirtd from its own pid file (not a stale file or a reused pid).
+libvirtd_pid() {
+  local pid
+  pid="$(cat /run/libvirtd.pid 2>/dev/null)" || return 1
+  alive "$pid" && [ "$(cat "/proc/$pid/comm" 2>/dev/null)" = libvirtd ] && echo "$pid"
 }
 
 start() {
@@ -78,10 +93,11 @@ start() {
   ensure_packages "${PACKAGES[@]}"
   local changed=0
   configure && changed=1
-  if answers && ! our_pid >/dev/null && [ "$fresh" = 1 ] && [ -f /run/libvirtd.pid ]; then
+  local other
+  if answers && ! our_pid >/dev/null && [ "$fresh" = 1 ] && other="$(libvirtd_pid)"; then
     # The package's init script started a libvirtd of its own (not under a subreaper): replace it.
-    say "stopping the libvirtd the package installation started (pid $(cat /run/libvirtd.pid)), to run it under tini"
-    kill "$(cat /run/libvirtd.pid)"
+    say "stopping the libvirtd the package installation started (pid $other), to run it under tini"
+    kill "$other"
     WAIT_SECONDS=30 wait_for bash -c '! virsh -c qemu:///system version' || die "the libvirtd started by the package did not stop; kill it and retry"
   fi
   if answers; then
@@ -96,8 +112,8 @@ start() {
   fi
   mkdir -p "$STATE"
   # A libvirtd that does not answer but holds the pid file would block the new one.
-  if [ -f /run/libvirtd.pid ] && kill -0 "$(cat /run/libvirtd.pid)" 2>/dev/null; then
-    die "a libvirtd (pid $(cat /run/libvirtd.pid)) runs but does not answer on $URI; see $LOG, stop it (kill $(cat /run/libvirtd.pid)) and retry"
+  if other="$(libvirtd_pid)"; then
+    die "a libvirtd (pid $other) runs but does not answer on $URI; see $LOG, stop it (kill $other) and retry"
   fi
   local caps=/var/cache/libvirt/qemu/capabilities
   if compgen -G "$caps/*.xml" >/dev/null; then
@@ -128,7 +144,7 @@ stop() {
     say "stopping libvirtd (tini pid $pid; running domains keep running)"
     kill -TERM "$pid"
     local deadline=$(( $(date +%s) + 30 ))
-    while kill -0 "$pid" 2>/dev/null; do
+    while alive "$pid"; do
       [ "$(date +%s)" -lt "$deadline" ] || die "libvirtd (tini pid $pid) did not stop within 30 s"
       sleep 0.1
     done
