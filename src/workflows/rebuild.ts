@@ -1,16 +1,14 @@
 /**
  * rebuildOverlay: rebuild a recipe's overlay, as a Temporal Schedule does on its own (see
- * src/service/schedules.ts). On the recipe's host: resume the base (child resumeBaseVm), run the
- * recipe inside the guest, create and publish the overlay (child createOverlayVm), then VERIFY it
- * by synthesizing it once (child synthesizeVm, waiting for the application) and running the
- * recipe's check. Only a verified overlay becomes the recipe's current one; until then, and on
- * any failure, the previous one stays current, and the run's instances (and its unverified
- * overlay) are removed.
+ * src/service/schedules.ts). On the recipe's host: resume the base, run the recipe inside the
+ * guest, create and publish the overlay, then VERIFY it by synthesizing it once from its URL
+ * (waiting for the application) and running the recipe's check. Only a verified overlay becomes
+ * the recipe's current one; until then, and on any failure, the previous one stays current, and
+ * the run's instances (and its unverified overlay) are removed.
  */
 import {
   ApplicationFailure,
   CancellationScope,
-  executeChild,
   isCancellation,
   proxyActivities,
   setCurrentDetails,
@@ -22,7 +20,7 @@ import type { ActivityOptions, RetryPolicy } from '@temporalio/workflow';
 import type { InstanceActivities } from '../activities/instances';
 import type { RecipeActivities, RecipeInput } from '../activities/recipes';
 import { HOST_ID_PATTERN, hostTaskQueue, SearchAttributes } from '../common/names';
-import { createOverlayVm, operationProgressQuery, resumeBaseVm, synthesizeVm, type OperationProgress } from './operations';
+import { operationProgressQuery, type OperationProgress } from './operations';
 
 /** The test guest's port of `POST /cgi-bin/exec` (docs/test-guest.md); see GUEST_EXEC_PORT. */
 const GUEST_EXEC_PORT = 8080;
@@ -104,35 +102,36 @@ export async function rebuildOverlay(input: RecipeInput): Promise<RebuildOverlay
     startToCloseTimeout: `${recipe.timeoutSeconds + 60} seconds`,
     heartbeatTimeout: '1 minute',
   });
+  const long = proxyActivities<InstanceActivities>({ ...common, startToCloseTimeout: '30 minutes', heartbeatTimeout: '1 minute' });
   const checker = proxyActivities<RecipeActivities>({ ...common, startToCloseTimeout: `${(recipe.check?.timeoutSeconds ?? 30) + 60} seconds`, heartbeatTimeout: '1 minute' });
 
   let overlay: { overlayId: string; url: string; bytes: number } | undefined;
   try {
+    // The host's activities are called directly (not through the resumeBaseVm, createOverlayVm
+    // and synthesizeVm workflows): the run's instances and its unverified overlay are internal to
+    // it, so they must not show up as operations of their own (the service lists instances and
+    // overlays from those workflows).
     stage('resume base');
-    await executeChild(resumeBaseVm, {
-      workflowId: `${info.workflowId}/resume`,
-      // The build instance forwards the guest's exec port (the recipe mechanism).
-      args: [{ hostId, baseId: recipe.baseId, instanceId: buildInstance, appPort: GUEST_EXEC_PORT }],
-    });
+    const base = await quick.checkBasePresent({ baseId: recipe.baseId });
+    await quick.checkCpuModel(base.cpuModel ? { cpuModel: base.cpuModel } : {});
+    // The build instance forwards the guest's exec port (the recipe mechanism).
+    await long.resumeBaseInstance({ instanceId: buildInstance, baseId: recipe.baseId, appPort: GUEST_EXEC_PORT });
 
     stage('run recipe in guest');
     await recipeRun.runRecipeInGuest({ instanceId: buildInstance, recipe });
 
     stage('create overlay');
-    const made = await executeChild(createOverlayVm, {
-      workflowId: `${info.workflowId}/overlay`,
-      args: [{ hostId, instanceId: buildInstance, keepInstance: false }],
-    });
+    const made = await long.createInstanceOverlay({ instanceId: buildInstance, keepInstance: false });
     overlay = { overlayId: made.overlayId, url: made.url, bytes: made.bytes };
     upsertSearchAttributes([{ key: SearchAttributes.overlayId, value: made.overlayId }]);
+    await quick.terminateInstance({ instanceId: buildInstance });
 
     stage('verify: synthesize');
-    await executeChild(synthesizeVm, {
-      workflowId: `${info.workflowId}/verify`,
-      // The verify instance forwards the application's port; the readiness probe is the test
-      // guest's (port 8080); on another port the recipe's check is what verifies.
-      args: [{ hostId, instanceId: verifyInstance, overlayUrl: made.url, waitForApp: recipe.appPort === GUEST_EXEC_PORT, appPort: recipe.appPort }],
-    });
+    // Fetched by its URL, like any host would; the verify instance forwards the application's port.
+    await long.synthesizeInstanceFiles({ instanceId: verifyInstance, overlayUrl: made.url, baseId: recipe.baseId, appPort: recipe.appPort });
+    await long.resumeInstance({ instanceId: verifyInstance });
+    // The readiness probe is the test guest's (port 8080); on another port the recipe's check verifies.
+    if (recipe.appPort === GUEST_EXEC_PORT) await long.waitForApp({ instanceId: verifyInstance });
     if (recipe.check) {
       stage('verify: check application');
       await checker.checkRecipeApp({ instanceId: verifyInstance, recipeId: recipe.recipeId, check: recipe.check });
