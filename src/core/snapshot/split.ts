@@ -12,6 +12,7 @@ import { verifySnapshot } from './join';
 import { cpuModelOf, decodeFixedHeader, decodeHeaderData } from './header';
 import { snapshotLog, type Logger } from './log';
 import { ImageWriter } from './image-writer';
+import { PageRecords, type StreamEvent } from './records';
 import { StreamReader } from './reader';
 import { encodeSkeleton, type SkeletonHeader, type SkeletonOp } from './skeleton';
 
@@ -105,7 +106,7 @@ async function parseWith(r: StreamReader, savePath: string, fh: FileHandle, size
   };
 
   // ---- skeleton under construction ----
-  const events: (Buffer | number)[] = [];
+  const events: StreamEvent[] = [];
   let litParts: Buffer[] = [];
   let litBytes = 0;
   const lit = (n: number): Buffer => {
@@ -118,13 +119,7 @@ async function parseWith(r: StreamReader, savePath: string, fh: FileHandle, size
     if (litParts.length) events.push(litParts.length === 1 ? (litParts[0] as Buffer) : Buffer.concat(litParts));
     litParts = [];
   };
-  // page records, by record number
-  const recBlock: number[] = [];
-  const recPage: number[] = [];
-  const recZero: number[] = [];
-  const recNamed: number[] = [];
-  const recStart: number[] = [];
-  const recLen: number[] = [];
+  const records = new PageRecords();
   const stats: SplitStats = { pageRecords: 0, zeroRecords: 0, resentRecords: 0, runs: 0, literalBytes: 0, deviceSections: [], vmdescBytes: 0, tailBytes: 0, capabilities: [], machineType: '' };
 
   // ---- libvirt header ----
@@ -145,7 +140,6 @@ async function parseWith(r: StreamReader, savePath: string, fh: FileHandle, size
 
   const blocks: RamBlockLayout[] = [];
   const blockByName = new Map<string, number>();
-  const lastRec: Uint32Array[] = [];
   let imageCursor = 0;
   const caps = new Set<string>();
   let lastBlock = -1;
@@ -205,7 +199,7 @@ async function parseWith(r: StreamReader, savePath: string, fh: FileHandle, size
       if (len === 0 || bsize > remaining || blockByName.has(name)) unsupported(`RAM block list entry ${JSON.stringify(name)} of ${bsize} bytes`);
       blockByName.set(name, blocks.length);
       blocks.push({ name, size: bsize, imageOffset: imageCursor });
-      lastRec.push(new Uint32Array(Math.ceil(bsize / F.PAGE_SIZE)));
+      records.addBlock(Math.ceil(bsize / F.PAGE_SIZE));
       imageCursor += alignUp(bsize, F.PAGE_SIZE);
       remaining -= bsize;
     }
@@ -252,19 +246,9 @@ async function parseWith(r: StreamReader, savePath: string, fh: FileHandle, size
       const plen = zero ? 1 : F.PAGE_SIZE;
       if (avail < hdr + plen) await r.need(hdr + plen, `the page at 0x${addr.toString(16)} of ${b.name}`);
       flushLit();
-      const rec = recBlock.length;
-      const page = addr / F.PAGE_SIZE;
-      recBlock.push(block);
-      recPage.push(page);
-      recZero.push(zero ? 1 + r.u8(hdr) : 0); // 0: PAGE; 1 + fill byte: ZERO
-      recNamed.push(named ? 1 : 0);
-      recStart.push(at);
-      recLen.push(hdr + plen);
+      const { rec, resent } = records.add(block, addr / F.PAGE_SIZE, zero ? r.u8(hdr) : undefined, named, at, hdr + plen);
       events.push(rec);
-      const seen = lastRec[block] as Uint32Array;
-      const prev = seen[page] ?? 0;
-      if (prev !== 0) stats.resentRecords++;
-      seen[page] = rec + 1;
+      if (resent) stats.resentRecords++;
       r.skip(hdr);
       const off = b.imageOffset + addr;
       let pending: Promise<void> | undefined;
@@ -275,7 +259,7 @@ async function parseWith(r: StreamReader, savePath: string, fh: FileHandle, size
         stats.zeroRecords++;
         const fill = r.u8();
         r.skip(1);
-        if (fill === 0 && prev === 0) w.zeroHole(off);
+        if (fill === 0 && !resent) w.zeroHole(off);
         else pending = w.fill(off, fill);
       }
       if (pending) await pending;
@@ -427,54 +411,12 @@ async function parseWith(r: StreamReader, savePath: string, fh: FileHandle, size
   await w.close(memImageSize);
 
   // ---- skeleton ops: runs of final page records; superseded records as literals ----
-  const ops: SkeletonOp[] = [];
-  let pendingLit: Buffer[] = [];
-  const pushLit = (b: Buffer): void => {
-    pendingLit.push(b);
-  };
-  let run: { block: number; firstPage: number; count: number; named: boolean; zero: number[]; fills: Map<number, number> } | undefined;
-  const closeRun = (): void => {
-    if (!run) return;
-    const zeroBits = Buffer.alloc(Math.ceil(run.count / 8));
-    for (const i of run.zero) zeroBits[i >> 3] = (zeroBits[i >> 3] as number) | (1 << (i & 7));
-    ops.push({ op: 'run', block: run.block, firstPage: run.firstPage, count: run.count, named: run.named, zeroBits, fills: run.fills });
-    stats.runs++;
-    run = undefined;
-  };
-  const closeLit = (): void => {
-    if (pendingLit.length) ops.push({ op: 'lit', data: pendingLit.length === 1 ? (pendingLit[0] as Buffer) : Buffer.concat(pendingLit) });
-    pendingLit = [];
-  };
-  for (const ev of events) {
-    if (typeof ev !== 'number') {
-      closeRun();
-      pushLit(ev);
-      continue;
-    }
-    const block = recBlock[ev] as number;
-    const page = recPage[ev] as number;
-    const named = recNamed[ev] === 1;
-    if ((lastRec[block] as Uint32Array)[page] !== ev + 1) {
-      closeRun();
-      const rec = Buffer.alloc(recLen[ev] as number);
-      await fh.read(rec, 0, rec.length, recStart[ev] as number);
-      pushLit(rec);
-      continue;
-    }
-    const z = recZero[ev] ?? 0;
-    if (!(run && run.block === block && page === run.firstPage + run.count && !named)) {
-      closeRun();
-      closeLit();
-      run = { block, firstPage: page, count: 0, named, zero: [], fills: new Map() };
-    }
-    if (z > 0) {
-      run.zero.push(run.count);
-      if (z > 1) run.fills.set(run.count, z - 1);
-    }
-    run.count++;
-  }
-  closeRun();
-  closeLit();
+  const { ops, runs } = await records.toOps(events, async (start, len) => {
+    const rec = Buffer.alloc(len);
+    await fh.read(rec, 0, len, start);
+    return rec;
+  });
+  stats.runs = runs;
   stats.literalBytes = litBytes;
   stats.capabilities = [...caps];
   const header: SkeletonHeader = { mode: 'parsed', saveFileSize: size, saveFileSha256, memImageSize, pageSize: F.PAGE_SIZE, blocks, qemuStreamOffset };
