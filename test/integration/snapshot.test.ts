@@ -7,7 +7,7 @@
 import { execFile as execFileCb } from 'node:child_process';
 import { createHash } from 'node:crypto';
 import { createReadStream, existsSync } from 'node:fs';
-import { copyFile, mkdir, readFile, rename, rm, writeFile } from 'node:fs/promises';
+import { copyFile, mkdir, readdir, readFile, rename, rm, writeFile } from 'node:fs/promises';
 import { join, resolve } from 'node:path';
 import { promisify } from 'node:util';
 import pino from 'pino';
@@ -91,6 +91,8 @@ async function ensureSaves(m: Manifest, memMiB: number): Promise<{ a: string; b:
   await mkdir(CACHE, { recursive: true });
   await rm(dir, { recursive: true, force: true });
   await rename(work, dir);
+  // Saves of older guest builds are dead weight (~50 MB each): keep only the current build's.
+  for (const old of await readdir(CACHE)) if (!old.startsWith(m.inputsDigest.slice(0, 16))) await rm(join(CACHE, old), { recursive: true, force: true });
   return { a, b };
 }
 
