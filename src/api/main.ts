@@ -92,10 +92,12 @@ if (require.main === module) {
       process.exit(1);
     });
   } else {
-    process.stderr.write(
-      'cloudlet-api: this entry serves no real service by itself; the Temporal-backed service starts it with runApi(createBackend) ' +
-        '(see docs/api.md). Run with --fake to try the API over the in-memory fake.\n',
-    );
-    process.exit(2);
+    runApi(async () => {
+      const { createTemporalBackend } = await import('../service');
+      return createTemporalBackend();
+    }).catch((e: unknown) => {
+      process.stderr.write(`cloudlet-api: ${(e as Error).message}\n`);
+      process.exit(1);
+    });
   }
 }

@@ -14,6 +14,7 @@ import { ApplicationFailure } from '@temporalio/common';
 import { assertHostServing } from '../client/connect';
 import type { Config } from '../config';
 import { hostDir } from '../config';
+import { SearchAttributes } from '../common/names';
 import { CloudletError } from '../core/errors';
 import { exportBase } from '../core/base';
 import { createOverlayVm, importBaseVm, operationProgressQuery, resumeBaseVm, synthesizeVm, terminateVm } from '../workflows';
@@ -67,12 +68,18 @@ export class TemporalCloudletService implements CloudletService {
     return `${kind}/${hostId}/${object}${key ? `/${key}` : ''}`;
   }
 
-  private async start(kind: OperationKind, workflow: (input: never) => Promise<unknown>, id: string, input: unknown, summary: string): Promise<OperationRef> {
+  private async start(kind: OperationKind, workflow: (input: never) => Promise<unknown>, id: string, input: { hostId: string } & Record<string, unknown>, summary: string): Promise<OperationRef> {
     try {
       await this.client.workflow.start(workflow as (input: unknown) => Promise<unknown>, {
         taskQueue: this.config.workflowTaskQueue,
         workflowId: id,
         args: [input],
+        // Set at start so the run is findable (and its host known) before its first task runs.
+        typedSearchAttributes: [
+          { key: SearchAttributes.host, value: input.hostId },
+          { key: SearchAttributes.operation, value: kind },
+          { key: SearchAttributes.status, value: 'running' },
+        ],
         workflowIdReusePolicy: 'REJECT_DUPLICATE',
         staticSummary: summary,
       });
@@ -93,7 +100,7 @@ export class TemporalCloudletService implements CloudletService {
       throw e;
     }
     const kind = d.type as OperationKind;
-    const hostId = String(d.searchAttributes?.CloudletHost?.[0] ?? '');
+    const hostId = String(d.searchAttributes?.CloudletHost?.[0] ?? id.split('/')[1] ?? '');
     const status: OperationStatus = {
       ...this.ref(id, KINDS.includes(kind) ? kind : 'importBaseVm'),
       kind,
@@ -138,7 +145,11 @@ export class TemporalCloudletService implements CloudletService {
 
   /** Recent operations of some kinds, newest first, from visibility. */
   private async list(kinds: OperationKind[], status?: 'succeeded' | 'running'): Promise<Closed[]> {
-    const parts = [`(${kinds.map((k) => `CloudletOperation = '${k}'`).join(' OR ')})`];
+    // Only this cluster's hosts: a Temporal namespace may be shared (as on a development machine).
+    const parts = [
+      `(${kinds.map((k) => `CloudletOperation = '${k}'`).join(' OR ')})`,
+      `(${this.options.hosts.map((h) => `CloudletHost = '${h}'`).join(' OR ')})`,
+    ];
     if (status) parts.push(`CloudletStatus = '${status}'`);
     const out: Closed[] = [];
     for await (const w of this.client.workflow.list({ query: parts.join(' AND '), pageSize: 200 })) {

@@ -13,6 +13,7 @@ import {
 } from '@temporalio/workflow';
 import type { ActivityOptions } from '@temporalio/workflow';
 import type { InstanceActivities } from '../activities/instances';
+import type { RecipeActivities } from '../activities/recipes';
 import { hostTaskQueue, SearchAttributes } from '../common/names';
 
 export interface OperationProgress {
@@ -27,7 +28,7 @@ const NON_RETRYABLE = ['BAD_INPUT', 'NOT_FOUND', 'CORRUPT', 'DIGEST_MISMATCH', '
 function hostActivities(hostId: string) {
   const common: ActivityOptions = { taskQueue: hostTaskQueue(hostId), retry: { maximumAttempts: 5, initialInterval: '1 second', nonRetryableErrorTypes: NON_RETRYABLE } };
   return {
-    quick: proxyActivities<InstanceActivities>({ ...common, startToCloseTimeout: '2 minutes' }),
+    quick: proxyActivities<InstanceActivities & RecipeActivities>({ ...common, startToCloseTimeout: '2 minutes' }),
     long: proxyActivities<InstanceActivities>({ ...common, startToCloseTimeout: '30 minutes', heartbeatTimeout: '20 seconds' }),
   };
 }
@@ -71,12 +72,21 @@ async function tracked<T>(t: ReturnType<typeof tracker>, body: () => Promise<T>)
 export interface ImportBaseVmInput { hostId: string; source: string }
 export async function importBaseVm(input: ImportBaseVmInput) {
   const t = tracker('importBaseVm', input.hostId);
-  const { long } = hostActivities(input.hostId);
+  const { quick, long } = hostActivities(input.hostId);
   return tracked(t, async () => {
     t.stage('import');
     const r = await long.importBasePackage({ source: input.source });
     t.tag(SearchAttributes.baseId, r.baseId);
-    return { hostId: input.hostId, ...r };
+    // A (re-)imported base rebuilds the overlays of the recipes that use it; a failure to
+    // trigger them is reported, not a failure of the import.
+    t.stage('trigger recipe rebuilds');
+    let rebuilds: { triggered: string[]; skippedPaused: string[] } | { error: string };
+    try {
+      rebuilds = await quick.rebuildRecipesOfBase({ baseId: r.baseId });
+    } catch (e) {
+      rebuilds = { error: (e as Error).message };
+    }
+    return { hostId: input.hostId, ...r, rebuilds };
   });
 }
 

@@ -1,0 +1,49 @@
+/**
+ * A base VM package made from the test guest: boot it under libvirt on a raw copy of its disk,
+ * wait for the ready line, save its memory, index both into a scratch store and export the
+ * package. Cached under <varDir>/cache/ by the guest's inputs digest and the RAM size.
+ */
+import fs from 'node:fs';
+import os from 'node:os';
+import path from 'node:path';
+import { createBase, exportBase } from '../core/base';
+import { loadGuestImage } from './manifest';
+import type { Hypervisor } from '../hypervisor/types';
+import { randomMac } from '../activities/guest';
+
+export async function guestBasePackage(hv: Hypervisor, varDir: string, memoryMiB = 256, log: (msg: string) => void = () => undefined): Promise<{ packageFile: string; baseId: string }> {
+  const guest = loadGuestImage(path.join(varDir, 'guest'));
+  const cacheDir = path.join(varDir, 'cache', 'bases');
+  const packageFile = path.join(cacheDir, `test-guest-${guest.inputsDigest.slice(0, 16)}-${memoryMiB}.cloudletbase`);
+  const idFile = `${packageFile}.id`;
+  if (fs.existsSync(packageFile) && fs.existsSync(idFile)) return { packageFile, baseId: fs.readFileSync(idFile, 'utf8').trim() };
+
+  fs.mkdirSync(cacheDir, { recursive: true });
+  const work = fs.mkdtempSync(path.join(os.tmpdir(), 'guest-base-'));
+  const domain = `cl-base-${path.basename(work).slice(-6).toLowerCase()}`;
+  try {
+    const disk = path.join(work, 'disk.raw');
+    const serial = path.join(work, 'serial.log');
+    fs.copyFileSync(guest.diskPath, disk);
+    log(`booting the test guest (${memoryMiB} MiB) to make a base VM`);
+    await hv.defineDomain({
+      name: domain, memoryMiB, vcpus: 1, kernel: guest.kernelPath, initrd: guest.initrdPath, cmdline: guest.cmdline,
+      disk: { path: disk, format: 'raw' }, nic: { mac: randomMac() }, serialPath: serial,
+    });
+    await hv.start(domain);
+    await hv.waitForSerialLine(serial, guest.readyPattern, 180_000);
+    const save = path.join(work, 'memory.sav');
+    await hv.save(domain, save);
+    log('indexing the base VM and writing its package');
+    const store = path.join(work, 'store');
+    const manifest = await createBase({ diskPath: disk, savePath: save, storeRoot: store });
+    await exportBase(store, manifest.baseId, `${packageFile}.tmp`);
+    fs.renameSync(`${packageFile}.tmp`, packageFile);
+    fs.writeFileSync(idFile, manifest.baseId);
+    return { packageFile, baseId: manifest.baseId };
+  } finally {
+    await hv.destroy(domain).catch(() => undefined);
+    await hv.undefine(domain).catch(() => undefined);
+    fs.rmSync(work, { recursive: true, force: true });
+  }
+}

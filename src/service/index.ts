@@ -1,0 +1,28 @@
+/**
+ * The real backend of the API: a Temporal client and the Temporal-backed service, with the
+ * cluster's hosts from CLOUDLET_HOSTS (comma-separated; default: this machine's host id).
+ */
+import { z } from 'zod';
+import { loadConfig } from '../config';
+import { connectClient } from '../client/connect';
+import { HOST_ID_PATTERN } from '../common/names';
+import { CloudletError } from '../core/errors';
+import { TemporalCloudletService } from './temporal';
+import { RecipeSchedules } from './schedules';
+import type { CloudletService } from './types';
+
+export { TemporalCloudletService } from './temporal';
+
+export async function createTemporalBackend(env: NodeJS.ProcessEnv = process.env): Promise<{ service: CloudletService; schedules: RecipeSchedules; close: () => Promise<void> }> {
+  const config = loadConfig(env);
+  const hosts = z.array(z.string().regex(HOST_ID_PATTERN)).safeParse((env.CLOUDLET_HOSTS ?? config.hostId).split(',').map((h) => h.trim()).filter(Boolean));
+  if (!hosts.success) {
+    throw new CloudletError('BAD_INPUT', `CLOUDLET_HOSTS must list host ids separated by commas (got "${env.CLOUDLET_HOSTS}")`, { fix: 'e.g. CLOUDLET_HOSTS=host-a,host-b' });
+  }
+  const client = await connectClient(config);
+  return {
+    service: new TemporalCloudletService(client, config, { hosts: hosts.data }),
+    schedules: new RecipeSchedules(client, { workflowTaskQueue: config.workflowTaskQueue }),
+    close: () => client.connection.close(),
+  };
+}

@@ -1,0 +1,128 @@
+/**
+ * The acceptance story through the HTTP API only (typed client), on real Temporal, real libvirt
+ * and two host workers: import the base on host A and host B, resume on A, customize the guest,
+ * create an overlay on A, provision on B from the overlay's URL, and the application on B
+ * answers with the state set on A. The runs carry their search attributes.
+ */
+import type { Client } from '@temporalio/client';
+import fs from 'node:fs';
+import { loadConfig, type Config } from '../../src/config';
+import { connectClient } from '../../src/client/connect';
+import { createHostWorker, type HostWorker } from '../../src/workers/host-worker';
+import { createLogger } from '../../src/common/logger';
+import { startApi, type RunningApi } from '../../src/api/server';
+import { CloudletApiClient } from '../../src/api/client';
+import { TemporalCloudletService } from '../../src/service';
+import { GuestAppClient } from '../../src/guest/app-client';
+import { isCloudletError } from '../../src/core/errors';
+import { ensureInfra, removeHostDomains, uniqueSuffix } from '../helpers/infra';
+import { testBasePackage } from '../helpers/test-base';
+
+jest.setTimeout(20 * 60_000);
+
+describe('the cloudlet story through the HTTP API', () => {
+  const suffix = uniqueSuffix();
+  const hostA = `pa-${suffix}`;
+  const hostB = `pb-${suffix}`;
+  const token = `test-token-${suffix}-0123456789`;
+  let config: Config;
+  let temporal: Client;
+  const workers: HostWorker[] = [];
+  const runs: Promise<void>[] = [];
+  let api: RunningApi;
+  let cloud: CloudletApiClient;
+  let pkg: { packageFile: string; baseId: string };
+
+  beforeAll(async () => {
+    ensureInfra();
+    config = { ...loadConfig({ CLOUDLET_LOG_LEVEL: 'warn' }), workflowTaskQueue: `wf-api-${suffix}` };
+    pkg = await testBasePackage(256);
+    temporal = await connectClient(config);
+    for (const h of [hostA, hostB]) {
+      const w = await createHostWorker(config, h, createLogger(`worker-${h}`, 'warn'));
+      workers.push(w);
+      runs.push(w.run());
+    }
+    api = await startApi(new TemporalCloudletService(temporal, config, { hosts: [hostA, hostB] }), { tokens: [token], port: 0, logger: createLogger('api', 'warn') });
+    cloud = new CloudletApiClient({ baseUrl: api.url, token });
+  });
+
+  afterAll(async () => {
+    await api?.close();
+    for (const w of workers) w.shutdown();
+    await Promise.all(runs);
+    await temporal?.connection.close();
+    removeHostDomains([hostA, hostB]);
+    for (const h of [hostA, hostB]) fs.rmSync(`${config.varDir}/hosts/${h}`, { recursive: true, force: true });
+  });
+
+  const done = async (id: string) => {
+    const s = await cloud.waitForOperation(id, { timeoutMs: 10 * 60_000 });
+    expect(s.state).toBe('succeeded');
+    return s.result as Record<string, unknown>;
+  };
+
+  it('provisions on B from an overlay made on A, and B answers with A\'s state', async () => {
+    expect((await cloud.listHosts()).map((h) => [h.id, h.serving])).toEqual([[hostA, true], [hostB, true]]);
+
+    for (const hostId of [hostA, hostB]) {
+      const op = await cloud.importBase({ hostId, source: pkg.packageFile }, `import-${hostId}`);
+      expect(op.id).toBe(`importBaseVm/${hostId}/base/import-${hostId}`);
+      // A retried POST with the same idempotency key returns the same operation.
+      expect((await cloud.importBase({ hostId, source: pkg.packageFile }, `import-${hostId}`)).id).toBe(op.id);
+      await done(op.id);
+    }
+    const base = await cloud.getBase(pkg.baseId);
+    expect(base?.hostIds.sort()).toEqual([hostA, hostB].sort());
+
+    const resumeOp = await cloud.resumeBase({ hostId: hostA, baseId: pkg.baseId }, `dev-${suffix}`);
+    await done(resumeOp.id);
+    const dev = (await cloud.listInstances()).find((i) => i.operationId === resumeOp.id);
+    expect(dev?.state).toBe('running');
+    const [, devPort] = (dev?.appEndpoint ?? '').split(':');
+    const appA = new GuestAppClient(Number(devPort));
+    const before = (await appA.waitForState(60_000)).state;
+    await appA.set(`tok-${suffix}`, 'customized through the API');
+
+    const overlayOp = await cloud.createOverlay({ instanceId: dev?.id ?? '' });
+    const made = await done(overlayOp.id);
+    const overlay = await cloud.getOverlay(String(made.overlayId));
+    expect(overlay?.url).toMatch(/\/overlays\/[0-9a-f]{64}\.overlay$/);
+    // The overlay downloads through the API with Range.
+    const head = await cloud.readOverlayRange(overlay?.id ?? '', 0, 7);
+    expect(head.toString('latin1')).toBe('CLDOVRLY');
+
+    const provision = await cloud.provisionInstance({ hostId: hostB, overlayUrl: overlay?.url ?? '' });
+    const status = await cloud.getOperation(provision.id);
+    expect(status?.hostId).toBe(hostB);
+    const result = await done(provision.id);
+    expect((result.timings as Record<string, number>).firstResponseMs).toBeGreaterThan(0);
+    const inst = await cloud.getInstance(String(result.instanceId));
+    expect(inst?.hostId).toBe(hostB);
+    const [, port] = (inst?.appEndpoint ?? '').split(':');
+    const state = await new GuestAppClient(Number(port)).state();
+    expect(state.token).toBe(`tok-${suffix}`);
+    expect(state.disk).toBe('customized through the API');
+    expect(state.bootId).toBe(before.bootId);
+
+    // The runs are in visibility with their search attributes.
+    const query = `CloudletHost = '${hostB}' AND CloudletOperation = 'synthesizeVm' AND CloudletBaseId = '${pkg.baseId}' AND CloudletStatus = 'succeeded'`;
+    let n = 0;
+    for await (const _ of temporal.workflow.list({ query })) n++;
+    expect(n).toBe(1);
+
+    const term = await cloud.terminateInstance(inst?.id ?? '');
+    await done(term.id);
+    expect((await cloud.getInstance(inst?.id ?? ''))?.state).toBe('terminated');
+  });
+
+  it('answers unknown ids with 404 and bad bodies with 400, behind a bearer token', async () => {
+    expect(await cloud.getInstance('i-nope')).toBeUndefined();
+    const bad = await cloud.provisionInstance({ hostId: 'NOT A HOST', overlayUrl: 'x' }).catch((e: unknown) => e);
+    expect(isCloudletError(bad)).toBe(true);
+    const anon = await fetch(`${api.url}/v1/hosts`);
+    expect(anon.status).toBe(401);
+    const unknownHost = await cloud.provisionInstance({ hostId: 'no-such-host', overlayUrl: 'http://127.0.0.1:1/x.overlay' }).catch((e: unknown) => e);
+    expect(isCloudletError(unknownHost) && unknownHost.code).toBe('UNKNOWN_HOST');
+  });
+});
