@@ -127,7 +127,7 @@ test('applies from an http URL with Range requests, resuming after a dropped con
     }
     const body = bytes.subarray(from, Math.min(to, bytes.length - 1) + 1);
     res.writeHead(206, { 'content-length': body.length, 'content-range': `bytes ${from}-${from + body.length - 1}/${bytes.length}` });
-    if (body.length > 64 * 1024 && drops === 0) {
+    if (body.length > 8 * 1024 && drops === 0) {
       // Send half of the body, then break the connection.
       drops += 1;
       res.write(body.subarray(0, body.length >> 1), () => res.destroy());
