@@ -23,6 +23,8 @@ export interface HostActivityDeps {
 
 export function createHostActivities(deps: HostActivityDeps) {
   const hypervisor = new LibvirtHypervisor({ logger: deps.log });
+  // Probe KVM once now, so the first CPU-model check of a synthesis does not pay for it.
+  void hypervisor.virtType().catch(() => undefined);
   const guestDir = path.join(deps.config.varDir, 'guest');
   const guest = createGuestActivities({
     hostId: deps.hostId,

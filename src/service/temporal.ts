@@ -34,7 +34,6 @@ import type {
 } from './types';
 
 const KEY = /^[A-Za-z0-9_-]{1,64}$/;
-const KINDS: OperationKind[] = ['importBaseVm', 'resumeBaseVm', 'createOverlay', 'synthesizeVm', 'terminateVm', 'rebuildOverlay'];
 
 interface Closed {
   id: string;
@@ -99,11 +98,12 @@ export class TemporalCloudletService implements CloudletService {
       if ((e as Error).name === 'WorkflowNotFoundError') return undefined;
       throw e;
     }
-    const kind = d.type as OperationKind;
+    // Workflow types are named after operations, but for createOverlayVm (a name free of the
+    // core's createOverlay).
+    const kind = (d.type === 'createOverlayVm' ? 'createOverlay' : d.type) as OperationKind;
     const hostId = String(d.searchAttributes?.CloudletHost?.[0] ?? id.split('/')[1] ?? '');
     const status: OperationStatus = {
-      ...this.ref(id, KINDS.includes(kind) ? kind : 'importBaseVm'),
-      kind,
+      ...this.ref(id, kind),
       hostId,
       state: 'running',
       startedAt: d.startTime.toISOString(),
