@@ -179,7 +179,12 @@ test('an unexpected failure exits 70 without a stack trace unless --debug', asyn
 });
 
 test('usage errors exit 2; help exits 0', async () => {
-  expect((await cli(['base', 'export', ID], fakeBackend([]))).code).toBe(2);
+  expect((await cli(['base', 'export'], fakeBackend([]))).code).toBe(2);
+  expect((await cli(['base', 'create', '--disk', 'd'], fakeBackend([]))).code).toBe(2);
+  // The output file may be positional or -o; none is a typed BAD_INPUT that says what to add.
+  const noFile = await cli(['base', 'export', ID], fakeBackend([]));
+  expect(noFile.code).toBe(1);
+  expect(noFile.err).toMatch(/BAD_INPUT: no output file given/);
   expect((await cli(['nonsense'], fakeBackend([]))).code).toBe(2);
   const help = await cli(['--help'], fakeBackend([]));
   expect(help.code).toBe(0);

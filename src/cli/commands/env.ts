@@ -1,18 +1,61 @@
-/** What command modules receive: a wrapper that turns an action into a run with context + backend. */
+/**
+ * What command modules receive: wrappers that turn an action into a run with context and backend.
+ * A command is standalone (`run`: the core on the local store), API-only (`api`: through the
+ * cloudlet HTTP API, needs --api), or both (`either`: the mode is chosen by --api).
+ */
 import type { Command } from 'commander';
+import { InvalidArgumentError } from 'commander';
 import type { Backend } from '../backend';
 import type { CliContext } from '../context';
+import type { Remote, WaitFlags } from '../remote';
 
 // Commander passes the declared arguments, then the options object, then the command.
 // eslint-disable-next-line @typescript-eslint/no-explicit-any
 export type Action = (ctx: CliContext, backend: Backend, ...args: any[]) => Promise<void>;
+// eslint-disable-next-line @typescript-eslint/no-explicit-any
+export type ApiAction = (ctx: CliContext, remote: Remote, ...args: any[]) => Promise<void>;
 
 export interface CommandEnv {
-  /** Wrap an action: build the context from the global options, pick the backend, run. */
+  /** A standalone command: refused with --api (it works on this machine's files). */
   run(action: Action): (...args: unknown[]) => Promise<void>;
+  /** A command of the service: refused without --api. */
+  api(action: ApiAction): (...args: unknown[]) => Promise<void>;
+  /** A command of both modes: `local` standalone, `remote` with --api. */
+  either(local: Action, remote: ApiAction): (...args: unknown[]) => Promise<void>;
 }
 
 /** The Command object commander passes last to every action. */
 export function commandOf(args: unknown[]): Command {
   return args[args.length - 1] as Command;
+}
+
+/** "base import", "instance list": the command's name under `cloudlet`. */
+export function commandPath(cmd: Command): string {
+  const names: string[] = [];
+  for (let c: Command | null = cmd; c?.parent; c = c.parent) names.unshift(c.name());
+  return names.join(' ');
+}
+
+/** `--no-wait` and `--wait-timeout` of the commands that start an operation. */
+export function addWaitOptions(cmd: Command): Command {
+  return cmd
+    .option('--no-wait', 'return as soon as the operation started (print its id)')
+    .option('--wait-timeout <seconds>', 'stop waiting after this long (the operation goes on)', positiveNumber)
+    .option('--idempotency-key <key>', 'make a retried command start the operation only once');
+}
+
+export interface WaitOptionValues {
+  wait: boolean;
+  waitTimeout?: number;
+  idempotencyKey?: string;
+}
+
+export function waitFlags(opts: WaitOptionValues): WaitFlags {
+  return opts.waitTimeout !== undefined ? { wait: opts.wait, waitTimeout: opts.waitTimeout } : { wait: opts.wait };
+}
+
+function positiveNumber(v: string): number {
+  const n = Number(v);
+  if (!Number.isFinite(n) || n <= 0) throw new InvalidArgumentError('expected a positive number of seconds');
+  return n;
 }

@@ -1,24 +1,52 @@
-/** `cloudlet synthesize <overlay> --base <id> [--resume]`. */
+/**
+ * `cloudlet synthesize <overlay>`: standalone, rebuild a launch VM from an overlay on this
+ * machine's store (and optionally resume it); with --api, provision an instance on a host of the
+ * service from the overlay's URL (synthesizeVm), following its stages to the first response.
+ */
 import path from 'node:path';
 import type { Command } from 'commander';
+import { CloudletError } from '../../core/errors';
+import type { ProvisionRequest } from '../../service/types';
 import { withProgress } from '../context';
+import type { Remote } from '../remote';
 import { secondsText } from '../format';
-import type { CommandEnv } from './env';
+import { needsApi } from './base';
+import type { CommandEnv, WaitOptionValues } from './env';
+import { addWaitOptions, waitFlags } from './env';
+import { instanceOutcome } from './instance';
 import { intOption } from './overlay';
 
+interface SynthesizeOptions extends WaitOptionValues {
+  base?: string;
+  out?: string;
+  concurrency?: number;
+  resume?: boolean;
+  forward?: number;
+  host?: string;
+  waitForApp?: number;
+}
+
 export function registerSynthesizeCommand(program: Command, env: CommandEnv): void {
-  program
-    .command('synthesize')
-    .description("rebuild a launch VM's disk (qcow2 over the base disk) and memory snapshot from an overlay, and optionally resume it")
-    .argument('<overlay>', 'overlay file path, http(s) URL, or digest of a stored overlay')
-    .option('--base <baseId>', 'the base to apply it to (default: the one the overlay names)')
-    .option('--out <dir>', 'directory for disk.qcow2 and memory.sav', 'synthesized')
-    .option('--concurrency <n>', 'parallel segment decoders (default: the cores)', intOption(1, 256))
-    .option('--resume', 'resume the result under libvirt (needs libvirtd)')
-    .option('--forward <guestPort>', 'with --resume: forward a 127.0.0.1 port to this guest port', intOption(1, 65535))
-    .action(
-      env.run(async (ctx, backend, overlay: string, opts: { base?: string; out: string; concurrency?: number; resume?: boolean; forward?: number }) => {
-        const req: Parameters<typeof backend.synthesize>[0] = { overlay, outDir: path.resolve(opts.out) };
+  addWaitOptions(
+    program
+      .command('synthesize')
+      .description(
+        "rebuild a launch VM's disk (qcow2 over the base disk) and memory snapshot from an overlay, and optionally resume it; " +
+          'with --api, provision an instance on a host of the service from the overlay (synthesizeVm)',
+      )
+      .argument('<overlay>', 'overlay file path, http(s) URL, or digest of a stored overlay (with --api: its URL, or the id of an overlay of the service)')
+      .option('--base <baseId>', 'standalone: the base to apply it to (default: the one the overlay names)')
+      .option('--out <dir>', 'standalone: directory for disk.qcow2 and memory.sav (default: ./synthesized)')
+      .option('--concurrency <n>', 'standalone: parallel segment decoders (default: the cores)', intOption(1, 256))
+      .option('--resume', 'standalone: resume the result under libvirt (needs libvirtd)')
+      .option('--forward <guestPort>', 'standalone, with --resume: forward a 127.0.0.1 port to this guest port', intOption(1, 65535))
+      .option('--host <hostId>', 'with --api: the host to provision on')
+      .option('--wait-for-app <guestPort>', "with --api: succeed only once the guest's application answers on this port", intOption(1, 65535)),
+  ).action(
+    env.either(
+      async (ctx, backend, overlay: string, opts: SynthesizeOptions) => {
+        if (opts.host !== undefined || opts.waitForApp !== undefined) throw needsApi(`synthesize ${opts.host !== undefined ? '--host' : '--wait-for-app'}`);
+        const req: Parameters<typeof backend.synthesize>[0] = { overlay, outDir: path.resolve(opts.out ?? 'synthesized') };
         if (opts.base !== undefined) req.baseId = opts.base;
         if (opts.concurrency !== undefined) req.concurrency = opts.concurrency;
         if (opts.resume) req.resume = opts.forward !== undefined ? { forwardGuestPort: opts.forward } : {};
@@ -33,6 +61,32 @@ export function registerSynthesizeCommand(program: Command, env: CommandEnv): vo
           }
           return lines.join('\n');
         });
-      }),
-    );
+      },
+      async (ctx, remote, overlay: string, opts: SynthesizeOptions) => {
+        const local = (['base', 'out', 'concurrency', 'resume', 'forward'] as const).filter((k) => opts[k] !== undefined);
+        if (local.length > 0) {
+          throw new CloudletError('BAD_INPUT', `--${local.join(', --')} of \`cloudlet synthesize\` work on this machine's store, not through the cloudlet API`, {
+            fix: 'through the API pass --host <hostId> [--wait-for-app <port>]; for a local synthesis, run without --api',
+          });
+        }
+        if (opts.host === undefined) {
+          throw new CloudletError('BAD_INPUT', '`cloudlet synthesize` through the API needs the host to provision on', { fix: 'add --host <hostId> (see `cloudlet --api URL hosts list`)' });
+        }
+        // An overlay of this cloudlet may be named by id; the service synthesizes from a URL.
+        const overlayUrl = /^https?:\/\//i.test(overlay) ? overlay : await overlayUrlOf(remote, overlay);
+        const req: ProvisionRequest = { hostId: opts.host, overlayUrl };
+        if (opts.waitForApp !== undefined) req.waitForAppPort = opts.waitForApp;
+        await remote.operation(ctx, () => remote.client.provisionInstance(req, opts.idempotencyKey), waitFlags(opts), (s) => instanceOutcome(remote, s, 'provisioned'));
+      },
+    ),
+  );
+}
+
+async function overlayUrlOf(remote: Remote, ref: string): Promise<string> {
+  const id = await remote.resolveOverlayId(ref);
+  const info = await remote.client.getOverlay(id);
+  if (!info) {
+    throw new CloudletError('NOT_FOUND', `${ref} is neither an http(s) URL nor an overlay of this cloudlet`, { fix: 'pass the overlay URL, or an id from `cloudlet --api URL overlay list`' });
+  }
+  return info.url;
 }

@@ -1,0 +1,98 @@
+/** `cloudlet --api URL hosts list` and `instance resume|list|info|terminate`: the service's hosts and VMs. */
+import type { Command } from 'commander';
+import { CloudletError } from '../../core/errors';
+import type { OperationStatus } from '../../service/types';
+import type { Remote, Rendered } from '../remote';
+import { hostsText, instanceListText, instanceText, timingsText } from '../remote-format';
+import type { CommandEnv, WaitOptionValues } from './env';
+import { addWaitOptions, waitFlags } from './env';
+import { intOption } from './overlay';
+
+export function registerHostCommands(program: Command, env: CommandEnv): void {
+  const hosts = program.command('hosts').description('the hosts of the cloudlet behind --api, and whether their workers serve');
+  hosts
+    .command('list')
+    .description('list the hosts (each runs one worker on its own task queue)')
+    .action(
+      env.api(async (ctx, remote) => {
+        const list = await remote.client.listHosts();
+        ctx.print(list, () => hostsText(list));
+      }),
+    );
+}
+
+export function registerInstanceCommands(program: Command, env: CommandEnv): void {
+  const instance = program.command('instance').description('VM instances of the cloudlet behind --api: resumed from a base or synthesized from an overlay');
+
+  addWaitOptions(
+    instance
+      .command('resume')
+      .description('resume a base VM on a host (resumeBaseVm), to customize it and then make an overlay of it')
+      .requiredOption('--base <baseId>', 'the base (id or unique prefix); it must be imported on the host')
+      .requiredOption('--host <hostId>', 'the host to run it on')
+      .option('--app-port <port>', "guest port to forward to 127.0.0.1 (the application's port)", intOption(1, 65535)),
+  ).action(
+    env.api(async (ctx, remote, opts: WaitOptionValues & { base: string; host: string; appPort?: number }) => {
+      const baseId = await remote.resolveBaseId(opts.base);
+      const req = opts.appPort === undefined ? { hostId: opts.host, baseId } : { hostId: opts.host, baseId, appPort: opts.appPort };
+      await remote.operation(ctx, () => remote.client.resumeBase(req, opts.idempotencyKey), waitFlags(opts), (s) => instanceOutcome(remote, s, 'resumed'));
+    }),
+  );
+
+  instance
+    .command('list')
+    .description('list the instances')
+    .action(
+      env.api(async (ctx, remote) => {
+        const list = await remote.client.listInstances();
+        ctx.print(list, () => instanceListText(list));
+      }),
+    );
+
+  instance
+    .command('info')
+    .description('show an instance: host, state, base, overlay, application endpoint, synthesis timings')
+    .argument('<instanceId>', 'instance id')
+    .action(
+      env.api(async (ctx, remote, id: string) => {
+        const inst = await requireInstance(remote, id);
+        ctx.print(inst, () => instanceText(inst));
+      }),
+    );
+
+  addWaitOptions(
+    instance
+      .command('terminate')
+      .description('destroy an instance and remove its files (terminateVm)')
+      .argument('<instanceId>', 'instance id'),
+  ).action(
+    env.api(async (ctx, remote, id: string, opts: WaitOptionValues) => {
+      await remote.operation(ctx, () => remote.client.terminateInstance(id, opts.idempotencyKey), waitFlags(opts), async (s) => ({
+        text: `terminated instance ${id} on ${s.hostId}`,
+      }));
+    }),
+  );
+}
+
+export async function requireInstance(remote: Remote, id: string) {
+  const inst = await remote.client.getInstance(id);
+  if (!inst) throw new CloudletError('NOT_FOUND', `instance ${id} does not exist`, { fix: 'list them with `cloudlet --api URL instance list`' });
+  return inst;
+}
+
+/** A string field of an operation's result. */
+export function resultField(result: unknown, key: string): string | undefined {
+  const v = result !== null && typeof result === 'object' ? (result as Record<string, unknown>)[key] : undefined;
+  return typeof v === 'string' ? v : undefined;
+}
+
+/** After resumeBaseVm / synthesizeVm: the instance it made, with the timings of its stages. */
+export async function instanceOutcome(remote: Remote, status: OperationStatus, verb: string): Promise<Rendered> {
+  const id = resultField(status.result, 'instanceId');
+  const inst = id !== undefined ? await remote.client.getInstance(id) : undefined;
+  if (!inst) return { text: `${verb} instance ${id ?? '?'} on ${status.hostId}` };
+  const lines = [`${verb} instance ${inst.id} on ${inst.hostId}`, instanceText(inst)];
+  const timings = (status.result as { timings?: Record<string, number> }).timings;
+  if (!inst.timings && timings && Object.keys(timings).length > 0) lines.push('timings', timingsText(timings));
+  return { data: { instance: inst }, text: lines.join('\n') };
+}
