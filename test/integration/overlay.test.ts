@@ -101,9 +101,13 @@ test('the synthesized VM resumes under libvirt and answers with the token', asyn
   const restored = await hv.restore(path.join(dir, 'synth.sav'), { diskPath: outDisk, serialPath: path.join(dir, 'synth-serial.log') });
   domain = restored.name;
   const fwd = await hv.forwardPort(domain, { guestPort: appPort });
-  const { state } = await new GuestAppClient(fwd.hostPort).waitForState(60_000);
+  const app = new GuestAppClient(fwd.hostPort);
+  const { state } = await app.waitForState(60_000);
   expect(state).toMatchObject({ token, disk: message });
+  // The synthesized qcow2 (written by our own writer) takes new writes from QEMU.
+  expect(await app.set(`${token}-2`, `${message}-after-synthesis`)).toMatchObject({ token: `${token}-2`, disk: `${message}-after-synthesis` });
   await stopDomain();
+  execFileSync('qemu-img', ['check', '-q', outDisk]);
 }, 600_000);
 
 test('applies from an http URL with Range requests, resuming after a dropped connection', async () => {
