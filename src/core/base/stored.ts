@@ -4,24 +4,16 @@
 import { promises as fsp } from 'node:fs';
 import path from 'node:path';
 import { buildChunkIndex, readChunkIndex } from '../chunk';
-import type { ChunkIndex } from '../chunk';
 import { CloudletError } from '../errors';
 import type { OnProgress } from '../progress';
 import { BASE_FILES, Store } from '../store';
 import { sha256File } from '../store/files';
 import type { BaseManifest } from './manifest';
+import type { BaseRef } from '../overlay/types';
 import { parseManifest } from './manifest';
 
-/** A base as the overlay engine uses it (the contract's BaseRef). */
-export interface BaseRef {
-  id: string;
-  /** The raw disk image. */
-  diskPath: string;
-  diskIndex: ChunkIndex;
-  /** The memory image of the base's save file (splitSnapshot). */
-  memImagePath: string;
-  memIndex: ChunkIndex;
-}
+/** A base as the overlay engine uses it (the contract's BaseRef, defined with the engine). */
+export type { BaseRef } from '../overlay/types';
 
 export interface OpenedBase extends BaseRef {
   manifest: BaseManifest;
