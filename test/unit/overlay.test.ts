@@ -306,3 +306,25 @@ describe('applying from an http URL', () => {
     }
   });
 });
+
+describe('overlay creation checks the launch disk', () => {
+  test('a launch disk backed by another image is WRONG_BASE; by an identical copy it is fine', async () => {
+    const other = path.join(dir, 'other-base.raw');
+    const copy = readFileSync(pair.baseDisk);
+    writeFileSync(path.join(dir, 'same-base.raw'), copy);
+    copy.fill(0x5a, 0, 4096 * 64);
+    writeFileSync(other, copy);
+    const launchOther = path.join(dir, 'launch-other.qcow2');
+    execFileSync('cp', [pair.launchQcow2, launchOther]);
+    execFileSync('qemu-img', ['rebase', '-u', '-f', 'qcow2', '-b', other, '-F', 'raw', launchOther]);
+    const err = await createOverlayFromParts({ base, launchDiskPath: launchOther, memory, outPath: path.join(dir, 'other.overlay') }).catch((e: unknown) => e);
+    expect(isCloudletError(err) && err.code).toBe('WRONG_BASE');
+    expect(existsSync(path.join(dir, 'other.overlay'))).toBe(false);
+    execFileSync('qemu-img', ['rebase', '-u', '-f', 'qcow2', '-b', path.join(dir, 'same-base.raw'), '-F', 'raw', launchOther]);
+    const meta = await createOverlayFromParts({ base, launchDiskPath: launchOther, memory, outPath: path.join(dir, 'same.overlay'), options: { lzmaLevel: 1 } });
+    expect(meta.launch.disk.changedChunks).toBeGreaterThan(0);
+    const bad = path.join(dir, 'raw-launch.raw');
+    const err2 = await createOverlayFromParts({ base, launchDiskPath: pair.launchRaw, memory, outPath: bad }).catch((e: unknown) => e);
+    expect(isCloudletError(err2) && err2.code).toBe('BAD_INPUT');
+  });
+});

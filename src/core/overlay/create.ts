@@ -6,7 +6,8 @@
  */
 import { hash as oneShotHash, randomBytes } from 'node:crypto';
 import { closeSync, openSync, readSync } from 'node:fs';
-import { open, rename, rm, stat } from 'node:fs/promises';
+import { open, realpath, rename, rm, stat } from 'node:fs/promises';
+import path from 'node:path';
 import { availableParallelism } from 'node:os';
 import { init as xdInit, xd3_encode_memory, xd3_smatch_cfg } from 'xdelta3-wasm';
 import { CloudletError } from '../errors';
@@ -320,6 +321,34 @@ function baseChunkEqual(ix: BaseRef['diskIndex'], chunk: number, digest: Buffer,
   return chunk < ix.chunkCount ? ix.equalAt(chunk, digest) : isZero(content);
 }
 
+/**
+ * The chunks the top layer leaves out are taken to be the base's: the backing file must be the
+ * base disk. Same path: fine. Another path (a copy): same size and a sample of chunks must match
+ * the base's index, else WRONG_BASE.
+ */
+async function checkBacking(launchDisk: string, backing: string, base: BaseRef): Promise<void> {
+  const abs = path.resolve(path.dirname(launchDisk), backing);
+  const [a, b] = await Promise.all([realpath(abs).catch(() => abs), realpath(base.diskPath).catch(() => base.diskPath)]);
+  if (a === b) return;
+  const fail = (why: string): CloudletError =>
+    new CloudletError('WRONG_BASE', `launch disk ${launchDisk} is backed by ${abs}, which is not base ${base.id}'s disk (${why})`, {
+      fix: `make the launch disk a qcow2 over ${base.diskPath} (qemu-img rebase -u -b <base disk> -F raw, if the content is the same)`,
+    });
+  const size = await stat(abs).then((s) => s.size, () => -1);
+  if (size !== base.diskIndex.byteLength) throw fail(size < 0 ? 'it does not exist' : `size ${size} ≠ ${base.diskIndex.byteLength}`);
+  const reader = new ChunkReader(abs, size);
+  try {
+    const n = base.diskIndex.chunkCount;
+    const samples = Math.min(n, 256);
+    for (let k = 0; k < samples; k++) {
+      const i = Math.floor((k * n) / samples);
+      if (!base.diskIndex.equalAt(i, chunkDigestFast(reader.read(i, 1)))) throw fail(`chunk ${i} differs`);
+    }
+  } finally {
+    reader.close();
+  }
+}
+
 export interface CreateFromPartsInput {
   base: BaseRef;
   launchDiskPath: string;
@@ -353,6 +382,7 @@ export async function createOverlayFromParts(input: CreateFromPartsInput): Promi
       fix: 'resume the base with a qcow2 overlay disk (qemu-img create -f qcow2 -b <base disk> -F raw)',
     });
   }
+  await checkBacking(input.launchDiskPath, info['full-backing-filename'] ?? info['backing-filename'], base);
   const entries = await imageMap(input.launchDiskPath);
   const memStat = await stat(memory.memImagePath);
 
