@@ -77,16 +77,22 @@ function tsMs(ts: Timestamp): number {
   return secs * 1000 + (ts.nanos ?? 0) / 1e6;
 }
 
-/** First successful GET /cgi-bin/state on 127.0.0.1:port, polled every POLL_MS. */
-async function firstAnswer(port: () => number | undefined, deadlineMs: number): Promise<GuestState> {
+/**
+ * First successful GET /cgi-bin/state on 127.0.0.1:port, polled every POLL_MS. Also reports the
+ * longest failed attempt: a request that hangs (slirp accepts before the guest can answer) would
+ * make the measured time late by up to that much.
+ */
+async function firstAnswer(port: () => number | undefined, deadlineMs: number): Promise<{ state: GuestState; longestFailedMs: number }> {
   const deadline = Date.now() + deadlineMs;
+  let longestFailedMs = 0;
   for (;;) {
     const p = port();
     if (p !== undefined) {
+      const a0 = performance.now();
       try {
-        return await new GuestAppClient(p).state(2000);
+        return { state: await new GuestAppClient(p).state(2000), longestFailedMs };
       } catch {
-        // not answering yet
+        longestFailedMs = Math.max(longestFailedMs, performance.now() - a0); // not answering yet
       }
     }
     if (Date.now() > deadline) throw new Error(`the application did not answer within ${deadlineMs} ms`);
@@ -243,25 +249,29 @@ async function main(): Promise<void> {
     progress(`create the overlay on ${hostA}`);
     const overlay = await exec(createOverlayVm, `bench-synth/overlay/${hostA}`, { hostId: hostA, instanceId: 'dev1' });
     progress(`overlay ${overlay.bytes} bytes at ${overlay.url}`);
-    server = await startFileServer(naiveServed);
+    const served = await startFileServer(naiveServed);
+    server = served;
     const check = (s: GuestState, what: string): void => {
       if (s.token !== token || s.disk !== message || s.bootId !== before.state.bootId) {
         throw new Error(`${what}: the application answered ${JSON.stringify(s)}, not the launch VM's state (token ${token}, disk "${message}", boot ${before.state.bootId})`);
       }
     };
 
-    for (let r = 0; r < runs; r++) {
-      // --- OUR synthesis: client.workflow.start -> the application answers.
+    // --- OUR synthesis: client.workflow.start -> the application answers (client side and result).
+    const oursRun = async (r: number): Promise<number> => {
       const instanceId = `s${r}`;
       const workflowId = `bench-synth/synthesize/${hostB}/${instanceId}`;
       progress(`run ${r + 1}/${runs}: synthesizeVm on ${hostB}`);
       const portOf = instancePortWatcher(path.join(hostDir(config, hostB), 'instances', instanceId, 'instance.json'));
       const t0 = performance.now();
       const handle = await c.workflow.start(synthesizeVm, { taskQueue: config.workflowTaskQueue, workflowId, args: [{ hostId: hostB, instanceId, overlayUrl: overlay.url }] });
+      let clientMs = NaN;
       const [clientState, result] = await Promise.all([
-        firstAnswer(portOf, 300_000).then((s) => {
-          push(m, 'ours_client_first_response_ms', performance.now() - t0);
-          return s;
+        firstAnswer(portOf, 300_000).then((a) => {
+          clientMs = performance.now() - t0;
+          push(m, 'ours_client_first_response_ms', clientMs);
+          push(stages, 'ours.longestFailedGetMs', a.longestFailedMs);
+          return a.state;
         }),
         handle.result().then((res) => {
           push(m, 'ours_workflow_result_ms', performance.now() - t0);
@@ -284,8 +294,11 @@ async function main(): Promise<void> {
       push(stages, 'orchestration.workflowTasks', o.workflowTasks);
       push(stages, 'orchestration.workflowTasksMs', o.workflowTasksMs);
       await exec(terminateVm, `bench-synth/terminate/${hostB}/${instanceId}`, { hostId: hostB, instanceId });
+      return clientMs;
+    };
 
-      // --- NAIVE: fetch the whole disk and save file, restore, replug the NIC, forward, answer.
+    // --- NAIVE: fetch the whole disk and save file, restore, replug the NIC, forward, answer.
+    const naiveRun = async (r: number): Promise<number> => {
       progress(`run ${r + 1}/${runs}: naive restore on ${hostB}`);
       const dir = path.join(naiveRoot, `n${r}`);
       const domain = `cl-${hostB}-naive${r}`;
@@ -293,7 +306,7 @@ async function main(): Promise<void> {
       const save = path.join(dir, 'memory.sav');
       const n0 = performance.now();
       fs.mkdirSync(dir, { recursive: true });
-      await Promise.all([download(`${server.url}/disk.raw`, disk), download(`${server.url}/memory.sav`, save)]);
+      await Promise.all([download(`${served.url}/disk.raw`, disk), download(`${served.url}/memory.sav`, save)]);
       const n1 = performance.now();
       const header = await readSaveHeader(save);
       await rewriteSaveHeaderXml(save, editDomainXml(header.domainXml, { name: domain, uuid: randomUUID(), diskPath: disk, diskFormat: 'raw', serialPath: path.join(dir, 'serial.log') }));
@@ -302,9 +315,10 @@ async function main(): Promise<void> {
       await hv.replugNic(domain, { mac: randomMac() });
       const naivePort = (await hv.forwardPort(domain, { guestPort: APP_PORT })).hostPort;
       const n3 = performance.now();
-      const naiveState = await firstAnswer(() => naivePort, 300_000);
+      const naiveAnswer = await firstAnswer(() => naivePort, 300_000);
       const n4 = performance.now();
-      check(naiveState, 'naive restored VM');
+      check(naiveAnswer.state, 'naive restored VM');
+      push(stages, 'naive.longestFailedGetMs', naiveAnswer.longestFailedMs);
       push(m, 'naive_first_response_ms', n4 - n0);
       push(stages, 'naive.transferMs', n1 - n0);
       push(stages, 'naive.restoreMs', n2 - n1);
@@ -313,8 +327,22 @@ async function main(): Promise<void> {
       await hv.destroy(domain);
       await hv.undefine(domain);
       fs.rmSync(dir, { recursive: true, force: true });
-      push(m, 'ratio_ours_over_naive', (m.ours_client_first_response_ms?.[r] ?? NaN) / (n4 - n0));
-      progress(`run ${r + 1}/${runs}: ours ${Math.round(m.ours_client_first_response_ms?.[r] ?? NaN)} ms, naive ${Math.round(n4 - n0)} ms, load ${load().join(' ')}`);
+      return n4 - n0;
+    };
+
+    // Interleaved, alternating which method goes first, so that load drift hits both alike.
+    for (let r = 0; r < runs; r++) {
+      let oursMs: number;
+      let naiveMs: number;
+      if (r % 2 === 0) {
+        oursMs = await oursRun(r);
+        naiveMs = await naiveRun(r);
+      } else {
+        naiveMs = await naiveRun(r);
+        oursMs = await oursRun(r);
+      }
+      push(m, 'ratio_ours_over_naive', oursMs / naiveMs);
+      progress(`run ${r + 1}/${runs}: ours ${Math.round(oursMs)} ms, naive ${Math.round(naiveMs)} ms, load ${load().join(' ')}`);
     }
 
     const units: Record<string, string> = { ratio_ours_over_naive: 'ratio', orchestration_overhead_pct: '%' };
