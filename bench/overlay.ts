@@ -8,7 +8,7 @@
  * bound on the same segments. `flat` shows apply time when only the base disk grows.
  *
  * Environment: BENCH_DIR (default var/bench/overlay), BENCH_DISK_MIB (1024), BENCH_MEM_MIB (512),
- * BENCH_FRACTION (0.03), BENCH_LZMA (6), BENCH_KEEP=1 to keep files.
+ * BENCH_FRACTION (0.03), BENCH_LZMA (6), BENCH_SEGMENT_KIB (4096), BENCH_KEEP=1 to keep files.
  */
 import { execFile, execFileSync, spawn } from 'node:child_process';
 import { mkdirSync, readFileSync, rmSync, statSync, writeFileSync } from 'node:fs';
@@ -223,7 +223,7 @@ async function generatedCase(): Promise<void> {
     { name: 'memory', base: pair.baseMem, launch: pair.launchMem },
   ]);
   for (const delta of [false, true]) {
-    const o = await ours(path.join(dir, 'ours'), base, pair.launchQcow2, memory, fakeJoin, { diskRaw: pair.launchRaw, saveSha256: save.sha256 }, { lzmaLevel: env('BENCH_LZMA', 6), delta });
+    const o = await ours(path.join(dir, 'ours'), base, pair.launchQcow2, memory, fakeJoin, { diskRaw: pair.launchRaw, saveSha256: save.sha256 }, { lzmaLevel: env('BENCH_LZMA', 6), delta, segmentSize: env('BENCH_SEGMENT_KIB', 4096) * 1024 });
     const bound = await xzBound(path.join(dir, 'ours', 'launch.overlay'), o.meta, path.join(dir, 'xzbound'));
     report('generated', o, n, bound, { delta, diskMiB, memMiB, fraction, generateS: r3(genS) });
   }
@@ -328,7 +328,7 @@ async function guestCase(): Promise<void> {
   const saveSha = sha256File(launchSave);
   for (const delta of [false, true]) {
     const overlay = path.join(dir, `launch-${delta}.overlay`);
-    const [meta, createS] = await timed(() => createOverlay({ base, launchDiskPath: launchDisk, launchSavePath: launchSave, outPath: overlay, options: { lzmaLevel: env('BENCH_LZMA', 6), delta } }));
+    const [meta, createS] = await timed(() => createOverlay({ base, launchDiskPath: launchDisk, launchSavePath: launchSave, outPath: overlay, options: { lzmaLevel: env('BENCH_LZMA', 6), delta, segmentSize: env('BENCH_SEGMENT_KIB', 4096) * 1024 } }));
     const outDisk = path.join(dir, 'synth.qcow2');
     const outSave = path.join(dir, 'synth.sav');
     rmSync(outDisk, { force: true });
