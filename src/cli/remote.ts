@@ -10,7 +10,7 @@ import type { OperationRef, OperationStatus } from '../service/types';
 import type { ApiTarget, CliContext } from './context';
 
 export interface PollOptions {
-  /** First polling interval of a wait (default 250 ms), growing to `maxIntervalMs` (default 2 s). */
+  /** First polling interval of a wait (default 250 ms), growing to `maxIntervalMs` (default 1 s). */
   intervalMs?: number;
   maxIntervalMs?: number;
 }
@@ -94,7 +94,7 @@ export class Remote {
     try {
       return await this.client.waitForOperation(ref.id, {
         ...(this.poll.intervalMs !== undefined ? { intervalMs: this.poll.intervalMs } : {}),
-        ...(this.poll.maxIntervalMs !== undefined ? { maxIntervalMs: this.poll.maxIntervalMs } : {}),
+        maxIntervalMs: this.poll.maxIntervalMs ?? 1000,
         ...(flags.waitTimeout !== undefined ? { timeoutMs: flags.waitTimeout * 1000 } : {}),
         onProgress: (_status, progress) => {
           if (!progress) return;
