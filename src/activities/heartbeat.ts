@@ -1,12 +1,27 @@
 import { Context } from '@temporalio/activity';
 
+function current(): Context | undefined {
+  try {
+    return Context.current();
+  } catch {
+    return undefined; // not inside an activity (a unit test, the standalone CLI)
+  }
+}
+
 /** Heartbeat (with optional progress details) when running inside an activity; a no-op elsewhere. */
 export function heartbeat(details?: unknown): void {
-  try {
-    Context.current().heartbeat(details);
-  } catch {
-    // Not inside an activity (e.g. called from a unit test or the standalone CLI).
-  }
+  current()?.heartbeat(details);
+}
+
+/**
+ * For the progress callbacks of long core operations: heartbeat, and if the activity has been
+ * cancelled, throw — the core then aborts and removes its temporary files like on any error.
+ */
+export function heartbeatOrCancel(details?: unknown): void {
+  const ctx = current();
+  if (!ctx) return;
+  ctx.heartbeat(details);
+  if (ctx.cancellationSignal.aborted) throw ctx.cancellationSignal.reason ?? new Error('activity cancelled');
 }
 
 /** Run `work` while heartbeating every `everyMs`, so a long wait is not mistaken for a dead worker. */

@@ -7,9 +7,6 @@
 import { randomUUID } from 'node:crypto';
 import fs from 'node:fs';
 import path from 'node:path';
-import { pipeline } from 'node:stream/promises';
-import { Readable } from 'node:stream';
-import type { ReadableStream as WebReadableStream } from 'node:stream/web';
 import type { Logger } from 'pino';
 import { CloudletError, isCloudletError } from '../core/errors';
 import { importBase, openBase } from '../core/base';
@@ -20,7 +17,7 @@ import type { Hypervisor } from '../hypervisor/types';
 import { createQcow2Overlay } from '../hypervisor/disk';
 import { editDomainXml } from '../hypervisor/domain-xml';
 import { GuestAppClient } from '../guest/app-client';
-import { heartbeat, withHeartbeats } from './heartbeat';
+import { heartbeat, heartbeatOrCancel, withHeartbeats } from './heartbeat';
 import { randomMac } from './guest';
 
 export interface InstanceRecord {
@@ -47,7 +44,7 @@ export interface CloudletActivityDeps {
 const INSTANCE_ID = /^[a-z0-9][a-z0-9-]{0,62}$/;
 const APP_PORT_DEFAULT = 8080;
 
-const progress = (stage: string) => (done: number, total: number) => heartbeat({ stage, bytesDone: done, bytesTotal: total });
+const progress = (stage: string) => (done: number, total: number) => heartbeatOrCancel({ stage, bytesDone: done, bytesTotal: total });
 
 export function createInstanceActivities(deps: CloudletActivityDeps) {
   const { hypervisor: hv, log } = deps;
@@ -107,37 +104,13 @@ export function createInstanceActivities(deps: CloudletActivityDeps) {
     return { restoreMs: restored.ms, replugMs, hostPort: fwd.hostPort };
   }
 
-  /** Fetch an http(s) source into the host's temp area (a path is used as it is). */
-  async function localFile(source: string, what: string): Promise<{ file: string; temp: boolean }> {
-    if (!/^https?:\/\//.test(source)) return { file: source, temp: false };
-    await fs.promises.mkdir(path.join(storeRoot, 'tmp'), { recursive: true });
-    const file = path.join(storeRoot, 'tmp', `download-${randomUUID()}`);
-    const res = await fetch(source).catch((cause: unknown) => {
-      throw new CloudletError('NOT_FOUND', `cannot fetch ${what} from ${source}: ${(cause as Error).message}`, { fix: 'check the URL and that its server is up', cause });
-    });
-    if (!res.ok || !res.body) throw new CloudletError('NOT_FOUND', `fetching ${what} from ${source} answered HTTP ${res.status}`, { fix: 'check the URL' });
-    const total = Number(res.headers.get('content-length') ?? 0);
-    let done = 0;
-    const body = Readable.fromWeb(res.body as WebReadableStream<Uint8Array>);
-    body.on('data', (c: Buffer) => {
-      done += c.length;
-      heartbeat({ stage: 'download', bytesDone: done, bytesTotal: total });
-    });
-    await pipeline(body, fs.createWriteStream(file));
-    return { file, temp: true };
-  }
-
   return {
     async importBasePackage(input: { source: string }): Promise<{ baseId: string; alreadyPresent: boolean; diskBytes: number; memoryBytes: number; cpuModel?: string }> {
-      const { file, temp } = await localFile(input.source, 'the base package');
-      try {
-        const r = await importBase(storeRoot, file, { onProgress: progress('import') });
-        const m = r.manifest;
-        log.info({ baseId: m.baseId, alreadyPresent: r.alreadyPresent }, 'base imported');
-        return { baseId: m.baseId, alreadyPresent: r.alreadyPresent, diskBytes: m.disk.size, memoryBytes: m.memory.saveFileSize, ...(m.cpuModel ? { cpuModel: m.cpuModel } : {}) };
-      } finally {
-        if (temp) await fs.promises.rm(file, { force: true });
-      }
+      // A path on this host or an http(s) URL (downloaded into the store's temp area).
+      const r = await importBase(storeRoot, input.source, { onProgress: progress('import') });
+      const m = r.manifest;
+      log.info({ baseId: m.baseId, alreadyPresent: r.alreadyPresent }, 'base imported');
+      return { baseId: m.baseId, alreadyPresent: r.alreadyPresent, diskBytes: m.disk.size, memoryBytes: m.memory.saveFileSize, ...(m.cpuModel ? { cpuModel: m.cpuModel } : {}) };
     },
 
     /** Early, before any transfer: the CPU model the VM was saved with must be usable here. */
@@ -213,7 +186,7 @@ export function createInstanceActivities(deps: CloudletActivityDeps) {
           launchSavePath: launchSave,
           outPath: out,
           options: { ...(input.lzmaLevel !== undefined ? { lzmaLevel: input.lzmaLevel } : {}), ...(input.delta !== undefined ? { delta: input.delta } : {}) },
-          onProgress: (d, t, stage) => heartbeat({ stage: stage ?? 'create overlay', bytesDone: d, bytesTotal: t }),
+          onProgress: (d, t, stage) => heartbeatOrCancel({ stage: stage ?? 'create overlay', bytesDone: d, bytesTotal: t }),
         });
         const createMs = Date.now() - t0;
         const added = await store.addOverlay(out, { meta, baseId: rec.baseId, move: true });
@@ -250,7 +223,7 @@ export function createInstanceActivities(deps: CloudletActivityDeps) {
         overlay: input.overlayUrl,
         outDiskPath: diskPath,
         outSavePath: savePath,
-        onProgress: (d: number, t: number) => heartbeat({ stage: 'apply overlay', bytesDone: d, bytesTotal: t }),
+        onProgress: progress('apply overlay'),
       });
       if (r.meta.base.id !== input.baseId) {
         throw new CloudletError('WRONG_BASE', `overlay ${input.overlayUrl} was made for base ${r.meta.base.id}, not ${input.baseId}`);

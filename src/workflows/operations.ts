@@ -3,6 +3,7 @@
  * compensation). Every activity runs on the task queue of the host that holds the data.
  */
 import {
+  ActivityCancellationType,
   ApplicationFailure,
   CancellationScope,
   defineQuery,
@@ -29,7 +30,9 @@ function hostActivities(hostId: string) {
   const common: ActivityOptions = { taskQueue: hostTaskQueue(hostId), retry: { maximumAttempts: 5, initialInterval: '1 second', nonRetryableErrorTypes: NON_RETRYABLE } };
   return {
     quick: proxyActivities<InstanceActivities & RecipeActivities>({ ...common, startToCloseTimeout: '2 minutes' }),
-    long: proxyActivities<InstanceActivities>({ ...common, startToCloseTimeout: '30 minutes', heartbeatTimeout: '20 seconds' }),
+    // A cancelled run waits for its long step to stop (it notices at its next heartbeat and removes
+    // its temporary files) before compensating.
+    long: proxyActivities<InstanceActivities>({ ...common, startToCloseTimeout: '30 minutes', heartbeatTimeout: '20 seconds', cancellationType: ActivityCancellationType.WAIT_CANCELLATION_COMPLETED }),
   };
 }
 

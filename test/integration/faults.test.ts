@@ -7,7 +7,7 @@
  */
 import type { Client } from '@temporalio/client';
 import { WorkflowFailedError } from '@temporalio/client';
-import { spawn, type ChildProcess } from 'node:child_process';
+import { execFileSync, spawn, type ChildProcess } from 'node:child_process';
 import fs from 'node:fs';
 import path from 'node:path';
 import { loadConfig, type Config } from '../../src/config';
@@ -116,6 +116,20 @@ describe('faults during synthesis', () => {
     expect(files.filter((f) => f.startsWith('instances/')).sort()).toEqual(
       ['instances/k1/disk.qcow2', 'instances/k1/instance.json', 'instances/k1/memory.sav', 'instances/k1/serial.log', 'instances/k1/synthesized'].sort(),
     );
+  });
+
+  it('leaves no half-made VM or file when a synthesis is cancelled', async () => {
+    const id = `synthesizeVm/${hostB}/x1`;
+    const handle = await client.workflow.start(synthesizeVm, { taskQueue: config.workflowTaskQueue, workflowId: id, args: [{ hostId: hostB, instanceId: 'x1', overlayUrl }] });
+    await until('the apply stage', 120_000, async () => ((await handle.query(operationProgressQuery)).stage === 'fetch and apply overlay' ? true : undefined));
+    await handle.cancel();
+    const err = await handle.result().catch((e: unknown) => e);
+    expect(err).toBeInstanceOf(WorkflowFailedError);
+    expect((err as WorkflowFailedError).cause?.name).toBe('CancelledFailure');
+    expect((await handle.describe()).status.name).toBe('CANCELLED');
+    expect(fs.existsSync(path.join(config.varDir, 'hosts', hostB, 'instances', 'x1'))).toBe(false);
+    const domains = execFileSync('virsh', ['-c', 'qemu:///system', 'list', '--all', '--name'], { encoding: 'utf8' });
+    expect(domains).not.toContain(`cl-${hostB}-x1`);
   });
 
   it('fails non-retryably, naming the bad segment, when the overlay URL serves corrupted bytes', async () => {
