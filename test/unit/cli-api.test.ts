@@ -248,6 +248,8 @@ test('the mode is explicit: standalone-only and API-only commands say what they 
 
   const hostStandalone = await cli(['synthesize', 'o.overlay', '--host', 'host-b'], { env: {} });
   expect(hostStandalone.err).toMatch(/`cloudlet synthesize --host` goes through a cloudlet service/);
+  const noWaitStandalone = await cli(['synthesize', 'o.overlay', '--no-wait'], { env: {} });
+  expect(noWaitStandalone.err).toMatch(/`cloudlet synthesize --no-wait` goes through a cloudlet service/);
   const resumeViaApi = await cli(['synthesize', 'http://127.0.0.1:9/o.overlay', '--host', 'host-b', '--resume']);
   expect(resumeViaApi.err).toMatch(/--resume of `cloudlet synthesize` work on this machine's store/);
   const noHost = await cli(['base', 'import', 'http://127.0.0.1:9/b.pkg']);

@@ -11,7 +11,7 @@ import { withProgress } from '../context';
 import { baseListText, manifestText } from '../format';
 import { remoteBaseListText, remoteBaseText } from '../remote-format';
 import type { CommandEnv, WaitOptionValues } from './env';
-import { addWaitOptions, waitFlags } from './env';
+import { addWaitOptions, operationOptionGiven, waitFlags } from './env';
 import { resultField } from './instance';
 
 export function registerBaseCommands(program: Command, env: CommandEnv): void {
@@ -60,8 +60,9 @@ export function registerBaseCommands(program: Command, env: CommandEnv): void {
       .option('--host <hostId>', 'with --api: the host to import it on'),
   ).action(
     env.either(
-      async (ctx, backend, file: string, opts: { host?: string }) => {
-        if (opts.host !== undefined) throw needsApi('base import --host');
+      async (ctx, backend, file: string, opts: WaitOptionValues & { host?: string }) => {
+        const apiOnly = opts.host !== undefined ? '--host' : operationOptionGiven(opts);
+        if (apiOnly !== undefined) throw needsApi(`base import ${apiOnly}`);
         const r = await withProgress(ctx, (p) => backend.importBase(file, p));
         ctx.print({ baseId: r.manifest.baseId, alreadyPresent: r.alreadyPresent, manifest: r.manifest }, () =>
           r.alreadyPresent ? `base ${r.manifest.baseId} is already in the store` : `imported base ${r.manifest.baseId}\n${manifestText(r.manifest)}`,

@@ -50,6 +50,14 @@ export interface WaitOptionValues {
   idempotencyKey?: string;
 }
 
+/** The name of an operation option given to a standalone command (they mean nothing there), if any. */
+export function operationOptionGiven(opts: Partial<WaitOptionValues>): string | undefined {
+  if (opts.wait === false) return '--no-wait';
+  if (opts.waitTimeout !== undefined) return '--wait-timeout';
+  if (opts.idempotencyKey !== undefined) return '--idempotency-key';
+  return undefined;
+}
+
 export function waitFlags(opts: WaitOptionValues): WaitFlags {
   return opts.waitTimeout !== undefined ? { wait: opts.wait, waitTimeout: opts.waitTimeout } : { wait: opts.wait };
 }

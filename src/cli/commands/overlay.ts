@@ -16,7 +16,7 @@ import type { Remote } from '../remote';
 import { remoteOverlayListText, remoteOverlayText } from '../remote-format';
 import { needsApi } from './base';
 import type { CommandEnv, WaitOptionValues } from './env';
-import { addWaitOptions, waitFlags } from './env';
+import { addWaitOptions, operationOptionGiven, waitFlags } from './env';
 import { resultField } from './instance';
 
 const CREATE_NEEDS =
@@ -59,8 +59,9 @@ export function registerOverlayCommands(program: Command, env: CommandEnv): void
       .option('--keep', 'with --api: keep the instance running afterwards (default: destroy it)'),
   ).action(
     env.either(
-      async (ctx, backend, opts: { base?: string; disk?: string; memory?: string; out?: string; lzmaLevel?: number; delta: boolean; segmentSize?: number; instance?: string; keep?: boolean }) => {
-        if (opts.instance !== undefined || opts.keep) throw needsApi('overlay create --instance');
+      async (ctx, backend, opts: WaitOptionValues & { base?: string; disk?: string; memory?: string; out?: string; lzmaLevel?: number; delta: boolean; segmentSize?: number; instance?: string; keep?: boolean }) => {
+        const apiOnly = opts.instance !== undefined ? '--instance' : opts.keep ? '--keep' : operationOptionGiven(opts);
+        if (apiOnly !== undefined) throw needsApi(`overlay create ${apiOnly}`);
         if (opts.base === undefined || opts.disk === undefined || opts.memory === undefined) {
           throw new CloudletError('BAD_INPUT', CREATE_NEEDS, { fix: 'add --base, --disk and --memory, or --api <url> and --instance <id>' });
         }

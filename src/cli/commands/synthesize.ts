@@ -12,7 +12,7 @@ import type { Remote } from '../remote';
 import { secondsText } from '../format';
 import { needsApi } from './base';
 import type { CommandEnv, WaitOptionValues } from './env';
-import { addWaitOptions, waitFlags } from './env';
+import { addWaitOptions, operationOptionGiven, waitFlags } from './env';
 import { instanceOutcome } from './instance';
 import { intOption } from './overlay';
 
@@ -45,7 +45,8 @@ export function registerSynthesizeCommand(program: Command, env: CommandEnv): vo
   ).action(
     env.either(
       async (ctx, backend, overlay: string, opts: SynthesizeOptions) => {
-        if (opts.host !== undefined || opts.waitForApp !== undefined) throw needsApi(`synthesize ${opts.host !== undefined ? '--host' : '--wait-for-app'}`);
+        const apiOnly = opts.host !== undefined ? '--host' : opts.waitForApp !== undefined ? '--wait-for-app' : operationOptionGiven(opts);
+        if (apiOnly !== undefined) throw needsApi(`synthesize ${apiOnly}`);
         const req: Parameters<typeof backend.synthesize>[0] = { overlay, outDir: path.resolve(opts.out ?? 'synthesized') };
         if (opts.base !== undefined) req.baseId = opts.base;
         if (opts.concurrency !== undefined) req.concurrency = opts.concurrency;
