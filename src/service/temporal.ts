@@ -126,6 +126,9 @@ export class TemporalCloudletService implements CloudletService {
       }
       return status;
     }
+    // A closed run still answers the progress query (from its history): the stages it went through.
+    const p = await handle.query(operationProgressQuery).catch(() => undefined);
+    if (p) status.progress = { stage: p.stage, done: p.done };
     if (name === 'COMPLETED') {
       status.state = 'succeeded';
       status.result = await handle.result();

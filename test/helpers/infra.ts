@@ -5,6 +5,8 @@
  */
 import { execFileSync } from 'node:child_process';
 import path from 'node:path';
+import type { Client } from '@temporalio/client';
+import { assertHostServing } from '../../src/client/connect';
 
 export const REPO = path.resolve(__dirname, '..', '..');
 
@@ -45,4 +47,20 @@ export function removeHostDomains(hostIds: string[]): void {
 /** The command line that runs a host worker as ONE process (so a signal reaches the worker itself). */
 export function workerCommand(hostId: string): { command: string; args: string[] } {
   return { command: process.execPath, args: ['--import', 'tsx', path.join(REPO, 'src', 'workers', 'main.ts'), '--host', hostId] };
+}
+
+/** Wait (with a deadline) until a worker polls each host's task queue. */
+export async function waitForHostsServing(client: Client, hostIds: string[], timeoutMs = 60_000): Promise<void> {
+  const deadline = Date.now() + timeoutMs;
+  for (const h of hostIds) {
+    for (;;) {
+      try {
+        await assertHostServing(client, h);
+        break;
+      } catch (e) {
+        if (Date.now() > deadline) throw e;
+        await new Promise((r) => setTimeout(r, 200));
+      }
+    }
+  }
 }

@@ -15,7 +15,7 @@ import { CloudletApiClient } from '../../src/api/client';
 import { TemporalCloudletService } from '../../src/service';
 import { GuestAppClient } from '../../src/guest/app-client';
 import { isCloudletError } from '../../src/core/errors';
-import { ensureInfra, removeHostDomains, uniqueSuffix } from '../helpers/infra';
+import { ensureInfra, removeHostDomains, uniqueSuffix, waitForHostsServing } from '../helpers/infra';
 import { testBasePackage } from '../helpers/test-base';
 
 jest.setTimeout(20 * 60_000);
@@ -43,6 +43,7 @@ describe('the cloudlet story through the HTTP API', () => {
       workers.push(w);
       runs.push(w.run());
     }
+    await waitForHostsServing(temporal, [hostA, hostB]);
     api = await startApi(new TemporalCloudletService(temporal, config, { hosts: [hostA, hostB] }), { tokens: [token], port: 0, logger: createLogger('api', 'warn') });
     cloud = new CloudletApiClient({ baseUrl: api.url, token });
   });
