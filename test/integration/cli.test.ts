@@ -17,7 +17,6 @@ import { promisify } from 'node:util';
 import { z } from 'zod';
 import { runCli } from '../../src/cli/main';
 import { createLogger } from '../../src/common/logger';
-import { qcow2Disk } from '../../src/cli/resume-libvirt';
 import { LibvirtHypervisor, editDomainXml } from '../../src/hypervisor';
 import { sha256File } from '../../src/core/store/files';
 
@@ -139,7 +138,7 @@ test('a launch VM resumed from the base and customized becomes an overlay', asyn
   launchSave = path.join(dir, 'launch.sav');
   await run('qemu-img', ['create', '-q', '-f', 'qcow2', '-b', path.join(baseDir, 'disk.raw'), '-F', 'raw', launchDisk]);
   const saved = await hv.saveFileXml(path.join(baseDir, 'memory.sav'));
-  const xml = qcow2Disk(editDomainXml(saved, { diskPath: launchDisk, serialPath: path.join(dir, 'launch-serial.log') }));
+  const xml = editDomainXml(saved, { diskPath: launchDisk, diskFormat: 'qcow2', serialPath: path.join(dir, 'launch-serial.log') });
   await hv.restore(path.join(baseDir, 'memory.sav'), { xml });
   const fwd = await hv.forwardPort(domain, { guestPort: 8080 });
   const token = `tok-${randomBytes(6).toString('hex')}`;
