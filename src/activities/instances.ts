@@ -104,7 +104,7 @@ export function createInstanceActivities(deps: CloudletActivityDeps) {
     return { restoreMs: restored.ms, replugMs, hostPort: fwd.hostPort };
   }
 
-  return {
+  const activities = {
     async importBasePackage(input: { source: string }): Promise<{ baseId: string; alreadyPresent: boolean; diskBytes: number; memoryBytes: number; cpuModel?: string }> {
       // A path on this host or an http(s) URL (downloaded into the store's temp area).
       const r = await importBase(storeRoot, input.source, { onProgress: progress('import') });
@@ -140,6 +140,24 @@ export function createInstanceActivities(deps: CloudletActivityDeps) {
         }
         throw e;
       }
+    },
+
+    /**
+     * Everything synthesis checks before any transfer, in one step: what the overlay needs (its
+     * meta, a few KB by Range), that its CPU model is usable here, and that its base is on this host.
+     */
+    async preflightSynthesis(input: { overlayUrl: string }): Promise<{ baseId: string; cpuModel: string; virtType: string; timings: Record<string, number> }> {
+      const timings: Record<string, number> = {};
+      let t0 = Date.now();
+      const overlay = await activities.describeOverlay(input);
+      timings['inspect overlayMs'] = Date.now() - t0;
+      t0 = Date.now();
+      const cpu = await activities.checkCpuModel(overlay.cpuModel ? { cpuModel: overlay.cpuModel } : {});
+      timings['verify CPU modelMs'] = Date.now() - t0;
+      t0 = Date.now();
+      await activities.checkBasePresent({ baseId: overlay.baseId });
+      timings['check baseMs'] = Date.now() - t0;
+      return { baseId: overlay.baseId, cpuModel: cpu.cpuModel, virtType: cpu.virtType, timings };
     },
 
     /** A new instance from a base: a qcow2 over the base disk and the base's memory, resumed. */
@@ -262,6 +280,7 @@ export function createInstanceActivities(deps: CloudletActivityDeps) {
       return { existed };
     },
   };
+  return activities;
 }
 
 export type InstanceActivities = ReturnType<typeof createInstanceActivities>;

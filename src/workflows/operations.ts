@@ -151,10 +151,10 @@ export async function synthesizeVm(input: SynthesizeVmInput) {
   };
   return tracked(t, async () => {
     // Early checks, before any transfer: what the overlay needs, and whether this host has it.
-    const overlay = await timed('inspect overlay', () => quick.describeOverlay({ overlayUrl: input.overlayUrl }));
+    // (inspect the overlay, verify its CPU model is usable here, check its base is on this host)
+    const overlay = await timed('preflight', () => quick.preflightSynthesis({ overlayUrl: input.overlayUrl }));
+    Object.assign(timings, overlay.timings);
     t.tag(SearchAttributes.baseId, overlay.baseId);
-    await timed('verify CPU model', () => quick.checkCpuModel(overlay.cpuModel ? { cpuModel: overlay.cpuModel } : {}));
-    await timed('check base', () => quick.checkBasePresent({ baseId: overlay.baseId }));
     try {
       const applied = await timed('fetch and apply overlay', () =>
         long.synthesizeInstanceFiles({ instanceId: input.instanceId, overlayUrl: input.overlayUrl, baseId: overlay.baseId, ...(input.appPort ? { appPort: input.appPort } : {}) }));

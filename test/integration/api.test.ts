@@ -5,56 +5,41 @@
  * answers with the state set on A. The runs carry their search attributes.
  */
 import type { Client } from '@temporalio/client';
-import fs from 'node:fs';
-import { loadConfig, type Config } from '../../src/config';
-import { connectClient } from '../../src/client/connect';
-import { createHostWorker, type HostWorker } from '../../src/workers/host-worker';
 import { createLogger } from '../../src/common/logger';
 import { startApi, type RunningApi } from '../../src/api/server';
 import { CloudletApiClient } from '../../src/api/client';
 import { TemporalCloudletService } from '../../src/service';
 import { GuestAppClient } from '../../src/guest/app-client';
 import { isCloudletError } from '../../src/core/errors';
-import { ensureInfra, removeHostDomains, uniqueSuffix, waitForHostsServing } from '../helpers/infra';
+import { startTestCluster, type TestCluster } from '../helpers/cluster';
 import { testBasePackage } from '../helpers/test-base';
 
 jest.setTimeout(20 * 60_000);
 
 describe('the cloudlet story through the HTTP API', () => {
-  const suffix = uniqueSuffix();
-  const hostA = `pa-${suffix}`;
-  const hostB = `pb-${suffix}`;
-  const token = `test-token-${suffix}-0123456789`;
-  let config: Config;
+  let cluster: TestCluster;
+  let hostA: string;
+  let hostB: string;
+  let suffix: string;
   let temporal: Client;
-  const workers: HostWorker[] = [];
-  const runs: Promise<void>[] = [];
+  let token: string;
   let api: RunningApi;
   let cloud: CloudletApiClient;
   let pkg: { packageFile: string; baseId: string };
 
   beforeAll(async () => {
-    ensureInfra();
-    config = { ...loadConfig({ CLOUDLET_LOG_LEVEL: 'warn' }), workflowTaskQueue: `wf-api-${suffix}` };
     pkg = await testBasePackage(256);
-    temporal = await connectClient(config);
-    for (const h of [hostA, hostB]) {
-      const w = await createHostWorker(config, h, createLogger(`worker-${h}`, 'warn'));
-      workers.push(w);
-      runs.push(w.run());
-    }
-    await waitForHostsServing(temporal, [hostA, hostB]);
-    api = await startApi(new TemporalCloudletService(temporal, config, { hosts: [hostA, hostB] }), { tokens: [token], port: 0, logger: createLogger('api', 'warn') });
+    cluster = await startTestCluster('api', ['pa', 'pb']);
+    [hostA = '', hostB = ''] = cluster.hosts;
+    ({ suffix, client: temporal } = cluster);
+    token = `test-token-${suffix}-0123456789`;
+    api = await startApi(new TemporalCloudletService(temporal, cluster.config, { hosts: cluster.hosts }), { tokens: [token], port: 0, logger: createLogger('api', 'warn') });
     cloud = new CloudletApiClient({ baseUrl: api.url, token });
   });
 
   afterAll(async () => {
     await api?.close();
-    for (const w of workers) w.shutdown();
-    await Promise.all(runs);
-    await temporal?.connection.close();
-    removeHostDomains([hostA, hostB]);
-    for (const h of [hostA, hostB]) fs.rmSync(`${config.varDir}/hosts/${h}`, { recursive: true, force: true });
+    await cluster?.stop();
   });
 
   const done = async (id: string) => {

@@ -7,45 +7,35 @@
 import type { Client } from '@temporalio/client';
 import { WorkflowFailedError } from '@temporalio/client';
 import fs from 'node:fs';
-import { loadConfig, type Config } from '../../src/config';
-import { connectClient } from '../../src/client/connect';
+import type { Config } from '../../src/config';
 import { createHostWorker, type HostWorker } from '../../src/workers/host-worker';
+import { startTestCluster, type TestCluster } from '../helpers/cluster';
 import { createLogger } from '../../src/common/logger';
 import { createOverlayVm, importBaseVm, resumeBaseVm, synthesizeVm, terminateVm } from '../../src/workflows';
 import { GuestAppClient } from '../../src/guest/app-client';
-import { ensureInfra, removeHostDomains, uniqueSuffix } from '../helpers/infra';
 import { testBasePackage } from '../helpers/test-base';
 
 jest.setTimeout(20 * 60_000);
 
 describe('cloudlet operations across two hosts', () => {
-  const suffix = uniqueSuffix();
-  const hostA = `a-${suffix}`;
-  const hostB = `b-${suffix}`;
+  let cluster: TestCluster;
+  let hostA: string;
+  let hostB: string;
+  let suffix: string;
   let config: Config;
   let client: Client;
-  const workers: HostWorker[] = [];
-  const runs: Promise<void>[] = [];
+  let workers: HostWorker[];
   let pkg: { packageFile: string; baseId: string };
 
   beforeAll(async () => {
-    ensureInfra();
-    config = { ...loadConfig({ CLOUDLET_LOG_LEVEL: 'warn' }), workflowTaskQueue: `wf-ops-${suffix}` };
     pkg = await testBasePackage(256);
-    client = await connectClient(config);
-    for (const h of [hostA, hostB]) {
-      const w = await createHostWorker(config, h, createLogger(`worker-${h}`, 'warn'));
-      workers.push(w);
-      runs.push(w.run());
-    }
+    cluster = await startTestCluster('ops', ['a', 'b']);
+    [hostA = '', hostB = ''] = cluster.hosts;
+    ({ suffix, config, client, workers } = cluster);
   });
 
   afterAll(async () => {
-    for (const w of workers) w.shutdown();
-    await Promise.all(runs);
-    await client?.connection.close();
-    removeHostDomains([hostA, hostB]);
-    for (const h of [hostA, hostB]) fs.rmSync(`${config.varDir}/hosts/${h}`, { recursive: true, force: true });
+    await cluster?.stop();
   });
 
   const exec = <T>(wf: (...a: never[]) => Promise<T>, id: string, arg: unknown): Promise<T> =>
