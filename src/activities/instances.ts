@@ -251,10 +251,20 @@ export function createInstanceActivities(deps: CloudletActivityDeps) {
       return { timings: r.timings };
     },
 
-    async resumeInstance(input: { instanceId: string }): Promise<{ restoreMs: number; replugMs: number; hostPort: number }> {
+    /** Resume the synthesized VM (restore, replug its NIC, forward its app port); optionally wait for its app. */
+    async resumeInstance(input: { instanceId: string; waitForApp?: boolean; appTimeoutMs?: number }): Promise<{ restoreMs: number; replugMs: number; hostPort: number; timings: Record<string, number> }> {
       const rec = await readRecord(input.instanceId);
       const dir = instanceDir(input.instanceId);
-      return restoreAsInstance(rec, path.join(dir, 'memory.sav'), path.join(dir, 'disk.qcow2'));
+      let t0 = Date.now();
+      const r = await restoreAsInstance(rec, path.join(dir, 'memory.sav'), path.join(dir, 'disk.qcow2'));
+      const timings: Record<string, number> = { 'resume and replug NICMs': Date.now() - t0 };
+      if (input.waitForApp) {
+        // In the same step: one workflow task less between "resumed" and "answers".
+        t0 = Date.now();
+        await new GuestAppClient(r.hostPort).waitForState(input.appTimeoutMs ?? 60_000, () => heartbeat({ stage: 'wait for app' }));
+        timings['wait for appMs'] = Date.now() - t0;
+      }
+      return { ...r, timings };
     },
 
     async waitForApp(input: { instanceId: string; timeoutMs?: number }): Promise<{ waitedMs: number; state: unknown }> {

@@ -158,8 +158,9 @@ export async function synthesizeVm(input: SynthesizeVmInput) {
     try {
       const applied = await timed('fetch and apply overlay', () =>
         long.synthesizeInstanceFiles({ instanceId: input.instanceId, overlayUrl: input.overlayUrl, baseId: overlay.baseId, ...(input.appPort ? { appPort: input.appPort } : {}) }));
-      const resumed = await timed('resume and replug NIC', () => long.resumeInstance({ instanceId: input.instanceId }));
-      if (input.waitForApp ?? true) await timed('wait for app', () => long.waitForApp({ instanceId: input.instanceId }));
+      // Restore, replug the NIC, forward the app port and (by default) wait until the app answers.
+      const resumed = await timed('resume', () => long.resumeInstance({ instanceId: input.instanceId, waitForApp: input.waitForApp ?? true }));
+      Object.assign(timings, resumed.timings);
       timings.firstResponseMs = Date.now() - started;
       return { hostId: input.hostId, instanceId: input.instanceId, baseId: overlay.baseId, hostPort: resumed.hostPort, timings, applyTimings: applied.timings };
     } catch (e) {
