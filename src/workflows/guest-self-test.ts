@@ -65,7 +65,7 @@ export async function guestSelfTest(input: GuestSelfTestInput): Promise<GuestSel
     { key: SearchAttributes.status, value: 'running' },
   ]);
 
-  const instanceId = `selftest-${workflowInfo().runId.slice(0, 8)}`;
+  const instanceId = `selftest-${workflowInfo().runId.slice(-8)}`;
   const token = `tok-${workflowInfo().runId.slice(-12)}`;
   const message = `customized by ${workflowInfo().workflowId}`;
   const timings: Record<string, number> = {};

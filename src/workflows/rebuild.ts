@@ -92,7 +92,8 @@ export async function rebuildOverlay(input: RecipeInput): Promise<RebuildOverlay
     throw e;
   });
   upsertSearchAttributes([{ key: SearchAttributes.baseId, value: recipe.baseId }]);
-  const runTag = info.runId.replace(/-/g, '').slice(0, 8);
+  // The run id's random tail (a UUIDv7 starts with the time: two runs in the same minute share a prefix).
+  const runTag = info.runId.replace(/-/g, '').slice(-8);
   const buildInstance = `rb-${recipe.recipeId}-${runTag}`;
   const verifyInstance = `rv-${recipe.recipeId}-${runTag}`;
   const recipeRun = proxyActivities<RecipeActivities>({
