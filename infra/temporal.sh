@@ -45,8 +45,11 @@ start() {
 
 stop() {
   if [ -f "$STATE/server.pid" ] && kill -0 "$(cat "$STATE/server.pid")" 2>/dev/null; then
-    say "stopping the Temporal dev server"
-    kill "$(cat "$STATE/server.pid")"; rm -f "$STATE/server.pid"
+    local pid; pid="$(cat "$STATE/server.pid")"
+    say "stopping the Temporal dev server (pid $pid)"
+    kill "$pid"
+    WAIT_SECONDS=30 wait_for bash -c "! kill -0 $pid" || { warn "it did not stop within 30 s; killing it"; kill -9 "$pid" 2>/dev/null; }
+    rm -f "$STATE/server.pid"
   else
     say "no Temporal dev server started from this checkout is running"
   fi
