@@ -15,24 +15,13 @@ import os from 'node:os';
 import path from 'node:path';
 import { z } from 'zod';
 import { createQcow2Overlay, LibvirtHypervisor } from '../src/hypervisor';
+import { argRuns, median } from './lib';
 
 const ROOT = path.resolve(__dirname, '..');
 const GUEST = path.join(ROOT, 'var', 'guest');
 const NAME = 'hv-bench';
 const ManifestSchema = z.object({ kernel: z.string(), initrd: z.string(), disk: z.string(), cmdline: z.string(), readyLine: z.string(), defaultMemoryMiB: z.number().int() });
 
-function argRuns(): number {
-  const i = process.argv.indexOf('--runs');
-  const v = i >= 0 ? Number(process.argv[i + 1]) : Number(process.env.BENCH_RUNS ?? 3);
-  if (!Number.isInteger(v) || v < 1) throw new Error('--runs needs a positive integer');
-  return v;
-}
-
-const median = (xs: number[]): number => {
-  const s = [...xs].sort((a, b) => a - b);
-  const m = Math.floor(s.length / 2);
-  return s.length % 2 ? (s[m] as number) : ((s[m - 1] as number) + (s[m] as number)) / 2;
-};
 
 /** Offset of the QEMU stream in a libvirt save file: 92-byte header + data_len (XML, cookie, padding). */
 function qemuStreamOffset(file: string): number {

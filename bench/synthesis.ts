@@ -40,6 +40,7 @@ import { createHostWorker, type HostWorker } from '../src/workers/host-worker';
 import { createOverlayVm, importBaseVm, resumeBaseVm, synthesizeVm, terminateVm } from '../src/workflows';
 import { ensureInfra, removeHostDomains, uniqueSuffix } from '../test/helpers/infra';
 import { testBasePackage } from '../test/helpers/test-base';
+import { argRuns, median } from './lib';
 
 const run = promisify(execFile);
 const EventType = temporal.api.enums.v1.EventType;
@@ -48,18 +49,6 @@ const APP_PORT = 8080;
 
 type Timestamp = { seconds?: { toNumber(): number } | number | null; nanos?: number | null } | null | undefined;
 
-function argRuns(): number {
-  const i = process.argv.indexOf('--runs');
-  const v = i >= 0 ? Number(process.argv[i + 1]) : Number(process.env.BENCH_RUNS ?? 3);
-  if (!Number.isInteger(v) || v < 1) throw new Error('--runs needs a positive integer');
-  return v;
-}
-
-const median = (xs: number[]): number => {
-  const s = [...xs].sort((a, b) => a - b);
-  const m = Math.floor(s.length / 2);
-  return s.length % 2 ? (s[m] as number) : ((s[m - 1] as number) + (s[m] as number)) / 2;
-};
 const r1 = (x: number): number => Math.round(x * 10) / 10;
 const load = (): number[] => loadavg().map(r1);
 const sleep = (ms: number): Promise<void> => new Promise((r) => setTimeout(r, ms));
