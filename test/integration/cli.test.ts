@@ -19,6 +19,7 @@ import { runCli } from '../../src/cli/main';
 import { createLogger } from '../../src/common/logger';
 import { LibvirtHypervisor, editDomainXml } from '../../src/hypervisor';
 import { sha256File } from '../../src/core/store/files';
+import { pollUntil } from '../helpers/poll';
 
 const run = promisify(execFile);
 const ROOT = path.resolve(__dirname, '..', '..');
@@ -26,21 +27,6 @@ const GUEST = path.join(ROOT, 'var', 'guest');
 const URI = 'qemu:///system';
 const virsh = (...args: string[]) => run('virsh', ['-c', URI, ...args], { timeout: 120_000 });
 const StateSchema = z.object({ token: z.string(), disk: z.string(), counter: z.number().int(), bootId: z.string() });
-
-async function pollUntil<T>(what: string, timeoutMs: number, attempt: () => Promise<T | undefined>): Promise<T> {
-  const deadline = Date.now() + timeoutMs;
-  let last: unknown;
-  for (;;) {
-    try {
-      const v = await attempt();
-      if (v !== undefined) return v;
-    } catch (e) {
-      last = e;
-    }
-    if (Date.now() > deadline) throw new Error(`timed out after ${timeoutMs} ms waiting for ${what}${last ? `: ${String(last)}` : ''}`);
-    await new Promise((r) => setTimeout(r, 250));
-  }
-}
 
 async function getState(port: number, pathAndQuery = '/cgi-bin/state'): Promise<z.infer<typeof StateSchema>> {
   const res = await fetch(`http://127.0.0.1:${port}${pathAndQuery}`, { signal: AbortSignal.timeout(5000) });

@@ -20,18 +20,9 @@ import { readOverlayMeta } from '../../src/core/overlay';
 import { GuestAppClient } from '../../src/guest/app-client';
 import { REPO, ensureInfra, removeHostDomains, uniqueSuffix, workerCommand } from '../helpers/infra';
 import { testBasePackage } from '../helpers/test-base';
+import { pollUntil } from '../helpers/poll';
 
 jest.setTimeout(20 * 60_000);
-
-async function until<T>(what: string, timeoutMs: number, f: () => Promise<T | undefined>): Promise<T> {
-  const deadline = Date.now() + timeoutMs;
-  for (;;) {
-    const v = await f().catch(() => undefined);
-    if (v !== undefined) return v;
-    if (Date.now() > deadline) throw new Error(`timed out after ${timeoutMs} ms waiting for ${what}`);
-    await new Promise((r) => setTimeout(r, 100));
-  }
-}
 
 function listFiles(dir: string): string[] {
   if (!fs.existsSync(dir)) return [];
@@ -70,7 +61,7 @@ describe('faults during synthesis', () => {
     workerA = await createHostWorker(config, hostA, createLogger(`worker-${hostA}`, 'warn'));
     runA = workerA.run();
     workerB = startWorkerB();
-    await until(`host ${hostB} to serve`, 120_000, async () => (await assertHostServing(client, hostB), true));
+    await pollUntil(`host ${hostB} to serve`, 120_000, async () => (await assertHostServing(client, hostB), true));
     for (const hostId of [hostA, hostB]) await exec(importBaseVm, `importBaseVm/${hostId}`, { hostId, source: pkg.packageFile });
     const r = await exec(resumeBaseVm, `resumeBaseVm/${hostA}/dev`, { hostId: hostA, baseId: pkg.baseId, instanceId: 'dev' });
     token = `fault-${suffix}`;
@@ -91,14 +82,14 @@ describe('faults during synthesis', () => {
     const id = `synthesizeVm/${hostB}/k1`;
     const handle = await client.workflow.start(synthesizeVm, { taskQueue: config.workflowTaskQueue, workflowId: id, args: [{ hostId: hostB, instanceId: 'k1', overlayUrl }] });
     // Kill B's worker while it fetches and applies the overlay.
-    await until('B to be applying the overlay', 120_000, async () => {
+    await pollUntil('B to be applying the overlay', 120_000, async () => {
       if ((await handle.query(operationProgressQuery)).stage !== 'fetch and apply overlay') return undefined;
       const d = await handle.describe();
       const pending = d.raw.pendingActivities ?? [];
       return pending.some((p) => p.activityType?.name === 'synthesizeInstanceFiles' && p.lastStartedTime) ? true : undefined;
     });
     workerB?.kill('SIGKILL');
-    await until('worker B to exit', 30_000, async () => (workerB?.exitCode !== null || workerB?.signalCode !== null ? true : undefined));
+    await pollUntil('worker B to exit', 30_000, async () => (workerB?.exitCode !== null || workerB?.signalCode !== null ? true : undefined));
     workerB = startWorkerB();
 
     const result = await handle.result();
@@ -121,7 +112,7 @@ describe('faults during synthesis', () => {
   it('leaves no half-made VM or file when a synthesis is cancelled', async () => {
     const id = `synthesizeVm/${hostB}/x1`;
     const handle = await client.workflow.start(synthesizeVm, { taskQueue: config.workflowTaskQueue, workflowId: id, args: [{ hostId: hostB, instanceId: 'x1', overlayUrl }] });
-    await until('the apply stage', 120_000, async () => ((await handle.query(operationProgressQuery)).stage === 'fetch and apply overlay' ? true : undefined));
+    await pollUntil('the apply stage', 120_000, async () => ((await handle.query(operationProgressQuery)).stage === 'fetch and apply overlay' ? true : undefined));
     await handle.cancel();
     const err = await handle.result().catch((e: unknown) => e);
     expect(err).toBeInstanceOf(WorkflowFailedError);

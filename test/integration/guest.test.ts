@@ -14,6 +14,7 @@ import os from 'node:os';
 import path from 'node:path';
 import { promisify } from 'node:util';
 import { z } from 'zod';
+import { pollUntil } from '../helpers/poll';
 
 const ROOT = path.resolve(__dirname, '..', '..');
 const GUEST_DIR = path.join(ROOT, 'var', 'guest');
@@ -67,22 +68,6 @@ function freePort(): Promise<number> {
 }
 
 /** Calls `attempt` until it returns a value (not undefined) or throws no more, until the deadline. */
-async function pollUntil<T>(what: string, timeoutMs: number, attempt: () => Promise<T | undefined>): Promise<T> {
-  const deadline = Date.now() + timeoutMs;
-  let last: unknown;
-  for (;;) {
-    try {
-      const value = await attempt();
-      if (value !== undefined) return value;
-    } catch (e) {
-      last = e;
-    }
-    if (Date.now() > deadline) {
-      throw new Error(`${what}: not reached within ${timeoutMs} ms${last instanceof Error ? ` (last error: ${last.message})` : ''}`);
-    }
-    await new Promise((r) => setTimeout(r, 100));
-  }
-}
 
 async function httpGet(port: number, urlPath: string): Promise<{ status: number; body: string }> {
   const res = await fetch(`http://127.0.0.1:${port}${urlPath}`, { signal: AbortSignal.timeout(10_000) });

@@ -16,18 +16,9 @@ import { createLogger } from '../../src/common/logger';
 import { createRecipeActivities, parseRecipe, readRecipeState, recipeScript, type RecipeInput } from '../../src/activities/recipes';
 import { RecipeSchedules } from '../../src/service/schedules';
 import { ensureInfra, REPO, uniqueSuffix } from '../helpers/infra';
+import { pollUntil } from '../helpers/poll';
 
 jest.setTimeout(10 * 60_000);
-
-async function until<T>(what: string, timeoutMs: number, probe: () => Promise<T | undefined>): Promise<T> {
-  const deadline = Date.now() + timeoutMs;
-  for (;;) {
-    const v = await probe();
-    if (v !== undefined) return v;
-    if (Date.now() > deadline) throw new Error(`timed out after ${timeoutMs} ms waiting for ${what}`);
-    await new Promise((r) => setTimeout(r, 500));
-  }
-}
 
 describe('recipe scripts under the guest\'s busybox', () => {
   let work: string;
@@ -146,7 +137,7 @@ describe('recipe schedules against the Temporal server', () => {
     expect(created.recipe).toEqual(parseRecipe(recipe));
 
     await schedules.trigger(recipeId);
-    const run = await until('the triggered rebuild to start', 60_000, async () => (await schedules.get(recipeId)).recentRuns[0]);
+    const run = await pollUntil('the triggered rebuild to start', 60_000, async () => (await schedules.get(recipeId)).recentRuns[0]);
     const failure = await client.workflow.getHandle(run.workflowId, run.runId).result().catch((e: unknown) => e as { cause?: { type?: string; message?: string } });
     expect(failure.cause?.type).toBe('WRONG_BASE');
     expect(failure.cause?.message).toMatch(new RegExp(`rebuild of recipe ${recipeId} failed at "resume base"; the previous overlay stays current: .*does not have base ${missingBase}`));
@@ -163,12 +154,12 @@ describe('recipe schedules against the Temporal server', () => {
 
     await schedules.unpause(recipeId, 'back on');
     expect((await schedules.get(recipeId)).paused).toBe(false);
-    await until('the schedule to be listed', 30_000, async () => ((await schedules.list()).find((s) => s.recipeId === recipeId && !s.paused)));
+    await pollUntil('the schedule to be listed', 30_000, async () => ((await schedules.list()).find((s) => s.recipeId === recipeId && !s.paused)));
     expect(await schedules.onBaseReimported('0'.repeat(64))).toEqual({ triggered: [], skippedPaused: [] });
     // What importBaseVm calls after an import: the host's recipes on that base are rebuilt.
     const activities = createRecipeActivities({ hostId, dataDir: hostDir(config, hostId), log: createLogger('recipes', 'warn'), temporal: { address: config.temporalAddress, namespace: config.namespace } });
     expect(await activities.rebuildRecipesOfBase({ baseId: missingBase })).toEqual({ triggered: [recipeId], skippedPaused: [] });
-    const again = await until('the re-import to start a rebuild', 60_000, async () => (await schedules.get(recipeId)).recentRuns[1]);
+    const again = await pollUntil('the re-import to start a rebuild', 60_000, async () => (await schedules.get(recipeId)).recentRuns[1]);
     await expect(client.workflow.getHandle(again.workflowId, again.runId).result()).rejects.toMatchObject({ cause: { type: 'WRONG_BASE' } });
     await schedules.pause(recipeId, 'off again');
     expect((await schedules.get(recipeId)).note).toBe('off again');

@@ -22,18 +22,9 @@ import { RecipeSchedules } from '../../src/service/schedules';
 import { GuestAppClient } from '../../src/guest/app-client';
 import { ensureInfra, uniqueSuffix } from '../helpers/infra';
 import { testBasePackage } from '../helpers/test-base';
+import { pollUntil } from '../helpers/poll';
 
 jest.setTimeout(40 * 60_000);
-
-async function until<T>(what: string, timeoutMs: number, probe: () => Promise<T | undefined>): Promise<T> {
-  const deadline = Date.now() + timeoutMs;
-  for (;;) {
-    const v = await probe();
-    if (v !== undefined) return v;
-    if (Date.now() > deadline) throw new Error(`timed out after ${timeoutMs} ms waiting for ${what}`);
-    await new Promise((r) => setTimeout(r, 500));
-  }
-}
 
 describe('scheduled overlay rebuilds', () => {
   const suffix = uniqueSuffix();
@@ -64,7 +55,7 @@ describe('scheduled overlay rebuilds', () => {
 
   /** Wait for the schedule's newest run after `seen` runs to start, then for its result. */
   async function nextRun(seen: number): Promise<{ workflowId: string; result: RebuildOverlayResult }> {
-    const run = await until('the schedule to start a rebuild', 5 * 60_000, async () => (await schedules.get(recipeId)).recentRuns[seen]);
+    const run = await pollUntil('the schedule to start a rebuild', 5 * 60_000, async () => (await schedules.get(recipeId)).recentRuns[seen]);
     const result = await client.workflow.getHandle<(r: unknown) => Promise<RebuildOverlayResult>>(run.workflowId, run.runId).result();
     return { workflowId: run.workflowId, result };
   }
@@ -120,7 +111,7 @@ describe('scheduled overlay rebuilds', () => {
     expect(Date.parse(created.nextRunAt ?? '')).toBeGreaterThan(Date.now() - 1000);
 
     // Nobody triggers it: the interval starts the first rebuild. Pause at once, so that it is the only one.
-    const run = await until('the schedule to start a rebuild on its own', 2 * 60_000, async () => (await schedules.get(recipeId)).recentRuns[0]);
+    const run = await pollUntil('the schedule to start a rebuild on its own', 2 * 60_000, async () => (await schedules.get(recipeId)).recentRuns[0]);
     await schedules.pause(recipeId, 'test: one automatic run is enough');
     expect(run.workflowId.startsWith(`rebuildOverlay/${recipeId}`)).toBe(true);
     first = await client.workflow.getHandle<(r: unknown) => Promise<RebuildOverlayResult>>(run.workflowId, run.runId).result();
@@ -142,7 +133,7 @@ describe('scheduled overlay rebuilds', () => {
 
     // Operators find the run, started by the schedule, with its search attributes.
     const query = `WorkflowId = '${run.workflowId}' AND TemporalScheduledById = 'recipe-${recipeId}' AND CloudletOperation = 'rebuildOverlay' AND CloudletHost = '${hostA}' AND CloudletOverlayId = '${first.overlayId}' AND CloudletStatus = 'succeeded'`;
-    await until('the run to be listed by its search attributes', 30_000, async () => {
+    await pollUntil('the run to be listed by its search attributes', 30_000, async () => {
       for await (const w of client.workflow.list({ query })) return w.workflowId;
       return undefined;
     });
@@ -165,7 +156,7 @@ describe('scheduled overlay rebuilds', () => {
 
   it('rebuilds on a base re-import, keeping the previous overlay', async () => {
     // A paused schedule is left alone by a re-import.
-    await until('the schedule to be listed', 30_000, async () => ((await schedules.list()).some((s) => s.recipeId === recipeId) ? true : undefined));
+    await pollUntil('the schedule to be listed', 30_000, async () => ((await schedules.list()).some((s) => s.recipeId === recipeId) ? true : undefined));
     expect(await schedules.onBaseReimported(pkg.baseId, { hostId: hostA })).toEqual({ triggered: [], skippedPaused: [recipeId] });
 
     // Re-made with a long interval: only the re-import starts a rebuild.
@@ -173,7 +164,7 @@ describe('scheduled overlay rebuilds', () => {
     await expect(schedules.get(recipeId)).rejects.toMatchObject({ code: 'NOT_FOUND' });
     await schedules.create(recipe, { every: '1h', note: 'rebuilt when its base is re-imported' });
     await expect(schedules.create(recipe, { every: '1h' })).rejects.toMatchObject({ code: 'CONFLICT' });
-    await until('the new schedule to be listed', 30_000, async () => ((await schedules.list()).some((s) => s.recipeId === recipeId && !s.paused) ? true : undefined));
+    await pollUntil('the new schedule to be listed', 30_000, async () => ((await schedules.list()).some((s) => s.recipeId === recipeId && !s.paused) ? true : undefined));
 
     const reimport = await exec(importBaseVm, `importBaseVm/${hostA}/${pkg.baseId.slice(0, 12)}/again`, { hostId: hostA, source: pkg.packageFile });
     expect(reimport.baseId).toBe(pkg.baseId);
