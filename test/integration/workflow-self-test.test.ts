@@ -10,7 +10,7 @@ import { createHostWorker, type HostWorker } from '../../src/workers/host-worker
 import { createLogger } from '../../src/common/logger';
 import { guestSelfTest } from '../../src/workflows';
 import { isCloudletError } from '../../src/core/errors';
-import { ensureInfra, uniqueSuffix } from '../helpers/infra';
+import { ensureInfra, uniqueSuffix, waitForHostsServing } from '../helpers/infra';
 
 jest.setTimeout(15 * 60_000);
 
@@ -28,6 +28,7 @@ describe('guestSelfTest workflow on a real Temporal server and real libvirt', ()
     client = await connectClient(config);
     worker = await createHostWorker(config, hostId, createLogger('test-worker', 'warn'));
     running = worker.run();
+    await waitForHostsServing(client, [hostId]);
   });
 
   afterAll(async () => {
