@@ -34,7 +34,10 @@ start() {
   if healthy; then say "Temporal server already answers on $ADDRESS"; return 0; fi
   mkdir -p "$STATE"
   local args=(server start-dev --ip "$HOST" --port "$PORT" --ui-port "$UI_PORT"
-    --db-filename "$STATE/temporal.db" --log-level warn)
+    --db-filename "$STATE/temporal.db" --log-level warn
+    # Write-ahead log, fsync at checkpoints: each workflow transition waits for one write, not for
+    # several fsyncs (a crash of this machine may lose the last transitions; see docs/production.md).
+    --sqlite-pragma journal_mode=wal --sqlite-pragma synchronous=normal)
   local sa; for sa in "${SEARCH_ATTRIBUTES[@]}"; do args+=(--search-attribute "$sa"); done
   say "starting the Temporal dev server on $ADDRESS (Web UI http://$HOST:$UI_PORT, state $STATE/temporal.db)"
   setsid nohup "$TEMPORAL" "${args[@]}" >>"$STATE/server.log" 2>&1 < /dev/null &
