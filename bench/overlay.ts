@@ -23,6 +23,7 @@ import type { OverlayMeta } from '../src/core/overlay/format';
 import type { BaseRef, CreateOverlayOptions, JoinSnapshot, LaunchMemory } from '../src/core/overlay/types';
 import { importBase, openBase } from '../src/core/base';
 import { applyOverlay, createOverlay } from '../src/core/overlay';
+import { prewarmJoin } from '../src/core/snapshot';
 import { GuestAppClient } from '../src/guest/app-client';
 import { loadGuestImage } from '../src/guest/manifest';
 import { editDomainXml } from '../src/hypervisor/domain-xml';
@@ -357,6 +358,8 @@ async function main(): Promise<void> {
   const cases = process.argv.slice(2).filter((a) => !a.startsWith('-'));
   const want = (c: string): boolean => cases.length === 0 || cases.includes(c);
   mkdirSync(root, { recursive: true });
+  // As a host worker does at start (src/workers/host-worker.ts): our applies run in a warm process.
+  await prewarmJoin();
   emit({ bench: 'overlay', cores, loadAverage: loadavg().map((x) => Math.round(x * 10) / 10), node: process.version, xz: execFileSync('xz', ['--version']).toString().split('\n')[0], started: new Date().toISOString() });
   if (want('guest')) await guestCase();
   if (want('generated')) await generatedCase();

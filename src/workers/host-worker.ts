@@ -8,6 +8,7 @@ import { hostTaskQueue } from '../common/names';
 import type { Config } from '../config';
 import { hostDir } from '../config';
 import { createHostActivities } from '../activities';
+import { prewarmJoin } from '../core/snapshot';
 import { installRuntimeLogging } from './runtime-logging';
 import { startPublisher } from './publisher';
 import fs from 'node:fs';
@@ -29,6 +30,8 @@ export async function createHostWorker(config: Config, hostId: string, log: Logg
   // One worker per host: whatever a killed predecessor left in the store's temp area is garbage.
   await fs.promises.rm(path.join(dataDir, 'store', 'tmp'), { recursive: true, force: true });
   const publisher = await startPublisher(path.join(dataDir, 'store'), { port: publishPort });
+  // The first synthesis on this host should not pay for the hashing thread and I/O buffers.
+  await prewarmJoin();
   const activities = createHostActivities({ hostId, dataDir, config, log, publicUrl: () => publisher.url });
   const activityWorker = await Worker.create({
     connection,

@@ -8,6 +8,7 @@ import { execFileSync } from 'node:child_process';
 import { createHash, randomFillSync } from 'node:crypto';
 import { closeSync, openSync, readSync, writeSync, ftruncateSync, copyFileSync } from 'node:fs';
 import path from 'node:path';
+import { openImageFile, type MemoryImageInput } from '../../src/core/snapshot';
 
 const CHUNK = 4096;
 
@@ -154,22 +155,30 @@ export function sha256File(p: string): string {
 }
 
 /** A stand-in for the snapshot codec: the "save file" is the skeleton followed by the memory image. */
-export async function fakeJoin(skeleton: Buffer, memImagePath: string, outSavePath: string): Promise<{ size: number; sha256: string }> {
+export async function fakeJoin(skeleton: Buffer, image: MemoryImageInput, outSavePath: string): Promise<{ size: number; sha256: string }> {
+  if (typeof image === 'string') {
+    const file = await openImageFile(image);
+    try {
+      return await fakeJoin(skeleton, file, outSavePath);
+    } finally {
+      await file.close();
+    }
+  }
   const h = createHash('sha256');
   const out = openSync(outSavePath, 'wx');
-  writeSync(out, skeleton);
-  h.update(skeleton);
-  let size = skeleton.length;
-  const fd = openSync(memImagePath, 'r');
-  const b = Buffer.alloc(4 << 20);
-  for (;;) {
-    const n = readSync(fd, b, 0, b.length, null);
-    if (n === 0) break;
-    writeSync(out, b, 0, n);
-    h.update(b.subarray(0, n));
-    size += n;
+  try {
+    writeSync(out, skeleton);
+    h.update(skeleton);
+    const b = Buffer.alloc(4 << 20);
+    for (let pos = 0; pos < image.size; ) {
+      const n = Math.min(b.length, image.size - pos);
+      await image.read(b, n, pos);
+      writeSync(out, b, 0, n);
+      h.update(b.subarray(0, n));
+      pos += n;
+    }
+  } finally {
+    closeSync(out);
   }
-  closeSync(fd);
-  closeSync(out);
-  return { size, sha256: h.digest('hex') };
+  return { size: skeleton.length + image.size, sha256: h.digest('hex') };
 }

@@ -1,21 +1,22 @@
 /**
  * Overlay application (the synthesis core): fetch blobs in order, verify each one's sha256,
  * decompress several at once on the thread pool while applying earlier ones in order, write the
- * disk as a qcow2 over the base disk and patch a copy of the base memory image, rebuild the save
- * file, verify every digest, then rename into place. On any error the temporary files go away.
+ * disk as a qcow2 over the base disk and the changed memory chunks into a sparse patch over the
+ * base memory image (the base is not copied), rebuild the save file from base + patch in one pass,
+ * verify every digest, then rename into place. On any error the temporary files go away.
  */
 import { hash as oneShotHash, randomBytes } from 'node:crypto';
-import { closeSync, ftruncateSync, openSync, writeSync } from 'node:fs';
-import { open, rename, rm } from 'node:fs/promises';
+import { closeSync, openSync } from 'node:fs';
+import { rename, rm } from 'node:fs/promises';
 import { availableParallelism } from 'node:os';
 import path from 'node:path';
 import { performance } from 'node:perf_hooks';
 import { xd3_decode_memory } from 'xdelta3-wasm';
-import type { ChunkIndex } from '../chunk';
 import { CloudletError, isCloudletError } from '../errors';
 import { xdelta, preadFully } from './create';
-import { CHUNK, ChangedDigest, HEADER_SIZE, Kind, MAX_RUN, RECORD_HEADER_SIZE, Target, ZERO_CHUNK, ZERO_CHUNK_SHA256, dataAreaLength, decodeHeader, decodeMeta, type BlobRef, type OverlayMeta } from './format';
+import { CHUNK, ChangedDigest, HEADER_SIZE, Kind, MAX_RUN, RECORD_HEADER_SIZE, Target, ZERO_CHUNK, dataAreaLength, decodeHeader, decodeMeta, type BlobRef, type OverlayMeta } from './format';
 import { xzDecompress } from './lzma';
+import { PatchedMemoryImage } from './patched-image';
 import { Qcow2Writer } from './qcow2-writer';
 import { openOverlaySource, type OverlaySource } from './source';
 import type { BaseRef, JoinSnapshot, OnProgress } from './types';
@@ -69,6 +70,11 @@ function checkBase(meta: OverlayMeta, base: BaseRef, where: string): void {
 /** Applies decoded segments in order. */
 class Applier {
   private readonly next = [0, 0];
+
+  /** Memory chunks below this one are final (records come in increasing chunk order). */
+  get memoryDone(): number {
+    return this.next[Target.Memory] ?? 0;
+  }
   readonly digests = { [Target.Disk]: new ChangedDigest(), [Target.Memory]: new ChangedDigest() };
   private readonly chunks: [number, number];
   private readonly baseDiskFd: number;
@@ -78,16 +84,11 @@ class Applier {
     private readonly meta: OverlayMeta,
     private readonly base: BaseRef,
     private readonly disk: Qcow2Writer,
+    private readonly mem: PatchedMemoryImage,
   ) {
     this.chunks = [Math.ceil(meta.launch.disk.virtualSize / CHUNK), Math.ceil(meta.launch.memory.imageSize / CHUNK)];
     this.baseDiskFd = openSync(base.diskPath, 'r');
     this.baseMemFd = openSync(base.memImagePath, 'r');
-  }
-
-  private memFd = -1;
-
-  setMemoryFd(fd: number): void {
-    this.memFd = fd;
   }
 
   close(): void {
@@ -110,8 +111,7 @@ class Applier {
     if (target === Target.Disk) {
       this.disk.writeChunks(chunk, data);
     } else {
-      let done = 0;
-      while (done < data.length) done += writeSync(this.memFd, data, done, data.length - done, chunk * CHUNK + done);
+      this.mem.writeChunks(chunk, data);
     }
   }
 
@@ -140,13 +140,10 @@ class Applier {
       let data: Buffer;
       switch (kind as Kind) {
         case Kind.Zero:
-          if (target === Target.Disk) {
-            for (let i = 0; i < count; i++) this.digests[target].add(chunk + i, ZERO_CHUNK);
-            this.disk.writeZero(chunk, count);
-            continue;
-          }
-          data = Buffer.alloc(count * CHUNK);
-          break;
+          for (let i = 0; i < count; i++) this.digests[target].add(chunk + i, ZERO_CHUNK);
+          if (target === Target.Disk) this.disk.writeZero(chunk, count);
+          else this.mem.zeroChunks(chunk, count);
+          continue;
         case Kind.Raw:
           need(count * CHUNK, 'raw data');
           data = buf.subarray(pos, pos + count * CHUNK);
@@ -204,76 +201,10 @@ class Applier {
           throw corrupt(seg, `record at byte ${at} copies memory chunks ${src}+${count}, which the overlay has not written yet`);
         }
         const out = Buffer.alloc(count * CHUNK);
-        preadFully(this.memFd, out, 0, out.length, src * CHUNK, 'memory image being rebuilt');
+        this.mem.readChunksSync(src, out);
         return out;
       }
     }
-  }
-}
-
-/**
- * True if a decoded segment may hold a memory record (walks record headers only; anything
- * malformed answers true, and the applier then reports it precisely).
- */
-export function touchesMemory(buf: Buffer): boolean {
-  let pos = 0;
-  while (pos < buf.length) {
-    if (pos + RECORD_HEADER_SIZE > buf.length) return true;
-    const op = buf[pos] ?? 0;
-    if (op >> 4 !== Target.Disk) return true;
-    const count = buf.readUInt32LE(pos + 7);
-    pos += RECORD_HEADER_SIZE;
-    switch ((op & 0x0f) as Kind) {
-      case Kind.Zero:
-        break;
-      case Kind.Raw:
-        pos += count * CHUNK;
-        break;
-      case Kind.Delta:
-        if (pos + 4 > buf.length) return true;
-        pos += 4 + buf.readUInt32LE(pos);
-        break;
-      default:
-        pos += 6;
-    }
-  }
-  return false;
-}
-
-/**
- * A sparse copy of the base memory image: only the chunks whose digest is not the zero chunk's are
- * copied (the rest stay holes, which read as zero). Costs what the base's non-zero memory costs,
- * not its RAM size. Async I/O on the thread pool, so it overlaps with decompression.
- */
-async function copyNonZeroChunks(src: string, index: ChunkIndex, dest: string, size: number): Promise<void> {
-  const input = await open(src, 'r');
-  const output = await open(dest, 'wx');
-  try {
-    await output.truncate(size);
-    const limit = Math.min(index.chunkCount, Math.ceil(size / CHUNK));
-    const blockChunks = 2048; // 8 MiB per I/O; a block whose chunks are all zero stays a hole
-    const buf = Buffer.allocUnsafe(blockChunks * CHUNK);
-    for (let first = 0; first < limit; first += blockChunks) {
-      const last = Math.min(limit, first + blockChunks);
-      let i = first;
-      while (i < last && index.equalAt(i, ZERO_CHUNK_SHA256)) i += 1;
-      if (i === last) continue;
-      let j = last;
-      while (j > i && index.equalAt(j - 1, ZERO_CHUNK_SHA256)) j -= 1;
-      const pos = i * CHUNK;
-      const len = Math.min((j - i) * CHUNK, index.byteLength - pos, size - pos);
-      let got = 0;
-      while (got < len) {
-        const { bytesRead } = await input.read(buf, got, len - got, pos + got);
-        if (bytesRead === 0) throw new CloudletError('CORRUPT', `base memory image ${src} is shorter than its index says`, { fix: 're-import the base' });
-        got += bytesRead;
-      }
-      let put = 0;
-      while (put < len) put += (await output.write(buf, put, len - put, pos + put)).bytesWritten;
-    }
-  } finally {
-    await input.close();
-    await output.close();
   }
 }
 
@@ -326,8 +257,8 @@ export async function applyOverlayToParts(input: ApplyToPartsInput): Promise<{ m
   const saveTmp = `${input.outSavePath}.${tag}.tmp`;
   const memTmp = path.join(path.dirname(input.outSavePath), `.memimg-${tag}.tmp`);
   let disk: Qcow2Writer | undefined;
-  let memFd: number | undefined;
-  let memCopy: Promise<void> | undefined;
+  let mem: PatchedMemoryImage | undefined;
+  let joining: Promise<{ size: number; sha256: string }> | undefined;
   let applier: Applier | undefined;
   try {
     const { meta, dataStart } = await readMetaFrom(src);
@@ -336,23 +267,10 @@ export async function applyOverlayToParts(input: ApplyToPartsInput): Promise<{ m
     const needDelta = (meta.stats['delta'] ?? 0) > 0;
     if (needDelta) await xdelta();
 
-    // The copy of the base memory image runs on the thread pool while disk segments stream in;
-    // it is awaited before the first segment that touches memory.
-    memCopy = copyNonZeroChunks(input.base.memImagePath, input.base.memIndex, memTmp, meta.launch.memory.imageSize);
-    memCopy.catch(() => undefined);
-    let memReady: Promise<void> | undefined = memCopy;
-    const waitForMemory = async (): Promise<void> => {
-      if (!memReady) return;
-      const w = performance.now();
-      await memReady;
-      memReady = undefined;
-      memFd = openSync(memTmp, 'r+');
-      ftruncateSync(memFd, meta.launch.memory.imageSize);
-      applier?.setMemoryFd(memFd);
-      timings['memCopyWait'] = Math.round(performance.now() - w);
-    };
+    mem = PatchedMemoryImage.create(input.base.memImagePath, input.base.memIndex.byteLength, memTmp, meta.launch.memory.imageSize, { growing: true });
     disk = new Qcow2Writer(diskTmp, meta.launch.disk.virtualSize, path.resolve(input.base.diskPath));
-    applier = new Applier(meta, input.base, disk);
+    applier = new Applier(meta, input.base, disk, mem);
+    const patched = mem;
     t = mark('prepare', t);
 
     const refs: Array<[string, BlobRef]> = [['skeleton', meta.launch.memory.skeleton], ...meta.segments.map((s, i): [string, BlobRef] => [`segment ${i}`, s])];
@@ -383,25 +301,27 @@ export async function applyOverlayToParts(input: ApplyToPartsInput): Promise<{ m
       const w0 = performance.now();
       const raw = await item.job;
       waitMs += performance.now() - w0;
-      if (touchesMemoryOrSkeleton(item.index, raw)) await waitForMemory();
       const w1 = performance.now();
-      if (item.index === 0) skeleton = raw;
-      else {
+      if (item.index === 0) {
+        skeleton = raw;
+        // The save file is built while the segments are applied: the join reads each part of the
+        // memory image once the records before it are applied.
+        joining = input.join(raw, patched, saveTmp);
+        joining.catch(() => undefined);
+      } else {
         const seg = item.index - 1;
         try {
           applier?.apply(seg, raw);
         } catch (e) {
           throw isCloudletError(e) ? e : corrupt(seg, (e as Error).message, e);
         }
+        patched.advance(applier?.memoryDone ?? 0);
       }
       applyMs += performance.now() - w1;
       done += refs[item.index]?.[1].length ?? 0;
       input.onProgress?.(done, total);
     };
     let index = 0;
-    function touchesMemoryOrSkeleton(i: number, raw: Buffer): boolean {
-      return i > 0 && touchesMemory(raw);
-    }
     for await (const blob of blobs(src, dataStart, refs)) {
       inflight.push({ index, job: decode(index, blob) });
       index += 1;
@@ -410,7 +330,7 @@ export async function applyOverlayToParts(input: ApplyToPartsInput): Promise<{ m
     }
     if (index !== refs.length) throw new CloudletError('CORRUPT', `overlay ${src.name} is truncated: ${index} of ${refs.length} blobs present`);
     while (inflight.length > 0) await applyOne();
-    await waitForMemory();
+    patched.complete();
     timings['decompressWait'] = Math.round(waitMs);
     timings['applySegments'] = Math.round(applyMs);
     t = mark('stream', t);
@@ -428,16 +348,12 @@ export async function applyOverlayToParts(input: ApplyToPartsInput): Promise<{ m
       }
     }
     disk.finish();
-    if (memFd !== undefined) {
-      // A temporary input of joinSnapshot only: no fsync.
-      closeSync(memFd);
-      memFd = undefined;
-    }
     t = mark('finishDisk', t);
 
-    if (!skeleton) throw new CloudletError('CORRUPT', `overlay ${src.name} has no skeleton`);
-    const joined = await input.join(skeleton, memTmp, saveTmp);
-    t = mark('joinSnapshot', t);
+    if (!skeleton || !joining) throw new CloudletError('CORRUPT', `overlay ${src.name} has no skeleton`);
+    // The patch file is a temporary input of the join only: no fsync.
+    const joined = await joining;
+    t = mark('joinAfterStream', t);
     if (joined.size !== meta.launch.memory.saveFileSize || joined.sha256 !== meta.launch.memory.saveFileSha256) {
       throw new CloudletError('DIGEST_MISMATCH', `overlay ${src.name}: the rebuilt memory snapshot has sha256 ${joined.sha256} (${joined.size} bytes), the meta says ${meta.launch.memory.saveFileSha256} (${meta.launch.memory.saveFileSize} bytes)`, {
         fix: 'check that the base is intact (re-import it) and fetch the overlay again',
@@ -450,14 +366,15 @@ export async function applyOverlayToParts(input: ApplyToPartsInput): Promise<{ m
     timings['total'] = Math.round(performance.now() - t0);
     return { meta, timings };
   } catch (e) {
+    mem?.fail(e);
+    await joining?.catch(() => undefined);
     disk?.abort();
     await rm(diskTmp, { force: true });
     await rm(saveTmp, { force: true });
     throw e;
   } finally {
     applier?.close();
-    if (memFd !== undefined) closeSync(memFd);
-    await memCopy?.catch(() => undefined);
+    await mem?.close();
     await rm(memTmp, { force: true });
     await src.close();
   }

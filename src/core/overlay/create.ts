@@ -398,29 +398,14 @@ export async function createOverlayFromParts(input: CreateFromPartsInput): Promi
     const packer = new SegmentPacker(level, segmentSize, concurrency, sink);
     const enc = new Encoder(base, baseDisk, baseMem, useDelta, packer);
 
-    // Disk: only the chunks the top layer touches.
+    // Disk: only the chunks the top layer touches (encoded after the memory).
     diskReader = new LaunchDiskReader(input.launchDiskPath, entries, baseDisk, info['virtual-size']);
     const ranges = touchedChunkRanges(entries);
     const diskWork = ranges.reduce((s, [a, b]) => s + (b - a) * CHUNK, 0);
     const total = diskWork + memStat.size;
     let done = 0;
     const block = Buffer.alloc(READ_BLOCK_CHUNKS * CHUNK);
-    for (const [a, b] of ranges) {
-      for (let c = a; c < b; c += READ_BLOCK_CHUNKS) {
-        const n = Math.min(READ_BLOCK_CHUNKS, b - c);
-        const buf = block.subarray(0, n * CHUNK);
-        diskReader.read(c * CHUNK, buf);
-        for (let i = 0; i < n; i++) {
-          const content = buf.subarray(i * CHUNK, (i + 1) * CHUNK);
-          const d = chunkDigestFast(content);
-          if (baseChunkEqual(base.diskIndex, c + i, d, content)) continue;
-          await enc.put(Target.Disk, c + i, Buffer.from(content), d);
-        }
-        done += n * CHUNK;
-        input.onProgress?.(done, total);
-      }
-    }
-
+    // Memory first, so that applying can rebuild the save file while the disk segments still stream.
     // Memory: every chunk of the launch memory image, compared with the base at the same place.
     const memFh = await open(memory.memImagePath, 'r');
     try {
@@ -448,6 +433,23 @@ export async function createOverlayFromParts(input: CreateFromPartsInput): Promi
     } finally {
       await memFh.close();
     }
+    // Disk: only the chunks the top layer touches.
+    for (const [a, b] of ranges) {
+      for (let c = a; c < b; c += READ_BLOCK_CHUNKS) {
+        const n = Math.min(READ_BLOCK_CHUNKS, b - c);
+        const buf = block.subarray(0, n * CHUNK);
+        diskReader.read(c * CHUNK, buf);
+        for (let i = 0; i < n; i++) {
+          const content = buf.subarray(i * CHUNK, (i + 1) * CHUNK);
+          const d = chunkDigestFast(content);
+          if (baseChunkEqual(base.diskIndex, c + i, d, content)) continue;
+          await enc.put(Target.Disk, c + i, Buffer.from(content), d);
+        }
+        done += n * CHUNK;
+        input.onProgress?.(done, total);
+      }
+    }
+
     await enc.flush();
     await packer.finish();
     await sink.close();

@@ -139,20 +139,43 @@ export function hashFileInWorker(path: string, expectedSize: number): { digest: 
 const PASS_WORKER_SOURCE = `
 const { parentPort } = require('node:worker_threads');
 const { createHash } = require('node:crypto');
-const h = createHash('sha256');
+let h = createHash('sha256');
 parentPort.on('message', (m) => {
-  if (m === 'digest') { parentPort.postMessage({ digest: h.digest('hex') }); return; }
+  if (m === 'digest') { parentPort.postMessage({ digest: h.digest('hex') }); h = createHash('sha256'); return; }
   h.update(new Uint8Array(m.buf, 0, m.len));
   parentPort.postMessage({ buf: m.buf }, [m.buf]);
 });
 `;
 
+/** Idle pass-through hashers kept for the next stream (a thread costs ~30 ms to start). */
+const idle: PassThroughHasher[] = [];
+const MAX_IDLE = 2;
+
 /**
  * Hashes buffers in order on a worker thread without copying them: each buffer is transferred to
- * the worker and handed back once hashed (the caller then writes it out and reuses it).
+ * the worker and handed back once hashed (the caller then writes it out and reuses it). Get one
+ * with `acquire`; after `digest`, `release` returns its thread to a small pool (an idle thread
+ * does not keep the process alive), `close` stops it.
  */
 export class PassThroughHasher {
   private readonly worker = new Worker(PASS_WORKER_SOURCE, { eval: true });
+
+  static acquire(): PassThroughHasher {
+    const h = idle.pop() ?? new PassThroughHasher();
+    h.worker.ref();
+    return h;
+  }
+
+  /** Back to the pool once its digest was read (anything else: closes it). */
+  release(): void {
+    if (this.failure !== undefined || this.waiting.length > 0 || idle.length >= MAX_IDLE || this.onDigest !== undefined) {
+      this.close();
+      return;
+    }
+    this.worker.unref();
+    idle.push(this);
+  }
+
   private readonly waiting: { resolve(b: ArrayBuffer): void; reject(e: unknown): void }[] = [];
   private onDigest: { resolve(hex: string): void; reject(e: unknown): void } | undefined;
   private failure: unknown;
@@ -180,10 +203,10 @@ export class PassThroughHasher {
 
   digest(): Promise<string> {
     if (this.failure) return Promise.reject(this.failure);
-    return new Promise((resolve, reject) => {
+    return new Promise<string>((resolve, reject) => {
       this.onDigest = { resolve, reject };
       this.worker.postMessage('digest');
-    });
+    }).finally(() => (this.onDigest = undefined));
   }
 
   close(): void {

@@ -8,6 +8,7 @@ import { open, rename, unlink, type FileHandle } from 'node:fs/promises';
 import { CloudletError } from '../errors';
 import * as F from './format';
 import { PassThroughHasher } from './hasher';
+import { openImageFile, type MemoryImageSource } from './image-source';
 import { decodeSkeleton } from './skeleton';
 
 const IO_SIZE = 8 * 1024 * 1024;
@@ -18,6 +19,23 @@ const MAX_ZERO_READ = 64;
 const HASH_IN_WORKER_FROM = 32 * 1024 * 1024;
 /** Output buffers in rotation (filling, hashing, writing). */
 const POOL = 4;
+/**
+ * I/O buffers kept between joins: fresh memory costs a page fault per 4 KiB on first touch, which
+ * on a small VM is as slow as the copy itself. At most POOL + 1 buffers (40 MiB) stay allocated.
+ */
+const spare: ArrayBuffer[] = [];
+function takeBuffer(): ArrayBuffer {
+  return spare.pop() ?? new ArrayBuffer(IO_SIZE);
+}
+/** A buffer transferred away (detached) has byteLength 0 and is not kept. */
+function giveBack(b: ArrayBuffer): void {
+  if (b.byteLength === IO_SIZE && spare.length <= POOL) spare.push(b);
+}
+// Locals, not module property reads, in the per-page loop.
+const PAGE_SIZE = F.PAGE_SIZE;
+const RAM_FLAG_ZERO = F.RAM_FLAG_ZERO;
+const RAM_FLAG_PAGE = F.RAM_FLAG_PAGE;
+const RAM_FLAG_CONTINUE = F.RAM_FLAG_CONTINUE;
 
 /**
  * Buffered, hashing output. Large outputs: a full buffer is transferred to a hashing thread, then
@@ -41,8 +59,8 @@ class OutWriter {
     private readonly fh: FileHandle | undefined,
     expectedSize: number,
   ) {
-    this.buf = Buffer.from(new ArrayBuffer(IO_SIZE));
-    if (expectedSize >= HASH_IN_WORKER_FROM) this.worker = new PassThroughHasher();
+    this.buf = Buffer.from(takeBuffer());
+    if (expectedSize >= HASH_IN_WORKER_FROM) this.worker = PassThroughHasher.acquire();
     else this.inline = createHash('sha256');
   }
 
@@ -82,7 +100,7 @@ class OutWriter {
       if (b) return b;
       if (this.allocated < POOL) {
         this.allocated++;
-        return Buffer.from(new ArrayBuffer(IO_SIZE));
+        return Buffer.from(takeBuffer());
       }
       await new Promise<void>((resolve) => (this.freeWaiter = resolve));
     }
@@ -130,42 +148,69 @@ class OutWriter {
     await this.flush();
     await Promise.all([...this.pending]);
     if (this.failure) throw this.failure;
-    return this.inline ? this.inline.digest('hex') : (this.worker as PassThroughHasher).digest();
+    if (this.inline) return this.inline.digest('hex');
+    const hex = await (this.worker as PassThroughHasher).digest();
+    this.digested = true;
+    return hex;
   }
 
+  private digested = false;
+
+  /** Returns the hashing thread and the buffers to their pools when all went well; stops the thread otherwise. */
   close(): void {
-    this.worker?.close();
+    if (this.digested) this.worker?.release();
+    else this.worker?.close();
+    if (this.pending.size === 0) {
+      giveBack(this.buf.buffer as ArrayBuffer);
+      for (const b of this.free.splice(0)) giveBack(b.buffer as ArrayBuffer);
+    }
   }
 }
 
-async function readFully(fh: FileHandle, buf: Buffer, len: number, position: number, what: string): Promise<void> {
-  for (let got = 0; got < len; ) {
-    const { bytesRead } = await fh.read(buf, got, len - got, position + got);
-    if (bytesRead === 0) {
-      throw new CloudletError('CORRUPT', `${what} is truncated: nothing to read at offset ${position + got}`, { fix: 'rebuild the memory image (applyOverlay / splitSnapshot)', details: { offset: position + got } });
-    }
-    got += bytesRead;
+/**
+ * Readies what every join of a large save file uses (the hashing thread and the I/O buffers, their
+ * pages touched), so the first synthesis of a long-running host process does not pay for it.
+ */
+export async function prewarmJoin(): Promise<void> {
+  const hasher = PassThroughHasher.acquire();
+  const taken = Array.from({ length: POOL + 1 }, () => takeBuffer());
+  for (const b of taken) new Uint8Array(b).fill(0);
+  const back = await hasher.submit(taken.pop() as ArrayBuffer, 0);
+  await hasher.digest();
+  hasher.release();
+  for (const b of [...taken, back]) giveBack(b);
+}
+
+/** A memory image path or a source; path-opened files are closed by `withImage`. */
+export type MemoryImageInput = string | MemoryImageSource;
+
+async function withImage<T>(image: MemoryImageInput, f: (src: MemoryImageSource) => Promise<T>): Promise<T> {
+  if (typeof image !== 'string') return f(image);
+  const src = await openImageFile(image);
+  try {
+    return await f(src);
+  } finally {
+    await src.close();
   }
 }
 
 /** Streams the save file that `skeleton` + memory image describe into `w`. */
-async function rebuild(skeleton: Buffer, memImagePath: string, outFh: FileHandle | undefined): Promise<{ size: number; sha256: string }> {
+async function rebuild(skeleton: Buffer, img: MemoryImageSource, outFh: FileHandle | undefined): Promise<{ size: number; sha256: string }> {
   const { header, ops } = decodeSkeleton(skeleton);
-  const what = `memory image ${memImagePath}`;
-  const img = await open(memImagePath, 'r').catch((e: unknown) => {
-    throw new CloudletError('NOT_FOUND', `cannot open ${what}: ${(e as Error).message}`, { cause: e });
-  });
+  const what = img.name;
   const w = new OutWriter(outFh, header.saveFileSize);
+  let readAb: ArrayBuffer | undefined;
   try {
-    const imgSize = (await img.stat()).size;
+    const imgSize = img.size;
     if (imgSize !== header.memImageSize) {
       throw new CloudletError('CORRUPT', `${what} has ${imgSize} bytes; its skeleton expects ${header.memImageSize}`, { fix: 'use the memory image that belongs to this skeleton' });
     }
-    const readBuf = Buffer.allocUnsafe(IO_SIZE);
+    readAb = takeBuffer();
+    const readBuf = Buffer.from(readAb);
     if (header.mode === 'opaque') {
       for (let pos = 0; pos < imgSize; ) {
         const n = Math.min(IO_SIZE, imgSize - pos);
-        await readFully(img, readBuf, n, pos, what);
+        await img.read(readBuf, n, pos);
         await w.write(readBuf.subarray(0, n));
         pos += n;
       }
@@ -179,12 +224,12 @@ async function rebuild(skeleton: Buffer, memImagePath: string, outFh: FileHandle
         const b = header.blocks[o.block];
         const name = names[o.block];
         if (!b || !name) throw new CloudletError('CORRUPT', `skeleton names RAM block ${o.block}, which it does not list`);
-        const pagesPerRead = IO_SIZE / F.PAGE_SIZE;
+        const pagesPerRead = IO_SIZE / PAGE_SIZE;
         const isZero = (i: number): number => ((o.zeroBits[i >> 3] as number) >> (i & 7)) & 1;
         for (let done = 0; done < o.count; ) {
           const n = Math.min(pagesPerRead, o.count - done);
-          const windowAt = b.imageOffset + (o.firstPage + done) * F.PAGE_SIZE;
-          if (o.fills === undefined) await readFully(img, readBuf, n * F.PAGE_SIZE, windowAt, what);
+          const windowAt = b.imageOffset + (o.firstPage + done) * PAGE_SIZE;
+          if (o.fills === undefined) await img.read(readBuf, n * PAGE_SIZE, windowAt);
           else {
             // Read only the pages of PAGE records (runs of ZERO records longer than MAX_ZERO_READ are skipped).
             for (let k = 0; k < n; ) {
@@ -193,7 +238,7 @@ async function rebuild(skeleton: Buffer, memImagePath: string, outFh: FileHandle
               const first = k;
               let last = k;
               for (k++; k < n && k - last <= MAX_ZERO_READ; k++) if (!isZero(done + k)) last = k;
-              await readFully(img, readBuf.subarray(first * F.PAGE_SIZE), (last - first + 1) * F.PAGE_SIZE, windowAt + first * F.PAGE_SIZE, what);
+              await img.read(readBuf.subarray(first * PAGE_SIZE), (last - first + 1) * PAGE_SIZE, windowAt + first * PAGE_SIZE);
               k = last + 1;
             }
           }
@@ -201,12 +246,12 @@ async function rebuild(skeleton: Buffer, memImagePath: string, outFh: FileHandle
             const i = done + k;
             const zero = isZero(i);
             const withName = i === 0 && o.named;
-            const len = 8 + (withName ? 1 + name.length : 0) + (zero ? 1 : F.PAGE_SIZE);
+            const len = 8 + (withName ? 1 + name.length : 0) + (zero ? 1 : PAGE_SIZE);
             if (!w.fits(len)) await w.flush();
             const buf = w.buffer;
             const at = w.reserve(len);
-            const addr = (o.firstPage + i) * F.PAGE_SIZE;
-            const flags = (zero ? F.RAM_FLAG_ZERO : F.RAM_FLAG_PAGE) | (withName ? 0 : F.RAM_FLAG_CONTINUE);
+            const addr = (o.firstPage + i) * PAGE_SIZE;
+            const flags = (zero ? RAM_FLAG_ZERO : RAM_FLAG_PAGE) | (withName ? 0 : RAM_FLAG_CONTINUE);
             buf.writeUInt32BE(Math.floor(addr / 2 ** 32), at);
             buf.writeUInt32BE((addr % 2 ** 32) + flags, at + 4);
             let p = at + 8;
@@ -215,8 +260,8 @@ async function rebuild(skeleton: Buffer, memImagePath: string, outFh: FileHandle
               name.copy(buf, p);
               p += name.length;
             }
-            if (zero) buf[p] = o.fills ? (o.fills.get(i) ?? 0) : (readBuf[k * F.PAGE_SIZE] as number);
-            else readBuf.copy(buf, p, k * F.PAGE_SIZE, (k + 1) * F.PAGE_SIZE);
+            if (zero) buf[p] = o.fills ? (o.fills.get(i) ?? 0) : (readBuf[k * PAGE_SIZE] as number);
+            else readBuf.copy(buf, p, k * PAGE_SIZE, (k + 1) * PAGE_SIZE);
           }
           done += n;
         }
@@ -232,19 +277,19 @@ async function rebuild(skeleton: Buffer, memImagePath: string, outFh: FileHandle
     return { size, sha256 };
   } finally {
     w.close();
-    await img.close();
+    if (readAb) giveBack(readAb);
   }
 }
 
 /** Rebuilds the save file byte for byte into outSavePath (temp name + rename; nothing left on error). */
-export async function joinSnapshot(skeleton: Buffer, memImagePath: string, outSavePath: string): Promise<{ size: number; sha256: string }> {
+export async function joinSnapshot(skeleton: Buffer, image: MemoryImageInput, outSavePath: string): Promise<{ size: number; sha256: string }> {
   decodeSkeleton(skeleton); // fail on a bad skeleton before creating anything
   const tmp = `${outSavePath}.tmp-${process.pid}`;
   const out = await open(tmp, 'w');
   try {
     let result: { size: number; sha256: string };
     try {
-      result = await rebuild(skeleton, memImagePath, out);
+      result = await withImage(image, (img) => rebuild(skeleton, img, out));
     } finally {
       await out.close();
     }
@@ -260,6 +305,6 @@ export async function joinSnapshot(skeleton: Buffer, memImagePath: string, outSa
  * Checks that skeleton + memory image rebuild the save file they were split from (same size and
  * sha256) without writing it; throws DIGEST_MISMATCH / CORRUPT otherwise.
  */
-export async function verifySnapshot(skeleton: Buffer, memImagePath: string): Promise<{ size: number; sha256: string }> {
-  return rebuild(skeleton, memImagePath, undefined);
+export async function verifySnapshot(skeleton: Buffer, image: MemoryImageInput): Promise<{ size: number; sha256: string }> {
+  return withImage(image, (img) => rebuild(skeleton, img, undefined));
 }
