@@ -74,7 +74,8 @@ function codeFor(status: number, apiCode: string): ErrorCode {
   if (status === 404) return 'NOT_FOUND';
   if (status === 409) return 'CONFLICT';
   if (status === 504) return 'TIMEOUT';
-  if (status >= 400 && status < 500) return 'BAD_INPUT'; // 401, 413, 415, 416: the request must change
+  if (status === 401) return 'UNAUTHORIZED';
+  if (status >= 400 && status < 500) return 'BAD_INPUT'; // 413, 415, 416: the request must change
   return 'HYPERVISOR_UNAVAILABLE'; // 5xx or unreachable: the service cannot serve now; retrying may help
 }
 

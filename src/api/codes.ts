@@ -6,6 +6,8 @@ import type { ErrorCode } from '../core/errors';
 
 export const STATUS_OF_CODE: Readonly<Record<ErrorCode, number>> = {
   BAD_INPUT: 400,
+  // A missing or unknown bearer token (the CLI says which variable or flag sets it).
+  UNAUTHORIZED: 401,
   NOT_FOUND: 404,
   CONFLICT: 409,
   // The request names something the cloudlet cannot use: well-formed, but not processable.

@@ -5,6 +5,7 @@
  */
 export type ErrorCode =
   | 'BAD_INPUT'
+  | 'UNAUTHORIZED'
   | 'NOT_FOUND'
   | 'CORRUPT'
   | 'DIGEST_MISMATCH'
@@ -19,6 +20,7 @@ export type ErrorCode =
 
 const NON_RETRYABLE: ReadonlySet<ErrorCode> = new Set<ErrorCode>([
   'BAD_INPUT',
+  'UNAUTHORIZED',
   'NOT_FOUND',
   'CORRUPT',
   'DIGEST_MISMATCH',

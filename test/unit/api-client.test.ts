@@ -98,7 +98,7 @@ test('refusals become CloudletErrors with the server code, message and issues', 
   const wrong = new CloudletApiClient({ baseUrl: api.url, token: 'not-the-token-at-all' });
   const unauthorized = await wrong.listHosts().catch((e: unknown) => e);
   expect(unauthorized).toBeInstanceOf(CloudletApiError);
-  expect(unauthorized).toMatchObject({ status: 401, apiCode: 'UNAUTHORIZED', code: 'BAD_INPUT' });
+  expect(unauthorized).toMatchObject({ status: 401, apiCode: 'UNAUTHORIZED', code: 'UNAUTHORIZED' });
 
   const bad = (await client.importBase({ hostId: 'HOST', source: 'relative/path' }).catch((e: unknown) => e)) as CloudletApiError;
   expect(bad).toBeInstanceOf(CloudletError);
