@@ -264,7 +264,7 @@ test('--api and --token flags; a wrong token, an unknown host, an unreachable AP
   // Flags win over the environment.
   const flagWins = await cli(['--api', api.url, '--token', 'wrong-token-0123456789', 'hosts', 'list']);
   expect(flagWins.code).toBe(1);
-  expect(flagWins.err).toMatch(/^cloudlet: BAD_INPUT: .*token/i);
+  expect(flagWins.err).toMatch(/^cloudlet: UNAUTHORIZED: .*token/i);
 
   const unknownHost = await cli(['base', 'import', 'http://127.0.0.1:9/b.pkg', '--host', 'host-z']);
   expect(unknownHost.code).toBe(1);
