@@ -26,6 +26,11 @@ async function getJson(url: string, timeoutMs: number): Promise<GuestState> {
   return GuestStateSchema.parse(body);
 }
 
+/** First per-attempt deadline of waitForState (doubled after each failed attempt). */
+const ATTEMPT_MS = 1000;
+/** Pause between two attempts of waitForState. */
+const RETRY_MS = 25;
+
 export class GuestAppClient {
   constructor(readonly hostPort: number, readonly host = '127.0.0.1') {}
 
@@ -42,17 +47,29 @@ export class GuestAppClient {
     return getJson(this.url(`/cgi-bin/set?${q.toString()}`), timeoutMs);
   }
 
-  /** Poll until the application answers; `onWait` is called between attempts (e.g. to heartbeat). */
-  async waitForState(timeoutMs: number, onWait?: () => void): Promise<{ state: GuestState; waitedMs: number }> {
+  /**
+   * Poll until the application answers; `onWait` is called between attempts (e.g. to heartbeat).
+   *
+   * Right after a restore or a NIC replug the forward already accepts connections on the host,
+   * but QEMU's user network queues the connection to the guest until the guest has configured
+   * its new NIC (and drops it after about a second; its own retransmission comes seconds later).
+   * So an attempt gets a short deadline first (ATTEMPT_MS, doubling up to `attemptMaxMs`) and a
+   * failed attempt is retried after RETRY_MS: the first answer comes within a few tens of ms of
+   * the guest being reachable, and a slow answer still gets the full per-attempt deadline.
+   */
+  async waitForState(timeoutMs: number, onWait?: () => void, attemptMaxMs = 3000): Promise<{ state: GuestState; waitedMs: number }> {
     const started = Date.now();
     let lastError: unknown;
+    let attemptMs = Math.min(ATTEMPT_MS, attemptMaxMs);
     while (Date.now() - started < timeoutMs) {
+      const left = timeoutMs - (Date.now() - started);
       try {
-        return { state: await this.state(3000), waitedMs: Date.now() - started };
+        return { state: await this.state(Math.max(1, Math.min(attemptMs, left))), waitedMs: Date.now() - started };
       } catch (e) {
         lastError = e;
         onWait?.();
-        await new Promise((r) => setTimeout(r, 200));
+        attemptMs = Math.min(attemptMs * 2, attemptMaxMs);
+        await new Promise((r) => setTimeout(r, RETRY_MS));
       }
     }
     throw new CloudletError('TIMEOUT', `the guest application at ${this.url('/cgi-bin/state')} did not answer within ${timeoutMs} ms (last error: ${lastError instanceof Error ? lastError.message : String(lastError)})`, {

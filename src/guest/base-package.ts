@@ -1,20 +1,23 @@
 /**
  * A base VM package made from the test guest: boot it under libvirt on a raw copy of its disk,
  * wait for the ready line, save its memory, index both into a scratch store and export the
- * package. Cached under <varDir>/cache/ by the guest's inputs digest and the RAM size.
+ * package. Cached under <varDir>/cache/ by the guest's inputs digest, the RAM size and the machine
+ * type (the domain the base is saved from is part of the base).
  */
 import fs from 'node:fs';
 import os from 'node:os';
 import path from 'node:path';
 import { createBase, exportBase } from '../core/base';
 import { loadGuestImage } from './manifest';
+import { DEFAULT_MACHINE } from '../hypervisor/domain-xml';
 import type { Hypervisor } from '../hypervisor/types';
 import { randomMac } from '../activities/guest';
 
 export async function guestBasePackage(hv: Hypervisor, varDir: string, memoryMiB = 256, log: (msg: string) => void = () => undefined): Promise<{ packageFile: string; baseId: string }> {
   const guest = loadGuestImage(path.join(varDir, 'guest'));
   const cacheDir = path.join(varDir, 'cache', 'bases');
-  const packageFile = path.join(cacheDir, `test-guest-${guest.inputsDigest.slice(0, 16)}-${memoryMiB}.cloudletbase`);
+  const machine = DEFAULT_MACHINE;
+  const packageFile = path.join(cacheDir, `test-guest-${guest.inputsDigest.slice(0, 16)}-${memoryMiB}-${machine}.cloudletbase`);
   const idFile = `${packageFile}.id`;
   if (fs.existsSync(packageFile) && fs.existsSync(idFile)) return { packageFile, baseId: fs.readFileSync(idFile, 'utf8').trim() };
 
@@ -28,7 +31,7 @@ export async function guestBasePackage(hv: Hypervisor, varDir: string, memoryMiB
     log(`booting the test guest (${memoryMiB} MiB) to make a base VM`);
     await hv.defineDomain({
       name: domain, memoryMiB, vcpus: 1, kernel: guest.kernelPath, initrd: guest.initrdPath, cmdline: guest.cmdline,
-      disk: { path: disk, format: 'raw' }, nic: { mac: randomMac() }, serialPath: serial,
+      disk: { path: disk, format: 'raw' }, nic: { mac: randomMac() }, serialPath: serial, machine,
     });
     await hv.start(domain);
     await hv.waitForSerialLine(serial, guest.readyPattern, 180_000);

@@ -4,6 +4,6 @@ export { LibvirtHypervisor, DEFAULT_URI, freeLocalPort, type LibvirtOptions } fr
 export { detectVirtType, virtTypeVerdict, type VirtTypeVerdict } from './kvm';
 export { createQcow2Overlay } from './disk';
 export { serialSize, waitForSerialLine } from './serial';
-export { buildDomainXml, editDomainXml, parseDomainXml, interfaceXml, isValidMac, DEFAULT_CPU_MODEL, type DomainXmlInfo } from './domain-xml';
+export { buildDomainXml, editDomainXml, parseDomainXml, interfaceXml, isValidMac, DEFAULT_CPU_MODEL, DEFAULT_MACHINE, type DomainXmlInfo } from './domain-xml';
 export { parseDomainCapabilities, assertCpuModelUsable, usableModels, type DomainCapabilities, type CpuModelInfo } from './domcaps';
 export { FakeHypervisor, type FakeOptions } from './fake';

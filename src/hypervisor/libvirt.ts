@@ -8,6 +8,7 @@ import os from 'node:os';
 import path from 'node:path';
 import type pino from 'pino';
 import { CloudletError } from '../core/errors';
+import { readSaveHeader } from '../core/snapshot/header';
 import { createLogger } from '../common/logger';
 import { assertCpuModelUsable, parseDomainCapabilities, parseMissingFeatures, usableModels, type DomainCapabilities } from './domcaps';
 import { buildDomainXml, buildXml, editDomainXml, interfaceElements, interfaceXml, isValidMac, parseDomainXml } from './domain-xml';
@@ -310,10 +311,14 @@ export class LibvirtHypervisor implements Hypervisor {
     return { ms };
   }
 
+  /**
+   * The domain XML in the save file's header, read directly (what `virsh save-image-dumpxml`
+   * prints, without spawning virsh and a libvirt connection on the restore path).
+   */
   async saveFileXml(file: string): Promise<string> {
     const abs = path.resolve(file);
     assertFile(abs, 'save file', 'pass the path of a file written by save (virsh save)');
-    return this.virsh('read the domain XML of a save file', ['save-image-dumpxml', abs]);
+    return (await readSaveHeader(abs)).domainXml;
   }
 
   async restore(file: string, options: RestoreOptions = {}): Promise<RestoreResult> {
@@ -326,10 +331,9 @@ export class LibvirtHypervisor implements Hypervisor {
     }
     this.assertXmlFiles(xml, `domain XML of ${abs}`);
     const name = parseDomainXml(xml).name;
-    await this.connection();
+    const h = await this.connection();
     const t0 = performance.now();
     if (!edited && !options.paused) {
-      const h = await this.connection();
       try {
         await h.domainRestore(abs);
       } catch (e) {

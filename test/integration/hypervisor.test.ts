@@ -135,8 +135,13 @@ describe('a guest under libvirt', () => {
     const restored = await hv.restore(saveFile, { diskPath: path.join(dir, 'b.qcow2'), serialPath: serialB });
     expect(restored.name).toBe(NAME);
     expect(await hv.state(NAME)).toBe('running');
-    const live = parseDomainXml(await hv.domainXml(NAME));
+    const liveXml = await hv.domainXml(NAME);
+    const live = parseDomainXml(liveXml);
     expect(live.virtType).toBe(await hv.virtType());
+    // The guest keeps the machine and the CPU model it was saved with.
+    expect(liveXml).toMatch(/machine='pc-q35-/);
+    expect(live.cpuModel).toBe(parseDomainXml(await hv.saveFileXml(saveFile)).cpuModel);
+    expect(live.cpuModel).toBe('qemu64');
     expect(live.disks[0]?.path).toBe(path.join(dir, 'b.qcow2'));
     expect(live.serialPaths).toEqual([serialB]);
     expect(live.interfaces.map((i) => i.mac)).toEqual(['52:54:00:c1:00:01']);

@@ -2,7 +2,7 @@ import fs from 'node:fs';
 import os from 'node:os';
 import path from 'node:path';
 import { CloudletError } from '../../src/core/errors';
-import { buildDomainXml, editDomainXml, interfaceElements, interfaceXml, isValidMac, parseDomainXml, parseXml } from '../../src/hypervisor/domain-xml';
+import { buildDomainXml, DEFAULT_MACHINE, editDomainXml, interfaceElements, interfaceXml, isValidMac, parseDomainXml, parseXml } from '../../src/hypervisor/domain-xml';
 import { assertCpuModelUsable, parseDomainCapabilities, parseMissingFeatures, suggestModels, usableModels } from '../../src/hypervisor/domcaps';
 import { FakeHypervisor } from '../../src/hypervisor/fake';
 import { detectVirtType, PROBE_EXIT_CODE, probeFirmware } from '../../src/hypervisor/kvm';
@@ -121,6 +121,15 @@ describe('domain XML', () => {
     expect(root.domain.os.cmdline).toBe('console=ttyS0 quiet');
     expect(root.domain.cpu.model['@_fallback']).toBe('forbid');
     expect(xml).toContain('<acpi/>');
+  });
+
+  it('builds a q35 machine without a USB controller unless told otherwise', () => {
+    const root = (xml: string) => parseXml(xml, 'built') as { domain: { os: { type: Record<string, string> }; devices: { controller: Record<string, string> } } };
+    const q35 = root(buildDomainXml(spec, 'qemu'));
+    expect(q35.domain.os.type['@_machine']).toBe(DEFAULT_MACHINE);
+    expect(DEFAULT_MACHINE).toBe('q35');
+    expect(q35.domain.devices.controller).toEqual({ '@_type': 'usb', '@_model': 'none' });
+    expect(root(buildDomainXml({ ...spec, machine: 'pc' }, 'qemu')).domain.os.type['@_machine']).toBe('pc');
   });
 
   it('uses the given virt type and CPU model, and escapes text', () => {
