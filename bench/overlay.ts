@@ -1,5 +1,6 @@
 /**
- * Overlay benchmark: `npx tsx bench/overlay.ts [guest|generated|flat ...]` (all by default).
+ * Overlay benchmark: `npx tsx bench/overlay.ts [guest|generated|generated-uniform|flat ...]`
+ * (guest, generated and flat by default).
  *
  * Prints JSON lines. For each case, our overlay (dedup + LZMA segments) beside the NAIVE method of
  * the original prototype measured in the same run (xdelta3 over each whole image against the base,
@@ -7,8 +8,15 @@
  * ratios (targets: size ≤ 0.5, apply ≤ 0.25), plus apply throughput against the parallel `xz -d`
  * bound on the same segments. `flat` shows apply time when only the base disk grows.
  *
+ * `generated` is a 1 GiB disk / 512 MiB memory pair modelling a back-end application installed on
+ * a base VM (test/helpers/install-pair.ts: new files, metadata edits, copies of base files, freed
+ * blocks; page cache of the new and of base files, heaps, kernel edits, freed and moved pages,
+ * incompressible data; docs/benchmarks.md, "The generated pair"). `generated-uniform` (opt-in) is
+ * the older pair with one uniform mutation mix for disk and memory (test/unit/overlay-fixture.ts).
+ *
  * Environment: BENCH_DIR (default var/bench/overlay), BENCH_DISK_MIB (1024), BENCH_MEM_MIB (512),
- * BENCH_FRACTION (0.03), BENCH_LZMA (6), BENCH_SEGMENT_KIB (4096), BENCH_KEEP=1 to keep files.
+ * BENCH_FRACTION (0.03), BENCH_LZMA (6), BENCH_SEGMENT_KIB (4096), BENCH_KEEP=1 to keep files;
+ * BENCH_MEM_FRACTION (default BENCH_FRACTION) sets the memory's changed fraction of `generated`.
  */
 import { execFile, execFileSync, spawn } from 'node:child_process';
 import { mkdirSync, readFileSync, rmSync, statSync, writeFileSync } from 'node:fs';
@@ -31,6 +39,7 @@ import { LibvirtHypervisor } from '../src/hypervisor/libvirt';
 import { ensureInfra, REPO } from '../test/helpers/infra';
 import { testBasePackage } from '../test/helpers/test-base';
 import { fakeJoin, generatePair, sha256File } from '../test/unit/overlay-fixture';
+import { generateInstallPair } from '../test/helpers/install-pair';
 
 const run = promisify(execFile);
 const MiB = 1024 * 1024;
@@ -205,14 +214,22 @@ function report(caseName: string, o: OursResult, n: { size: number; createS: num
   });
 }
 
-async function generatedCase(): Promise<void> {
+/** (b) A generated pair: the app-install model (`generated`) or the older uniform mix (`generated-uniform`). */
+async function generatedCase(model: 'app-install' | 'uniform'): Promise<void> {
   const diskMiB = env('BENCH_DISK_MIB', 1024);
   const memMiB = env('BENCH_MEM_MIB', 512);
   const fraction = env('BENCH_FRACTION', 0.03);
-  const dir = path.join(root, 'generated');
+  const caseName = model === 'uniform' ? 'generated-uniform' : 'generated';
+  const dir = path.join(root, caseName);
   rmSync(dir, { recursive: true, force: true });
   mkdirSync(dir, { recursive: true });
-  const [pair, genS] = await timed(async () => generatePair(dir, { diskSize: diskMiB * MiB, memSize: memMiB * MiB, fraction, seed: 1 }));
+  const memFraction = model === 'uniform' ? fraction : env('BENCH_MEM_FRACTION', fraction);
+  const sizes = { diskSize: diskMiB * MiB, memSize: memMiB * MiB, fraction, seed: 1 };
+  const [{ pair, composition }, genS] = await timed(async () => {
+    if (model === 'uniform') return { pair: generatePair(dir, sizes), composition: undefined };
+    const p = generateInstallPair(dir, { ...sizes, memFraction });
+    return { pair: p, composition: { disk: p.disk.byKind, memory: p.memory.byKind } };
+  });
   const base = await indexBase('generated-base', pair.baseDisk, pair.baseMem);
   const skeleton = Buffer.from('generated pair: the save file is skeleton + memory image\n');
   const expectedSave = path.join(dir, 'expected.sav');
@@ -226,7 +243,7 @@ async function generatedCase(): Promise<void> {
   for (const delta of [false, true]) {
     const o = await ours(path.join(dir, 'ours'), base, pair.launchQcow2, memory, fakeJoin, { diskRaw: pair.launchRaw, saveSha256: save.sha256 }, { lzmaLevel: env('BENCH_LZMA', 6), delta, segmentSize: env('BENCH_SEGMENT_KIB', 4096) * 1024 });
     const bound = await xzBound(path.join(dir, 'ours', 'launch.overlay'), o.meta, path.join(dir, 'xzbound'));
-    report('generated', o, n, bound, { delta, diskMiB, memMiB, fraction, generateS: r3(genS) });
+    report(caseName, o, n, bound, { model, delta, diskMiB, memMiB, fraction, memFraction, generateS: r3(genS), ...(composition ? { composition } : {}) });
   }
   if (!process.env['BENCH_KEEP']) rmSync(dir, { recursive: true, force: true });
 }
@@ -356,13 +373,15 @@ async function guestCase(): Promise<void> {
 
 async function main(): Promise<void> {
   const cases = process.argv.slice(2).filter((a) => !a.startsWith('-'));
-  const want = (c: string): boolean => cases.length === 0 || cases.includes(c);
+  const defaults = ['guest', 'generated', 'flat'];
+  const want = (c: string): boolean => (cases.length === 0 ? defaults.includes(c) : cases.includes(c));
   mkdirSync(root, { recursive: true });
   // As a host worker does at start (src/workers/host-worker.ts): our applies run in a warm process.
   await prewarmJoin();
   emit({ bench: 'overlay', cores, loadAverage: loadavg().map((x) => Math.round(x * 10) / 10), node: process.version, xz: execFileSync('xz', ['--version']).toString().split('\n')[0], started: new Date().toISOString() });
   if (want('guest')) await guestCase();
-  if (want('generated')) await generatedCase();
+  if (want('generated')) await generatedCase('app-install');
+  if (want('generated-uniform')) await generatedCase('uniform');
   if (want('flat')) await flatCase();
 }
 
