@@ -31,14 +31,15 @@ import type { OverlayMeta } from '../src/core/overlay/format';
 import type { BaseRef, CreateOverlayOptions, JoinSnapshot, LaunchMemory } from '../src/core/overlay/types';
 import { importBase, openBase } from '../src/core/base';
 import { applyOverlay, createOverlay } from '../src/core/overlay';
-import { prewarmJoin } from '../src/core/snapshot';
+import { joinSnapshot, prewarmJoin } from '../src/core/snapshot';
+import { encodeSkeleton } from '../src/core/snapshot/skeleton';
 import { GuestAppClient } from '../src/guest/app-client';
 import { loadGuestImage } from '../src/guest/manifest';
 import { editDomainXml } from '../src/hypervisor/domain-xml';
 import { LibvirtHypervisor } from '../src/hypervisor/libvirt';
 import { ensureInfra, REPO } from '../test/helpers/infra';
 import { testBasePackage } from '../test/helpers/test-base';
-import { fakeJoin, generatePair, sha256File } from '../test/unit/overlay-fixture';
+import { generatePair, sha256File } from '../test/unit/overlay-fixture';
 import { generateInstallPair } from '../test/helpers/install-pair';
 
 const run = promisify(execFile);
@@ -214,6 +215,17 @@ function report(caseName: string, o: OursResult, n: { size: number; createS: num
   });
 }
 
+/**
+ * A generated memory image stands for a save file the codec keeps opaque (the save file is the
+ * image itself), so applying builds it with the real joinSnapshot, as for a real save file.
+ */
+function opaqueMemory(memPath: string): { memory: LaunchMemory; save: { size: number; sha256: string } } {
+  const size = statSync(memPath).size;
+  const sha256 = sha256File(memPath);
+  const skeleton = encodeSkeleton({ mode: 'opaque', saveFileSize: size, saveFileSha256: sha256, memImageSize: size, pageSize: 4096, blocks: [], reason: 'generated pair: the memory image stands for the save file' }, []);
+  return { memory: { memImagePath: memPath, skeleton, mode: 'opaque', domainXml: '<domain/>', cpuModel: undefined, saveFileSize: size, saveFileSha256: sha256 }, save: { size, sha256 } };
+}
+
 /** (b) A generated pair: the app-install model (`generated`) or the older uniform mix (`generated-uniform`). */
 async function generatedCase(model: 'app-install' | 'uniform'): Promise<void> {
   const diskMiB = env('BENCH_DISK_MIB', 1024);
@@ -231,17 +243,13 @@ async function generatedCase(model: 'app-install' | 'uniform'): Promise<void> {
     return { pair: p, composition: { disk: p.disk.byKind, memory: p.memory.byKind } };
   });
   const base = await indexBase('generated-base', pair.baseDisk, pair.baseMem);
-  const skeleton = Buffer.from('generated pair: the save file is skeleton + memory image\n');
-  const expectedSave = path.join(dir, 'expected.sav');
-  const save = await fakeJoin(skeleton, pair.launchMem, expectedSave);
-  rmSync(expectedSave);
-  const memory: LaunchMemory = { memImagePath: pair.launchMem, skeleton, mode: 'parsed', domainXml: '<domain/>', cpuModel: undefined, saveFileSize: save.size, saveFileSha256: save.sha256 };
+  const { memory, save } = opaqueMemory(pair.launchMem);
   const n = await naive(path.join(dir, 'naive'), [
     { name: 'disk', base: pair.baseDisk, launch: pair.launchRaw },
     { name: 'memory', base: pair.baseMem, launch: pair.launchMem },
   ]);
   for (const delta of [false, true]) {
-    const o = await ours(path.join(dir, 'ours'), base, pair.launchQcow2, memory, fakeJoin, { diskRaw: pair.launchRaw, saveSha256: save.sha256 }, { lzmaLevel: env('BENCH_LZMA', 6), delta, segmentSize: env('BENCH_SEGMENT_KIB', 4096) * 1024 });
+    const o = await ours(path.join(dir, 'ours'), base, pair.launchQcow2, memory, joinSnapshot, { diskRaw: pair.launchRaw, saveSha256: save.sha256 }, { lzmaLevel: env('BENCH_LZMA', 6), delta, segmentSize: env('BENCH_SEGMENT_KIB', 4096) * 1024 });
     const bound = await xzBound(path.join(dir, 'ours', 'launch.overlay'), o.meta, path.join(dir, 'xzbound'));
     report(caseName, o, n, bound, { model, delta, diskMiB, memMiB, fraction, memFraction, generateS: r3(genS), ...(composition ? { composition } : {}) });
   }
@@ -254,11 +262,7 @@ async function flatCase(): Promise<void> {
   rmSync(dir, { recursive: true, force: true });
   mkdirSync(dir, { recursive: true });
   const pair = generatePair(dir, { diskSize: 256 * MiB, memSize: 128 * MiB, fraction: 0.03, seed: 2 });
-  const skeleton = Buffer.from('flat case\n');
-  const expectedSave = path.join(dir, 'expected.sav');
-  const save = await fakeJoin(skeleton, pair.launchMem, expectedSave);
-  rmSync(expectedSave);
-  const memory: LaunchMemory = { memImagePath: pair.launchMem, skeleton, mode: 'parsed', domainXml: '<domain/>', cpuModel: undefined, saveFileSize: save.size, saveFileSha256: save.sha256 };
+  const { memory, save } = opaqueMemory(pair.launchMem);
   for (const gib of [1, 4, 16]) {
     // The grown base: the same data then a sparse zero tail; the launch disk: the same top layer, resized.
     const baseDisk = path.join(dir, `base-${gib}g.raw`);
@@ -269,7 +273,7 @@ async function flatCase(): Promise<void> {
     execFileSync('qemu-img', ['rebase', '-u', '-f', 'qcow2', '-b', baseDisk, '-F', 'raw', launch]);
     execFileSync('qemu-img', ['resize', '-q', '-f', 'qcow2', launch, `${gib}G`]);
     const [base, indexS] = await timed(() => indexBase(`flat-${gib}`, baseDisk, pair.baseMem));
-    const o = await ours(path.join(dir, `ours-${gib}`), base, launch, memory, fakeJoin, { saveSha256: save.sha256 }, { lzmaLevel: env('BENCH_LZMA', 6) });
+    const o = await ours(path.join(dir, `ours-${gib}`), base, launch, memory, joinSnapshot, { saveSha256: save.sha256 }, { lzmaLevel: env('BENCH_LZMA', 6) });
     emit({
       case: 'flat-base-growth',
       baseDiskGiB: gib,
