@@ -8,16 +8,31 @@ import fs from 'node:fs';
 import os from 'node:os';
 import path from 'node:path';
 import { createBase, exportBase } from '../core/base';
+import { CloudletError } from '../core/errors';
 import { loadGuestImage } from './manifest';
 import { DEFAULT_MACHINE } from '../hypervisor/domain-xml';
 import type { Hypervisor } from '../hypervisor/types';
 import { randomMac } from '../activities/guest';
 
-export async function guestBasePackage(hv: Hypervisor, varDir: string, memoryMiB = 256, log: (msg: string) => void = () => undefined): Promise<{ packageFile: string; baseId: string }> {
+export interface GuestBaseOptions {
+  /**
+   * Grow the guest's disk image to this many MiB (zeros at the end; the guest's file system keeps
+   * its size). Benchmarks use it to compare methods on VM disks of realistic size.
+   */
+  diskMiB?: number;
+}
+
+export async function guestBasePackage(hv: Hypervisor, varDir: string, memoryMiB = 256, log: (msg: string) => void = () => undefined, options: GuestBaseOptions = {}): Promise<{ packageFile: string; baseId: string }> {
   const guest = loadGuestImage(path.join(varDir, 'guest'));
   const cacheDir = path.join(varDir, 'cache', 'bases');
   const machine = DEFAULT_MACHINE;
-  const packageFile = path.join(cacheDir, `test-guest-${guest.inputsDigest.slice(0, 16)}-${memoryMiB}-${machine}.cloudletbase`);
+  const guestDiskBytes = fs.statSync(guest.diskPath).size;
+  const diskBytes = options.diskMiB === undefined ? guestDiskBytes : options.diskMiB * 1024 * 1024;
+  if (!Number.isInteger(diskBytes) || diskBytes < guestDiskBytes) {
+    throw new CloudletError('BAD_INPUT', `a disk of ${options.diskMiB} MiB cannot hold the test guest's ${guestDiskBytes} byte disk image`, { fix: `pass a whole number of MiB of at least ${Math.ceil(guestDiskBytes / 1048576)}` });
+  }
+  const diskTag = diskBytes === guestDiskBytes ? '' : `-disk${diskBytes / 1048576}m`;
+  const packageFile = path.join(cacheDir, `test-guest-${guest.inputsDigest.slice(0, 16)}-${memoryMiB}-${machine}${diskTag}.cloudletbase`);
   const idFile = `${packageFile}.id`;
   if (fs.existsSync(packageFile) && fs.existsSync(idFile)) return { packageFile, baseId: fs.readFileSync(idFile, 'utf8').trim() };
 
@@ -28,6 +43,7 @@ export async function guestBasePackage(hv: Hypervisor, varDir: string, memoryMiB
     const disk = path.join(work, 'disk.raw');
     const serial = path.join(work, 'serial.log');
     fs.copyFileSync(guest.diskPath, disk);
+    if (diskBytes > guestDiskBytes) fs.truncateSync(disk, diskBytes);
     log(`booting the test guest (${memoryMiB} MiB) to make a base VM`);
     await hv.defineDomain({
       name: domain, memoryMiB, vcpus: 1, kernel: guest.kernelPath, initrd: guest.initrdPath, cmdline: guest.cmdline,

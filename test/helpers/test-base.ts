@@ -4,10 +4,10 @@ import { guestBasePackage } from '../../src/guest/base-package';
 import { LibvirtHypervisor } from '../../src/hypervisor/libvirt';
 import { REPO } from './infra';
 
-export async function testBasePackage(memoryMiB = 256): Promise<{ packageFile: string; baseId: string }> {
+export async function testBasePackage(memoryMiB = 256, diskMiB?: number): Promise<{ packageFile: string; baseId: string }> {
   const hv = new LibvirtHypervisor();
   try {
-    return await guestBasePackage(hv, path.join(REPO, 'var'), memoryMiB);
+    return await guestBasePackage(hv, path.join(REPO, 'var'), memoryMiB, undefined, diskMiB === undefined ? {} : { diskMiB });
   } finally {
     await hv.close();
   }
