@@ -281,7 +281,7 @@ export async function applyOverlayToParts(input: ApplyToPartsInput): Promise<{ m
     const decode = (index: number, blob: Buffer): Promise<Buffer> => {
       const ref = refs[index]?.[1];
       const name = refs[index]?.[0] ?? `blob ${index}`;
-      const job = xzDecompress(blob).then(
+      const job = xzDecompress(blob, ref?.rawLength).then(
         (raw) => {
           if (raw.length !== ref?.rawLength) throw corrupt(index - 1, `${name} decompressed to ${raw.length} bytes, the meta says ${ref?.rawLength}`);
           return raw;
