@@ -71,9 +71,12 @@ function checkBase(meta: OverlayMeta, base: BaseRef, where: string): void {
 class Applier {
   private readonly next = [0, 0];
 
+  /** Set by the first disk record after memory records: the memory image is complete. */
+  private memorySealed = false;
+
   /** Memory chunks below this one are final (records come in increasing chunk order). */
   get memoryDone(): number {
-    return this.next[Target.Memory] ?? 0;
+    return this.memorySealed ? Number.POSITIVE_INFINITY : (this.next[Target.Memory] ?? 0);
   }
   readonly digests = { [Target.Disk]: new ChangedDigest(), [Target.Memory]: new ChangedDigest() };
   private readonly chunks: [number, number];
@@ -136,6 +139,10 @@ class Applier {
       if (chunk < (this.next[target] ?? 0) || chunk + count > limit) {
         throw corrupt(seg, `record at byte ${at} writes ${target === Target.Disk ? 'disk' : 'memory'} chunks ${chunk}+${count}, out of order or outside 0..${limit}`);
       }
+      if (target === Target.Memory && this.memorySealed) {
+        throw corrupt(seg, `record at byte ${at} writes memory after disk records that followed memory records (the targets come one after the other)`);
+      }
+      if (target === Target.Disk && (this.next[Target.Memory] ?? 0) > 0) this.memorySealed = true;
       this.next[target] = chunk + count;
       let data: Buffer;
       switch (kind as Kind) {

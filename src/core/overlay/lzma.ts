@@ -28,7 +28,8 @@ export function xzDecompressNative(data: Buffer): Promise<Buffer> {
   return lzma.decompress(data);
 }
 
-class XzMissing extends Error {}
+/** `xz` could not run or was stopped from outside: the input is not to blame; decode in-process. */
+class XzUnavailable extends Error {}
 
 /**
  * Decompresses one xz stream with the `xz` binary. With `expectedLength`, output past it stops
@@ -36,18 +37,29 @@ class XzMissing extends Error {}
  */
 export function xzDecompressWithBinary(data: Buffer, expectedLength?: number): Promise<Buffer> {
   return new Promise((resolve, reject) => {
-    const child = spawn('xz', ['--decompress', '--stdout', '--quiet', '--threads=1', `--memlimit-decompress=${XZ_MEMLIMIT}`], { stdio: ['pipe', 'pipe', 'pipe'] });
+    // XZ_DEFAULTS / XZ_OPT from the environment must not change what a segment means.
+    const child = spawn('xz', ['--decompress', '--format=xz', '--stdout', '--quiet', '--threads=1', `--memlimit-decompress=${XZ_MEMLIMIT}`], {
+      stdio: ['pipe', 'pipe', 'pipe'],
+      env: { ...process.env, XZ_DEFAULTS: '', XZ_OPT: '' },
+    });
+    if (child.pid === undefined || !child.stdin || !child.stdout || !child.stderr) {
+      // No process (ENOENT, EMFILE, EAGAIN...): the 'error' event says why; nothing to read from.
+      child.once('error', (e) => reject(new XzUnavailable(`xz could not run: ${e.message}`)));
+      return;
+    }
     const fixed = expectedLength === undefined ? undefined : Buffer.allocUnsafe(expectedLength);
     const chunks: Buffer[] = [];
     let got = 0;
     let stderr = '';
     let failed: Error | undefined;
+    let killedByUs = false;
     const fail = (e: Error): void => {
       failed ??= e;
+      killedByUs = true;
       child.kill('SIGKILL');
     };
     child.on('error', (e: NodeJS.ErrnoException) => {
-      failed ??= e.code === 'ENOENT' ? new XzMissing('xz is not installed') : e;
+      failed ??= new XzUnavailable(`xz could not run: ${e.message}`);
     });
     child.stdin.on('error', () => undefined); // EPIPE when xz stops early; its exit status says why
     child.stderr.on('data', (d: Buffer) => {
@@ -66,6 +78,7 @@ export function xzDecompressWithBinary(data: Buffer, expectedLength?: number): P
     });
     child.on('close', (code, signal) => {
       if (failed) return reject(failed);
+      if (signal !== null && !killedByUs) return reject(new XzUnavailable(`xz was stopped by ${signal}`));
       if (code !== 0) return reject(new Error(`xz -d failed (${signal ?? `exit ${code}`}): ${stderr.trim().replace(/^xz: \(stdin\): /, '') || 'no message'}`));
       resolve(fixed ? fixed.subarray(0, got) : Buffer.concat(chunks, got));
     });
@@ -75,14 +88,17 @@ export function xzDecompressWithBinary(data: Buffer, expectedLength?: number): P
 
 let binaryMissing = false;
 
-/** Decompresses one xz stream: the `xz` binary when present, else lzma-native. */
+/**
+ * Decompresses one xz stream: the `xz` binary when it runs, else lzma-native (for this call, or
+ * from now on when there is no `xz` at all). Only what xz says of the data is an error here.
+ */
 export async function xzDecompress(data: Buffer, expectedLength?: number): Promise<Buffer> {
   if (!binaryMissing) {
     try {
       return await xzDecompressWithBinary(data, expectedLength);
     } catch (e) {
-      if (!(e instanceof XzMissing)) throw e;
-      binaryMissing = true;
+      if (!(e instanceof XzUnavailable)) throw e;
+      if (/ENOENT/.test(e.message)) binaryMissing = true;
     }
   }
   return xzDecompressNative(data);

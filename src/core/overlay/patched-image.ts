@@ -33,7 +33,12 @@ export class PatchedMemoryImage implements MemoryImageSource {
     this.name = `memory image rebuilt from ${basePath}`;
     this.changed = new Uint8Array(Math.ceil(Math.ceil(size / CHUNK) / 8));
     this.patchFd = openSync(patchPath, 'wx+');
-    ftruncateSync(this.patchFd, size);
+    try {
+      ftruncateSync(this.patchFd, size);
+    } catch (e) {
+      closeSync(this.patchFd);
+      throw e;
+    }
   }
 
   /**

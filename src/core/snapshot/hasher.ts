@@ -161,7 +161,12 @@ export class PassThroughHasher {
   private readonly worker = new Worker(PASS_WORKER_SOURCE, { eval: true });
 
   static acquire(): PassThroughHasher {
-    const h = idle.pop() ?? new PassThroughHasher();
+    let h = idle.pop();
+    while (h && h.failure !== undefined) {
+      h.close();
+      h = idle.pop();
+    }
+    h ??= new PassThroughHasher();
     h.worker.ref();
     return h;
   }

@@ -34,7 +34,10 @@ export async function openImageFile(p: string): Promise<MemoryImageSource & { cl
   const fh = await open(p, 'r').catch((e: unknown) => {
     throw new CloudletError('NOT_FOUND', `cannot open ${name}: ${(e as Error).message}`, { fix: 'check the path', cause: e });
   });
-  const { size } = await fh.stat();
+  const { size } = await fh.stat().catch(async (e: unknown) => {
+    await fh.close();
+    throw e;
+  });
   return {
     name,
     size,
