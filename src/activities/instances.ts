@@ -9,7 +9,7 @@ import fs from 'node:fs';
 import path from 'node:path';
 import type { Logger } from 'pino';
 import { CloudletError, isCloudletError } from '../core/errors';
-import { importBase, openBase } from '../core/base';
+import { importBase, openBase, readBaseManifest } from '../core/base';
 import { applyOverlay, createOverlay, readOverlayMeta } from '../core/overlay';
 import { readSaveHeader, rewriteSaveHeaderXml } from '../core/snapshot';
 import { Store } from '../core/store';
@@ -129,8 +129,9 @@ export function createInstanceActivities(deps: CloudletActivityDeps) {
 
     async checkBasePresent(input: { baseId: string }): Promise<{ cpuModel?: string }> {
       try {
-        const base = await openBase(storeRoot, input.baseId);
-        return base.manifest.cpuModel ? { cpuModel: base.manifest.cpuModel } : {};
+        // The manifest only: the apply step opens the whole base (indexes included) and checks it.
+        const manifest = await readBaseManifest(storeRoot, input.baseId);
+        return manifest.cpuModel ? { cpuModel: manifest.cpuModel } : {};
       } catch (e) {
         if (isCloudletError(e) && e.code === 'NOT_FOUND') {
           throw new CloudletError('WRONG_BASE', `host ${deps.hostId} does not have base ${input.baseId}`, {

@@ -69,6 +69,19 @@ export function registerBase(store: Store, manifest: BaseManifest): void {
   });
 }
 
+/**
+ * The manifest of stored base `baseId` (NOT_FOUND if it is not in the store): a check that costs
+ * a small file read, not the chunk indexes (32 MB for a 4 GiB disk) that openBase loads.
+ */
+export async function readBaseManifest(storeRoot: string, baseId: string): Promise<BaseManifest> {
+  const store = await Store.open(storeRoot);
+  try {
+    return await readStoredManifest(store, baseId);
+  } finally {
+    store.close();
+  }
+}
+
 /** Open base `baseId` of the store at `storeRoot`: paths, manifest and both chunk indexes. */
 export async function openBase(storeRoot: string, baseId: string): Promise<OpenedBase> {
   const store = await Store.open(storeRoot);
