@@ -69,27 +69,27 @@ export function registerBase(store: Store, manifest: BaseManifest): void {
   });
 }
 
-/**
- * The manifest of stored base `baseId` (NOT_FOUND if it is not in the store): a check that costs
- * a small file read, not the chunk indexes (32 MB for a 4 GiB disk) that openBase loads.
- */
-export async function readBaseManifest(storeRoot: string, baseId: string): Promise<BaseManifest> {
+/** Runs `f` on the store at `storeRoot`, closing it afterwards whatever happens. */
+async function withStore<T>(storeRoot: string, f: (store: Store) => Promise<T>): Promise<T> {
   const store = await Store.open(storeRoot);
   try {
-    return await readStoredManifest(store, baseId);
+    return await f(store);
   } finally {
     store.close();
   }
 }
 
+/**
+ * The manifest of stored base `baseId` (NOT_FOUND if it is not in the store): a check that costs
+ * a small file read, not the chunk indexes (32 MB for a 4 GiB disk) that openBase loads.
+ */
+export function readBaseManifest(storeRoot: string, baseId: string): Promise<BaseManifest> {
+  return withStore(storeRoot, (store) => readStoredManifest(store, baseId));
+}
+
 /** Open base `baseId` of the store at `storeRoot`: paths, manifest and both chunk indexes. */
-export async function openBase(storeRoot: string, baseId: string): Promise<OpenedBase> {
-  const store = await Store.open(storeRoot);
-  try {
-    return await openStoredBase(store, baseId);
-  } finally {
-    store.close();
-  }
+export function openBase(storeRoot: string, baseId: string): Promise<OpenedBase> {
+  return withStore(storeRoot, (store) => openStoredBase(store, baseId));
 }
 
 export async function openStoredBase(store: Store, baseId: string): Promise<OpenedBase> {
@@ -118,9 +118,8 @@ export async function openStoredBase(store: Store, baseId: string): Promise<Open
 }
 
 /** The bases of the store at `storeRoot`, oldest first. */
-export async function listBases(storeRoot: string): Promise<BaseSummary[]> {
-  const store = await Store.open(storeRoot);
-  try {
+export function listBases(storeRoot: string): Promise<BaseSummary[]> {
+  return withStore(storeRoot, async (store) => {
     const out: BaseSummary[] = [];
     for (const rec of store.catalog.listBases()) {
       const m = parseManifest(rec.manifest, `catalog entry of base ${rec.id}`);
@@ -134,19 +133,12 @@ export async function listBases(storeRoot: string): Promise<BaseSummary[]> {
       });
     }
     return out;
-  } finally {
-    store.close();
-  }
+  });
 }
 
 /** Remove base `baseId` from the store at `storeRoot`. */
-export async function removeBase(storeRoot: string, baseId: string): Promise<void> {
-  const store = await Store.open(storeRoot);
-  try {
-    await store.removeBase(baseId);
-  } finally {
-    store.close();
-  }
+export function removeBase(storeRoot: string, baseId: string): Promise<void> {
+  return withStore(storeRoot, (store) => store.removeBase(baseId));
 }
 
 export interface VerifyReport {
@@ -161,9 +153,8 @@ export interface VerifyReport {
  * against the memory index (the disk index is checked through its digest). Reports problems
  * instead of throwing, so an operator sees all of them.
  */
-export async function verifyBase(storeRoot: string, baseId: string, opts: { onProgress?: OnProgress } = {}): Promise<VerifyReport> {
-  const store = await Store.open(storeRoot);
-  try {
+export function verifyBase(storeRoot: string, baseId: string, opts: { onProgress?: OnProgress } = {}): Promise<VerifyReport> {
+  return withStore(storeRoot, async (store) => {
     const id = await store.resolveBaseId(baseId);
     const manifest = await readStoredManifest(store, id);
     const dir = store.baseDir(id);
@@ -184,7 +175,5 @@ export async function verifyBase(storeRoot: string, baseId: string, opts: { onPr
       problems.push(`memory.img: ${(e as Error).message}`);
     }
     return { baseId: id, ok: problems.length === 0, problems };
-  } finally {
-    store.close();
-  }
+  });
 }
