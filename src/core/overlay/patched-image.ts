@@ -103,16 +103,26 @@ export class PatchedMemoryImage implements MemoryImageSource {
 
   /** Synchronous read of whole chunks (for records that copy earlier chunks of this image). */
   readChunksSync(chunk: number, out: Buffer): void {
-    const count = out.length / CHUNK;
-    for (let i = 0; i < count; ) {
-      const changed = this.isChanged(chunk + i);
-      let j = i + 1;
-      while (j < count && this.isChanged(chunk + j) === changed) j++;
-      const at = (chunk + i) * CHUNK;
-      const len = (j - i) * CHUNK;
-      if (changed) preadFully(this.patchFd, out, i * CHUNK, len, at, this.patchPath);
-      else this.readBaseSync(out, i * CHUNK, len, at);
-      i = j;
+    this.readRange(out, out.length, chunk * CHUNK);
+  }
+
+  /**
+   * Synchronous preads, run by run: the runs alternate between two hot files, often a few chunks
+   * long; a thread-pool round trip per run would cost more than the copy.
+   */
+  private readRange(buf: Buffer, len: number, position: number): void {
+    let done = 0;
+    while (done < len) {
+      const at = position + done;
+      const chunk = Math.floor(at / CHUNK);
+      const changed = this.isChanged(chunk);
+      // Extend the run while the chunks stay on the same side.
+      let end = Math.min(position + len, (chunk + 1) * CHUNK);
+      while (end < position + len && this.isChanged(Math.floor(end / CHUNK)) === changed) end = Math.min(position + len, end + CHUNK);
+      const n = end - at;
+      if (changed) preadFully(this.patchFd, buf, done, n, at, this.name);
+      else this.readBaseSync(buf, done, n, at);
+      done += n;
     }
   }
 
@@ -128,21 +138,7 @@ export class PatchedMemoryImage implements MemoryImageSource {
     }
     const wait = this.available(Math.ceil((position + len) / CHUNK));
     if (wait) await wait;
-    // Synchronous preads: the runs alternate between two hot files, often a few chunks long; a
-    // thread-pool round trip per run would cost more than the copy.
-    let done = 0;
-    while (done < len) {
-      const at = position + done;
-      const chunk = Math.floor(at / CHUNK);
-      const changed = this.isChanged(chunk);
-      // Extend the run while the chunks stay on the same side.
-      let end = Math.min(position + len, (chunk + 1) * CHUNK);
-      while (end < position + len && this.isChanged(Math.floor(end / CHUNK)) === changed) end = Math.min(position + len, end + CHUNK);
-      const n = end - at;
-      if (changed) preadFully(this.patchFd, buf, done, n, at, this.name);
-      else this.readBaseSync(buf, done, n, at);
-      done += n;
-    }
+    this.readRange(buf, len, position);
   }
 
   private closed = false;

@@ -15,7 +15,7 @@ export interface MemoryImageSource {
 }
 
 /** Reads exactly len bytes at position into buf[offset, offset + len) or throws CORRUPT naming `what`. */
-export async function readFullyAt(fh: FileHandle, buf: Buffer, offset: number, len: number, position: number, what: string): Promise<void> {
+async function readFullyAt(fh: FileHandle, buf: Buffer, offset: number, len: number, position: number, what: string): Promise<void> {
   for (let got = 0; got < len; ) {
     const { bytesRead } = await fh.read(buf, offset + got, len - got, position + got);
     if (bytesRead === 0) {
