@@ -9,7 +9,7 @@ import fs from 'node:fs';
 import path from 'node:path';
 import type { Logger } from 'pino';
 import { CloudletError, isCloudletError } from '../core/errors';
-import { importBase, openBase, readBaseManifest } from '../core/base';
+import { importBase, openBase, openBaseFiles, readBaseManifest } from '../core/base';
 import { applyOverlay, createOverlay, readOverlayMeta } from '../core/overlay';
 import { readSaveHeader, rewriteSaveHeaderXml } from '../core/snapshot';
 import { Store } from '../core/store';
@@ -236,7 +236,7 @@ export function createInstanceActivities(deps: CloudletActivityDeps) {
       const rec: InstanceRecord = { instanceId: input.instanceId, hostId: deps.hostId, domain: domainName(input.instanceId), baseId: input.baseId, appPort: input.appPort ?? APP_PORT_DEFAULT, createdAt: new Date().toISOString() };
       const diskPath = path.join(dir, 'disk.qcow2');
       const savePath = path.join(dir, 'memory.sav');
-      const base = await openBase(storeRoot, input.baseId);
+      const base = await openBaseFiles(storeRoot, input.baseId);
       const r = await applyOverlay({
         base,
         overlay: input.overlayUrl,

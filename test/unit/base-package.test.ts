@@ -44,7 +44,7 @@ jest.mock('../../src/core/snapshot', () => {
 
 import { buildChunkIndex } from '../../src/core/chunk';
 import type { BaseManifest } from '../../src/core/base';
-import { computeBaseId, createBase, exportBase, importBase, listBases, openBase, readPackageManifest, removeBase, verifyBase } from '../../src/core/base';
+import { computeBaseId, createBase, exportBase, importBase, listBases, openBase, openBaseFiles, readPackageManifest, removeBase, verifyBase } from '../../src/core/base';
 import { canonicalJson } from '../../src/core/base/manifest';
 import { CloudletError } from '../../src/core/errors';
 
@@ -200,6 +200,30 @@ describe('package round trip', () => {
     expect(report.problems).toHaveLength(2);
     expect(report.problems[0]).toMatch(/^disk\.idx: /);
     expect(report.problems[1]).toBe('memory.img: 1 chunks differ from memory.idx');
+  });
+
+  test('openBaseFiles gives the paths and sizes that openBase gives, and refuses a missing or resized file', async () => {
+    const storeF = path.join(dir, 'storeF');
+    await importBase(storeF, pkg);
+    const full = await openBase(storeF, manifest.baseId);
+    expect(await openBaseFiles(storeF, manifest.baseId)).toEqual({
+      id: manifest.baseId,
+      diskPath: full.diskPath,
+      diskSize: full.diskIndex.byteLength,
+      memImagePath: full.memImagePath,
+      memImageSize: full.memIndex.byteLength,
+    });
+    const unknown = await openBaseFiles(storeF, 'f'.repeat(64)).catch((e: unknown) => e);
+    expect((unknown as CloudletError).code).toBe('NOT_FOUND');
+    await fsp.truncate(full.diskPath, 4096);
+    const resized = await openBaseFiles(storeF, manifest.baseId).catch((e: unknown) => e);
+    expect((resized as CloudletError).code).toBe('CORRUPT');
+    expect((resized as CloudletError).message).toMatch(/disk\.raw .* has 4096 bytes; its manifest says \d+/);
+    await fsp.rm(full.memImagePath);
+    await fsp.writeFile(full.diskPath, Buffer.alloc(full.diskIndex.byteLength));
+    const lost = await openBaseFiles(storeF, manifest.baseId).catch((e: unknown) => e);
+    expect((lost as CloudletError).code).toBe('CORRUPT');
+    expect((lost as CloudletError).message).toMatch(/has lost memory\.img/);
   });
 
   test('export of an unknown base is NOT_FOUND and writes nothing', async () => {

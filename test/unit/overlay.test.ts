@@ -11,7 +11,7 @@ import { xzCompress, xzDecompress } from '../../src/core/overlay/lzma';
 import { createHash } from 'node:crypto';
 import http from 'node:http';
 import type { AddressInfo } from 'node:net';
-import type { BaseRef, LaunchMemory } from '../../src/core/overlay/types';
+import { baseFilesOf, type BaseRef, type LaunchMemory } from '../../src/core/overlay/types';
 import { fakeJoin, generatePair, type GeneratedPair } from './overlay-fixture';
 
 let dir: string;
@@ -47,7 +47,9 @@ async function apply(overlay: string, b: BaseRef = base): Promise<{ disk: string
   const outDir = mkdtempSync(path.join(dir, 'out-'));
   const disk = path.join(outDir, 'disk.qcow2');
   const save = path.join(outDir, 'memory.sav');
-  const { timings } = await applyOverlayToParts({ base: b, overlay, outDiskPath: disk, outSavePath: save, join: fakeJoin });
+  // Round trips apply with the base's files and sizes only (as the host worker does); the failure
+  // cases below pass the opened base with its indexes.
+  const { timings } = await applyOverlayToParts({ base: baseFilesOf(b), overlay, outDiskPath: disk, outSavePath: save, join: fakeJoin });
   return { disk, save, timings };
 }
 
@@ -116,6 +118,10 @@ describe('overlay application rejects bad inputs with typed errors', () => {
 
   test('a wrong base is WRONG_BASE', async () => {
     expect(await expectTypedFailure(good, { ...base, id: 'c'.repeat(64) })).toBe('WRONG_BASE');
+    const files = baseFilesOf(base);
+    const err = await applyOverlayToParts({ base: { ...files, diskSize: files.diskSize + 4096 }, overlay: good, outDiskPath: path.join(dir, 'never.qcow2'), outSavePath: path.join(dir, 'never.sav'), join: fakeJoin }).catch((e: unknown) => e);
+    expect(isCloudletError(err) && err.code).toBe('WRONG_BASE');
+    expect((err as Error).message).toMatch(/base disk size \d+ ≠ \d+/);
   });
 
   test('a missing file is NOT_FOUND, a non-overlay is CORRUPT', async () => {

@@ -6,7 +6,7 @@ export { createBase } from './create';
 export type { CreateBaseInput } from './create';
 export { exportBase, importBase, readPackageManifest, PACKAGE_MAGIC } from './package';
 export type { ImportResult } from './package';
-export { openBase, openStoredBase, listBases, readBaseManifest, removeBase, verifyBase } from './stored';
+export { openBase, openBaseFiles, openStoredBase, listBases, readBaseManifest, removeBase, verifyBase } from './stored';
 export type { BaseRef, BaseSummary, OpenedBase, VerifyReport } from './stored';
 export { BaseManifestSchema, PACKAGE_FORMAT_VERSION, MEMBER_NAMES, computeBaseId, canonicalJson, parseManifest } from './manifest';
 export type { BaseManifest, Member, MemberName } from './manifest';

@@ -9,7 +9,7 @@ import type { OnProgress } from '../progress';
 import { BASE_FILES, Store } from '../store';
 import { sha256File } from '../store/files';
 import type { BaseManifest } from './manifest';
-import type { BaseRef } from '../overlay/types';
+import type { BaseFiles, BaseRef } from '../overlay/types';
 import { parseManifest } from './manifest';
 
 /** A base as the overlay engine uses it (the contract's BaseRef, defined with the engine). */
@@ -85,6 +85,33 @@ async function withStore<T>(storeRoot: string, f: (store: Store) => Promise<T>):
  */
 export function readBaseManifest(storeRoot: string, baseId: string): Promise<BaseManifest> {
   return withStore(storeRoot, (store) => readStoredManifest(store, baseId));
+}
+
+/**
+ * The files and sizes of stored base `baseId`, all that applying an overlay needs: its manifest
+ * and two stats, not the chunk indexes that openBase loads (121 ms for a 4 GiB disk).
+ */
+export function openBaseFiles(storeRoot: string, baseId: string): Promise<BaseFiles> {
+  return withStore(storeRoot, async (store) => {
+    const manifest = await readStoredManifest(store, baseId);
+    const dir = store.baseDir(baseId);
+    const files: BaseFiles = {
+      id: baseId,
+      diskPath: path.join(dir, BASE_FILES.disk),
+      diskSize: manifest.disk.size,
+      memImagePath: path.join(dir, BASE_FILES.memoryImage),
+      memImageSize: manifest.memory.imageSize,
+    };
+    for (const [file, size] of [[files.diskPath, files.diskSize], [files.memImagePath, files.memImageSize]] as const) {
+      const st = await fsp.stat(file).catch((e: unknown) => {
+        throw new CloudletError('CORRUPT', `stored base ${baseId} has lost ${path.basename(file)}: ${(e as Error).message}`, { fix: `remove the base (cloudlet base remove ${baseId}) and import it again` });
+      });
+      if (st.size !== size) {
+        throw new CloudletError('CORRUPT', `${file} of stored base ${baseId} has ${st.size} bytes; its manifest says ${size}`, { fix: `remove the base (cloudlet base remove ${baseId}) and import it again` });
+      }
+    }
+    return files;
+  });
 }
 
 /** Open base `baseId` of the store at `storeRoot`: paths, manifest and both chunk indexes. */

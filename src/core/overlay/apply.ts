@@ -19,7 +19,7 @@ import { xzDecompress } from './lzma';
 import { PatchedMemoryImage } from './patched-image';
 import { Qcow2Writer } from './qcow2-writer';
 import { openOverlaySource, type OverlaySource } from './source';
-import type { BaseRef, JoinSnapshot, OnProgress } from './types';
+import { baseFilesOf, type BaseFiles, type BaseRef, type JoinSnapshot, type OnProgress } from './types';
 
 export async function readMetaFrom(src: OverlaySource): Promise<{ meta: OverlayMeta; dataStart: number }> {
   const header = decodeHeader(await src.read(0, HEADER_SIZE), src.name);
@@ -37,7 +37,8 @@ export async function readOverlayMeta(pathOrUrl: string): Promise<OverlayMeta> {
 }
 
 export interface ApplyToPartsInput {
-  base: BaseRef;
+  /** An opened base, or just its files and sizes (enough: chunks are read by position). */
+  base: BaseFiles | BaseRef;
   overlay: string;
   outDiskPath: string;
   outSavePath: string;
@@ -54,11 +55,11 @@ function corrupt(segment: number, msg: string, cause?: unknown): CloudletError {
   });
 }
 
-function checkBase(meta: OverlayMeta, base: BaseRef, where: string): void {
+function checkBase(meta: OverlayMeta, base: BaseFiles, where: string): void {
   const problems: string[] = [];
   if (meta.base.id !== base.id) problems.push(`it was made from base ${meta.base.id}, not ${base.id}`);
-  if (meta.base.diskSize !== base.diskIndex.byteLength) problems.push(`base disk size ${meta.base.diskSize} ≠ ${base.diskIndex.byteLength}`);
-  if (meta.base.memImageSize !== base.memIndex.byteLength) problems.push(`base memory image size ${meta.base.memImageSize} ≠ ${base.memIndex.byteLength}`);
+  if (meta.base.diskSize !== base.diskSize) problems.push(`base disk size ${meta.base.diskSize} ≠ ${base.diskSize}`);
+  if (meta.base.memImageSize !== base.memImageSize) problems.push(`base memory image size ${meta.base.memImageSize} ≠ ${base.memImageSize}`);
   if (problems.length > 0) {
     throw new CloudletError('WRONG_BASE', `overlay ${where} does not apply to base ${base.id}: ${problems.join('; ')}`, {
       fix: `import base ${meta.base.id} on this host, or use an overlay made from base ${base.id}`,
@@ -85,7 +86,7 @@ class Applier {
 
   constructor(
     private readonly meta: OverlayMeta,
-    private readonly base: BaseRef,
+    private readonly base: BaseFiles,
     private readonly disk: Qcow2Writer,
     private readonly mem: PatchedMemoryImage,
   ) {
@@ -100,7 +101,7 @@ class Applier {
   }
 
   private readBase(target: Target, chunk: number, count: number): Buffer {
-    const [fd, size, p] = target === Target.Disk ? [this.baseDiskFd, this.base.diskIndex.byteLength, this.base.diskPath] : [this.baseMemFd, this.base.memIndex.byteLength, this.base.memImagePath];
+    const [fd, size, p] = target === Target.Disk ? [this.baseDiskFd, this.base.diskSize, this.base.diskPath] : [this.baseMemFd, this.base.memImageSize, this.base.memImagePath];
     const out = Buffer.alloc(count * CHUNK);
     const start = chunk * CHUNK;
     const len = Math.max(0, Math.min(out.length, size - start));
@@ -191,8 +192,8 @@ class Applier {
       case Kind.BaseMem:
       case Kind.BaseDisk: {
         const t = kind === Kind.BaseMem ? Target.Memory : Target.Disk;
-        const ix = t === Target.Memory ? this.base.memIndex : this.base.diskIndex;
-        if (src + count > ix.chunkCount) throw corrupt(seg, `record at byte ${at} copies base chunks ${src}+${count}, beyond the base's ${ix.chunkCount}`);
+        const baseChunks = Math.ceil((t === Target.Memory ? this.base.memImageSize : this.base.diskSize) / CHUNK);
+        if (src + count > baseChunks) throw corrupt(seg, `record at byte ${at} copies base chunks ${src}+${count}, beyond the base's ${baseChunks}`);
         return this.readBase(t, src, count);
       }
       case Kind.SelfDisk: {
@@ -258,6 +259,7 @@ export async function applyOverlayToParts(input: ApplyToPartsInput): Promise<{ m
     return now;
   };
   const concurrency = Math.max(1, input.concurrency ?? availableParallelism());
+  const base = 'diskIndex' in input.base ? baseFilesOf(input.base) : input.base;
   const src = await openOverlaySource(input.overlay);
   const tag = `${process.pid}-${randomBytes(4).toString('hex')}`;
   const diskTmp = `${input.outDiskPath}.${tag}.tmp`;
@@ -269,14 +271,14 @@ export async function applyOverlayToParts(input: ApplyToPartsInput): Promise<{ m
   let applier: Applier | undefined;
   try {
     const { meta, dataStart } = await readMetaFrom(src);
-    checkBase(meta, input.base, src.name);
+    checkBase(meta, base, src.name);
     let t = mark('meta', t0);
     const needDelta = (meta.stats['delta'] ?? 0) > 0;
     if (needDelta) await xdelta();
 
-    mem = PatchedMemoryImage.create(input.base.memImagePath, input.base.memIndex.byteLength, memTmp, meta.launch.memory.imageSize, { growing: true });
-    disk = new Qcow2Writer(diskTmp, meta.launch.disk.virtualSize, path.resolve(input.base.diskPath));
-    applier = new Applier(meta, input.base, disk, mem);
+    mem = PatchedMemoryImage.create(base.memImagePath, base.memImageSize, memTmp, meta.launch.memory.imageSize, { growing: true });
+    disk = new Qcow2Writer(diskTmp, meta.launch.disk.virtualSize, path.resolve(base.diskPath));
+    applier = new Applier(meta, base, disk, mem);
     const patched = mem;
     t = mark('prepare', t);
 

@@ -9,12 +9,13 @@ import { joinSnapshot, splitSnapshot } from '../snapshot';
 import { applyOverlayToParts } from './apply';
 import { createOverlayFromParts } from './create';
 import type { OverlayMeta } from './format';
-import type { BaseRef, CreateOverlayOptions, OnProgress } from './types';
+import type { BaseFiles, BaseRef, CreateOverlayOptions, OnProgress } from './types';
 
 export { readOverlayMeta, applyOverlayToParts } from './apply';
 export { createOverlayFromParts } from './create';
 export { OVERLAY_FORMAT_VERSION, type OverlayMeta, type SegmentRef, type BlobRef } from './format';
-export type { BaseRef, CreateOverlayOptions, LaunchMemory, JoinSnapshot } from './types';
+export type { BaseFiles, BaseRef, CreateOverlayOptions, LaunchMemory, JoinSnapshot } from './types';
+export { baseFilesOf } from './types';
 
 export interface CreateOverlayInput {
   base: BaseRef;
@@ -56,7 +57,8 @@ export async function createOverlay(input: CreateOverlayInput): Promise<OverlayM
 }
 
 export interface ApplyOverlayInput {
-  base: BaseRef;
+  /** An opened base, or just its files and sizes (openBaseFiles: no chunk indexes to load). */
+  base: BaseFiles | BaseRef;
   /** File path or http(s) URL. */
   overlay: string;
   /** Written as a qcow2 over base.diskPath. */

@@ -13,6 +13,23 @@ export interface BaseRef {
   memIndex: ChunkIndex;
 }
 
+/**
+ * What applying an overlay needs of a base: its id, files and sizes. Not its chunk indexes (32 MB
+ * for a 4 GiB disk): application reads base chunks by position, never by content.
+ */
+export interface BaseFiles {
+  id: string;
+  diskPath: string;
+  diskSize: number;
+  memImagePath: string;
+  memImageSize: number;
+}
+
+/** The BaseFiles view of an opened base. */
+export function baseFilesOf(b: BaseRef): BaseFiles {
+  return { id: b.id, diskPath: b.diskPath, diskSize: b.diskIndex.byteLength, memImagePath: b.memImagePath, memImageSize: b.memIndex.byteLength };
+}
+
 export interface CreateOverlayOptions {
   /** LZMA preset 0-9 (default 6). */
   lzmaLevel?: number;
