@@ -8,13 +8,16 @@ cd "$ROOT"
 
 # 1. Debian packages: hypervisor, native-addon toolchain, compression tools, the guest build's needs.
 PACKAGES=(qemu-system-x86 qemu-utils libvirt-daemon-system libvirt-clients libvirt-dev tini
-  xdelta3 xz-utils build-essential python3 pkg-config curl)
+  xdelta3 xz-utils build-essential python3 pkg-config curl ca-certificates)
 if [ -f infra/guest/host-packages.txt ]; then
   while read -r p; do [ -n "$p" ] && [ "${p#\#}" = "$p" ] && PACKAGES+=("$p"); done < infra/guest/host-packages.txt
 fi
 ensure_packages "${PACKAGES[@]}"
 
 # 2. npm dependencies (native addons are compiled against this Node's own headers).
+command -v node >/dev/null || die "Node.js is needed (>= 20.9, with npm and its headers, e.g. from NodeSource); install it and retry"
+node -e 'const [a,b]=process.versions.node.split(".").map(Number); process.exit(a>20||(a===20&&b>=9)?0:1)' \
+  || die "Node.js $(node -v) is too old: the tool chain (eslint, typescript-eslint, Temporal) needs >= 20.9; install a newer Node and retry"
 NODE_PREFIX="$(dirname "$(dirname "$(node -p process.execPath)")")"
 [ -f "$NODE_PREFIX/include/node/node.h" ] || die "Node's headers are not at $NODE_PREFIX/include/node; native addons cannot be built (install Node with its headers)"
 export npm_config_nodedir="$NODE_PREFIX"

@@ -19,10 +19,12 @@ install() {
   if [ -x "$TEMPORAL" ] && [ "$(cat "$TOOLS/temporal.version" 2>/dev/null)" = "$CLI_VERSION" ]; then
     return 0
   fi
-  command -v go >/dev/null || die "the Go toolchain is needed to build the Temporal CLI; install Go >= 1.23 (https://go.dev/doc/install) and retry"
-  say "building the Temporal CLI $CLI_VERSION from its Go module (first time: several minutes)"
+  command -v go >/dev/null || die "the Go toolchain is needed to build the Temporal CLI; install Go >= 1.25 (https://go.dev/doc/install) and retry"
+  say "building the Temporal CLI $CLI_VERSION from its Go module with $(go version | cut -d' ' -f3) (first time: several minutes)"
   mkdir -p "$TOOLS"
-  GOBIN="$TOOLS" GOFLAGS=-buildvcs=false go install "github.com/temporalio/cli/cmd/temporal@$CLI_VERSION" \
+  # The CLI's go.mod needs Go >= 1.25; GOTOOLCHAIN=auto lets an older local Go (>= 1.21) fetch that
+  # toolchain instead of failing, and uses the local one when it is new enough.
+  GOTOOLCHAIN=auto GOBIN="$TOOLS" GOFLAGS=-buildvcs=false go install "github.com/temporalio/cli/cmd/temporal@$CLI_VERSION" \
     || die "go install of the Temporal CLI failed (see above); check that the Go module proxy is reachable"
   echo "$CLI_VERSION" > "$TOOLS/temporal.version"
 }

@@ -54,6 +54,12 @@ flock 9
 # One apt-cache call (it is slow): the candidate of the kernel meta-package pins the versioned kernel
 # package exactly ("Depends: linux-image-X-cloud-amd64 (= V)"), plus busybox-static's candidate.
 PKG_INFO="$(apt-cache show --no-all-versions "$KERNEL_META" "$BUSYBOX_PKG" 2>/dev/null || true)"
+if ! printf '%s\n' "$PKG_INFO" | grep -q "^Package: $KERNEL_META\$" && [ "$(id -u)" = 0 ]; then
+  # Package lists removed (as container images do) or never fetched: fetch them once.
+  say "apt knows no $KERNEL_META: running apt-get update"
+  DEBIAN_FRONTEND=noninteractive apt-get update -qq >&2 || die "apt-get update failed; check the apt sources and the connection to the Debian mirror"
+  PKG_INFO="$(apt-cache show --no-all-versions "$KERNEL_META" "$BUSYBOX_PKG" 2>/dev/null || true)"
+fi
 read -r KERNEL_PKG KERNEL_PKG_VERSION < <(printf '%s\n' "$PKG_INFO" | awk -v p="$KERNEL_META" '
   /^Package: / { pkg = $2 }
   pkg == p && /^Depends: / { if (match($0, /linux-image-[^ ,]*-cloud-amd64 \(= [^)]*\)/)) {
