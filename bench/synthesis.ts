@@ -10,15 +10,15 @@
  * `guest` keeps the test guest's 64 MiB. By default both run: the tiny CI guest, and a 4 GiB disk
  * of the size a real base VM has (the naive method ships the whole image; the overlay does not).
  *
- * Two host workers (A and B) run in this process against the real Temporal dev server and libvirt,
- * as in test/integration/operations.test.ts. Prints JSON lines {"bench":"synthesis","metric",...}
+ * Two host workers (A and B) run as their own processes (src/workers/main.ts, as in production)
+ * against the real Temporal dev server and libvirt. Prints JSON lines {"bench":"synthesis","metric",...}
  * with medians over the runs: time to first response for both methods (from the client's
  * workflow start, and the workflow's own result), their ratio (target ≤ 0.3), bytes transferred,
  * where our synthesis spends its time (per-stage timings), and the orchestration overhead of the
  * workflow from its history (wall time minus its activities' time; target ≤ 5%). Progress goes to
  * stderr. One guest VM runs at a time; every domain (cl-<host>-*) and file it makes is removed.
  */
-import { execFile } from 'node:child_process';
+import { execFile, spawn, type ChildProcess } from 'node:child_process';
 import { randomUUID } from 'node:crypto';
 import fs from 'node:fs';
 import http from 'node:http';
@@ -37,9 +37,8 @@ import { readSaveHeader, rewriteSaveHeaderXml } from '../src/core/snapshot';
 import { GuestAppClient, type GuestState } from '../src/guest/app-client';
 import { editDomainXml } from '../src/hypervisor/domain-xml';
 import { LibvirtHypervisor } from '../src/hypervisor/libvirt';
-import { createHostWorker, type HostWorker } from '../src/workers/host-worker';
 import { createOverlayVm, importBaseVm, resumeBaseVm, synthesizeVm, terminateVm } from '../src/workflows';
-import { ensureInfra, removeHostDomains, uniqueSuffix } from '../test/helpers/infra';
+import { ensureInfra, removeHostDomains, uniqueSuffix, waitForHostsServing, workerCommand } from '../test/helpers/infra';
 import { testBasePackage } from '../test/helpers/test-base';
 import { argRuns, median } from './lib';
 
@@ -229,7 +228,7 @@ async function runCase(hv: LibvirtHypervisor, runs: number, diskMiB: number | un
   const config: Config = { ...loadConfig({ CLOUDLET_LOG_LEVEL: 'warn' }), workflowTaskQueue: `wf-bench-synth-${suffix}` };
   const naiveRoot = path.join(hostDir(config, hostB), 'naive');
   const naiveServed = path.join(hostDir(config, hostA), 'naive-served');
-  const workers: HostWorker[] = [];
+  const workers: ChildProcess[] = [];
   const running: Promise<void>[] = [];
   let client: Client | undefined;
   let server: { url: string; close(): Promise<void> } | undefined;
@@ -241,11 +240,18 @@ async function runCase(hv: LibvirtHypervisor, runs: number, diskMiB: number | un
     const pkg = await testBasePackage(256, diskMiB);
     client = await connectClient(config);
     const c = client;
+    // One worker process per host, as in production (src/workers/main.ts): the hosts' event loops
+    // are not shared with each other nor with this process's pollers and naive-method client.
     for (const h of [hostA, hostB]) {
-      const w = await createHostWorker(config, h, createLogger(`worker-${h}`, 'warn'));
-      workers.push(w);
-      running.push(w.run());
+      const { command, args } = workerCommand(h);
+      const child = spawn(command, args, {
+        env: { ...process.env, CLOUDLET_WORKFLOW_QUEUE: config.workflowTaskQueue, CLOUDLET_VAR: config.varDir, CLOUDLET_LOG_LEVEL: 'warn' },
+        stdio: ['ignore', 'ignore', 'inherit'],
+      });
+      workers.push(child);
+      running.push(new Promise((resolve) => child.once('exit', () => resolve())));
     }
+    await waitForHostsServing(c, [hostA, hostB], 120_000);
     const exec = <T>(wf: (...a: never[]) => Promise<T>, id: string, arg: unknown): Promise<T> =>
       c.workflow.execute(wf as (a: unknown) => Promise<T>, { taskQueue: config.workflowTaskQueue, workflowId: id, args: [arg] });
 
@@ -404,7 +410,7 @@ async function runCase(hv: LibvirtHypervisor, runs: number, diskMiB: number | un
   } finally {
     progress('clean up');
     await server?.close();
-    for (const w of workers) w.shutdown();
+    for (const w of workers) w.kill('SIGTERM');
     await Promise.allSettled(running);
     await client?.connection.close();
     removeHostDomains([hostA, hostB]);
