@@ -225,8 +225,9 @@ export class CloudletApiClient implements CloudletService {
     return this.orUndefined(this.json<RecipeScheduleDetail>('GET', `/v1/schedules/${encodeURIComponent(recipeId)}`));
   }
 
-  async triggerSchedule(recipeId: string): Promise<void> {
-    await this.json('POST', `/v1/schedules/${encodeURIComponent(recipeId)}/trigger`);
+  /** Rebuild now: the operation started (follow it with getOperation/waitForOperation), or the running rebuilds it was skipped for. */
+  async triggerSchedule(recipeId: string): Promise<{ operation?: OperationRef; skippedWhileRunning?: string[] }> {
+    return this.json<{ operation?: OperationRef; skippedWhileRunning?: string[] }>('POST', `/v1/schedules/${encodeURIComponent(recipeId)}/trigger`);
   }
 
   async pauseSchedule(recipeId: string, note?: string): Promise<void> {

@@ -252,4 +252,14 @@ export const ScheduleInfoSchema = named(
     lastSucceeded: RecipeRunSchema.extend({ result: z.unknown() }).optional(),
   }),
 );
+export const TriggeredSchema = named(
+  'ScheduleTriggered',
+  z.object({
+    recipeId: z.string(),
+    scheduleUrl: z.string(),
+    operation: OperationRefSchema.optional().describe('The rebuild this trigger started.'),
+    statusUrl: z.string().optional().describe('Path of that rebuild\'s status (also in the Location header).'),
+    skippedWhileRunning: z.array(z.string()).optional().describe('Nothing started: the workflow ids of the rebuilds of this recipe that were running.'),
+  }),
+);
 export const ScheduleListSchema = named('ScheduleList', z.object({ schedules: z.array(ScheduleInfoSchema) }));

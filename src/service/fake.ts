@@ -24,6 +24,7 @@ import type {
   OverlayInfo,
   ProvisionRequest,
   ResumeBaseRequest,
+  TriggerOutcome,
 } from './types';
 
 export interface FakeServiceOptions {
@@ -447,12 +448,13 @@ export class FakeRecipeSchedules implements RecipeScheduleApi {
     return structuredClone(this.require(recipeId));
   }
 
-  async trigger(recipeId: string): Promise<void> {
+  async trigger(recipeId: string): Promise<TriggerOutcome> {
     const s = this.require(recipeId);
     const ref = this.service.startRebuild(recipeId, (s.recipe as { hostId: string }).hostId);
     const at = new Date().toISOString();
     s.recentRuns.push({ workflowId: ref.id, runId: `run-${s.recentRuns.length + 1}`, scheduledAt: at, startedAt: at });
     s.actionsTaken = (s.actionsTaken ?? 0) + 1;
+    return { started: ref.id };
   }
 
   async pause(recipeId: string, note = 'paused through the cloudlet service'): Promise<void> {

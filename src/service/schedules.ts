@@ -14,6 +14,7 @@ import { parseRecipe, RECIPE_ID_PATTERN, type Recipe } from '../activities/recip
 import { CloudletError } from '../core/errors';
 import { assertHostServing } from '../client/connect';
 import { SearchAttributes } from '../common/names';
+import type { TriggerOutcome } from './types';
 import type { RebuildOverlayResult } from '../workflows/rebuild';
 
 const MEMO_KIND = 'cloudletRecipe';
@@ -117,6 +118,9 @@ export interface RecipeSchedulesOptions {
   /** Check that the recipe's host has a worker before creating/triggering (default true). */
   checkHost?: boolean;
 }
+
+/** How long trigger() reads the schedule for the action it caused (the scheduler acts in ~0.1-1 s). */
+const TRIGGER_SEEN_WITHIN_MS = 10_000;
 
 export class RecipeSchedules {
   constructor(
@@ -225,12 +229,30 @@ export class RecipeSchedules {
     return details;
   }
 
-  /** Start a rebuild now. With the default SKIP, nothing starts while a rebuild is running. */
-  async trigger(recipeId: string, overlap: ScheduleOverlapPolicy = ScheduleOverlapPolicy.SKIP): Promise<void> {
+  /**
+   * Start a rebuild now and say which (its workflow id), reading the schedule until its counters
+   * show the action taken. With the default SKIP, nothing starts while a rebuild is running: the
+   * outcome then names the running ones.
+   */
+  async trigger(recipeId: string, overlap: ScheduleOverlapPolicy = ScheduleOverlapPolicy.SKIP): Promise<TriggerOutcome> {
     const d = await this.describe(recipeId);
     const info = infoOf(d);
     if (info && (this.options.checkHost ?? true)) await assertHostServing(this.client, info.recipe.hostId);
+    const taken = d.info.numActionsTaken;
+    const skipped = d.info.numActionsSkippedOverlap;
     await this.handle(recipeId).trigger(overlap);
+    const deadline = Date.now() + TRIGGER_SEEN_WITHIN_MS;
+    for (;;) {
+      const now = await this.describe(recipeId);
+      if (now.info.numActionsTaken > taken) {
+        const newest = [...now.info.recentActions].sort((a, b) => a.takenAt.getTime() - b.takenAt.getTime()).at(-1);
+        if (newest) return { started: newest.action.workflow.workflowId };
+      }
+      if (now.info.numActionsSkippedOverlap > skipped) return { skippedWhileRunning: now.info.runningActions.map((a) => a.workflow.workflowId) };
+      // The trigger is accepted; if the scheduler has not acted on it yet, say so rather than wait on.
+      if (Date.now() > deadline) return {};
+      await new Promise((r) => setTimeout(r, 100));
+    }
   }
 
   async pause(recipeId: string, note = 'paused through the cloudlet service'): Promise<void> {

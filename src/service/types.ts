@@ -19,6 +19,17 @@ export interface OperationRef {
   webUiUrl?: string;
 }
 
+/**
+ * What triggering a recipe's schedule did: started one rebuild, or none because one was running
+ * (overlap policy SKIP). Neither when the scheduler had not acted yet after ~10 s.
+ */
+export interface TriggerOutcome {
+  /** Workflow id of the rebuild it started (the operation id for /v1/operations/{id}). */
+  started?: string;
+  /** Rebuilds of the recipe that were running, so nothing started. */
+  skippedWhileRunning?: string[];
+}
+
 export interface Progress {
   stage: string;
   /** Stages finished so far, in order. */

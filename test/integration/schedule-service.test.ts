@@ -136,8 +136,9 @@ describe('recipe schedules against the Temporal server', () => {
     expect(created).toMatchObject({ recipeId, scheduleId: `recipe-${recipeId}`, paused: true, note: 'created paused by the test', every: '1h', recentRuns: [] });
     expect(created.recipe).toEqual(parseRecipe(recipe));
 
-    await schedules.trigger(recipeId);
+    const triggered = await schedules.trigger(recipeId);
     const run = await pollUntil('the triggered rebuild to start', 60_000, async () => (await schedules.get(recipeId)).recentRuns[0]);
+    expect(triggered).toEqual({ started: run.workflowId });
     const failure = await client.workflow.getHandle(run.workflowId, run.runId).result().catch((e: unknown) => e as { cause?: { type?: string; message?: string } });
     expect(failure.cause?.type).toBe('WRONG_BASE');
     expect(failure.cause?.message).toMatch(new RegExp(`rebuild of recipe ${recipeId} failed at "resume base"; the previous overlay stays current: .*does not have base ${missingBase}`));

@@ -114,6 +114,9 @@ describe('scheduled overlay rebuilds', () => {
     const run = await pollUntil('the schedule to start a rebuild on its own', 2 * 60_000, async () => (await schedules.get(recipeId)).recentRuns[0]);
     await schedules.pause(recipeId, 'test: one automatic run is enough');
     expect(run.workflowId.startsWith(`rebuildOverlay/${recipeId}`)).toBe(true);
+    // A trigger while that rebuild runs (seconds: resume, recipe, overlay, verification) starts
+    // nothing (overlap SKIP) and names the running one.
+    expect(await schedules.trigger(recipeId)).toEqual({ skippedWhileRunning: [run.workflowId] });
     first = await client.workflow.getHandle<(r: unknown) => Promise<RebuildOverlayResult>>(run.workflowId, run.runId).result();
     expect(first.overlayId).toMatch(/^[0-9a-f]{64}$/);
     expect(first.url).toBe(`${workers[0]?.publicUrl}/overlays/${first.overlayId}.overlay`);

@@ -171,7 +171,9 @@ test('recipe schedules through the client', async () => {
     const recipe = { recipeId: 'shop', hostId: 'host-b', baseId: 'e'.repeat(64), command: 'start-shop' };
     const created = await c.createSchedule(recipe, { every: '1h', triggerImmediately: true });
     expect(created).toMatchObject({ recipeId: 'shop', every: '1h', recentRuns: [expect.objectContaining({ workflowId: expect.stringMatching(/^rebuildOverlay\/host-b\/shop-/) })] });
-    await c.triggerSchedule('shop');
+    const triggered = await c.triggerSchedule('shop');
+    expect(triggered.operation).toMatchObject({ id: expect.stringMatching(/^rebuildOverlay\/host-b\/shop-/), kind: 'rebuildOverlay' });
+    expect((await c.getOperation(triggered.operation?.id ?? ''))?.kind).toBe('rebuildOverlay');
     await c.pauseSchedule('shop', 'maintenance');
     expect(await c.getSchedule('shop')).toMatchObject({ paused: true, note: 'maintenance', actionsTaken: 2 });
     await c.unpauseSchedule('shop');

@@ -386,6 +386,10 @@ describe('recipe schedules', () => {
       expect(trig.statusCode).toBe(202);
       const shown = (await inject('GET', '/v1/schedules/web-app')).json() as { recentRuns: Array<{ workflowId: string }> };
       expect(shown.recentRuns).toHaveLength(1);
+      // The trigger names the rebuild it started, and points at its status.
+      const started = shown.recentRuns[0]?.workflowId ?? '';
+      expect(trig.json()).toEqual({ recipeId: 'web-app', scheduleUrl: '/v1/schedules/web-app', operation: { id: started, kind: 'rebuildOverlay' }, statusUrl: `/v1/operations/${encodeURIComponent(started)}` });
+      expect(trig.headers.location).toBe(`/v1/operations/${encodeURIComponent(started)}`);
       const run = await inject('GET', `/v1/operations/${encodeURIComponent(shown.recentRuns[0]?.workflowId ?? '')}`);
       expect(OperationStatusSchema.parse(run.json())).toMatchObject({ kind: 'rebuildOverlay', hostId: 'host-a' });
 

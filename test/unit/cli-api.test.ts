@@ -296,9 +296,15 @@ test('recipe schedules: create from a recipe file, list, trigger, pause, unpause
   expect(created).toMatchObject({ scheduleId: 'recipe-web', every: '6h', paused: false });
   expect((await cli(['schedule', 'list'])).out).toMatch(/^RECIPE\s+SCHEDULE\s+EVERY\s+STATE\s+LAST RUN\nweb\s+recipe-web\s+6h\s+active\s+-$/m);
 
-  expect((await cli(['schedule', 'trigger', 'web'])).code).toBe(0);
+  const trig = await cli(['schedule', 'trigger', 'web']);
+  expect(trig.code).toBe(0);
   const info = await json<{ recentRuns: Array<{ workflowId: string }> }>('schedule', 'info', 'web');
   expect(info.recentRuns.map((r) => r.workflowId)).toEqual([expect.stringMatching(/^rebuildOverlay\/host-a\/web-/) as unknown]);
+  expect(trig.out).toContain(`started rebuild ${info.recentRuns[0]?.workflowId ?? '?'} of recipe web; follow it with \`cloudlet operation wait`);
+  // --wait follows the rebuild it started to its end.
+  const waited = await json<{ recipeId: string; operation: { id: string; kind: string; state: string } }>('schedule', 'trigger', 'web', '--wait');
+  expect(waited).toMatchObject({ recipeId: 'web', operation: { kind: 'rebuildOverlay', state: 'succeeded' } });
+  expect(waited.operation.id).toMatch(/^rebuildOverlay\/host-a\/web-/);
 
   expect((await cli(['schedule', 'pause', 'web', '--note', 'maintenance'])).code).toBe(0);
   expect((await cli(['schedule', 'info', 'web'])).out).toMatch(/state\s+paused \(maintenance\)/);

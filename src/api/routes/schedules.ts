@@ -5,9 +5,10 @@
  * 501 on these routes.
  */
 import type { FastifyReply } from 'fastify';
+import type { TriggerOutcome } from '../../service/types';
 import { ApiError } from '../errors';
 import { defineRoute, R, type Route } from '../route';
-import { CreateScheduleBodySchema, RecipeParamsSchema, ScheduleInfoSchema, ScheduleListSchema, ScheduleNoteBodySchema } from '../schemas';
+import { CreateScheduleBodySchema, RecipeParamsSchema, ScheduleInfoSchema, ScheduleListSchema, ScheduleNoteBodySchema, TriggeredSchema } from '../schemas';
 
 export interface RecipeRunInfo {
   workflowId: string;
@@ -47,7 +48,7 @@ export interface RecipeScheduleApi {
   create(recipe: unknown, spec: RecipeScheduleSpec): Promise<RecipeScheduleDetail>;
   list(): Promise<RecipeScheduleSummary[]>;
   get(recipeId: string): Promise<RecipeScheduleDetail>;
-  trigger(recipeId: string): Promise<void>;
+  trigger(recipeId: string): Promise<TriggerOutcome>;
   pause(recipeId: string, note?: string): Promise<void>;
   unpause(recipeId: string, note?: string): Promise<void>;
   delete(recipeId: string): Promise<void>;
@@ -122,11 +123,20 @@ export function scheduleRoutes(schedules: RecipeScheduleApi | undefined): Route[
       summary: 'Rebuild now (skipped while a rebuild of the recipe runs)',
       tag: 'schedules',
       params: RecipeParamsSchema,
-      responses: { 202: { description: 'Triggered; follow it with GET /v1/schedules/{recipeId}.' }, 400: R.badInput, 401: R.unauthorized, 404: R.notFound, 501: notImplemented },
+      responses: {
+        202: { description: 'Triggered: the rebuild it started (follow it at statusUrl), or the running rebuilds it was skipped for.', schema: TriggeredSchema },
+        400: R.badInput, 401: R.unauthorized, 404: R.notFound, 501: notImplemented,
+      },
       handler: async ({ params, reply }) => {
-        await need().trigger(params.recipeId);
-        void reply.code(202).header('location', schedulePath(params.recipeId));
-        return { recipeId: params.recipeId, scheduleUrl: schedulePath(params.recipeId) };
+        const outcome = await need().trigger(params.recipeId);
+        const statusUrl = outcome.started !== undefined ? `/v1/operations/${encodeURIComponent(outcome.started)}` : undefined;
+        void reply.code(202).header('location', statusUrl ?? schedulePath(params.recipeId));
+        return {
+          recipeId: params.recipeId,
+          scheduleUrl: schedulePath(params.recipeId),
+          ...(outcome.started !== undefined ? { operation: { id: outcome.started, kind: 'rebuildOverlay' as const }, statusUrl } : {}),
+          ...(outcome.skippedWhileRunning ? { skippedWhileRunning: outcome.skippedWhileRunning } : {}),
+        };
       },
     }),
     defineRoute({

@@ -6,7 +6,8 @@ import { promises as fsp } from 'node:fs';
 import type { Command } from 'commander';
 import type { RecipeScheduleSpec } from '../../api/routes/schedules';
 import { CloudletError } from '../../core/errors';
-import { scheduleListText, scheduleText } from '../remote-format';
+import { summary } from '../remote';
+import { operationText, scheduleListText, scheduleText } from '../remote-format';
 import type { CommandEnv } from './env';
 
 export function registerScheduleCommands(program: Command, env: CommandEnv): void {
@@ -58,10 +59,20 @@ export function registerScheduleCommands(program: Command, env: CommandEnv): voi
     .command('trigger')
     .description('rebuild now (skipped while a rebuild of this recipe runs)')
     .argument('<recipeId>', 'recipe id')
+    .option('--wait', 'follow the rebuild it started with progress until it ends (exit 1 if it failed)')
     .action(
-      env.api(async (ctx, remote, recipeId: string) => {
-        await remote.client.triggerSchedule(recipeId);
-        ctx.print({ recipeId, triggered: true }, () => `triggered a rebuild of recipe ${recipeId}; follow it with \`cloudlet schedule info ${recipeId}\``);
+      env.api(async (ctx, remote, recipeId: string, opts: { wait?: boolean }) => {
+        const t = await remote.client.triggerSchedule(recipeId);
+        if (t.operation && opts.wait) {
+          const s = await remote.follow(ctx, t.operation);
+          ctx.print({ recipeId, operation: summary(s), result: s.result }, () => operationText(s));
+          return;
+        }
+        ctx.print({ recipeId, ...t }, () => {
+          if (t.operation) return `started rebuild ${t.operation.id} of recipe ${recipeId}; follow it with \`cloudlet operation wait ${t.operation.id}\``;
+          if (t.skippedWhileRunning) return `nothing started: a rebuild of recipe ${recipeId} is running (${t.skippedWhileRunning.join(', ')}); follow it with \`cloudlet operation wait <id>\``;
+          return `triggered a rebuild of recipe ${recipeId}; the scheduler has not started it yet: see \`cloudlet schedule info ${recipeId}\``;
+        });
       }),
     );
 
