@@ -8,12 +8,24 @@ import type { Logger } from 'pino';
 
 let installed = false;
 
+/**
+ * Each host runs one Worker for its activities and one for the shared workflow queue, so the SDK's
+ * "No workflows registered, not polling for workflow tasks" (and the activities twin) is expected:
+ * debug, not a warning in every worker's log.
+ */
+const EXPECTED = /^No (workflows|activities) registered, not polling for (workflow|activity) tasks/;
+
+/** The level a message of the SDK is logged at. */
+export function levelFor(level: LogLevel, message: string): 'trace' | 'debug' | 'info' | 'warn' | 'error' {
+  if (level === 'WARN' && EXPECTED.test(message)) return 'debug';
+  return level.toLowerCase() as 'trace' | 'debug' | 'info' | 'warn' | 'error';
+}
+
 export function installRuntimeLogging(log: Logger): void {
   if (installed) return;
   installed = true;
   const at = (level: LogLevel, message: string, meta?: LogMetadata): void => {
-    const l = level.toLowerCase() as 'trace' | 'debug' | 'info' | 'warn' | 'error';
-    log[l](meta ?? {}, message);
+    log[levelFor(level, message)](meta ?? {}, message);
   };
   const logger: TemporalLogger = {
     log: at,
