@@ -30,7 +30,7 @@ import { createOverlayFromParts } from '../src/core/overlay/create';
 import type { OverlayMeta } from '../src/core/overlay/format';
 import type { BaseRef, CreateOverlayOptions, JoinSnapshot, LaunchMemory } from '../src/core/overlay/types';
 import { importBase, openBase } from '../src/core/base';
-import { applyOverlay, createOverlay } from '../src/core/overlay';
+import { applyOverlay, baseFilesOf, createOverlay } from '../src/core/overlay';
 import { joinSnapshot, prewarmJoin } from '../src/core/snapshot';
 import { encodeSkeleton } from '../src/core/snapshot/skeleton';
 import { GuestAppClient } from '../src/guest/app-client';
@@ -165,7 +165,7 @@ async function ours(
   rmSync(disk, { force: true });
   rmSync(save, { force: true });
   dropCaches();
-  const [{ timings }, applyS] = await timed(() => applyOverlayToParts({ base, overlay, outDiskPath: disk, outSavePath: save, join }));
+  const [{ timings }, applyS] = await timed(() => applyOverlayToParts({ base: baseFilesOf(base), overlay, outDiskPath: disk, outSavePath: save, join }));
   let exact = sha256File(save) === expected.saveSha256;
   if (expected.diskRaw) {
     try {
@@ -356,7 +356,7 @@ async function guestCase(): Promise<void> {
     rmSync(outDisk, { force: true });
     rmSync(outSave, { force: true });
     dropCaches();
-    const [{ timings }, applyS] = await timed(() => applyOverlay({ base, overlay, outDiskPath: outDisk, outSavePath: outSave }));
+    const [{ timings }, applyS] = await timed(() => applyOverlay({ base: baseFilesOf(base), overlay, outDiskPath: outDisk, outSavePath: outSave }));
     let exact = sha256File(outSave) === saveSha;
     try {
       execFileSync('qemu-img', ['compare', '-q', outDisk, launchDisk]);

@@ -8,7 +8,7 @@ import { performance } from 'node:perf_hooks';
 import type { BaseManifest, BaseSummary, ImportResult, VerifyReport } from '../core/base';
 import { createBase, exportBase, importBase, listBases, openStoredBase, removeBase, verifyBase } from '../core/base';
 import { CloudletError } from '../core/errors';
-import { applyOverlay, createOverlay, readOverlayMeta } from '../core/overlay';
+import { applyOverlay, baseFilesOf, createOverlay, readOverlayMeta } from '../core/overlay';
 import type { OnProgress } from '../core/progress';
 import type { OverlayRecord, Store } from '../core/store';
 import { BASE_FILES, withStore } from '../core/store';
@@ -141,7 +141,7 @@ export class LocalBackend implements Backend {
       }
     }
     const input: Parameters<typeof applyOverlay>[0] = {
-      base,
+      base: baseFilesOf(base),
       overlay,
       outDiskPath: diskPath,
       outSavePath: savePath,

@@ -13,7 +13,7 @@ import os from 'node:os';
 import path from 'node:path';
 import { importBase, openBase } from '../../src/core/base';
 import { isCloudletError } from '../../src/core/errors';
-import { applyOverlay, createOverlay, readOverlayMeta } from '../../src/core/overlay';
+import { applyOverlay, baseFilesOf, createOverlay, readOverlayMeta } from '../../src/core/overlay';
 import type { BaseRef } from '../../src/core/overlay';
 import { sha256File } from '../../src/core/store/files';
 import { GuestAppClient } from '../../src/guest/app-client';
@@ -89,7 +89,7 @@ test('create -> apply rebuilds the customized guest exactly', async () => {
 
   const outDisk = path.join(dir, 'synth.qcow2');
   const outSave = path.join(dir, 'synth.sav');
-  const { timings } = await applyOverlay({ base, overlay: overlayPath, outDiskPath: outDisk, outSavePath: outSave });
+  const { timings } = await applyOverlay({ base: baseFilesOf(base), overlay: overlayPath, outDiskPath: outDisk, outSavePath: outSave });
   expect(timings['total']).toBeGreaterThan(0);
   expect((await sha256File(outSave)).sha256).toBe((await sha256File(launchSave)).sha256);
   execFileSync('qemu-img', ['compare', '-q', outDisk, launchDisk]);
@@ -144,7 +144,7 @@ test('applies from an http URL with Range requests, resuming after a dropped con
     const url = `http://127.0.0.1:${(server.address() as AddressInfo).port}/launch.overlay`;
     const outDisk = path.join(dir, 'http.qcow2');
     const outSave = path.join(dir, 'http.sav');
-    await applyOverlay({ base, overlay: url, outDiskPath: outDisk, outSavePath: outSave });
+    await applyOverlay({ base: baseFilesOf(base), overlay: url, outDiskPath: outDisk, outSavePath: outSave });
     expect(drops).toBe(1);
     expect(ranges).toBeGreaterThanOrEqual(4); // header, meta, data area, resumed data area
     expect((await sha256File(outSave)).sha256).toBe((await sha256File(launchSave)).sha256);
@@ -155,7 +155,7 @@ test('applies from an http URL with Range requests, resuming after a dropped con
 }, 600_000);
 
 test('the overlay does not apply to another base', async () => {
-  const err = await applyOverlay({ base: { ...base, id: '0'.repeat(64) }, overlay: overlayPath, outDiskPath: path.join(dir, 'x.qcow2'), outSavePath: path.join(dir, 'x.sav') }).catch((e: unknown) => e);
+  const err = await applyOverlay({ base: { ...baseFilesOf(base), id: '0'.repeat(64) }, overlay: overlayPath, outDiskPath: path.join(dir, 'x.qcow2'), outSavePath: path.join(dir, 'x.sav') }).catch((e: unknown) => e);
   expect(isCloudletError(err) && err.code).toBe('WRONG_BASE');
   expect(fs.existsSync(path.join(dir, 'x.qcow2'))).toBe(false);
 });

@@ -47,8 +47,6 @@ async function apply(overlay: string, b: BaseRef = base): Promise<{ disk: string
   const outDir = mkdtempSync(path.join(dir, 'out-'));
   const disk = path.join(outDir, 'disk.qcow2');
   const save = path.join(outDir, 'memory.sav');
-  // Round trips apply with the base's files and sizes only (as the host worker does); the failure
-  // cases below pass the opened base with its indexes.
   const { timings } = await applyOverlayToParts({ base: baseFilesOf(b), overlay, outDiskPath: disk, outSavePath: save, join: fakeJoin });
   return { disk, save, timings };
 }
@@ -105,7 +103,7 @@ describe('overlay application rejects bad inputs with typed errors', () => {
     const save = path.join(outDir, 'memory.sav');
     let code = 'none';
     try {
-      await applyOverlayToParts({ base: b, overlay, outDiskPath: disk, outSavePath: save, join: fakeJoin });
+      await applyOverlayToParts({ base: baseFilesOf(b), overlay, outDiskPath: disk, outSavePath: save, join: fakeJoin });
     } catch (e) {
       if (!isCloudletError(e)) throw e;
       code = e.code;
@@ -211,7 +209,7 @@ describe('segments with valid digests but damaged records', () => {
         writeFileSync(f, assemble(m, rebuilt));
         const outDir = mkdtempSync(path.join(dir, 'rec-'));
         try {
-          await applyOverlayToParts({ base, overlay: f, outDiskPath: path.join(outDir, 'd.qcow2'), outSavePath: path.join(outDir, 'm.sav'), join: fakeJoin });
+          await applyOverlayToParts({ base: baseFilesOf(base), overlay: f, outDiskPath: path.join(outDir, 'd.qcow2'), outSavePath: path.join(outDir, 'm.sav'), join: fakeJoin });
           expect(readFileSync(path.join(outDir, 'm.sav')).equals(expectedSave)).toBe(true);
           expect(sameDisk(path.join(outDir, 'd.qcow2'), pair.launchRaw)).toBe(true);
           outcomes.set('exact', (outcomes.get('exact') ?? 0) + 1);
@@ -296,7 +294,7 @@ describe('applying from an http URL', () => {
       try {
         const outDir = mkdtempSync(path.join(dir, 'cut-'));
         const err = await applyOverlayToParts({
-          base,
+          base: baseFilesOf(base),
           overlay: `http://127.0.0.1:${(cut.address() as AddressInfo).port}/x.overlay`,
           outDiskPath: path.join(outDir, 'd.qcow2'),
           outSavePath: path.join(outDir, 'm.sav'),

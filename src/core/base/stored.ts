@@ -93,15 +93,7 @@ export function readBaseManifest(storeRoot: string, baseId: string): Promise<Bas
  */
 export function openBaseFiles(storeRoot: string, baseId: string): Promise<BaseFiles> {
   return withStore(storeRoot, async (store) => {
-    const manifest = await readStoredManifest(store, baseId);
-    const dir = store.baseDir(baseId);
-    const files: BaseFiles = {
-      id: baseId,
-      diskPath: path.join(dir, BASE_FILES.disk),
-      diskSize: manifest.disk.size,
-      memImagePath: path.join(dir, BASE_FILES.memoryImage),
-      memImageSize: manifest.memory.imageSize,
-    };
+    const files = storedFiles(store, baseId, await readStoredManifest(store, baseId));
     for (const [file, size] of [[files.diskPath, files.diskSize], [files.memImagePath, files.memImageSize]] as const) {
       const st = await fsp.stat(file).catch((e: unknown) => {
         throw new CloudletError('CORRUPT', `stored base ${baseId} has lost ${path.basename(file)}: ${(e as Error).message}`, { fix: `remove the base (cloudlet base remove ${baseId}) and import it again` });
@@ -112,6 +104,18 @@ export function openBaseFiles(storeRoot: string, baseId: string): Promise<BaseFi
     }
     return files;
   });
+}
+
+/** Where stored base `baseId` keeps its disk and memory image, and their sizes by its manifest. */
+function storedFiles(store: Store, baseId: string, manifest: BaseManifest): BaseFiles {
+  const dir = store.baseDir(baseId);
+  return {
+    id: baseId,
+    diskPath: path.join(dir, BASE_FILES.disk),
+    diskSize: manifest.disk.size,
+    memImagePath: path.join(dir, BASE_FILES.memoryImage),
+    memImageSize: manifest.memory.imageSize,
+  };
 }
 
 /** Open base `baseId` of the store at `storeRoot`: paths, manifest and both chunk indexes. */
@@ -131,13 +135,14 @@ export async function openStoredBase(store: Store, baseId: string): Promise<Open
       fix: `remove the base (cloudlet base remove ${baseId}) and import it again`,
     });
   }
+  const { id, diskPath, memImagePath } = storedFiles(store, baseId, manifest);
   return {
-    id: baseId,
+    id,
     manifest,
     dir,
-    diskPath: path.join(dir, BASE_FILES.disk),
+    diskPath,
     diskIndex,
-    memImagePath: path.join(dir, BASE_FILES.memoryImage),
+    memImagePath,
     memIndex,
     savePath: path.join(dir, BASE_FILES.memorySave),
     skeletonPath: path.join(dir, BASE_FILES.memorySkeleton),

@@ -19,7 +19,7 @@ import { xzDecompress } from './lzma';
 import { PatchedMemoryImage } from './patched-image';
 import { Qcow2Writer } from './qcow2-writer';
 import { openOverlaySource, type OverlaySource } from './source';
-import { baseFilesOf, type BaseFiles, type BaseRef, type JoinSnapshot, type OnProgress } from './types';
+import type { BaseFiles, JoinSnapshot, OnProgress } from './types';
 
 export async function readMetaFrom(src: OverlaySource): Promise<{ meta: OverlayMeta; dataStart: number }> {
   const header = decodeHeader(await src.read(0, HEADER_SIZE), src.name);
@@ -37,8 +37,8 @@ export async function readOverlayMeta(pathOrUrl: string): Promise<OverlayMeta> {
 }
 
 export interface ApplyToPartsInput {
-  /** An opened base, or just its files and sizes (enough: chunks are read by position). */
-  base: BaseFiles | BaseRef;
+  /** The base's files and sizes (chunks are read by position; baseFilesOf gives them for an opened base). */
+  base: BaseFiles;
   overlay: string;
   outDiskPath: string;
   outSavePath: string;
@@ -259,7 +259,7 @@ export async function applyOverlayToParts(input: ApplyToPartsInput): Promise<{ m
     return now;
   };
   const concurrency = Math.max(1, input.concurrency ?? availableParallelism());
-  const base = 'diskIndex' in input.base ? baseFilesOf(input.base) : input.base;
+  const { base } = input;
   const src = await openOverlaySource(input.overlay);
   const tag = `${process.pid}-${randomBytes(4).toString('hex')}`;
   const diskTmp = `${input.outDiskPath}.${tag}.tmp`;

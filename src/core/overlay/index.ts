@@ -57,8 +57,8 @@ export async function createOverlay(input: CreateOverlayInput): Promise<OverlayM
 }
 
 export interface ApplyOverlayInput {
-  /** An opened base, or just its files and sizes (openBaseFiles: no chunk indexes to load). */
-  base: BaseFiles | BaseRef;
+  /** The base's files and sizes: openBaseFiles (no chunk indexes to load), or baseFilesOf(an opened base). */
+  base: BaseFiles;
   /** File path or http(s) URL. */
   overlay: string;
   /** Written as a qcow2 over base.diskPath. */
