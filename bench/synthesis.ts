@@ -30,6 +30,7 @@ import type { Client } from '@temporalio/client';
 import { temporal } from '@temporalio/proto';
 import { z } from 'zod';
 import { randomMac } from '../src/activities/guest';
+import { hostTaskQueue } from '../src/common/names';
 import { connectClient } from '../src/client/connect';
 import { createLogger } from '../src/common/logger';
 import { hostDir, loadConfig, type Config } from '../src/config';
@@ -97,7 +98,7 @@ function instancePortWatcher(file: string): () => number | undefined {
 }
 
 /** Workflow wall time and the time its activities ran, from its event history. */
-async function orchestration(client: Client, workflowId: string): Promise<{ wallMs: number; activitiesMs: number; activities: number; scheduleToStartMs: number; workflowTasksMs: number; workflowTasks: number }> {
+async function orchestration(client: Client, workflowId: string): Promise<{ wallMs: number; activitiesMs: number; activities: number; localActivities: number; scheduleToStartMs: number; workflowTasksMs: number; workflowTasks: number }> {
   const history = await client.workflow.getHandle(workflowId).fetchHistory();
   const events = history.events ?? [];
   let started: number | undefined;
@@ -109,10 +110,12 @@ async function orchestration(client: Client, workflowId: string): Promise<{ wall
   let scheduleToStartMs = 0;
   let workflowTasksMs = 0;
   let workflowTasks = 0;
+  let localActivities = 0;
   for (const e of events) {
     const t = tsMs(e.eventTime as Timestamp);
     const id = String(e.eventId);
     if (e.eventType === EventType.EVENT_TYPE_WORKFLOW_EXECUTION_STARTED) started = t;
+    else if (e.eventType === EventType.EVENT_TYPE_MARKER_RECORDED && e.markerRecordedEventAttributes?.markerName === 'core_local_activity') localActivities++;
     else if (e.eventType === EventType.EVENT_TYPE_WORKFLOW_EXECUTION_COMPLETED) completed = t;
     else if (e.eventType === EventType.EVENT_TYPE_ACTIVITY_TASK_SCHEDULED || e.eventType === EventType.EVENT_TYPE_WORKFLOW_TASK_SCHEDULED) scheduled.set(id, t);
     else if (e.eventType === EventType.EVENT_TYPE_WORKFLOW_TASK_COMPLETED) {
@@ -134,7 +137,7 @@ async function orchestration(client: Client, workflowId: string): Promise<{ wall
     }
   }
   if (started === undefined || completed === undefined) throw new Error(`workflow ${workflowId} has not completed`);
-  return { wallMs: completed - started, activitiesMs, activities, scheduleToStartMs, workflowTasksMs, workflowTasks };
+  return { wallMs: completed - started, activitiesMs, activities, localActivities, scheduleToStartMs, workflowTasksMs, workflowTasks };
 }
 
 /** The naive original system's "server": hands out whole files over loopback HTTP. */
@@ -252,8 +255,9 @@ async function runCase(hv: LibvirtHypervisor, runs: number, diskMiB: number | un
       running.push(new Promise((resolve) => child.once('exit', () => resolve())));
     }
     await waitForHostsServing(c, [hostA, hostB], 120_000);
-    const exec = <T>(wf: (...a: never[]) => Promise<T>, id: string, arg: unknown): Promise<T> =>
-      c.workflow.execute(wf as (a: unknown) => Promise<T>, { taskQueue: config.workflowTaskQueue, workflowId: id, args: [arg] });
+    // Each operation's workflow runs on its host's queue, as the service starts them.
+    const exec = <A extends { hostId: string }, T>(wf: (a: A) => Promise<T>, id: string, arg: A): Promise<T> =>
+      c.workflow.execute(wf as (a: A) => Promise<T>, { taskQueue: hostTaskQueue(arg.hostId), workflowId: id, args: [arg] });
 
     for (const hostId of [hostA, hostB]) {
       progress(`import the base on ${hostId}`);
@@ -299,7 +303,7 @@ async function runCase(hv: LibvirtHypervisor, runs: number, diskMiB: number | un
       progress(`run ${r + 1}/${runs}: synthesizeVm on ${hostB}`);
       const portOf = instancePortWatcher(path.join(hostDir(config, hostB), 'instances', instanceId, 'instance.json'));
       const t0 = performance.now();
-      const handle = await c.workflow.start(synthesizeVm, { taskQueue: config.workflowTaskQueue, workflowId, args: [{ hostId: hostB, instanceId, overlayUrl: overlay.url }] });
+      const handle = await c.workflow.start(synthesizeVm, { taskQueue: hostTaskQueue(hostB), workflowId, args: [{ hostId: hostB, instanceId, overlayUrl: overlay.url }] });
       let clientMs = NaN;
       const [clientState, result] = await Promise.all([
         firstAnswer(portOf, 300_000).then((a) => {
@@ -318,13 +322,18 @@ async function runCase(hv: LibvirtHypervisor, runs: number, diskMiB: number | un
       for (const [k, v] of Object.entries(result.timings)) push(stages, k, v);
       for (const [k, v] of Object.entries(result.applyTimings ?? {})) push(stages, `apply.${k}`, v);
       const o = await orchestration(c, workflowId);
+      // The preflight runs as a local activity (no start/complete events): its own run time, as it
+      // measured it, counts as activity time; the SDK's handling of it counts as overhead.
+      const localMs = o.localActivities > 0 ? (result.timings.preflightRanMs ?? NaN) : 0;
+      const activitiesMs = o.activitiesMs + localMs;
       push(m, 'orchestration_wall_ms', o.wallMs);
-      push(m, 'orchestration_activities_ms', o.activitiesMs);
-      push(m, 'orchestration_overhead_ms', o.wallMs - o.activitiesMs);
-      push(m, 'orchestration_overhead_pct', (100 * (o.wallMs - o.activitiesMs)) / o.wallMs);
+      push(m, 'orchestration_activities_ms', activitiesMs);
+      push(m, 'orchestration_overhead_ms', o.wallMs - activitiesMs);
+      push(m, 'orchestration_overhead_pct', (100 * (o.wallMs - activitiesMs)) / o.wallMs);
       // Where the overhead goes: activity tasks waiting in their queue, and workflow tasks
       // (scheduled -> completed; they overlap the activity queue waits only at the edges).
       push(stages, 'orchestration.activities', o.activities);
+      push(stages, 'orchestration.localActivities', o.localActivities);
       push(stages, 'orchestration.activityScheduleToStartMs', o.scheduleToStartMs);
       push(stages, 'orchestration.workflowTasks', o.workflowTasks);
       push(stages, 'orchestration.workflowTasksMs', o.workflowTasksMs);

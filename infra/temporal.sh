@@ -39,7 +39,11 @@ start() {
     --db-filename "$STATE/temporal.db" --log-level warn
     # Write-ahead log, fsync at checkpoints: each workflow transition waits for one write, not for
     # several fsyncs (a crash of this machine may lose the last transitions; see docs/production.md).
-    --sqlite-pragma journal_mode=wal --sqlite-pragma synchronous=normal)
+    --sqlite-pragma journal_mode=wal --sqlite-pragma synchronous=normal
+    # An activity scheduled on the queue of the worker that completes the workflow task goes
+    # straight back to that worker, without a trip through the queue (host operations run their
+    # workflow on the host's queue; see src/workers/host-worker.ts).
+    --dynamic-config-value system.enableActivityEagerExecution=true)
   local sa; for sa in "${SEARCH_ATTRIBUTES[@]}"; do args+=(--search-attribute "$sa"); done
   say "starting the Temporal dev server on $ADDRESS (Web UI http://$HOST:$UI_PORT, state $STATE/temporal.db)"
   setsid nohup "$TEMPORAL" "${args[@]}" >>"$STATE/server.log" 2>&1 < /dev/null &

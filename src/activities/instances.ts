@@ -149,7 +149,8 @@ export function createInstanceActivities(deps: CloudletActivityDeps) {
      */
     async preflightSynthesis(input: { overlayUrl: string }): Promise<{ baseId: string; cpuModel: string; virtType: string; timings: Record<string, number> }> {
       const timings: Record<string, number> = {};
-      let t0 = Date.now();
+      const began = Date.now();
+      let t0 = began;
       const overlay = await activities.describeOverlay(input);
       timings['inspect overlayMs'] = Date.now() - t0;
       t0 = Date.now();
@@ -158,6 +159,8 @@ export function createInstanceActivities(deps: CloudletActivityDeps) {
       t0 = Date.now();
       await activities.checkBasePresent({ baseId: overlay.baseId });
       timings['check baseMs'] = Date.now() - t0;
+      // Its own run time: when it runs as a local activity, the history has no start/complete events.
+      timings.preflightRanMs = Date.now() - began;
       return { baseId: overlay.baseId, cpuModel: cpu.cpuModel, virtType: cpu.virtType, timings };
     },
 

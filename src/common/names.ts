@@ -4,7 +4,11 @@
  */
 import { defineSearchAttributeKey, SearchAttributeType } from '@temporalio/common';
 
-/** Workflow tasks of every host go to one shared queue; activities go to the host's own queue. */
+/**
+ * The shared workflow queue: runs that are not one host's operation (recipe rebuilds, self-tests)
+ * and runs started by older clients. A host's own operations run their workflow tasks on the
+ * host's queue (hostTaskQueue), beside its activities.
+ */
 export const WORKFLOW_TASK_QUEUE = 'cloudlet-workflows';
 
 /** A host id: lower-case letters, digits and dashes, as in a DNS label. */

@@ -14,7 +14,7 @@ import { ApplicationFailure } from '@temporalio/common';
 import { assertHostServing } from '../client/connect';
 import type { Config } from '../config';
 import { hostDir } from '../config';
-import { SearchAttributes } from '../common/names';
+import { hostTaskQueue, SearchAttributes } from '../common/names';
 import { CloudletError } from '../core/errors';
 import { exportBase } from '../core/base';
 import { createOverlayVm, importBaseVm, operationProgressQuery, resumeBaseVm, synthesizeVm, terminateVm } from '../workflows';
@@ -70,7 +70,9 @@ export class TemporalCloudletService implements CloudletService {
   private async start(kind: OperationKind, workflow: (input: never) => Promise<unknown>, id: string, input: { hostId: string } & Record<string, unknown>, summary: string): Promise<OperationRef> {
     try {
       await this.client.workflow.start(workflow as (input: unknown) => Promise<unknown>, {
-        taskQueue: this.config.workflowTaskQueue,
+        // The host's own queue: its worker runs the workflow tasks beside the activities
+        // (local checks, eager dispatch; see src/workers/host-worker.ts).
+        taskQueue: hostTaskQueue(input.hostId),
         workflowId: id,
         args: [input],
         // Set at start so the run is findable (and its host known) before its first task runs.
@@ -138,9 +140,15 @@ export class TemporalCloudletService implements CloudletService {
     try {
       await handle.result();
     } catch (e) {
+      // The first typed application failure down the chain: an activity's failure comes wrapped
+      // in an ActivityFailure, a local activity's and the workflow's own come bare.
+      let typed: ApplicationFailure | undefined;
+      for (let c: unknown = e instanceof WorkflowFailedError ? e.cause : e; c instanceof Error && !typed; c = c.cause) {
+        if (c instanceof ApplicationFailure && c.type) typed = c;
+      }
       const cause = e instanceof WorkflowFailedError ? (e.cause?.cause ?? e.cause) : e;
-      status.error = cause instanceof ApplicationFailure
-        ? { type: cause.type ?? 'FAILED', message: cause.message, nonRetryable: cause.nonRetryable === true }
+      status.error = typed
+        ? { type: typed.type ?? 'FAILED', message: typed.message, nonRetryable: typed.nonRetryable === true }
         : { type: name, message: (cause as Error)?.message ?? String(cause), nonRetryable: true };
     }
     return status;

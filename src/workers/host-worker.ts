@@ -1,8 +1,12 @@
 /**
- * One worker process per cloudlet host. It polls the host's own task queue for activities
- * (they touch this host's files and hypervisor) and the shared queue for workflow tasks.
+ * One worker process per cloudlet host. It polls the host's own task queue for activities (they
+ * touch this host's files and hypervisor) and for the workflow tasks of the host's own operations,
+ * and the shared queue for workflow tasks of runs started there (rebuilds, self-tests, older
+ * clients). Running an operation's workflow on its host's queue lets it run short host checks as
+ * local activities and have its activities dispatched eagerly (docs/operations.md).
  */
-import { NativeConnection, Worker } from '@temporalio/worker';
+import { bundleWorkflowCode, NativeConnection, Runtime, Worker } from '@temporalio/worker';
+import type { WorkflowBundleWithSourceMap } from '@temporalio/worker';
 import type { Logger } from 'pino';
 import { hostTaskQueue } from '../common/names';
 import type { Config } from '../config';
@@ -23,6 +27,13 @@ export interface HostWorker {
   publicUrl: string;
 }
 
+let bundle: Promise<WorkflowBundleWithSourceMap> | undefined;
+/** The workflows, bundled once per process (every Worker of every host in it shares the bundle). */
+function workflowBundle(): Promise<WorkflowBundleWithSourceMap> {
+  bundle ??= bundleWorkflowCode({ workflowsPath: require.resolve('../workflows'), logger: Runtime.instance().logger });
+  return bundle;
+}
+
 export async function createHostWorker(config: Config, hostId: string, log: Logger, publishPort = 0): Promise<HostWorker> {
   installRuntimeLogging(log);
   const connection = await NativeConnection.connect({ address: config.temporalAddress });
@@ -33,18 +44,20 @@ export async function createHostWorker(config: Config, hostId: string, log: Logg
   // The first synthesis on this host should not pay for the hashing thread and I/O buffers.
   await prewarmJoin();
   const activities = createHostActivities({ hostId, dataDir, config, log, publicUrl: () => publisher.url });
-  const activityWorker = await Worker.create({
+  const workflows = await workflowBundle();
+  const hostQueueWorker = await Worker.create({
     connection,
     namespace: config.namespace,
     taskQueue: hostTaskQueue(hostId),
     activities,
+    workflowBundle: workflows,
     maxConcurrentActivityTaskExecutions: 4,
   });
-  const workflowWorker = await Worker.create({
+  const sharedQueueWorker = await Worker.create({
     connection,
     namespace: config.namespace,
     taskQueue: config.workflowTaskQueue,
-    workflowsPath: require.resolve('../workflows'),
+    workflowBundle: workflows,
   });
   log.info({ hostId, publishes: publisher.url, queues: [hostTaskQueue(hostId), config.workflowTaskQueue] }, 'host worker ready');
   return {
@@ -52,15 +65,15 @@ export async function createHostWorker(config: Config, hostId: string, log: Logg
     publicUrl: publisher.url,
     async run() {
       try {
-        await Promise.all([activityWorker.run(), workflowWorker.run()]);
+        await Promise.all([hostQueueWorker.run(), sharedQueueWorker.run()]);
       } finally {
         await publisher.close();
         await connection.close();
       }
     },
     shutdown() {
-      activityWorker.shutdown();
-      workflowWorker.shutdown();
+      hostQueueWorker.shutdown();
+      sharedQueueWorker.shutdown();
     },
   };
 }

@@ -9,9 +9,9 @@ import type { Logger } from 'pino';
 let installed = false;
 
 /**
- * Each host runs one Worker for its activities and one for the shared workflow queue, so the SDK's
- * "No workflows registered, not polling for workflow tasks" (and the activities twin) is expected:
- * debug, not a warning in every worker's log.
+ * Each host runs a second Worker, workflows only, for the shared workflow queue, so the SDK's
+ * "No activities registered, not polling for activity tasks" (and its workflows twin) is
+ * expected: debug, not a warning in every worker's log.
  */
 const EXPECTED = /^No (workflows|activities) registered, not polling for (workflow|activity) tasks/;
 

@@ -1,6 +1,8 @@
 /**
  * The cloudlet operations as workflows: orchestration only (order, retries, timeouts,
- * compensation). Every activity runs on the task queue of the host that holds the data.
+ * compensation). Every activity runs on the task queue of the host that holds the data. The
+ * service starts an operation's workflow on that queue too; a run started on the shared queue
+ * works the same, with regular activities only.
  */
 import {
   ActivityCancellationType,
@@ -8,11 +10,13 @@ import {
   CancellationScope,
   defineQuery,
   proxyActivities,
+  proxyLocalActivities,
   setCurrentDetails,
   setHandler,
   upsertSearchAttributes,
+  workflowInfo,
 } from '@temporalio/workflow';
-import type { ActivityOptions } from '@temporalio/workflow';
+import type { ActivityOptions, RetryPolicy } from '@temporalio/workflow';
 import type { InstanceActivities } from '../activities/instances';
 import type { RecipeActivities } from '../activities/recipes';
 import { hostTaskQueue, SearchAttributes } from '../common/names';
@@ -27,9 +31,20 @@ export const operationProgressQuery = defineQuery<OperationProgress>('progress')
 const NON_RETRYABLE = ['BAD_INPUT', 'NOT_FOUND', 'CORRUPT', 'DIGEST_MISMATCH', 'WRONG_BASE', 'UNSUPPORTED_VERSION', 'CPU_MODEL_UNUSABLE', 'CONFLICT'];
 
 function hostActivities(hostId: string) {
-  const common: ActivityOptions = { taskQueue: hostTaskQueue(hostId), retry: { maximumAttempts: 5, initialInterval: '1 second', nonRetryableErrorTypes: NON_RETRYABLE } };
+  const retry: RetryPolicy = { maximumAttempts: 5, initialInterval: '1 second', nonRetryableErrorTypes: NON_RETRYABLE };
+  const common: ActivityOptions = { taskQueue: hostTaskQueue(hostId), retry };
+  const quick = proxyActivities<InstanceActivities & RecipeActivities>({ ...common, startToCloseTimeout: '2 minutes' });
   return {
-    quick: proxyActivities<InstanceActivities & RecipeActivities>({ ...common, startToCloseTimeout: '2 minutes' }),
+    quick,
+    /**
+     * Short checks of the host: as local activities when this run's workflow tasks are on the
+     * host's own queue (so this worker is the host's), which saves a workflow task and a dispatch
+     * each; otherwise as regular activities on the host's queue.
+     */
+    check: workflowInfo().taskQueue === hostTaskQueue(hostId)
+      // Backoffs of a second or more wait on a workflow timer, not inside a workflow task.
+      ? proxyLocalActivities<InstanceActivities>({ startToCloseTimeout: '2 minutes', retry, localRetryThreshold: '1 second' })
+      : quick,
     // A cancelled run waits for its long step to stop (it notices at its next heartbeat and removes
     // its temporary files) before compensating.
     long: proxyActivities<InstanceActivities>({ ...common, startToCloseTimeout: '30 minutes', heartbeatTimeout: '20 seconds', cancellationType: ActivityCancellationType.WAIT_CANCELLATION_COMPLETED }),
@@ -96,12 +111,12 @@ export async function importBaseVm(input: ImportBaseVmInput) {
 export interface ResumeBaseVmInput { hostId: string; baseId: string; instanceId: string; appPort?: number }
 export async function resumeBaseVm(input: ResumeBaseVmInput) {
   const t = tracker('resumeBaseVm', input.hostId, [{ key: SearchAttributes.baseId, value: input.baseId }]);
-  const { quick, long } = hostActivities(input.hostId);
+  const { quick, check, long } = hostActivities(input.hostId);
   return tracked(t, async () => {
     t.stage('check base');
-    const base = await quick.checkBasePresent({ baseId: input.baseId });
+    const base = await check.checkBasePresent({ baseId: input.baseId });
     t.stage('verify CPU model');
-    await quick.checkCpuModel(base.cpuModel ? { cpuModel: base.cpuModel } : {});
+    await check.checkCpuModel(base.cpuModel ? { cpuModel: base.cpuModel } : {});
     t.stage('resume');
     try {
       return await long.resumeBaseInstance({ instanceId: input.instanceId, baseId: input.baseId, ...(input.appPort ? { appPort: input.appPort } : {}) });
@@ -137,7 +152,7 @@ export async function createOverlayVm(input: CreateOverlayVmInput) {
 export interface SynthesizeVmInput { hostId: string; instanceId: string; overlayUrl: string; waitForApp?: boolean; appPort?: number }
 export async function synthesizeVm(input: SynthesizeVmInput) {
   const t = tracker('synthesizeVm', input.hostId);
-  const { quick, long } = hostActivities(input.hostId);
+  const { quick, check, long } = hostActivities(input.hostId);
   const started = Date.now();
   const timings: Record<string, number> = {};
   const timed = async <T>(name: string, f: () => Promise<T>): Promise<T> => {
@@ -152,7 +167,7 @@ export async function synthesizeVm(input: SynthesizeVmInput) {
   return tracked(t, async () => {
     // Early checks, before any transfer: what the overlay needs, and whether this host has it.
     // (inspect the overlay, verify its CPU model is usable here, check its base is on this host)
-    const overlay = await timed('preflight', () => quick.preflightSynthesis({ overlayUrl: input.overlayUrl }));
+    const overlay = await timed('preflight', () => check.preflightSynthesis({ overlayUrl: input.overlayUrl }));
     Object.assign(timings, overlay.timings);
     t.tag(SearchAttributes.baseId, overlay.baseId);
     try {

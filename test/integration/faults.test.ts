@@ -21,6 +21,7 @@ import { GuestAppClient } from '../../src/guest/app-client';
 import { REPO, ensureInfra, removeHostDomains, uniqueSuffix, workerCommand } from '../helpers/infra';
 import { testBasePackage } from '../helpers/test-base';
 import { pollUntil } from '../helpers/poll';
+import { hostTaskQueue } from '../../src/common/names';
 
 jest.setTimeout(20 * 60_000);
 
@@ -80,7 +81,9 @@ describe('faults during synthesis', () => {
 
   it('completes a synthesis whose host worker was killed half-way, leaving no stray file', async () => {
     const id = `synthesizeVm/${hostB}/k1`;
-    const handle = await client.workflow.start(synthesizeVm, { taskQueue: config.workflowTaskQueue, workflowId: id, args: [{ hostId: hostB, instanceId: 'k1', overlayUrl }] });
+    // On B's own queue, as the service starts it: B's worker runs the workflow too, and it is the
+    // workflow's only worker while it is down.
+    const handle = await client.workflow.start(synthesizeVm, { taskQueue: hostTaskQueue(hostB), workflowId: id, args: [{ hostId: hostB, instanceId: 'k1', overlayUrl }] });
     // Kill B's worker while it fetches and applies the overlay.
     await pollUntil('B to be applying the overlay', 120_000, async () => {
       if ((await handle.query(operationProgressQuery)).stage !== 'fetch and apply overlay') return undefined;
@@ -98,6 +101,10 @@ describe('faults during synthesis', () => {
     const scheduled = events.find((e) => e.activityTaskScheduledEventAttributes?.activityType?.name === 'synthesizeInstanceFiles');
     const started = events.find((e) => e.activityTaskStartedEventAttributes && String(e.activityTaskStartedEventAttributes.scheduledEventId) === String(scheduled?.eventId));
     expect(started?.activityTaskStartedEventAttributes?.attempt).toBeGreaterThanOrEqual(2);
+    // On the host's queue the preflight ran as a local activity: a marker, no activity task.
+    expect(events.filter((e) => e.markerRecordedEventAttributes?.markerName === 'core_local_activity')).toHaveLength(1);
+    expect(events.some((e) => e.activityTaskScheduledEventAttributes?.activityType?.name === 'preflightSynthesis')).toBe(false);
+    expect(result.timings.preflightRanMs).toBeGreaterThanOrEqual(0);
     const state = await new GuestAppClient(result.hostPort).state();
     expect(state.token).toBe(token);
     expect(state.disk).toBe('before the fault');

@@ -14,6 +14,7 @@ import { createLogger } from '../../src/common/logger';
 import { createOverlayVm, importBaseVm, resumeBaseVm, synthesizeVm, terminateVm } from '../../src/workflows';
 import { GuestAppClient } from '../../src/guest/app-client';
 import { testBasePackage } from '../helpers/test-base';
+import { hostTaskQueue } from '../../src/common/names';
 
 jest.setTimeout(20 * 60_000);
 
@@ -65,6 +66,11 @@ describe('cloudlet operations across two hosts', () => {
     expect(state.disk).toBe(message);
     expect(state.bootId).toBe(before.state.bootId); // resumed, never rebooted
     expect(synth.timings.firstResponseMs).toBeGreaterThan(0);
+    // Started on the shared workflow queue, the preflight is a regular activity on B's queue
+    // (on B's own queue it is a local activity: test/integration/faults.test.ts).
+    const history = (await client.workflow.getHandle(`synthesizeVm/${hostB}/app1`).fetchHistory()).events ?? [];
+    const preflight = history.find((e) => e.activityTaskScheduledEventAttributes?.activityType?.name === 'preflightSynthesis');
+    expect(preflight?.activityTaskScheduledEventAttributes?.taskQueue?.name).toBe(hostTaskQueue(hostB));
 
     // Operators find the run by its search attributes.
     const query = `WorkflowId = 'synthesizeVm/${hostB}/app1' AND CloudletHost = '${hostB}' AND CloudletBaseId = '${pkg.baseId}' AND CloudletStatus = 'succeeded'`;
