@@ -13,6 +13,11 @@ export function heartbeat(details?: unknown): void {
   current()?.heartbeat(details);
 }
 
+/** The running activity's cancellation signal; undefined outside an activity. */
+export function cancellationSignal(): AbortSignal | undefined {
+  return current()?.cancellationSignal;
+}
+
 /**
  * For the progress callbacks of long core operations: heartbeat, and if the activity has been
  * cancelled, throw — the core then aborts and removes its temporary files like on any error.

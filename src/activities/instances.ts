@@ -17,7 +17,7 @@ import type { Hypervisor } from '../hypervisor/types';
 import { createQcow2Overlay } from '../hypervisor/disk';
 import { editDomainXml } from '../hypervisor/domain-xml';
 import { GuestAppClient } from '../guest/app-client';
-import { heartbeat, heartbeatOrCancel, withHeartbeats } from './heartbeat';
+import { cancellationSignal, heartbeat, heartbeatOrCancel, withHeartbeats } from './heartbeat';
 import { randomMac } from './guest';
 
 export interface InstanceRecord {
@@ -51,6 +51,18 @@ export function createInstanceActivities(deps: CloudletActivityDeps) {
   const storeRoot = path.join(deps.dataDir, 'store');
   const instancesDir = path.join(deps.dataDir, 'instances');
   const domainName = (instanceId: string): string => `cl-${deps.hostId}-${instanceId}`;
+  /**
+   * A check that names its host (a local activity runs on whichever worker runs the workflow task)
+   * refuses to answer for another host.
+   */
+  const onThisHost = (input: { hostId?: string }): void => {
+    if (input.hostId !== undefined && input.hostId !== deps.hostId) {
+      throw new CloudletError('BAD_INPUT', `a check of host ${input.hostId} ran on host ${deps.hostId}: the workflow was started with onHostQueue on another queue than ${input.hostId}'s`, {
+        fix: `start it on the host's own task queue (hostTaskQueue('${input.hostId}')), or without onHostQueue`,
+        details: { hostId: input.hostId, ranOn: deps.hostId },
+      });
+    }
+  };
 
   function instanceDir(instanceId: string): string {
     if (!INSTANCE_ID.test(instanceId)) {
@@ -114,7 +126,8 @@ export function createInstanceActivities(deps: CloudletActivityDeps) {
     },
 
     /** Early, before any transfer: the CPU model the VM was saved with must be usable here. */
-    async checkCpuModel(input: { cpuModel?: string }): Promise<{ virtType: string; cpuModel: string }> {
+    async checkCpuModel(input: { cpuModel?: string; hostId?: string }): Promise<{ virtType: string; cpuModel: string }> {
+      onThisHost(input);
       const virtType = await hv.virtType();
       const cpuModel = input.cpuModel ?? 'qemu64';
       await hv.checkCpuModel(cpuModel, virtType);
@@ -127,7 +140,8 @@ export function createInstanceActivities(deps: CloudletActivityDeps) {
       return { baseId: meta.base.id, ...(meta.launch.cpuModel ? { cpuModel: meta.launch.cpuModel } : {}), segments: meta.segments.length, bytes };
     },
 
-    async checkBasePresent(input: { baseId: string }): Promise<{ cpuModel?: string }> {
+    async checkBasePresent(input: { baseId: string; hostId?: string }): Promise<{ cpuModel?: string }> {
+      onThisHost(input);
       try {
         // The manifest only: the apply step opens the whole base (indexes included) and checks it.
         const manifest = await readBaseManifest(storeRoot, input.baseId);
@@ -147,8 +161,9 @@ export function createInstanceActivities(deps: CloudletActivityDeps) {
      * Everything synthesis checks before any transfer, in one step: what the overlay needs (its
      * meta, a few KB by Range), that its CPU model is usable here, and that its base is on this host.
      */
-    async preflightSynthesis(input: { overlayUrl: string }): Promise<{ baseId: string; cpuModel: string; virtType: string; timings: Record<string, number> }> {
+    async preflightSynthesis(input: { overlayUrl: string; hostId?: string }): Promise<{ baseId: string; cpuModel: string; virtType: string; timings: Record<string, number>; ranMs: number }> {
       const timings: Record<string, number> = {};
+      onThisHost(input);
       const began = Date.now();
       let t0 = began;
       const overlay = await activities.describeOverlay(input);
@@ -160,8 +175,7 @@ export function createInstanceActivities(deps: CloudletActivityDeps) {
       await activities.checkBasePresent({ baseId: overlay.baseId });
       timings['check baseMs'] = Date.now() - t0;
       // Its own run time: when it runs as a local activity, the history has no start/complete events.
-      timings.preflightRanMs = Date.now() - began;
-      return { baseId: overlay.baseId, cpuModel: cpu.cpuModel, virtType: cpu.virtType, timings };
+      return { baseId: overlay.baseId, cpuModel: cpu.cpuModel, virtType: cpu.virtType, timings, ranMs: Date.now() - began };
     },
 
     /** A new instance from a base: a qcow2 over the base disk and the base's memory, resumed. */
@@ -240,13 +254,24 @@ export function createInstanceActivities(deps: CloudletActivityDeps) {
       const diskPath = path.join(dir, 'disk.qcow2');
       const savePath = path.join(dir, 'memory.sav');
       const base = await openBaseFiles(storeRoot, input.baseId);
-      const r = await applyOverlay({
-        base,
-        overlay: input.overlayUrl,
-        outDiskPath: diskPath,
-        outSavePath: savePath,
-        onProgress: progress('apply overlay'),
-      });
+      // Heartbeats also between blobs (a slow or stalled download is not a dead worker), and a
+      // cancellation they bring back stops the download at once.
+      let last = { stage: 'apply overlay', bytesDone: 0, bytesTotal: 0 };
+      const onProgress = progress('apply overlay');
+      const r = await withHeartbeats(
+        applyOverlay({
+          base,
+          overlay: input.overlayUrl,
+          outDiskPath: diskPath,
+          outSavePath: savePath,
+          onProgress: (done, total) => {
+            last = { stage: 'apply overlay', bytesDone: done, bytesTotal: total };
+            onProgress(done, total);
+          },
+          ...(cancellationSignal() ? { signal: cancellationSignal() } : {}),
+        }),
+        () => last,
+      );
       if (r.meta.base.id !== input.baseId) {
         throw new CloudletError('WRONG_BASE', `overlay ${input.overlayUrl} was made for base ${r.meta.base.id}, not ${input.baseId}`);
       }

@@ -1,7 +1,7 @@
 /**
- * The CloudletService on Temporal. Operations are workflows started on the shared workflow
- * queue with ids that say what they are ("synthesizeVm/<host>/<instance>"); their activities
- * run on the hosts' own queues. The service keeps no database of its own: what exists (bases on
+ * The CloudletService on Temporal. Operations are workflows started on the task queue of their
+ * host (whose worker runs their workflow tasks and activities) with ids that say what they are
+ * ("synthesizeVm/<host>/<instance>"). The service keeps no database of its own: what exists (bases on
  * hosts, overlays, instances) is read back from the results of the workflows that made it,
  * found through their search attributes. An idempotency key becomes part of the workflow id
  * and duplicate ids are rejected, so a retried request returns the operation it started first.
@@ -10,14 +10,14 @@ import { randomBytes } from 'node:crypto';
 import fs from 'node:fs';
 import path from 'node:path';
 import { WorkflowExecutionAlreadyStartedError, WorkflowFailedError, type Client, type WorkflowHandle } from '@temporalio/client';
-import { ApplicationFailure } from '@temporalio/common';
+import { ActivityFailure, ApplicationFailure, ChildWorkflowFailure } from '@temporalio/common';
 import { assertHostServing } from '../client/connect';
 import type { Config } from '../config';
 import { hostDir } from '../config';
 import { hostTaskQueue, SearchAttributes } from '../common/names';
 import { CloudletError } from '../core/errors';
 import { exportBase } from '../core/base';
-import { createOverlayVm, importBaseVm, operationProgressQuery, resumeBaseVm, synthesizeVm, terminateVm } from '../workflows';
+import { createOverlayVm, importBaseVm, operationProgressQuery, resumeBaseVm, synthesizeVm, terminateVm, type OperationProgress } from '../workflows';
 import type {
   BaseInfo,
   CloudletService,
@@ -34,6 +34,8 @@ import type {
 } from './types';
 
 const KEY = /^[A-Za-z0-9_-]{1,64}$/;
+/** How long a status waits for the run's worker to answer its progress query. */
+const PROGRESS_QUERY_MS = 3000;
 
 interface Closed {
   id: string;
@@ -58,6 +60,14 @@ export class TemporalCloudletService implements CloudletService {
 
   // ---- operations ------------------------------------------------------------------------------
 
+  /**
+   * The run's stages, from its progress query, answered by the worker of the run's host (its
+   * queue). Within a few seconds or not at all: a host that is down must not hold up the status.
+   */
+  private progressOf(handle: WorkflowHandle): Promise<OperationProgress | undefined> {
+    return this.client.withDeadline(Date.now() + PROGRESS_QUERY_MS, () => handle.query(operationProgressQuery)).catch(() => undefined);
+  }
+
   private ref(id: string, kind: OperationKind): OperationRef {
     return { id, kind, webUiUrl: `${this.config.webUiUrl}/namespaces/${this.config.namespace}/workflows/${encodeURIComponent(id)}` };
   }
@@ -74,7 +84,8 @@ export class TemporalCloudletService implements CloudletService {
         // (local checks, eager dispatch; see src/workers/host-worker.ts).
         taskQueue: hostTaskQueue(input.hostId),
         workflowId: id,
-        args: [input],
+        // onHostQueue: the run's short checks are local activities (see HostOperationInput).
+        args: [{ ...input, onHostQueue: true }],
         // Set at start so the run is findable (and its host known) before its first task runs.
         typedSearchAttributes: [
           { key: SearchAttributes.host, value: input.hostId },
@@ -113,7 +124,7 @@ export class TemporalCloudletService implements CloudletService {
     };
     const name = d.status.name;
     if (name === 'RUNNING') {
-      const p = await handle.query(operationProgressQuery).catch(() => undefined);
+      const p = await this.progressOf(handle);
       if (p) status.progress = { stage: p.stage, done: p.done };
       const pending = d.raw.pendingActivities?.[0];
       const details = pending?.heartbeatDetails?.payloads?.[0]?.data;
@@ -129,7 +140,7 @@ export class TemporalCloudletService implements CloudletService {
       return status;
     }
     // A closed run still answers the progress query (from its history): the stages it went through.
-    const p = await handle.query(operationProgressQuery).catch(() => undefined);
+    const p = await this.progressOf(handle);
     if (p) status.progress = { stage: p.stage, done: p.done };
     if (name === 'COMPLETED') {
       status.state = 'succeeded';
@@ -140,15 +151,13 @@ export class TemporalCloudletService implements CloudletService {
     try {
       await handle.result();
     } catch (e) {
-      // The first typed application failure down the chain: an activity's failure comes wrapped
-      // in an ActivityFailure, a local activity's and the workflow's own come bare.
-      let typed: ApplicationFailure | undefined;
-      for (let c: unknown = e instanceof WorkflowFailedError ? e.cause : e; c instanceof Error && !typed; c = c.cause) {
-        if (c instanceof ApplicationFailure && c.type) typed = c;
-      }
-      const cause = e instanceof WorkflowFailedError ? (e.cause?.cause ?? e.cause) : e;
-      status.error = typed
-        ? { type: typed.type ?? 'FAILED', message: typed.message, nonRetryable: typed.nonRetryable === true }
+      // What failed: an activity's failure comes wrapped in an ActivityFailure, a local
+      // activity's and the workflow's own come bare. Only those wrappers are looked through (a
+      // timeout's cause is an earlier attempt's failure, not why the run failed).
+      let cause: unknown = e instanceof WorkflowFailedError ? e.cause : e;
+      while ((cause instanceof ActivityFailure || cause instanceof ChildWorkflowFailure) && cause.cause) cause = cause.cause;
+      status.error = cause instanceof ApplicationFailure
+        ? { type: cause.type ?? 'FAILED', message: cause.message, nonRetryable: cause.nonRetryable === true }
         : { type: name, message: (cause as Error)?.message ?? String(cause), nonRetryable: true };
     }
     return status;

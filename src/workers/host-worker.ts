@@ -52,6 +52,9 @@ export async function createHostWorker(config: Config, hostId: string, log: Logg
     activities,
     workflowBundle: workflows,
     maxConcurrentActivityTaskExecutions: 4,
+    // Heartbeats reach the server every 2 s at most (not 80% of the heartbeat timeout), so a
+    // cancelled long step hears of it within seconds.
+    maxHeartbeatThrottleInterval: '2 seconds',
   });
   const sharedQueueWorker = await Worker.create({
     connection,

@@ -10,7 +10,7 @@ import { createHostWorker } from './host-worker';
 
 async function main(): Promise<void> {
   const program = new Command('cloudlet-worker')
-    .description('Run the worker of one cloudlet host: its activities queue and the shared workflow queue')
+    .description("Run the worker of one cloudlet host: its own queue (the host's activities and operations) and the shared workflow queue")
     .option('--host <id>', 'host id (default: $CLOUDLET_HOST_ID or "local")')
     .parse();
   const config = loadConfig();

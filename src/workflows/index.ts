@@ -1,4 +1,4 @@
 // Every workflow the workers register. Workflows import activity *types* only.
 export { guestSelfTest, progressQuery } from './guest-self-test';
-export { importBaseVm, resumeBaseVm, createOverlayVm, synthesizeVm, terminateVm, operationProgressQuery } from './operations';
+export { importBaseVm, resumeBaseVm, createOverlayVm, synthesizeVm, terminateVm, operationProgressQuery, type OperationProgress } from './operations';
 export { rebuildOverlay } from './rebuild';

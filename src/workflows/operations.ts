@@ -14,7 +14,6 @@ import {
   setCurrentDetails,
   setHandler,
   upsertSearchAttributes,
-  workflowInfo,
 } from '@temporalio/workflow';
 import type { ActivityOptions, RetryPolicy } from '@temporalio/workflow';
 import type { InstanceActivities } from '../activities/instances';
@@ -30,20 +29,34 @@ export const operationProgressQuery = defineQuery<OperationProgress>('progress')
 /** Non-retryable failure types: a retry cannot fix them. */
 const NON_RETRYABLE = ['BAD_INPUT', 'NOT_FOUND', 'CORRUPT', 'DIGEST_MISMATCH', 'WRONG_BASE', 'UNSUPPORTED_VERSION', 'CPU_MODEL_UNUSABLE', 'CONFLICT'];
 
-function hostActivities(hostId: string) {
+/** What every host operation's input has. */
+export interface HostOperationInput {
+  hostId: string;
+  /**
+   * The run was started on the host's own task queue (hostTaskQueue(hostId)), whose only worker is
+   * the host's: its short checks run there as local activities. Part of the input, so a replay
+   * takes the same path; a check that finds itself on another host fails with BAD_INPUT.
+   */
+  onHostQueue?: boolean;
+}
+
+function hostActivities(hostId: string, onHostQueue?: boolean) {
   const retry: RetryPolicy = { maximumAttempts: 5, initialInterval: '1 second', nonRetryableErrorTypes: NON_RETRYABLE };
   const common: ActivityOptions = { taskQueue: hostTaskQueue(hostId), retry };
   const quick = proxyActivities<InstanceActivities & RecipeActivities>({ ...common, startToCloseTimeout: '2 minutes' });
+  const local = onHostQueue === true;
   return {
     quick,
+    /** Whether `check` runs local activities. */
+    local,
     /**
-     * Short checks of the host: as local activities when this run's workflow tasks are on the
-     * host's own queue (so this worker is the host's), which saves a workflow task and a dispatch
-     * each; otherwise as regular activities on the host's queue.
+     * Short checks of the host: as local activities when the run is on the host's own queue (so
+     * this worker is the host's; pass `hostId` so a check verifies it), which saves a workflow task
+     * and a dispatch each; otherwise as regular activities on the host's queue.
      */
-    check: workflowInfo().taskQueue === hostTaskQueue(hostId)
-      // Backoffs of a second or more wait on a workflow timer, not inside a workflow task.
-      ? proxyLocalActivities<InstanceActivities>({ startToCloseTimeout: '2 minutes', retry, localRetryThreshold: '1 second' })
+    check: local
+      // Every retry backoff (1 s or more) waits on a workflow timer, not inside a workflow task.
+      ? proxyLocalActivities<InstanceActivities>({ startToCloseTimeout: '2 minutes', retry, localRetryThreshold: '500 ms' })
       : quick,
     // A cancelled run waits for its long step to stop (it notices at its next heartbeat and removes
     // its temporary files) before compensating.
@@ -87,7 +100,7 @@ async function tracked<T>(t: ReturnType<typeof tracker>, body: () => Promise<T>)
   }
 }
 
-export interface ImportBaseVmInput { hostId: string; source: string }
+export interface ImportBaseVmInput extends HostOperationInput { source: string }
 export async function importBaseVm(input: ImportBaseVmInput) {
   const t = tracker('importBaseVm', input.hostId);
   const { quick, long } = hostActivities(input.hostId);
@@ -108,15 +121,15 @@ export async function importBaseVm(input: ImportBaseVmInput) {
   });
 }
 
-export interface ResumeBaseVmInput { hostId: string; baseId: string; instanceId: string; appPort?: number }
+export interface ResumeBaseVmInput extends HostOperationInput { baseId: string; instanceId: string; appPort?: number }
 export async function resumeBaseVm(input: ResumeBaseVmInput) {
   const t = tracker('resumeBaseVm', input.hostId, [{ key: SearchAttributes.baseId, value: input.baseId }]);
-  const { quick, check, long } = hostActivities(input.hostId);
+  const { quick, check, long } = hostActivities(input.hostId, input.onHostQueue);
   return tracked(t, async () => {
     t.stage('check base');
-    const base = await check.checkBasePresent({ baseId: input.baseId });
+    const base = await check.checkBasePresent({ baseId: input.baseId, hostId: input.hostId });
     t.stage('verify CPU model');
-    await check.checkCpuModel(base.cpuModel ? { cpuModel: base.cpuModel } : {});
+    await check.checkCpuModel({ ...(base.cpuModel ? { cpuModel: base.cpuModel } : {}), hostId: input.hostId });
     t.stage('resume');
     try {
       return await long.resumeBaseInstance({ instanceId: input.instanceId, baseId: input.baseId, ...(input.appPort ? { appPort: input.appPort } : {}) });
@@ -127,7 +140,7 @@ export async function resumeBaseVm(input: ResumeBaseVmInput) {
   });
 }
 
-export interface CreateOverlayVmInput { hostId: string; instanceId: string; keepInstance?: boolean; lzmaLevel?: number; delta?: boolean }
+export interface CreateOverlayVmInput extends HostOperationInput { instanceId: string; keepInstance?: boolean; lzmaLevel?: number; delta?: boolean }
 export async function createOverlayVm(input: CreateOverlayVmInput) {
   const t = tracker('createOverlay', input.hostId);
   const { quick, long } = hostActivities(input.hostId);
@@ -149,10 +162,10 @@ export async function createOverlayVm(input: CreateOverlayVmInput) {
   });
 }
 
-export interface SynthesizeVmInput { hostId: string; instanceId: string; overlayUrl: string; waitForApp?: boolean; appPort?: number }
+export interface SynthesizeVmInput extends HostOperationInput { instanceId: string; overlayUrl: string; waitForApp?: boolean; appPort?: number }
 export async function synthesizeVm(input: SynthesizeVmInput) {
   const t = tracker('synthesizeVm', input.hostId);
-  const { quick, check, long } = hostActivities(input.hostId);
+  const { quick, check, local, long } = hostActivities(input.hostId, input.onHostQueue);
   const started = Date.now();
   const timings: Record<string, number> = {};
   const timed = async <T>(name: string, f: () => Promise<T>): Promise<T> => {
@@ -167,7 +180,7 @@ export async function synthesizeVm(input: SynthesizeVmInput) {
   return tracked(t, async () => {
     // Early checks, before any transfer: what the overlay needs, and whether this host has it.
     // (inspect the overlay, verify its CPU model is usable here, check its base is on this host)
-    const overlay = await timed('preflight', () => check.preflightSynthesis({ overlayUrl: input.overlayUrl }));
+    const overlay = await timed('preflight', () => check.preflightSynthesis({ overlayUrl: input.overlayUrl, hostId: input.hostId }));
     Object.assign(timings, overlay.timings);
     t.tag(SearchAttributes.baseId, overlay.baseId);
     try {
@@ -177,7 +190,8 @@ export async function synthesizeVm(input: SynthesizeVmInput) {
       const resumed = await timed('resume', () => long.resumeInstance({ instanceId: input.instanceId, waitForApp: input.waitForApp ?? true }));
       Object.assign(timings, resumed.timings);
       timings.firstResponseMs = Date.now() - started;
-      return { hostId: input.hostId, instanceId: input.instanceId, baseId: overlay.baseId, hostPort: resumed.hostPort, timings, applyTimings: applied.timings };
+      // localActivitiesMs: what the local activities' own code took (they have no activity events).
+      return { hostId: input.hostId, instanceId: input.instanceId, baseId: overlay.baseId, hostPort: resumed.hostPort, timings, applyTimings: applied.timings, localActivitiesMs: local ? overlay.ranMs : 0 };
     } catch (e) {
       // Compensation: no half-made VM or file stays behind.
       await CancellationScope.nonCancellable(() => quick.terminateInstance({ instanceId: input.instanceId }));
@@ -186,7 +200,7 @@ export async function synthesizeVm(input: SynthesizeVmInput) {
   });
 }
 
-export interface TerminateVmInput { hostId: string; instanceId: string }
+export interface TerminateVmInput extends HostOperationInput { instanceId: string }
 export async function terminateVm(input: TerminateVmInput) {
   const t = tracker('terminateVm', input.hostId);
   const { quick } = hostActivities(input.hostId);

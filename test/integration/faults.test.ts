@@ -5,17 +5,20 @@
  * 2. the overlay URL serves corrupted bytes: the workflow fails non-retryably, naming the bad
  *    segment, and leaves nothing behind.
  */
-import type { Client } from '@temporalio/client';
+import type { Client, WorkflowHandle } from '@temporalio/client';
 import { WorkflowFailedError } from '@temporalio/client';
 import { execFileSync, spawn, type ChildProcess } from 'node:child_process';
 import fs from 'node:fs';
+import http from 'node:http';
+import type { AddressInfo } from 'node:net';
 import path from 'node:path';
 import { loadConfig, type Config } from '../../src/config';
 import { assertHostServing, connectClient } from '../../src/client/connect';
+import { Worker } from '@temporalio/worker';
 import { createHostWorker, type HostWorker } from '../../src/workers/host-worker';
 import { startPublisher, type Publisher } from '../../src/workers/publisher';
 import { createLogger } from '../../src/common/logger';
-import { createOverlayVm, importBaseVm, operationProgressQuery, resumeBaseVm, synthesizeVm } from '../../src/workflows';
+import { createOverlayVm, importBaseVm, resumeBaseVm, synthesizeVm } from '../../src/workflows';
 import { readOverlayMeta } from '../../src/core/overlay';
 import { GuestAppClient } from '../../src/guest/app-client';
 import { REPO, ensureInfra, removeHostDomains, uniqueSuffix, workerCommand } from '../helpers/infra';
@@ -28,6 +31,40 @@ jest.setTimeout(20 * 60_000);
 function listFiles(dir: string): string[] {
   if (!fs.existsSync(dir)) return [];
   return fs.readdirSync(dir, { recursive: true, withFileTypes: true }).filter((e) => e.isFile()).map((e) => path.join(e.parentPath, e.name));
+}
+
+/**
+ * Serves one overlay with Range support. The first request for the data area (from past the header
+ * and meta to the end) gets half its bytes, then nothing until release(); later ones are served whole.
+ */
+async function startStallingServer(bytes: Buffer): Promise<{ url: string; holding(): boolean; release(): void; close(): Promise<void> }> {
+  let held: http.ServerResponse | undefined;
+  let stalled = false;
+  const server = http.createServer((req, res) => {
+    const m = /^bytes=(\d+)-(\d*)$/.exec(req.headers.range ?? '');
+    const from = m ? Number(m[1]) : 0;
+    const to = m && m[2] ? Math.min(Number(m[2]), bytes.length - 1) : bytes.length - 1;
+    res.writeHead(m ? 206 : 200, { 'Content-Length': to - from + 1, ...(m ? { 'Content-Range': `bytes ${from}-${to}/${bytes.length}` } : {}) });
+    if (!stalled && from > 0 && to === bytes.length - 1) {
+      stalled = true;
+      held = res;
+      res.write(bytes.subarray(from, from + Math.floor((to - from + 1) / 2)));
+      return;
+    }
+    res.end(bytes.subarray(from, to + 1));
+  });
+  await new Promise<void>((resolve) => server.listen(0, '127.0.0.1', resolve));
+  const { port } = server.address() as AddressInfo;
+  return {
+    url: `http://127.0.0.1:${port}/stalling.overlay`,
+    holding: () => held !== undefined,
+    release: () => held?.destroy(),
+    close: () => new Promise<void>((resolve) => {
+      held?.destroy();
+      server.closeAllConnections();
+      server.close(() => resolve());
+    }),
+  };
 }
 
 describe('faults during synthesis', () => {
@@ -81,20 +118,25 @@ describe('faults during synthesis', () => {
 
   it('completes a synthesis whose host worker was killed half-way, leaving no stray file', async () => {
     const id = `synthesizeVm/${hostB}/k1`;
-    // On B's own queue, as the service starts it: B's worker runs the workflow too, and it is the
-    // workflow's only worker while it is down.
-    const handle = await client.workflow.start(synthesizeVm, { taskQueue: hostTaskQueue(hostB), workflowId: id, args: [{ hostId: hostB, instanceId: 'k1', overlayUrl }] });
-    // Kill B's worker while it fetches and applies the overlay.
-    await pollUntil('B to be applying the overlay', 120_000, async () => {
-      if ((await handle.query(operationProgressQuery)).stage !== 'fetch and apply overlay') return undefined;
-      const d = await handle.describe();
-      const pending = d.raw.pendingActivities ?? [];
-      return pending.some((p) => p.activityType?.name === 'synthesizeInstanceFiles' && p.lastStartedTime) ? true : undefined;
-    });
-    workerB?.kill('SIGKILL');
-    await pollUntil('worker B to exit', 30_000, async () => (workerB?.exitCode !== null || workerB?.signalCode !== null ? true : undefined));
-    workerB = startWorkerB();
+    // The overlay comes through a server that sends the first half of the first data-area
+    // download and then holds it, so B is certainly mid-apply when it is killed.
+    const stall = await startStallingServer(Buffer.from(await (await fetch(overlayUrl)).arrayBuffer()));
+    try {
+      // On B's own queue, as the service starts it: B's worker runs the workflow too, and it is
+      // the workflow's only worker while it is down.
+      const handle = await client.workflow.start(synthesizeVm, { taskQueue: hostTaskQueue(hostB), workflowId: id, args: [{ hostId: hostB, onHostQueue: true, instanceId: 'k1', overlayUrl: stall.url }] });
+      await pollUntil('B to be half-way through the download', 120_000, async () => (stall.holding() ? true : undefined));
+      workerB?.kill('SIGKILL');
+      await pollUntil('worker B to exit', 30_000, async () => (workerB?.exitCode !== null || workerB?.signalCode !== null ? true : undefined));
+      stall.release();
+      workerB = startWorkerB();
+      await checkCompleted(handle);
+    } finally {
+      await stall.close();
+    }
+  });
 
+  const checkCompleted = async (handle: WorkflowHandle<typeof synthesizeVm>): Promise<void> => {
     const result = await handle.result();
     // The apply activity really was cut off: it completed on a later attempt, on the new worker.
     const events = (await handle.fetchHistory()).events ?? [];
@@ -104,7 +146,10 @@ describe('faults during synthesis', () => {
     // On the host's queue the preflight ran as a local activity: a marker, no activity task.
     expect(events.filter((e) => e.markerRecordedEventAttributes?.markerName === 'core_local_activity')).toHaveLength(1);
     expect(events.some((e) => e.activityTaskScheduledEventAttributes?.activityType?.name === 'preflightSynthesis')).toBe(false);
-    expect(result.timings.preflightRanMs).toBeGreaterThanOrEqual(0);
+    expect(result.localActivitiesMs).toBeGreaterThanOrEqual(0);
+    expect(result.localActivitiesMs).toBeLessThan(result.timings.firstResponseMs ?? 0);
+    // The path taken (local checks) is in the input, so a replay on another queue is deterministic.
+    await Worker.runReplayHistory({ workflowsPath: require.resolve('../../src/workflows') }, await handle.fetchHistory(), handle.workflowId);
     const state = await new GuestAppClient(result.hostPort).state();
     expect(state.token).toBe(token);
     expect(state.disk).toBe('before the fault');
@@ -114,20 +159,31 @@ describe('faults during synthesis', () => {
     expect(files.filter((f) => f.startsWith('instances/')).sort()).toEqual(
       ['instances/k1/disk.qcow2', 'instances/k1/instance.json', 'instances/k1/memory.sav', 'instances/k1/serial.log', 'instances/k1/synthesized'].sort(),
     );
-  });
+  };
 
-  it('leaves no half-made VM or file when a synthesis is cancelled', async () => {
+  it('leaves no half-made VM or file when a synthesis is cancelled mid-download', async () => {
     const id = `synthesizeVm/${hostB}/x1`;
-    const handle = await client.workflow.start(synthesizeVm, { taskQueue: config.workflowTaskQueue, workflowId: id, args: [{ hostId: hostB, instanceId: 'x1', overlayUrl }] });
-    await pollUntil('the apply stage', 120_000, async () => ((await handle.query(operationProgressQuery)).stage === 'fetch and apply overlay' ? true : undefined));
-    await handle.cancel();
-    const err = await handle.result().catch((e: unknown) => e);
-    expect(err).toBeInstanceOf(WorkflowFailedError);
-    expect((err as WorkflowFailedError).cause?.name).toBe('CancelledFailure');
-    expect((await handle.describe()).status.name).toBe('CANCELLED');
-    expect(fs.existsSync(path.join(config.varDir, 'hosts', hostB, 'instances', 'x1'))).toBe(false);
-    const domains = execFileSync('virsh', ['-c', 'qemu:///system', 'list', '--all', '--name'], { encoding: 'utf8' });
-    expect(domains).not.toContain(`cl-${hostB}-x1`);
+    // Held half-way through its download (see startStallingServer): the cancellation reaches the
+    // apply through its heartbeats and stops the download; nothing is ever released.
+    const stall = await startStallingServer(Buffer.from(await (await fetch(overlayUrl)).arrayBuffer()));
+    try {
+      const handle = await client.workflow.start(synthesizeVm, { taskQueue: hostTaskQueue(hostB), workflowId: id, args: [{ hostId: hostB, onHostQueue: true, instanceId: 'x1', overlayUrl: stall.url }] });
+      await pollUntil('B to be half-way through the download', 120_000, async () => (stall.holding() ? true : undefined));
+      await handle.cancel();
+      const err = await handle.result().catch((e: unknown) => e);
+      expect(err).toBeInstanceOf(WorkflowFailedError);
+      expect((err as WorkflowFailedError).cause?.name).toBe('CancelledFailure');
+      expect((await handle.describe()).status.name).toBe('CANCELLED');
+      // The apply stopped on its first attempt (cancelled, not timed out and retried).
+      const events = (await handle.fetchHistory()).events ?? [];
+      expect(events.some((e) => e.activityTaskCanceledEventAttributes)).toBe(true);
+      expect(events.filter((e) => e.activityTaskStartedEventAttributes).map((e) => e.activityTaskStartedEventAttributes?.attempt)).not.toContain(2);
+      expect(fs.existsSync(path.join(config.varDir, 'hosts', hostB, 'instances', 'x1'))).toBe(false);
+      const domains = execFileSync('virsh', ['-c', 'qemu:///system', 'list', '--all', '--name'], { encoding: 'utf8' });
+      expect(domains).not.toContain(`cl-${hostB}-x1`);
+    } finally {
+      await stall.close();
+    }
   });
 
   it('fails non-retryably, naming the bad segment, when the overlay URL serves corrupted bytes', async () => {

@@ -106,4 +106,21 @@ describe('cloudlet operations across two hosts', () => {
       fs.rmSync(`${config.varDir}/hosts/${hostC}`, { recursive: true, force: true });
     }
   });
+
+  it('refuses to run host B\'s local checks on host A when a run claims a queue it is not on', async () => {
+    // onHostQueue says "this queue is B's", but the run is on A's queue: A's worker runs the
+    // workflow and its local preflight, which finds it is on A, not B, and fails at once.
+    const overlayFile = fs.readdirSync(`${config.varDir}/hosts/${hostA}/store/overlays`).find((f) => f.endsWith('.overlay'));
+    const err = await client.workflow.execute(synthesizeVm, {
+      taskQueue: hostTaskQueue(hostA),
+      workflowId: `synthesizeVm/${hostB}/misplaced`,
+      args: [{ hostId: hostB, onHostQueue: true, instanceId: 'misplaced', overlayUrl: `${workers[0]?.publicUrl}/overlays/${overlayFile}` }],
+    }).catch((e: unknown) => e);
+    expect(err).toBeInstanceOf(WorkflowFailedError);
+    const cause = (err as WorkflowFailedError).cause as { type?: string; message?: string; nonRetryable?: boolean } | undefined;
+    expect(cause?.type).toBe('BAD_INPUT');
+    expect(cause?.message).toContain(`a check of host ${hostB} ran on host ${hostA}`);
+    expect(fs.existsSync(`${config.varDir}/hosts/${hostB}/instances/misplaced`)).toBe(false);
+    expect(fs.existsSync(`${config.varDir}/hosts/${hostA}/instances/misplaced`)).toBe(false);
+  });
 });

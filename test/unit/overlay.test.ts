@@ -311,6 +311,53 @@ describe('applying from an http URL', () => {
   });
 });
 
+describe('aborting an apply', () => {
+  test('stops a stalled download at once with the abort reason, without retrying, and leaves nothing', async () => {
+    const overlay = await create('abort.overlay');
+    const bytes = readFileSync(overlay);
+    const ranges: string[] = [];
+    let holding: (() => void) | undefined;
+    const held = new Promise<void>((r) => (holding = r));
+    const server = http.createServer((req, res) => {
+      const m = /^bytes=(\d+)-(\d+)$/.exec(req.headers.range ?? '');
+      const from = Number(m?.[1] ?? 0);
+      const to = Math.min(Number(m?.[2] ?? bytes.length - 1), bytes.length - 1);
+      ranges.push(`${from}-${to}`);
+      res.writeHead(206, { 'content-length': to - from + 1, 'content-range': `bytes ${from}-${to}/${bytes.length}` });
+      if (to === bytes.length - 1 && from > 0) {
+        // The data area: some bytes, then silence.
+        res.write(bytes.subarray(from, from + 100));
+        holding?.();
+        return;
+      }
+      res.end(bytes.subarray(from, to + 1));
+    });
+    await new Promise<void>((r) => server.listen(0, '127.0.0.1', r));
+    try {
+      const outDir = mkdtempSync(path.join(dir, 'abort-'));
+      const ac = new AbortController();
+      const applying = applyOverlayToParts({
+        base: baseFilesOf(base),
+        overlay: `http://127.0.0.1:${(server.address() as AddressInfo).port}/x.overlay`,
+        outDiskPath: path.join(outDir, 'd.qcow2'),
+        outSavePath: path.join(outDir, 'm.sav'),
+        join: fakeJoin,
+        signal: ac.signal,
+      }).catch((e: unknown) => e);
+      await held;
+      const requests = ranges.length;
+      const reason = new Error('cancelled by the test');
+      ac.abort(reason);
+      expect(await applying).toBe(reason);
+      expect(ranges.length).toBe(requests); // no resumed download after the abort
+      expect(readdirSync(outDir)).toEqual([]);
+    } finally {
+      server.closeAllConnections();
+      server.close();
+    }
+  });
+});
+
 describe('overlay creation checks the launch disk', () => {
   test('a launch disk backed by another image is WRONG_BASE; by an identical copy it is fine', async () => {
     const other = path.join(dir, 'other-base.raw');

@@ -45,6 +45,8 @@ export interface ApplyToPartsInput {
   join: JoinSnapshot;
   concurrency?: number;
   onProgress?: OnProgress;
+  /** Aborting it stops the download at once; the apply fails with its reason and cleans up. */
+  signal?: AbortSignal;
 }
 
 function corrupt(segment: number, msg: string, cause?: unknown): CloudletError {
@@ -260,7 +262,7 @@ export async function applyOverlayToParts(input: ApplyToPartsInput): Promise<{ m
   };
   const concurrency = Math.max(1, input.concurrency ?? availableParallelism());
   const { base } = input;
-  const src = await openOverlaySource(input.overlay);
+  const src = await openOverlaySource(input.overlay, input.signal ? { signal: input.signal } : {});
   const tag = `${process.pid}-${randomBytes(4).toString('hex')}`;
   const diskTmp = `${input.outDiskPath}.${tag}.tmp`;
   const saveTmp = `${input.outSavePath}.${tag}.tmp`;

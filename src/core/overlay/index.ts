@@ -66,6 +66,8 @@ export interface ApplyOverlayInput {
   outSavePath: string;
   concurrency?: number;
   onProgress?: OnProgress;
+  /** Stops the download (and so the apply) at once; the apply then removes what it wrote. */
+  signal?: AbortSignal;
 }
 
 export function applyOverlay(input: ApplyOverlayInput): Promise<{ meta: OverlayMeta; timings: Record<string, number> }> {

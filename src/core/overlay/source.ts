@@ -18,8 +18,15 @@ export function isUrl(s: string): boolean {
   return /^https?:\/\//i.test(s);
 }
 
-export async function openOverlaySource(pathOrUrl: string, opts: { retries?: number } = {}): Promise<OverlaySource> {
-  return isUrl(pathOrUrl) ? new HttpSource(pathOrUrl, opts.retries ?? 5) : FileSource.open(pathOrUrl);
+export interface SourceOptions {
+  /** Download attempts after a broken one (http). */
+  retries?: number;
+  /** Aborts a download in progress (http): reads then fail with the signal's reason, no retry. */
+  signal?: AbortSignal;
+}
+
+export async function openOverlaySource(pathOrUrl: string, opts: SourceOptions = {}): Promise<OverlaySource> {
+  return isUrl(pathOrUrl) ? new HttpSource(pathOrUrl, opts.retries ?? 5, opts.signal) : FileSource.open(pathOrUrl);
 }
 
 function truncated(name: string, offset: number, length: number, got: number): CloudletError {
@@ -69,13 +76,20 @@ class HttpSource implements OverlaySource {
   constructor(
     readonly name: string,
     private readonly retries: number,
+    private readonly signal: AbortSignal | undefined,
   ) {}
+
+  /** Throws the abort reason once the caller has aborted: an abort is not a broken download. */
+  private checkAborted(): void {
+    if (this.signal?.aborted) throw this.signal.reason ?? new Error(`download of overlay ${this.name} aborted`);
+  }
 
   private async request(from: number, to: number): Promise<Response> {
     let res: Response;
     try {
-      res = await fetch(this.name, { headers: { Range: `bytes=${from}-${to}` } });
+      res = await fetch(this.name, { headers: { Range: `bytes=${from}-${to}` }, ...(this.signal ? { signal: this.signal } : {}) });
     } catch (e) {
+      this.checkAborted();
       throw new CloudletError('TIMEOUT', `cannot fetch overlay ${this.name}: ${(e as Error).message}`, { cause: e, fix: 'check the URL and that the server is up' });
     }
     if (res.status === 416) throw truncated(this.name, from, to - from + 1, 0);
@@ -118,6 +132,7 @@ class HttpSource implements OverlaySource {
           if (done >= length) break;
         }
       } catch (e) {
+        this.checkAborted();
         failures += 1;
         if (failures > this.retries) {
           throw new CloudletError('TIMEOUT', `download of overlay ${this.name} failed ${failures} times (last at byte ${offset + done}): ${(e as Error).message}`, {
