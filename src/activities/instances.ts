@@ -258,6 +258,7 @@ export function createInstanceActivities(deps: CloudletActivityDeps) {
       // cancellation they bring back stops the download at once.
       let last = { stage: 'apply overlay', bytesDone: 0, bytesTotal: 0 };
       const onProgress = progress('apply overlay');
+      const signal = cancellationSignal();
       const r = await withHeartbeats(
         applyOverlay({
           base,
@@ -268,7 +269,7 @@ export function createInstanceActivities(deps: CloudletActivityDeps) {
             last = { stage: 'apply overlay', bytesDone: done, bytesTotal: total };
             onProgress(done, total);
           },
-          ...(cancellationSignal() ? { signal: cancellationSignal() } : {}),
+          ...(signal ? { signal } : {}),
         }),
         () => last,
       );
