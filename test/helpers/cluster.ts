@@ -1,8 +1,7 @@
 /**
  * A test cluster on the real Temporal dev server: host workers run in this process (each polls its
  * host's queue, for activities and workflows, and a shared workflow queue of the test's own), with
- * unique host ids. stop() shuts
- * the workers down and removes the hosts' VMs and files.
+ * unique host ids. stop() shuts the workers down and removes the hosts' VMs and files.
  */
 import fs from 'node:fs';
 import path from 'node:path';

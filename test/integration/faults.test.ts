@@ -2,11 +2,16 @@
  * Faults, on real Temporal and real libvirt:
  * 1. host B's worker process is killed (SIGKILL) during synthesis and started again: the
  *    workflow completes by itself and no stray or partial file remains on B;
- * 2. the overlay URL serves corrupted bytes: the workflow fails non-retryably, naming the bad
+ *    (its history then replays deterministically);
+ * 2. a synthesis is cancelled while its download is held half-way: it stops, and no VM or file
+ *    remains;
+ * 3. the overlay URL serves corrupted bytes: the workflow fails non-retryably, naming the bad
  *    segment, and leaves nothing behind.
+ * The synthesis runs on B's own queue (as the service starts it) in 1 and 2.
  */
 import type { Client, WorkflowHandle } from '@temporalio/client';
 import { WorkflowFailedError } from '@temporalio/client';
+import { Worker } from '@temporalio/worker';
 import { execFileSync, spawn, type ChildProcess } from 'node:child_process';
 import fs from 'node:fs';
 import http from 'node:http';
@@ -14,7 +19,6 @@ import type { AddressInfo } from 'node:net';
 import path from 'node:path';
 import { loadConfig, type Config } from '../../src/config';
 import { assertHostServing, connectClient } from '../../src/client/connect';
-import { Worker } from '@temporalio/worker';
 import { createHostWorker, type HostWorker } from '../../src/workers/host-worker';
 import { startPublisher, type Publisher } from '../../src/workers/publisher';
 import { createLogger } from '../../src/common/logger';
