@@ -19,7 +19,7 @@
  * BENCH_MEM_FRACTION (default BENCH_FRACTION) sets the memory's changed fraction of `generated`.
  */
 import { execFile, execFileSync, spawn } from 'node:child_process';
-import { mkdirSync, readFileSync, rmSync, statSync, writeFileSync } from 'node:fs';
+import { closeSync, mkdirSync, openSync, readFileSync, rmSync, statSync, writeFileSync, writeSync } from 'node:fs';
 import { availableParallelism, loadavg } from 'node:os';
 import path from 'node:path';
 import { performance } from 'node:perf_hooks';
@@ -62,6 +62,53 @@ async function timed<T>(f: () => Promise<T>): Promise<[T, number]> {
   return [v, (performance.now() - t) / 1000];
 }
 
+const CLK_TCK = ((): number => {
+  try {
+    return Number(execFileSync('getconf', ['CLK_TCK'], { encoding: 'utf8' }).trim()) || 100;
+  } catch {
+    return 100;
+  }
+})();
+
+/** CPU seconds of this process (all its threads) and of its reaped children (xz, xdelta3), from /proc/self/stat. */
+function cpuTimes(): { self: number; children: number } {
+  // Fields after the command's closing parenthesis: utime, stime, cutime, cstime are the 12th-15th.
+  const stat = readFileSync('/proc/self/stat', 'utf8');
+  const f = stat.slice(stat.lastIndexOf(')') + 2).split(' ').map(Number);
+  const at = (i: number): number => f[i] ?? 0;
+  return { self: (at(11) + at(12)) / CLK_TCK, children: (at(13) + at(14)) / CLK_TCK };
+}
+
+/** Wall and CPU seconds of f: CPU is this process's threads plus the children it waited for. */
+async function timedCpu<T>(f: () => Promise<T>): Promise<[T, number, number]> {
+  const c0 = cpuTimes();
+  const [v, wall] = await timed(f);
+  const c1 = cpuTimes();
+  return [v, wall, c1.self - c0.self + (c1.children - c0.children)];
+}
+
+/**
+ * The least any apply that produces the launch VM's save file pays: writing its bytes into a new
+ * file on the same filesystem (8 MiB writes from memory, after a sync, as before each apply).
+ */
+function saveFileWriteS(dir: string, savePath: string): number {
+  const bytes = readFileSync(savePath);
+  const out = path.join(dir, 'write-floor.tmp');
+  rmSync(out, { force: true });
+  dropCaches();
+  const t = performance.now();
+  const fd = openSync(out, 'w');
+  try {
+    for (let at = 0; at < bytes.length; ) at += writeSync(fd, bytes, at, Math.min(8 * MiB, bytes.length - at), at);
+  } finally {
+    closeSync(fd);
+  }
+  const s = (performance.now() - t) / 1000;
+  rmSync(out, { force: true });
+  dropCaches();
+  return s;
+}
+
 function dropCaches(): void {
   // Best effort: measure with warm base files either way (a host keeps its bases hot), but do not
   // let one method profit from the other's writes.
@@ -82,7 +129,7 @@ function naiveWindow(base: string): string[] {
 }
 
 /** The naive method: xdelta3 over each whole image against its base, then xz -9. */
-async function naive(dir: string, pairs: Array<{ name: string; base: string; launch: string }>): Promise<{ size: number; createS: number; applyS: number; exact: boolean }> {
+async function naive(dir: string, pairs: Array<{ name: string; base: string; launch: string }>): Promise<NaiveResult> {
   mkdirSync(dir, { recursive: true });
   let size = 0;
   const [, createS] = await timed(async () => {
@@ -95,7 +142,7 @@ async function naive(dir: string, pairs: Array<{ name: string; base: string; lau
   });
   dropCaches();
   let exact = true;
-  const [, applyS] = await timed(async () => {
+  const [, applyS, applyCpuS] = await timedCpu(async () => {
     for (const p of pairs) {
       const delta = path.join(dir, `${p.name}.vcdiff`);
       const out = path.join(dir, `${p.name}.out`);
@@ -108,7 +155,15 @@ async function naive(dir: string, pairs: Array<{ name: string; base: string; lau
     exact &&= sha256File(out) === sha256File(p.launch);
     rmSync(out, { force: true });
   }
-  return { size, createS, applyS, exact };
+  return { size, createS, applyS, applyCpuS, exact };
+}
+
+interface NaiveResult {
+  size: number;
+  createS: number;
+  applyS: number;
+  applyCpuS: number;
+  exact: boolean;
 }
 
 /** Decompress the overlay's segments with `xz -d`, `cores` processes at once: the machine's bound. */
@@ -143,6 +198,9 @@ interface OursResult {
   size: number;
   createS: number;
   applyS: number;
+  applyCpuS: number;
+  /** Writing the save file's bytes to a new file (see saveFileWriteS). */
+  writeFloorS: number;
   timings: Record<string, number>;
   exact: boolean;
 }
@@ -165,8 +223,9 @@ async function ours(
   rmSync(disk, { force: true });
   rmSync(save, { force: true });
   dropCaches();
-  const [{ timings }, applyS] = await timed(() => applyOverlayToParts({ base: baseFilesOf(base), overlay, outDiskPath: disk, outSavePath: save, join }));
+  const [{ timings }, applyS, applyCpuS] = await timedCpu(() => applyOverlayToParts({ base: baseFilesOf(base), overlay, outDiskPath: disk, outSavePath: save, join }));
   let exact = sha256File(save) === expected.saveSha256;
+  const writeFloorS = saveFileWriteS(dir, save);
   if (expected.diskRaw) {
     try {
       execFileSync('qemu-img', ['compare', '-q', '-f', 'qcow2', '-F', 'raw', disk, expected.diskRaw]);
@@ -175,14 +234,14 @@ async function ours(
     }
   }
   rmSync(save, { force: true });
-  return { meta, size: statSync(overlay).size, createS, applyS, timings, exact };
+  return { meta, size: statSync(overlay).size, createS, applyS, applyCpuS, writeFloorS, timings, exact };
 }
 
 async function indexBase(id: string, diskPath: string, memImagePath: string): Promise<BaseRef> {
   return { id, diskPath, diskIndex: await buildChunkIndex(diskPath), memImagePath, memIndex: await buildChunkIndex(memImagePath) };
 }
 
-function report(caseName: string, o: OursResult, n: { size: number; createS: number; applyS: number; exact: boolean }, bound: { mbps: number; rawBytes: number }, extra: Record<string, unknown> = {}): void {
+function report(caseName: string, o: OursResult, n: NaiveResult, bound: { mbps: number; rawBytes: number; seconds: number }, extra: Record<string, unknown> = {}): void {
   const rawBytes = o.meta.segments.reduce((a, s) => a + s.rawLength, 0);
   const applyMbps = rawBytes / MiB / o.applyS;
   const streamMbps = rawBytes / MiB / ((o.timings['stream'] ?? o.applyS * 1000) / 1000);
@@ -198,6 +257,21 @@ function report(caseName: string, o: OursResult, n: { size: number; createS: num
     applyS: r3(o.applyS),
     naiveApplyS: r3(n.applyS),
     applyRatio: r3(o.applyS / n.applyS),
+    // Floors of our apply time, as ratios to the naive apply: its CPU time spread over every core
+    // (this implementation, perfectly parallel), writing the save file's bytes (any method that
+    // produces the file), decompressing the segments with parallel xz -d (the throughput bound).
+    applyCpuS: r3(o.applyCpuS),
+    naiveApplyCpuS: r3(n.applyCpuS),
+    floors: {
+      cpuOverCoresS: r3(o.applyCpuS / cores),
+      writeSaveFileS: r3(o.writeFloorS),
+      xzBoundS: r3(bound.seconds),
+    },
+    floorRatios: {
+      cpuOverCores: r3(o.applyCpuS / cores / n.applyS),
+      writeSaveFile: r3(o.writeFloorS / n.applyS),
+      xzBound: r3(bound.seconds / n.applyS),
+    },
     segments: o.meta.segments.length,
     segmentRawBytes: rawBytes,
     applyMiBps: r3(applyMbps),
@@ -356,15 +430,16 @@ async function guestCase(): Promise<void> {
     rmSync(outDisk, { force: true });
     rmSync(outSave, { force: true });
     dropCaches();
-    const [{ timings }, applyS] = await timed(() => applyOverlay({ base: baseFilesOf(base), overlay, outDiskPath: outDisk, outSavePath: outSave }));
+    const [{ timings }, applyS, applyCpuS] = await timedCpu(() => applyOverlay({ base: baseFilesOf(base), overlay, outDiskPath: outDisk, outSavePath: outSave }));
     let exact = sha256File(outSave) === saveSha;
+    const writeFloorS = saveFileWriteS(dir, outSave);
     try {
       execFileSync('qemu-img', ['compare', '-q', outDisk, launchDisk]);
     } catch {
       exact = false;
     }
     const bound = await xzBound(overlay, meta, path.join(dir, 'xzbound'));
-    report('guest', { meta, size: statSync(overlay).size, createS, applyS, timings, exact }, n, bound, {
+    report('guest', { meta, size: statSync(overlay).size, createS, applyS, applyCpuS, writeFloorS, timings, exact }, n, bound, {
       delta,
       memoryMiB: Math.round(meta.launch.memory.imageSize / MiB),
       diskMiB: Math.round(meta.launch.disk.virtualSize / MiB),
