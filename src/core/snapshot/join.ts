@@ -80,6 +80,11 @@ class OutWriter {
     return at;
   }
 
+  /** Bytes left in the buffer. */
+  get room(): number {
+    return this.buf.length - this.len;
+  }
+
   get buffer(): Buffer {
     return this.buf;
   }
@@ -208,10 +213,12 @@ async function rebuild(skeleton: Buffer, img: MemoryImageSource, outFh: FileHand
     readAb = takeBuffer();
     const readBuf = Buffer.from(readAb);
     if (header.mode === 'opaque') {
+      // Straight into the output buffer: no copy.
       for (let pos = 0; pos < imgSize; ) {
-        const n = Math.min(IO_SIZE, imgSize - pos);
-        await img.read(readBuf, n, pos);
-        await w.write(readBuf.subarray(0, n));
+        if (!w.fits(PAGE_SIZE)) await w.flush();
+        const n = Math.min(w.room, imgSize - pos);
+        const at = w.reserve(n);
+        await img.read(w.buffer.subarray(at, at + n), n, pos);
         pos += n;
       }
     } else {
