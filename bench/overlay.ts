@@ -6,7 +6,9 @@
  * the original prototype measured in the same run (xdelta3 over each whole image against the base,
  * then `xz -9`; apply = `xz -d` + `xdelta3 -d`): overlay size, create time, apply time and their
  * ratios (targets: size ≤ 0.5, apply ≤ 0.25), plus apply throughput against the parallel `xz -d`
- * bound on the same segments. `flat` shows apply time when only the base disk grows.
+ * bound on the same segments, and floors of our apply (its CPU time over the cores, writing the
+ * save file's bytes, parallel `xz -d`) as ratios to the naive apply. `flat` shows apply time when
+ * only the base disk grows.
  *
  * `generated` is a 1 GiB disk / 512 MiB memory pair modelling a back-end application installed on
  * a base VM (test/helpers/install-pair.ts: new files, metadata edits, copies of base files, freed
