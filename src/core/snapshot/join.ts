@@ -210,8 +210,6 @@ async function rebuild(skeleton: Buffer, img: MemoryImageSource, outFh: FileHand
     if (imgSize !== header.memImageSize) {
       throw new CloudletError('CORRUPT', `${what} has ${imgSize} bytes; its skeleton expects ${header.memImageSize}`, { fix: 'use the memory image that belongs to this skeleton' });
     }
-    readAb = takeBuffer();
-    const readBuf = Buffer.from(readAb);
     if (header.mode === 'opaque') {
       // Straight into the output buffer: no copy.
       for (let pos = 0; pos < imgSize; ) {
@@ -222,6 +220,8 @@ async function rebuild(skeleton: Buffer, img: MemoryImageSource, outFh: FileHand
         pos += n;
       }
     } else {
+      readAb = takeBuffer();
+      const readBuf = Buffer.from(readAb);
       const names = header.blocks.map((b) => Buffer.from(b.name, 'latin1'));
       for (const o of ops) {
         if (o.op === 'lit') {
