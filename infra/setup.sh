@@ -1,17 +1,19 @@
 #!/usr/bin/env bash
 # Installs and starts everything the project needs, idempotently, and says what it does:
 # Debian packages, npm dependencies, the Temporal CLI (built from its Go module), libvirtd,
-# the Temporal dev server, and the test guest. A second run finds everything in place.
+# the Temporal dev server, the test guest and the Debian guest. A second run finds everything in place.
 set -euo pipefail
 source "$(dirname "$0")/lib.sh"
 cd "$ROOT"
 
 # 1. Debian packages: hypervisor, native-addon toolchain, compression tools, the guest build's needs.
+# iproute2: ip and tc for the emulated edge links (docs/links.md).
 PACKAGES=(qemu-system-x86 qemu-utils libvirt-daemon-system libvirt-clients libvirt-dev tini
-  xdelta3 xz-utils build-essential python3 pkg-config curl ca-certificates)
-if [ -f infra/guest/host-packages.txt ]; then
-  while read -r p; do [ -n "$p" ] && [ "${p#\#}" = "$p" ] && PACKAGES+=("$p"); done < infra/guest/host-packages.txt
-fi
+  xdelta3 xz-utils build-essential python3 pkg-config curl ca-certificates iproute2)
+for list in infra/guest/host-packages.txt infra/debian/host-packages.txt; do
+  [ -f "$list" ] || continue
+  while read -r p; do [ -n "$p" ] && [ "${p#\#}" = "$p" ] && PACKAGES+=("$p"); done < "$list"
+done
 ensure_packages "${PACKAGES[@]}"
 
 # 2. npm dependencies (native addons are compiled against this Node's own headers).
@@ -34,5 +36,7 @@ bash infra/temporal.sh start
 # 4. libvirtd (without systemd) and the test guest.
 [ -f infra/libvirt.sh ] && bash infra/libvirt.sh start
 [ -f infra/guest/build.sh ] && bash infra/guest/build.sh
+# The Debian 12 guest of the realistic base VM (docs/debian-base.md); cached like the test guest.
+[ -f infra/debian/build.sh ] && bash infra/debian/build.sh
 
 say "setup complete: Temporal on ${CLOUDLET_TEMPORAL_ADDRESS:-127.0.0.1:7233} (Web UI http://127.0.0.1:${CLOUDLET_TEMPORAL_UI_PORT:-8233}), libvirt on qemu:///system"

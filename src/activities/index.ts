@@ -40,7 +40,7 @@ export function createHostActivities(deps: HostActivityDeps) {
     publicUrl: deps.publicUrl,
     log: deps.log,
   });
-  const recipes = createRecipeActivities({ hostId: deps.hostId, dataDir: deps.dataDir, log: deps.log, temporal: { address: deps.config.temporalAddress, namespace: deps.config.namespace } });
+  const recipes = createRecipeActivities({ hostId: deps.hostId, dataDir: deps.dataDir, log: deps.log, hypervisor, temporal: { address: deps.config.temporalAddress, namespace: deps.config.namespace } });
   return withFailureMapping({ ...guest, ...instances, ...recipes });
 }
 

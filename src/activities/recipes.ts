@@ -16,6 +16,8 @@ import { z } from 'zod';
 import { HOST_ID_PATTERN } from '../common/names';
 import { CloudletError } from '../core/errors';
 import { Store } from '../core/store';
+import { aptInstallScript, DEBIAN_PACKAGE, preparePackageRepo, servePackageRepo } from '../guest/package-repo';
+import type { Hypervisor } from '../hypervisor/types';
 import { heartbeat, withHeartbeats } from './heartbeat';
 import type { InstanceRecord } from './instances';
 
@@ -59,7 +61,13 @@ export const RecipeSchema = z
     baseId: z.string().regex(/^[0-9a-f]{64}$/, 'a base id: 64 lower-case hex digits'),
     /** Files written into the guest before the command runs. */
     files: z.array(RecipeFileSchema).max(64).default([]),
-    /** Shell script (busybox sh, run as root in /) that installs and starts the application. */
+    /**
+     * Debian packages to install before the files and the command (guests with qemu-guest-agent
+     * and apt only, such as the Debian base VM): the host fetches them and whatever the guest
+     * lacks of their dependencies, and serves them to the guest's apt (docs/recipes.md).
+     */
+    packages: z.array(z.string().regex(DEBIAN_PACKAGE, 'a Debian package name such as python3-flask')).max(200).default([]),
+    /** Shell script (run as root in /: busybox sh in the test guest, dash in the Debian guest) that installs and starts the application. */
     command: z.string().min(1).max(64 * 1024),
     /** Optional check of the synthesized VM's application before the overlay becomes current. */
     check: RecipeCheckSchema.optional(),
@@ -159,6 +167,10 @@ export interface RecipeActivityDeps {
   hostId: string;
   dataDir: string;
   log: Logger;
+  /** To run recipes through qemu-guest-agent in guests that have it. */
+  hypervisor?: Hypervisor;
+  /** Where fetched Debian packages are cached (default <dataDir>/cache/guest-packages). */
+  packageCacheDir?: string;
   /** Where the Temporal server is (to trigger recipe schedules); defaults to the local dev server. */
   temporal?: { address: string; namespace: string };
 }
@@ -191,15 +203,91 @@ export function createRecipeActivities(deps: RecipeActivityDeps) {
   const { log } = deps;
   const storeRoot = path.join(deps.dataDir, 'store');
 
-  async function hostPortOf(instanceId: string): Promise<number> {
-    let rec: InstanceRecord;
+  async function recordOf(instanceId: string): Promise<InstanceRecord> {
     try {
-      rec = JSON.parse(await fs.promises.readFile(path.join(deps.dataDir, 'instances', instanceId, 'instance.json'), 'utf8')) as InstanceRecord;
+      return JSON.parse(await fs.promises.readFile(path.join(deps.dataDir, 'instances', instanceId, 'instance.json'), 'utf8')) as InstanceRecord;
     } catch (cause) {
       throw new CloudletError('NOT_FOUND', `instance ${instanceId} does not exist on host ${deps.hostId}`, { fix: 'resume a base VM as this instance first', cause });
     }
+  }
+
+  async function hostPortOf(instanceId: string): Promise<number> {
+    const rec = await recordOf(instanceId);
     if (rec.hostPort === undefined) throw new CloudletError('CONFLICT', `instance ${instanceId} has no forwarded application port`, { fix: 'resume it first' });
     return rec.hostPort;
+  }
+
+  /** The instance's domain when it has qemu-guest-agent (recipes then run through it), else undefined. */
+  async function agentDomainOf(instanceId: string): Promise<string | undefined> {
+    if (!deps.hypervisor) return undefined;
+    const rec = await recordOf(instanceId);
+    return (await deps.hypervisor.hasGuestAgent(rec.domain)) ? rec.domain : undefined;
+  }
+
+  /** Through the test guest's POST /cgi-bin/exec (busybox guest, no package manager). */
+  async function runWithExecEndpoint(instanceId: string, recipe: Recipe): Promise<{ exitCode: number; output: string; ms: number }> {
+    if (recipe.packages.length > 0) {
+      throw new CloudletError('BAD_INPUT', `recipe ${recipe.recipeId} names Debian packages, but the guest of instance ${instanceId} has no guest agent and no package manager (the busybox test guest)`, {
+        fix: 'make the recipe on the Debian base VM (docs/workloads.md), or drop its packages',
+      });
+    }
+    const hostPort = await hostPortOf(instanceId);
+    const url = `http://127.0.0.1:${hostPort}/cgi-bin/exec?timeout=${recipe.timeoutSeconds}`;
+    const script = recipeScript(recipe);
+    const t0 = Date.now();
+    const call = async (): Promise<string> => {
+      const res = await fetch(url, { method: 'POST', body: script, headers: { 'content-type': 'text/plain' }, signal: AbortSignal.timeout((recipe.timeoutSeconds + 30) * 1000) });
+      const text = await res.text();
+      if (!res.ok) throw new CloudletError('HYPERVISOR', `the guest's exec endpoint of instance ${instanceId} answered HTTP ${res.status}: ${text.slice(0, 300)}`, { fix: 'the guest must be the test guest (docs/test-guest.md) or have qemu-guest-agent' });
+      return text;
+    };
+    const text = await withHeartbeats(call(), () => ({ stage: 'run recipe', recipeId: recipe.recipeId, seconds: Math.round((Date.now() - t0) / 1000) }), 5000);
+    let answer: z.infer<typeof ExecAnswerSchema>;
+    try {
+      answer = ExecAnswerSchema.parse(JSON.parse(text));
+    } catch (cause) {
+      throw new CloudletError('CORRUPT', `the guest's exec endpoint gave an answer that is not {exitCode, output}: ${text.slice(0, 300)}`, { cause });
+    }
+    return { ...answer, ms: Date.now() - t0 };
+  }
+
+  /**
+   * Through qemu-guest-agent: the packages are fetched on the host and served to the guest's apt
+   * while the script runs; the script (packages, files, command) is the program's standard input.
+   */
+  async function runWithAgent(domain: string, instanceId: string, recipe: Recipe): Promise<{ exitCode: number; output: string; ms: number }> {
+    const hv = deps.hypervisor as Hypervisor;
+    const t0 = Date.now();
+    let stage = 'run recipe';
+    const beat = (): void => heartbeat({ stage, recipeId: recipe.recipeId, seconds: Math.round((Date.now() - t0) / 1000) });
+    await hv.waitForGuestAgent(domain, 60_000);
+    let served: { port: number; close(): Promise<void> } | undefined;
+    try {
+      let prefix = '';
+      if (recipe.packages.length > 0) {
+        stage = 'fetch packages';
+        const status = await hv.guestExec(domain, { path: '/bin/cat', args: ['/var/lib/dpkg/status'], timeoutMs: 60_000 });
+        if (status.exitCode !== 0) {
+          throw new CloudletError('BAD_INPUT', `the guest of instance ${instanceId} has no readable /var/lib/dpkg/status (${status.stderr.trim()}), so its packages cannot be resolved`, { fix: 'recipes with packages need a Debian guest (docs/workloads.md)' });
+        }
+        const repo = await withHeartbeats(
+          preparePackageRepo({ guestStatus: status.stdout, packages: recipe.packages, cacheRoot: deps.packageCacheDir ?? path.join(deps.dataDir, 'cache', 'guest-packages'), log: (m) => log.info({ recipeId: recipe.recipeId }, m) }),
+          () => ({ stage, recipeId: recipe.recipeId }),
+          5000,
+        );
+        served = await servePackageRepo(repo.dir);
+        prefix = `${aptInstallScript(recipe.packages, served.port)}\n`;
+      }
+      stage = 'run recipe';
+      const script = `${prefix}${recipeScript(recipe)}`;
+      // From a file, with /dev/null as stdin: a command of the script that reads its standard
+      // input (a package's maintainer script, say) must not eat the rest of the script.
+      const runFile = 'f=$(mktemp /run/cloudlet-recipe.XXXXXX) && cat > "$f" && sh "$f" < /dev/null; rc=$?; rm -f "$f"; exit $rc';
+      const r = await hv.guestExec(domain, { path: '/bin/sh', args: ['-c', runFile], input: script, timeoutMs: recipe.timeoutSeconds * 1000, onWait: beat });
+      return { exitCode: r.exitCode, output: `${r.stdout}${r.stderr ? `\n[stderr]\n${r.stderr}` : ''}`, ms: Date.now() - t0 };
+    } finally {
+      await served?.close();
+    }
   }
 
   /** Serializes read-modify-write of the recipe files within this worker. */
@@ -259,37 +347,27 @@ export function createRecipeActivities(deps: RecipeActivityDeps) {
      */
     async runRecipeInGuest(input: { instanceId: string; recipe: Recipe }): Promise<{ exitCode: number; output: string; ms: number }> {
       const { recipe } = input;
-      const hostPort = await hostPortOf(input.instanceId);
-      const url = `http://127.0.0.1:${hostPort}/cgi-bin/exec?timeout=${recipe.timeoutSeconds}`;
-      const script = recipeScript(recipe);
-      const t0 = Date.now();
-      const call = async (): Promise<string> => {
-        const res = await fetch(url, { method: 'POST', body: script, headers: { 'content-type': 'text/plain' }, signal: AbortSignal.timeout((recipe.timeoutSeconds + 30) * 1000) });
-        const text = await res.text();
-        if (!res.ok) throw new CloudletError('HYPERVISOR', `the guest's exec endpoint of instance ${input.instanceId} answered HTTP ${res.status}: ${text.slice(0, 300)}`, { fix: 'the guest must be the test guest (docs/test-guest.md), or provide another recipe mechanism' });
-        return text;
-      };
-      const text = await withHeartbeats(call(), () => ({ stage: 'run recipe', recipeId: recipe.recipeId, seconds: Math.round((Date.now() - t0) / 1000) }), 5000);
-      let answer: z.infer<typeof ExecAnswerSchema>;
-      try {
-        answer = ExecAnswerSchema.parse(JSON.parse(text));
-      } catch (cause) {
-        throw new CloudletError('CORRUPT', `the guest's exec endpoint gave an answer that is not {exitCode, output}: ${text.slice(0, 300)}`, { cause });
-      }
-      const ms = Date.now() - t0;
-      log.info({ recipeId: recipe.recipeId, instanceId: input.instanceId, exitCode: answer.exitCode, ms }, 'recipe ran in the guest');
+      const domain = await agentDomainOf(input.instanceId);
+      const answer = domain !== undefined ? await runWithAgent(domain, input.instanceId, recipe) : await runWithExecEndpoint(input.instanceId, recipe);
+      const { ms } = answer;
+      log.info({ recipeId: recipe.recipeId, instanceId: input.instanceId, exitCode: answer.exitCode, ms, via: domain !== undefined ? 'guest agent' : 'exec endpoint' }, 'recipe ran in the guest');
       if (answer.exitCode !== 0) {
-        const why = answer.exitCode === 143 ? `it was killed after its timeout of ${recipe.timeoutSeconds} s` : answer.exitCode === 90 ? 'a file could not be written' : `exit code ${answer.exitCode}`;
+        const why = answer.exitCode === 143 ? `it was killed after its timeout of ${recipe.timeoutSeconds} s`
+          : answer.exitCode === 90 ? 'a file could not be written'
+          : answer.exitCode === 91 ? 'the guest had no network route to fetch its packages'
+          : answer.exitCode === 92 ? "the guest's apt could not read the host's package list"
+          : answer.exitCode === 93 ? "the guest's apt could not install the packages"
+          : `exit code ${answer.exitCode}`;
+        const how = domain !== undefined ? 'run it by hand in a resumed base through the guest agent (virsh qemu-agent-command)' : 'run it by hand through POST /cgi-bin/exec on a resumed base';
         throw ApplicationFailure.create({
           type: 'RECIPE_FAILED',
           nonRetryable: true,
-          message: `recipe ${recipe.recipeId} failed inside the guest of instance ${input.instanceId} (${why}); output: ${tail(answer.output, 1500)}. Fix: correct the recipe's command (run it by hand through POST /cgi-bin/exec on a resumed base)`,
+          message: `recipe ${recipe.recipeId} failed inside the guest of instance ${input.instanceId} (${why}); output: ${tail(answer.output, 1500)}. Fix: correct the recipe (${how})`,
           details: [{ recipeId: recipe.recipeId, exitCode: answer.exitCode, output: tail(answer.output) }],
         });
       }
       return { exitCode: answer.exitCode, output: tail(answer.output), ms };
     },
-
     /** GET the check's path on the instance's application until the body contains `expect`. */
     async checkRecipeApp(input: { instanceId: string; recipeId: string; check: RecipeCheck }): Promise<{ status: number; waitedMs: number }> {
       const hostPort = await hostPortOf(input.instanceId);

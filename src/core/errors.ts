@@ -15,6 +15,10 @@ export type ErrorCode =
   | 'HYPERVISOR_UNAVAILABLE'
   | 'HYPERVISOR'
   | 'UNKNOWN_HOST'
+  /** The host's apt could not fetch Debian packages a recipe needs (mirror unreachable, lists stale). */
+  | 'PACKAGES_UNAVAILABLE'
+  /** An emulated network link cannot be set up (ip/tc missing, not root, a namespace command failed). */
+  | 'LINK_UNAVAILABLE'
   | 'TIMEOUT'
   | 'CONFLICT';
 

@@ -80,6 +80,23 @@ export function interfaceNode(nic: NicSpec): XmlNode {
   };
 }
 
+/** The virtio-serial port qemu-guest-agent listens on in the guest. */
+export const GUEST_AGENT_CHANNEL = 'org.qemu.guest_agent.0';
+
+/** A unix channel for qemu-guest-agent; libvirt picks the host socket's path (per domain). */
+function guestAgentChannelNode(): XmlNode {
+  return {
+    [ATTR + 'type']: 'unix',
+    target: { [ATTR + 'type']: 'virtio', [ATTR + 'name']: GUEST_AGENT_CHANNEL },
+  };
+}
+
+/** Whether a domain XML has the qemu-guest-agent channel. */
+export function hasGuestAgentChannel(xml: string, what = 'domain XML'): boolean {
+  const d = domainRoot(parseXml(xml, what), what);
+  return asArray(child(d, 'devices')?.channel).some((c) => attr(child(c, 'target'), 'name') === GUEST_AGENT_CHANNEL);
+}
+
 /** `<interface>` XML for virsh attach-device / detach-device. */
 export function interfaceXml(nic: NicSpec): string {
   return buildXml({ interface: interfaceNode(nic) });
@@ -142,8 +159,11 @@ export function buildDomainXml(spec: DomainSpec, virtType: VirtType): string {
         source: { [ATTR + 'path']: spec.serialPath, [ATTR + 'append']: 'on' },
         target: { [ATTR + 'port']: '0' },
       },
+      ...(spec.guestAgent ? { channel: guestAgentChannelNode() } : {}),
       controller: { [ATTR + 'type']: 'usb', [ATTR + 'model']: 'none' },
-      memballoon: { [ATTR + 'model']: 'none' },
+      memballoon: spec.balloon
+        ? { [ATTR + 'model']: 'virtio', [ATTR + 'freePageReporting']: spec.balloon.freePageReporting ? 'on' : 'off' }
+        : { [ATTR + 'model']: 'none' },
     },
   });
   // features/acpi is an empty element: keep it (suppressEmptyNode writes <acpi/>).
@@ -274,6 +294,15 @@ export function editDomainXml(xml: string, edits: DomainXmlEdits, what = 'domain
       const driver = child(disk, 'driver');
       if (driver) driver[ATTR + 'type'] = edits.diskFormat;
       else disk.driver = { [ATTR + 'name']: 'qemu', [ATTR + 'type']: edits.diskFormat };
+    }
+  }
+  if (edits.name !== undefined) {
+    // libvirt names a unix channel's host socket after the domain (…/domain-N-<name>/…): a path
+    // saved with another domain's name would point into a directory that no longer exists.
+    for (const c of asArray(devices?.channel)) {
+      if (attr(c, 'type') !== 'unix') continue;
+      const source = child(c, 'source');
+      if (source && /\/var\/lib\/libvirt\/qemu\/channel\/target\//.test(attr(source, 'path') ?? '')) delete c.source;
     }
   }
   if (edits.serialPath !== undefined) {

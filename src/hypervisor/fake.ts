@@ -8,7 +8,7 @@ import { CloudletError } from '../core/errors';
 import { assertCpuModelUsable, type DomainCapabilities } from './domcaps';
 import { isValidMac } from './domain-xml';
 import { waitForSerialLine } from './serial';
-import type { DomainSpec, DomainState, ForwardResult, Hypervisor, NicSpec, ReplugResult, RestoreOptions, RestoreResult, VirtType } from './types';
+import type { DomainSpec, DomainState, ForwardResult, GuestExecOptions, GuestExecResult, Hypervisor, NicSpec, ReplugResult, RestoreOptions, RestoreResult, VirtType } from './types';
 
 interface FakeDomain {
   spec: DomainSpec;
@@ -23,6 +23,8 @@ export interface FakeOptions {
   usableCpuModels?: string[];
   /** Lines appended to the domain's serial file when it starts or is restored (e.g. a ready line). */
   onStartSerialLines?: (spec: DomainSpec) => string[];
+  /** What a command run through the guest agent does (domains defined with guestAgent only). */
+  onGuestExec?: (domain: string, options: GuestExecOptions) => Omit<GuestExecResult, 'ms'>;
 }
 
 export class FakeHypervisor implements Hypervisor {
@@ -171,6 +173,25 @@ export class FakeHypervisor implements Hypervisor {
 
   async usableCpuModels(virtType?: VirtType): Promise<string[]> {
     return this.caps(virtType ?? (await this.virtType())).cpuModels.filter((m) => m.usable).map((m) => m.name);
+  }
+
+  async hasGuestAgent(name: string): Promise<boolean> {
+    return this.get(name, 'hasGuestAgent').spec.guestAgent === true;
+  }
+
+  async waitForGuestAgent(name: string, _timeoutMs: number): Promise<{ waitedMs: number }> {
+    this.record('waitForGuestAgent', name);
+    const d = this.get(name, 'waitForGuestAgent');
+    if (!d.spec.guestAgent) throw new CloudletError('CONFLICT', `domain "${name}" has no qemu-guest-agent channel`);
+    if (d.state !== 'running') throw new CloudletError('TIMEOUT', `qemu-guest-agent of "${name}" did not answer (the domain is ${d.state})`);
+    return { waitedMs: 0 };
+  }
+
+  async guestExec(name: string, options: GuestExecOptions): Promise<GuestExecResult> {
+    this.record('guestExec', name, options);
+    await this.waitForGuestAgent(name, options.timeoutMs);
+    const r = this.options.onGuestExec?.(name, options) ?? { exitCode: 0, stdout: '', stderr: '' };
+    return { ...r, ms: 0 };
   }
 
   waitForSerialLine(file: string, pattern: RegExp, timeoutMs: number, fromByte = 0): Promise<string> {

@@ -11,11 +11,12 @@ import { CloudletError } from '../core/errors';
 import { readSaveHeader } from '../core/snapshot/header';
 import { createLogger } from '../common/logger';
 import { assertCpuModelUsable, parseDomainCapabilities, parseMissingFeatures, usableModels, type DomainCapabilities } from './domcaps';
-import { buildDomainXml, buildXml, editDomainXml, interfaceElements, interfaceXml, isValidMac, parseDomainXml } from './domain-xml';
+import { buildDomainXml, buildXml, editDomainXml, hasGuestAgentChannel, interfaceElements, interfaceXml, isValidMac, parseDomainXml } from './domain-xml';
+import { guestExec, type AgentSend } from './guest-agent';
 import { virtTypeVerdict } from './kvm';
 import { loadNative, nativeMessage, type NativeDomain, type NativeHypervisor } from './native';
 import { waitForSerialLine } from './serial';
-import type { DomainSpec, DomainState, ForwardResult, Hypervisor, NicSpec, ReplugResult, RestoreOptions, RestoreResult, VirtType } from './types';
+import type { DomainSpec, DomainState, ForwardResult, GuestExecOptions, GuestExecResult, Hypervisor, NicSpec, ReplugResult, RestoreOptions, RestoreResult, VirtType } from './types';
 import { runVirsh, VirshError } from './virsh';
 
 export const DEFAULT_URI = 'qemu:///system';
@@ -445,6 +446,53 @@ export class LibvirtHypervisor implements Hypervisor {
       });
     }
     assertCpuModelUsable(caps, model, t, missing);
+  }
+
+  // ---- qemu-guest-agent ----------------------------------------------------------------------
+
+  /** One agent command through libvirt (`virsh qemu-agent-command`); its `return` value. */
+  private agent(name: string, timeoutSeconds = 10): AgentSend {
+    return async (command) => {
+      const out = await this.virsh(`guest agent ${command.execute}`, ['qemu-agent-command', name, '--timeout', String(timeoutSeconds), JSON.stringify(command)], name);
+      try {
+        return (JSON.parse(out) as { return?: unknown }).return;
+      } catch (cause) {
+        throw new CloudletError('HYPERVISOR', `qemu-guest-agent of "${name}" answered ${command.execute} with something that is not JSON: ${out.slice(0, 200)}`, { fix: 'check the guest agent in the guest', cause });
+      }
+    };
+  }
+
+  async hasGuestAgent(name: string): Promise<boolean> {
+    return hasGuestAgentChannel(await this.domainXml(name), `live XML of "${name}"`);
+  }
+
+  async waitForGuestAgent(name: string, timeoutMs: number): Promise<{ waitedMs: number }> {
+    if (!(await this.hasGuestAgent(name))) {
+      throw new CloudletError('CONFLICT', `domain "${name}" has no qemu-guest-agent channel`, {
+        fix: 'make the base VM with the guest agent channel (DomainSpec.guestAgent) and qemu-guest-agent installed in the guest',
+      });
+    }
+    const t0 = Date.now();
+    const ping = this.agent(name, 2);
+    let last = '';
+    while (Date.now() - t0 < timeoutMs) {
+      try {
+        await ping({ execute: 'guest-ping' });
+        return { waitedMs: Date.now() - t0 };
+      } catch (e) {
+        last = (e as Error).message;
+      }
+      await new Promise((r) => setTimeout(r, 200));
+    }
+    throw new CloudletError('TIMEOUT', `qemu-guest-agent of "${name}" did not answer within ${timeoutMs} ms (last: ${last})`, {
+      fix: 'check that the guest has booted and runs qemu-guest-agent (see its serial console)',
+    });
+  }
+
+  async guestExec(name: string, options: GuestExecOptions): Promise<GuestExecResult> {
+    const r = await guestExec(this.agent(name), name, options);
+    this.log.debug({ domain: name, path: options.path, exitCode: r.exitCode, ms: r.ms }, 'guest exec');
+    return r;
   }
 
   waitForSerialLine(file: string, pattern: RegExp, timeoutMs: number, fromByte = 0): Promise<string> {

@@ -38,6 +38,37 @@ export interface DomainSpec {
   virtType?: VirtType;
   /** Default q35 (see DEFAULT_MACHINE in domain-xml.ts: a NIC replug is faster there than on pc). */
   machine?: string;
+  /**
+   * A virtio-serial channel for qemu-guest-agent (org.qemu.guest_agent.0), so the host can run
+   * commands in the guest (guestExec) without a network port. Part of the device set: a base VM
+   * saved without it cannot gain it later (a restore keeps the saved devices).
+   */
+  guestAgent?: boolean;
+  /**
+   * A virtio balloon device; with freePageReporting the guest hands the pages it frees back to
+   * the host, so they are not in the memory snapshot (and not in overlays). Default: none.
+   */
+  balloon?: { freePageReporting: boolean };
+}
+
+export interface GuestExecResult {
+  exitCode: number;
+  /** The command's standard output and error, as text (control characters kept). */
+  stdout: string;
+  stderr: string;
+  ms: number;
+}
+
+export interface GuestExecOptions {
+  /** Absolute path of the program in the guest, e.g. /bin/sh. */
+  path: string;
+  args?: string[];
+  /** Given to the program on its standard input. */
+  input?: Buffer | string;
+  /** The command is killed (exit code 143) after this long. */
+  timeoutMs: number;
+  /** Called while waiting (e.g. to heartbeat). */
+  onWait?: () => void;
 }
 
 export interface RestoreOptions {
@@ -98,6 +129,12 @@ export interface Hypervisor {
   /** Throws CPU_MODEL_UNUSABLE unless the model is usable='yes' in domcapabilities for the virt type. */
   checkCpuModel(model: string, virtType?: VirtType): Promise<void>;
   usableCpuModels(virtType?: VirtType): Promise<string[]>;
+  /** Answers once qemu-guest-agent in the guest answers a ping; TIMEOUT after `timeoutMs`. */
+  waitForGuestAgent(name: string, timeoutMs: number): Promise<{ waitedMs: number }>;
+  /** Whether the domain has a qemu-guest-agent channel (from its live XML). */
+  hasGuestAgent(name: string): Promise<boolean>;
+  /** Runs a program in the guest through qemu-guest-agent and waits for it to end. */
+  guestExec(name: string, options: GuestExecOptions): Promise<GuestExecResult>;
   /** Resolves with the first serial-console line matching `pattern`; TIMEOUT names the file and the last lines. */
   waitForSerialLine(path: string, pattern: RegExp, timeoutMs: number): Promise<string>;
   close(): Promise<void>;
