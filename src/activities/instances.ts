@@ -291,7 +291,11 @@ export function createInstanceActivities(deps: CloudletActivityDeps) {
       if (input.waitForApp) {
         // In the same step: one workflow task less between "resumed" and "answers".
         t0 = Date.now();
-        await new GuestAppClient(r.hostPort).waitForState(input.appTimeoutMs ?? 60_000, () => heartbeat({ stage: 'wait for app' }));
+        // The test guest's own application (8080) has a state to read; any other answers HTTP.
+        const app = new GuestAppClient(r.hostPort);
+        const beat = (): void => heartbeat({ stage: 'wait for app' });
+        if (rec.appPort === APP_PORT_DEFAULT) await app.waitForState(input.appTimeoutMs ?? 60_000, beat);
+        else await app.waitForHttp('/', input.appTimeoutMs ?? 60_000, beat);
         timings['wait for appMs'] = Date.now() - t0;
       }
       return { ...r, timings };

@@ -1,6 +1,7 @@
 /**
  * Host-side client of the test guest's application (busybox httpd + CGI on the guest's port
- * 8080, reached through a QEMU user-network forward on 127.0.0.1). See docs/test-guest.md.
+ * 8080, reached through a QEMU user-network forward on 127.0.0.1; docs/test-guest.md), and a
+ * readiness wait for any HTTP application behind such a forward.
  */
 import { z } from 'zod';
 import { CloudletError } from '../core/errors';
@@ -58,13 +59,32 @@ export class GuestAppClient {
    * the guest being reachable, and a slow answer still gets the full per-attempt deadline.
    */
   async waitForState(timeoutMs: number, onWait?: () => void, attemptMaxMs = 3000): Promise<{ state: GuestState; waitedMs: number }> {
+    const r = await this.retry('/cgi-bin/state', (ms) => this.state(ms), timeoutMs, onWait, attemptMaxMs);
+    return { state: r.value, waitedMs: r.waitedMs };
+  }
+
+  /**
+   * Poll until an application (any, not only the test guest's) answers HTTP on `path`, whatever
+   * its status: a reply proves the guest's network and the application's socket are up (a bare
+   * TCP connect does not: the forward accepts connections before the guest does).
+   */
+  async waitForHttp(path: string, timeoutMs: number, onWait?: () => void, attemptMaxMs = 3000): Promise<{ status: number; waitedMs: number }> {
+    const r = await this.retry(path, async (ms) => {
+      const res = await fetch(this.url(path), { signal: AbortSignal.timeout(ms) });
+      await res.arrayBuffer();
+      return res.status;
+    }, timeoutMs, onWait, attemptMaxMs);
+    return { status: r.value, waitedMs: r.waitedMs };
+  }
+
+  private async retry<T>(path: string, attempt: (ms: number) => Promise<T>, timeoutMs: number, onWait: (() => void) | undefined, attemptMaxMs: number): Promise<{ value: T; waitedMs: number }> {
     const started = Date.now();
     let lastError: unknown;
     let attemptMs = Math.min(ATTEMPT_MS, attemptMaxMs);
     while (Date.now() - started < timeoutMs) {
       const left = timeoutMs - (Date.now() - started);
       try {
-        return { state: await this.state(Math.max(1, Math.min(attemptMs, left))), waitedMs: Date.now() - started };
+        return { value: await attempt(Math.max(1, Math.min(attemptMs, left))), waitedMs: Date.now() - started };
       } catch (e) {
         lastError = e;
         onWait?.();
@@ -72,7 +92,7 @@ export class GuestAppClient {
         await new Promise((r) => setTimeout(r, RETRY_MS));
       }
     }
-    throw new CloudletError('TIMEOUT', `the guest application at ${this.url('/cgi-bin/state')} did not answer within ${timeoutMs} ms (last error: ${lastError instanceof Error ? lastError.message : String(lastError)})`, {
+    throw new CloudletError('TIMEOUT', `the guest application at ${this.url(path)} did not answer within ${timeoutMs} ms (last error: ${lastError instanceof Error ? lastError.message : String(lastError)})`, {
       fix: 'check the VM is running and its port forward exists (virsh list; the serial log in the instance directory)',
     });
   }

@@ -103,10 +103,10 @@ function run(cmd: 'ip' | 'tc', args: string[]): Promise<string> {
     execFile(cmd, args, { timeout: 30_000 }, (err, stdout, stderr) => {
       if (!err) return resolve(stdout);
       if ((err as NodeJS.ErrnoException).code === 'ENOENT') {
-        return reject(new CloudletError('HYPERVISOR_UNAVAILABLE', `\`${cmd}\` is not installed, so no emulated link can be built`, { fix: IPROUTE_FIX, cause: err }));
+        return reject(new CloudletError('LINK_UNAVAILABLE', `\`${cmd}\` is not installed, so no emulated link can be built`, { fix: IPROUTE_FIX, cause: err }));
       }
       reject(
-        new CloudletError('HYPERVISOR', `\`${cmd} ${args.join(' ')}\` failed (${(stderr || err.message).trim()})`, {
+        new CloudletError('LINK_UNAVAILABLE', `\`${cmd} ${args.join(' ')}\` failed (${(stderr || err.message).trim()})`, {
           fix: 'links need root and a kernel with network namespaces, veth and the tbf qdisc; check `ip netns list` and `tc -s qdisc`',
           cause: err,
           details: { cmd, args },
@@ -119,7 +119,7 @@ function run(cmd: 'ip' | 'tc', args: string[]): Promise<string> {
 /** Fails with a clear error when links cannot work here: not root, or iproute2 missing. */
 export async function checkLinkTools(): Promise<void> {
   if (typeof process.getuid === 'function' && process.getuid() !== 0) {
-    throw new CloudletError('HYPERVISOR_UNAVAILABLE', 'emulated links need root (network namespaces, veth pairs and tc qdiscs)', {
+    throw new CloudletError('LINK_UNAVAILABLE', 'emulated links need root (network namespaces, veth pairs and tc qdiscs)', {
       fix: 'run as root',
     });
   }
@@ -169,17 +169,17 @@ function startRootRelay(config: Record<string, unknown>): RootRelay {
         const line = JSON.parse(out.slice(0, nl)) as { ready: { port: number }; pids: { client: number; server: number } };
         resolve({ port: line.ready.port, pids: line.pids });
       } catch (e) {
-        reject(new CloudletError('HYPERVISOR', `the link's root relay printed ${JSON.stringify(out.slice(0, 200))} instead of its ready line`, { cause: e }));
+        reject(new CloudletError('LINK_UNAVAILABLE', `the link's root relay printed ${JSON.stringify(out.slice(0, 200))} instead of its ready line`, { cause: e }));
       }
     });
     child.once('error', (e) => {
       clearTimeout(timer);
-      reject(new CloudletError('HYPERVISOR_UNAVAILABLE', `the link's root relay could not be started (${e.message})`, { cause: e }));
+      reject(new CloudletError('LINK_UNAVAILABLE', `the link's root relay could not be started (${e.message})`, { cause: e }));
     });
     child.once('exit', (code, signal) => {
       clearTimeout(timer);
       reject(
-        new CloudletError('HYPERVISOR', `the link's relays exited (${signal ?? `code ${code}`}) before they were ready: ${stderr.trim() || 'no output'}`, {
+        new CloudletError('LINK_UNAVAILABLE', `the link's relays exited (${signal ?? `code ${code}`}) before they were ready: ${stderr.trim() || 'no output'}`, {
           fix: 'run `ip netns list` and `tc -s qdisc`; remove leftovers with removeStaleLinks()',
         }),
       );

@@ -37,6 +37,8 @@ export interface RebuildOverlayResult {
   previousOverlayId?: string;
   /** Milliseconds per stage. */
   timings: Record<string, number>;
+  /** The end of what the recipe printed in the guest (at most 2,000 characters). */
+  recipeOutput?: string;
 }
 
 const NON_RETRYABLE = ['BAD_INPUT', 'NOT_FOUND', 'CORRUPT', 'DIGEST_MISMATCH', 'WRONG_BASE', 'UNSUPPORTED_VERSION', 'CPU_MODEL_UNUSABLE', 'CONFLICT', 'RECIPE_FAILED', 'RECIPE_CHECK_FAILED'];
@@ -119,7 +121,7 @@ export async function rebuildOverlay(input: RecipeInput): Promise<RebuildOverlay
     await long.resumeBaseInstance({ instanceId: buildInstance, baseId: recipe.baseId, appPort: GUEST_EXEC_PORT });
 
     stage('run recipe in guest');
-    await recipeRun.runRecipeInGuest({ instanceId: buildInstance, recipe });
+    const ran = await recipeRun.runRecipeInGuest({ instanceId: buildInstance, recipe });
 
     stage('create overlay');
     const made = await long.createInstanceOverlay({ instanceId: buildInstance, keepInstance: false });
@@ -155,6 +157,7 @@ export async function rebuildOverlay(input: RecipeInput): Promise<RebuildOverlay
       ...overlay,
       ...(recorded.previous ? { previousOverlayId: recorded.previous.overlayId } : {}),
       timings,
+      recipeOutput: ran.output,
     };
   } catch (e) {
     // Compensation: the previous overlay stays current; no instance of this run stays behind.

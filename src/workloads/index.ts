@@ -151,12 +151,13 @@ import time, urllib.request
 deadline = time.time() + 300
 while True:
     try:
-        urllib.request.urlopen("${warm}/health", timeout=5).read()
+        health = urllib.request.urlopen("${warm}/health", timeout=5).read().decode().strip()
         break
     except OSError:
         if time.time() > deadline:
             raise SystemExit("the application did not answer on port ${WORKLOAD_APP_PORT} within 300 s")
         time.sleep(0.2)
+print("health:", health)
 print("warm-up:", urllib.request.urlopen("${warm}${w.check.path}", timeout=600).read().decode()[:300])
 EOF`,
     'sync',

@@ -1,8 +1,14 @@
-"""The small HTTP front of the workloads' applications (docs/workloads.md): GET /health,
+"""The small HTTP front of the workloads' applications (docs/workloads.md): GET /health (with the
+boot id the application started under),
 GET /selftest (the application run on the sample input shipped with its recipe) and one POST
 route that takes the request's body and answers JSON. Standard library only."""
 import json
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+# Read once, when the application starts: a VM synthesized from an overlay answers with the boot
+# id of the VM the overlay was made from (it was resumed, never booted).
+with open("/proc/sys/kernel/random/boot_id") as _f:
+    BOOT_ID = _f.read().strip()
 
 
 def serve(route, handle, sample, port=8000):
@@ -26,7 +32,7 @@ def serve(route, handle, sample, port=8000):
 
         def do_GET(self):
             if self.path == "/health":
-                return self.answer(200, b"ok\n")
+                return self.answer(200, f"ok boot={BOOT_ID}\n".encode())
             if self.path == "/selftest":
                 with open(sample, "rb") as f:
                     return self.run(f.read())

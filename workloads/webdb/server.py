@@ -1,6 +1,6 @@
 """web+db workload: a small Flask shop backed by SQLite (docs/workloads.md).
 
-GET  /health                  -> ok
+GET  /health                  -> ok boot=<boot id the application started under>
 GET  /search?q=WORD           -> {"query", "count", "items": first 5 matching products}
 POST /orders  {"sku", "qty"}  -> {"order": id, "total": orders so far}
 """
@@ -11,6 +11,8 @@ from flask import Flask, g, jsonify, request
 
 DB = "/srv/app/shop.db"
 app = Flask(__name__)
+with open("/proc/sys/kernel/random/boot_id") as _f:
+    BOOT_ID = _f.read().strip()  # read at start: a synthesized VM keeps the launch VM's
 
 
 def db():
@@ -29,7 +31,7 @@ def close(_exc):
 
 @app.get("/health")
 def health():
-    return "ok\n"
+    return f"ok boot={BOOT_ID}\n"
 
 
 @app.get("/search")

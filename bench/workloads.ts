@@ -1,0 +1,296 @@
+/**
+ * Workloads benchmark: the original system's kind of applications on a Debian 12 base VM,
+ * synthesized over emulated edge links, beside the two baselines measured in the same run.
+ *
+ *   npx tsx bench/workloads.ts [--apps webdb,ocr,speech,face] [--links wifi38,mbit100,gbit1]
+ *                              [--methods ours,naive,whole] [--runs N]      (npm run bench -- workloads)
+ *
+ * Build (once per application and recipe, cached under var/cache/workloads-bench/): resume the
+ * base on a scratch host, run the application's recipe in it (packages served by the host,
+ * through qemu-guest-agent), time its real request on this launch VM, save it and build our
+ * overlay; keep the launch VM's save file and flattened disk for the baselines (naive xdelta3+xz
+ * overlay, whole VM copy; bench/workload-baselines.ts).
+ *
+ * Measure: one host worker (B) on the real Temporal dev server; a bench file server on 127.0.0.1
+ * serves every method's files; each link profile (src/links: namespaces, veth, tbf, relays that
+ * add the RTT) stands between it and B. First response = from the start of the method until the
+ * application's real request is answered correctly. Ours is `synthesizeVm` through the workflow.
+ *
+ * Prints JSON lines {"bench":"workloads",...}: per run, per application x link (medians), the
+ * published figures for reference, and one line {"metric":"targets","targets":[...]} with
+ * sizeRatio, firstResponseRatio and beyondTransferS (medians over the applications at 38 Mbit/s).
+ * Writes the chart docs/figures/workloads-first-response.svg.
+ */
+import fs from 'node:fs';
+import { loadavg } from 'node:os';
+import path from 'node:path';
+import fastify from 'fastify';
+import fastifyStatic from '@fastify/static';
+import { execFile } from 'node:child_process';
+import { promisify } from 'node:util';
+import { z } from 'zod';
+import { createInstanceActivities } from '../src/activities/instances';
+import { createRecipeActivities, parseRecipe } from '../src/activities/recipes';
+import { hostTaskQueue } from '../src/common/names';
+import { createLogger } from '../src/common/logger';
+import { hostDir } from '../src/config';
+import { readBaseManifest } from '../src/core/base';
+import { debianBasePackage } from '../src/guest/base-package';
+import { LibvirtHypervisor } from '../src/hypervisor/libvirt';
+import { LINK_PROFILES, openLink, parseLinkProfile, type LinkProfileName } from '../src/links';
+import { importBaseVm, synthesizeVm, terminateVm } from '../src/workflows';
+import { askWorkload, WORKLOAD_APP_PORT, WORKLOAD_NAMES, workloadRecipe, type WorkloadName } from '../src/workloads';
+import { workloadInputs } from '../src/workloads/inputs';
+import { startTestCluster } from '../test/helpers/cluster';
+import { REPO } from '../test/helpers/infra';
+import { groupedBarChart, type BarGroup } from './chart';
+import { argRuns, median } from './lib';
+import { prepareBaselines, removeBaseline, runBaseline, type BaselineFiles } from './workload-baselines';
+
+const run = promisify(execFile);
+const METHODS = ['ours', 'naive', 'whole'] as const;
+type Method = (typeof METHODS)[number];
+const VAR = path.join(REPO, 'var');
+const CACHE = path.join(VAR, 'cache', 'workloads-bench');
+const INPUTS = path.join(VAR, 'cache', 'workload-inputs');
+const r1 = (x: number): number => Math.round(x * 10) / 10;
+const emit = (o: Record<string, unknown>): void => void process.stdout.write(`${JSON.stringify({ bench: 'workloads', ...o })}\n`);
+const progress = (msg: string): void => void process.stderr.write(`[workloads] ${msg}\n`);
+
+function argList<T extends string>(flag: string, all: readonly T[], dflt: readonly T[]): T[] {
+  const i = process.argv.indexOf(flag);
+  if (i < 0) return [...dflt];
+  const got = (process.argv[i + 1] ?? '').split(',').filter(Boolean);
+  for (const g of got) if (!all.includes(g as T)) throw new Error(`${flag}: "${g}" is not one of ${all.join(', ')}`);
+  return got as T[];
+}
+
+interface Built {
+  app: WorkloadName;
+  dir: string;
+  overlayFile: string;
+  overlayBytes: number;
+  /** The real request's time on the launch VM (median of 5), before the overlay was made. */
+  requestMs: number;
+  baselines: BaselineFiles;
+}
+
+const BuildInfo = z.object({ overlayFile: z.string(), requestMs: z.number() });
+
+/** Build (or find cached) the application's launch VM, our overlay and the baselines. */
+async function build(app: WorkloadName, hv: LibvirtHypervisor, base: { packageFile: string; baseId: string }): Promise<Built> {
+  const recipe = parseRecipe(await workloadRecipe(app, { hostId: 'bench-build', baseId: base.baseId, inputsDir: INPUTS }));
+  const digest = (await import('node:crypto')).createHash('sha256').update(JSON.stringify(recipe)).digest('hex').slice(0, 12);
+  const dir = path.join(CACHE, base.baseId.slice(0, 12), `${app}-${digest}`);
+  const infoFile = path.join(dir, 'build.json');
+  const buildHost = path.join(VAR, 'hosts', 'bench-build');
+  const store = path.join(buildHost, 'store');
+  const baseFiles = { disk: path.join(store, 'bases', base.baseId, 'disk.raw'), save: path.join(store, 'bases', base.baseId, 'memory.sav') };
+  const log = createLogger('bench-build', 'warn');
+  const acts = createInstanceActivities({ hostId: 'bench-build', dataDir: buildHost, hypervisor: hv, publicUrl: () => 'http://127.0.0.1:0', log });
+  await acts.importBasePackage({ source: base.packageFile });
+  if (!fs.existsSync(infoFile)) {
+    progress(`${app}: building the launch VM (recipe ${recipe.recipeId}, ${recipe.packages.length} packages; installing under emulation takes minutes)`);
+    const recipes = createRecipeActivities({ hostId: 'bench-build', dataDir: buildHost, hypervisor: hv, log });
+    const instanceId = `wl-${app}`;
+    await acts.terminateInstance({ instanceId });
+    try {
+      await acts.resumeBaseInstance({ instanceId, baseId: base.baseId, appPort: WORKLOAD_APP_PORT });
+      const ran = await recipes.runRecipeInGuest({ instanceId, recipe });
+      progress(`${app}: recipe ran in ${r1(ran.ms / 1000)} s`);
+      const { hostPort } = await acts.getInstance({ instanceId });
+      const inputs = await workloadInputs(INPUTS);
+      const times: number[] = [];
+      for (let i = 0; i < 5; i++) {
+        const a = await askWorkload(app, `http://127.0.0.1:${hostPort}`, inputs);
+        if (!a.ok) throw new Error(`${app} on its launch VM: ${a.why}`);
+        times.push(a.ms);
+      }
+      const made = await acts.createInstanceOverlay({ instanceId, keepInstance: false });
+      fs.mkdirSync(dir, { recursive: true });
+      const overlayFile = path.join(dir, 'ours.overlay');
+      fs.copyFileSync(path.join(store, 'overlays', `${made.overlayId}.overlay`), overlayFile);
+      const idir = path.join(buildHost, 'instances', instanceId);
+      fs.copyFileSync(path.join(idir, 'launch.sav'), path.join(dir, 'launch.sav'));
+      await run('qemu-img', ['convert', '-O', 'raw', path.join(idir, 'disk.qcow2'), path.join(dir, 'launch-disk.raw')]);
+      fs.writeFileSync(infoFile, JSON.stringify({ overlayFile, requestMs: median(times) }));
+    } finally {
+      await acts.terminateInstance({ instanceId });
+    }
+  }
+  const info = BuildInfo.parse(JSON.parse(fs.readFileSync(infoFile, 'utf8')));
+  progress(`${app}: making the baselines (xdelta3 + xz -9 of whole images: minutes, once)`);
+  const baselines = await prepareBaselines(dir, baseFiles, { diskRaw: path.join(dir, 'launch-disk.raw'), save: path.join(dir, 'launch.sav') });
+  return { app, dir, overlayFile: info.overlayFile, overlayBytes: fs.statSync(info.overlayFile).size, requestMs: info.requestMs, baselines };
+}
+
+/** Ask until the answer is right (the VM may not answer yet); the time of the first right answer. */
+async function firstRightAnswer(app: WorkloadName, port: () => number | undefined, inputs: Awaited<ReturnType<typeof workloadInputs>>, deadlineMs: number): Promise<number> {
+  const deadline = Date.now() + deadlineMs;
+  let last = 'no port yet';
+  for (;;) {
+    const p = port();
+    if (p !== undefined) {
+      try {
+        const a = await askWorkload(app, `http://127.0.0.1:${p}`, inputs, 60_000);
+        if (a.ok) return performance.now();
+        last = a.why ?? '';
+      } catch (e) {
+        last = (e as Error).message;
+      }
+    }
+    if (Date.now() > deadline) throw new Error(`${app} did not answer its request right within ${deadlineMs} ms (last: ${last})`);
+    await new Promise((r) => setTimeout(r, 20));
+  }
+}
+
+const InstanceFile = z.object({ hostPort: z.number().int().optional() });
+
+async function main(): Promise<void> {
+  const apps = argList('--apps', WORKLOAD_NAMES, WORKLOAD_NAMES);
+  const links = argList('--links', Object.keys(LINK_PROFILES) as LinkProfileName[], ['wifi38', 'mbit100', 'gbit1']);
+  const methods = argList('--methods', METHODS, METHODS);
+  const runs = argRuns();
+  emit({ metric: 'environment', apps, links, methods, runs, load: loadavg().map(r1) });
+  const hv = new LibvirtHypervisor({ logger: createLogger('bench', 'warn') });
+  const base = await debianBasePackage(hv, VAR, progress);
+  const manifest = await readBaseManifest(path.join(VAR, 'hosts', 'bench-build', 'store'), base.baseId).catch(() => undefined);
+  progress(`base ${base.baseId.slice(0, 12)}${manifest ? '' : ' (first import on the build host)'}`);
+  const built: Built[] = [];
+  for (const app of apps) built.push(await build(app, hv, base));
+  for (const b of built) emit({ metric: 'sizes', app: b.app, oursBytes: b.overlayBytes, naiveBytes: b.baselines.naive.bytes, wholeBytes: b.baselines.whole.bytes, requestMs: r1(b.requestMs) });
+
+  // The file server every method downloads from (Range for our overlay's segments).
+  const served = path.join(CACHE, 'served');
+  fs.rmSync(served, { recursive: true, force: true });
+  fs.mkdirSync(served, { recursive: true });
+  for (const b of built) {
+    for (const f of [b.overlayFile, b.baselines.naive.disk, b.baselines.naive.memory, b.baselines.whole.disk, b.baselines.whole.memory]) {
+      fs.linkSync(f, path.join(served, `${b.app}-${path.basename(f)}`));
+    }
+  }
+  const server = fastify({ logger: false });
+  await server.register(fastifyStatic, { root: served, prefix: '/', acceptRanges: true, index: false, list: false });
+  await server.listen({ host: '127.0.0.1', port: 0 });
+  const serverPort = (server.server.address() as { port: number }).port;
+
+  const cluster = await startTestCluster('wlbench', ['wlb']);
+  const [hostB] = cluster.hosts as [string];
+  const results: Array<{ app: WorkloadName; link: LinkProfileName; method: Method; firstResponseMs: number; bytes: number; stages: Record<string, number> }> = [];
+  try {
+    await cluster.client.workflow.execute(importBaseVm, { taskQueue: hostTaskQueue(hostB), workflowId: `importBaseVm/${hostB}/${base.baseId.slice(0, 12)}`, args: [{ hostId: hostB, source: base.packageFile, onHostQueue: true }] });
+    const baseOnB = path.join(hostDir(cluster.config, hostB), 'store', 'bases', base.baseId);
+    const inputs = await workloadInputs(INPUTS);
+    for (const linkName of links) {
+      const profile = parseLinkProfile(linkName);
+      const link = await openLink({ profile: linkName, target: { host: '127.0.0.1', port: serverPort } });
+      try {
+        for (const b of built) {
+          for (let r = 0; r < runs; r++) {
+            // Rotate the order of the methods between runs, so that drift hits them alike.
+            const order = methods.map((_, i) => methods[(i + r) % methods.length] as Method);
+            for (const method of order) {
+              const id = `${b.app}-${linkName}-${method}-${r}`;
+              progress(`${id}: start (load ${loadavg().map(r1).join(' ')})`);
+              const t0 = performance.now();
+              if (method === 'ours') {
+                const instanceId = `wl-${b.app}-${r}`.replace(/[^a-z0-9-]/g, '');
+                const file = path.join(hostDir(cluster.config, hostB), 'instances', instanceId, 'instance.json');
+                const handle = await cluster.client.workflow.start(synthesizeVm, {
+                  taskQueue: hostTaskQueue(hostB),
+                  workflowId: `synthesizeVm/${hostB}/${instanceId}-${Date.now()}`,
+                  args: [{ hostId: hostB, instanceId, overlayUrl: link.url(`/${b.app}-ours.overlay`), appPort: WORKLOAD_APP_PORT, waitForApp: false, onHostQueue: true }],
+                });
+                const port = (): number | undefined => {
+                  try {
+                    return InstanceFile.parse(JSON.parse(fs.readFileSync(file, 'utf8'))).hostPort;
+                  } catch {
+                    return undefined;
+                  }
+                };
+                const t1 = await firstRightAnswer(b.app, port, inputs, 20 * 60_000);
+                const res = await handle.result();
+                results.push({ app: b.app, link: linkName, method, firstResponseMs: t1 - t0, bytes: b.overlayBytes, stages: { ...res.timings, ...res.applyTimings } });
+                await cluster.client.workflow.execute(terminateVm, { taskQueue: hostTaskQueue(hostB), workflowId: `terminateVm/${hostB}/${instanceId}-${Date.now()}`, args: [{ hostId: hostB, instanceId, onHostQueue: true }] });
+              } else {
+                const workDir = path.join(hostDir(cluster.config, hostB), 'baselines', id);
+                const domain = `cl-${hostB}-${method}-${r}`;
+                const files: BaselineFiles = {
+                  naive: { ...b.baselines.naive, disk: `${b.app}-${path.basename(b.baselines.naive.disk)}`, memory: `${b.app}-${path.basename(b.baselines.naive.memory)}` },
+                  whole: { ...b.baselines.whole, disk: `${b.app}-${path.basename(b.baselines.whole.disk)}`, memory: `${b.app}-${path.basename(b.baselines.whole.memory)}` },
+                };
+                try {
+                  const br = await runBaseline(hv, method, { baseUrl: link.url(''), workDir, domain, base: { disk: path.join(baseOnB, 'disk.raw'), save: path.join(baseOnB, 'memory.sav') }, files, appPort: WORKLOAD_APP_PORT });
+                  const t1 = await firstRightAnswer(b.app, () => br.hostPort, inputs, 20 * 60_000);
+                  results.push({ app: b.app, link: linkName, method, firstResponseMs: t1 - t0, bytes: b.baselines[method].bytes, stages: { transferMs: br.transferMs, decodeMs: br.decodeMs, restoreMs: br.restoreMs, replugMs: br.replugMs } });
+                } finally {
+                  await removeBaseline(hv, { domain, workDir });
+                }
+              }
+              const last = results[results.length - 1];
+              if (last) emit({ metric: 'run', ...last, firstResponseMs: Math.round(last.firstResponseMs), stages: Object.fromEntries(Object.entries(last.stages).map(([k, v]) => [k, Math.round(v)])) });
+            }
+          }
+        }
+      } finally {
+        await link.close();
+      }
+      void profile;
+    }
+  } finally {
+    await cluster.stop();
+    await server.close();
+    await hv.close();
+  }
+
+  // Medians per application x link x method, ratios, targets.
+  const med = (app: string, link: string, method: Method): number | undefined => {
+    const xs = results.filter((x) => x.app === app && x.link === link && x.method === method).map((x) => x.firstResponseMs);
+    return xs.length ? median(xs) : undefined;
+  };
+  const groups: BarGroup[] = [];
+  for (const linkName of links) {
+    for (const b of built) {
+      const values: Record<string, number | undefined> = {};
+      for (const m of methods) values[m] = (med(b.app, linkName, m) ?? NaN) / 1000;
+      const ours = med(b.app, linkName, 'ours');
+      const naive = med(b.app, linkName, 'naive');
+      const rate = LINK_PROFILES[linkName].rateMbit * 1e6;
+      emit({
+        metric: 'summary', app: b.app, link: linkName,
+        firstResponseS: Object.fromEntries(methods.map((m) => [m, values[m] !== undefined && Number.isFinite(values[m]) ? r1(values[m] as number) : null])),
+        bytes: { ours: b.overlayBytes, naive: b.baselines.naive.bytes, whole: b.baselines.whole.bytes },
+        sizeRatio: b.overlayBytes / b.baselines.naive.bytes,
+        firstResponseRatio: ours !== undefined && naive !== undefined ? ours / naive : null,
+        beyondTransferS: ours !== undefined ? (ours - (b.overlayBytes * 8 * 1000) / rate - b.requestMs) / 1000 : null,
+      });
+      groups.push({ label: `${b.app} @ ${linkName}`, values: Object.fromEntries(Object.entries(values).map(([k, v]) => [k, Number.isFinite(v) ? v : undefined])) });
+    }
+  }
+  emit({ metric: 'published', note: 'published, not measured here: MobiSys 2013 (Ha et al.), 38 Mbit/s WiFi', FACE: { naiveFirstResponseS: 37, optimizedFirstResponseS: 8 }, overlaySizeOfNaive: 0.28 });
+  const wifi = links.includes('wifi38') ? 'wifi38' : undefined;
+  if (wifi) {
+    const sizeRatios = built.map((b) => b.overlayBytes / b.baselines.naive.bytes);
+    const frRatios = built.map((b) => { const o = med(b.app, wifi, 'ours'); const n = med(b.app, wifi, 'naive'); return o !== undefined && n !== undefined ? o / n : NaN; }).filter(Number.isFinite);
+    const beyond = built.map((b) => { const o = med(b.app, wifi, 'ours'); return o === undefined ? NaN : (o - (b.overlayBytes * 8 * 1000) / (LINK_PROFILES.wifi38.rateMbit * 1e6) - b.requestMs) / 1000; }).filter(Number.isFinite);
+    emit({
+      metric: 'targets',
+      apps: built.map((b) => b.app),
+      targets: [
+        { name: 'sizeRatio', value: median(sizeRatios), limit: 0.3 },
+        ...(frRatios.length ? [{ name: 'firstResponseRatio', value: median(frRatios), limit: 0.25 }] : []),
+        ...(beyond.length ? [{ name: 'beyondTransferS', value: median(beyond), limit: 3 }] : []),
+      ],
+    });
+  }
+  const chart = groupedBarChart('First response (s): ours vs naive overlay vs whole VM copy', 'seconds', [...methods], groups);
+  const out = path.join(REPO, 'docs', 'figures', 'workloads-first-response.svg');
+  fs.mkdirSync(path.dirname(out), { recursive: true });
+  fs.writeFileSync(out, chart);
+  progress(`chart written to ${path.relative(REPO, out)}`);
+}
+
+main().catch((e: unknown) => {
+  process.stderr.write(`[workloads] failed: ${e instanceof Error ? (e.stack ?? e.message) : String(e)}\n`);
+  process.exit(1);
+});
