@@ -61,6 +61,7 @@ export async function preparePackageRepo(input: { guestStatus: string; packages:
       ...packages,
     ], { maxBuffer: 16 * 1024 * 1024, env: { ...process.env, DEBIAN_FRONTEND: 'noninteractive' } });
   } catch (e) {
+    await fs.promises.rm(work, { recursive: true, force: true });
     const stderr = String((e as { stderr?: string }).stderr ?? (e as Error).message);
     const unknown = /Unable to locate package (\S+)|Package '?(\S+?)'? has no installation candidate/.exec(stderr);
     throw new CloudletError(unknown ? 'BAD_INPUT' : 'PACKAGES_UNAVAILABLE', `apt on the host could not fetch ${packages.join(' ')} for the guest: ${stderr.trim().split('\n').slice(-3).join(' ')}`, {
@@ -119,7 +120,9 @@ export function aptInstallScript(packages: string[], port: number): string {
     'i=0; until ip route | grep -q "^default"; do i=$((i+1)); [ $i -gt 300 ] && { echo "cloudlet-recipe: no network route after 60 s" >&2; exit 91; }; sleep 0.2; done',
     `echo 'deb [trusted=yes] http://${HOST_FROM_GUEST}:${port}/ ./' > ${list}`,
     `${apt} update || exit 92`,
-    `DEBIAN_FRONTEND=noninteractive ${apt} install -y --no-install-recommends ${packages.join(' ')} || exit 93`,
+    // The served repository is flat (no releases): ask for name/release by its name (the host
+    // already picked that release's version) and keep name=version as it is.
+    `DEBIAN_FRONTEND=noninteractive ${apt} install -y --no-install-recommends ${packages.map((p) => p.replace(/\/.*$/, '')).join(' ')} || exit 93`,
     `rm -f ${list}; rm -rf /var/lib/apt/lists/* /var/cache/apt/*.bin /var/cache/apt/archives/*.deb`,
     `echo 'cloudlet-recipe: installed ${packages.join(' ')}'`,
   ].join('\n');

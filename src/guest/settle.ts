@@ -28,7 +28,8 @@ export interface SettleResult {
 
 /** Idle share between two `cpu` lines of /proc/stat (idle + iowait over all). */
 export function idleShareBetween(before: string, after: string): number {
-  const parse = (line: string): number[] => line.trim().split(/\s+/).slice(1).map(Number);
+  // user nice system idle iowait irq softirq steal; guest and guest_nice are already in user and nice.
+  const parse = (line: string): number[] => line.trim().split(/\s+/).slice(1, 9).map(Number);
   const a = parse(before);
   const b = parse(after);
   const delta = b.map((v, i) => v - (a[i] ?? 0));

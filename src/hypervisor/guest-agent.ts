@@ -5,6 +5,7 @@
  * files are written in chunks (guest-file-open/write/close: one agent message stays small),
  * programs are started with guest-exec and polled with guest-exec-status.
  */
+import { randomUUID } from 'node:crypto';
 import { z } from 'zod';
 import { CloudletError } from '../core/errors';
 import type { GuestExecOptions, GuestExecResult } from './types';
@@ -50,9 +51,12 @@ export async function guestWriteFile(send: AgentSend, guestPath: string, data: B
       const chunk = data.subarray(off, off + WRITE_CHUNK);
       await send({ execute: 'guest-file-write', arguments: { handle, 'buf-b64': chunk.toString('base64') } });
     }
-  } finally {
-    await send({ execute: 'guest-file-close', arguments: { handle } });
+  } catch (e) {
+    // The write's failure is the one to report; closing is best effort then.
+    await send({ execute: 'guest-file-close', arguments: { handle } }).catch(() => undefined);
+    throw e;
   }
+  await send({ execute: 'guest-file-close', arguments: { handle } });
 }
 
 const shQuote = (s: string): string => `'${s.replace(/'/g, `'\\''`)}'`;
@@ -68,7 +72,7 @@ export async function guestExec(send: AgentSend, domain: string, options: GuestE
   const argv = [options.path, ...(options.args ?? [])].map(shQuote).join(' ');
   let inputFile: string | undefined;
   if (options.input !== undefined) {
-    inputFile = `/run/cloudlet-exec-${process.pid}-${t0}.in`;
+    inputFile = `/run/cloudlet-exec-${randomUUID()}.in`;
     await guestWriteFile(send, inputFile, Buffer.isBuffer(options.input) ? options.input : Buffer.from(options.input, 'utf8'));
   }
   const redirect = inputFile ? ` < ${shQuote(inputFile)}` : ' < /dev/null';
@@ -88,6 +92,11 @@ export async function guestExec(send: AgentSend, domain: string, options: GuestE
   for (let pollMs = POLL_FIRST_MS; ; pollMs = Math.min(POLL_MAX_MS, pollMs * 2)) {
     const status = parseReply(ExecStatus, await send({ execute: 'guest-exec-status', arguments: { pid: started.pid } }), `guest-exec-status in ${domain}`);
     if (status.exited) {
+      if (status['out-truncated'] || status['err-truncated']) {
+        throw new CloudletError('HYPERVISOR', `the output of ${options.path} in the guest of "${domain}" was cut by qemu-guest-agent (it keeps at most 16 MiB)`, {
+          fix: 'make the command print less (write large results to a file in the guest instead)',
+        });
+      }
       const decode = (b64: string | undefined): string => (b64 ? Buffer.from(b64, 'base64').toString('utf8') : '');
       const exitCode = status.exitcode ?? (status.signal !== undefined ? 128 + status.signal : -1);
       return { exitCode, stdout: decode(status['out-data']), stderr: decode(status['err-data']), ms: Date.now() - t0 };
