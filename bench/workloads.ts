@@ -4,6 +4,7 @@
  *
  *   npx tsx bench/workloads.ts [--apps webdb,ocr,speech,face] [--links wifi38,mbit100,gbit1]
  *                              [--methods ours,naive,whole] [--runs N]      (npm run bench -- workloads)
+ *   npx tsx bench/workloads.ts --semantic [--apps ...]   overlay sizes with/without discard and free page reporting
  *
  * Build (once per application and recipe, cached under var/cache/workloads-bench/): resume the
  * base on a scratch host, run the application's recipe in it (packages served by the host,
@@ -72,16 +73,25 @@ interface Built {
   overlayBytes: number;
   /** The real request's time on the launch VM (median of 5), before the overlay was made. */
   requestMs: number;
-  baselines: BaselineFiles;
+  baselines?: BaselineFiles;
 }
+type BuiltWithBaselines = Built & { baselines: BaselineFiles };
 
 const BuildInfo = z.object({ overlayFile: z.string(), requestMs: z.number() });
 
-/** Build (or find cached) the application's launch VM, our overlay and the baselines. */
-async function build(app: WorkloadName, hv: LibvirtHypervisor, base: { packageFile: string; baseId: string }): Promise<Built> {
+/**
+ * How the launch VM is made: `default` as users get it; `nodiscard` with the guest's root file
+ * system remounted without discard before the recipe (deleted files keep their blocks in the qcow2
+ * layer); `nofpr` on a base VM saved without free page reporting. The last two only measure the
+ * overlay's size (--semantic).
+ */
+type Variant = 'default' | 'nodiscard' | 'nofpr';
+
+/** Build (or find cached) the application's launch VM, our overlay and (default variant) the baselines. */
+async function build(app: WorkloadName, hv: LibvirtHypervisor, base: { packageFile: string; baseId: string }, variant: Variant = 'default'): Promise<Built> {
   const recipe = parseRecipe(await workloadRecipe(app, { hostId: 'bench-build', baseId: base.baseId, inputsDir: INPUTS }));
   const digest = (await import('node:crypto')).createHash('sha256').update(JSON.stringify(recipe)).digest('hex').slice(0, 12);
-  const dir = path.join(CACHE, base.baseId.slice(0, 12), `${app}-${digest}`);
+  const dir = path.join(CACHE, base.baseId.slice(0, 12), `${app}-${digest}${variant === 'default' ? '' : `-${variant}`}`);
   const infoFile = path.join(dir, 'build.json');
   const buildHost = path.join(VAR, 'hosts', 'bench-build');
   const store = path.join(buildHost, 'store');
@@ -95,7 +105,11 @@ async function build(app: WorkloadName, hv: LibvirtHypervisor, base: { packageFi
     const instanceId = `wl-${app}`;
     await acts.terminateInstance({ instanceId });
     try {
-      await acts.resumeBaseInstance({ instanceId, baseId: base.baseId, appPort: WORKLOAD_APP_PORT });
+      const resumed = await acts.resumeBaseInstance({ instanceId, baseId: base.baseId, appPort: WORKLOAD_APP_PORT });
+      if (variant === 'nodiscard') {
+        const r = await hv.guestExec(resumed.domain, { path: '/bin/mount', args: ['-o', 'remount,nodiscard', '/'], timeoutMs: 60_000 });
+        if (r.exitCode !== 0) throw new Error(`remount without discard failed: ${r.stderr}`);
+      }
       const ran = await recipes.runRecipeInGuest({ instanceId, recipe });
       progress(`${app}: recipe ran in ${r1(ran.ms / 1000)} s`);
       const { hostPort } = await acts.getInstance({ instanceId });
@@ -119,9 +133,11 @@ async function build(app: WorkloadName, hv: LibvirtHypervisor, base: { packageFi
     }
   }
   const info = BuildInfo.parse(JSON.parse(fs.readFileSync(infoFile, 'utf8')));
+  const overlayBytes = fs.statSync(info.overlayFile).size;
+  if (variant !== 'default') return { app, dir, overlayFile: info.overlayFile, overlayBytes, requestMs: info.requestMs };
   progress(`${app}: making the baselines (xdelta3 + xz -9 of whole images: minutes, once)`);
   const baselines = await prepareBaselines(dir, baseFiles, { diskRaw: path.join(dir, 'launch-disk.raw'), save: path.join(dir, 'launch.sav') });
-  return { app, dir, overlayFile: info.overlayFile, overlayBytes: fs.statSync(info.overlayFile).size, requestMs: info.requestMs, baselines };
+  return { app, dir, overlayFile: info.overlayFile, overlayBytes, requestMs: info.requestMs, baselines };
 }
 
 /** Ask until the answer is right (the VM may not answer yet); the time of the first right answer. */
@@ -156,8 +172,23 @@ async function main(): Promise<void> {
   const base = await debianBasePackage(hv, VAR, progress);
   const manifest = await readBaseManifest(path.join(VAR, 'hosts', 'bench-build', 'store'), base.baseId).catch(() => undefined);
   progress(`base ${base.baseId.slice(0, 12)}${manifest ? '' : ' (first import on the build host)'}`);
-  const built: Built[] = [];
-  for (const app of apps) built.push(await build(app, hv, base));
+  if (process.argv.includes('--semantic')) {
+    // Overlay sizes with and without each way of closing the semantic gap; no measurement runs.
+    const noFpr = await debianBasePackage(hv, VAR, progress, { freePageReporting: false });
+    for (const app of apps) {
+      const sizes: Record<string, number> = {};
+      for (const [variant, b] of [['default', base], ['nodiscard', base], ['nofpr', noFpr]] as const) sizes[variant] = (await build(app, hv, b, variant)).overlayBytes;
+      emit({ metric: 'semantic', app, overlayBytes: sizes, discardSaves: (sizes.nodiscard ?? 0) - (sizes.default ?? 0), freePageReportingSaves: (sizes.nofpr ?? 0) - (sizes.default ?? 0) });
+    }
+    await hv.close();
+    return;
+  }
+  const built: BuiltWithBaselines[] = [];
+  for (const app of apps) {
+    const b = await build(app, hv, base);
+    if (!b.baselines) throw new Error(`${app}: no baselines were made`);
+    built.push({ ...b, baselines: b.baselines });
+  }
   for (const b of built) emit({ metric: 'sizes', app: b.app, oursBytes: b.overlayBytes, naiveBytes: b.baselines.naive.bytes, wholeBytes: b.baselines.whole.bytes, requestMs: r1(b.requestMs) });
 
   // The file server every method downloads from (Range for our overlay's segments).
