@@ -2,15 +2,19 @@
  * The chunk index: the sha256 of every 4 KiB chunk of a file (a raw disk or a memory image), so an
  * overlay can say "chunk i of the launch VM equals chunk j of the base" without shipping it.
  *
- * Building streams the file with large sequential reads and hashes the chunks on worker threads
- * (one-shot `crypto.hash` per chunk), so a 1 GiB file is indexed near SHA-256 speed. The on-disk
- * format is documented in docs/chunk-index.md.
+ * Building asks the file system where the file's data is (extents.ts) and gives chunks inside holes
+ * the digest of a zero chunk without reading them; the data is read in 8 MiB positional reads by
+ * worker threads (one per core), which hash each chunk (one-shot `crypto.hash`; chunks of zeros are
+ * recognized, not hashed). A sparse 16 GiB disk with 1 GiB of data is indexed like a 1 GiB file.
+ * The on-disk format and the measurements are in docs/chunk-index.md.
  */
 import { createHash, hash as oneShotHash } from 'node:crypto';
 import { availableParallelism } from 'node:os';
 import { open, readFile, rename, writeFile, unlink } from 'node:fs/promises';
 import { Worker } from 'node:worker_threads';
 import { CloudletError } from './errors';
+import { dataExtentsOrWhole } from './extents';
+import type { Extent } from './extents';
 
 export const CHUNK_SIZE = 4096;
 export const DIGEST_SIZE = 32;
@@ -27,12 +31,19 @@ export interface ChunkIndex {
 
 export interface BuildChunkIndexOptions {
   onProgress?(done: number, total: number): void;
-  /** Hashing threads (default: min(2, available cores)); 0 hashes on the calling thread (as do files of one read or less). */
+  /**
+   * Reading and hashing threads (default: the available cores, at most 8); 0 works on the calling
+   * thread, as do files with at most one read (8 MiB) of data.
+   */
   threads?: number;
+  /**
+   * 'skip' (the default for files larger than 8 MiB): ask the file system where the data is
+   * (`qemu-img map`, i.e. SEEK_DATA/SEEK_HOLE) and give each chunk inside a hole the zero digest
+   * without reading it; if qemu-img is missing or fails, the whole file is read (same digests,
+   * slower) and a warning is logged. 'read': read every byte (the default for smaller files).
+   */
+  holes?: 'skip' | 'read';
 }
-
-/** Bytes read per I/O (and hashed per worker task). */
-const READ_SIZE = 8 * 1024 * 1024;
 
 /** The ChunkIndex over a flat list of digests (32 bytes each, chunk order). */
 export class DigestList implements ChunkIndex {
@@ -124,120 +135,222 @@ export function hashChunks(data: Buffer): Buffer {
   return out;
 }
 
-// Worker body (plain JS, evaluated, so it runs the same under ts-jest, tsx and compiled code).
-const WORKER_SOURCE = `
-const { parentPort } = require('node:worker_threads');
-const { hash } = require('node:crypto');
-parentPort.on('message', ({ id, buf, len }) => {
-  const data = Buffer.from(buf, 0, len);
-  const n = Math.ceil(len / ${CHUNK_SIZE});
-  const out = Buffer.allocUnsafe(n * 32);
-  for (let i = 0; i < n; i++) {
-    let c = data.subarray(i * ${CHUNK_SIZE}, Math.min(len, (i + 1) * ${CHUNK_SIZE}));
-    if (c.length < ${CHUNK_SIZE}) { const p = Buffer.alloc(${CHUNK_SIZE}); c.copy(p); c = p; }
-    hash('sha256', c, 'buffer').copy(out, i * 32);
+/** Bytes read per I/O, and the most data one worker task reads and hashes. */
+const READ_SIZE = 8 * 1024 * 1024;
+const TASK_CHUNKS = READ_SIZE / CHUNK_SIZE;
+/** Worker threads at most, whatever the core count (each holds a READ_SIZE buffer). */
+const MAX_THREADS = 8;
+
+const ZERO_CHUNK = Buffer.alloc(CHUNK_SIZE);
+/** sha256 of a chunk of zeros: the digest of every chunk inside a hole. */
+export const ZERO_CHUNK_DIGEST: Buffer = oneShotHash('sha256', ZERO_CHUNK, 'buffer');
+
+/** Chunks [first, first + count) of a file. */
+export interface ChunkRun {
+  first: number;
+  count: number;
+}
+
+/**
+ * The chunk runs that must be read to index a file whose non-zero bytes all lie in `extents`
+ * (sorted): every chunk touching an extent, even partly, is read whole; every other chunk is
+ * all zeros.
+ */
+export function chunkRunsOf(extents: readonly Extent[]): ChunkRun[] {
+  const runs: ChunkRun[] = [];
+  for (const e of extents) {
+    if (e.end <= e.start) continue;
+    const first = Math.floor(e.start / CHUNK_SIZE);
+    const end = Math.ceil(e.end / CHUNK_SIZE);
+    const last = runs[runs.length - 1];
+    if (last && first <= last.first + last.count) last.count = Math.max(last.count, end - last.first);
+    else runs.push({ first, count: end - first });
   }
-  parentPort.postMessage({ id, buf, out: out.buffer, outOffset: out.byteOffset, outLen: out.length }, [buf]);
+  return runs;
+}
+
+/** Groups runs into tasks of at most TASK_CHUNKS chunks (long runs are split, short ones packed). */
+function packTasks(runs: readonly ChunkRun[]): ChunkRun[][] {
+  const tasks: ChunkRun[][] = [];
+  let task: ChunkRun[] = [];
+  let size = 0;
+  for (const r of runs) {
+    for (let first = r.first, left = r.count; left > 0; ) {
+      if (size === TASK_CHUNKS) {
+        tasks.push(task);
+        task = [];
+        size = 0;
+      }
+      const count = Math.min(left, TASK_CHUNKS - size);
+      task.push({ first, count });
+      size += count;
+      first += count;
+      left -= count;
+    }
+  }
+  if (task.length > 0) tasks.push(task);
+  return tasks;
+}
+
+/** Digests of the `chunks` whole chunks at the start of `buf` into `out` at `outAt`; zero chunks are recognized, not hashed. */
+function hashInto(buf: Buffer, chunks: number, out: Buffer, outAt: number): void {
+  for (let i = 0; i < chunks; i++) {
+    const off = i * CHUNK_SIZE;
+    const d = buf.compare(ZERO_CHUNK, 0, CHUNK_SIZE, off, off + CHUNK_SIZE) === 0 ? ZERO_CHUNK_DIGEST : oneShotHash('sha256', buf.subarray(off, off + CHUNK_SIZE), 'buffer');
+    d.copy(out, outAt + i * DIGEST_SIZE);
+  }
+}
+
+function shrank(path: string, at: number, byteLength: number): CloudletError {
+  return new CloudletError('CORRUPT', `${path} shrank while it was being indexed (at byte ${at} of ${byteLength})`, { fix: 'do not modify a file while it is indexed' });
+}
+
+// Worker body (plain JS, evaluated, so it runs the same under ts-jest, tsx and compiled code). It
+// reads its own runs from the file descriptor it was given (positional reads, no copy through the
+// main thread), pads the file's short last chunk with zeros, and does what hashInto does.
+const WORKER_SOURCE = `
+const { parentPort, workerData } = require('node:worker_threads');
+const { readSync } = require('node:fs');
+const { hash } = require('node:crypto');
+const { fd, byteLength } = workerData;
+const C = ${CHUNK_SIZE};
+const buf = Buffer.allocUnsafe(${READ_SIZE});
+const zero = Buffer.alloc(C);
+const zeroDigest = hash('sha256', zero, 'buffer');
+parentPort.on('message', ({ id, runs }) => {
+  try {
+    let at = 0;
+    for (let k = 0; k < runs.length; k += 2) {
+      const start = runs[k] * C;
+      const want = Math.min(byteLength, (runs[k] + runs[k + 1]) * C) - start;
+      for (let got = 0; got < want; ) {
+        const n = readSync(fd, buf, at + got, want - got, start + got);
+        if (n === 0) { parentPort.postMessage({ id, shrankAt: start + got }); return; }
+        got += n;
+      }
+      const padded = runs[k + 1] * C;
+      if (want < padded) buf.fill(0, at + want, at + padded);
+      at += padded;
+    }
+    const chunks = at / C;
+    const out = Buffer.from(new ArrayBuffer(chunks * 32));
+    for (let i = 0; i < chunks; i++) {
+      const off = i * C;
+      (buf.compare(zero, 0, C, off, off + C) === 0 ? zeroDigest : hash('sha256', buf.subarray(off, off + C), 'buffer')).copy(out, i * 32);
+    }
+    parentPort.postMessage({ id, out: out.buffer }, [out.buffer]);
+  } catch (e) {
+    parentPort.postMessage({ id, error: String((e && e.message) || e) });
+  }
 });
 `;
 
-interface HashResult {
-  buf: ArrayBuffer;
-  digests: Buffer;
+interface WorkerReply {
+  id: number;
+  out?: ArrayBuffer;
+  shrankAt?: number;
+  error?: string;
 }
 
-class HashPool {
-  private readonly workers: Worker[];
-  private readonly pending = new Map<number, { resolve(r: HashResult): void; reject(e: unknown): void }>();
-  private nextId = 0;
-  private failure: unknown;
-
-  constructor(threads: number) {
-    this.workers = Array.from({ length: threads }, () => {
-      const w = new Worker(WORKER_SOURCE, { eval: true });
-      w.on('message', (m: { id: number; buf: ArrayBuffer; out: ArrayBuffer; outOffset: number; outLen: number }) => {
-        const p = this.pending.get(m.id);
-        this.pending.delete(m.id);
-        p?.resolve({ buf: m.buf, digests: Buffer.from(m.out, m.outOffset, m.outLen) });
-      });
-      w.on('error', (e) => this.fail(e));
-      return w;
+/**
+ * Reads and hashes `tasks` on `threads` workers that read the file `fd` themselves; each finished
+ * task's digests (32 bytes per chunk, in run order) go to `onTask`. Each worker has two tasks in
+ * hand, so it never waits for the main thread.
+ */
+async function hashOnWorkers(fd: number, path: string, byteLength: number, tasks: readonly ChunkRun[][], threads: number, onTask: (task: readonly ChunkRun[], digests: Buffer) => void): Promise<void> {
+  const workers = Array.from({ length: Math.min(threads, tasks.length) }, () => new Worker(WORKER_SOURCE, { eval: true, workerData: { fd, byteLength } }));
+  try {
+    await new Promise<void>((resolve, reject) => {
+      let next = 0;
+      let finished = 0;
+      let failed = false;
+      const fail = (e: unknown): void => {
+        if (!failed) reject(e);
+        failed = true;
+      };
+      const send = (w: Worker): void => {
+        if (next >= tasks.length) return;
+        const id = next++;
+        w.postMessage({ id, runs: (tasks[id] as ChunkRun[]).flatMap((r) => [r.first, r.count]) });
+      };
+      for (const w of workers) {
+        w.on('message', (m: WorkerReply) => {
+          if (failed) return;
+          try {
+            if (m.shrankAt !== undefined) throw shrank(path, m.shrankAt, byteLength);
+            if (m.out === undefined) throw new Error(`cannot read ${path} to index its chunks: ${m.error ?? 'no reply'}`);
+            onTask(tasks[m.id] as ChunkRun[], Buffer.from(m.out));
+          } catch (e) {
+            fail(e);
+            return;
+          }
+          if (++finished === tasks.length) resolve();
+          else send(w);
+        });
+        w.on('error', fail);
+        w.on('exit', () => {
+          if (finished < tasks.length) fail(new Error(`a chunk hashing thread stopped while indexing ${path}`));
+        });
+        send(w);
+        send(w);
+      }
     });
-  }
-
-  hash(buf: ArrayBuffer, len: number): Promise<HashResult> {
-    if (this.failure) return Promise.reject(this.failure);
-    const id = this.nextId++;
-    const worker = this.workers[id % this.workers.length] as Worker;
-    return new Promise((resolve, reject) => {
-      this.pending.set(id, { resolve, reject });
-      worker.postMessage({ id, buf, len }, [buf]);
-    });
-  }
-
-  private fail(e: unknown): void {
-    this.failure = e;
-    for (const p of this.pending.values()) p.reject(e);
-    this.pending.clear();
-  }
-
-  async close(): Promise<void> {
-    await Promise.all(this.workers.map((w) => w.terminate()));
+  } finally {
+    await Promise.all(workers.map((w) => w.terminate()));
   }
 }
 
-/** Streams `path` and returns the sha256 of each 4 KiB chunk. */
+/**
+ * Reads `path` and returns the sha256 of each 4 KiB chunk. Holes are not read (see `holes`), nor
+ * are chunks of zeros hashed; the data is read and hashed by worker threads, each reading its own
+ * ranges of the file.
+ */
 export async function buildChunkIndex(path: string, opts: BuildChunkIndexOptions = {}): Promise<ChunkIndex> {
   const fh = await open(path, 'r').catch((e: unknown) => {
     throw new CloudletError('NOT_FOUND', `cannot open ${path} to index its chunks: ${(e as Error).message}`, { cause: e });
   });
   try {
     const byteLength = (await fh.stat()).size;
+    const holes = opts.holes ?? (byteLength > READ_SIZE ? 'skip' : 'read');
+    const found = holes === 'skip' ? dataExtentsOrWhole(fh.fd, byteLength, path) : Promise.resolve([{ start: 0, end: byteLength }]);
+    // While qemu-img looks for the holes: every chunk gets the zero digest; read chunks overwrite theirs.
     const digests = Buffer.allocUnsafe(chunkCountFor(byteLength) * DIGEST_SIZE);
-    const threads = opts.threads ?? Math.min(2, availableParallelism());
-    const readAt = async (buf: ArrayBuffer, position: number): Promise<number> => {
-      const want = Math.min(READ_SIZE, byteLength - position);
-      let got = 0;
-      while (got < want) {
-        const { bytesRead } = await fh.read(new Uint8Array(buf), got, want - got, position + got);
-        if (bytesRead === 0) throw new CloudletError('CORRUPT', `${path} shrank while it was being indexed (at byte ${position + got} of ${byteLength})`, { fix: 'do not modify a file while it is indexed' });
-        got += bytesRead;
-      }
-      return got;
-    };
-    if (threads <= 0 || byteLength <= READ_SIZE) {
-      const buf = new ArrayBuffer(READ_SIZE);
-      for (let pos = 0; pos < byteLength; ) {
-        const n = await readAt(buf, pos);
-        hashChunks(Buffer.from(buf, 0, n)).copy(digests, (pos / CHUNK_SIZE) * DIGEST_SIZE);
-        pos += n;
-        opts.onProgress?.(pos, byteLength);
+    if (holes === 'skip') digests.fill(ZERO_CHUNK_DIGEST);
+    const runs = chunkRunsOf(await found);
+    const dataChunks = runs.reduce((s, r) => s + r.count, 0);
+    const runBytes = (r: ChunkRun): number => Math.min(byteLength, (r.first + r.count) * CHUNK_SIZE) - r.first * CHUNK_SIZE;
+    let done = byteLength - runs.reduce((s, r) => s + runBytes(r), 0);
+    if (done > 0) opts.onProgress?.(done, byteLength);
+
+    const tasks = packTasks(runs);
+    const threads = opts.threads ?? Math.min(MAX_THREADS, availableParallelism());
+    if (threads <= 0 || dataChunks <= TASK_CHUNKS) {
+      const buf = Buffer.allocUnsafe(READ_SIZE);
+      for (const task of tasks) {
+        for (const r of task) {
+          const start = r.first * CHUNK_SIZE;
+          const want = runBytes(r);
+          for (let got = 0; got < want; ) {
+            const { bytesRead } = await fh.read(buf, got, want - got, start + got);
+            if (bytesRead === 0) throw shrank(path, start + got, byteLength);
+            got += bytesRead;
+          }
+          buf.fill(0, want, r.count * CHUNK_SIZE);
+          hashInto(buf, r.count, digests, r.first * DIGEST_SIZE);
+          done += want;
+          opts.onProgress?.(done, byteLength);
+        }
       }
     } else {
-      // Pipeline: keep `threads + 1` buffers in flight (reading or hashing); results land by position.
-      const pool = new HashPool(threads);
-      try {
-        const free: ArrayBuffer[] = Array.from({ length: threads + 1 }, () => new ArrayBuffer(READ_SIZE));
-        const inFlight: Promise<void>[] = [];
-        let done = 0;
-        for (let pos = 0; pos < byteLength; pos += READ_SIZE) {
-          while (free.length === 0) await Promise.race(inFlight);
-          const buf = free.pop() as ArrayBuffer;
-          const n = await readAt(buf, pos);
-          const at = pos;
-          const task = pool.hash(buf, n).then((r) => {
-            r.digests.copy(digests, (at / CHUNK_SIZE) * DIGEST_SIZE);
-            free.push(r.buf);
-            done += n;
-            opts.onProgress?.(done, byteLength);
-          });
-          const tracked: Promise<void> = task.finally(() => inFlight.splice(inFlight.indexOf(tracked), 1));
-          inFlight.push(tracked);
+      await hashOnWorkers(fh.fd, path, byteLength, tasks, threads, (task, out) => {
+        let at = 0;
+        for (const r of task) {
+          out.copy(digests, r.first * DIGEST_SIZE, at, at + r.count * DIGEST_SIZE);
+          at += r.count * DIGEST_SIZE;
+          done += runBytes(r);
         }
-        await Promise.all(inFlight);
-      } finally {
-        await pool.close();
-      }
+        opts.onProgress?.(done, byteLength);
+      });
     }
     return new DigestList(byteLength, digests);
   } finally {

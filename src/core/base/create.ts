@@ -10,6 +10,7 @@ import { CloudletError } from '../errors';
 import type { CloudletErrorOptions } from '../errors';
 import type { OnProgress } from '../progress';
 import { splitSnapshot } from '../snapshot';
+import { copySparse } from '../sparse';
 import { BASE_FILES, Store } from '../store';
 import { copyFileAtomic, fsyncFile, sha256File, writeFileSynced } from '../store/files';
 import type { BaseManifest, Member } from './manifest';
@@ -38,7 +39,9 @@ export async function createBase(input: CreateBaseInput): Promise<BaseManifest> 
     const p = (name: string): string => path.join(tmp as string, name);
     const progress = (stage: string) => (d: number, t: number) => input.onProgress?.(d, t, stage);
 
-    const disk = await copyFileAtomic(input.diskPath, p(BASE_FILES.disk), { onProgress: progress('copy disk') });
+    // The disk is copied sparse (its holes are neither read nor written) so that indexing it, here
+    // and on every host that imports it, skips them; copyFileAtomic would write every zero.
+    const disk = await copySparse(input.diskPath, p(BASE_FILES.disk), progress('copy disk'));
     const save = await copyFileAtomic(input.savePath, p(BASE_FILES.memorySave), { onProgress: progress('copy memory') });
     const baseId = computeBaseId(disk, save);
     if (await store.hasBaseDir(baseId)) {

@@ -26,6 +26,7 @@ import type { ChunkIndex } from '../chunk';
 import { CloudletError } from '../errors';
 import type { OnProgress } from '../progress';
 import { splitSnapshot } from '../snapshot';
+import { SparseWriter } from '../sparse';
 import { BASE_FILES, Store } from '../store';
 import { IO_BLOCK, fsyncDir, fsyncFile, openOrThrow, resolveInside, tempNameFor, writeAll, writeFileSynced } from '../store/files';
 import type { BaseManifest, Member } from './manifest';
@@ -165,10 +166,13 @@ class PackageReader {
 
   /**
    * Copy `length` bytes at `pos` into `outPath`, returning their sha256. Double-buffered: the
-   * next block is read while the current one is hashed and written.
+   * next block is read while the current one is hashed and written. All-zero 4 KiB chunks are
+   * not written but left as holes, so a sparse base disk stays sparse in the store (and its chunk
+   * index skips them).
    */
   async copyOut(pos: number, length: number, outPath: string, progress: (n: number) => void): Promise<string> {
     const out = await fsp.open(outPath, 'wx');
+    const writer = new SparseWriter(out);
     const hash = createHash('sha256');
     const bufs = [Buffer.allocUnsafe(IO_BLOCK), Buffer.allocUnsafe(IO_BLOCK)];
     const readBlock = async (i: number, at: number): Promise<Buffer> => {
@@ -194,9 +198,10 @@ class PackageReader {
         // Keep a rejected read-ahead from going unhandled if the write below fails first.
         next?.catch(() => undefined);
         hash.update(part);
-        await writeAll(out, part);
+        await writer.write(part, done - part.length);
         progress(part.length);
       }
+      await writer.finish(length);
       await out.sync();
     } finally {
       await out.close();

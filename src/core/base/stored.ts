@@ -7,7 +7,7 @@ import { buildChunkIndex, readChunkIndex } from '../chunk';
 import { CloudletError } from '../errors';
 import type { OnProgress } from '../progress';
 import { BASE_FILES, Store } from '../store';
-import { sha256File } from '../store/files';
+import { sha256Sparse } from '../sparse';
 import type { BaseManifest } from './manifest';
 import type { BaseFiles, BaseRef } from '../overlay/types';
 import { parseManifest } from './manifest';
@@ -193,7 +193,7 @@ export function verifyBase(storeRoot: string, baseId: string, opts: { onProgress
     const problems: string[] = [];
     for (const m of manifest.members) {
       const file = path.join(dir, m.name);
-      const got = await sha256File(file, (d, t) => opts.onProgress?.(d, t, `verify ${m.name}`)).catch((e: unknown) => e as Error);
+      const got = await sha256Sparse(file, (d, t) => opts.onProgress?.(d, t, `verify ${m.name}`)).catch((e: unknown) => e as Error);
       if (got instanceof Error) problems.push(`${m.name}: ${got.message}`);
       else if (got.size !== m.size || got.sha256 !== m.sha256) problems.push(`${m.name}: ${got.size} bytes sha256 ${got.sha256}, the manifest says ${m.size} bytes sha256 ${m.sha256}`);
     }
