@@ -42,11 +42,16 @@ async function once(file: string, make: (tmp: string) => Promise<void>): Promise
   return file;
 }
 
+/** xdelta3's source window: the whole base file (at most 2 GiB, xdelta3's limit). */
+function sourceWindow(base: string): string {
+  return String(Math.min(2 ** 31, Math.max(size(base), 1 << 20)));
+}
+
 /** xdelta3 (source window covering the whole image, as the prototype's one-shot diff) then xz -9. */
 async function naiveDelta(base: string, target: string, out: string): Promise<string> {
   return once(out, async (tmp) => {
     const vcdiff = `${tmp}.vcdiff`;
-    const window = String(Math.min(2 ** 31, Math.max(size(base), 1 << 20)));
+    const window = sourceWindow(base);
     await run('xdelta3', ['-e', '-f', '-B', window, '-s', base, target, vcdiff], { maxBuffer: 1 << 20 });
     await run('xz', ['-9', '-T1', '-k', '-f', vcdiff]);
     fs.renameSync(`${vcdiff}.xz`, tmp);
@@ -99,7 +104,10 @@ export async function runBaseline(hv: Hypervisor, method: 'naive' | 'whole', o: 
     disk = path.join(o.workDir, 'disk.raw');
     save = path.join(o.workDir, 'memory.sav');
     const decode = async (xzFile: string, source: string, out: string): Promise<void> => {
-      await run('sh', ['-c', 'xz -d -c "$1" | xdelta3 -d -f -s "$2" - "$3"', 'sh', xzFile, source, out]);
+      // xdelta3 reads the delta from standard input when it names no input file; its source
+      // window must be as large as the encoder's, or it re-reads the source in small pieces
+      // (81 s of system time instead of 3 s for a 190 MB memory snapshot).
+      await run('sh', ['-c', 'xz -d -c "$1" | xdelta3 -d -c -B "$4" -s "$2" > "$3"', 'sh', xzFile, source, out, sourceWindow(source)]);
     };
     await Promise.all([decode(got.disk, o.base.disk, disk), decode(got.memory, o.base.save, save)]);
   }
