@@ -53,6 +53,9 @@ let storeA: string;
 let pkg: string;
 let manifest: BaseManifest;
 let pkgBytes: Buffer;
+/** The same base as a version 1 package (every byte of every member). */
+let pkgV1: string;
+let pkgV1Bytes: Buffer;
 
 const sha = (b: Buffer): string => createHash('sha256').update(b).digest('hex');
 
@@ -84,7 +87,51 @@ beforeAll(async () => {
   pkg = path.join(dir, 'base.cbp');
   await exportBase(storeA, manifest.baseId, pkg);
   pkgBytes = await fsp.readFile(pkg);
+  pkgV1 = path.join(dir, 'base-v1.cbp');
+  await exportBase(storeA, manifest.baseId, pkgV1, { formatVersion: 1 });
+  pkgV1Bytes = await fsp.readFile(pkgV1);
 });
+
+/** Where the parts of a package are (parsed independently of the implementation). */
+interface Place {
+  name: string;
+  headerPos: number;
+  headerLen: number;
+  layout: number;
+  /** Sparse: position of the u64 extent count and u64 data length. */
+  countsPos: number;
+  dataPos: number;
+  dataLength: number;
+  tablePos: number;
+  extentCount: number;
+  end: number;
+}
+function parsePackage(bytes: Buffer): { version: number; places: Place[]; trailerPos: number } {
+  const version = bytes.readUInt32BE(8);
+  const len = bytes.readUInt32BE(12);
+  const m = JSON.parse(bytes.subarray(48, 48 + len).toString('utf8')) as BaseManifest;
+  let pos = 48 + len;
+  const places: Place[] = [];
+  for (const member of m.members) {
+    const headerPos = pos;
+    const headerLen = 4 + 2 + Buffer.byteLength(member.name) + 8 + (version >= 2 ? 1 : 0);
+    pos += headerLen;
+    const layout = version >= 2 ? (bytes[pos - 1] as number) : 0;
+    if (layout === 0) {
+      places.push({ name: member.name, headerPos, headerLen, layout, countsPos: -1, dataPos: pos, dataLength: member.size, tablePos: -1, extentCount: 0, end: pos + member.size });
+      pos += member.size;
+    } else {
+      const extentCount = Number(bytes.readBigUInt64BE(pos));
+      const dataLength = Number(bytes.readBigUInt64BE(pos + 8));
+      const dataPos = pos + 16;
+      const end = dataPos + dataLength + 16 * extentCount;
+      places.push({ name: member.name, headerPos, headerLen, layout, countsPos: pos, dataPos, dataLength, tablePos: dataPos + dataLength, extentCount, end });
+      pos = end;
+    }
+  }
+  return { version, places, trailerPos: pos };
+}
+
 
 afterAll(async () => {
   await fsp.rm(dir, { recursive: true, force: true });
@@ -103,7 +150,7 @@ async function importBytes(bytes: Buffer, name: string): Promise<{ err: unknown;
 }
 
 /** Rebuild a package with an edited manifest (and a correct manifest checksum). */
-function withManifest(edit: (m: Record<string, unknown>) => void): Buffer {
+function withManifest(edit: (m: Record<string, unknown>) => void, pkgBytes: Buffer): Buffer {
   const len = pkgBytes.readUInt32BE(12);
   const m = JSON.parse(pkgBytes.subarray(48, 48 + len).toString('utf8')) as Record<string, unknown>;
   edit(m);
@@ -180,9 +227,46 @@ describe('package round trip', () => {
     const pkg2 = path.join(dir, 'again.cbp');
     await exportBase(storeB, manifest.baseId, pkg2);
     expect(sha(await fsp.readFile(pkg2))).toBe(sha(pkgBytes));
+    await exportBase(storeB, manifest.baseId, pkg2 + '1', { formatVersion: 1 });
+    expect(sha(await fsp.readFile(pkg2 + '1'))).toBe(sha(pkgV1Bytes));
     await removeBase(storeB, manifest.baseId);
     expect(await listBases(storeB)).toEqual([]);
     expect(await leftovers(storeB)).toEqual([]);
+  });
+
+  test('version 2 is written by default, stores the data members sparse, and holds what version 1 holds', async () => {
+    const v2 = parsePackage(pkgBytes);
+    const v1 = parsePackage(pkgV1Bytes);
+    expect(v2.version).toBe(2);
+    expect(v1.version).toBe(1);
+    expect(v2.places.map((p) => [p.name, p.layout])).toEqual([
+      ['disk.raw', 1],
+      ['memory.sav', 1],
+      ['disk.idx', 0],
+      ['memory.idx', 0],
+    ]);
+    // The disk's three zero chunks (5..7) are not stored: two extents around them.
+    const disk = v2.places[0]!;
+    expect(disk.extentCount).toBe(2);
+    expect(disk.dataLength).toBe(manifest.disk.size - 3 * 4096);
+    expect([0, 1].map((k) => [Number(pkgBytes.readBigUInt64BE(disk.tablePos + 16 * k)), Number(pkgBytes.readBigUInt64BE(disk.tablePos + 16 * k + 8))])).toEqual([
+      [0, 5 * 4096],
+      [8 * 4096, manifest.disk.size - 8 * 4096],
+    ]);
+    expect(pkgBytes.length).toBeLessThan(pkgV1Bytes.length - 3 * 4096 + 100);
+    // The manifest (and so the base id and digests) is the same in both versions.
+    expect(await readPackageManifest(pkgV1)).toEqual(manifest);
+    const store1 = path.join(dir, 'storeV1');
+    const store2 = path.join(dir, 'storeV2');
+    expect((await importBase(store1, pkgV1)).manifest).toEqual(manifest);
+    expect((await importBase(store2, pkg)).manifest).toEqual(manifest);
+    for (const f of ['disk.raw', 'memory.sav', 'memory.img', 'disk.idx', 'memory.idx', 'manifest.json']) {
+      const a = sha(await fsp.readFile(path.join(storeA, 'bases', manifest.baseId, f)));
+      expect(sha(await fsp.readFile(path.join(store1, 'bases', manifest.baseId, f)))).toBe(a);
+      expect(sha(await fsp.readFile(path.join(store2, 'bases', manifest.baseId, f)))).toBe(a);
+    }
+    const err = await exportBase(storeA, manifest.baseId, path.join(dir, 'v3.cbp'), { formatVersion: 3 as 2 }).catch((e: unknown) => e);
+    expect((err as CloudletError).code).toBe('BAD_INPUT');
   });
 
   test('verifyBase finds damaged stored files', async () => {
@@ -277,21 +361,28 @@ describe('import from a URL', () => {
   });
 });
 
-describe('damaged packages', () => {
+describe.each([
+  ['version 2', (): Buffer => pkgBytes],
+  ['version 1', (): Buffer => pkgV1Bytes],
+])('damaged packages (%s)', (_label, bytesOf) => {
+  let pkgBytes: Buffer;
+  beforeAll(() => {
+    pkgBytes = bytesOf();
+  });
+
   /** Offsets in every part: header, manifest, each member header and payload (start/middle/end), trailer. */
   function interestingOffsets(): number[] {
     const len = pkgBytes.readUInt32BE(12);
     const offs = [0, 7, 8, 11, 12, 15, 16, 47, 48, 48 + Math.floor(len / 2), 48 + len - 1];
-    let pos = 48 + len;
-    for (const m of manifest.members) {
-      const headerLen = 4 + 2 + Buffer.byteLength(m.name) + 8;
-      offs.push(pos, pos + 5, pos + headerLen - 1);
-      pos += headerLen;
-      offs.push(pos, pos + Math.floor(m.size / 2), pos + m.size - 1);
-      pos += m.size;
+    const { places, trailerPos } = parsePackage(pkgBytes);
+    for (const p of places) {
+      offs.push(p.headerPos, p.headerPos + 5, p.headerPos + p.headerLen - 1);
+      if (p.countsPos >= 0) offs.push(p.countsPos + 7, p.countsPos + 15);
+      if (p.dataLength > 0) offs.push(p.dataPos, p.dataPos + Math.floor(p.dataLength / 2), p.dataPos + p.dataLength - 1);
+      for (let k = 0; k < p.extentCount; k++) offs.push(p.tablePos + 16 * k + 7, p.tablePos + 16 * k + 15);
     }
-    offs.push(pos, pos + 7);
-    expect(pos + 8).toBe(pkgBytes.length);
+    offs.push(trailerPos, trailerPos + 7);
+    expect(trailerPos + 8).toBe(pkgBytes.length);
     return offs;
   }
 
@@ -352,7 +443,7 @@ describe('damaged packages', () => {
     for (const name of ['../../evil', '/etc/passwd', '..']) {
       const bad = withManifest((m) => {
         (m.members as Array<{ name: string }>)[0]!.name = name;
-      });
+      }, pkgBytes);
       const { err, store } = await importBytes(bad, 'escape');
       expect((err as CloudletError).code).toBe('BAD_INPUT');
       expect((err as Error).message).toMatch(/escape/);
@@ -362,19 +453,23 @@ describe('damaged packages', () => {
   });
 
   test('unknown container or manifest versions are UNSUPPORTED_VERSION', async () => {
-    const v2 = Buffer.from(pkgBytes);
-    v2.writeUInt32BE(2, 8);
-    expect(((await importBytes(v2, 'v2')).err as CloudletError).code).toBe('UNSUPPORTED_VERSION');
+    for (const v of [0, 3, 0xffffffff]) {
+      const bad = Buffer.from(pkgBytes);
+      bad.writeUInt32BE(v, 8);
+      const { err } = await importBytes(bad, `v${v}`);
+      expect((err as CloudletError).code).toBe('UNSUPPORTED_VERSION');
+      expect((err as Error).message).toMatch(/reads versions 1 and 2/);
+    }
     const m2 = withManifest((m) => {
       m.formatVersion = 2;
-    });
+    }, pkgBytes);
     expect(((await importBytes(m2, 'm2')).err as CloudletError).code).toBe('UNSUPPORTED_VERSION');
   });
 
   test('a manifest whose base id does not match its digests is CORRUPT', async () => {
     const bad = withManifest((m) => {
       m.baseId = 'e'.repeat(64);
-    });
+    }, pkgBytes);
     const { err } = await importBytes(bad, 'wrongid');
     expect((err as CloudletError).code).toBe('CORRUPT');
     expect((err as Error).message).toMatch(/base id/);
@@ -388,25 +483,23 @@ describe('damaged packages', () => {
     const idxFile = path.join(dir, 'other.idx');
     await writeChunkIndex(await buildChunkIndex(other), idxFile);
     const idx = await fsp.readFile(idxFile);
+    const { places, trailerPos } = parsePackage(pkgBytes);
     const len = pkgBytes.readUInt32BE(12);
-    let pos = 48 + len;
     const parts: Buffer[] = [];
-    for (const m of manifest.members) {
-      const headerLen = 4 + 2 + Buffer.byteLength(m.name) + 8;
-      const header = Buffer.from(pkgBytes.subarray(pos, pos + headerLen));
-      const payload = pkgBytes.subarray(pos + headerLen, pos + headerLen + m.size);
-      if (m.name === 'disk.idx') {
-        header.writeBigUInt64BE(BigInt(idx.length), headerLen - 8);
+    for (const p of places) {
+      const header = Buffer.from(pkgBytes.subarray(p.headerPos, p.headerPos + p.headerLen));
+      if (p.name === 'disk.idx') {
+        header.writeBigUInt64BE(BigInt(idx.length), 4 + 2 + Buffer.byteLength(p.name));
         parts.push(header, idx);
-      } else parts.push(header, payload);
-      pos += headerLen + m.size;
+      } else parts.push(pkgBytes.subarray(p.headerPos, p.end));
     }
-    const body = Buffer.concat([...parts, pkgBytes.subarray(pos)]);
+    const body = Buffer.concat([...parts, pkgBytes.subarray(trailerPos)]);
+    expect(len).toBeGreaterThan(0);
     const edited = withManifest((m) => {
       const member = (m.members as Array<{ name: string; size: number; sha256: string }>)[2]!;
       member.size = idx.length;
       member.sha256 = sha(idx);
-    });
+    }, pkgBytes);
     const newLen = edited.readUInt32BE(12);
     const { err, store } = await importBytes(Buffer.concat([edited.subarray(0, 48 + newLen), body]), 'badidx');
     expect((err as CloudletError).code).toBe('CORRUPT');
@@ -417,5 +510,98 @@ describe('damaged packages', () => {
   test('a file that is not a package is BAD_INPUT', async () => {
     const { err } = await importBytes(Buffer.from('PK\x03\x04 some zip file'), 'zip');
     expect((err as CloudletError).code).toBe('BAD_INPUT');
+  });
+});
+
+describe('damaged extent tables (version 2)', () => {
+  /**
+   * The version 2 package with disk.raw's extents, data length and extent count replaced. Data
+   * bytes are the original extents' data, cut or padded to `dataLength`.
+   */
+  function withDiskExtents(extents: Array<[number, number]>, opts: { dataLength?: number; extentCount?: bigint; data?: Buffer } = {}): Buffer {
+    const { places } = parsePackage(pkgBytes);
+    const disk = places[0]!;
+    const data0 = opts.data ?? pkgBytes.subarray(disk.dataPos, disk.dataPos + disk.dataLength);
+    const dataLength = opts.dataLength ?? extents.reduce((s, [, l]) => s + l, 0);
+    const data = Buffer.concat([data0, Buffer.alloc(Math.max(0, dataLength - data0.length))]).subarray(0, dataLength);
+    const counts = Buffer.alloc(16);
+    counts.writeBigUInt64BE(opts.extentCount ?? BigInt(extents.length), 0);
+    counts.writeBigUInt64BE(BigInt(dataLength), 8);
+    const table = Buffer.alloc(16 * extents.length);
+    extents.forEach(([o, l], k) => {
+      table.writeBigUInt64BE(BigInt(o), 16 * k);
+      table.writeBigUInt64BE(BigInt(l), 16 * k + 8);
+    });
+    return Buffer.concat([pkgBytes.subarray(0, disk.countsPos), counts, data, table, pkgBytes.subarray(disk.end)]);
+  }
+
+  /** Import `bytes` recording every SparseWriter write: none may fall outside its member. */
+  async function importWatched(bytes: Buffer, name: string): Promise<{ err: unknown; store: string; maxEnd: number }> {
+    const { SparseWriter } = await import('../../src/core/sparse');
+    let maxEnd = 0;
+    const original = SparseWriter.prototype.write;
+    const spy = jest.spyOn(SparseWriter.prototype, 'write').mockImplementation(function (this: InstanceType<typeof SparseWriter>, data: Buffer, position: number) {
+      maxEnd = Math.max(maxEnd, position + data.length);
+      return original.call(this, data, position);
+    });
+    try {
+      return { ...(await importBytes(bytes, name)), maxEnd };
+    } finally {
+      spy.mockRestore();
+    }
+  }
+
+  const size = (): number => manifest.disk.size;
+  const C = 4096;
+
+  test('a valid but different extent list (unaligned, adjacent, with explicit zeros) imports the same base', async () => {
+    const disk = await fsp.readFile(path.join(dir, 'disk.raw'));
+    // Extents of 1000 bytes that cover everything, zeros included: slower, same content.
+    const extents: Array<[number, number]> = [];
+    for (let o = 0; o < disk.length; o += 1000) extents.push([o, Math.min(1000, disk.length - o)]);
+    const bytes = withDiskExtents(extents, { data: disk });
+    const { err, store, maxEnd } = await importWatched(bytes, 'unaligned');
+    expect(err).toBeUndefined();
+    expect(maxEnd).toBeLessThanOrEqual(size());
+    expect(sha(await fsp.readFile(path.join(store, 'bases', manifest.baseId, 'disk.raw')))).toBe(manifest.disk.sha256);
+  });
+
+  test.each([
+    ['out of order', () => [[8 * C, size() - 8 * C], [0, 5 * C]], () => ({}), /extent 1 .* starts before the end of the previous one/],
+    ['overlapping', () => [[0, 5 * C], [4 * C, 2 * C]], () => ({}), /extent 1 .* starts before the end of the previous one/],
+    ['past the member size', () => [[0, 5 * C], [8 * C, size() - 8 * C + 1]], () => ({}), /extent 1 .* ends past the member's \d+ bytes/],
+    ['far past the member size', () => [[0, 5 * C], [2 ** 62, 10]], () => ({}), /ends past the member's/],
+    ['empty', () => [[0, 5 * C], [6 * C, 0], [8 * C, size() - 8 * C]], () => ({}), /extent 1 .* is empty/],
+    ['holding less than the data length', () => [[0, 5 * C], [8 * C, size() - 8 * C - 10]], () => ({ dataLength: size() - 3 * C }), /its extents hold \d+ bytes, its header says \d+/],
+    ['holding more than the data length', () => [[0, 5 * C], [8 * C, size() - 8 * C]], () => ({ dataLength: size() - 3 * C - 10 }), /its extents hold more than the \d+ bytes its header says/],
+    ['more extents than data bytes', () => [[0, 5 * C]], () => ({ dataLength: 5 * C, extentCount: BigInt(5 * C + 1) }), /its header says \d+ extents holding \d+ bytes/],
+    ['a data length past the member size', () => [[0, size() + 1]], () => ({ dataLength: size() + 1 }), /holding \d+ bytes, for a member of \d+ bytes/],
+    ['an extent count of 2^64-1', () => [[0, 5 * C]], () => ({ dataLength: 5 * C, extentCount: 2n ** 64n - 1n }), /its header says 18446744073709551615 extents/],
+  ] as Array<[string, () => Array<[number, number]>, () => { dataLength?: number; extentCount?: bigint }, RegExp]>)('extents %s: CORRUPT naming the member, nothing written outside it, nothing in the store', async (label, extents, opts, message) => {
+    const { err, store, maxEnd } = await importWatched(withDiskExtents(extents(), opts()), `ext-${label.replace(/\W+/g, '-')}`);
+    expect(err).toBeInstanceOf(CloudletError);
+    expect((err as CloudletError).code).toBe('CORRUPT');
+    expect((err as Error).message).toMatch(/^member disk\.raw of base package .* is damaged: /);
+    expect((err as Error).message).toMatch(message);
+    expect((err as CloudletError).fix).toMatch(/download the package again/);
+    expect(maxEnd).toBeLessThanOrEqual(size());
+    expect(await leftovers(store)).toEqual([]);
+  });
+
+  test('an unknown member layout is CORRUPT naming the member', async () => {
+    const bad = Buffer.from(pkgBytes);
+    const disk = parsePackage(pkgBytes).places[0]!;
+    bad[disk.headerPos + disk.headerLen - 1] = 2;
+    const { err, store } = await importBytes(bad, 'layout2');
+    expect((err as CloudletError).code).toBe('CORRUPT');
+    expect((err as Error).message).toMatch(/member disk\.raw .* unknown member layout 2/);
+    expect(await leftovers(store)).toEqual([]);
+  });
+
+  test('an extent moved to another valid place is a DIGEST_MISMATCH of the member', async () => {
+    const { err, store } = await importBytes(withDiskExtents([[0, 5 * C], [8 * C + 1, size() - 8 * C - 1]], { dataLength: size() - 3 * C - 1 }), 'moved');
+    expect((err as CloudletError).code).toBe('DIGEST_MISMATCH');
+    expect((err as Error).message).toMatch(/member disk\.raw/);
+    expect(await leftovers(store)).toEqual([]);
   });
 });

@@ -36,7 +36,8 @@ jest.mock('../../src/core/snapshot', () => {
 import { createBase, exportBase, importBase, openBase, verifyBase } from '../../src/core/base';
 import { buildChunkIndex, CHUNK_SIZE } from '../../src/core/chunk';
 import { dataExtentsOrWhole } from '../../src/core/extents';
-import { copySparse, sha256Sparse, SparseWriter } from '../../src/core/sparse';
+import { copySparse, inThreadSha256, nonZeroRuns, sha256Sparse, SparseWriter, workerSha256 } from '../../src/core/sparse';
+import { CloudletError } from '../../src/core/errors';
 
 const MiB = 1024 * 1024;
 let dir: string;
@@ -136,6 +137,58 @@ describe('sparse files', () => {
   });
 });
 
+describe('sha256 sinks and zero runs', () => {
+  test('the worker and in-thread sinks give the sha256 of data and zeros fed in order; abort stops the worker', async () => {
+    const a = randomBytes(3 * MiB + 7);
+    const b = randomBytes(100);
+    const all = Buffer.concat([a, Buffer.alloc(20 * MiB + 3), b, Buffer.alloc(5)]);
+    const bAt = a.length + 20 * MiB + 3;
+    // The file-reading sink hashes the bytes of the file at the positions it is given.
+    const file = await sparseFile('sink.raw', all.length, [
+      [0, a],
+      [bAt, b],
+    ]);
+    for (const sink of [inThreadSha256(), workerSha256(), workerSha256(file)]) {
+      await sink.update(a, 0);
+      a[0] = (a[0] ?? 0) ^ 1; // the sink has its own copy (or reads the file)
+      sink.zeros(20 * MiB + 3);
+      await sink.update(b, bAt);
+      sink.zeros(5);
+      a[0] = (a[0] ?? 0) ^ 1;
+      expect(await sink.digest()).toBe(sha(all));
+      await sink.abort();
+    }
+    const w = workerSha256();
+    // More data than the worker's backlog: update waits instead of queueing without bound.
+    const big = randomBytes(8 * MiB);
+    const h = createHash('sha256');
+    for (let i = 0; i < 12; i++) {
+      await w.update(big, i * big.length);
+      h.update(big);
+    }
+    expect(await w.digest()).toBe(h.digest('hex'));
+    // A read past the end of the file fails the digest.
+    const short = workerSha256(file);
+    await short.update(Buffer.alloc(10), all.length - 5);
+    await expect(short.digest()).rejects.toThrow(/ends at byte/);
+    await short.abort();
+    const aborted = workerSha256();
+    aborted.zeros(MiB);
+    await aborted.abort();
+    await expect(Promise.resolve(aborted.update(b, 0))).rejects.toThrow();
+  });
+
+  test('nonZeroRuns skips whole zero chunks aligned in the file, and nothing else', () => {
+    const d = Buffer.concat([Buffer.alloc(CHUNK_SIZE), randomBytes(10), Buffer.alloc(3 * CHUNK_SIZE), randomBytes(5)]);
+    // At file position 0: chunk 0 is zero, chunk 1 holds the 10 random bytes, chunks 2-3 zero, chunk 4 the tail.
+    expect(nonZeroRuns(d, 0)).toEqual([[CHUNK_SIZE, 2 * CHUNK_SIZE], [4 * CHUNK_SIZE, d.length]]);
+    // 10 bytes further in the file: file chunk 1 holds zeros and random bytes, chunks 2-3 are zero.
+    expect(nonZeroRuns(d, 10)).toEqual([[0, 2 * CHUNK_SIZE - 10], [4 * CHUNK_SIZE - 10, d.length]]);
+    expect(nonZeroRuns(Buffer.alloc(0), 0)).toEqual([]);
+    expect(nonZeroRuns(Buffer.alloc(100), 0)).toEqual([[0, 100]]);
+  });
+});
+
 describe('a base made from a sparse disk', () => {
   test('is stored sparse by create and by import, with the same digests and index', async () => {
     const disk = await sparseFile('disk.raw', SIZE, layout());
@@ -162,5 +215,40 @@ describe('a base made from a sparse disk', () => {
     const full = await buildChunkIndex(b.diskPath, { holes: 'read', threads: 0 });
     for (let i = 0; i < full.chunkCount; i++) expect(b.diskIndex.equalAt(i, full.digestAt(i))).toBe(true);
     expect(await verifyBase(storeB, manifest.baseId)).toEqual({ baseId: manifest.baseId, ok: true, problems: [] });
+  });
+
+  test('a disk large enough to be hashed on its own thread: exported sparse, imported with its digest checked last', async () => {
+    // 300 MiB, 2 MiB of data: the package holds the data (and the indexes), not the zeros.
+    const big = 300 * MiB;
+    const disk = await sparseFile('big.raw', big, [
+      [5 * MiB, randomBytes(MiB)],
+      [big - MiB, randomBytes(MiB)],
+    ]);
+    const save = await sparseFile('big.sav', 3 * CHUNK_SIZE, [[0, Buffer.concat([Buffer.from('LibvirtQemudSave'), randomBytes(3 * CHUNK_SIZE - 16)])]]);
+    const storeA = path.join(dir, 'storeBigA');
+    const manifest = await createBase({ diskPath: disk, savePath: save, storeRoot: storeA });
+    const pkg = path.join(dir, 'big.cbp');
+    await exportBase(storeA, manifest.baseId, pkg);
+    expect((await fsp.stat(pkg)).size).toBeLessThan(2 * MiB + manifest.members[2]!.size + manifest.members[3]!.size + 64 * 1024);
+    const stages = new Set<string>();
+    const r = await importBase(path.join(dir, 'storeBigB'), pkg, { onProgress: (_d, _t, s) => stages.add(s ?? '') });
+    expect(r.manifest).toEqual(manifest);
+    expect(stages.has('check disk.raw sha256')).toBe(true);
+    expect(await dataBytes(path.join(dir, 'storeBigB', 'bases', manifest.baseId, 'disk.raw'))).toBeLessThan(2.2 * MiB);
+
+    // A flipped data byte of the disk: found by the disk's digest (before the index that then disagrees).
+    const bytes = await fsp.readFile(pkg);
+    // Header, manifest, disk.raw's member header (MEMB, name, size, layout) and extent counts, then its data.
+    const at = 48 + bytes.readUInt32BE(12) + (4 + 2 + 8 + 8 + 1) + 16 + 100;
+    bytes[at] = (bytes[at] ?? 0) ^ 1;
+    const bad = path.join(dir, 'big-bad.cbp');
+    await fsp.writeFile(bad, bytes);
+    const storeC = path.join(dir, 'storeBigC');
+    const err = await importBase(storeC, bad).catch((e: unknown) => e);
+    expect(err).toBeInstanceOf(CloudletError);
+    expect((err as CloudletError).code).toBe('DIGEST_MISMATCH');
+    expect((err as Error).message).toMatch(/member disk\.raw/);
+    expect(await fsp.readdir(path.join(storeC, 'bases'))).toEqual([]);
+    expect(await fsp.readdir(path.join(storeC, 'tmp'))).toEqual([]);
   });
 });

@@ -4,7 +4,8 @@
  */
 export { createBase } from './create';
 export type { CreateBaseInput } from './create';
-export { exportBase, importBase, readPackageManifest, PACKAGE_MAGIC } from './package';
+export { exportBase, importBase, readPackageManifest, PACKAGE_MAGIC, PACKAGE_CONTAINER_VERSION } from './package';
+export type { ExportOptions } from './package';
 export type { ImportResult } from './package';
 export { openBase, openBaseFiles, openStoredBase, listBases, readBaseManifest, removeBase, verifyBase } from './stored';
 export type { BaseRef, BaseSummary, OpenedBase, VerifyReport } from './stored';

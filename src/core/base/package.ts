@@ -2,16 +2,26 @@
  * The base package: one self-describing file holding a base VM (docs/base-package.md).
  *
  *   offset 0   8 bytes   magic "CLDBASE\0"
- *          8   u32 BE    container format version (1)
+ *          8   u32 BE    container format version (2; version 1 is still read)
  *         12   u32 BE    manifest length M (at most 16 MiB)
  *         16   32 bytes  sha256 of the manifest bytes
  *         48   M bytes   manifest: canonical JSON (sorted keys), see manifest.ts
  *   then, for each manifest member in order (disk.raw, memory.sav, disk.idx, memory.idx):
  *              4 bytes   "MEMB"
  *              u16 BE    name length N, then N bytes of name (must equal the manifest's)
- *              u64 BE    payload size (must equal the manifest's)
- *              payload
+ *              u64 BE    logical size (must equal the manifest's)
+ *   version 1: size bytes of payload
+ *   version 2: u8 layout, then
+ *              layout 0 (plain):  size bytes of payload
+ *              layout 1 (sparse): u64 BE extent count E, u64 BE data length D, D bytes of data
+ *                                 (the extents' bytes, in order), then E extents (u64 BE offset,
+ *                                 u64 BE length): in order, not overlapping, non-empty, within the
+ *                                 member; every byte outside them is zero
  *   end        8 bytes   trailer "CLDBEND\0"
+ *
+ * The manifest (and so the base id and every member digest, of the logical bytes, holes as zeros)
+ * is the same in both versions. Export writes version 2, the data members sparse (extents from the
+ * file system, minus all-zero 4 KiB chunks) and the indexes plain.
  *
  * Export and import stream (4 MiB reads): no file is ever loaded whole. Import verifies the
  * manifest checksum, every member's sha256, the two chunk indexes against the data, the base id,
@@ -24,13 +34,15 @@ import path from 'node:path';
 import { buildChunkIndex, readChunkIndex } from '../chunk';
 import type { ChunkIndex } from '../chunk';
 import { CloudletError } from '../errors';
+import { dataExtentsOrWhole } from '../extents';
 import type { OnProgress } from '../progress';
 import { splitSnapshot } from '../snapshot';
-import { SparseWriter } from '../sparse';
+import { SparseWriter, inThreadSha256, nonZeroRuns, workerSha256 } from '../sparse';
+import type { Sha256Sink } from '../sparse';
 import { BASE_FILES, Store } from '../store';
 import { IO_BLOCK, fsyncDir, fsyncFile, openOrThrow, resolveInside, tempNameFor, writeAll, writeFileSynced } from '../store/files';
 import type { BaseManifest, Member } from './manifest';
-import { PACKAGE_FORMAT_VERSION, canonicalJson, parseManifest } from './manifest';
+import { canonicalJson, parseManifest } from './manifest';
 import { readStoredManifest, registerBase } from './stored';
 
 export const PACKAGE_MAGIC = Buffer.from('CLDBASE\0', 'latin1');
@@ -38,6 +50,18 @@ export const PACKAGE_TRAILER = Buffer.from('CLDBEND\0', 'latin1');
 const MEMBER_MAGIC = Buffer.from('MEMB', 'latin1');
 export const PACKAGE_HEADER_SIZE = 48;
 export const MAX_MANIFEST_LENGTH = 16 * 1024 * 1024;
+/** Container versions: what exportBase writes, and what importBase reads. */
+export const PACKAGE_CONTAINER_VERSION = 2;
+export const READABLE_CONTAINER_VERSIONS: readonly number[] = [1, 2];
+const LAYOUT_PLAIN = 0;
+const LAYOUT_SPARSE = 1;
+const EXTENT_SIZE = 16;
+/** Extents per table read or write (1 MiB). */
+const EXTENTS_PER_BLOCK = 65536;
+/** Members written sparse by export; the indexes are dense digests (nothing to skip). */
+const SPARSE_MEMBERS: ReadonlySet<string> = new Set([BASE_FILES.disk, BASE_FILES.memorySave]);
+/** Members at least this large are hashed on a worker thread (overlapping the rest of the work). */
+const WORKER_HASH_MIN = 256 * 1024 * 1024;
 
 export interface ImportResult {
   manifest: BaseManifest;
@@ -45,6 +69,7 @@ export interface ImportResult {
   alreadyPresent: boolean;
 }
 
+/** MEMB, name, logical size: the part of a member header both versions share. */
 function memberHeader(m: Member): Buffer {
   const name = Buffer.from(m.name, 'utf8');
   const h = Buffer.alloc(4 + 2 + name.length + 8);
@@ -55,20 +80,37 @@ function memberHeader(m: Member): Buffer {
   return h;
 }
 
-/** Total package size implied by a manifest of `manifestLength` bytes. */
-function expectedPackageSize(manifestLength: number, members: readonly Member[]): number {
-  return PACKAGE_HEADER_SIZE + manifestLength + members.reduce((s, m) => s + memberHeader(m).length + m.size, 0) + PACKAGE_TRAILER.length;
+/** For a member of `size` bytes; `readBack`: a file the data is written to before it is hashed. */
+function sha256Sink(size: number, readBack?: string): Sha256Sink {
+  return size >= WORKER_HASH_MIN ? workerSha256(readBack) : inThreadSha256();
+}
+
+function changedFile(file: string, baseId: string, m: Member): CloudletError {
+  return new CloudletError('CORRUPT', `the stored file ${file} of base ${baseId} no longer matches its manifest (size or sha256)`, {
+    fix: `remove the base (cloudlet base remove ${baseId}) and import or create it again`,
+    details: { file, expectedSize: m.size, expectedSha256: m.sha256 },
+  });
+}
+
+export interface ExportOptions {
+  onProgress?: OnProgress;
+  /** Container version to write: 2 (default, sparse data members) or 1 (every byte, for cloudlets that read only version 1). */
+  formatVersion?: 1 | 2;
 }
 
 /** Write base `baseId` of the store at `storeRoot` as one package file `outFile` (atomically). */
-export async function exportBase(storeRoot: string, baseId: string, outFile: string, opts: { onProgress?: OnProgress } = {}): Promise<BaseManifest> {
+export async function exportBase(storeRoot: string, baseId: string, outFile: string, opts: ExportOptions = {}): Promise<BaseManifest> {
+  const version = opts.formatVersion ?? PACKAGE_CONTAINER_VERSION;
+  if (!READABLE_CONTAINER_VERSIONS.includes(version)) {
+    throw new CloudletError('BAD_INPUT', `cannot write base package format version ${String(version)}`, { fix: `choose one of ${READABLE_CONTAINER_VERSIONS.join(', ')}` });
+  }
   const store = await Store.open(storeRoot);
   try {
     const manifest = await readStoredManifest(store, baseId);
     const manifestBytes = Buffer.from(canonicalJson(manifest), 'utf8');
     const header = Buffer.alloc(PACKAGE_HEADER_SIZE);
     PACKAGE_MAGIC.copy(header, 0);
-    header.writeUInt32BE(PACKAGE_FORMAT_VERSION, 8);
+    header.writeUInt32BE(version, 8);
     header.writeUInt32BE(manifestBytes.length, 12);
     createHash('sha256').update(manifestBytes).digest().copy(header, 16);
 
@@ -79,41 +121,22 @@ export async function exportBase(storeRoot: string, baseId: string, outFile: str
     const out = await fsp.open(tmp, 'wx').catch((e: unknown) => {
       throw new CloudletError('BAD_INPUT', `cannot write the package ${target}: ${(e as Error).message}`, { fix: 'choose a writable output path', cause: e });
     });
+    const writer = new PackageWriter(out);
     try {
       try {
-        await writeAll(out, header);
-        await writeAll(out, manifestBytes);
-        const buf = Buffer.allocUnsafe(IO_BLOCK);
+        await writer.append(header);
+        await writer.append(manifestBytes);
         for (const m of manifest.members) {
-          await writeAll(out, memberHeader(m));
           const file = path.join(store.baseDir(baseId), m.name);
-          const src = await openOrThrow(file, 'r');
-          try {
-            const hash = createHash('sha256');
-            let pos = 0;
-            while (pos < m.size) {
-              const { bytesRead } = await src.read(buf, 0, Math.min(buf.length, m.size - pos), pos);
-              if (bytesRead === 0) break;
-              const part = buf.subarray(0, bytesRead);
-              hash.update(part);
-              await writeAll(out, part);
-              pos += bytesRead;
-              done += bytesRead;
-              opts.onProgress?.(done, total, 'export');
-            }
-            const extra = (await src.read(buf, 0, 1, pos)).bytesRead;
-            const digest = hash.digest('hex');
-            if (pos !== m.size || extra !== 0 || digest !== m.sha256) {
-              throw new CloudletError('CORRUPT', `the stored file ${file} of base ${baseId} no longer matches its manifest (size or sha256)`, {
-                fix: `remove the base (cloudlet base remove ${baseId}) and import or create it again`,
-                details: { file, expectedSize: m.size, expectedSha256: m.sha256 },
-              });
-            }
-          } finally {
-            await src.close();
-          }
+          const sparse = version >= 2 && SPARSE_MEMBERS.has(m.name);
+          await writer.append(version >= 2 ? Buffer.concat([memberHeader(m), Buffer.from([sparse ? LAYOUT_SPARSE : LAYOUT_PLAIN])]) : memberHeader(m));
+          const digest = await writer.member(file, m.size, sparse, () => changedFile(file, baseId, m), (n) => {
+            done += n;
+            opts.onProgress?.(done, total, 'export');
+          });
+          if (digest !== m.sha256) throw changedFile(file, baseId, m);
         }
-        await writeAll(out, PACKAGE_TRAILER);
+        await writer.append(PACKAGE_TRAILER);
         await out.sync();
       } finally {
         await out.close();
@@ -128,6 +151,102 @@ export async function exportBase(storeRoot: string, baseId: string, outFile: str
   } finally {
     store.close();
   }
+}
+
+/** Appends to a new package file, keeping its position (sparse member headers are patched). */
+class PackageWriter {
+  private pos = 0;
+
+  constructor(private readonly out: fsp.FileHandle) {}
+
+  async append(buf: Buffer): Promise<void> {
+    await writeAll(this.out, buf);
+    this.pos += buf.length;
+  }
+
+  /**
+   * Append the payload of member file `file` (`size` bytes), plain or sparse, returning the
+   * sha256 of its logical bytes (holes as zeros). `changed` makes the error for a file whose size
+   * is not `size`.
+   */
+  async member(file: string, size: number, sparse: boolean, changed: () => CloudletError, progress: (n: number) => void): Promise<string> {
+    const src = await openOrThrow(file, 'r');
+    const sink = sha256Sink(size);
+    try {
+      if ((await src.stat()).size !== size) throw changed();
+      const counts = this.pos;
+      if (sparse) await this.append(Buffer.alloc(16));
+      const offsets: number[] = [];
+      const lengths: number[] = [];
+      let dataLength = 0;
+      let hashed = 0;
+      const extents = sparse ? await dataExtentsOrWhole(src.fd, size, file) : size > 0 ? [{ start: 0, end: size }] : [];
+      const buf = Buffer.allocUnsafe(IO_BLOCK);
+      for (const e of extents) {
+        for (let pos = e.start; pos < e.end; ) {
+          // Blocks end on 4 KiB boundaries of the file, so no zero chunk is cut in two.
+          let want = Math.min(buf.length, e.end - pos);
+          const cut = Math.floor((pos + want) / 4096) * 4096;
+          if (pos + want < e.end && cut > pos) want = cut - pos;
+          const { bytesRead } = await src.read(buf, 0, want, pos);
+          if (bytesRead === 0) throw changed();
+          const data = buf.subarray(0, bytesRead);
+          sink.zeros(pos - hashed);
+          progress(pos - hashed);
+          await sink.update(data, pos);
+          hashed = pos + bytesRead;
+          for (const [from, to] of sparse ? nonZeroRuns(data, pos) : [[0, data.length] as [number, number]]) {
+            await this.append(data.subarray(from, to));
+            dataLength += to - from;
+            const last = offsets.length - 1;
+            if (last >= 0 && (offsets[last] as number) + (lengths[last] as number) === pos + from) lengths[last] = (lengths[last] as number) + to - from;
+            else {
+              offsets.push(pos + from);
+              lengths.push(to - from);
+            }
+          }
+          progress(bytesRead);
+          pos += bytesRead;
+        }
+      }
+      sink.zeros(size - hashed);
+      progress(size - hashed);
+      if ((await src.stat()).size !== size) throw changed();
+      if (sparse) {
+        for (let i = 0; i < offsets.length; i += EXTENTS_PER_BLOCK) {
+          const n = Math.min(EXTENTS_PER_BLOCK, offsets.length - i);
+          const table = Buffer.allocUnsafe(n * EXTENT_SIZE);
+          for (let k = 0; k < n; k++) {
+            table.writeBigUInt64BE(BigInt(offsets[i + k] as number), k * EXTENT_SIZE);
+            table.writeBigUInt64BE(BigInt(lengths[i + k] as number), k * EXTENT_SIZE + 8);
+          }
+          await this.append(table);
+        }
+        const head = Buffer.alloc(16);
+        head.writeBigUInt64BE(BigInt(offsets.length), 0);
+        head.writeBigUInt64BE(BigInt(dataLength), 8);
+        for (let off = 0; off < head.length; ) off += (await this.out.write(head, off, head.length - off, counts + off)).bytesWritten;
+      }
+      return await sink.digest();
+    } finally {
+      await sink.abort();
+      await src.close();
+    }
+  }
+}
+
+/** Where a member's bytes are in a package (found, and bounds-checked, before anything is unpacked). */
+interface MemberPlace {
+  member: Member;
+  /** Position of the member header. */
+  headerPos: number;
+  sparse: boolean;
+  /** Stored bytes: the payload (plain) or the extents' data (sparse), at `dataPos`. */
+  dataPos: number;
+  dataLength: number;
+  /** Sparse only: the extent table. */
+  extentCount: number;
+  tablePos: number;
 }
 
 /** Positional reads of a package, with truncation turned into CORRUPT. */
@@ -164,49 +283,117 @@ class PackageReader {
     });
   }
 
+  /** The extents of a member, read from its table in 1 MiB slices and checked one by one. */
+  async *extents(place: MemberPlace): AsyncGenerator<{ offset: number; length: number }> {
+    const { member } = place;
+    if (!place.sparse) {
+      if (member.size > 0) yield { offset: 0, length: member.size };
+      return;
+    }
+    let end = 0n;
+    const size = BigInt(member.size);
+    for (let i = 0; i < place.extentCount; i += EXTENTS_PER_BLOCK) {
+      const n = Math.min(EXTENTS_PER_BLOCK, place.extentCount - i);
+      const at = place.tablePos + i * EXTENT_SIZE;
+      const table = await this.readExactly(at, n * EXTENT_SIZE, `the extent table of member ${member.name}`);
+      for (let k = 0; k < n; k++) {
+        const offset = table.readBigUInt64BE(k * EXTENT_SIZE);
+        const length = table.readBigUInt64BE(k * EXTENT_SIZE + 8);
+        const why =
+          length === 0n
+            ? 'is empty'
+            : offset < end
+              ? `starts before the end of the previous one (${end}): extents must be in order and not overlap`
+              : offset + length > size
+                ? `ends past the member's ${member.size} bytes`
+                : undefined;
+        if (why !== undefined) throw this.badExtent(member, `extent ${i + k} (offset ${offset}, length ${length}) ${why}`, at + k * EXTENT_SIZE);
+        end = offset + length;
+        yield { offset: Number(offset), length: Number(length) };
+      }
+    }
+  }
+
+  badExtent(member: Member, why: string, offset: number): CloudletError {
+    return new CloudletError('CORRUPT', `member ${member.name} of base package ${this.file} is damaged: ${why} (at byte ${offset})`, {
+      fix: 'copy or download the package again, or export the base again',
+      details: { file: this.file, member: member.name, offset },
+    });
+  }
+
   /**
-   * Copy `length` bytes at `pos` into `outPath`, returning their sha256. Double-buffered: the
-   * next block is read while the current one is hashed and written. All-zero 4 KiB chunks are
-   * not written but left as holes, so a sparse base disk stays sparse in the store (and its chunk
-   * index skips them).
+   * Unpack a member into the new file `outPath`, feeding its logical bytes (holes as zeros) to a
+   * sha256 sink that the caller finishes. Double-buffered: the next block is read while the
+   * current one is hashed and written. All-zero 4 KiB chunks and the gaps between extents are left
+   * as holes. Every extent is checked before anything of it is written, so nothing lands outside
+   * [0, size) of the member.
    */
-  async copyOut(pos: number, length: number, outPath: string, progress: (n: number) => void): Promise<string> {
+  async copyOut(place: MemberPlace, outPath: string, progress: (n: number) => void): Promise<Sha256Sink> {
+    const { member, dataPos, dataLength } = place;
     const out = await fsp.open(outPath, 'wx');
     const writer = new SparseWriter(out);
-    const hash = createHash('sha256');
+    // A large member is hashed on its own thread, which reads back what was written (from the
+    // page cache): the copy never waits for the hashing of the holes.
+    const sink = sha256Sink(member.size, outPath);
     const bufs = [Buffer.allocUnsafe(IO_BLOCK), Buffer.allocUnsafe(IO_BLOCK)];
     const readBlock = async (i: number, at: number): Promise<Buffer> => {
       const buf = bufs[i % 2] as Buffer;
-      const want = Math.min(buf.length, length - at);
+      const want = Math.min(buf.length, dataLength - at);
       let got = 0;
       while (got < want) {
-        const { bytesRead } = await this.fh.read(buf, got, want - got, pos + at + got);
-        if (bytesRead === 0) throw this.truncated('a member', pos + length);
+        const { bytesRead } = await this.fh.read(buf, got, want - got, dataPos + at + got);
+        if (bytesRead === 0) throw this.truncated(`member ${member.name}`, dataPos + dataLength);
         got += bytesRead;
       }
       return buf.subarray(0, got);
     };
     try {
-      let done = 0;
+      const extents = this.extents(place);
+      let logical = 0;
+      let remaining = 0;
+      let consumed = 0;
       let i = 0;
-      let next: Promise<Buffer> | undefined = length > 0 ? readBlock(0, 0) : undefined;
+      let next: Promise<Buffer> | undefined = dataLength > 0 ? readBlock(0, 0) : undefined;
       while (next) {
-        const part = await next;
-        done += part.length;
+        const block = await next;
+        consumed += block.length;
         i += 1;
-        next = done < length ? readBlock(i, done) : undefined;
+        next = consumed < dataLength ? readBlock(i, consumed) : undefined;
         // Keep a rejected read-ahead from going unhandled if the write below fails first.
         next?.catch(() => undefined);
-        hash.update(part);
-        await writer.write(part, done - part.length);
-        progress(part.length);
+        for (let off = 0; off < block.length; ) {
+          if (remaining === 0) {
+            const e = await extents.next();
+            if (e.done) throw this.badExtent(member, `its extents hold ${consumed - block.length + off} bytes, its header says ${dataLength}`, place.headerPos);
+            sink.zeros(e.value.offset - logical);
+            progress(e.value.offset - logical);
+            logical = e.value.offset;
+            remaining = e.value.length;
+          }
+          const take = Math.min(remaining, block.length - off);
+          const piece = block.subarray(off, off + take);
+          await writer.write(piece, logical);
+          await sink.update(piece, logical);
+          progress(take);
+          logical += take;
+          remaining -= take;
+          off += take;
+        }
       }
-      await writer.finish(length);
+      if (remaining > 0 || !(await extents.next()).done) {
+        throw this.badExtent(member, `its extents hold more than the ${dataLength} bytes its header says`, place.headerPos);
+      }
+      sink.zeros(member.size - logical);
+      progress(member.size - logical);
+      await writer.finish(member.size);
       await out.sync();
+      return sink;
+    } catch (e) {
+      await sink.abort();
+      throw e;
     } finally {
       await out.close();
     }
-    return hash.digest('hex');
   }
 }
 
@@ -221,7 +408,7 @@ export async function readPackageManifest(packageFile: string): Promise<BaseMani
   }
 }
 
-async function readHead(reader: PackageReader): Promise<{ manifest: BaseManifest; dataStart: number }> {
+async function readHead(reader: PackageReader): Promise<{ manifest: BaseManifest; version: number; places: MemberPlace[]; trailerPos: number }> {
   if (reader.size < PACKAGE_MAGIC.length || !(await reader.readExactly(0, PACKAGE_MAGIC.length, 'the magic')).equals(PACKAGE_MAGIC)) {
     throw new CloudletError('BAD_INPUT', `${reader.file} is not a cloudlet base package (no "CLDBASE" magic at byte 0)`, {
       fix: 'pass a file written by `cloudlet base export`',
@@ -229,8 +416,8 @@ async function readHead(reader: PackageReader): Promise<{ manifest: BaseManifest
   }
   const header = await reader.readExactly(0, PACKAGE_HEADER_SIZE, 'the header');
   const version = header.readUInt32BE(8);
-  if (version !== PACKAGE_FORMAT_VERSION) {
-    throw new CloudletError('UNSUPPORTED_VERSION', `base package ${reader.file} has format version ${version}; this cloudlet reads version ${PACKAGE_FORMAT_VERSION}`, {
+  if (!READABLE_CONTAINER_VERSIONS.includes(version)) {
+    throw new CloudletError('UNSUPPORTED_VERSION', `base package ${reader.file} has format version ${version}; this cloudlet reads versions ${READABLE_CONTAINER_VERSIONS.join(' and ')}`, {
       fix: 'import it with a cloudlet release that knows this version, or export the base again with this one',
       details: { version },
     });
@@ -250,10 +437,41 @@ async function readHead(reader: PackageReader): Promise<{ manifest: BaseManifest
     throw reader.corrupt('the manifest is not JSON', PACKAGE_HEADER_SIZE);
   }
   const manifest = parseManifest(raw, `base package ${reader.file}`);
-  const expected = expectedPackageSize(manifestLength, manifest.members);
+  // Walk the member headers: where each member's bytes are, and so the exact package size, is
+  // known (truncation and trailing bytes are found) before anything is unpacked.
+  const places: MemberPlace[] = [];
+  let pos = PACKAGE_HEADER_SIZE + manifestLength;
+  for (const m of manifest.members) {
+    const expected = memberHeader(m);
+    const headerPos = pos;
+    const got = await reader.readExactly(pos, expected.length + (version >= 2 ? 1 : 0), `the header of member ${m.name}`);
+    if (!got.subarray(0, expected.length).equals(expected)) throw reader.corrupt(`the header of member ${m.name} does not match the manifest`, pos);
+    pos += got.length;
+    const layout = version >= 2 ? (got[expected.length] as number) : LAYOUT_PLAIN;
+    if (layout === LAYOUT_PLAIN) {
+      places.push({ member: m, headerPos, sparse: false, dataPos: pos, dataLength: m.size, extentCount: 0, tablePos: 0 });
+      pos += m.size;
+    } else if (layout === LAYOUT_SPARSE) {
+      const counts = await reader.readExactly(pos, 16, `the header of member ${m.name}`);
+      const extentCount = counts.readBigUInt64BE(0);
+      const dataLength = counts.readBigUInt64BE(8);
+      pos += 16;
+      // Each extent holds at least one byte, and the data is part of the member.
+      if (dataLength > BigInt(m.size) || extentCount > dataLength) {
+        throw reader.badExtent(m, `its header says ${extentCount} extents holding ${dataLength} bytes, for a member of ${m.size} bytes`, pos - 16);
+      }
+      const d = Number(dataLength);
+      const e = Number(extentCount);
+      places.push({ member: m, headerPos, sparse: true, dataPos: pos, dataLength: d, extentCount: e, tablePos: pos + d });
+      pos += d + e * EXTENT_SIZE;
+    } else {
+      throw reader.badExtent(m, `unknown member layout ${layout}`, pos - 1);
+    }
+  }
+  const expected = pos + PACKAGE_TRAILER.length;
   if (reader.size < expected) throw reader.truncated('the whole package', expected);
   if (reader.size > expected) throw reader.corrupt(`${reader.size - expected} unexpected bytes after the trailer`, expected);
-  return { manifest, dataStart: PACKAGE_HEADER_SIZE + manifestLength };
+  return { manifest, version, places, trailerPos: pos };
 }
 
 function sameIndex(a: ChunkIndex, b: ChunkIndex): boolean {
@@ -321,9 +539,10 @@ async function importBaseFile(storeRoot: string, packageFile: string, opts: { on
     throw e;
   });
   let tmp: string | undefined;
+  const pending: Array<{ member: Member; sink: Sha256Sink }> = [];
   try {
     const reader = new PackageReader(fh, packageFile, (await fh.stat()).size);
-    const { manifest, dataStart } = await readHead(reader);
+    const { manifest, places, trailerPos } = await readHead(reader);
     const baseId = manifest.baseId;
     if (await store.hasBaseDir(baseId)) {
       const existing = await readStoredManifest(store, baseId);
@@ -334,26 +553,27 @@ async function importBaseFile(storeRoot: string, packageFile: string, opts: { on
     tmp = await store.makeTempDir(`import-${baseId.slice(0, 12)}`);
     const total = manifest.members.reduce((s, m) => s + m.size, 0);
     let done = 0;
-    let pos = dataStart;
-    for (const m of manifest.members) {
-      const expectedHeader = memberHeader(m);
-      const header = await reader.readExactly(pos, expectedHeader.length, `the header of member ${m.name}`);
-      if (!header.equals(expectedHeader)) throw reader.corrupt(`the header of member ${m.name} does not match the manifest`, pos);
-      pos += header.length;
-      const digest = await reader.copyOut(pos, m.size, resolveInside(tmp, m.name), (n) => {
-        done += n;
-        opts.onProgress?.(done, total, 'import');
-      });
+    const checkDigest = (m: Member, digest: string): void => {
       if (digest !== m.sha256) {
         throw new CloudletError('DIGEST_MISMATCH', `member ${m.name} of base package ${packageFile} has sha256 ${digest}, the manifest says ${m.sha256}`, {
           fix: 'the package is damaged; copy or download it again',
           details: { member: m.name, sha256: digest, expected: m.sha256 },
         });
       }
-      pos += m.size;
+    };
+    for (const place of places) {
+      const sink = await reader.copyOut(place, resolveInside(tmp, place.member.name), (n) => {
+        done += n;
+        opts.onProgress?.(done, total, 'import');
+      });
+      // A large member (the disk) is still being hashed on its own thread, mostly zeros of its
+      // holes: its digest is checked after the memory split and the index rebuilds, which run
+      // meanwhile on the other core. Nothing is used before every digest has been checked.
+      if (place.member.size >= WORKER_HASH_MIN) pending.push({ member: place.member, sink });
+      else checkDigest(place.member, await sink.digest());
     }
-    const trailer = await reader.readExactly(pos, PACKAGE_TRAILER.length, 'the trailer');
-    if (!trailer.equals(PACKAGE_TRAILER)) throw reader.corrupt('bad trailer', pos);
+    const trailer = await reader.readExactly(trailerPos, PACKAGE_TRAILER.length, 'the trailer');
+    if (!trailer.equals(PACKAGE_TRAILER)) throw reader.corrupt('bad trailer', trailerPos);
 
     // Derived files: the memory image and skeleton, and a check of both indexes against the data.
     const layout = await splitSnapshot(path.join(tmp, BASE_FILES.memorySave), path.join(tmp, BASE_FILES.memoryImage), {
@@ -366,12 +586,22 @@ async function importBaseFile(storeRoot: string, packageFile: string, opts: { on
     }
     await fsyncFile(path.join(tmp, BASE_FILES.memoryImage));
     await writeFileSynced(path.join(tmp, BASE_FILES.memorySkeleton), layout.skeleton);
+    const checks: Array<{ what: string; built: ChunkIndex; stored: ChunkIndex }> = [];
     for (const [data, idx, what] of [
       [BASE_FILES.disk, BASE_FILES.diskIndex, 'disk'],
       [BASE_FILES.memoryImage, BASE_FILES.memoryIndex, 'memory'],
     ] as const) {
       const stored = await readChunkIndex(path.join(tmp, idx));
       const built = await buildChunkIndex(path.join(tmp, data), { onProgress: (d, t) => opts.onProgress?.(d, t, `check ${what} index`) });
+      checks.push({ what, built, stored });
+    }
+    // Damaged data is reported as such (DIGEST_MISMATCH) before the index that then disagrees.
+    for (const { member, sink } of pending.splice(0)) {
+      opts.onProgress?.(0, 1, `check ${member.name} sha256`);
+      checkDigest(member, await sink.digest());
+      opts.onProgress?.(1, 1, `check ${member.name} sha256`);
+    }
+    for (const { what, built, stored } of checks) {
       if (!sameIndex(built, stored)) {
         throw new CloudletError('CORRUPT', `the ${what} chunk index in base package ${packageFile} does not match the ${what} data`, {
           fix: 'the package is damaged or was altered; export the base again',
@@ -384,6 +614,7 @@ async function importBaseFile(storeRoot: string, packageFile: string, opts: { on
     registerBase(store, moved ? manifest : await readStoredManifest(store, baseId));
     return { manifest, alreadyPresent: !moved };
   } finally {
+    for (const { sink } of pending) await sink.abort();
     if (tmp !== undefined) await fsp.rm(tmp, { recursive: true, force: true });
     store.close();
     await fh.close();
