@@ -104,8 +104,11 @@ export function nonZeroRuns(data: Buffer, position: number): Array<[number, numb
 export class SparseWriter {
   constructor(private readonly fh: fsp.FileHandle) {}
 
-  async write(data: Buffer, position: number): Promise<void> {
-    for (const [from, to] of nonZeroRuns(data, position)) await this.writeAt(data.subarray(from, to), position + from);
+  /** Returns the parts of `data` it wrote ([from, to) offsets into `data`); the rest are holes. */
+  async write(data: Buffer, position: number): Promise<Array<[number, number]>> {
+    const runs = nonZeroRuns(data, position);
+    for (const [from, to] of runs) await this.writeAt(data.subarray(from, to), position + from);
+    return runs;
   }
 
   async finish(size: number): Promise<void> {

@@ -372,8 +372,15 @@ class PackageReader {
           }
           const take = Math.min(remaining, block.length - off);
           const piece = block.subarray(off, off + take);
-          await writer.write(piece, logical);
-          await sink.update(piece, logical);
+          // The zero chunks the writer left as holes are hashed as zeros: a sink that reads the
+          // file back reads only what was written.
+          let at = 0;
+          for (const [from, to] of await writer.write(piece, logical)) {
+            sink.zeros(from - at);
+            await sink.update(piece.subarray(from, to), logical + from);
+            at = to;
+          }
+          sink.zeros(take - at);
           progress(take);
           logical += take;
           remaining -= take;
