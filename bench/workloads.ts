@@ -140,7 +140,12 @@ async function build(app: WorkloadName, hv: LibvirtHypervisor, base: { packageFi
   return { app, dir, overlayFile: info.overlayFile, overlayBytes, requestMs: info.requestMs, baselines };
 }
 
-/** Ask until the answer is right (the VM may not answer yet); the time of the first right answer. */
+/**
+ * Ask until the answer is right (the VM may not answer yet); the time of the first right answer.
+ * As a client would: short GET /health probes until the application answers at all (right after
+ * a resume the forward accepts a connection the guest cannot take yet, and such a request hangs
+ * for seconds), then the real request, with the time it needs.
+ */
 async function firstRightAnswer(app: WorkloadName, port: () => number | undefined, inputs: Awaited<ReturnType<typeof workloadInputs>>, deadlineMs: number): Promise<number> {
   const deadline = Date.now() + deadlineMs;
   let last = 'no port yet';
@@ -148,6 +153,7 @@ async function firstRightAnswer(app: WorkloadName, port: () => number | undefine
     const p = port();
     if (p !== undefined) {
       try {
+        await fetch(`http://127.0.0.1:${p}/health`, { signal: AbortSignal.timeout(500) }).then((r) => r.arrayBuffer());
         const a = await askWorkload(app, `http://127.0.0.1:${p}`, inputs, 60_000);
         if (a.ok) return performance.now();
         last = a.why ?? '';
