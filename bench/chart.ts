@@ -12,14 +12,15 @@ const COLORS = ['#1f77b4', '#ff7f0e', '#7f7f7f', '#2ca02c', '#d62728'];
 const esc = (s: string): string => s.replace(/&/g, '&amp;').replace(/</g, '&lt;').replace(/>/g, '&gt;');
 
 export function groupedBarChart(title: string, unit: string, series: string[], groups: BarGroup[]): string {
-  const barW = 18;
-  const gap = 14;
+  const barW = 26;
+  const gap = 36;
   const groupW = series.length * barW + gap;
   const left = 60;
   const top = 40;
   const plotH = 260;
-  const width = left + Math.max(1, groups.length) * groupW + 20;
-  const height = top + plotH + 90;
+  // Wide enough for the title (about 7.5 px per character at 14 px) and the legend.
+  const width = Math.max(left + Math.max(1, groups.length) * groupW + 20, left + title.length * 7.5, left + series.length * 110 + 20);
+  const height = top + plotH + 70;
   const max = Math.max(1e-9, ...groups.flatMap((g) => series.map((s) => g.values[s] ?? 0)));
   const step = niceStep(max / 5);
   const top_ = Math.ceil(max / step) * step;
@@ -44,7 +45,7 @@ export function groupedBarChart(title: string, unit: string, series: string[], g
         `<text x="${x + (barW - 2) / 2}" y="${y(v) - 3}" text-anchor="middle" font-size="9">${fmt(v)}</text>`,
       );
     });
-    out.push(`<text x="${x0 + (series.length * barW) / 2}" y="${top + plotH + 14}" text-anchor="end" transform="rotate(-35 ${x0 + (series.length * barW) / 2} ${top + plotH + 14})">${esc(g.label)}</text>`);
+    out.push(`<text x="${x0 + (series.length * barW) / 2}" y="${top + plotH + 16}" text-anchor="middle" font-size="10">${esc(g.label)}</text>`);
   });
   series.forEach((s, si) => {
     const x = left + si * 110;
