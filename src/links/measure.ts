@@ -32,18 +32,15 @@ export interface MeasureOptions {
 
 const round = (x: number, digits = 1): number => Number(x.toFixed(digits));
 
-export async function measureLink(profile: LinkProfileInput, options: MeasureOptions = {}): Promise<LinkMeasurement> {
-  const downloadBytes = options.downloadBytes ?? 8 * 1024 * 1024;
-  const uploadBytes = options.uploadBytes ?? 2 * 1024 * 1024;
-  const samples = options.samples ?? 10;
-  const data = Buffer.alloc(Math.max(downloadBytes, uploadBytes));
-  for (let i = 0; i + 4 <= data.length; i += 4) data.writeUInt32LE((i * 2654435761) >>> 0, i);
-  const digest = (b: Buffer): string => createHash('sha256').update(b).digest('hex');
-
+/**
+ * The far end of a link measurement, on 127.0.0.1: `GET /download` answers `body`, `POST /upload`
+ * answers the sha256 (hex) of what it received, anything else answers "ok".
+ */
+export async function startProbeServer(body: Buffer): Promise<http.Server> {
   const server = http.createServer((req, res) => {
     if (req.url === '/download') {
-      res.writeHead(200, { 'content-length': downloadBytes });
-      res.end(data.subarray(0, downloadBytes));
+      res.writeHead(200, { 'content-length': body.length });
+      res.end(body);
     } else if (req.url === '/upload') {
       const h = createHash('sha256');
       req.on('data', (d: Buffer) => h.update(d));
@@ -53,6 +50,18 @@ export async function measureLink(profile: LinkProfileInput, options: MeasureOpt
     }
   });
   await new Promise<void>((r) => server.listen(0, '127.0.0.1', r));
+  return server;
+}
+
+export async function measureLink(profile: LinkProfileInput, options: MeasureOptions = {}): Promise<LinkMeasurement> {
+  const downloadBytes = options.downloadBytes ?? 8 * 1024 * 1024;
+  const uploadBytes = options.uploadBytes ?? 2 * 1024 * 1024;
+  const samples = options.samples ?? 10;
+  const data = Buffer.alloc(Math.max(downloadBytes, uploadBytes));
+  for (let i = 0; i + 4 <= data.length; i += 4) data.writeUInt32LE((i * 2654435761) >>> 0, i);
+  const digest = (b: Buffer): string => createHash('sha256').update(b).digest('hex');
+
+  const server = await startProbeServer(data.subarray(0, downloadBytes));
   const agent = new http.Agent({ keepAlive: true, maxSockets: 1 });
   try {
     const t0 = performance.now();

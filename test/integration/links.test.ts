@@ -15,6 +15,7 @@ import path from 'node:path';
 import { promisify } from 'node:util';
 import { CloudletError } from '../../src/core/errors';
 import { LINKS_DIR, openLink, removeStaleLinks, type Link } from '../../src/links';
+import { startProbeServer } from '../../src/links/measure';
 import { pollUntil } from '../helpers/poll';
 
 const execFile = promisify(execFileCb);
@@ -69,19 +70,7 @@ async function open(profile: Parameters<typeof openLink>[0]['profile'], targetPo
 }
 
 beforeAll(async () => {
-  server = http.createServer((req, res) => {
-    if (req.url === '/big') {
-      res.writeHead(200, { 'content-length': BIG.length });
-      res.end(BIG);
-    } else if (req.url === '/up') {
-      const h = createHash('sha256');
-      req.on('data', (d: Buffer) => h.update(d));
-      req.on('end', () => res.end(h.digest('hex')));
-    } else {
-      res.end('ok');
-    }
-  });
-  await new Promise<void>((r) => server.listen(0, '127.0.0.1', r));
+  server = await startProbeServer(BIG);
   port = (server.address() as AddressInfo).port;
 });
 
@@ -118,7 +107,7 @@ describe('emulated edge link', () => {
     expect(fresh.ms).toBeGreaterThanOrEqual(40);
 
     // One 8 MiB download: intact, at the profile's rate (tbf passes ~95% of it as TCP payload).
-    const down = await get(link.url('/big'));
+    const down = await get(link.url('/download'));
     expect(sha256(down.body)).toBe(sha256(BIG));
     const mbit = (BIG.length * 8) / (down.ms * 1000);
     expect(mbit).toBeGreaterThan(0.75 * 38);
@@ -126,7 +115,7 @@ describe('emulated edge link', () => {
 
     // And 1 MiB the other way, intact and shaped too.
     const upBody = BIG.subarray(0, 1024 * 1024);
-    const up = await post(link.url('/up'), upBody);
+    const up = await post(link.url('/upload'), upBody);
     expect(up.body.toString()).toBe(sha256(upBody));
     expect((upBody.length * 8) / (up.ms * 1000)).toBeLessThan(1.05 * 38);
 
