@@ -87,7 +87,7 @@ describe('recipe scripts under the guest\'s busybox', () => {
       .toThrow(/files: the files of a recipe hold at most 1048576 bytes/);
     expect(() => parseRecipe({ ...base, command: 'true', appPort: 8081 })).toThrow(/check: a recipe whose application is not on port 8080 needs a check/);
     expect(parseRecipe({ ...base, command: 'true', appPort: 8081, check: { path: '/', expect: 'ok' } }).check).toEqual({ path: '/', expect: 'ok', timeoutSeconds: 30 });
-    expect(parseRecipe({ ...base, command: 'true' })).toEqual({ ...base, command: 'true', files: [], timeoutSeconds: 300, appPort: 8080 });
+    expect(parseRecipe({ ...base, command: 'true' })).toEqual({ ...base, command: 'true', files: [], packages: [], timeoutSeconds: 300, appPort: 8080 });
   });
 });
 
