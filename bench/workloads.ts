@@ -22,6 +22,7 @@
  * sizeRatio, firstResponseRatio and beyondTransferS (medians over the applications at 38 Mbit/s).
  * Writes the chart docs/figures/workloads-first-response.svg.
  */
+import { createHash } from 'node:crypto';
 import fs from 'node:fs';
 import { loadavg } from 'node:os';
 import path from 'node:path';
@@ -35,10 +36,9 @@ import { createRecipeActivities, parseRecipe } from '../src/activities/recipes';
 import { hostTaskQueue } from '../src/common/names';
 import { createLogger } from '../src/common/logger';
 import { hostDir } from '../src/config';
-import { readBaseManifest } from '../src/core/base';
 import { debianBasePackage } from '../src/guest/base-package';
 import { LibvirtHypervisor } from '../src/hypervisor/libvirt';
-import { LINK_PROFILES, openLink, parseLinkProfile, type LinkProfileName } from '../src/links';
+import { LINK_PROFILES, openLink, type LinkProfileName } from '../src/links';
 import { importBaseVm, synthesizeVm, terminateVm } from '../src/workflows';
 import { askWorkload, WORKLOAD_APP_PORT, WORKLOAD_NAMES, workloadRecipe, type WorkloadName } from '../src/workloads';
 import { workloadInputs } from '../src/workloads/inputs';
@@ -90,7 +90,7 @@ type Variant = 'default' | 'nodiscard' | 'nofpr';
 /** Build (or find cached) the application's launch VM, our overlay and (default variant) the baselines. */
 async function build(app: WorkloadName, hv: LibvirtHypervisor, base: { packageFile: string; baseId: string }, variant: Variant = 'default'): Promise<Built> {
   const recipe = parseRecipe(await workloadRecipe(app, { hostId: 'bench-build', baseId: base.baseId, inputsDir: INPUTS }));
-  const digest = (await import('node:crypto')).createHash('sha256').update(JSON.stringify(recipe)).digest('hex').slice(0, 12);
+  const digest = createHash('sha256').update(JSON.stringify(recipe)).digest('hex').slice(0, 12);
   const dir = path.join(CACHE, base.baseId.slice(0, 12), `${app}-${digest}${variant === 'default' ? '' : `-${variant}`}`);
   const infoFile = path.join(dir, 'build.json');
   const buildHost = path.join(VAR, 'hosts', 'bench-build');
@@ -176,8 +176,7 @@ async function main(): Promise<void> {
   emit({ metric: 'environment', apps, links, methods, runs, load: loadavg().map(r1) });
   const hv = new LibvirtHypervisor({ logger: createLogger('bench', 'warn') });
   const base = await debianBasePackage(hv, VAR, progress);
-  const manifest = await readBaseManifest(path.join(VAR, 'hosts', 'bench-build', 'store'), base.baseId).catch(() => undefined);
-  progress(`base ${base.baseId.slice(0, 12)}${manifest ? '' : ' (first import on the build host)'}`);
+  progress(`base ${base.baseId.slice(0, 12)}`);
   if (process.argv.includes('--semantic')) {
     // Overlay sizes with and without each way of closing the semantic gap; no measurement runs.
     const noFpr = await debianBasePackage(hv, VAR, progress, { freePageReporting: false });
@@ -219,7 +218,6 @@ async function main(): Promise<void> {
     const baseOnB = path.join(hostDir(cluster.config, hostB), 'store', 'bases', base.baseId);
     const inputs = await workloadInputs(INPUTS);
     for (const linkName of links) {
-      const profile = parseLinkProfile(linkName);
       const link = await openLink({ profile: linkName, target: { host: '127.0.0.1', port: serverPort } });
       try {
         for (const b of built) {
@@ -272,7 +270,6 @@ async function main(): Promise<void> {
       } finally {
         await link.close();
       }
-      void profile;
     }
   } finally {
     await cluster.stop();

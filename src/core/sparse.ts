@@ -60,12 +60,7 @@ export async function sha256Sparse(file: string, onProgress?: (done: number, tot
         onProgress?.(done, size);
       },
       (length) => {
-        // In steps, so progress moves during a long hole.
-        for (let left = length; left > 0; left -= BLOCK) {
-          updateZeros(hash, Math.min(left, BLOCK));
-          done += Math.min(left, BLOCK);
-          onProgress?.(done, size);
-        }
+        done = hashHole(hash, length, done, size, onProgress);
       },
     );
     return { sha256: hash.digest('hex'), size };
@@ -149,11 +144,7 @@ export async function copySparse(source: string, target: string, onProgress?: (d
           onProgress?.(done, size);
         },
         (length) => {
-          for (let left = length; left > 0; left -= BLOCK) {
-            updateZeros(hash, Math.min(left, BLOCK));
-            done += Math.min(left, BLOCK);
-            onProgress?.(done, size);
-          }
+          done = hashHole(hash, length, done, size, onProgress);
         },
       );
       await writer.finish(size);
@@ -188,6 +179,17 @@ export interface Sha256Sink {
   digest(): Promise<string>;
   /** Stop without a digest (after a failure); safe to call after `digest`. */
   abort(): Promise<void>;
+}
+
+/** Hashes a hole of `length` zeros in steps, so progress moves during a long hole; the new count done. */
+function hashHole(hash: Hash, length: number, done: number, size: number, onProgress?: (done: number, total: number) => void): number {
+  for (let left = length; left > 0; left -= BLOCK) {
+    const step = Math.min(left, BLOCK);
+    updateZeros(hash, step);
+    done += step;
+    onProgress?.(done, size);
+  }
+  return done;
 }
 
 export function updateZeros(hash: Hash, length: number): void {

@@ -19,6 +19,7 @@ import { mkdir, readdir, readFile, rm, stat, writeFile } from 'node:fs/promises'
 import os from 'node:os';
 import path from 'node:path';
 import { CloudletError } from '../core/errors';
+import { processAlive } from '../common/process';
 import {
   linkIdOfNamespace,
   linkNames,
@@ -133,15 +134,6 @@ async function listNamespaces(): Promise<string[]> {
     .split('\n')
     .map((l) => l.trim().split(/\s+/)[0] ?? '')
     .filter(Boolean);
-}
-
-function processAlive(pid: number): boolean {
-  try {
-    process.kill(pid, 0);
-    return true;
-  } catch (e) {
-    return (e as NodeJS.ErrnoException).code === 'EPERM';
-  }
 }
 
 /** Starts the root relay, which starts the other two inside the namespaces (relay.mjs). */

@@ -15,6 +15,7 @@ import type { OnProgress } from '../progress';
 import type { Catalog, OverlayRecord } from './catalog';
 import { SqliteCatalog } from './catalog';
 import { SHA256_HEX, copyFileAtomic, exists, fsyncDir, resolveInside, sha256File } from './files';
+import { processAlive } from '../../common/process';
 
 export type { BaseRecord, Catalog, OverlayRecord } from './catalog';
 export { SqliteCatalog } from './catalog';
@@ -214,15 +215,6 @@ export class Store {
     else if (!known) {
       throw new CloudletError('NOT_FOUND', `overlay ${digest} is not in the store ${this.root}`, { fix: 'list the overlays with `cloudlet overlay list`' });
     }
-  }
-}
-
-function processAlive(pid: number): boolean {
-  try {
-    process.kill(pid, 0);
-    return true;
-  } catch (e) {
-    return (e as NodeJS.ErrnoException).code === 'EPERM';
   }
 }
 
