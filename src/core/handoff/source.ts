@@ -1,0 +1,272 @@
+/**
+ * The source side of a handoff: what the destination holds, as one sha256 per memory page and
+ * per disk chunk (it starts as the base's chunk indexes), and the round builder that ships what
+ * differs from it. A round never trusts the hypervisor's dirty tracking: every page of the
+ * round's memory stream and every chunk of the frozen disk layers is compared with what the
+ * destination holds, so the last round, taken from the paused VM, makes the destination exact.
+ */
+import { createHash } from 'node:crypto';
+import { closeSync, openSync, readSync } from 'node:fs';
+import { mkdir, readFile, rename, rm, stat, writeFile } from 'node:fs/promises';
+import path from 'node:path';
+import { CloudletError } from '../errors';
+import type { ChunkIndex } from '../chunk';
+import { CHUNK, MAX_RUN, Target, ZERO_CHUNK, ZERO_CHUNK_SHA256 } from '../overlay/format';
+import { imageMap } from '../overlay/qemu-img';
+import { splitSnapshot } from '../snapshot';
+import { RoundWriter, stateDigest, type Compression, type RoundMeta } from './round';
+
+export interface HandoffBase {
+  id: string;
+  memIndex: ChunkIndex;
+  diskIndex: ChunkIndex;
+}
+
+export interface BuildRoundInput {
+  round: number;
+  /** A libvirt save file of the VM (a live stream, or the paused VM's for the last round). */
+  memorySave: string;
+  /** Disk layers frozen since the previous round, oldest first (qcow2, each over the one before). */
+  diskLayers: string[];
+  outPath: string;
+  compression: Compression;
+  /** The last round: carries the skeleton and digests, so the destination can rebuild and verify. */
+  final?: boolean;
+  onProgress?(done: number, total: number, stage: string): void;
+}
+
+export interface BuiltRound {
+  meta: RoundMeta;
+  bytes: number;
+  /** Bytes of record payload before compression. */
+  rawBytes: number;
+  ms: { memory: number; disk: number; total: number };
+}
+
+function digestsOf(ix: ChunkIndex): Buffer {
+  const out = Buffer.alloc(ix.chunkCount * 32);
+  for (let i = 0; i < ix.chunkCount; i++) ix.digestAt(i).copy(out, i * 32);
+  return out;
+}
+
+const READ = 8 * 1024 * 1024;
+
+/** Collects consecutive chunks of one kind into records (at most MAX_RUN chunks each). */
+class RunBuilder {
+  private kind: 'zero' | 'base' | 'raw' | undefined;
+  private start = 0;
+  private count = 0;
+  private data: Buffer[] = [];
+  constructor(
+    private readonly w: RoundWriter,
+    private readonly target: Target,
+  ) {}
+
+  async add(kind: 'zero' | 'base' | 'raw', chunk: number, content?: Buffer): Promise<void> {
+    if (this.kind !== kind || this.start + this.count !== chunk || this.count >= MAX_RUN) await this.flush();
+    if (this.count === 0) {
+      this.kind = kind;
+      this.start = chunk;
+    }
+    this.count += 1;
+    if (kind === 'raw' && content) this.data.push(Buffer.from(content));
+  }
+
+  async flush(): Promise<void> {
+    if (this.count === 0 || !this.kind) return;
+    if (this.kind === 'zero') await this.w.zero(this.target, this.start, this.count);
+    else if (this.kind === 'base') await this.w.base(this.target, this.start, this.count);
+    else await this.w.raw(this.target, this.start, Buffer.concat(this.data));
+    this.count = 0;
+    this.data = [];
+    this.kind = undefined;
+  }
+}
+
+export class HandoffSource {
+  private constructor(
+    private readonly dir: string,
+    readonly handoffId: string,
+    private readonly base: HandoffBase,
+    /** What the destination holds once every committed round is applied. */
+    private mem: Buffer,
+    private disk: Buffer,
+  ) {}
+
+  /** Opens the handoff's state in `dir`, or starts it from the base (the destination holds the base). */
+  static async open(dir: string, handoffId: string, base: HandoffBase): Promise<HandoffSource> {
+    await mkdir(dir, { recursive: true });
+    const load = async (name: string, ix: ChunkIndex): Promise<Buffer> => {
+      try {
+        const b = await readFile(path.join(dir, name));
+        if (b.length === ix.chunkCount * 32) return b;
+      } catch {
+        // first round
+      }
+      return digestsOf(ix);
+    };
+    return new HandoffSource(dir, handoffId, base, await load('mem.digests', base.memIndex), await load('disk.digests', base.diskIndex));
+  }
+
+  /** Records that the destination applied the rounds built so far (their digests become the reference). */
+  async commit(): Promise<void> {
+    for (const [name, b] of [['mem.digests', this.mem], ['disk.digests', this.disk]] as const) {
+      const tmp = path.join(this.dir, `${name}.tmp`);
+      await writeFile(tmp, b);
+      await rename(tmp, path.join(this.dir, name));
+    }
+  }
+
+  /** Forgets uncommitted rounds (a round whose upload failed is rebuilt from the committed state). */
+  static async reset(dir: string): Promise<void> {
+    await rm(dir, { recursive: true, force: true });
+  }
+
+  async buildRound(input: BuildRoundInput): Promise<BuiltRound> {
+    const t0 = performance.now();
+    const w = await RoundWriter.create(input.outPath, input.compression);
+    const memImg = path.join(this.dir, `round-${input.round}.memimg.tmp`);
+    let rawBytes = 0;
+    try {
+      const layout = await splitSnapshot(input.memorySave, memImg, { onProgress: (d, t) => input.onProgress?.(d, t, 'split memory stream') });
+      if (layout.mode !== 'parsed') {
+        throw new CloudletError('HYPERVISOR', `the memory stream of round ${input.round} holds records this codec does not parse (opaque mode)`, {
+          fix: 'hand off with the machine type and QEMU version the base was made with',
+        });
+      }
+      if (layout.memImageSize !== this.base.memIndex.byteLength) {
+        throw new CloudletError('WRONG_BASE', `the VM's memory image is ${layout.memImageSize} bytes, its base ${this.base.id.slice(0, 12)}… has ${this.base.memIndex.byteLength}`, {
+          fix: 'hand off only VMs resumed or synthesized from the base the destination holds, with the same memory size',
+        });
+      }
+      rawBytes += await this.diffMemory(memImg, w, input);
+      const tMem = performance.now();
+      rawBytes += await this.diffDisk(input.diskLayers, w, input);
+      const tDisk = performance.now();
+      const head = { handoffId: this.handoffId, round: input.round, baseId: this.base.id };
+      const { meta, bytes } = input.final
+        ? await w.finish(head, {
+            skeleton: layout.skeleton,
+            domainXml: layout.domainXml,
+            ...(layout.cpuModel !== undefined ? { cpuModel: layout.cpuModel } : {}),
+            memImageSize: layout.memImageSize,
+            saveFileSize: layout.saveFileSize,
+            saveFileSha256: layout.saveFileSha256,
+            memStateSha256: stateDigest(this.mem),
+            diskStateSha256: stateDigest(this.disk),
+            diskVirtualSize: this.base.diskIndex.byteLength,
+          })
+        : await w.finish(head);
+      return { meta, bytes, rawBytes, ms: { memory: Math.round(tMem - t0), disk: Math.round(tDisk - tMem), total: Math.round(performance.now() - t0) } };
+    } catch (e) {
+      await w.abort();
+      await rm(input.outPath, { force: true });
+      throw e;
+    } finally {
+      await rm(memImg, { force: true });
+    }
+  }
+
+  /** Compares every page of the memory image with what the destination holds. */
+  private async diffMemory(memImg: string, w: RoundWriter, input: BuildRoundInput): Promise<number> {
+    const runs = new RunBuilder(w, Target.Memory);
+    const size = (await stat(memImg)).size;
+    const fd = openSync(memImg, 'r');
+    const buf = Buffer.alloc(READ);
+    let shipped = 0;
+    try {
+      for (let off = 0; off < size; off += READ) {
+        const n = readFully(fd, buf, Math.min(READ, size - off), off);
+        for (let at = 0; at < n; at += CHUNK) {
+          const i = (off + at) / CHUNK;
+          const page = buf.subarray(at, at + CHUNK);
+          shipped += await this.consider(runs, this.mem, this.base.memIndex, w.stats, 'mem', i, page);
+        }
+        input.onProgress?.(off + n, size, 'compare memory');
+      }
+      await runs.flush();
+    } finally {
+      closeSync(fd);
+    }
+    return shipped;
+  }
+
+  /** Compares every chunk the frozen layers hold (newest wins) with what the destination holds. */
+  private async diffDisk(layers: string[], w: RoundWriter, input: BuildRoundInput): Promise<number> {
+    // chunk -> [fd, file offset] of its newest copy, or null when that layer reads it as zero
+    const where = new Map<number, [number, number] | null>();
+    const fds: number[] = [];
+    let shipped = 0;
+    try {
+      for (const layer of layers) {
+        const fd = openSync(layer, 'r');
+        fds.push(fd);
+        for (const e of await imageMap(layer)) {
+          if (e.depth !== 0 || e.length === 0) continue;
+          if (e.data && (e.compressed || e.offset === undefined)) {
+            throw new CloudletError('HYPERVISOR', `disk layer ${layer} has compressed or unmapped data at ${e.start}`, { fix: 'disk layers must be plain qcow2 written by QEMU' });
+          }
+          const first = Math.floor(e.start / CHUNK);
+          const last = Math.ceil((e.start + e.length) / CHUNK);
+          for (let c = first; c < last; c++) where.set(c, e.data && e.offset !== undefined ? [fd, e.offset + (c * CHUNK - e.start)] : null);
+        }
+      }
+      const runs = new RunBuilder(w, Target.Disk);
+      const chunks = [...where.keys()].sort((a, b) => a - b);
+      const buf = Buffer.alloc(CHUNK);
+      let done = 0;
+      for (const c of chunks) {
+        const loc = where.get(c);
+        let content = ZERO_CHUNK;
+        if (loc) {
+          buf.fill(0);
+          readFully(loc[0], buf, CHUNK, loc[1]);
+          content = buf;
+        }
+        shipped += await this.consider(runs, this.disk, this.base.diskIndex, w.stats, 'disk', c, content);
+        if (++done % 4096 === 0) input.onProgress?.(done, chunks.length, 'compare disk');
+      }
+      await runs.flush();
+    } finally {
+      for (const fd of fds) closeSync(fd);
+    }
+    return shipped;
+  }
+
+  /** Adds chunk i to the round unless the destination already holds its content; returns payload bytes. */
+  private async consider(runs: RunBuilder, held: Buffer, base: ChunkIndex, stats: RoundMeta['stats'], what: 'mem' | 'disk', i: number, content: Buffer): Promise<number> {
+    const zero = content.equals(ZERO_CHUNK);
+    const d = zero ? ZERO_CHUNK_SHA256 : createHash('sha256').update(content).digest();
+    if (held.compare(d, 0, 32, i * 32, i * 32 + 32) === 0) return 0;
+    d.copy(held, i * 32);
+    if (what === 'mem') stats.memPages += 1;
+    else stats.diskChunks += 1;
+    if (zero) {
+      if (what === 'mem') stats.memZero += 1;
+      else stats.diskZero += 1;
+      await runs.add('zero', i);
+      return 0;
+    }
+    if (base.equalAt(i, d)) {
+      if (what === 'mem') stats.memBase += 1;
+      else stats.diskBase += 1;
+      await runs.add('base', i);
+      return 0;
+    }
+    if (what === 'mem') stats.memRaw += 1;
+    else stats.diskRaw += 1;
+    await runs.add('raw', i, content);
+    return CHUNK;
+  }
+}
+
+export function readFully(fd: number, buf: Buffer, len: number, pos: number): number {
+  let done = 0;
+  while (done < len) {
+    const n = readSync(fd, buf, done, len - done, pos + done);
+    if (n === 0) break;
+    done += n;
+  }
+  if (done < len) buf.fill(0, done, len);
+  return len;
+}
