@@ -4,16 +4,19 @@
  * and every call is recorded in `calls`. No VM runs; forwarded ports are not bound.
  */
 import fs from 'node:fs';
+import path from 'node:path';
 import { CloudletError } from '../core/errors';
 import { assertCpuModelUsable, type DomainCapabilities } from './domcaps';
 import { isValidMac } from './domain-xml';
 import { waitForSerialLine } from './serial';
-import type { DomainSpec, DomainState, ForwardResult, GuestExecOptions, GuestExecResult, Hypervisor, NicSpec, ReplugResult, RestoreOptions, RestoreResult, VirtType } from './types';
+import type { DomainSpec, DomainState, ForwardResult, GuestExecOptions, GuestExecResult, Hypervisor, NicSpec, ReplugResult, RestoreOptions, RestoreResult, SnapshotDiskResult, StreamMemoryOptions, StreamMemoryResult, VirtType } from './types';
 
 interface FakeDomain {
   spec: DomainSpec;
   state: Exclude<DomainState, 'absent'>;
   persistent: boolean;
+  /** Paused by a completed streamMemory (QEMU's postmigrate): a second stream needs a resume first. */
+  postmigrate?: boolean;
 }
 
 const SAVE_MAGIC = 'cloudlet-fake-save';
@@ -75,6 +78,7 @@ export class FakeHypervisor implements Hypervisor {
     this.record('destroy', name);
     const d = this.domains.get(name);
     if (!d) return;
+    d.postmigrate = false;
     if (d.persistent) d.state = 'shut off';
     else this.domains.delete(name);
   }
@@ -98,7 +102,9 @@ export class FakeHypervisor implements Hypervisor {
 
   async resume(name: string): Promise<void> {
     this.record('resume', name);
-    this.get(name, 'resume').state = 'running';
+    const d = this.get(name, 'resume');
+    d.state = 'running';
+    d.postmigrate = false;
   }
 
   async domainXml(name: string): Promise<string> {
@@ -109,6 +115,7 @@ export class FakeHypervisor implements Hypervisor {
     this.record('save', name, file);
     const d = this.get(name, 'save');
     if (d.state === 'shut off') throw new CloudletError('HYPERVISOR', `save of domain "${name}" failed: domain is not running`);
+    if (d.postmigrate) throw new CloudletError('HYPERVISOR', `save of domain "${name}" failed: Can't migrate the vm that was paused due to previous migration`);
     fs.writeFileSync(file, JSON.stringify({ magic: SAVE_MAGIC, spec: d.spec }));
     d.state = 'shut off';
     if (!d.persistent) this.domains.delete(name);
@@ -192,6 +199,53 @@ export class FakeHypervisor implements Hypervisor {
     await this.waitForGuestAgent(name, options.timeoutMs);
     const r = this.options.onGuestExec?.(name, options) ?? { exitCode: 0, stdout: '', stderr: '' };
     return { ...r, ms: 0 };
+  }
+
+  private active(name: string, op: string): FakeDomain {
+    const d = this.get(name, op);
+    if (d.state === 'shut off') throw new CloudletError('CONFLICT', `domain "${name}" is shut off; ${op} needs a running or paused domain`);
+    return d;
+  }
+
+  async diskTop(name: string): Promise<string> {
+    return path.resolve(this.get(name, 'diskTop').spec.disk.path);
+  }
+
+  /** Writes a small JSON stand-in for the qcow2 top (naming its backing file) and points vda at it. */
+  async snapshotDisk(name: string, newTopPath: string): Promise<SnapshotDiskResult> {
+    this.record('snapshotDisk', name, newTopPath);
+    const d = this.get(name, 'snapshotDisk');
+    const abs = path.resolve(newTopPath);
+    if (fs.existsSync(abs)) throw new CloudletError('CONFLICT', `the new disk top ${abs} for domain "${name}" already exists`);
+    const previousTop = path.resolve(d.spec.disk.path);
+    fs.writeFileSync(abs, JSON.stringify({ format: 'qcow2', backing: previousTop }));
+    d.spec = { ...d.spec, disk: { path: abs, format: 'qcow2' } };
+    return { previousTop, ms: 1 };
+  }
+
+  /** Writes a fake save file (restore accepts it); the domain ends paused as after a real stream. */
+  async streamMemory(name: string, outPath: string, options: StreamMemoryOptions = {}): Promise<StreamMemoryResult> {
+    this.record('streamMemory', name, outPath);
+    const d = this.active(name, 'a memory stream');
+    if (d.postmigrate) throw new CloudletError('CONFLICT', `QEMU refuses to stream the memory of domain "${name}" again: it is paused after a completed memory stream`);
+    const wasRunning = d.state === 'running';
+    const abs = path.resolve(outPath);
+    fs.writeFileSync(`${abs}.tmp`, JSON.stringify({ magic: SAVE_MAGIC, spec: d.spec }));
+    fs.renameSync(`${abs}.tmp`, abs);
+    d.state = 'paused';
+    d.postmigrate = true;
+    const bytes = fs.statSync(abs).size;
+    options.onProgress?.(bytes);
+    return { bytes, ms: 1, downtimeMs: wasRunning ? 1 : 0, wasRunning };
+  }
+
+  /** A file of `bytes` zero bytes (sparse): the fake has no guest memory. */
+  async pmemsave(name: string, outPath: string, bytes: number): Promise<void> {
+    this.record('pmemsave', name, outPath, bytes);
+    this.active(name, 'pmemsave');
+    if (!Number.isSafeInteger(bytes) || bytes <= 0) throw new CloudletError('BAD_INPUT', `pmemsave of domain "${name}" needs a positive byte count (got ${bytes})`);
+    fs.writeFileSync(outPath, Buffer.alloc(0));
+    fs.truncateSync(outPath, bytes);
   }
 
   waitForSerialLine(file: string, pattern: RegExp, timeoutMs: number, fromByte = 0): Promise<string> {

@@ -8,20 +8,27 @@ import os from 'node:os';
 import path from 'node:path';
 import type pino from 'pino';
 import { CloudletError } from '../core/errors';
-import { readSaveHeader } from '../core/snapshot/header';
+import { encodeSaveHeader, readSaveHeader } from '../core/snapshot/header';
 import { createLogger } from '../common/logger';
 import { assertCpuModelUsable, parseDomainCapabilities, parseMissingFeatures, usableModels, type DomainCapabilities } from './domcaps';
 import { buildDomainXml, buildXml, editDomainXml, hasGuestAgentChannel, interfaceElements, interfaceXml, isValidMac, parseDomainXml } from './domain-xml';
 import { guestExec, type AgentSend } from './guest-agent';
 import { virtTypeVerdict } from './kvm';
+import { migrateToFile, saveCookieXml } from './memory-stream';
 import { loadNative, nativeMessage, type NativeDomain, type NativeHypervisor } from './native';
+import { parseQmpReply, QmpError, type QmpSend } from './qmp';
 import { waitForSerialLine } from './serial';
-import type { DomainSpec, DomainState, ForwardResult, GuestExecOptions, GuestExecResult, Hypervisor, NicSpec, ReplugResult, RestoreOptions, RestoreResult, VirtType } from './types';
+import type { DomainSpec, DomainState, ForwardResult, GuestExecOptions, GuestExecResult, Hypervisor, NicSpec, ReplugResult, RestoreOptions, RestoreResult, SnapshotDiskResult, StreamMemoryOptions, StreamMemoryResult, VirtType } from './types';
 import { runVirsh, VirshError } from './virsh';
 
 export const DEFAULT_URI = 'qemu:///system';
 const START_FIX = 'start it with: bash infra/libvirt.sh start (then check: virsh -c qemu:///system version)';
 const NAME = /^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$/;
+/** virDomainXMLFlags: what libvirt's own save writes into the header (secure + migratable). */
+const XML_SECURE = 1;
+const XML_MIGRATABLE = 8;
+/** The disk the handoff primitives work on. */
+const HANDOFF_DISK = 'vda';
 
 export interface LibvirtOptions {
   uri?: string;
@@ -446,6 +453,119 @@ export class LibvirtHypervisor implements Hypervisor {
       });
     }
     assertCpuModelUsable(caps, model, t, missing);
+  }
+
+  // ---- handoff primitives --------------------------------------------------------------------
+
+  /** One QMP command through libvirt (`virsh qemu-monitor-command`); its `return` value, QmpError if QEMU refused. */
+  private qmp(name: string): QmpSend {
+    return async (command) => parseQmpReply(await this.virsh(`QEMU monitor command ${command.execute}`, ['qemu-monitor-command', name, JSON.stringify(command)], name), command.execute);
+  }
+
+  private qmpError(name: string, e: unknown): CloudletError {
+    if (!(e instanceof QmpError)) return this.fail('QEMU monitor command', e, name);
+    return new CloudletError('HYPERVISOR', `QEMU of domain "${name}" refused ${e.execute}: ${e.desc}`, {
+      fix: `see /var/log/libvirt/qemu/${name}.log`,
+      details: { domain: name, qmp: e.execute, desc: e.desc },
+      cause: e,
+    });
+  }
+
+  /** Throws unless the domain is running or paused (a QEMU process to talk to). */
+  private async assertActive(name: string, what: string): Promise<DomainState> {
+    const state = await this.state(name);
+    if (state === 'running' || state === 'paused') return state;
+    throw new CloudletError(state === 'absent' ? 'NOT_FOUND' : 'CONFLICT', `domain "${name}" is ${state}; ${what} needs a running or paused domain`, {
+      fix: state === 'absent' ? 'start or restore the domain first' : 'start or restore the domain first (a shut-off domain has no memory)',
+      details: { domain: name, state },
+    });
+  }
+
+  async diskTop(name: string): Promise<string> {
+    const xml = await this.domainXml(name);
+    const disk = parseDomainXml(xml, `live XML of "${name}"`).disks.find((x) => x.target === HANDOFF_DISK);
+    if (!disk?.path) {
+      throw new CloudletError('CONFLICT', `domain "${name}" has no file-backed disk ${HANDOFF_DISK}`, {
+        fix: 'define the domain with its disk on vda (DomainSpec.disk)',
+        details: { domain: name },
+      });
+    }
+    return disk.path;
+  }
+
+  async snapshotDisk(name: string, newTopPath: string): Promise<SnapshotDiskResult> {
+    const abs = path.resolve(newTopPath);
+    assertFile(path.dirname(abs), 'directory for the new disk top', 'create the directory first');
+    if (fs.existsSync(abs)) {
+      throw new CloudletError('CONFLICT', `the new disk top ${abs} for domain "${name}" already exists`, {
+        fix: 'pass the path of a file that does not exist yet (libvirt creates it)',
+        details: { domain: name, path: abs },
+      });
+    }
+    const previousTop = await this.diskTop(name);
+    const t0 = performance.now();
+    // virsh splits --diskspec at commas; a comma inside the path is written twice.
+    await this.virsh('snapshot the disk', ['snapshot-create-as', name, '--disk-only', '--atomic', '--no-metadata', '--diskspec', `${HANDOFF_DISK},file=${abs.replaceAll(',', ',,')},snapshot=external`], name);
+    const ms = since(t0);
+    const top = await this.diskTop(name);
+    if (top !== abs) {
+      throw new CloudletError('HYPERVISOR', `after the disk snapshot of domain "${name}", vda is backed by ${top}, not by the new top ${abs}`, {
+        fix: `see /var/log/libvirt/qemu/${name}.log`,
+        details: { domain: name, previousTop, top },
+      });
+    }
+    this.log.info({ domain: name, previousTop, newTop: abs, ms }, 'disk snapshot');
+    return { previousTop, ms };
+  }
+
+  /**
+   * A save file written by this process from QEMU's migration stream (memory-stream.ts). The
+   * header holds the migratable XML (what libvirt's own save writes) and a cookie with the CPU
+   * QEMU runs. The domain ends paused (runstate postmigrate): resume or destroy it.
+   */
+  async streamMemory(name: string, outPath: string, options: StreamMemoryOptions = {}): Promise<StreamMemoryResult> {
+    const abs = path.resolve(outPath);
+    assertFile(path.dirname(abs), 'directory for the memory stream', 'create the directory first');
+    const state = await this.assertActive(name, 'a memory stream');
+    const { h, d } = await this.domain(name, 'stream memory');
+    let xml: string;
+    let live: string;
+    try {
+      [xml, live] = await Promise.all([h.domainGetXMLDesc(d, XML_SECURE | XML_MIGRATABLE), h.domainGetXMLDesc(d, 0)]);
+    } catch (e) {
+      throw this.fail('dumpxml', e, name);
+    }
+    const cookie = saveCookieXml(live, `live XML of "${name}"`);
+    const header = encodeSaveHeader(xml, cookie === undefined ? {} : { cookie });
+    return migrateToFile({
+      domain: name,
+      outPath: abs,
+      header,
+      qmp: this.qmp(name),
+      wasRunning: state === 'running',
+      onProgress: options.onProgress,
+      timeoutMs: options.timeoutMs,
+      log: this.log,
+    });
+  }
+
+  async pmemsave(name: string, outPath: string, bytes: number): Promise<void> {
+    if (!Number.isSafeInteger(bytes) || bytes <= 0) {
+      throw new CloudletError('BAD_INPUT', `pmemsave of domain "${name}" needs a positive byte count (got ${bytes})`, { fix: 'pass the guest RAM size in bytes, e.g. memoryMiB * 1048576' });
+    }
+    const abs = path.resolve(outPath);
+    assertFile(path.dirname(abs), 'directory for the memory dump', 'create the directory first');
+    await this.assertActive(name, 'pmemsave');
+    const tmp = `${abs}.tmp`;
+    const t0 = performance.now();
+    try {
+      await this.qmp(name)({ execute: 'pmemsave', arguments: { val: 0, size: bytes, filename: tmp } });
+      await fs.promises.rename(tmp, abs);
+    } catch (e) {
+      await fs.promises.rm(tmp, { force: true });
+      throw this.qmpError(name, e);
+    }
+    this.log.debug({ domain: name, file: abs, bytes, ms: since(t0) }, 'pmemsave');
   }
 
   // ---- qemu-guest-agent ----------------------------------------------------------------------

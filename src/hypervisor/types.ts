@@ -102,6 +102,30 @@ export interface ForwardResult {
   hostAddress: string;
 }
 
+export interface SnapshotDiskResult {
+  /** The file that backed vda before: now the new top's backing file, read-only and stable. */
+  previousTop: string;
+  ms: number;
+}
+
+export interface StreamMemoryOptions {
+  /** Called with the bytes received so far (every few MiB and once at the end). */
+  onProgress?(bytes: number): void;
+  /** Give up (cancel the migration, TIMEOUT) after this long. Default 10 minutes. */
+  timeoutMs?: number;
+}
+
+export interface StreamMemoryResult {
+  /** Size of the save file written (libvirt header + QEMU stream). */
+  bytes: number;
+  /** From the first monitor command to the renamed file. */
+  ms: number;
+  /** QEMU's own measure of how long the guest was stopped (query-migrate `downtime`), when it reports it. */
+  downtimeMs?: number;
+  /** Whether the domain was running when the stream began (a live stream; pages may repeat, the last copy wins). */
+  wasRunning: boolean;
+}
+
 export interface Hypervisor {
   /** kvm if KVM really runs a guest here (probed once per process), else qemu; CLOUDLET_VIRT_TYPE overrides. */
   virtType(): Promise<VirtType>;
@@ -135,6 +159,26 @@ export interface Hypervisor {
   hasGuestAgent(name: string): Promise<boolean>;
   /** Runs a program in the guest through qemu-guest-agent and waits for it to end. */
   guestExec(name: string, options: GuestExecOptions): Promise<GuestExecResult>;
+  // ---- handoff primitives (docs/hypervisor.md, "Handoff primitives") ----
+  /** Absolute path of the file currently backing the domain's vda (from the live XML). */
+  diskTop(name: string): Promise<string>;
+  /**
+   * External disk-only snapshot of vda (running or paused domain): creates `newTopPath`
+   * (qcow2, absolute path, must not exist) whose backing file is the previous top; later guest
+   * writes land in the new top, the previous top is no longer written. The domain's persistent
+   * definition follows (it names the new top as well). No libvirt snapshot metadata is kept.
+   */
+  snapshotDisk(name: string, newTopPath: string): Promise<SnapshotDiskResult>;
+  /**
+   * Writes a complete libvirt save file to `outPath` (libvirt header with the migratable domain XML
+   * and the save cookie, then QEMU's migration stream), from a running domain (live: the guest
+   * keeps running while pages are sent) or a paused one (exact). Afterwards the domain is
+   * **paused** (QEMU runstate postmigrate, its disks released): the caller resumes it with
+   * `resume`, or destroys it. QEMU refuses a second stream before a resume (CONFLICT).
+   */
+  streamMemory(name: string, outPath: string, options?: StreamMemoryOptions): Promise<StreamMemoryResult>;
+  /** Guest-physical memory [0, bytes) to `outPath` (QMP pmemsave); the domain should be paused. For tests. */
+  pmemsave(name: string, outPath: string, bytes: number): Promise<void>;
   /** Resolves with the first serial-console line matching `pattern`; TIMEOUT names the file and the last lines. */
   waitForSerialLine(path: string, pattern: RegExp, timeoutMs: number): Promise<string>;
   close(): Promise<void>;

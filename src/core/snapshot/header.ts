@@ -8,6 +8,9 @@ import { XMLParser } from 'fast-xml-parser';
 import { CloudletError } from '../errors';
 import { LIBVIRT_HEADER_SIZE, LIBVIRT_HEADER_VERSIONS, LIBVIRT_MAGIC, LIBVIRT_PARTIAL_MAGIC } from './format';
 
+/** The zero padding libvirt appends after XML + cookie (virQEMUSaveDataWrite), room for a longer XML later. */
+export const SAVE_HEADER_PADDING = 64 * 1024;
+
 export interface SaveHeader {
   version: number;
   domainXml: string;
@@ -45,6 +48,34 @@ export function decodeFixedHeader(b: Buffer, what: string): RawSaveHeader {
     compressed: b.readUInt32LE(28),
     cookieOffset: b.readUInt32LE(32),
   };
+}
+
+/**
+ * A complete libvirt save header (version 2) as libvirt writes it: the 92-byte fixed part
+ * (was_running = 1, compressed = 0, cookieOffset = XML length + 1 when there is a cookie), the
+ * XML and the cookie, each NUL-terminated, then SAVE_HEADER_PADDING zero bytes. A QEMU migration
+ * stream appended right after it makes a save file `virsh restore` accepts (the stream starts at
+ * 92 + data_len, which is the returned buffer's length).
+ */
+export function encodeSaveHeader(domainXml: string, opts: { cookie?: string } = {}): Buffer {
+  const text = (what: string, v: string): Buffer => {
+    if (v.includes('\0')) throw new CloudletError('BAD_INPUT', `the ${what} for a libvirt save header contains a NUL byte`, { fix: `pass the ${what} as text without NUL bytes` });
+    return Buffer.from(`${v}\0`, 'utf8');
+  };
+  if (domainXml.trim() === '') throw new CloudletError('BAD_INPUT', 'the domain XML for a libvirt save header is empty', { fix: 'pass the domain XML (virsh dumpxml --migratable)' });
+  const xml = text('domain XML', domainXml);
+  const cookie = opts.cookie === undefined ? Buffer.alloc(0) : text('save cookie', opts.cookie);
+  const dataLen = xml.length + cookie.length + SAVE_HEADER_PADDING;
+  const out = Buffer.alloc(LIBVIRT_HEADER_SIZE + dataLen); // zeroed: unused[14] and the padding
+  LIBVIRT_MAGIC.copy(out, 0);
+  out.writeUInt32LE(2, 16); // version
+  out.writeUInt32LE(dataLen, 20);
+  out.writeUInt32LE(1, 24); // was_running
+  out.writeUInt32LE(0, 28); // compressed: raw
+  out.writeUInt32LE(cookie.length ? xml.length : 0, 32); // cookieOffset
+  xml.copy(out, LIBVIRT_HEADER_SIZE);
+  cookie.copy(out, LIBVIRT_HEADER_SIZE + xml.length);
+  return out;
 }
 
 function cString(b: Buffer, from: number): string {
@@ -144,7 +175,8 @@ export function cpuModelOf(domainXml: string, cookie: string | undefined): strin
   try {
     if (cookie) {
       const c = xmlParser.parse(cookie) as Record<string, unknown>;
-      const root = c['qemuDomainSaveCookie'] as Record<string, unknown> | undefined;
+      // libvirt writes <cookie><cpu>…</cpu></cookie> (virSaveCookieFormat); older fixtures use qemuDomainSaveCookie.
+      const root = (c['cookie'] ?? c['qemuDomainSaveCookie']) as Record<string, unknown> | undefined;
       const m = modelOf(root?.['cpu']);
       if (m) return m;
     }
