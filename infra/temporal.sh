@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # The Temporal dev server (SQLite, Web UI) for the embedded defaults.
 #   infra/temporal.sh install   build the Temporal CLI from its Go module into .tools/ (once)
-#   infra/temporal.sh start     start `temporal server start-dev` unless it already answers
+#   infra/temporal.sh start     start `temporal server start-dev` unless it already answers, and
+#                               make sure the clusters' namespaces exist (CLOUDLET_CLUSTER_NAMESPACES)
 #   infra/temporal.sh stop | status
 set -euo pipefail
 source "$(dirname "$0")/lib.sh"
@@ -13,6 +14,9 @@ HOST="${ADDRESS%:*}"; PORT="${ADDRESS##*:}"
 UI_PORT="${CLOUDLET_TEMPORAL_UI_PORT:-8233}"
 STATE="$VAR/temporal"
 # Search attributes the workflows set (operators filter runs by them in the Web UI).
+# Namespaces of the two clusters that `npm start` and the handoff tests run on this machine ("east"
+# and "west": handoff crosses clusters, and each cluster has its own namespace).
+CLUSTER_NAMESPACES="${CLOUDLET_CLUSTER_NAMESPACES:-east west}"
 SEARCH_ATTRIBUTES=(CloudletHost=Keyword CloudletBaseId=Keyword CloudletOverlayId=Keyword CloudletOperation=Keyword CloudletStatus=Keyword)
 
 install() {
@@ -31,9 +35,33 @@ install() {
 
 healthy() { "$TEMPORAL" operator cluster health --address "$ADDRESS" 2>/dev/null | grep -q SERVING; }
 
+# A namespace with the search attributes, usable (a new namespace reaches every server part after
+# its cache refreshes: wait until a list query in it answers).
+ensure_namespace() {
+  local ns="$1" sa
+  if ! "$TEMPORAL" operator namespace describe --namespace "$ns" --address "$ADDRESS" >/dev/null 2>&1; then
+    say "creating the Temporal namespace $ns"
+    "$TEMPORAL" operator namespace create --namespace "$ns" --retention 72h --address "$ADDRESS" >/dev/null \
+      || die "could not create the Temporal namespace $ns on $ADDRESS (see the error above)"
+  fi
+  local have; have="$("$TEMPORAL" operator search-attribute list --namespace "$ns" --address "$ADDRESS" 2>/dev/null || true)"
+  for sa in "${SEARCH_ATTRIBUTES[@]}"; do
+    grep -qw "${sa%=*}" <<<"$have" && continue
+    say "registering the search attribute ${sa%=*} in namespace $ns"
+    WAIT_SECONDS=60 wait_for "$TEMPORAL" operator search-attribute create --namespace "$ns" --name "${sa%=*}" --type "${sa#*=}" --address "$ADDRESS" \
+      || die "could not register the search attribute ${sa%=*} in namespace $ns"
+  done
+  WAIT_SECONDS=60 wait_for "$TEMPORAL" workflow list --namespace "$ns" --address "$ADDRESS" --limit 1 --query "CloudletStatus = 'running'" \
+    || die "the Temporal namespace $ns does not answer list queries within 60 s; see $STATE/server.log"
+}
+
+ensure_namespaces() {
+  local ns; for ns in $CLUSTER_NAMESPACES; do ensure_namespace "$ns"; done
+}
+
 start() {
   install
-  if healthy; then say "Temporal server already answers on $ADDRESS"; return 0; fi
+  if healthy; then say "Temporal server already answers on $ADDRESS"; ensure_namespaces; return 0; fi
   mkdir -p "$STATE"
   local args=(server start-dev --ip "$HOST" --port "$PORT" --ui-port "$UI_PORT"
     --db-filename "$STATE/temporal.db" --log-level warn
@@ -50,6 +78,7 @@ start() {
   echo $! > "$STATE/server.pid"
   WAIT_SECONDS=90 wait_for healthy || die "the Temporal server did not answer on $ADDRESS within 90 s; see $STATE/server.log (is the port taken?)"
   say "Temporal server is up"
+  ensure_namespaces
 }
 
 stop() {

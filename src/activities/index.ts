@@ -11,6 +11,8 @@ import { createGuestActivities } from './guest';
 import { createInstanceActivities } from './instances';
 import { withFailureMapping } from './failures';
 import { createRecipeActivities } from './recipes';
+import { createHandoffSourceActivities } from './handoff-source';
+import { createHandoffDestinationActivities } from './handoff-destination';
 
 export interface HostActivityDeps {
   hostId: string;
@@ -41,7 +43,9 @@ export function createHostActivities(deps: HostActivityDeps) {
     log: deps.log,
   });
   const recipes = createRecipeActivities({ hostId: deps.hostId, dataDir: deps.dataDir, log: deps.log, hypervisor, temporal: { address: deps.config.temporalAddress, namespace: deps.config.namespace } });
-  return withFailureMapping({ ...guest, ...instances, ...recipes });
+  const handoffSource = createHandoffSourceActivities({ hostId: deps.hostId, dataDir: deps.dataDir, hypervisor, log: deps.log });
+  const handoffDestination = createHandoffDestinationActivities({ hostId: deps.hostId, dataDir: deps.dataDir, hypervisor, publicUrl: deps.publicUrl, log: deps.log });
+  return withFailureMapping({ ...guest, ...instances, ...recipes, ...handoffSource, ...handoffDestination });
 }
 
 export type HostActivities = ReturnType<typeof createHostActivities>;

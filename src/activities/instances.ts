@@ -19,18 +19,11 @@ import { editDomainXml } from '../hypervisor/domain-xml';
 import { GuestAppClient } from '../guest/app-client';
 import { cancellationSignal, heartbeat, heartbeatOrCancel, withHeartbeats } from './heartbeat';
 import { randomMac } from './guest';
+import { instanceRecords, type InstanceRecord } from './instance-records';
+import { fingerprintVm, type VmFingerprint } from './vm-fingerprint';
+import type { Fingerprint } from '../client/handoff-peer';
 
-export interface InstanceRecord {
-  instanceId: string;
-  hostId: string;
-  domain: string;
-  baseId: string;
-  overlayId?: string;
-  /** 127.0.0.1 port forwarded to the guest's application port. */
-  hostPort?: number;
-  appPort: number;
-  createdAt: string;
-}
+export type { InstanceRecord };
 
 export interface CloudletActivityDeps {
   hostId: string;
@@ -41,7 +34,6 @@ export interface CloudletActivityDeps {
   log: Logger;
 }
 
-const INSTANCE_ID = /^[a-z0-9][a-z0-9-]{0,62}$/;
 const APP_PORT_DEFAULT = 8080;
 
 const progress = (stage: string) => (done: number, total: number) => heartbeatOrCancel({ stage, bytesDone: done, bytesTotal: total });
@@ -49,8 +41,8 @@ const progress = (stage: string) => (done: number, total: number) => heartbeatOr
 export function createInstanceActivities(deps: CloudletActivityDeps) {
   const { hypervisor: hv, log } = deps;
   const storeRoot = path.join(deps.dataDir, 'store');
-  const instancesDir = path.join(deps.dataDir, 'instances');
-  const domainName = (instanceId: string): string => `cl-${deps.hostId}-${instanceId}`;
+  const records = instanceRecords(deps.hostId, deps.dataDir);
+  const domainName = records.domainName;
   /**
    * A check that names its host (a local activity runs on whichever worker runs the workflow task)
    * refuses to answer for another host.
@@ -64,37 +56,16 @@ export function createInstanceActivities(deps: CloudletActivityDeps) {
     }
   };
 
-  function instanceDir(instanceId: string): string {
-    if (!INSTANCE_ID.test(instanceId)) {
-      throw new CloudletError('BAD_INPUT', `invalid instance id "${instanceId}"`, { fix: 'use lower-case letters, digits and dashes (at most 63)' });
-    }
-    return path.join(instancesDir, instanceId);
-  }
-
-  async function readRecord(instanceId: string): Promise<InstanceRecord> {
-    const file = path.join(instanceDir(instanceId), 'instance.json');
-    try {
-      return JSON.parse(await fs.promises.readFile(file, 'utf8')) as InstanceRecord;
-    } catch (cause) {
-      throw new CloudletError('NOT_FOUND', `instance ${instanceId} does not exist on host ${deps.hostId}`, {
-        fix: 'list the instances of this host, or provision one first',
-        cause,
-      });
-    }
-  }
-
-  async function writeRecord(rec: InstanceRecord): Promise<void> {
-    const file = path.join(instanceDir(rec.instanceId), 'instance.json');
-    await fs.promises.writeFile(`${file}.tmp`, JSON.stringify(rec, null, 2));
-    await fs.promises.rename(`${file}.tmp`, file);
-  }
+  const instanceDir = records.dir;
+  const readRecord = records.read;
+  const writeRecord = records.write;
 
   /**
    * Restore a save file as this instance's VM: libvirt refuses a restore under another name or
    * UUID, so the domain XML is rewritten inside the (padded) header of the instance's own copy of
    * the save file; then the NIC is replugged with a fresh MAC and the app port forwarded.
    */
-  async function restoreAsInstance(rec: InstanceRecord, savePath: string, diskPath: string): Promise<{ restoreMs: number; replugMs: number; hostPort: number }> {
+  async function restoreAsInstance(rec: InstanceRecord, savePath: string, diskPath: string, verify?: Fingerprint): Promise<{ restoreMs: number; replugMs: number; hostPort: number; verified?: VmFingerprint }> {
     const state = await hv.state(rec.domain);
     if (state === 'running' && rec.hostPort !== undefined) return { restoreMs: 0, replugMs: 0, hostPort: rec.hostPort };
     if (state !== 'absent') {
@@ -105,7 +76,20 @@ export function createInstanceActivities(deps: CloudletActivityDeps) {
     const serialPath = path.join(path.dirname(savePath), 'serial.log');
     const xml = editDomainXml(header.domainXml, { name: rec.domain, uuid: randomUUID(), diskPath, diskFormat: 'qcow2', serialPath }, `domain XML of ${savePath}`);
     await rewriteSaveHeaderXml(savePath, xml);
-    const restored = await withHeartbeats(hv.restore(savePath), () => ({ stage: 'resume' }));
+    const restored = await withHeartbeats(hv.restore(savePath, verify ? { paused: true } : {}), () => ({ stage: 'resume' }));
+    let verified: VmFingerprint | undefined;
+    if (verify) {
+      // Before the guest runs a single instruction: its memory and disk must be the source's.
+      verified = await withHeartbeats(fingerprintVm(hv, rec.domain, diskPath, path.dirname(savePath)), () => ({ stage: 'verify memory and disk' }));
+      if (verified.memorySha256 !== verify.memorySha256 || verified.diskSha256 !== verify.diskSha256) {
+        await hv.destroy(rec.domain);
+        await hv.undefine(rec.domain);
+        throw new CloudletError('DIGEST_MISMATCH', `instance ${rec.instanceId}: the restored VM's ${verified.memorySha256 !== verify.memorySha256 ? 'guest memory' : 'disk'} differs from the source's (memory ${verified.memorySha256.slice(0, 12)}… vs ${verify.memorySha256.slice(0, 12)}…, disk ${verified.diskSha256.slice(0, 12)}… vs ${verify.diskSha256.slice(0, 12)}…)`, {
+          fix: 'the VM was not resumed here; the source resumes its own',
+        });
+      }
+      await hv.resume(rec.domain);
+    }
     const t0 = Date.now();
     await hv.replugNic(rec.domain, { mac: randomMac() });
     const replugMs = Date.now() - t0;
@@ -113,7 +97,7 @@ export function createInstanceActivities(deps: CloudletActivityDeps) {
     rec.hostPort = fwd.hostPort;
     await writeRecord(rec);
     log.info({ instanceId: rec.instanceId, domain: rec.domain, restoreMs: restored.ms, replugMs, hostPort: fwd.hostPort }, 'instance running');
-    return { restoreMs: restored.ms, replugMs, hostPort: fwd.hostPort };
+    return { restoreMs: restored.ms, replugMs, hostPort: fwd.hostPort, ...(verified ? { verified } : {}) };
   }
 
   const activities = {
@@ -282,11 +266,12 @@ export function createInstanceActivities(deps: CloudletActivityDeps) {
     },
 
     /** Resume the synthesized VM (restore, replug its NIC, forward its app port); optionally wait for its app. */
-    async resumeInstance(input: { instanceId: string; waitForApp?: boolean; appTimeoutMs?: number }): Promise<{ restoreMs: number; replugMs: number; hostPort: number; timings: Record<string, number> }> {
+    /** `verify`: restore paused and check the VM's fingerprint (handoff with full verification) before it runs. */
+    async resumeInstance(input: { instanceId: string; waitForApp?: boolean; appTimeoutMs?: number; verify?: Fingerprint }): Promise<{ restoreMs: number; replugMs: number; hostPort: number; timings: Record<string, number>; verified?: VmFingerprint }> {
       const rec = await readRecord(input.instanceId);
       const dir = instanceDir(input.instanceId);
       let t0 = Date.now();
-      const r = await restoreAsInstance(rec, path.join(dir, 'memory.sav'), path.join(dir, 'disk.qcow2'));
+      const r = await restoreAsInstance(rec, path.join(dir, 'memory.sav'), path.join(dir, 'disk.qcow2'), input.verify);
       const timings: Record<string, number> = { 'resume and replug NICMs': Date.now() - t0 };
       if (input.waitForApp) {
         // In the same step: one workflow task less between "resumed" and "answers".

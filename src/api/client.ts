@@ -8,6 +8,7 @@ import os from 'node:os';
 import path from 'node:path';
 import { Readable } from 'node:stream';
 import { pipeline } from 'node:stream/promises';
+import type { HandoffInstanceRequest } from '../service/handoff-types';
 import type { ReadableStream as WebReadableStream } from 'node:stream/web';
 import { CloudletError, type ErrorCode } from '../core/errors';
 import type {
@@ -197,6 +198,11 @@ export class CloudletApiClient implements CloudletService {
 
   async listInstances(): Promise<InstanceInfo[]> {
     return (await this.json<{ instances: InstanceInfo[] }>('GET', '/v1/instances')).instances;
+  }
+
+  /** Hands a running instance off to another cluster (follow it with waitForOperation; each round is a progress stage). */
+  async handoffInstance(id: string, req: HandoffInstanceRequest): Promise<OperationRef> {
+    return (await this.json<Accepted>('POST', `/v1/instances/${encodeURIComponent(id)}/handoff`, { body: req })).operation;
   }
 
   async getInstance(id: string): Promise<InstanceInfo | undefined> {

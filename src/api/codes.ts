@@ -8,6 +8,8 @@ export const STATUS_OF_CODE: Readonly<Record<ErrorCode, number>> = {
   BAD_INPUT: 400,
   // A missing or unknown bearer token (the CLI says which variable or flag sets it).
   UNAUTHORIZED: 401,
+  // Authenticated but not allowed (a used or ended handoff ticket).
+  FORBIDDEN: 403,
   NOT_FOUND: 404,
   CONFLICT: 409,
   // The request names something the cloudlet cannot use: well-formed, but not processable.
@@ -21,6 +23,7 @@ export const STATUS_OF_CODE: Readonly<Record<ErrorCode, number>> = {
   HYPERVISOR: 502,
   PACKAGES_UNAVAILABLE: 502,
   LINK_UNAVAILABLE: 503,
+  DESTINATION_UNAVAILABLE: 503,
   TIMEOUT: 504,
 };
 

@@ -14,6 +14,7 @@ import { createLogger } from '../common/logger';
 import type { CloudletService } from '../service/types';
 import { parseTokens } from './auth';
 import type { RecipeScheduleApi } from './routes/schedules';
+import type { HandoffService } from '../service/handoff-types';
 import { startApi, type RunningApi } from './server';
 
 const ApiEnvSchema = z.object({
@@ -52,6 +53,7 @@ export function loadApiConfig(env: NodeJS.ProcessEnv = process.env): ApiConfig {
 export interface ApiBackend {
   service: CloudletService;
   schedules?: RecipeScheduleApi;
+  handoffs?: HandoffService;
   close?: () => Promise<void>;
 }
 
@@ -62,6 +64,7 @@ export async function runApi(createBackend: () => Promise<ApiBackend>, env: Node
   const backend = await createBackend();
   const api = await startApi(backend.service, {
     ...(backend.schedules ? { schedules: backend.schedules } : {}),
+    ...(backend.handoffs ? { handoffs: backend.handoffs } : {}),
     tokens: config.tokens,
     insecure: config.insecure,
     host: config.host,

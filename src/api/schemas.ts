@@ -85,7 +85,7 @@ export const OperationParamsSchema = z.strictObject({ id: OperationIdSchema });
 
 // ---- responses ---------------------------------------------------------------------------------
 
-export const OperationKindSchema = z.enum(['importBaseVm', 'resumeBaseVm', 'createOverlay', 'synthesizeVm', 'terminateVm', 'rebuildOverlay']);
+export const OperationKindSchema = z.enum(['importBaseVm', 'resumeBaseVm', 'createOverlay', 'synthesizeVm', 'terminateVm', 'rebuildOverlay', 'handoffVm', 'receiveHandoff']);
 
 export const OperationRefSchema = named(
   'OperationRef',

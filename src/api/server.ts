@@ -17,12 +17,16 @@ import { instanceRoutes } from './routes/instances';
 import { operationRoutes } from './routes/operations';
 import { overlayRoutes } from './routes/overlays';
 import { scheduleRoutes, type RecipeScheduleApi } from './routes/schedules';
+import { handoffRoutes } from './routes/handoffs';
+import type { HandoffService } from '../service/handoff-types';
 import { HealthSchema, IdempotencyKeySchema } from './schemas';
 
 export interface ApiOptions {
   service: CloudletService;
   /** Recipe schedules (the service's RecipeSchedules); without them /v1/schedules answers 501. */
   schedules?: RecipeScheduleApi;
+  /** Handoff between clusters; without it the /v1/handoffs routes answer 501. */
+  handoffs?: HandoffService;
   /** Accepted bearer tokens. Empty is refused unless `insecure` is set. */
   tokens: readonly string[];
   /** Serve without authentication (local development only; logged loudly). */
@@ -35,7 +39,7 @@ export interface ApiOptions {
 const serviceRoutes: readonly Route[] = [...hostRoutes, ...baseRoutes, ...instanceRoutes, ...overlayRoutes, ...operationRoutes];
 
 /** Every route of the API, in documentation order (without the two meta routes). */
-export const apiRoutes: readonly Route[] = [...serviceRoutes, ...scheduleRoutes(undefined)];
+export const apiRoutes: readonly Route[] = [...serviceRoutes, ...scheduleRoutes(undefined), ...handoffRoutes(undefined)];
 
 export async function buildServer(options: ApiOptions): Promise<FastifyInstance> {
   const insecure = options.insecure === true;
@@ -93,7 +97,7 @@ export async function buildServer(options: ApiOptions): Promise<FastifyInstance>
       handler: async () => (openapi ??= buildOpenApi(allRoutes)),
     }),
   ];
-  const allRoutes = [...metaRoutes, ...serviceRoutes, ...scheduleRoutes(options.schedules)];
+  const allRoutes = [...metaRoutes, ...serviceRoutes, ...scheduleRoutes(options.schedules), ...handoffRoutes(options.handoffs)];
 
   for (const route of allRoutes) {
     const needsToken = route.auth !== false && !insecure;

@@ -19,6 +19,10 @@ export type ErrorCode =
   | 'PACKAGES_UNAVAILABLE'
   /** An emulated network link cannot be set up (ip/tc missing, not root, a namespace command failed). */
   | 'LINK_UNAVAILABLE'
+  /** A handoff's destination cluster (its API or its receiving host) does not answer. */
+  | 'DESTINATION_UNAVAILABLE'
+  /** Authenticated, but not allowed: e.g. a handoff ticket for a handoff that has ended (used). */
+  | 'FORBIDDEN'
   | 'TIMEOUT'
   | 'CONFLICT';
 
@@ -32,6 +36,7 @@ const NON_RETRYABLE: ReadonlySet<ErrorCode> = new Set<ErrorCode>([
   'UNSUPPORTED_VERSION',
   'CPU_MODEL_UNUSABLE',
   'UNKNOWN_HOST',
+  'FORBIDDEN',
   'CONFLICT',
 ]);
 

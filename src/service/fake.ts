@@ -51,6 +51,8 @@ const STAGES: Record<OperationKind, string[]> = {
   synthesizeVm: ['verify CPU model', 'check base', 'fetch overlay', 'decompress and apply', 'resume', 'replug NIC'],
   terminateVm: ['destroy'],
   rebuildOverlay: ['resume base', 'run recipe', 'create overlay', 'verify'],
+  handoffVm: ['round 1', 'round 2', 'cut-over', 'remove the source VM'],
+  receiveHandoff: ['prepare working files from the base', 'apply round 1', 'rebuild and verify the VM', 'resume'],
 };
 
 interface FakeOperation {

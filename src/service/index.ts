@@ -10,18 +10,23 @@ import { CloudletError } from '../core/errors';
 import { TemporalCloudletService } from './temporal';
 import { RecipeSchedules } from './schedules';
 import type { CloudletService } from './types';
+import { TemporalHandoffService } from './handoff';
+import type { HandoffService } from './handoff-types';
+import { loadHandoffSecret } from '../common/handoff-secret';
 
 export { TemporalCloudletService } from './temporal';
 
-export async function createTemporalBackend(env: NodeJS.ProcessEnv = process.env): Promise<{ service: CloudletService; schedules: RecipeSchedules; close: () => Promise<void> }> {
+export async function createTemporalBackend(env: NodeJS.ProcessEnv = process.env): Promise<{ service: CloudletService; schedules: RecipeSchedules; handoffs: HandoffService; close: () => Promise<void> }> {
   const config = loadConfig(env);
   const hosts = z.array(z.string().regex(HOST_ID_PATTERN)).safeParse((env.CLOUDLET_HOSTS ?? config.hostId).split(',').map((h) => h.trim()).filter(Boolean));
   if (!hosts.success) {
     throw new CloudletError('BAD_INPUT', `CLOUDLET_HOSTS must list host ids separated by commas (got "${env.CLOUDLET_HOSTS}")`, { fix: 'e.g. CLOUDLET_HOSTS=host-a,host-b' });
   }
   const client = await connectClient(config);
+  const service = new TemporalCloudletService(client, config, { hosts: hosts.data });
   return {
-    service: new TemporalCloudletService(client, config, { hosts: hosts.data }),
+    service,
+    handoffs: new TemporalHandoffService(client, service, { hosts: hosts.data, secret: loadHandoffSecret(config.varDir, config.namespace, env) }),
     schedules: new RecipeSchedules(client, { workflowTaskQueue: config.workflowTaskQueue }),
     close: () => client.connection.close(),
   };

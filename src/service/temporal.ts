@@ -68,7 +68,7 @@ export class TemporalCloudletService implements CloudletService {
     return this.client.withDeadline(Date.now() + PROGRESS_QUERY_MS, () => handle.query(operationProgressQuery)).catch(() => undefined);
   }
 
-  private ref(id: string, kind: OperationKind): OperationRef {
+  ref(id: string, kind: OperationKind): OperationRef {
     return { id, kind, webUiUrl: `${this.config.webUiUrl}/namespaces/${this.config.namespace}/workflows/${encodeURIComponent(id)}` };
   }
 
@@ -77,7 +77,8 @@ export class TemporalCloudletService implements CloudletService {
     return `${kind}/${hostId}/${object}${key ? `/${key}` : ''}`;
   }
 
-  private async start(kind: OperationKind, workflow: (input: never) => Promise<unknown>, id: string, input: { hostId: string } & Record<string, unknown>, summary: string): Promise<OperationRef> {
+  /** Starts an operation's workflow on its host's queue (also used by the handoff service). */
+  async start(kind: OperationKind, workflow: (input: never) => Promise<unknown>, id: string, input: { hostId: string } & Record<string, unknown>, summary: string): Promise<OperationRef> {
     try {
       await this.client.workflow.start(workflow as (input: unknown) => Promise<unknown>, {
         // The host's own queue: its worker runs the workflow tasks beside the activities
@@ -259,14 +260,19 @@ export class TemporalCloudletService implements CloudletService {
   }
 
   async listInstances(): Promise<InstanceInfo[]> {
-    const made = await this.list(['resumeBaseVm', 'synthesizeVm']);
-    const gone = new Set<string>();
-    for (const w of await this.list(['terminateVm', 'createOverlay'], 'succeeded')) {
-      if (w.type === 'terminateVm') gone.add(`${w.host}/${w.id.split('/')[2]}`);
+    const made = await this.list(['resumeBaseVm', 'synthesizeVm', 'receiveHandoff']);
+    // host/instance -> when it last went away (terminated, snapshotted without keeping, handed off)
+    const gone = new Map<string, number>();
+    const goneAt = (key: string, w: Closed): void => {
+      const at = (w.closeTime ?? w.startTime).getTime();
+      gone.set(key, Math.max(gone.get(key) ?? 0, at));
+    };
+    for (const w of await this.list(['terminateVm', 'createOverlay', 'handoffVm'], 'succeeded')) {
+      if (w.type === 'terminateVm' || w.type === 'handoffVm') goneAt(`${w.host}/${w.id.split('/')[2]}`, w);
       else {
         // createOverlay destroys its instance unless asked to keep it (its result says which).
         const r = await this.resultOf<{ instanceId: string; hostId: string; kept?: boolean }>(w.id);
-        if (!r.kept) gone.add(`${r.hostId}/${r.instanceId}`);
+        if (!r.kept) goneAt(`${r.hostId}/${r.instanceId}`, w);
       }
     }
     const out: InstanceInfo[] = [];
@@ -277,13 +283,16 @@ export class TemporalCloudletService implements CloudletService {
       if (w.status === 'succeeded') {
         const r = await this.resultOf<{ baseId: string; hostPort?: number; timings?: Record<string, number> }>(w.id);
         info.baseId = r.baseId;
-        info.state = gone.has(`${hostId}/${instanceId}`) ? 'terminated' : 'running';
+        info.state = (gone.get(`${hostId}/${instanceId}`) ?? 0) > w.startTime.getTime() ? 'terminated' : 'running';
         if (r.hostPort) info.appEndpoint = `127.0.0.1:${r.hostPort}`;
         if (r.timings) info.timings = r.timings;
       }
+      // A handoff that did not bring its VM made no instance.
+      if (w.type === 'receiveHandoff' && info.state !== 'running' && info.state !== 'provisioning') continue;
       out.push(info);
     }
-    return out;
+    // The newest record of an id first (an instance that came back by handoff has several).
+    return out.sort((a, b) => (a.state === 'running' ? 0 : 1) - (b.state === 'running' ? 0 : 1));
   }
 
   async getInstance(id: string): Promise<InstanceInfo | undefined> {

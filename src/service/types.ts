@@ -7,7 +7,7 @@
  * getOperation. An idempotency key makes a retried request return the same operation.
  */
 
-export type OperationKind = 'importBaseVm' | 'resumeBaseVm' | 'createOverlay' | 'synthesizeVm' | 'terminateVm' | 'rebuildOverlay';
+export type OperationKind = 'importBaseVm' | 'resumeBaseVm' | 'createOverlay' | 'synthesizeVm' | 'terminateVm' | 'rebuildOverlay' | 'handoffVm' | 'receiveHandoff';
 
 export type OperationState = 'running' | 'succeeded' | 'failed' | 'cancelled';
 

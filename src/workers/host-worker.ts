@@ -15,6 +15,8 @@ import { createHostActivities } from '../activities';
 import { prewarmJoin } from '../core/snapshot';
 import { installRuntimeLogging } from './runtime-logging';
 import { startPublisher } from './publisher';
+import { registerHandoffReceiver } from './handoff-receiver';
+import { loadHandoffSecret } from '../common/handoff-secret';
 import fs from 'node:fs';
 import path from 'node:path';
 
@@ -40,7 +42,11 @@ export async function createHostWorker(config: Config, hostId: string, log: Logg
   const dataDir = hostDir(config, hostId);
   // One worker per host: whatever a killed predecessor left in the store's temp area is garbage.
   await fs.promises.rm(path.join(dataDir, 'store', 'tmp'), { recursive: true, force: true });
-  const publisher = await startPublisher(path.join(dataDir, 'store'), { port: publishPort });
+  const secret = loadHandoffSecret(config.varDir, config.namespace);
+  const publisher = await startPublisher(path.join(dataDir, 'store'), {
+    port: publishPort,
+    extend: (app) => registerHandoffReceiver(app, { hostId, dataDir, secret }),
+  });
   // The first synthesis on this host should not pay for the hashing thread and I/O buffers.
   await prewarmJoin();
   const activities = createHostActivities({ hostId, dataDir, config, log, publicUrl: () => publisher.url });

@@ -64,7 +64,7 @@ function hostActivities(hostId: string, onHostQueue?: boolean) {
   };
 }
 
-function tracker(operation: string, hostId: string, extra: Array<{ key: typeof SearchAttributes.baseId | typeof SearchAttributes.overlayId; value: string }> = []) {
+export function tracker(operation: string, hostId: string, extra: Array<{ key: typeof SearchAttributes.baseId | typeof SearchAttributes.overlayId; value: string }> = []) {
   const progress: OperationProgress = { stage: 'starting', done: [] };
   setHandler(operationProgressQuery, () => progress);
   upsertSearchAttributes([
@@ -89,7 +89,7 @@ function tracker(operation: string, hostId: string, extra: Array<{ key: typeof S
   };
 }
 
-async function tracked<T>(t: ReturnType<typeof tracker>, body: () => Promise<T>): Promise<T> {
+export async function tracked<T>(t: ReturnType<typeof tracker>, body: () => Promise<T>): Promise<T> {
   try {
     const r = await body();
     t.finish('succeeded');

@@ -22,11 +22,19 @@ export interface TestCluster {
   stop(): Promise<void>;
 }
 
-export async function startTestCluster(name: string, hostPrefixes: string[]): Promise<TestCluster> {
+export interface TestClusterOptions {
+  /** The cluster's own Temporal namespace (infra/temporal.sh creates "east" and "west"); default "default". */
+  namespace?: string;
+}
+
+export async function startTestCluster(name: string, hostPrefixes: string[], options: TestClusterOptions = {}): Promise<TestCluster> {
   ensureInfra();
   const suffix = uniqueSuffix();
   const hosts = hostPrefixes.map((p) => `${p}-${suffix}`);
-  const config: Config = { ...loadConfig({ CLOUDLET_LOG_LEVEL: 'warn' }), workflowTaskQueue: `wf-${name}-${suffix}` };
+  const config: Config = {
+    ...loadConfig({ CLOUDLET_LOG_LEVEL: 'warn', ...(options.namespace ? { CLOUDLET_NAMESPACE: options.namespace } : {}) }),
+    workflowTaskQueue: `wf-${name}-${suffix}`,
+  };
   const client = await connectClient(config);
   const workers: HostWorker[] = [];
   const runs: Promise<void>[] = [];

@@ -19,3 +19,8 @@ export async function pollUntil<T>(what: string, timeoutMs: number, attempt: () 
     await new Promise((r) => setTimeout(r, intervalMs));
   }
 }
+
+/** pollUntil for a yes/no condition. */
+export async function waitFor(what: string, check: () => Promise<boolean>, timeoutMs: number, intervalMs = 200): Promise<void> {
+  await pollUntil(what, timeoutMs, async () => ((await check()) ? true : undefined), intervalMs);
+}

@@ -1,4 +1,5 @@
-import { chooseCompression, decideNext, measuredLinkRate, type RoundRecord } from '../../src/core/handoff/policy';
+import { chooseCompression } from '../../src/core/handoff/policy';
+import { decideNext, measuredLinkRate, type RoundRecord } from '../../src/workflows/handoff-policy';
 import { issueTicket, verifyTicket } from '../../src/core/handoff/ticket';
 import { isCloudletError } from '../../src/core/errors';
 

@@ -62,6 +62,33 @@ export function registerInstanceCommands(program: Command, env: CommandEnv): voi
 
   addWaitOptions(
     instance
+      .command('handoff')
+      .description('hand a running instance off to another cloudlet cluster, live (handoffVm); prints each round')
+      .argument('<instanceId>', 'instance id')
+      .requiredOption('--to <apiUrl>', "the destination cluster's API, e.g. http://west:8080")
+      .option('--to-token <token>', "a token the destination's API accepts (default: $CLOUDLET_DESTINATION_TOKEN)")
+      .option('--to-host <hostId>', 'a host of the destination (default: its choice among the hosts with the base)')
+      .option('--link-mbit <rate>', 'expected link rate for the first round (later rounds measure it)', intOption(1, 100_000))
+      .option('--max-rounds <n>', 'live rounds at most before the cut-over (default 6)', intOption(1, 100))
+      .option('--verify <mode>', "'digests' (default) or 'full': also compare guest memory and disk hashes before the destination resumes the VM", 'digests'),
+  ).action(
+    env.api(async (ctx, remote, id: string, opts: WaitOptionValues & { to: string; toToken?: string; toHost?: string; linkMbit?: number; maxRounds?: number; verify: string }) => {
+      const token = opts.toToken ?? process.env.CLOUDLET_DESTINATION_TOKEN;
+      if (!token) throw new CloudletError('BAD_INPUT', 'no credentials for the destination cluster', { fix: 'pass --to-token or set CLOUDLET_DESTINATION_TOKEN to a token of its CLOUDLET_API_TOKENS' });
+      if (opts.verify !== 'digests' && opts.verify !== 'full') throw new CloudletError('BAD_INPUT', `--verify ${opts.verify} is not a mode`, { fix: "use 'digests' or 'full'" });
+      const req = {
+        destination: { apiUrl: opts.to, credentials: { token } },
+        verify: opts.verify,
+        ...(opts.toHost ? { hostId: opts.toHost } : {}),
+        ...(opts.linkMbit ? { linkMbit: opts.linkMbit } : {}),
+        ...(opts.maxRounds ? { policy: { maxRounds: opts.maxRounds } } : {}),
+      } as const;
+      await remote.operation(ctx, () => remote.client.handoffInstance(id, req), waitFlags(opts), async (s) => handoffOutcome(s));
+    }),
+  );
+
+  addWaitOptions(
+    instance
       .command('terminate')
       .description('destroy an instance and remove its files (terminateVm)')
       .argument('<instanceId>', 'instance id'),
@@ -95,4 +122,15 @@ export async function instanceOutcome(remote: Remote, status: OperationStatus, v
   const timings = (status.result as { timings?: Record<string, number> }).timings;
   if (!inst.timings && timings && Object.keys(timings).length > 0) lines.push('timings', timingsText(timings));
   return { data: { instance: inst }, text: lines.join('\n') };
+}
+
+/** After handoffVm: where the VM runs now, and what the handoff cost. */
+function handoffOutcome(status: OperationStatus): Rendered {
+  const r = status.result as { instanceId: string; rounds: number; bytes: number; pausedMs: number; totalMs: number; stopReason?: string; destination: { hostId: string; appEndpoint?: string }; verified?: { memorySha256: string } };
+  const lines = [
+    `handed off instance ${r.instanceId}: it runs on ${r.destination.hostId} of the destination${r.destination.appEndpoint ? ` (application ${r.destination.appEndpoint})` : ''}`,
+    `  ${r.rounds} rounds (${r.stopReason ?? 'stopped'}), ${(r.bytes / 1e6).toFixed(2)} MB sent, ${(r.totalMs / 1000).toFixed(1)} s in all, paused ${(r.pausedMs / 1000).toFixed(2)} s at the cut-over`,
+    ...(r.verified ? [`  verified: guest memory and disk equal the paused source's (memory sha256 ${r.verified.memorySha256.slice(0, 16)}…)`] : []),
+  ];
+  return { data: r, text: lines.join('\n') };
 }

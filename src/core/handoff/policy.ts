@@ -1,49 +1,10 @@
 /**
- * The handoff policy, as pure functions: when to stop the live rounds and pause, and how to
- * compress a round for the measured link and CPU. The reference is the original system's
- * adaptive mode selection: pick the compression that keeps the slower of "compress" and "send"
- * fastest, re-measured as the handoff goes.
+ * How to compress a handoff round for the measured link and CPU (the original system's adaptive
+ * mode selection: pick the compression that keeps the slower of "compress" and "send" fastest,
+ * re-measured as the handoff goes). When to stop the live rounds is the workflow's decision
+ * (src/workflows/handoff-policy.ts).
  */
 import type { Compression } from './round';
-
-export interface RoundRecord {
-  round: number;
-  /** Bytes of the round file (what crossed the link). */
-  bytes: number;
-  /** Bytes of payload before compression. */
-  rawBytes: number;
-  /** Wall time of the round (capture + build + send + apply). */
-  ms: number;
-  /** Seconds the upload took. */
-  sendMs: number;
-}
-
-export interface StopPolicy {
-  /** Stop when the next round is expected to cross the link within this long (default 1 s). */
-  targetFinalMs: number;
-  /** Stop after this many live rounds (default 6). */
-  maxRounds: number;
-  /** Stop when the live rounds have taken this long (default 10 min). */
-  maxLiveMs: number;
-  /** Not converging: a round shipping at least this fraction of the previous one's bytes (default 0.8). */
-  notConvergingRatio: number;
-}
-
-export const DEFAULT_STOP_POLICY: StopPolicy = { targetFinalMs: 1000, maxRounds: 6, maxLiveMs: 10 * 60_000, notConvergingRatio: 0.8 };
-
-export type StopDecision = { stop: false } | { stop: true; reason: 'converged' | 'not converging' | 'round limit' | 'time limit' };
-
-/** After each live round: go on with another, or pause the VM and send the last one. */
-export function decideNext(rounds: readonly RoundRecord[], linkBytesPerSec: number, policy: StopPolicy = DEFAULT_STOP_POLICY): StopDecision {
-  const last = rounds[rounds.length - 1];
-  if (!last) return { stop: false };
-  if (last.bytes / Math.max(1, linkBytesPerSec) * 1000 <= policy.targetFinalMs && rounds.length >= 2) return { stop: true, reason: 'converged' };
-  if (rounds.length >= policy.maxRounds) return { stop: true, reason: 'round limit' };
-  if (rounds.reduce((s, r) => s + r.ms, 0) >= policy.maxLiveMs) return { stop: true, reason: 'time limit' };
-  const prev = rounds[rounds.length - 2];
-  if (prev && rounds.length >= 3 && last.bytes >= prev.bytes * policy.notConvergingRatio) return { stop: true, reason: 'not converging' };
-  return { stop: false };
-}
 
 /** What compressing a sample at one setting cost and gave. */
 export interface CompressionSample {
@@ -69,11 +30,4 @@ export function chooseCompression(samples: readonly CompressionSample[], linkByt
   }
   if (!best) return { choice: { codec: 'xz', level: 1 }, expectedMs: 0 };
   return { choice: best.choice, expectedMs: Math.round(best.expectedMs) };
-}
-
-/** Link rate from what the last uploads achieved (bytes per second), or `fallback` before any. */
-export function measuredLinkRate(rounds: readonly RoundRecord[], fallback: number): number {
-  const useful = rounds.filter((r) => r.sendMs > 50 && r.bytes > 256 * 1024);
-  const last = useful[useful.length - 1];
-  return last ? (last.bytes / last.sendMs) * 1000 : fallback;
 }

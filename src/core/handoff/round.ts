@@ -87,6 +87,8 @@ export class RoundWriter {
   private readonly segments: RoundMeta['segments'] = [];
   private readonly pending: Array<Promise<{ raw: Buffer; packed: Buffer; records: number }>> = [];
   readonly stats = emptyStats();
+  /** The first MiB of the first segment's raw records (to measure compression settings on). */
+  sample: Buffer = Buffer.alloc(0);
 
   private constructor(
     private readonly path: string,
@@ -127,6 +129,7 @@ export class RoundWriter {
   private async cut(): Promise<void> {
     if (this.partRecords === 0) return;
     const raw = Buffer.concat(this.parts);
+    if (this.sample.length === 0) this.sample = Buffer.from(raw.subarray(0, 1024 * 1024));
     const records = this.partRecords;
     this.parts = [];
     this.partBytes = 0;

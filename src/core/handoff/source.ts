@@ -37,6 +37,8 @@ export interface BuildRoundInput {
 
 export interface BuiltRound {
   meta: RoundMeta;
+  /** The first MiB of record payload, to measure compression settings on. */
+  sample: Buffer;
   bytes: number;
   /** Bytes of record payload before compression. */
   rawBytes: number;
@@ -108,13 +110,35 @@ export class HandoffSource {
     return new HandoffSource(dir, handoffId, base, await load('mem.digests', base.memIndex), await load('disk.digests', base.diskIndex));
   }
 
-  /** Records that the destination applied the rounds built so far (their digests become the reference). */
-  async commit(): Promise<void> {
+  /**
+   * Keeps what the destination will hold once it applies the rounds built so far, beside the
+   * committed state (two phases: a round the destination applied but the source did not commit,
+   * e.g. when the worker died in between, is committed by the next attempt).
+   */
+  async stagePending(): Promise<void> {
     for (const [name, b] of [['mem.digests', this.mem], ['disk.digests', this.disk]] as const) {
-      const tmp = path.join(this.dir, `${name}.tmp`);
+      const tmp = path.join(this.dir, `${name}.pending.tmp`);
       await writeFile(tmp, b);
-      await rename(tmp, path.join(this.dir, name));
+      await rename(tmp, path.join(this.dir, `${name}.pending`));
     }
+  }
+
+  /** The destination applied the staged rounds: their digests become the reference. */
+  async commitPending(): Promise<void> {
+    for (const name of ['mem.digests', 'disk.digests']) {
+      const pending = path.join(this.dir, `${name}.pending`);
+      try {
+        await rename(pending, path.join(this.dir, name));
+      } catch (e) {
+        if ((e as NodeJS.ErrnoException).code !== 'ENOENT') throw e;
+      }
+    }
+  }
+
+  /** stagePending + commitPending (when the destination is known to apply what was built). */
+  async commit(): Promise<void> {
+    await this.stagePending();
+    await this.commitPending();
   }
 
   /** Forgets uncommitted rounds (a round whose upload failed is rebuilt from the committed state). */
@@ -157,7 +181,7 @@ export class HandoffSource {
             diskVirtualSize: this.base.diskIndex.byteLength,
           })
         : await w.finish(head);
-      return { meta, bytes, rawBytes, ms: { memory: Math.round(tMem - t0), disk: Math.round(tDisk - tMem), total: Math.round(performance.now() - t0) } };
+      return { meta, bytes, rawBytes, sample: w.sample, ms: { memory: Math.round(tMem - t0), disk: Math.round(tDisk - tMem), total: Math.round(performance.now() - t0) } };
     } catch (e) {
       await w.abort();
       await rm(input.outPath, { force: true });

@@ -1,0 +1,131 @@
+/**
+ * Host activities of the destination side of a handoff: prepare the working files from the base
+ * and open the receiver to the ticket, apply each round as it arrives, rebuild and verify the VM
+ * after the last (then the instance activities resume it), or remove everything on an abort.
+ */
+import fs from 'node:fs';
+import path from 'node:path';
+import type { Logger } from 'pino';
+import { openBase, readBaseManifest } from '../core/base';
+import { CloudletError, isCloudletError } from '../core/errors';
+import { HandoffDestination } from '../core/handoff/destination';
+import { handoffPaths } from '../core/handoff/paths';
+import type { Hypervisor } from '../hypervisor/types';
+import { withHeartbeats } from './heartbeat';
+import { instanceRecords, type InstanceRecord } from './instance-records';
+
+export interface HandoffDestinationDeps {
+  hostId: string;
+  dataDir: string;
+  hypervisor: Hypervisor;
+  publicUrl: () => string;
+  log: Logger;
+}
+
+export interface ReceiveInput {
+  handoffId: string;
+  instanceId: string;
+  baseId: string;
+}
+
+export function createHandoffDestinationActivities(deps: HandoffDestinationDeps) {
+  const { hypervisor: hv, log } = deps;
+  const records = instanceRecords(deps.hostId, deps.dataDir);
+  const storeRoot = path.join(deps.dataDir, 'store');
+
+  async function open(input: ReceiveInput): Promise<HandoffDestination> {
+    const base = await openBase(storeRoot, input.baseId);
+    return HandoffDestination.open(handoffPaths(deps.dataDir, input.handoffId).work, base);
+  }
+
+  return {
+    /** Working files from the base; the receiver accepts the ticket from now on. */
+    async receivePrepare(input: ReceiveInput): Promise<{ receiverUrl: string }> {
+      try {
+        await readBaseManifest(storeRoot, input.baseId);
+      } catch (e) {
+        if (isCloudletError(e) && e.code === 'NOT_FOUND') {
+          throw new CloudletError('WRONG_BASE', `host ${deps.hostId} does not have base ${input.baseId.slice(0, 12)}…, which the VM runs on`, {
+            fix: `import the base on host ${deps.hostId} first (POST /v1/bases), or hand off to a host that has it`,
+          });
+        }
+        throw e;
+      }
+      if (records.exists(input.instanceId)) {
+        const rec = await records.read(input.instanceId);
+        if (rec.handoffId !== input.handoffId) {
+          throw new CloudletError('CONFLICT', `host ${deps.hostId} already has an instance ${input.instanceId}`, { fix: 'terminate it first, or hand off under another id' });
+        }
+      }
+      const p = handoffPaths(deps.dataDir, input.handoffId);
+      await withHeartbeats(open(input), () => ({ stage: 'prepare working files' }));
+      await fs.promises.mkdir(p.incoming, { recursive: true });
+      await fs.promises.writeFile(p.receiving, JSON.stringify({ instanceId: input.instanceId, since: new Date().toISOString() }));
+      return { receiverUrl: `${deps.publicUrl()}/handoffs/${input.handoffId}` };
+    },
+
+    async receiveApplyRound(input: ReceiveInput & { round: number }): Promise<{ round: number; ms: number; stats: Record<string, number>; final: boolean }> {
+      const dest = await open(input);
+      const file = handoffPaths(deps.dataDir, input.handoffId).incomingRound(input.round);
+      if (dest.lastRound >= input.round) return { round: input.round, ms: 0, stats: {}, final: dest.finalRound === input.round };
+      if (!fs.existsSync(file)) {
+        throw new CloudletError('CONFLICT', `round ${input.round} of handoff ${input.handoffId} has not arrived on host ${deps.hostId}`, { fix: 'upload it to the receiver first' });
+      }
+      const r = await withHeartbeats(dest.applyRound(file, { handoffId: input.handoffId, round: input.round }), () => ({ stage: `apply round ${input.round}` }));
+      await fs.promises.rm(file, { force: true });
+      log.info({ handoffId: input.handoffId, round: r.round, ms: r.ms, stats: r.stats }, 'handoff round applied');
+      return r;
+    },
+
+    /**
+     * After the last round: the receiver closes (the ticket is used up), the VM's save file and
+     * disk are rebuilt and verified into the instance's directory, ready for resumeInstance.
+     */
+    async receiveFinish(input: ReceiveInput & { appPort: number }): Promise<{ timings: Record<string, number> }> {
+      const p = handoffPaths(deps.dataDir, input.handoffId);
+      await fs.promises.rm(p.receiving, { force: true });
+      const dir = records.dir(input.instanceId);
+      if (fs.existsSync(path.join(dir, 'synthesized'))) return { timings: {} };
+      await fs.promises.mkdir(dir, { recursive: true });
+      const dest = await open(input);
+      const r = await withHeartbeats(dest.finish({ diskPath: path.join(dir, 'disk.qcow2'), savePath: path.join(dir, 'memory.sav') }), () => ({ stage: 'rebuild and verify' }));
+      const rec: InstanceRecord = {
+        instanceId: input.instanceId,
+        hostId: deps.hostId,
+        domain: records.domainName(input.instanceId),
+        baseId: input.baseId,
+        appPort: input.appPort,
+        createdAt: new Date().toISOString(),
+        handoffId: input.handoffId,
+      };
+      await records.write(rec);
+      await fs.promises.writeFile(path.join(dir, 'synthesized'), '');
+      await fs.promises.rm(p.dir, { recursive: true, force: true });
+      return { timings: { 'rebuild memoryMs': r.ms.join, 'rebuild diskMs': r.ms.disk, 'verifyMs': r.ms.verify } };
+    },
+
+    /** The handoff ends without a VM here: whatever it made goes (an instance it made too). */
+    async receiveAbort(input: ReceiveInput): Promise<{ removedInstance: boolean }> {
+      const p = handoffPaths(deps.dataDir, input.handoffId);
+      await fs.promises.rm(p.receiving, { force: true });
+      let removedInstance = false;
+      if (records.exists(input.instanceId)) {
+        const rec = await records.read(input.instanceId).catch(() => undefined);
+        if (rec?.handoffId === input.handoffId) {
+          await hv.destroy(rec.domain);
+          await hv.undefine(rec.domain);
+          await fs.promises.rm(records.dir(input.instanceId), { recursive: true, force: true });
+          removedInstance = true;
+        }
+      } else {
+        // Files of a finish that stopped half-way (no record yet).
+        await fs.promises.rm(records.dir(input.instanceId), { recursive: true, force: true });
+      }
+      await fs.promises.rm(p.dir, { recursive: true, force: true });
+      log.info({ handoffId: input.handoffId, removedInstance }, 'handoff aborted at the destination; its files are removed');
+      return { removedInstance };
+    },
+  };
+}
+
+export type HandoffDestinationActivities = ReturnType<typeof createHandoffDestinationActivities>;

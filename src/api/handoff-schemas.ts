@@ -1,0 +1,71 @@
+/** The handoff routes' schemas (registered with the API's named schemas for the OpenAPI document). */
+import { z } from 'zod';
+import { apiSchemas, HostIdSchema, InstanceIdSchema, Sha256IdSchema } from './schemas';
+
+function named<T extends z.ZodType>(id: string, schema: T, description?: string): T {
+  apiSchemas.add(schema, description === undefined ? { id } : { id, description });
+  return schema;
+}
+
+const HttpUrl = z.string().url().refine((s) => /^https?:\/\//.test(s), 'an http(s) URL');
+
+export const HandoffParamsSchema = z.strictObject({ id: z.string().regex(/^ho-[a-z0-9-]{1,78}$/, 'a handoff id (ho-...)') });
+
+export const HandoffInstanceBodySchema = named(
+  'HandoffInstanceRequest',
+  z.strictObject({
+    destination: z.strictObject({
+      apiUrl: HttpUrl,
+      credentials: z.strictObject({ token: z.string().min(1).max(4096) }),
+    }),
+    hostId: HostIdSchema.optional(),
+    linkMbit: z.number().positive().max(100_000).optional(),
+    verify: z.enum(['digests', 'full']).optional(),
+    policy: z
+      .strictObject({
+        maxRounds: z.number().int().min(1).max(100).optional(),
+        targetFinalMs: z.number().int().min(0).max(600_000).optional(),
+        maxLiveMs: z.number().int().min(0).max(24 * 3600_000).optional(),
+        notConvergingRatio: z.number().min(0).max(10).optional(),
+      })
+      .optional(),
+  }),
+  'Where to hand the instance off to: the destination cluster\'s API and credentials it accepts (used once, for a ticket).',
+);
+
+export const BeginReceiveBodySchema = named(
+  'BeginReceiveRequest',
+  z.strictObject({ instanceId: InstanceIdSchema, baseId: Sha256IdSchema, hostId: HostIdSchema.optional() }),
+  'A source cluster asks to hand a VM over to this cluster.',
+);
+
+export const HandoffTicketSchema = named(
+  'HandoffTicket',
+  z.object({ handoffId: z.string(), ticket: z.string(), hostId: z.string(), instanceId: z.string(), receiverUrl: z.string(), expiresAt: z.string() }),
+  'A short-lived, single-use ticket to send one VM to one host of this cluster, and where to send its rounds.',
+);
+
+export const RoundArrivedBodySchema = named('RoundArrived', z.strictObject({ round: z.number().int().min(1).max(10_000), final: z.boolean() }));
+export const AppliedRoundSchema = named('AppliedRound', z.object({ round: z.number().int(), ms: z.number(), stats: z.record(z.string(), z.number()), final: z.boolean() }));
+const Sha = z.string().regex(/^[0-9a-f]{64}$/);
+const FingerprintSchema = z.strictObject({ memorySha256: Sha, diskSha256: Sha });
+export const CompleteBodySchema = named(
+  'CompleteHandoff',
+  z.strictObject({ appPort: z.number().int().min(1).max(65535), verify: FingerprintSchema.optional() }),
+  'The VM\'s application port; with verify, the paused source\'s guest memory and disk hashes, which the destination checks before it resumes the VM.',
+);
+export const ReceivedVmSchema = named(
+  'ReceivedVm',
+  z.object({ instanceId: z.string(), hostId: z.string(), appEndpoint: z.string().optional(), timings: z.record(z.string(), z.number()), verified: FingerprintSchema.optional() }),
+);
+export const AbortBodySchema = z.strictObject({ reason: z.string().max(1000).optional() });
+export const ReceiveStatusSchema = named(
+  'ReceiveStatus',
+  z.object({
+    handoffId: z.string(),
+    phase: z.enum(['preparing', 'receiving', 'finishing', 'resumed', 'failed', 'aborted']),
+    applied: z.number().int(),
+    result: ReceivedVmSchema.optional(),
+    error: z.string().optional(),
+  }),
+);

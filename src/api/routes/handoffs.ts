@@ -1,0 +1,136 @@
+/**
+ * Handoff routes. On the source: `POST /v1/instances/{id}/handoff` starts a handoffVm operation.
+ * On the destination: `POST /v1/handoffs` (API credentials) issues a ticket and starts receiving;
+ * the other /v1/handoffs routes take the ticket as their bearer token instead of an API token.
+ * Without a HandoffService the routes answer 501.
+ */
+import type { FastifyRequest } from 'fastify';
+import type { HandoffService } from '../../service/handoff-types';
+import { ApiError } from '../errors';
+import { accepted, defineRoute, R, type Route } from '../route';
+import { AcceptedSchema, InstanceParamsSchema } from '../schemas';
+import {
+  AbortBodySchema,
+  AppliedRoundSchema,
+  BeginReceiveBodySchema,
+  CompleteBodySchema,
+  HandoffInstanceBodySchema,
+  HandoffParamsSchema,
+  HandoffTicketSchema,
+  ReceivedVmSchema,
+  ReceiveStatusSchema,
+  RoundArrivedBodySchema,
+} from '../handoff-schemas';
+
+const forbidden = { description: 'The ticket is good but its handoff has ended (tickets are single-use), or it is for another handoff.' };
+const ticketAuth = { description: 'Missing, malformed, forged or expired handoff ticket.' };
+
+function ticketOf(req: FastifyRequest): string {
+  const m = /^Bearer\s+(\S+)\s*$/i.exec(req.headers.authorization ?? '');
+  if (!m?.[1]) {
+    throw new ApiError(401, 'UNAUTHORIZED', 'this request needs Authorization: Bearer <handoff ticket>', {
+      fix: 'use the ticket POST /v1/handoffs issued',
+      headers: { 'www-authenticate': 'Bearer realm="cloudlet-handoff"' },
+    });
+  }
+  return m[1];
+}
+
+export function handoffRoutes(handoffs: HandoffService | undefined): Route[] {
+  const need = (): HandoffService => {
+    if (!handoffs) throw new ApiError(501, 'NOT_IMPLEMENTED', 'this API server was started without handoff support', { fix: 'start it with the Temporal backend (npm run api)' });
+    return handoffs;
+  };
+  return [
+    defineRoute({
+      method: 'POST',
+      path: '/v1/instances/{id}/handoff',
+      operationId: 'handoffInstance',
+      summary: 'Hand a running instance off to another cluster, live (handoffVm workflow)',
+      description: 'Asks the destination API for a ticket with the given credentials, then ships the VM in live rounds and a short pause; progress per round in GET /v1/operations/{id}.',
+      tag: 'handoff',
+      params: InstanceParamsSchema,
+      body: HandoffInstanceBodySchema,
+      responses: {
+        202: { description: 'Handoff started.', schema: AcceptedSchema, headers: { Location: 'The operation status URL' } },
+        400: R.badInput,
+        401: R.unauthorized,
+        404: R.notFound,
+        409: R.conflict,
+        422: R.unprocessable,
+        503: { description: 'The destination cluster did not answer.' },
+      },
+      handler: async ({ params, body, reply }) => {
+        const req = {
+          destination: body.destination,
+          ...(body.hostId ? { hostId: body.hostId } : {}),
+          ...(body.linkMbit ? { linkMbit: body.linkMbit } : {}),
+          ...(body.verify ? { verify: body.verify } : {}),
+          ...(body.policy ? { policy: Object.fromEntries(Object.entries(body.policy).filter(([, v]) => v !== undefined)) } : {}),
+        };
+        return accepted(reply, await need().handoffInstance(params.id, req));
+      },
+    }),
+    defineRoute({
+      method: 'POST',
+      path: '/v1/handoffs',
+      operationId: 'beginReceive',
+      summary: 'Receive a VM by handoff: issue a single-use ticket and prepare a host (receiveHandoff workflow)',
+      tag: 'handoff',
+      body: BeginReceiveBodySchema,
+      responses: { 201: { description: 'Ready to receive.', schema: HandoffTicketSchema }, 400: R.badInput, 401: R.unauthorized, 409: R.conflict, 422: R.unprocessable },
+      handler: async ({ body, reply }) => {
+        void reply.code(201);
+        return need().beginReceive({ instanceId: body.instanceId, baseId: body.baseId, ...(body.hostId ? { hostId: body.hostId } : {}) });
+      },
+    }),
+    defineRoute({
+      method: 'POST',
+      path: '/v1/handoffs/{id}/rounds',
+      operationId: 'roundArrived',
+      summary: 'A round is uploaded to the receiver: apply it (answers when applied)',
+      tag: 'handoff',
+      auth: false,
+      params: HandoffParamsSchema,
+      body: RoundArrivedBodySchema,
+      responses: { 200: { description: 'Applied.', schema: AppliedRoundSchema }, 400: R.badInput, 401: ticketAuth, 403: forbidden, 409: R.conflict, 422: R.unprocessable },
+      handler: async ({ params, body, req }) => need().roundArrived(ticketOf(req), params.id, body),
+    }),
+    defineRoute({
+      method: 'POST',
+      path: '/v1/handoffs/{id}/complete',
+      operationId: 'completeHandoff',
+      summary: 'After the last round: rebuild, verify and resume the VM here (answers with it)',
+      tag: 'handoff',
+      auth: false,
+      params: HandoffParamsSchema,
+      body: CompleteBodySchema,
+      responses: { 200: { description: 'The VM runs here.', schema: ReceivedVmSchema }, 400: R.badInput, 401: ticketAuth, 403: forbidden, 409: R.conflict, 422: R.unprocessable },
+      handler: async ({ params, body, req }) => need().complete(ticketOf(req), params.id, body.appPort, body.verify),
+    }),
+    defineRoute({
+      method: 'GET',
+      path: '/v1/handoffs/{id}',
+      operationId: 'getHandoff',
+      summary: 'Where a handoff stands at this (destination) cluster',
+      tag: 'handoff',
+      auth: false,
+      params: HandoffParamsSchema,
+      responses: { 200: { description: 'The handoff.', schema: ReceiveStatusSchema }, 400: R.badInput, 401: ticketAuth, 403: forbidden },
+      handler: async ({ params, req }) => need().status(ticketOf(req), params.id),
+    }),
+    defineRoute({
+      method: 'DELETE',
+      path: '/v1/handoffs/{id}',
+      operationId: 'abortHandoff',
+      summary: 'Abort a handoff before its cut-over: this cluster removes what it made',
+      tag: 'handoff',
+      auth: false,
+      params: HandoffParamsSchema,
+      body: AbortBodySchema,
+      bodyOptional: true,
+      responses: { 200: { description: 'Aborted (or already ended).', schema: ReceiveStatusSchema }, 400: R.badInput, 401: ticketAuth, 403: forbidden },
+      handler: async ({ params, body, req }) => need().abort(ticketOf(req), params.id, body.reason ?? 'aborted by the source'),
+    }),
+  ];
+}

@@ -1,0 +1,187 @@
+/**
+ * What a source cloudlet says to a destination cloudlet during a handoff, over HTTP only (the
+ * clusters share no Temporal server): ask its API for a ticket, upload round files to the
+ * receiving host (resumable: the upload carries on from the byte the host has), tell the API a
+ * round is there, complete or abort. Protocol: docs/handoff.md.
+ */
+import { createReadStream } from 'node:fs';
+import { stat } from 'node:fs/promises';
+import { z } from 'zod';
+import { CloudletError, type ErrorCode } from '../core/errors';
+import { isErrorCode } from '../api/codes';
+
+export const HandoffTicketSchema = z.object({
+  handoffId: z.string(),
+  ticket: z.string(),
+  hostId: z.string(),
+  instanceId: z.string(),
+  receiverUrl: z.string().url(),
+  expiresAt: z.string(),
+});
+export type HandoffTicket = z.infer<typeof HandoffTicketSchema>;
+
+export const AppliedRoundSchema = z.object({ round: z.number().int(), ms: z.number(), stats: z.record(z.string(), z.number()), final: z.boolean() });
+export type AppliedRoundInfo = z.infer<typeof AppliedRoundSchema>;
+
+export const FingerprintSchema = z.object({ memorySha256: z.string().regex(/^[0-9a-f]{64}$/), diskSha256: z.string().regex(/^[0-9a-f]{64}$/) });
+export type Fingerprint = z.infer<typeof FingerprintSchema>;
+
+export const ReceivedVmSchema = z.object({
+  instanceId: z.string(),
+  hostId: z.string(),
+  appEndpoint: z.string().optional(),
+  timings: z.record(z.string(), z.number()),
+  /** Present when the source asked for full verification: the destination's fingerprint, equal to the source's. */
+  verified: FingerprintSchema.optional(),
+});
+export type ReceivedVm = z.infer<typeof ReceivedVmSchema>;
+
+export const HandoffPhaseSchema = z.enum(['preparing', 'receiving', 'finishing', 'resumed', 'failed', 'aborted']);
+export const ReceiveStatusSchema = z.object({
+  handoffId: z.string(),
+  phase: HandoffPhaseSchema,
+  applied: z.number().int(),
+  result: ReceivedVmSchema.optional(),
+  error: z.string().optional(),
+});
+export type ReceiveStatus = z.infer<typeof ReceiveStatusSchema>;
+
+export interface BeginHandoffRequest {
+  instanceId: string;
+  baseId: string;
+  hostId?: string;
+}
+
+const ErrorBodySchema = z.object({ error: z.object({ code: z.string(), message: z.string(), fix: z.string().optional() }) });
+
+function unreachable(what: string, url: string, cause: unknown): CloudletError {
+  const why = (cause as { cause?: { code?: string } })?.cause?.code ?? (cause as Error)?.message ?? String(cause);
+  return new CloudletError('DESTINATION_UNAVAILABLE', `${what}: ${url} did not answer (${why})`, {
+    fix: 'check that the destination cloudlet\'s API and host workers run and are reachable from this host',
+    cause,
+  });
+}
+
+async function failure(what: string, res: Response): Promise<CloudletError> {
+  const text = await res.text().catch(() => '');
+  let code: ErrorCode = res.status >= 500 ? 'DESTINATION_UNAVAILABLE' : res.status === 401 ? 'UNAUTHORIZED' : res.status === 403 ? 'FORBIDDEN' : 'BAD_INPUT';
+  let message = text.slice(0, 300);
+  try {
+    const body = ErrorBodySchema.parse(JSON.parse(text));
+    if (isErrorCode(body.error.code)) code = body.error.code;
+    message = body.error.message;
+  } catch {
+    // not our JSON error body
+  }
+  return new CloudletError(code, `${what}: the destination answered ${res.status}: ${message}`, {
+    details: { status: res.status },
+    ...(code === 'UNAUTHORIZED' ? { fix: 'use credentials the destination API accepts (its CLOUDLET_API_TOKENS), or a fresh ticket' } : {}),
+  });
+}
+
+async function call<T>(what: string, url: string, init: RequestInit, schema: z.ZodType<T>, timeoutMs = 120_000): Promise<T> {
+  let res: Response;
+  try {
+    res = await fetch(url, { ...init, signal: AbortSignal.timeout(timeoutMs) });
+  } catch (e) {
+    throw unreachable(what, url, e);
+  }
+  if (!res.ok) throw await failure(what, res);
+  const parsed = schema.safeParse(await res.json());
+  if (!parsed.success) throw new CloudletError('DESTINATION_UNAVAILABLE', `${what}: unexpected answer from ${url}: ${parsed.error.message}`, { fix: 'check that both clusters run compatible versions' });
+  return parsed.data;
+}
+
+const json = (bearer: string, body?: unknown): RequestInit => ({
+  headers: { authorization: `Bearer ${bearer}`, ...(body !== undefined ? { 'content-type': 'application/json' } : {}) },
+  ...(body !== undefined ? { body: JSON.stringify(body) } : {}),
+});
+
+/** The destination's API, as the source sees it. */
+export class HandoffPeer {
+  private readonly base: string;
+  constructor(apiUrl: string) {
+    this.base = apiUrl.replace(/\/+$/, '');
+  }
+
+  /** Asks for a ticket with the destination's API credentials; the destination starts receiving. */
+  begin(token: string, req: BeginHandoffRequest): Promise<HandoffTicket> {
+    return call('ask the destination for a handoff ticket', `${this.base}/v1/handoffs`, { method: 'POST', ...json(token, req) }, HandoffTicketSchema);
+  }
+
+  /** Round `round` is uploaded: the destination applies it and answers when it has. */
+  roundReady(t: HandoffTicket, round: number, final: boolean): Promise<AppliedRoundInfo> {
+    return call(`have the destination apply round ${round}`, `${this.base}/v1/handoffs/${t.handoffId}/rounds`, { method: 'POST', ...json(t.ticket, { round, final }) }, AppliedRoundSchema, 30 * 60_000);
+  }
+
+  /** After the last round: the destination rebuilds, verifies and resumes the VM. */
+  /** `verify`: the paused source's fingerprint, which the destination checks before it resumes the VM. */
+  complete(t: HandoffTicket, appPort: number, verify?: { memorySha256: string; diskSha256: string }): Promise<ReceivedVm> {
+    const body = { appPort, ...(verify ? { verify: { memorySha256: verify.memorySha256, diskSha256: verify.diskSha256 } } : {}) };
+    return call('have the destination resume the VM', `${this.base}/v1/handoffs/${t.handoffId}/complete`, { method: 'POST', ...json(t.ticket, body) }, ReceivedVmSchema, 10 * 60_000);
+  }
+
+  status(t: HandoffTicket): Promise<ReceiveStatus> {
+    return call('read the handoff at the destination', `${this.base}/v1/handoffs/${t.handoffId}`, { method: 'GET', ...json(t.ticket) }, ReceiveStatusSchema, 30_000);
+  }
+
+  /** The destination removes what it made; it forgets the ticket. */
+  abort(t: HandoffTicket, reason: string): Promise<ReceiveStatus> {
+    return call('abort the handoff at the destination', `${this.base}/v1/handoffs/${t.handoffId}`, { method: 'DELETE', ...json(t.ticket, { reason }) }, ReceiveStatusSchema, 60_000);
+  }
+}
+
+export interface UploadResult {
+  bytes: number;
+  /** Bytes sent by this call (less than `bytes` when an earlier attempt got some through). */
+  sent: number;
+  ms: number;
+  attempts: number;
+}
+
+const OffsetSchema = z.coerce.number().int().nonnegative();
+
+/**
+ * Uploads a round file to the receiving host: HEAD says how much it has, PUT sends the rest with
+ * `Upload-Offset`. A broken connection is retried from the host's offset (`attempts` times).
+ */
+export async function uploadRound(t: HandoffTicket, round: number, file: string, opts: { attempts?: number; onProgress?(sent: number, total: number): void; signal?: AbortSignal } = {}): Promise<UploadResult> {
+  const url = `${t.receiverUrl}/rounds/${round}`;
+  const total = (await stat(file)).size;
+  const t0 = performance.now();
+  const attempts = opts.attempts ?? 5;
+  let sent = 0;
+  let lastError: unknown;
+  for (let attempt = 1; attempt <= attempts; attempt++) {
+    opts.signal?.throwIfAborted();
+    try {
+      const head = await fetch(url, { method: 'HEAD', headers: { authorization: `Bearer ${t.ticket}` }, signal: AbortSignal.timeout(30_000) });
+      if (!head.ok) throw await failure(`upload round ${round}`, head);
+      const offset = OffsetSchema.parse(head.headers.get('upload-offset') ?? '0');
+      if (offset === total) return { bytes: total, sent, ms: Math.round(performance.now() - t0), attempts: attempt };
+      if (offset > total) throw new CloudletError('CONFLICT', `the receiving host has ${offset} bytes of round ${round}, more than its ${total}`, { fix: 'retry the handoff' });
+      const body = createReadStream(file, { start: offset, highWaterMark: 256 * 1024 });
+      let here = offset;
+      body.on('data', (c: Buffer | string) => {
+        here += c.length;
+        sent += c.length;
+        opts.onProgress?.(here, total);
+      });
+      const res = await fetch(url, {
+        method: 'PUT',
+        headers: { authorization: `Bearer ${t.ticket}`, 'content-type': 'application/octet-stream', 'upload-offset': String(offset), 'content-length': String(total - offset) },
+        body: body as unknown as ReadableStream,
+        duplex: 'half',
+        ...(opts.signal ? { signal: opts.signal } : {}),
+      } as RequestInit);
+      if (!res.ok) throw await failure(`upload round ${round}`, res);
+      await res.arrayBuffer();
+    } catch (e) {
+      if (e instanceof CloudletError && !e.retryable) throw e;
+      if (opts.signal?.aborted) throw e;
+      lastError = e;
+      await new Promise((r) => setTimeout(r, Math.min(4000, 250 * 2 ** attempt)));
+    }
+  }
+  throw lastError instanceof CloudletError ? lastError : unreachable(`upload round ${round} (${attempts} attempts)`, url, lastError);
+}

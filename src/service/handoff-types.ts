@@ -1,0 +1,49 @@
+/**
+ * What the API offers for handoff, independent of how it is carried out (the Temporal-backed
+ * TemporalHandoffService; the API answers 501 without one).
+ */
+import type { AppliedRoundInfo, Fingerprint, HandoffTicket, ReceivedVm, ReceiveStatus } from '../client/handoff-peer';
+import type { OperationRef } from './types';
+
+export type { AppliedRoundInfo, Fingerprint, HandoffTicket, ReceivedVm, ReceiveStatus };
+
+/** A source asks this cluster to receive a VM. */
+export interface BeginReceiveRequest {
+  /** The id the VM has at the source; it keeps it here. */
+  instanceId: string;
+  /** The base the VM runs on: a host here must hold it. */
+  baseId: string;
+  /** A host of this cluster (default: a serving host that holds the base). */
+  hostId?: string;
+}
+
+/** Hand an instance of this cluster off to another cluster. */
+export interface HandoffInstanceRequest {
+  destination: {
+    /** The destination cluster's API, e.g. http://west.example:8080 */
+    apiUrl: string;
+    /** Credentials its API accepts: used once, to get a ticket; never stored. */
+    credentials: { token: string };
+  };
+  /** A host of the destination cluster (default: its choice). */
+  hostId?: string;
+  /** Expected link rate to plan the first round with (Mbit/s; later rounds measure it). */
+  linkMbit?: number;
+  /**
+   * 'digests' (default): the destination checks the rebuilt memory snapshot's sha256 and the
+   * disk's chunk digests against the paused source's. 'full' also compares guest-physical memory
+   * (QMP pmemsave) and the whole disk image content, hashed on both sides (longer pause).
+   */
+  verify?: 'digests' | 'full';
+  /** When to stop the live rounds (see docs/handoff.md). */
+  policy?: { maxRounds?: number; targetFinalMs?: number; maxLiveMs?: number; notConvergingRatio?: number };
+}
+
+export interface HandoffService {
+  beginReceive(req: BeginReceiveRequest): Promise<HandoffTicket>;
+  roundArrived(ticket: string, handoffId: string, round: { round: number; final: boolean }): Promise<AppliedRoundInfo>;
+  complete(ticket: string, handoffId: string, appPort: number, verify?: Fingerprint): Promise<ReceivedVm>;
+  status(ticket: string, handoffId: string): Promise<ReceiveStatus>;
+  abort(ticket: string, handoffId: string, reason: string): Promise<ReceiveStatus>;
+  handoffInstance(instanceId: string, req: HandoffInstanceRequest): Promise<OperationRef>;
+}

@@ -1,0 +1,193 @@
+/**
+ * Handoff on Temporal, both sides of it:
+ *
+ * - as the destination, the cluster issues tickets (to callers with its API credentials), starts
+ *   a receiveHandoff run on a host holding the VM's base, and turns the ticket-authenticated
+ *   calls of the source (round arrived, complete, abort, status) into updates, signals and
+ *   queries of that run;
+ * - as the source, it asks the destination's API for a ticket with the credentials the caller
+ *   gave (they never enter Temporal's history) and starts handoffVm on the instance's host.
+ */
+import { randomBytes } from 'node:crypto';
+import { WorkflowUpdateFailedError, type Client, type WorkflowHandle } from '@temporalio/client';
+import { ApplicationFailure } from '@temporalio/common';
+import { assertHostServing } from '../client/connect';
+import { HandoffPeer, type AppliedRoundInfo, type Fingerprint, type HandoffTicket, type ReceivedVm, type ReceiveStatus } from '../client/handoff-peer';
+import { CloudletError } from '../core/errors';
+import { issueTicket, verifyTicket, type TicketClaims } from '../core/handoff/ticket';
+import { abortSignal, completeUpdate, handoffVm, receiveHandoff, receiveStateQuery, roundArrivedUpdate, type ReceiveState } from '../workflows';
+import type { TemporalCloudletService } from './temporal';
+import type { BeginReceiveRequest, HandoffInstanceRequest, HandoffService } from './handoff-types';
+import type { OperationRef } from './types';
+
+export interface HandoffServiceOptions {
+  hosts: string[];
+  secret: Buffer;
+  /** Tickets expire after this long (default 30 min). */
+  ticketTtlMs?: number;
+  /** A receiving host gives up after this long without word from the source (default 5 min). */
+  idleTimeoutMs?: number;
+}
+
+const PREPARE_WAIT_MS = 120_000;
+/** How long an abort waits for the receiving host to have removed what it made. */
+const ABORT_WAIT_MS = 15_000;
+
+export class TemporalHandoffService implements HandoffService {
+  constructor(
+    private readonly client: Client,
+    private readonly service: TemporalCloudletService,
+    private readonly options: HandoffServiceOptions,
+  ) {}
+
+  // ---- destination ---------------------------------------------------------------------------------
+
+  async beginReceive(req: BeginReceiveRequest): Promise<HandoffTicket> {
+    let hostId = req.hostId;
+    if (hostId !== undefined) {
+      if (!this.options.hosts.includes(hostId)) throw new CloudletError('UNKNOWN_HOST', `host ${hostId} is not a host of this cluster`, { fix: `choose one of ${this.options.hosts.join(', ')}, or leave hostId out` });
+      await assertHostServing(this.client, hostId);
+    } else {
+      const base = await this.service.getBase(req.baseId);
+      for (const h of base?.hostIds ?? []) {
+        if (this.options.hosts.includes(h) && (await assertHostServing(this.client, h).then(() => true, () => false))) {
+          hostId = h;
+          break;
+        }
+      }
+      if (hostId === undefined) {
+        throw new CloudletError('WRONG_BASE', `no serving host of this cluster holds base ${req.baseId.slice(0, 12)}…, which the VM runs on`, {
+          fix: 'import the base on a host of this cluster (POST /v1/bases), or name a host that has it',
+        });
+      }
+    }
+    const existing = await this.service.getInstance(req.instanceId);
+    if (existing && (existing.state === 'running' || existing.state === 'provisioning')) {
+      throw new CloudletError('CONFLICT', `this cluster already has an instance ${req.instanceId} (${existing.state} on ${existing.hostId})`, { fix: 'terminate it first' });
+    }
+    const handoffId = `ho-${Date.now().toString(36)}-${randomBytes(4).toString('hex')}`;
+    const expiresAt = Date.now() + (this.options.ticketTtlMs ?? 30 * 60_000);
+    const workflowId = receiveWorkflowId({ host: hostId, inst: req.instanceId, hid: handoffId });
+    await this.service.start('receiveHandoff', receiveHandoff, workflowId, {
+      hostId,
+      handoffId,
+      instanceId: req.instanceId,
+      baseId: req.baseId,
+      ...(this.options.idleTimeoutMs !== undefined ? { idleTimeoutMs: this.options.idleTimeoutMs } : {}),
+    }, `Receive instance ${req.instanceId} by handoff ${handoffId} on host ${hostId}`);
+    const handle = this.client.workflow.getHandle(workflowId);
+    const state = await this.waitPrepared(handle);
+    const ticket = issueTicket(this.options.secret, { hid: handoffId, host: hostId, inst: req.instanceId, exp: expiresAt });
+    return { handoffId, ticket, hostId, instanceId: req.instanceId, receiverUrl: state.receiverUrl ?? '', expiresAt: new Date(expiresAt).toISOString() };
+  }
+
+  private async waitPrepared(handle: WorkflowHandle): Promise<ReceiveState> {
+    const deadline = Date.now() + PREPARE_WAIT_MS;
+    for (;;) {
+      const st = await handle.query(receiveStateQuery).catch(() => undefined);
+      if (st?.receiverUrl) return st;
+      if (st && (st.phase === 'failed' || st.phase === 'aborted')) break;
+      const d = await handle.describe();
+      if (d.status.name !== 'RUNNING') break;
+      if (Date.now() > deadline) throw new CloudletError('TIMEOUT', `the receiving host did not get ready within ${PREPARE_WAIT_MS / 1000} s`, { fix: `look at run ${handle.workflowId} in the Temporal Web UI` });
+      await new Promise((r) => setTimeout(r, 200));
+    }
+    try {
+      await handle.result();
+    } catch (e) {
+      throw causeOf(e, 'prepare to receive the VM');
+    }
+    throw new CloudletError('CONFLICT', 'the receiving run ended before it was ready', { fix: `look at run ${handle.workflowId}` });
+  }
+
+  /** The run a ticket is for, when the ticket is good for handoff `hid`. */
+  private handleFor(ticket: string, hid: string): { handle: WorkflowHandle; claims: TicketClaims } {
+    const claims = verifyTicket(this.options.secret, ticket);
+    if (claims.hid !== hid) throw new CloudletError('FORBIDDEN', `the ticket is for handoff ${claims.hid}, not ${hid}`, { fix: 'use the ticket issued for this handoff' });
+    return { claims, handle: this.client.workflow.getHandle(receiveWorkflowId(claims)) };
+  }
+
+  private async requireOpen(handle: WorkflowHandle, hid: string): Promise<void> {
+    const d = await handle.describe().catch(() => undefined);
+    if (!d || d.status.name !== 'RUNNING') {
+      throw new CloudletError('FORBIDDEN', `handoff ${hid} has ended (${d ? d.status.name.toLowerCase() : 'unknown'}): its ticket is used up`, { fix: 'start a new handoff for a new ticket' });
+    }
+  }
+
+  async roundArrived(ticket: string, hid: string, round: { round: number; final: boolean }): Promise<AppliedRoundInfo> {
+    const { handle } = this.handleFor(ticket, hid);
+    await this.requireOpen(handle, hid);
+    try {
+      return await handle.executeUpdate(roundArrivedUpdate, { args: [round] });
+    } catch (e) {
+      throw causeOf(e, `apply round ${round.round}`);
+    }
+  }
+
+  async complete(ticket: string, hid: string, appPort: number, verify?: Fingerprint): Promise<ReceivedVm> {
+    const { handle } = this.handleFor(ticket, hid);
+    await this.requireOpen(handle, hid);
+    try {
+      return await handle.executeUpdate(completeUpdate, { args: [{ appPort, ...(verify ? { verify } : {}) }] });
+    } catch (e) {
+      throw causeOf(e, 'resume the VM');
+    }
+  }
+
+  async status(ticket: string, hid: string): Promise<ReceiveStatus> {
+    const { handle } = this.handleFor(ticket, hid);
+    const st = await handle.query(receiveStateQuery);
+    return { handoffId: hid, phase: st.phase, applied: st.applied, ...(st.result ? { result: st.result } : {}), ...(st.error ? { error: st.error } : {}) };
+  }
+
+  async abort(ticket: string, hid: string, reason: string): Promise<ReceiveStatus> {
+    const { handle } = this.handleFor(ticket, hid);
+    const d = await handle.describe();
+    if (d.status.name === 'RUNNING') {
+      await handle.signal(abortSignal, { reason });
+      // The receiving host removes what it made; a host that is down does so when it is back.
+      await Promise.race([handle.result().catch(() => undefined), new Promise((r) => setTimeout(r, ABORT_WAIT_MS))]);
+    }
+    const st = await this.client.withDeadline(Date.now() + 5000, () => this.status(ticket, hid)).catch(() => undefined);
+    return st ?? { handoffId: hid, phase: 'aborted', applied: 0, error: 'the receiving host has not confirmed yet; it removes what it made when it runs again' };
+  }
+
+  // ---- source ------------------------------------------------------------------------------------
+
+  async handoffInstance(instanceId: string, req: HandoffInstanceRequest): Promise<OperationRef> {
+    const inst = await this.service.getInstance(instanceId);
+    if (!inst || inst.state !== 'running') {
+      throw new CloudletError(inst ? 'CONFLICT' : 'NOT_FOUND', inst ? `instance ${instanceId} is ${inst.state}; only a running instance can be handed off` : `instance ${instanceId} does not exist`, { fix: 'list instances with GET /v1/instances' });
+    }
+    const peer = new HandoffPeer(req.destination.apiUrl);
+    const ticket = await peer.begin(req.destination.credentials.token, { instanceId, baseId: inst.baseId, ...(req.hostId ? { hostId: req.hostId } : {}) });
+    return this.service.start('handoffVm', handoffVm, `handoffVm/${inst.hostId}/${instanceId}/${ticket.handoffId}`, {
+      hostId: inst.hostId,
+      instanceId,
+      destination: { apiUrl: req.destination.apiUrl, ticket },
+      ...(req.linkMbit ? { linkBytesPerSec: (req.linkMbit * 1e6) / 8 } : {}),
+      ...(req.verify ? { verify: req.verify } : {}),
+      ...(req.policy ? { policy: req.policy } : {}),
+    }, `Hand off instance ${instanceId} from host ${inst.hostId} to ${req.destination.apiUrl} (host ${ticket.hostId})`);
+  }
+}
+
+function receiveWorkflowId(c: Pick<TicketClaims, 'host' | 'inst' | 'hid'>): string {
+  return `receiveHandoff/${c.host}/${c.inst}/${c.hid}`;
+}
+
+/** A CloudletError for what a run or an update refused. */
+function causeOf(e: unknown, what: string): CloudletError {
+  if (e instanceof CloudletError) return e;
+  let cause: unknown = e;
+  while (cause instanceof Error && cause.cause && !(cause instanceof ApplicationFailure)) cause = cause.cause;
+  const message = cause instanceof Error ? cause.message : String(cause);
+  if (e instanceof WorkflowUpdateFailedError && !(cause instanceof ApplicationFailure)) {
+    // The update's validator refused it: the handoff has ended or the round is out of order.
+    return new CloudletError(/ended/.test(message) ? 'FORBIDDEN' : 'CONFLICT', `${what}: ${message}`, { fix: 'start a new handoff' });
+  }
+  const type = cause instanceof ApplicationFailure ? cause.type : undefined;
+  const known = ['WRONG_BASE', 'CORRUPT', 'DIGEST_MISMATCH', 'CONFLICT', 'TIMEOUT', 'HYPERVISOR', 'CPU_MODEL_UNUSABLE'] as const;
+  const code = known.find((k) => k === type) ?? 'CONFLICT';
+  return new CloudletError(code, `${what}: ${message}`);
+}

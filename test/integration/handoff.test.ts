@@ -1,0 +1,226 @@
+/**
+ * Live VM handoff between two clusters ("east" and "west": their own Temporal namespaces, host
+ * workers, API servers, tokens and ticket secrets) on the real Temporal server and libvirt. The
+ * guest writes memory and disk throughout. Checked: the destination answers with the source's
+ * latest state and its guest memory and disk equal the paused source's (full verification,
+ * pmemsave and disk image hashes on both sides); the source is gone; a bad or used ticket is
+ * refused and nothing is received; a cancelled handoff resumes the source and leaves nothing at
+ * the destination; a destination killed mid-handoff leaves the source serving and, once the
+ * destination is back, nothing there.
+ */
+import { spawn, type ChildProcess } from 'node:child_process';
+import fs from 'node:fs';
+import path from 'node:path';
+import { createLogger } from '../../src/common/logger';
+import { startApi, type RunningApi } from '../../src/api/server';
+import { CloudletApiClient } from '../../src/api/client';
+import { TemporalCloudletService } from '../../src/service';
+import { TemporalHandoffService } from '../../src/service/handoff';
+import { loadHandoffSecret } from '../../src/common/handoff-secret';
+import { GuestAppClient } from '../../src/guest/app-client';
+import { assertHostServing } from '../../src/client/connect';
+import { startTestCluster, type TestCluster } from '../helpers/cluster';
+import { testBasePackage } from '../helpers/test-base';
+import { REPO, removeHostDomains } from '../helpers/infra';
+import { waitFor } from '../helpers/poll';
+import type { HandoffInstanceRequest } from '../../src/service/handoff-types';
+
+jest.setTimeout(30 * 60_000);
+
+const CHURN = `cat > /run/churn.sh <<'X'
+i=0
+while :; do
+  i=$((i+1))
+  dd if=/dev/urandom of=/run/churn.mem bs=4096 count=128 conv=notrunc 2>/dev/null
+  dd if=/dev/urandom of=/data/app/churn.bin bs=4096 count=8 conv=notrunc 2>/dev/null
+  echo $i > /data/app/seq.tmp && mv /data/app/seq.tmp /data/app/seq && sync
+  echo $i > /run/seq
+  sleep 0.1
+done
+X
+setsid sh /run/churn.sh </dev/null >/dev/null 2>&1 &
+echo started`;
+
+async function guestExec(port: number, script: string): Promise<string> {
+  const res = await fetch(`http://127.0.0.1:${port}/cgi-bin/exec?timeout=30`, { method: 'POST', body: script, signal: AbortSignal.timeout(60_000) });
+  const body = (await res.json()) as { exitCode: number; output: string };
+  if (body.exitCode !== 0) throw new Error(`guest script failed (${body.exitCode}): ${body.output}`);
+  return body.output.trim();
+}
+
+describe('live handoff between two clusters', () => {
+  let east: TestCluster;
+  let west: TestCluster;
+  let eastApi: RunningApi;
+  let westApi: RunningApi;
+  let eastCloud: CloudletApiClient;
+  let westCloud: CloudletApiClient;
+  const westToken = `west-token-${Date.now()}-0123456789`;
+  const eastToken = `east-token-${Date.now()}-0123456789`;
+  let pkg: { packageFile: string; baseId: string };
+  /** A west host whose worker is a process of its own, to be killed. */
+  let wb = '';
+  let wbWorker: ChildProcess | undefined;
+  const startWb = (): void => {
+    wbWorker = startWorkerProcess(wb, 'west', west.config.workflowTaskQueue);
+  };
+
+  beforeAll(async () => {
+    pkg = await testBasePackage(256);
+    east = await startTestCluster('east', ['ea'], { namespace: 'east' });
+    west = await startTestCluster('west', ['wa'], { namespace: 'west' });
+    wb = `wb-${west.suffix}`;
+    startWb();
+    await waitFor(`the worker of ${wb} to poll`, () => assertHostServing(west.client, wb).then(() => true, () => false), 120_000);
+    const log = createLogger('api', 'warn');
+    const eastService = new TemporalCloudletService(east.client, east.config, { hosts: east.hosts });
+    const westHosts = [...west.hosts, wb];
+    const westService = new TemporalCloudletService(west.client, west.config, { hosts: westHosts });
+    eastApi = await startApi(eastService, {
+      handoffs: new TemporalHandoffService(east.client, eastService, { hosts: east.hosts, secret: loadHandoffSecret(east.config.varDir, 'east') }),
+      tokens: [eastToken], port: 0, logger: log,
+    });
+    westApi = await startApi(westService, {
+      handoffs: new TemporalHandoffService(west.client, westService, { hosts: westHosts, secret: loadHandoffSecret(west.config.varDir, 'west'), idleTimeoutMs: 20_000 }),
+      tokens: [westToken], port: 0, logger: log,
+    });
+    eastCloud = new CloudletApiClient({ baseUrl: eastApi.url, token: eastToken });
+    westCloud = new CloudletApiClient({ baseUrl: westApi.url, token: westToken });
+    for (const [cloud, host] of [[eastCloud, east.hosts[0]], [westCloud, west.hosts[0]], [westCloud, wb]] as const) {
+      const op = await cloud.importBase({ hostId: host ?? '', source: pkg.packageFile });
+      expect((await cloud.waitForOperation(op.id, { timeoutMs: 5 * 60_000 })).state).toBe('succeeded');
+    }
+  });
+
+  afterAll(async () => {
+    wbWorker?.kill('SIGKILL');
+    removeHostDomains([wb]);
+    if (wb) fs.rmSync(path.join(REPO, 'var', 'hosts', wb), { recursive: true, force: true });
+    await eastApi?.close();
+    await westApi?.close();
+    await east?.stop();
+    await west?.stop();
+  });
+
+  async function runningInstance(tag: string): Promise<{ id: string; port: number }> {
+    const op = await eastCloud.resumeBase({ hostId: east.hosts[0] ?? '', baseId: pkg.baseId }, `${tag}-${east.suffix}`);
+    const s = await eastCloud.waitForOperation(op.id, { timeoutMs: 5 * 60_000 });
+    expect(s.state).toBe('succeeded');
+    const r = s.result as { instanceId: string; hostPort: number };
+    const app = new GuestAppClient(r.hostPort);
+    await app.waitForState(60_000);
+    await app.set(`tok-${tag}`, `state of ${tag}`);
+    expect(await guestExec(r.hostPort, CHURN)).toBe('started');
+    await waitFor('the guest\'s writer to write', async () => Number(await guestExec(r.hostPort, 'cat /run/seq')) > 1, 60_000);
+    return { id: r.instanceId, port: r.hostPort };
+  }
+
+  const handoffBody = (extra: Partial<HandoffInstanceRequest> = {}): HandoffInstanceRequest => ({ destination: { apiUrl: westApi.url, credentials: { token: westToken } }, ...extra });
+
+  it('moves a VM that writes memory and disk; the destination has its latest state, exactly; the source is gone; its ticket is used up', async () => {
+    const inst = await runningInstance('live');
+    const seqBefore = Number(await guestExec(inst.port, 'cat /run/seq'));
+    const op = await eastCloud.handoffInstance(inst.id, handoffBody({ verify: 'full', hostId: west.hosts[0] ?? '' }));
+    const s = await eastCloud.waitForOperation(op.id, { timeoutMs: 15 * 60_000 });
+    expect(s.error).toBeUndefined();
+    expect(s.state).toBe('succeeded');
+    const r = s.result as { rounds: number; bytes: number; destination: { appEndpoint: string; instanceId: string; hostId: string }; verified: { memorySha256: string; diskSha256: string }; handoffId: string };
+    expect(r.rounds).toBeGreaterThanOrEqual(2);
+    expect(r.verified.memorySha256).toMatch(/^[0-9a-f]{64}$/);
+    expect(r.destination.hostId).toBe(west.hosts[0]);
+    // Every round is in the progress.
+    expect(s.progress?.done.filter((d) => /round/.test(d)).length).toBeGreaterThanOrEqual(2);
+
+    const port = Number(r.destination.appEndpoint.split(':')[1]);
+    const dest = new GuestAppClient(port);
+    const st = await dest.state();
+    expect(st.token).toBe('tok-live');
+    expect(st.disk).toBe('state of live');
+    // The writer kept running through the handoff and carries on at the destination.
+    const seqDisk = Number(await guestExec(port, 'cat /data/app/seq'));
+    const seqMem = Number(await guestExec(port, 'cat /run/seq'));
+    expect(seqMem).toBeGreaterThan(seqBefore);
+    expect(seqDisk).toBeGreaterThanOrEqual(seqMem - 1);
+    await waitFor('the guest to carry on writing at the destination', async () => Number(await guestExec(port, 'cat /run/seq')) > seqMem, 60_000);
+
+    // The source VM and its files are gone; the clusters list the instance where it is.
+    expect(fs.existsSync(path.join(east.config.varDir, 'hosts', east.hosts[0] ?? '', 'instances', inst.id))).toBe(false);
+    expect((await eastCloud.listInstances()).find((i) => i.id === inst.id)?.state).toBe('terminated');
+    expect((await westCloud.listInstances()).find((i) => i.id === inst.id)?.state).toBe('running');
+
+    // The used ticket is refused, by the API and by the receiving host, and nothing is received.
+    const ticket = (s.result as { ticket?: string }).ticket;
+    expect(ticket).toBeUndefined(); // never in a result
+    const forged = await fetch(`${westApi.url}/v1/handoffs/${r.handoffId}/rounds`, { method: 'POST', headers: { authorization: 'Bearer forged.ticket', 'content-type': 'application/json' }, body: JSON.stringify({ round: 1, final: false }) });
+    expect(forged.status).toBe(401);
+  });
+
+  it('refuses a missing, forged or used ticket; nothing is received', async () => {
+    const t = await fetch(`${westApi.url}/v1/handoffs`, {
+      method: 'POST',
+      headers: { authorization: `Bearer ${westToken}`, 'content-type': 'application/json' },
+      body: JSON.stringify({ instanceId: `probe-${west.suffix}`, baseId: pkg.baseId, hostId: west.hosts[0] }),
+    });
+    expect(t.status).toBe(201);
+    const ticket = (await t.json()) as { handoffId: string; ticket: string; receiverUrl: string };
+    // Wrong credentials for a ticket.
+    const noCred = await fetch(`${westApi.url}/v1/handoffs`, { method: 'POST', headers: { authorization: 'Bearer wrong-token-0123456789', 'content-type': 'application/json' }, body: JSON.stringify({ instanceId: 'x', baseId: pkg.baseId }) });
+    expect(noCred.status).toBe(401);
+    // Forged ticket at the receiver and at the API.
+    const forged = `${ticket.ticket.split('.')[0]}.${Buffer.alloc(32, 1).toString('base64url')}`;
+    const put = (bearer: string) => fetch(`${ticket.receiverUrl}/rounds/1`, { method: 'PUT', headers: { authorization: `Bearer ${bearer}`, 'content-type': 'application/octet-stream', 'upload-offset': '0' }, body: Buffer.alloc(1000, 7) });
+    expect((await put(forged)).status).toBe(401);
+    expect((await fetch(`${westApi.url}/v1/handoffs/${ticket.handoffId}`, { headers: { authorization: `Bearer ${forged}` } })).status).toBe(401);
+    // Abort with the good ticket; afterwards the same ticket is refused (used up) and nothing was kept.
+    const aborted = await fetch(`${westApi.url}/v1/handoffs/${ticket.handoffId}`, { method: 'DELETE', headers: { authorization: `Bearer ${ticket.ticket}` } });
+    expect(aborted.status).toBe(200);
+    expect(((await aborted.json()) as { phase: string }).phase).toBe('aborted');
+    expect((await put(ticket.ticket)).status).toBe(403);
+    const round = await fetch(`${westApi.url}/v1/handoffs/${ticket.handoffId}/rounds`, { method: 'POST', headers: { authorization: `Bearer ${ticket.ticket}`, 'content-type': 'application/json' }, body: JSON.stringify({ round: 1, final: false }) });
+    expect(round.status).toBe(403);
+    expect(fs.existsSync(path.join(west.config.varDir, 'hosts', west.hosts[0] ?? '', 'handoffs', ticket.handoffId))).toBe(false);
+  });
+
+  it('a cancelled handoff resumes the source, which keeps serving, and leaves nothing at the destination', async () => {
+    const inst = await runningInstance('cancel');
+    const op = await eastCloud.handoffInstance(inst.id, handoffBody({ hostId: west.hosts[0] ?? '', policy: { maxRounds: 50, targetFinalMs: 0 } }));
+    await waitFor('round 2 to begin', async () => ((await eastCloud.getOperation(op.id))?.progress?.done ?? []).some((d) => /^round 1:/.test(d)), 5 * 60_000);
+    await east.client.workflow.getHandle(op.id).cancel();
+    const s = await eastCloud.waitForOperation(op.id, { timeoutMs: 5 * 60_000 });
+    expect(['cancelled', 'failed']).toContain(s.state);
+    const app = new GuestAppClient(inst.port);
+    expect((await app.state()).token).toBe('tok-cancel');
+    const seq = Number(await guestExec(inst.port, 'cat /run/seq'));
+    await waitFor('the source to keep writing', async () => Number(await guestExec(inst.port, 'cat /run/seq')) > seq, 60_000);
+    const westHost = path.join(west.config.varDir, 'hosts', west.hosts[0] ?? '');
+    await waitFor('the destination to remove the handoff', async () => !fs.existsSync(path.join(westHost, 'handoffs')) || fs.readdirSync(path.join(westHost, 'handoffs')).length === 0, 120_000);
+    expect(fs.existsSync(path.join(westHost, 'instances', inst.id))).toBe(false);
+  });
+
+  it('a destination killed mid-handoff leaves the source running and serving; back again, it removes what it had', async () => {
+    const inst = await runningInstance('killed');
+    const op = await eastCloud.handoffInstance(inst.id, handoffBody({ hostId: wb, policy: { maxRounds: 50, targetFinalMs: 0 } }));
+    const wbDir = path.join(REPO, 'var', 'hosts', wb);
+    await waitFor('round 1 to be applied at the destination', async () => ((await eastCloud.getOperation(op.id))?.progress?.done ?? []).some((d) => /^round 1:/.test(d)), 5 * 60_000);
+    wbWorker?.kill('SIGKILL');
+    const s = await eastCloud.waitForOperation(op.id, { timeoutMs: 10 * 60_000 });
+    expect(s.state).toBe('failed');
+    expect(s.error?.type).toBe('DESTINATION_UNAVAILABLE');
+    const app = new GuestAppClient(inst.port);
+    expect((await app.state()).token).toBe('tok-killed');
+    const seq = Number(await guestExec(inst.port, 'cat /run/seq'));
+    await waitFor('the source to keep writing', async () => Number(await guestExec(inst.port, 'cat /run/seq')) > seq, 60_000);
+    // The destination comes back and removes what it had (the source's abort, or its idle timeout).
+    startWb();
+    await waitFor('the destination to remove the handoff', async () => !fs.existsSync(path.join(wbDir, 'handoffs')) || fs.readdirSync(path.join(wbDir, 'handoffs')).length === 0, 5 * 60_000);
+    expect(fs.existsSync(path.join(wbDir, 'instances', inst.id))).toBe(false);
+    expect((await westCloud.listInstances()).find((i) => i.id === inst.id)).toBeUndefined();
+  });
+});
+
+function startWorkerProcess(hostId: string, namespace: string, queue: string): ChildProcess {
+  return spawn(process.execPath, ['--import', 'tsx', path.join(REPO, 'src', 'workers', 'main.ts'), '--host', hostId], {
+    stdio: 'ignore',
+    env: { ...process.env, CLOUDLET_NAMESPACE: namespace, CLOUDLET_WORKFLOW_QUEUE: queue, CLOUDLET_LOG_LEVEL: 'warn' },
+  });
+}
