@@ -88,7 +88,7 @@ const BuildInfo = z.object({ overlayFile: z.string(), requestMs: z.number() });
 type Variant = 'default' | 'nodiscard' | 'nofpr';
 
 /** Build (or find cached) the application's launch VM, our overlay and (default variant) the baselines. */
-async function build(app: WorkloadName, hv: LibvirtHypervisor, base: { packageFile: string; baseId: string }, variant: Variant = 'default'): Promise<Built> {
+export async function build(app: WorkloadName, hv: LibvirtHypervisor, base: { packageFile: string; baseId: string }, variant: Variant = 'default'): Promise<Built> {
   const recipe = parseRecipe(await workloadRecipe(app, { hostId: 'bench-build', baseId: base.baseId, inputsDir: INPUTS }));
   const digest = createHash('sha256').update(JSON.stringify(recipe)).digest('hex').slice(0, 12);
   const dir = path.join(CACHE, base.baseId.slice(0, 12), `${app}-${digest}${variant === 'default' ? '' : `-${variant}`}`);
@@ -324,7 +324,9 @@ async function main(): Promise<void> {
   progress(`chart written to ${path.relative(REPO, out)}`);
 }
 
-main().catch((e: unknown) => {
-  process.stderr.write(`[workloads] failed: ${e instanceof Error ? (e.stack ?? e.message) : String(e)}\n`);
-  process.exit(1);
-});
+if (require.main === module) {
+  main().catch((e: unknown) => {
+    process.stderr.write(`[workloads] failed: ${e instanceof Error ? (e.stack ?? e.message) : String(e)}\n`);
+    process.exit(1);
+  });
+}

@@ -98,8 +98,7 @@ export function createHandoffSourceActivities(deps: HandoffSourceDeps) {
 
     // A retry after the destination applied this round but before we committed: commit, done.
     const reportFile = path.join(p.source, `round-${input.round}.report.json`);
-    const status = await peer.status(input.ticket);
-    if (status.applied >= input.round && fs.existsSync(reportFile)) {
+    if (fs.existsSync(reportFile) && (await peer.status(input.ticket)).applied >= input.round) {
       const report = JSON.parse(await fs.promises.readFile(reportFile, 'utf8')) as RoundReport;
       const src = await HandoffSource.open(p.source, hid, base);
       await src.commitPending();
@@ -112,7 +111,8 @@ export function createHandoffSourceActivities(deps: HandoffSourceDeps) {
     const save = p.sourceSave(input.round);
     let diskLayers: string[];
     if (!final) {
-      const top = path.join(records.dir(input.instanceId), `disk-${hid}-${input.round}.qcow2`);
+      // A name of its own per attempt: a retried round freezes the layer the failed attempt made too.
+      const top = path.join(records.dir(input.instanceId), `disk-${hid}-${input.round}-${Date.now().toString(36)}.qcow2`);
       const snap = await hv.snapshotDisk(rec.domain, top);
       layers.frozen.push(snap.previousTop);
       await writeLayers(p.layers, layers);

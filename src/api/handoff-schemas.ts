@@ -56,7 +56,7 @@ export const CompleteBodySchema = named(
 );
 export const ReceivedVmSchema = named(
   'ReceivedVm',
-  z.object({ instanceId: z.string(), hostId: z.string(), appEndpoint: z.string().optional(), timings: z.record(z.string(), z.number()), verified: FingerprintSchema.optional() }),
+  z.object({ instanceId: z.string(), hostId: z.string(), appEndpoint: z.string().optional(), timings: z.record(z.string(), z.number()), verified: FingerprintSchema.optional(), answeredAt: z.number().optional() }),
 );
 export const AbortBodySchema = z.strictObject({ reason: z.string().max(1000).optional() });
 export const ReceiveStatusSchema = named(

@@ -33,6 +33,8 @@ export const ReceivedVmSchema = z.object({
   timings: z.record(z.string(), z.number()),
   /** Present when the source asked for full verification: the destination's fingerprint, equal to the source's. */
   verified: FingerprintSchema.optional(),
+  /** When the application first answered at the destination (ms since the epoch). */
+  answeredAt: z.number().optional(),
 });
 export type ReceivedVm = z.infer<typeof ReceivedVmSchema>;
 

@@ -30,6 +30,8 @@ export interface HandoffServiceOptions {
 }
 
 const PREPARE_WAIT_MS = 120_000;
+/** How long a status waits for the receiving host's worker to answer. */
+const STATUS_QUERY_MS = 5000;
 /** How long an abort waits for the receiving host to have removed what it made. */
 const ABORT_WAIT_MS = 15_000;
 
@@ -135,8 +137,13 @@ export class TemporalHandoffService implements HandoffService {
   }
 
   async status(ticket: string, hid: string): Promise<ReceiveStatus> {
-    const { handle } = this.handleFor(ticket, hid);
-    const st = await handle.query(receiveStateQuery);
+    const { handle, claims } = this.handleFor(ticket, hid);
+    let st: ReceiveState;
+    try {
+      st = await this.client.withDeadline(Date.now() + STATUS_QUERY_MS, () => handle.query(receiveStateQuery));
+    } catch (e) {
+      throw new CloudletError('DESTINATION_UNAVAILABLE', `the receiving host ${claims.host} does not answer about handoff ${hid}`, { fix: 'check that its worker runs', cause: e });
+    }
     return { handoffId: hid, phase: st.phase, applied: st.applied, ...(st.result ? { result: st.result } : {}), ...(st.error ? { error: st.error } : {}) };
   }
 
@@ -146,7 +153,8 @@ export class TemporalHandoffService implements HandoffService {
     if (d.status.name === 'RUNNING') {
       await handle.signal(abortSignal, { reason });
       // The receiving host removes what it made; a host that is down does so when it is back.
-      await Promise.race([handle.result().catch(() => undefined), new Promise((r) => setTimeout(r, ABORT_WAIT_MS))]);
+      const deadline = Date.now() + ABORT_WAIT_MS;
+      while (Date.now() < deadline && (await handle.describe()).status.name === 'RUNNING') await new Promise((r) => setTimeout(r, 250));
     }
     const st = await this.client.withDeadline(Date.now() + 5000, () => this.status(ticket, hid)).catch(() => undefined);
     return st ?? { handoffId: hid, phase: 'aborted', applied: 0, error: 'the receiving host has not confirmed yet; it removes what it made when it runs again' };

@@ -36,7 +36,12 @@ function workflowBundle(): Promise<WorkflowBundleWithSourceMap> {
   return bundle;
 }
 
-export async function createHostWorker(config: Config, hostId: string, log: Logger, publishPort = 0): Promise<HostWorker> {
+/**
+ * `publishPort`: the port of the host's HTTP server (overlays, handoff receiver; default any free
+ * one). `advertisedUrl`: the URL other hosts reach it at when that is not its own address (a proxy,
+ * an emulated link); default the server's own.
+ */
+export async function createHostWorker(config: Config, hostId: string, log: Logger, publishPort = 0, advertisedUrl?: string): Promise<HostWorker> {
   installRuntimeLogging(log);
   const connection = await NativeConnection.connect({ address: config.temporalAddress });
   const dataDir = hostDir(config, hostId);
@@ -49,7 +54,8 @@ export async function createHostWorker(config: Config, hostId: string, log: Logg
   });
   // The first synthesis on this host should not pay for the hashing thread and I/O buffers.
   await prewarmJoin();
-  const activities = createHostActivities({ hostId, dataDir, config, log, publicUrl: () => publisher.url });
+  const publicUrl = (advertisedUrl ?? publisher.url).replace(/\/+$/, '');
+  const activities = createHostActivities({ hostId, dataDir, config, log, publicUrl: () => publicUrl });
   const workflows = await workflowBundle();
   const hostQueueWorker = await Worker.create({
     connection,
@@ -71,7 +77,7 @@ export async function createHostWorker(config: Config, hostId: string, log: Logg
   log.info({ hostId, publishes: publisher.url, queues: [hostTaskQueue(hostId), config.workflowTaskQueue] }, 'host worker ready');
   return {
     connection,
-    publicUrl: publisher.url,
+    publicUrl,
     async run() {
       try {
         await Promise.all([hostQueueWorker.run(), sharedQueueWorker.run()]);

@@ -255,6 +255,7 @@ export async function receiveHandoff(input: ReceiveHandoffInput) {
         appEndpoint: `127.0.0.1:${resumed.hostPort}`,
         timings: { ...built.timings, ...resumed.timings },
         ...(resumed.verified ? { verified: resumed.verified } : {}),
+        ...(resumed.answeredAt ? { answeredAt: resumed.answeredAt } : {}),
       };
       state.phase = 'resumed';
       await condition(allHandlersFinished);
