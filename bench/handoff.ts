@@ -210,7 +210,7 @@ async function main(): Promise<void> {
   }
   if (guests.includes('webdb')) {
     const base = await debianBasePackage(hv, VAR, progress);
-    const built = await build('webdb', hv, base);
+    const built = await build('webdb', hv, base, 'default', false);
     specs.push({
       name: 'webdb', baseId: base.baseId, packageFile: base.packageFile, vmBytes: 1024 * 2 ** 20 + 4 * 2 ** 30, appPort: WORKLOAD_APP_PORT,
       async start(tag) {
@@ -259,12 +259,12 @@ async function main(): Promise<void> {
                   const op = await eastHandoffs.handoffInstance(inst.instanceId, { destination: { apiUrl: westApi.url, credentials: { token: westToken } }, hostId: westHost, linkMbit: profile.rateMbit });
                   const s = await wait(eastService, op.id);
                   if (s.state !== 'succeeded') throw new Error(`handoff ${s.state}: ${s.error?.message ?? ''}`);
-                  const res = s.result as { bytes: number; rounds: number; stopReason?: string; pausedMs: number; destination: { answeredAt?: number; appEndpoint?: string; instanceId: string } };
+                  const res = s.result as { bytes: number; rounds: number; stopReason?: string; pausedMs: number; destination: { answeredAt?: number; appEndpoint?: string; instanceId: string; timings: Record<string, number> } };
                   await poller.stop();
                   const destPort = Number(res.destination.appEndpoint?.split(':')[1]);
                   const after = await g.ask(destPort);
                   const rounds = ((await east.client.workflow.getHandle(op.id).query('handoffProgress')) as { rounds: Array<Record<string, unknown>> }).rounds;
-                  results.push({ guest: g.name, link: linkName, method, downtimeMs: poller.longestGap(res.destination.answeredAt), totalMs: (res.destination.answeredAt ?? Date.now()) - t0, bytes: res.bytes, rounds: res.rounds, ...(res.stopReason ? { stopReason: res.stopReason } : {}), lost: after <= poller.last, detail: { pausedMs: res.pausedMs, rounds: rounds.map((x) => ({ bytes: x.bytes, memRawPages: x.memRawPages, diskRawChunks: x.diskRawChunks, ms: x.ms, pausedMs: x.pausedMs, compression: x.compression })) } });
+                  results.push({ guest: g.name, link: linkName, method, downtimeMs: poller.longestGap(res.destination.answeredAt), totalMs: (res.destination.answeredAt ?? Date.now()) - t0, bytes: res.bytes, rounds: res.rounds, ...(res.stopReason ? { stopReason: res.stopReason } : {}), lost: after <= poller.last, detail: { pausedMs: res.pausedMs, destinationMs: res.destination.timings, rounds: rounds.map((x) => ({ bytes: x.bytes, memRawPages: x.memRawPages, diskRawChunks: x.diskRawChunks, ms: x.ms, pausedMs: x.pausedMs, compression: x.compression })) } });
                   await westClient.workflow.execute(terminateVm, { taskQueue: hostTaskQueue(westHost), workflowId: `terminateVm/${westHost}/${inst.instanceId}-${Date.now()}`, args: [{ hostId: westHost, instanceId: inst.instanceId, onHostQueue: true }] });
                 } else if (method === 'stopcopy') {
                   const op = await eastService.createOverlay({ instanceId: inst.instanceId });

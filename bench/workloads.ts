@@ -88,7 +88,8 @@ const BuildInfo = z.object({ overlayFile: z.string(), requestMs: z.number() });
 type Variant = 'default' | 'nodiscard' | 'nofpr';
 
 /** Build (or find cached) the application's launch VM, our overlay and (default variant) the baselines. */
-export async function build(app: WorkloadName, hv: LibvirtHypervisor, base: { packageFile: string; baseId: string }, variant: Variant = 'default'): Promise<Built> {
+/** `withBaselines: false`: only the overlay (the handoff bench needs no baselines). */
+export async function build(app: WorkloadName, hv: LibvirtHypervisor, base: { packageFile: string; baseId: string }, variant: Variant = 'default', withBaselines = true): Promise<Built> {
   const recipe = parseRecipe(await workloadRecipe(app, { hostId: 'bench-build', baseId: base.baseId, inputsDir: INPUTS }));
   const digest = createHash('sha256').update(JSON.stringify(recipe)).digest('hex').slice(0, 12);
   const dir = path.join(CACHE, base.baseId.slice(0, 12), `${app}-${digest}${variant === 'default' ? '' : `-${variant}`}`);
@@ -134,7 +135,7 @@ export async function build(app: WorkloadName, hv: LibvirtHypervisor, base: { pa
   }
   const info = BuildInfo.parse(JSON.parse(fs.readFileSync(infoFile, 'utf8')));
   const overlayBytes = fs.statSync(info.overlayFile).size;
-  if (variant !== 'default') return { app, dir, overlayFile: info.overlayFile, overlayBytes, requestMs: info.requestMs };
+  if (variant !== 'default' || !withBaselines) return { app, dir, overlayFile: info.overlayFile, overlayBytes, requestMs: info.requestMs };
   progress(`${app}: making the baselines (xdelta3 + xz -9 of whole images: minutes, once)`);
   const baselines = await prepareBaselines(dir, baseFiles, { diskRaw: path.join(dir, 'launch-disk.raw'), save: path.join(dir, 'launch.sav') });
   return { app, dir, overlayFile: info.overlayFile, overlayBytes, requestMs: info.requestMs, baselines };

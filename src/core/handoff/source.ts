@@ -7,10 +7,10 @@
  */
 import { createHash } from 'node:crypto';
 import { closeSync, openSync, readSync } from 'node:fs';
-import { mkdir, readFile, rename, rm, stat, writeFile } from 'node:fs/promises';
+import { mkdir, readFile, rename, rm, writeFile } from 'node:fs/promises';
 import path from 'node:path';
 import { CloudletError } from '../errors';
-import type { ChunkIndex } from '../chunk';
+import { buildChunkIndex, type ChunkIndex } from '../chunk';
 import { CHUNK, MAX_RUN, Target, ZERO_CHUNK, ZERO_CHUNK_SHA256 } from '../overlay/format';
 import { imageMap } from '../overlay/qemu-img';
 import { splitSnapshot } from '../snapshot';
@@ -51,7 +51,6 @@ function digestsOf(ix: ChunkIndex): Buffer {
   return out;
 }
 
-const READ = 8 * 1024 * 1024;
 
 /** Collects consecutive chunks of one kind into records (at most MAX_RUN chunks each). */
 class RunBuilder {
@@ -191,22 +190,23 @@ export class HandoffSource {
     }
   }
 
-  /** Compares every page of the memory image with what the destination holds. */
+  /**
+   * Compares every page of the memory image with what the destination holds: the image's page
+   * digests come from the chunk indexer (threads, holes skipped), only pages that differ are read.
+   */
   private async diffMemory(memImg: string, w: RoundWriter, input: BuildRoundInput): Promise<number> {
     const runs = new RunBuilder(w, Target.Memory);
-    const size = (await stat(memImg)).size;
+    const ix = await buildChunkIndex(memImg, { holes: 'skip', onProgress: (d, t) => input.onProgress?.(d, t, 'hash memory') });
     const fd = openSync(memImg, 'r');
-    const buf = Buffer.alloc(READ);
+    const page = Buffer.alloc(CHUNK);
     let shipped = 0;
     try {
-      for (let off = 0; off < size; off += READ) {
-        const n = readFully(fd, buf, Math.min(READ, size - off), off);
-        for (let at = 0; at < n; at += CHUNK) {
-          const i = (off + at) / CHUNK;
-          const page = buf.subarray(at, at + CHUNK);
-          shipped += await this.consider(runs, this.mem, this.base.memIndex, w.stats, 'mem', i, page);
-        }
-        input.onProgress?.(off + n, size, 'compare memory');
+      for (let i = 0; i < ix.chunkCount; i++) {
+        if (ix.equalAt(i, this.mem.subarray(i * 32, i * 32 + 32))) continue;
+        const d = ix.digestAt(i);
+        const zero = d.equals(ZERO_CHUNK_SHA256);
+        if (!zero) readFully(fd, page, CHUNK, i * CHUNK);
+        shipped += await this.consider(runs, this.mem, this.base.memIndex, w.stats, 'mem', i, zero ? ZERO_CHUNK : page, d);
       }
       await runs.flush();
     } finally {
@@ -258,9 +258,9 @@ export class HandoffSource {
   }
 
   /** Adds chunk i to the round unless the destination already holds its content; returns payload bytes. */
-  private async consider(runs: RunBuilder, held: Buffer, base: ChunkIndex, stats: RoundMeta['stats'], what: 'mem' | 'disk', i: number, content: Buffer): Promise<number> {
-    const zero = content.equals(ZERO_CHUNK);
-    const d = zero ? ZERO_CHUNK_SHA256 : createHash('sha256').update(content).digest();
+  private async consider(runs: RunBuilder, held: Buffer, base: ChunkIndex, stats: RoundMeta['stats'], what: 'mem' | 'disk', i: number, content: Buffer, digest?: Buffer): Promise<number> {
+    const zero = digest ? digest.equals(ZERO_CHUNK_SHA256) : content.equals(ZERO_CHUNK);
+    const d = digest ?? (zero ? ZERO_CHUNK_SHA256 : createHash('sha256').update(content).digest());
     if (held.compare(d, 0, 32, i * 32, i * 32 + 32) === 0) return 0;
     d.copy(held, i * 32);
     if (what === 'mem') stats.memPages += 1;
