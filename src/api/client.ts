@@ -77,7 +77,7 @@ function codeFor(status: number, apiCode: string): ErrorCode {
   if (status === 504) return 'TIMEOUT';
   if (status === 401) return 'UNAUTHORIZED';
   if (status >= 400 && status < 500) return 'BAD_INPUT'; // 413, 415, 416: the request must change
-  return 'HYPERVISOR_UNAVAILABLE'; // 5xx or unreachable: the service cannot serve now; retrying may help
+  return 'SERVICE_UNAVAILABLE'; // 5xx or unreachable: the service cannot serve now; retrying may help
 }
 
 export interface WaitOptions {

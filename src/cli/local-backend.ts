@@ -152,7 +152,7 @@ export class LocalBackend implements Backend {
     const result: SynthesizeResult = { baseId: base.id, diskPath, savePath, seconds: (performance.now() - started) / 1000, timings, meta };
     if (req.resume) {
       if (!this.resumer) {
-        throw new CloudletError('HYPERVISOR_UNAVAILABLE', 'this CLI was started without a hypervisor adapter, so it cannot resume the VM', { fix: 'run synthesize without --resume' });
+        throw new CloudletError('BAD_INPUT', 'this CLI was started without a hypervisor adapter, so it cannot resume the VM', { fix: 'run synthesize without --resume' });
       }
       const t0 = performance.now();
       const resumeInput: Parameters<Resumer>[0] = { diskPath, savePath, serialPath: path.join(outDir, 'serial.log'), cpuModel: meta.launch.cpuModel };

@@ -14,7 +14,7 @@ export async function connectClient(config: Config): Promise<Client> {
     const connection = await Connection.connect({ address: config.temporalAddress, connectTimeout: '5s' });
     return new Client({ connection, namespace: config.namespace });
   } catch (cause) {
-    throw new CloudletError('HYPERVISOR_UNAVAILABLE', `the Temporal server at ${config.temporalAddress} is not reachable`, {
+    throw new CloudletError('TEMPORAL_UNAVAILABLE', `the Temporal server at ${config.temporalAddress} is not reachable`, {
       fix: 'start it with `bash infra/temporal.sh start` (or `npm run setup`), or set CLOUDLET_TEMPORAL_ADDRESS',
       cause,
     });

@@ -13,6 +13,10 @@ export type ErrorCode =
   | 'UNSUPPORTED_VERSION'
   | 'CPU_MODEL_UNUSABLE'
   | 'HYPERVISOR_UNAVAILABLE'
+  /** The Temporal server does not answer (not started, wrong address). */
+  | 'TEMPORAL_UNAVAILABLE'
+  /** The cloudlet's API does not answer, or answers that it cannot serve now (5xx). */
+  | 'SERVICE_UNAVAILABLE'
   | 'HYPERVISOR'
   | 'UNKNOWN_HOST'
   /** The host's apt could not fetch Debian packages a recipe needs (mirror unreachable, lists stale). */

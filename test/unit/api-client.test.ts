@@ -192,7 +192,7 @@ test('waitForOperation rides out a transient failure of the status endpoint', as
   const op = await client.importBase({ hostId: 'host-a', source: '/srv/base.pkg' });
   const spy = jest
     .spyOn(fake, 'getOperation')
-    .mockRejectedValueOnce(new CloudletError('HYPERVISOR_UNAVAILABLE', 'Temporal is restarting'))
+    .mockRejectedValueOnce(new CloudletError('TEMPORAL_UNAVAILABLE', 'Temporal is restarting'))
     .mockRejectedValueOnce(new Error('socket hang up'));
   const done = await client.waitForOperation(op.id, { intervalMs: 5 });
   expect(done.state).toBe('succeeded');
