@@ -5,7 +5,10 @@
  *   1. guestSelfTest on host-a: boot, customize, save, restore, replug the NIC, check the app;
  *   2. the cloudlet story: import a base VM on both hosts, resume it on host-a, customize its
  *      application, create and publish an overlay on host-a, synthesize it on host-b from the
- *      overlay's URL, and check that host-b's VM answers with host-a's state.
+ *      overlay's URL, and check that host-b's VM answers with host-a's state;
+ *   3. handoff between clusters: east and west (their own namespaces, a host each, API servers
+ *      with their own tokens); a customized VM on east is handed off live to west through the
+ *      APIs, and west's VM answers with east's state (src/start-handoff.ts).
  * It prints the first-response breakdown and where to look in the Temporal Web UI.
  */
 import { execFile, spawn, type ChildProcess } from 'node:child_process';
@@ -22,6 +25,7 @@ import type { OperationRef, OperationStatus } from './service/types';
 import { guestBasePackage } from './guest/base-package';
 import { GuestAppClient } from './guest/app-client';
 import { LibvirtHypervisor } from './hypervisor/libvirt';
+import { handoffStory } from './start-handoff';
 
 const execFileP = promisify(execFile);
 const say = (msg: string): void => console.log(`\x1b[1;34m[cloudlet]\x1b[0m ${msg}`);
@@ -44,7 +48,7 @@ function startWorker(config: Config, hostId: string): ChildProcess {
   const out = fs.openSync(log, 'a');
   return spawn(process.execPath, ['--import', 'tsx', path.join(__dirname, 'workers', 'main.ts'), '--host', hostId], {
     stdio: ['ignore', out, out],
-    env: process.env,
+    env: { ...process.env, CLOUDLET_NAMESPACE: config.namespace, CLOUDLET_WORKFLOW_QUEUE: config.workflowTaskQueue },
   });
 }
 
@@ -86,7 +90,7 @@ async function follow(service: TemporalCloudletService, op: OperationRef): Promi
   }
 }
 
-async function story(client: Client, config: Config): Promise<string> {
+async function story(client: Client, config: Config): Promise<{ workflowId: string; pkg: { packageFile: string; baseId: string } }> {
   const [a, b] = HOSTS;
   const service = new TemporalCloudletService(client, config, { hosts: [...HOSTS] });
   const hv = new LibvirtHypervisor();
@@ -117,7 +121,7 @@ async function story(client: Client, config: Config): Promise<string> {
   for (const [k, v] of Object.entries(timings)) say(`  ${k.replace(/Ms$/, '').padEnd(24)} ${v}`);
   say(`Web UI: ${provisionOp.webUiUrl}`);
   await follow(service, await service.terminateInstance(String(synth.instanceId), `end-${run}`));
-  return provisionOp.id;
+  return { workflowId: provisionOp.id, pkg };
 }
 
 async function main(): Promise<void> {
@@ -134,7 +138,9 @@ async function main(): Promise<void> {
     say('step 1: the self-test workflow on host-a');
     await selfTest(client, config, HOSTS[0]);
     say('step 2: base VM on both hosts, overlay made on host-a, VM synthesized on host-b');
-    const synthId = await story(client, config);
+    const { workflowId: synthId, pkg } = await story(client, config);
+    say('step 3: live handoff of a running VM from cluster east to cluster west (namespaces, hosts, APIs of their own)');
+    await handoffStory({ config, pkg, say, startWorker, waitUntil });
 
     const query = `CloudletHost IN ('host-a', 'host-b') AND ExecutionStatus = 'Completed'`;
     say(`the latest runs, as \`.tools/temporal workflow list --query "${query}"\` shows them:`);

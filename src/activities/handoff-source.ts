@@ -41,7 +41,8 @@ export interface RoundInput {
   ticket: HandoffTicket;
   destinationApiUrl: string;
   round: number;
-  compression: Compression;
+  /** Default: chosen from a sample of the round's first records and `linkBytesPerSec`. */
+  compression?: Compression;
   /** Link rate to plan the next round's compression with (bytes/s). */
   linkBytesPerSec: number;
 }
@@ -135,6 +136,10 @@ export function createHandoffSourceActivities(deps: HandoffSourceDeps) {
     // Build the round against what the destination holds.
     const src = await HandoffSource.open(p.source, hid, base);
     const out = p.sourceRound(input.round);
+    const choose = async (sample: Buffer): Promise<Compression> => {
+      if (samples?.handoffId !== hid) samples = { handoffId: hid, samples: await probeCompression(sample) };
+      return chooseCompression(samples.samples, input.linkBytesPerSec, availableParallelism()).choice;
+    };
     let built;
     try {
       built = await src.buildRound({
@@ -142,7 +147,7 @@ export function createHandoffSourceActivities(deps: HandoffSourceDeps) {
         memorySave: save,
         diskLayers,
         outPath: out,
-        compression: input.compression,
+        compression: input.compression ?? choose,
         final,
         onProgress: (done, total, stage) => heartbeatOrCancel({ stage: `round ${input.round}: ${stage}`, bytesDone: done, bytesTotal: total }),
       });
@@ -166,14 +171,14 @@ export function createHandoffSourceActivities(deps: HandoffSourceDeps) {
     // The next round's compression, from this round's payload and the link just measured.
     if (samples?.handoffId !== hid && built.sample.length > 0) samples = { handoffId: hid, samples: await probeCompression(built.sample) };
     const link = up.ms > 200 && up.bytes > 256 * 1024 ? sendBytesPerSec : input.linkBytesPerSec;
-    const next = samples ? chooseCompression(samples.samples, link, availableParallelism()).choice : input.compression;
+    const next = samples ? chooseCompression(samples.samples, link, availableParallelism()).choice : built.meta.compression;
 
     const report: RoundReport = {
       round: input.round,
       final,
       bytes: built.bytes,
       rawBytes: built.rawBytes,
-      compression: input.compression,
+      compression: built.meta.compression,
       memPages: built.meta.stats.memPages,
       memRawPages: built.meta.stats.memRaw,
       diskChunks: built.meta.stats.diskChunks,

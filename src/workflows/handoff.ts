@@ -62,7 +62,7 @@ export interface HandoffVmInput extends HostOperationInput {
   policy?: Partial<StopPolicy>;
   /** The link rate to plan the first round with (bytes/s; default 25 Mbit/s). */
   linkBytesPerSec?: number;
-  /** The first round's compression (default xz level 1). */
+  /** The first round's compression (default: chosen from a sample of its records and the link rate). */
   compression?: Compression;
   /** 'full': compare guest memory and disk hashes of the paused source and the destination before it resumes. */
   verify?: 'digests' | 'full';
@@ -92,7 +92,8 @@ export async function handoffVm(input: HandoffVmInput) {
     t.stage('inspect instance');
     const inst = await quick.handoffInspectSource({ instanceId: input.instanceId });
     t.tag(SearchAttributes.baseId, inst.baseId);
-    let compression: Compression = input.compression ?? { codec: 'xz', level: 1 };
+    // The first round's compression is chosen from a sample of its records (unless given).
+    let compression: Compression | undefined = input.compression;
     const history: RoundRecord[] = [];
     const link = (): number => measuredLinkRate(history, input.linkBytesPerSec ?? 25e6 / 8);
     let cut: { report: RoundReport; received: ReceivedVm; pausedMs: number; verified?: Fingerprint } | undefined;
@@ -100,7 +101,7 @@ export async function handoffVm(input: HandoffVmInput) {
       // Live rounds: cancellable (the source VM keeps running; compensation below).
       for (let round = 1; ; round++) {
         t.stage(`round ${round}`);
-        const r = await long.handoffLiveRound({ instanceId: input.instanceId, ...dest, round, compression, linkBytesPerSec: link() });
+        const r = await long.handoffLiveRound({ instanceId: input.instanceId, ...dest, round, ...(compression ? { compression } : {}), linkBytesPerSec: link() });
         progress.rounds.push(r);
         history.push({ round, bytes: r.bytes, rawBytes: r.rawBytes, ms: r.ms.total, sendMs: r.ms.send });
         t.stage(roundLine(r));
@@ -114,7 +115,7 @@ export async function handoffVm(input: HandoffVmInput) {
       // The cut-over: not cancellable once begun.
       progress.phase = 'cut-over';
       t.stage(`cut-over (${progress.stopReason ?? ''}): pause, last round, destination resumes`);
-      cut = await CancellationScope.nonCancellable(() => once.handoffCutOver({ instanceId: input.instanceId, ...dest, round: history.length + 1, compression, linkBytesPerSec: link(), ...(input.verify ? { verify: input.verify } : {}) }));
+      cut = await CancellationScope.nonCancellable(() => once.handoffCutOver({ instanceId: input.instanceId, ...dest, round: history.length + 1, ...(compression ? { compression } : {}), linkBytesPerSec: link(), ...(input.verify ? { verify: input.verify } : {}) }));
       progress.rounds.push(cut.report);
       t.stage(roundLine(cut.report));
     } catch (e) {

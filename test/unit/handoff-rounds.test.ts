@@ -96,9 +96,11 @@ test('live rounds then a final round rebuild the exact save file and disk at the
 
   // Final round: nothing changed in memory since m2 except page 9; disk L3 gets one write.
   qemuIo(l3, 'write -P 0x33 4k 4k');
-  const m3 = saveFile('m3.save', (p) => (p === 9 ? pageData('pc.ram', p, 9) : m2content(p)));
+  // Page 9 gets new content; page 10 gets the content of base disk chunk 6 and page 11 that of base page 13.
+  const m3 = saveFile('m3.save', (p) => (p === 9 ? pageData('pc.ram', p, 9) : p === 10 ? pageData('disk', 6, 7) : p === 11 ? pageData('pc.ram', 13, 1) : m2content(p)));
   const r3 = await src.buildRound({ round: 3, memorySave: m3, diskLayers: [l3], outPath: path.join(dir, 'r3'), compression: { codec: 'xz', level: 6 }, final: true });
   expect(r3.meta.stats.memRaw).toBe(1);
+  expect(r3.meta.stats.memBase).toBe(2);
   await dst.applyRound(path.join(dir, 'r3'), { handoffId: 'h1', round: 3 });
 
   const out = { diskPath: path.join(dir, 'out.qcow2'), savePath: path.join(dir, 'out.save') };

@@ -121,6 +121,7 @@ export class HandoffDestination {
       const mem = openSync(this.memPath, 'r+');
       const delta = openSync(this.deltaPath, 'r+');
       const baseMem = openSync(this.base.memImagePath, 'r');
+      const baseDisk = openSync(this.base.diskPath, 'r');
       try {
         const page = Buffer.alloc(CHUNK);
         for (const seg of meta.segments) {
@@ -128,18 +129,30 @@ export class HandoffDestination {
           for (const r of recordsOf(raw, file)) {
             const limit = r.target === Target.Memory ? this.base.memIndex.chunkCount : this.base.diskIndex.chunkCount;
             if (r.chunk + r.count > limit) throw new CloudletError('CORRUPT', `round ${meta.round} writes chunks ${r.chunk}+${r.count} past the end (${limit})`, { fix: 'retry the handoff' });
+            if (r.src !== undefined) {
+              const srcLimit = r.kind === Kind.BaseMem ? this.base.memIndex.chunkCount : this.base.diskIndex.chunkCount;
+              if (r.src + r.count > srcLimit) throw new CloudletError('CORRUPT', `round ${meta.round} copies base chunks ${r.src}+${r.count} past the end (${srcLimit})`, { fix: 'retry the handoff' });
+            }
             for (let k = 0; k < r.count; k++) {
               const c = r.chunk + k;
+              // Disk chunks equal to the base disk at their own place read through to the base.
+              if (r.target === Target.Disk && r.kind === Kind.BaseDisk && r.src === r.chunk) {
+                states[c] = ChunkState.Base;
+                continue;
+              }
+              if (r.target === Target.Disk && r.kind === Kind.Zero) {
+                states[c] = ChunkState.Zero;
+                continue;
+              }
+              let content: Buffer = ZERO_CHUNK;
+              if (r.kind === Kind.Raw && r.data) content = r.data.subarray(k * CHUNK, (k + 1) * CHUNK);
+              else if (r.kind === Kind.BaseMem) content = readPage(baseMem, page, (r.src ?? 0) + k);
+              else if (r.kind === Kind.BaseDisk) content = readPage(baseDisk, page, (r.src ?? 0) + k);
               if (r.target === Target.Memory) {
-                let content: Buffer = ZERO_CHUNK;
-                if (r.kind === Kind.Raw && r.data) content = r.data.subarray(k * CHUNK, (k + 1) * CHUNK);
-                else if (r.kind === Kind.BaseMem) content = readPage(baseMem, page, c);
                 writeAll(mem, content, c * CHUNK);
-              } else if (r.kind === Kind.Raw && r.data) {
-                writeAll(delta, r.data.subarray(k * CHUNK, (k + 1) * CHUNK), c * CHUNK);
-                states[c] = ChunkState.Data;
               } else {
-                states[c] = r.kind === Kind.Zero ? ChunkState.Zero : ChunkState.Base;
+                writeAll(delta, content, c * CHUNK);
+                states[c] = ChunkState.Data;
               }
             }
           }
@@ -148,6 +161,7 @@ export class HandoffDestination {
         closeSync(mem);
         closeSync(delta);
         closeSync(baseMem);
+        closeSync(baseDisk);
       }
       const tmp = path.join(this.dir, 'disk.state.tmp');
       await writeFile(tmp, states);

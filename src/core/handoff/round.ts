@@ -90,14 +90,26 @@ export class RoundWriter {
   /** The first MiB of the first segment's raw records (to measure compression settings on). */
   sample: Buffer = Buffer.alloc(0);
 
+  private chooser: ((sample: Buffer) => Promise<Compression>) | undefined;
+
   private constructor(
     private readonly path: string,
-    private readonly compression: Compression,
+    private compression: Compression,
     private readonly concurrency: number,
   ) {}
 
-  static async create(path: string, compression: Compression, concurrency = 2): Promise<RoundWriter> {
-    const w = new RoundWriter(path, compression, concurrency);
+  /** The compression the round uses (known once the first segment is cut). */
+  get chosenCompression(): Compression {
+    return this.compression;
+  }
+
+  /**
+   * `compression`: a setting, or a chooser that gets the first segment's raw records (before any
+   * is compressed) and picks the setting for the whole round.
+   */
+  static async create(path: string, compression: Compression | ((sample: Buffer) => Promise<Compression>), concurrency = 2): Promise<RoundWriter> {
+    const w = new RoundWriter(path, typeof compression === 'function' ? { codec: 'none' } : compression, concurrency);
+    if (typeof compression === 'function') w.chooser = compression;
     w.fh = await open(path, 'w');
     return w;
   }
@@ -107,11 +119,11 @@ export class RoundWriter {
     await this.record(encodeRecordHeader(Kind.Zero, target, chunk, count), []);
   }
 
-  /** A run of chunks equal to the base's chunks at the same place. */
-  async base(target: Target, chunk: number, count: number): Promise<void> {
-    const src = Buffer.alloc(6);
-    src.writeUIntLE(chunk, 0, 6);
-    await this.record(encodeRecordHeader(target === Target.Disk ? Kind.BaseDisk : Kind.BaseMem, target, chunk, count), [src]);
+  /** A run of chunks equal to `count` chunks of the base's memory image or disk from chunk `src`. */
+  async base(target: Target, chunk: number, count: number, from: 'mem' | 'disk', src: number): Promise<void> {
+    const at = Buffer.alloc(6);
+    at.writeUIntLE(src, 0, 6);
+    await this.record(encodeRecordHeader(from === 'disk' ? Kind.BaseDisk : Kind.BaseMem, target, chunk, count), [at]);
   }
 
   /** `data.length / 4096` chunks of new content. */
@@ -130,6 +142,10 @@ export class RoundWriter {
     if (this.partRecords === 0) return;
     const raw = Buffer.concat(this.parts);
     if (this.sample.length === 0) this.sample = Buffer.from(raw.subarray(0, 1024 * 1024));
+    if (this.chooser) {
+      this.compression = await this.chooser(this.sample);
+      this.chooser = undefined;
+    }
     const records = this.partRecords;
     this.parts = [];
     this.partBytes = 0;
@@ -224,6 +240,8 @@ export interface RoundRecord {
   count: number;
   /** Raw: count × 4096 bytes. */
   data?: Buffer;
+  /** BaseMem / BaseDisk: the first base chunk to copy. */
+  src?: number;
 }
 
 /** The records of one decompressed segment. */
@@ -246,9 +264,10 @@ export function* recordsOf(segment: Buffer, file: string): Generator<RoundRecord
       yield { kind, target, chunk, count, data: segment.subarray(at, at + len) };
       at += len;
     } else if (kind === Kind.BaseDisk || kind === Kind.BaseMem) {
-      if (segment.readUIntLE(at, 6) !== chunk) throw corrupt(file, 'a base record points elsewhere than its own place');
+      if (at + 6 > segment.length) throw corrupt(file, 'a base record is cut short');
+      const src = segment.readUIntLE(at, 6);
       at += 6;
-      yield { kind, target, chunk, count };
+      yield { kind, target, chunk, count, src };
     } else {
       throw corrupt(file, `record kind ${kind} is not used in handoff rounds`);
     }

@@ -29,7 +29,8 @@ export interface BuildRoundInput {
   /** Disk layers frozen since the previous round, oldest first (qcow2, each over the one before). */
   diskLayers: string[];
   outPath: string;
-  compression: Compression;
+  /** A setting, or a chooser given the round's first MiB of records (see RoundWriter.create). */
+  compression: Compression | ((sample: Buffer) => Promise<Compression>);
   /** The last round: carries the skeleton and digests, so the destination can rebuild and verify. */
   final?: boolean;
   onProgress?(done: number, total: number, stage: string): void;
@@ -52,10 +53,13 @@ function digestsOf(ix: ChunkIndex): Buffer {
 }
 
 
-/** Collects consecutive chunks of one kind into records (at most MAX_RUN chunks each). */
+type ChunkKind = 'zero' | 'raw' | 'mem' | 'disk';
+
+/** Collects consecutive chunks of one kind (and, for base copies, consecutive sources) into records. */
 class RunBuilder {
-  private kind: 'zero' | 'base' | 'raw' | undefined;
+  private kind: ChunkKind | undefined;
   private start = 0;
+  private src = 0;
   private count = 0;
   private data: Buffer[] = [];
   constructor(
@@ -63,11 +67,14 @@ class RunBuilder {
     private readonly target: Target,
   ) {}
 
-  async add(kind: 'zero' | 'base' | 'raw', chunk: number, content?: Buffer): Promise<void> {
-    if (this.kind !== kind || this.start + this.count !== chunk || this.count >= MAX_RUN) await this.flush();
+  /** `src`: for 'mem' / 'disk', the base chunk the content equals. */
+  async add(kind: ChunkKind, chunk: number, content?: Buffer, src = 0): Promise<void> {
+    const continues = this.kind === kind && this.start + this.count === chunk && this.count < MAX_RUN && (kind === 'zero' || kind === 'raw' || this.src + this.count === src);
+    if (!continues) await this.flush();
     if (this.count === 0) {
       this.kind = kind;
       this.start = chunk;
+      this.src = src;
     }
     this.count += 1;
     if (kind === 'raw' && content) this.data.push(Buffer.from(content));
@@ -76,8 +83,8 @@ class RunBuilder {
   async flush(): Promise<void> {
     if (this.count === 0 || !this.kind) return;
     if (this.kind === 'zero') await this.w.zero(this.target, this.start, this.count);
-    else if (this.kind === 'base') await this.w.base(this.target, this.start, this.count);
-    else await this.w.raw(this.target, this.start, Buffer.concat(this.data));
+    else if (this.kind === 'raw') await this.w.raw(this.target, this.start, Buffer.concat(this.data));
+    else await this.w.base(this.target, this.start, this.count, this.kind, this.src);
     this.count = 0;
     this.data = [];
     this.kind = undefined;
@@ -206,7 +213,7 @@ export class HandoffSource {
         const d = ix.digestAt(i);
         const zero = d.equals(ZERO_CHUNK_SHA256);
         if (!zero) readFully(fd, page, CHUNK, i * CHUNK);
-        shipped += await this.consider(runs, this.mem, this.base.memIndex, w.stats, 'mem', i, zero ? ZERO_CHUNK : page, d);
+        shipped += await this.consider(runs, this.mem, w.stats, 'mem', i, zero ? ZERO_CHUNK : page, d);
       }
       await runs.flush();
     } finally {
@@ -247,7 +254,7 @@ export class HandoffSource {
           readFully(loc[0], buf, CHUNK, loc[1]);
           content = buf;
         }
-        shipped += await this.consider(runs, this.disk, this.base.diskIndex, w.stats, 'disk', c, content);
+        shipped += await this.consider(runs, this.disk, w.stats, 'disk', c, content);
         if (++done % 4096 === 0) input.onProgress?.(done, chunks.length, 'compare disk');
       }
       await runs.flush();
@@ -257,28 +264,41 @@ export class HandoffSource {
     return shipped;
   }
 
-  /** Adds chunk i to the round unless the destination already holds its content; returns payload bytes. */
-  private async consider(runs: RunBuilder, held: Buffer, base: ChunkIndex, stats: RoundMeta['stats'], what: 'mem' | 'disk', i: number, content: Buffer, digest?: Buffer): Promise<number> {
+  /**
+   * Adds chunk i to the round unless the destination already holds its content: as zero, as a
+   * copy of a base chunk with the same content (at the same place first, else anywhere in the
+   * base's memory or disk), or raw. Returns the payload bytes.
+   */
+  private async consider(runs: RunBuilder, held: Buffer, stats: RoundMeta['stats'], what: 'mem' | 'disk', i: number, content: Buffer, digest?: Buffer): Promise<number> {
     const zero = digest ? digest.equals(ZERO_CHUNK_SHA256) : content.equals(ZERO_CHUNK);
     const d = digest ?? (zero ? ZERO_CHUNK_SHA256 : createHash('sha256').update(content).digest());
     if (held.compare(d, 0, 32, i * 32, i * 32 + 32) === 0) return 0;
     d.copy(held, i * 32);
+    const count = (k: 'Zero' | 'Base' | 'Raw'): void => {
+      if (what === 'mem') stats[`mem${k}`] += 1;
+      else stats[`disk${k}`] += 1;
+    };
     if (what === 'mem') stats.memPages += 1;
     else stats.diskChunks += 1;
     if (zero) {
-      if (what === 'mem') stats.memZero += 1;
-      else stats.diskZero += 1;
+      count('Zero');
       await runs.add('zero', i);
       return 0;
     }
-    if (base.equalAt(i, d)) {
-      if (what === 'mem') stats.memBase += 1;
-      else stats.diskBase += 1;
-      await runs.add('base', i);
+    const same = what === 'mem' ? this.base.memIndex : this.base.diskIndex;
+    if (i < same.chunkCount && same.equalAt(i, d)) {
+      count('Base');
+      await runs.add(what, i, undefined, i);
       return 0;
     }
-    if (what === 'mem') stats.memRaw += 1;
-    else stats.diskRaw += 1;
+    const inMem = this.base.memIndex.findByDigest(d);
+    const inDisk = inMem === undefined ? this.base.diskIndex.findByDigest(d) : undefined;
+    if (inMem !== undefined || inDisk !== undefined) {
+      count('Base');
+      await runs.add(inMem !== undefined ? 'mem' : 'disk', i, undefined, inMem ?? inDisk ?? 0);
+      return 0;
+    }
+    count('Raw');
     await runs.add('raw', i, content);
     return CHUNK;
   }
