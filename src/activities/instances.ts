@@ -65,7 +65,12 @@ export function createInstanceActivities(deps: CloudletActivityDeps) {
    * UUID, so the domain XML is rewritten inside the (padded) header of the instance's own copy of
    * the save file; then the NIC is replugged with a fresh MAC and the app port forwarded.
    */
-  async function restoreAsInstance(rec: InstanceRecord, savePath: string, diskPath: string, verify?: Fingerprint): Promise<{ restoreMs: number; replugMs: number; hostPort: number; verified?: VmFingerprint }> {
+  /**
+   * `keepNic`: keep the saved NIC (MAC and guest address), as a live migration does: a VM that
+   * arrives by handoff is the same VM on the same virtual network, so its guest need not notice a
+   * new device (no hot-plug, no DHCP before it answers).
+   */
+  async function restoreAsInstance(rec: InstanceRecord, savePath: string, diskPath: string, verify?: Fingerprint, keepNic = false): Promise<{ restoreMs: number; replugMs: number; hostPort: number; verified?: VmFingerprint }> {
     const state = await hv.state(rec.domain);
     if (state === 'running' && rec.hostPort !== undefined) return { restoreMs: 0, replugMs: 0, hostPort: rec.hostPort };
     if (state !== 'absent') {
@@ -91,7 +96,7 @@ export function createInstanceActivities(deps: CloudletActivityDeps) {
       await hv.resume(rec.domain);
     }
     const t0 = Date.now();
-    await hv.replugNic(rec.domain, { mac: randomMac() });
+    if (!keepNic) await hv.replugNic(rec.domain, { mac: randomMac() });
     const replugMs = Date.now() - t0;
     const fwd = await hv.forwardPort(rec.domain, { guestPort: rec.appPort });
     rec.hostPort = fwd.hostPort;
@@ -267,12 +272,12 @@ export function createInstanceActivities(deps: CloudletActivityDeps) {
 
     /** Resume the synthesized VM (restore, replug its NIC, forward its app port); optionally wait for its app. */
     /** `verify`: restore paused and check the VM's fingerprint (handoff with full verification) before it runs. */
-    async resumeInstance(input: { instanceId: string; waitForApp?: boolean; appTimeoutMs?: number; verify?: Fingerprint }): Promise<{ restoreMs: number; replugMs: number; hostPort: number; timings: Record<string, number>; verified?: VmFingerprint; answeredAt?: number }> {
+    async resumeInstance(input: { instanceId: string; waitForApp?: boolean; appTimeoutMs?: number; verify?: Fingerprint; keepNic?: boolean }): Promise<{ restoreMs: number; replugMs: number; hostPort: number; timings: Record<string, number>; verified?: VmFingerprint; answeredAt?: number }> {
       const rec = await readRecord(input.instanceId);
       const dir = instanceDir(input.instanceId);
       let t0 = Date.now();
-      const r = await restoreAsInstance(rec, path.join(dir, 'memory.sav'), path.join(dir, 'disk.qcow2'), input.verify);
-      const timings: Record<string, number> = { 'resume and replug NICMs': Date.now() - t0 };
+      const r = await restoreAsInstance(rec, path.join(dir, 'memory.sav'), path.join(dir, 'disk.qcow2'), input.verify, input.keepNic);
+      const timings: Record<string, number> = { [input.keepNic ? 'resumeMs' : 'resume and replug NICMs']: Date.now() - t0 };
       if (input.waitForApp) {
         // In the same step: one workflow task less between "resumed" and "answers".
         t0 = Date.now();

@@ -248,8 +248,9 @@ export async function receiveHandoff(input: ReceiveHandoffInput) {
       state.phase = 'finishing';
       t.stage('rebuild and verify the VM');
       const built = await long.receiveFinish({ ...ids, appPort });
-      t.stage('resume, replug NIC, wait for the application');
-      const resumed = await long.resumeInstance({ instanceId: input.instanceId, waitForApp: true, ...(verify ? { verify } : {}) });
+      t.stage('resume, wait for the application');
+      // The VM keeps its NIC, as a live migration does (docs/handoff.md).
+      const resumed = await long.resumeInstance({ instanceId: input.instanceId, waitForApp: true, keepNic: true, ...(verify ? { verify } : {}) });
       state.result = {
         instanceId: input.instanceId,
         hostId: input.hostId,
