@@ -52,6 +52,7 @@ import { importBaseVm, resumeBaseVm, synthesizeVm, terminateVm } from '../src/wo
 import { WORKLOAD_APP_PORT } from '../src/workloads';
 import { startTestCluster, type TestCluster } from '../test/helpers/cluster';
 import { REPO, removeHostDomains } from '../test/helpers/infra';
+import { GUEST_WRITER_SCRIPT, testGuestExec } from '../test/helpers/guest-writer';
 import { argRuns, median } from './lib';
 import { build } from './workloads';
 
@@ -116,19 +117,6 @@ class Poller {
     return gap;
   }
 }
-
-const CHURN = `cat > /run/churn.sh <<'X'
-i=0
-while :; do
-  i=$((i+1))
-  dd if=/dev/urandom of=/run/churn.mem bs=4096 count=128 conv=notrunc 2>/dev/null
-  dd if=/dev/urandom of=/data/app/churn.bin bs=4096 count=8 conv=notrunc 2>/dev/null
-  sync
-  sleep 0.1
-done
-X
-setsid sh /run/churn.sh </dev/null >/dev/null 2>&1 &
-echo started`;
 
 interface GuestSpec {
   name: GuestName;
@@ -197,8 +185,7 @@ async function main(): Promise<void> {
         const instanceId = `hb-test-${tag}`;
         const r = await east.client.workflow.execute(resumeBaseVm, { taskQueue: hostTaskQueue(eastHost), workflowId: `resumeBaseVm/${eastHost}/${instanceId}`, args: [{ hostId: eastHost, baseId: pkg.baseId, instanceId, onHostQueue: true }] });
         const port = (r as { hostPort: number }).hostPort;
-        const res = await fetch(`http://127.0.0.1:${port}/cgi-bin/exec?timeout=30`, { method: 'POST', body: CHURN });
-        if (!((await res.text()).includes('started'))) throw new Error('the test guest\'s writer did not start');
+        if ((await testGuestExec(port, GUEST_WRITER_SCRIPT)) !== 'started') throw new Error('the test guest\'s writer did not start');
         return { instanceId, hostPort: port };
       },
       async ask(port) {

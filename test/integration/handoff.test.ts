@@ -23,30 +23,13 @@ import { startTestCluster, type TestCluster } from '../helpers/cluster';
 import { testBasePackage } from '../helpers/test-base';
 import { REPO, removeHostDomains } from '../helpers/infra';
 import { pollUntil, waitFor } from '../helpers/poll';
+import { GUEST_WRITER_SCRIPT, testGuestExec } from '../helpers/guest-writer';
 import type { HandoffInstanceRequest } from '../../src/service/handoff-types';
 
 jest.setTimeout(30 * 60_000);
 
-const CHURN = `cat > /run/churn.sh <<'X'
-i=0
-while :; do
-  i=$((i+1))
-  dd if=/dev/urandom of=/run/churn.mem bs=4096 count=128 conv=notrunc 2>/dev/null
-  dd if=/dev/urandom of=/data/app/churn.bin bs=4096 count=8 conv=notrunc 2>/dev/null
-  echo $i > /data/app/seq.tmp && mv /data/app/seq.tmp /data/app/seq && sync
-  echo $i > /run/seq
-  sleep 0.1
-done
-X
-setsid sh /run/churn.sh </dev/null >/dev/null 2>&1 &
-echo started`;
-
-async function guestExec(port: number, script: string): Promise<string> {
-  const res = await fetch(`http://127.0.0.1:${port}/cgi-bin/exec?timeout=30`, { method: 'POST', body: script, signal: AbortSignal.timeout(60_000) });
-  const body = (await res.json()) as { exitCode: number; output: string };
-  if (body.exitCode !== 0) throw new Error(`guest script failed (${body.exitCode}): ${body.output}`);
-  return body.output.trim();
-}
+const CHURN = GUEST_WRITER_SCRIPT;
+const guestExec = testGuestExec;
 
 describe('live handoff between two clusters', () => {
   let east: TestCluster;
