@@ -10,6 +10,8 @@
  */
 import { spawn, type ChildProcess } from 'node:child_process';
 import fs from 'node:fs';
+import { Writable } from 'node:stream';
+import { runCli } from '../../src/cli/main';
 import path from 'node:path';
 import { createLogger } from '../../src/common/logger';
 import { startApi, type RunningApi } from '../../src/api/server';
@@ -27,6 +29,14 @@ import { GUEST_WRITER_SCRIPT, testGuestExec } from '../helpers/guest-writer';
 import type { HandoffInstanceRequest } from '../../src/service/handoff-types';
 
 jest.setTimeout(30 * 60_000);
+
+class Capture extends Writable {
+  text = '';
+  override _write(chunk: Buffer, _enc: BufferEncoding, cb: () => void): void {
+    this.text += chunk.toString();
+    cb();
+  }
+}
 
 const CHURN = GUEST_WRITER_SCRIPT;
 const guestExec = testGuestExec;
@@ -144,6 +154,26 @@ describe('live handoff between two clusters', () => {
     expect(ticket).toBeUndefined(); // never in a result
     const forged = await fetch(`${westApi.url}/v1/handoffs/${r.handoffId}/rounds`, { method: 'POST', headers: { authorization: 'Bearer forged.ticket', 'content-type': 'application/json' }, body: JSON.stringify({ round: 1, final: false }) });
     expect(forged.status).toBe(401);
+  });
+
+  it('the CLI hands an instance off through the API and shows every round', async () => {
+    const inst = await runningInstance('cli');
+    const stdout = new Capture();
+    const stderr = new Capture();
+    const code = await runCli(['--json', 'instance', 'handoff', inst.id, '--to', westApi.url, '--to-host', west.hosts[0] ?? ''], {
+      stdout,
+      stderr,
+      env: { CLOUDLET_API_URL: eastApi.url, CLOUDLET_API_TOKEN: eastToken, CLOUDLET_DESTINATION_TOKEN: westToken },
+    });
+    expect(stderr.text).toMatch(/round 1: [0-9.]+ MB sent/);
+    expect(stderr.text).toMatch(/last round: [0-9.]+ MB sent/);
+    expect(code).toBe(0);
+    const out = JSON.parse(stdout.text) as { instanceId: string; rounds: number; destination: { appEndpoint: string } };
+    expect(out.instanceId).toBe(inst.id);
+    expect((await new GuestAppClient(Number(out.destination.appEndpoint.split(':')[1])).state()).token).toBe('tok-cli');
+    // Without credentials for the destination the CLI says what to pass, and nothing starts.
+    const none = await runCli(['--json', 'instance', 'handoff', 'i-whatever', '--to', westApi.url], { stdout: new Capture(), stderr: new Capture(), env: { CLOUDLET_API_URL: eastApi.url, CLOUDLET_API_TOKEN: eastToken } });
+    expect(none).not.toBe(0);
   });
 
   it('refuses a missing, forged or used ticket; nothing is received', async () => {

@@ -73,7 +73,7 @@ export function registerInstanceCommands(program: Command, env: CommandEnv): voi
       .option('--verify <mode>', "'digests' (default) or 'full': also compare guest memory and disk hashes before the destination resumes the VM", 'digests'),
   ).action(
     env.api(async (ctx, remote, id: string, opts: WaitOptionValues & { to: string; toToken?: string; toHost?: string; linkMbit?: number; maxRounds?: number; verify: string }) => {
-      const token = opts.toToken ?? process.env.CLOUDLET_DESTINATION_TOKEN;
+      const token = opts.toToken ?? ctx.io.env.CLOUDLET_DESTINATION_TOKEN;
       if (!token) throw new CloudletError('BAD_INPUT', 'no credentials for the destination cluster', { fix: 'pass --to-token or set CLOUDLET_DESTINATION_TOKEN to a token of its CLOUDLET_API_TOKENS' });
       if (opts.verify !== 'digests' && opts.verify !== 'full') throw new CloudletError('BAD_INPUT', `--verify ${opts.verify} is not a mode`, { fix: "use 'digests' or 'full'" });
       const req = {
