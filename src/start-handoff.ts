@@ -57,14 +57,22 @@ export async function handoffStory(deps: HandoffStoryDeps): Promise<void> {
     }
     const [east, west] = clouds as [CloudletApiClient, CloudletApiClient];
     const follow = async (cloud: CloudletApiClient, id: string) => {
-      let last = '';
+      // Every stage once, those finished between two polls too (a round's summary is one).
+      const seen = new Set<string>();
+      const show = (stage: string): void => {
+        if (stage && !seen.has(stage)) {
+          seen.add(stage);
+          say(`  ${stage}`);
+        }
+      };
       const s = await cloud.waitForOperation(id, {
         timeoutMs: 15 * 60_000,
         onProgress: (st) => {
-          const stage = st.progress?.stage ?? '';
-          if (stage !== last) say(`  ${(last = stage)}`);
+          for (const d of st.progress?.done ?? []) show(d);
+          show(st.progress?.stage ?? '');
         },
       });
+      for (const d of s.progress?.done ?? []) show(d);
       return s.result as Record<string, unknown>;
     };
     for (const [i, c] of clusters.entries()) await follow(clouds[i] as CloudletApiClient, (await (clouds[i] as CloudletApiClient).importBase({ hostId: c.host, source: deps.pkg.packageFile })).id);
