@@ -86,8 +86,12 @@ export function createHandoffSourceActivities(deps: HandoffSourceDeps) {
 
   let samples: { handoffId: string; samples: CompressionSample[] } | undefined;
 
-  /** One round: capture, diff, upload, apply at the destination, commit. */
-  async function sendRound(input: RoundInput, final: boolean): Promise<RoundReport> {
+  /**
+   * One round: capture, diff, upload, apply at the destination, commit. The last round pauses the
+   * VM itself, once everything that does not need the pause is ready (base and state opened, the
+   * base's digest tables built); `onPause` hears when.
+   */
+  async function sendRound(input: RoundInput, final: boolean, onPause?: (at: number) => void): Promise<RoundReport> {
     const t0 = performance.now();
     const rec = await records.read(input.instanceId);
     const hid = input.ticket.handoffId;
@@ -127,7 +131,13 @@ export function createHandoffSourceActivities(deps: HandoffSourceDeps) {
         if ((await hv.state(rec.domain)) === 'paused') await hv.resume(rec.domain);
       }
     } else {
-      // The VM is paused (the cut-over suspended it): its memory stream is exact, its top layer still.
+      // Pause as late as possible: what the build needs that does not change is ready first.
+      (await HandoffSource.open(p.source, hid, base)).warm();
+      if ((await hv.state(rec.domain)) === 'running') {
+        onPause?.(performance.now());
+        await hv.suspend(rec.domain);
+      }
+      // Paused: the memory stream is exact and the top layer still.
       await withHeartbeats(hv.streamMemory(rec.domain, save), () => ({ stage: 'last round: stream memory' }));
       diskLayers = [...layers.frozen.slice(layers.shipped), await hv.diskTop(rec.domain)];
     }
@@ -220,9 +230,8 @@ export function createHandoffSourceActivities(deps: HandoffSourceDeps) {
      */
     async handoffCutOver(input: RoundInput & { verify?: 'digests' | 'full' }): Promise<{ report: RoundReport; received: ReceivedVm; pausedMs: number; verified?: VmFingerprint }> {
       const rec = await records.read(input.instanceId);
-      const t0 = performance.now();
-      if ((await hv.state(rec.domain)) === 'running') await hv.suspend(rec.domain);
-      const report = await sendRound(input, true);
+      let t0 = performance.now();
+      const report = await sendRound(input, true, (at) => (t0 = at));
       let verified: VmFingerprint | undefined;
       if (input.verify === 'full') {
         const p = handoffPaths(deps.dataDir, input.ticket.handoffId);

@@ -116,6 +116,12 @@ export class HandoffSource {
     return new HandoffSource(dir, handoffId, base, await load('mem.digests', base.memIndex), await load('disk.digests', base.diskIndex));
   }
 
+  /** Builds the base's digest lookup tables now (they are built on first use otherwise). */
+  warm(): void {
+    this.base.memIndex.findByDigest(ZERO_CHUNK_SHA256);
+    this.base.diskIndex.findByDigest(ZERO_CHUNK_SHA256);
+  }
+
   /**
    * Keeps what the destination will hold once it applies the rounds built so far, beside the
    * committed state (two phases: a round the destination applied but the source did not commit,
