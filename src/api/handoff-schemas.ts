@@ -1,11 +1,10 @@
-/** The handoff routes' schemas (registered with the API's named schemas for the OpenAPI document). */
+/**
+ * The handoff routes' schemas (registered with the API's named schemas for the OpenAPI document).
+ * The answers are the schemas the source's client parses them with (src/client/handoff-peer.ts).
+ */
 import { z } from 'zod';
-import { apiSchemas, HostIdSchema, InstanceIdSchema, Sha256IdSchema } from './schemas';
-
-function named<T extends z.ZodType>(id: string, schema: T, description?: string): T {
-  apiSchemas.add(schema, description === undefined ? { id } : { id, description });
-  return schema;
-}
+import * as Peer from '../client/handoff-peer';
+import { HostIdSchema, InstanceIdSchema, named, Sha256IdSchema } from './schemas';
 
 const HttpUrl = z.string().url().refine((s) => /^https?:\/\//.test(s), 'an http(s) URL');
 
@@ -39,14 +38,10 @@ export const BeginReceiveBodySchema = named(
   'A source cluster asks to hand a VM over to this cluster.',
 );
 
-export const HandoffTicketSchema = named(
-  'HandoffTicket',
-  z.object({ handoffId: z.string(), ticket: z.string(), hostId: z.string(), instanceId: z.string(), receiverUrl: z.string(), expiresAt: z.string() }),
-  'A short-lived, single-use ticket to send one VM to one host of this cluster, and where to send its rounds.',
-);
+export const HandoffTicketSchema = named('HandoffTicket', Peer.HandoffTicketSchema, 'A short-lived, single-use ticket to send one VM to one host of this cluster, and where to send its rounds.');
 
 export const RoundArrivedBodySchema = named('RoundArrived', z.strictObject({ round: z.number().int().min(1).max(10_000), final: z.boolean() }));
-export const AppliedRoundSchema = named('AppliedRound', z.object({ round: z.number().int(), ms: z.number(), stats: z.record(z.string(), z.number()), final: z.boolean() }));
+export const AppliedRoundSchema = named('AppliedRound', Peer.AppliedRoundSchema);
 const Sha = z.string().regex(/^[0-9a-f]{64}$/);
 const FingerprintSchema = z.strictObject({ memorySha256: Sha, diskSha256: Sha });
 export const CompleteBodySchema = named(
@@ -54,18 +49,6 @@ export const CompleteBodySchema = named(
   z.strictObject({ appPort: z.number().int().min(1).max(65535), verify: FingerprintSchema.optional() }),
   'The VM\'s application port; with verify, the paused source\'s guest memory and disk hashes, which the destination checks before it resumes the VM.',
 );
-export const ReceivedVmSchema = named(
-  'ReceivedVm',
-  z.object({ instanceId: z.string(), hostId: z.string(), appEndpoint: z.string().optional(), timings: z.record(z.string(), z.number()), verified: FingerprintSchema.optional(), answeredAt: z.number().optional() }),
-);
+export const ReceivedVmSchema = named('ReceivedVm', Peer.ReceivedVmSchema);
 export const AbortBodySchema = z.strictObject({ reason: z.string().max(1000).optional() });
-export const ReceiveStatusSchema = named(
-  'ReceiveStatus',
-  z.object({
-    handoffId: z.string(),
-    phase: z.enum(['preparing', 'receiving', 'finishing', 'resumed', 'failed', 'aborted']),
-    applied: z.number().int(),
-    result: ReceivedVmSchema.optional(),
-    error: z.string().optional(),
-  }),
-);
+export const ReceiveStatusSchema = named('ReceiveStatus', Peer.ReceiveStatusSchema);

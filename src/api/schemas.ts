@@ -9,7 +9,7 @@ import { HOST_ID_PATTERN } from '../common/names';
 /** Named schemas of the API; their names become OpenAPI components. */
 export const apiSchemas = z.registry<{ id: string; description?: string }>();
 
-function named<T extends z.ZodType>(id: string, schema: T, description?: string): T {
+export function named<T extends z.ZodType>(id: string, schema: T, description?: string): T {
   apiSchemas.add(schema, description === undefined ? { id } : { id, description });
   return schema;
 }
