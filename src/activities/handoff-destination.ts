@@ -39,8 +39,32 @@ export function createHandoffDestinationActivities(deps: HandoffDestinationDeps)
   }
 
   return {
-    /** Working files from the base; the receiver accepts the ticket from now on. */
-    async receivePrepare(input: ReceiveInput): Promise<{ receiverUrl: string }> {
+    /**
+     * The receiver accepts the ticket from now on. Says whether this host holds the VM's base (if
+     * not, the source sends its package to `basePackage` and the workflow imports it).
+     */
+    async receiveOpen(input: ReceiveInput): Promise<{ receiverUrl: string; hasBase: boolean; basePackage: string }> {
+      let hasBase = true;
+      try {
+        await readBaseManifest(storeRoot, input.baseId);
+      } catch (e) {
+        if (!isCloudletError(e) || e.code !== 'NOT_FOUND') throw e;
+        hasBase = false;
+      }
+      if (records.exists(input.instanceId)) {
+        const rec = await records.read(input.instanceId);
+        if (rec.handoffId !== input.handoffId) {
+          throw new CloudletError('CONFLICT', `host ${deps.hostId} already has an instance ${input.instanceId}`, { fix: 'terminate it first, or hand off under another id' });
+        }
+      }
+      const p = handoffPaths(deps.dataDir, input.handoffId);
+      await fs.promises.mkdir(p.incoming, { recursive: true });
+      await fs.promises.writeFile(p.receiving, JSON.stringify({ instanceId: input.instanceId, since: new Date().toISOString() }));
+      return { receiverUrl: `${deps.publicUrl()}/handoffs/${input.handoffId}`, hasBase, basePackage: p.incomingBase };
+    },
+
+    /** Working files from the base (imported by now); a base package the source sent goes. */
+    async receivePrepare(input: ReceiveInput): Promise<void> {
       try {
         await readBaseManifest(storeRoot, input.baseId);
       } catch (e) {
@@ -51,17 +75,9 @@ export function createHandoffDestinationActivities(deps: HandoffDestinationDeps)
         }
         throw e;
       }
-      if (records.exists(input.instanceId)) {
-        const rec = await records.read(input.instanceId);
-        if (rec.handoffId !== input.handoffId) {
-          throw new CloudletError('CONFLICT', `host ${deps.hostId} already has an instance ${input.instanceId}`, { fix: 'terminate it first, or hand off under another id' });
-        }
-      }
       const p = handoffPaths(deps.dataDir, input.handoffId);
+      await fs.promises.rm(p.incomingBase, { force: true });
       await withHeartbeats(open(input), () => ({ stage: 'prepare working files' }));
-      await fs.promises.mkdir(p.incoming, { recursive: true });
-      await fs.promises.writeFile(p.receiving, JSON.stringify({ instanceId: input.instanceId, since: new Date().toISOString() }));
-      return { receiverUrl: `${deps.publicUrl()}/handoffs/${input.handoffId}` };
     },
 
     async receiveApplyRound(input: ReceiveInput & { round: number }): Promise<{ round: number; ms: number; stats: Record<string, number>; final: boolean }> {

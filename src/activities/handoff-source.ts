@@ -7,14 +7,14 @@
 import fs from 'node:fs';
 import { availableParallelism } from 'node:os';
 import type { Logger } from 'pino';
-import { openBase } from '../core/base';
+import { exportBase, openBase } from '../core/base';
 import { CloudletError, isCloudletError } from '../core/errors';
 import { HandoffSource } from '../core/handoff/source';
 import { handoffPaths } from '../core/handoff/paths';
 import { chooseCompression, type CompressionSample } from '../core/handoff/policy';
 import { probeCompression } from '../core/handoff/compression-probe';
 import type { Compression } from '../core/handoff/round';
-import { HandoffPeer, uploadRound, type HandoffTicket, type ReceivedVm } from '../client/handoff-peer';
+import { HandoffPeer, uploadBase, uploadRound, type HandoffTicket, type ReceivedVm } from '../client/handoff-peer';
 import type { Hypervisor } from '../hypervisor/types';
 import { heartbeat, heartbeatOrCancel, withHeartbeats, cancellationSignal } from './heartbeat';
 import { instanceRecords } from './instance-records';
@@ -64,6 +64,17 @@ export interface RoundReport {
   sendBytesPerSec: number;
   /** What the next round should use, from this round's payload and link. */
   nextCompression: Compression;
+}
+
+/** A base package sent to a destination host that lacked it. */
+export interface BaseSent {
+  baseId: string;
+  /** The package's size, and the bytes this attempt sent (less after a resumed upload). */
+  bytes: number;
+  sent: number;
+  exportMs: number;
+  uploadMs: number;
+  importMs: number;
 }
 
 export function createHandoffSourceActivities(deps: HandoffSourceDeps) {
@@ -251,6 +262,30 @@ export function createHandoffSourceActivities(deps: HandoffSourceDeps) {
     },
 
     /** Before the cut-over completed: the source VM runs again, the destination forgets the handoff. */
+    /**
+     * The destination host lacks the VM's base: export its package (kept for the next handoff),
+     * upload it to the receiver (resumable), and have the destination import it.
+     */
+    async handoffSendBase(input: { instanceId: string; ticket: HandoffTicket; destinationApiUrl: string }): Promise<BaseSent> {
+      const rec = await records.read(input.instanceId);
+      const file = handoffPaths(deps.dataDir, input.ticket.handoffId).exportedBase(rec.baseId);
+      let exportMs = 0;
+      if (!fs.existsSync(file)) {
+        const t0 = performance.now();
+        await fs.promises.mkdir(path.dirname(file), { recursive: true });
+        await exportBase(storeRoot, rec.baseId, file, { onProgress: (done, total) => heartbeatOrCancel({ stage: 'export the base package', bytesDone: done, bytesTotal: total }) });
+        exportMs = Math.round(performance.now() - t0);
+      }
+      const signal = cancellationSignal();
+      const up = await uploadBase(input.ticket, file, {
+        onProgress: (sent, total) => heartbeat({ stage: 'send the base package', bytesDone: sent, bytesTotal: total }),
+        ...(signal ? { signal } : {}),
+      });
+      const imported = await withHeartbeats(new HandoffPeer(input.destinationApiUrl).baseReady(input.ticket), () => ({ stage: 'the destination imports the base' }));
+      log.info({ handoffId: input.ticket.handoffId, baseId: rec.baseId, bytes: up.bytes, uploadMs: up.ms, importMs: imported.importMs }, 'base package sent to the destination');
+      return { baseId: rec.baseId, bytes: up.bytes, sent: up.sent, exportMs, uploadMs: up.ms, importMs: imported.importMs };
+    },
+
     async handoffResumeSource(input: { instanceId: string; ticket?: HandoffTicket; destinationApiUrl?: string; reason: string }): Promise<{ resumed: boolean; destinationAborted: boolean }> {
       const rec = await records.read(input.instanceId);
       let resumed = false;

@@ -40,6 +40,8 @@ export const BeginReceiveBodySchema = named(
 
 export const HandoffTicketSchema = named('HandoffTicket', Peer.HandoffTicketSchema, 'A short-lived, single-use ticket to send one VM to one host of this cluster, and where to send its rounds.');
 
+export const BaseImportedSchema = named('BaseImported', Peer.BaseImportedSchema, 'The base package the source sent, imported on the receiving host.');
+export const BaseArrivedBodySchema = z.strictObject({});
 export const RoundArrivedBodySchema = named('RoundArrived', z.strictObject({ round: z.number().int().min(1).max(10_000), final: z.boolean() }));
 export const AppliedRoundSchema = named('AppliedRound', Peer.AppliedRoundSchema);
 const Sha = z.string().regex(/^[0-9a-f]{64}$/);

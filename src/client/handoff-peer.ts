@@ -17,6 +17,8 @@ export const HandoffTicketSchema = z.object({
   instanceId: z.string(),
   receiverUrl: z.string().url(),
   expiresAt: z.string(),
+  /** The receiving host lacks the VM's base: the source sends its package first (uploadBase, baseReady). */
+  needsBase: z.boolean().optional(),
 });
 export type HandoffTicket = z.infer<typeof HandoffTicketSchema>;
 
@@ -38,7 +40,10 @@ export const ReceivedVmSchema = z.object({
 });
 export type ReceivedVm = z.infer<typeof ReceivedVmSchema>;
 
-export const HandoffPhaseSchema = z.enum(['preparing', 'receiving', 'finishing', 'resumed', 'failed', 'aborted']);
+export const BaseImportedSchema = z.object({ baseId: z.string(), alreadyPresent: z.boolean(), importMs: z.number() });
+export type BaseImported = z.infer<typeof BaseImportedSchema>;
+
+export const HandoffPhaseSchema = z.enum(['preparing', 'awaiting base', 'importing base', 'receiving', 'finishing', 'resumed', 'failed', 'aborted']);
 export const ReceiveStatusSchema = z.object({
   handoffId: z.string(),
   phase: HandoffPhaseSchema,
@@ -111,6 +116,11 @@ export class HandoffPeer {
     return call('ask the destination for a handoff ticket', `${this.base}/v1/handoffs`, { method: 'POST', ...json(token, req) }, HandoffTicketSchema);
   }
 
+  /** The base package is uploaded: the destination imports it and answers when it is ready to receive rounds. */
+  baseReady(t: HandoffTicket): Promise<BaseImported> {
+    return call('have the destination import the base', `${this.base}/v1/handoffs/${t.handoffId}/base`, { method: 'POST', ...json(t.ticket, {}) }, BaseImportedSchema, 60 * 60_000);
+  }
+
   /** Round `round` is uploaded: the destination applies it and answers when it has. */
   roundReady(t: HandoffTicket, round: number, final: boolean): Promise<AppliedRoundInfo> {
     return call(`have the destination apply round ${round}`, `${this.base}/v1/handoffs/${t.handoffId}/rounds`, { method: 'POST', ...json(t.ticket, { round, final }) }, AppliedRoundSchema, 30 * 60_000);
@@ -147,8 +157,22 @@ const OffsetSchema = z.coerce.number().int().nonnegative();
  * Uploads a round file to the receiving host: HEAD says how much it has, PUT sends the rest with
  * `Upload-Offset`. A broken connection is retried from the host's offset (`attempts` times).
  */
-export async function uploadRound(t: HandoffTicket, round: number, file: string, opts: { attempts?: number; onProgress?(sent: number, total: number): void; signal?: AbortSignal } = {}): Promise<UploadResult> {
-  const url = `${t.receiverUrl}/rounds/${round}`;
+export interface UploadOptions {
+  attempts?: number;
+  onProgress?(sent: number, total: number): void;
+  signal?: AbortSignal;
+}
+
+export function uploadRound(t: HandoffTicket, round: number, file: string, opts: UploadOptions = {}): Promise<UploadResult> {
+  return upload(t, `${t.receiverUrl}/rounds/${round}`, `round ${round}`, file, opts);
+}
+
+/** Uploads the base VM package to a receiving host that lacks it (resumable like a round). */
+export function uploadBase(t: HandoffTicket, file: string, opts: UploadOptions = {}): Promise<UploadResult> {
+  return upload(t, `${t.receiverUrl}/base`, 'the base package', file, opts);
+}
+
+async function upload(t: HandoffTicket, url: string, what: string, file: string, opts: UploadOptions): Promise<UploadResult> {
   const total = (await stat(file)).size;
   const t0 = performance.now();
   const attempts = opts.attempts ?? 5;
@@ -158,10 +182,10 @@ export async function uploadRound(t: HandoffTicket, round: number, file: string,
     opts.signal?.throwIfAborted();
     try {
       const head = await fetch(url, { method: 'HEAD', headers: { authorization: `Bearer ${t.ticket}` }, signal: AbortSignal.timeout(30_000) });
-      if (!head.ok) throw await failure(`upload round ${round}`, head);
+      if (!head.ok) throw await failure(`upload ${what}`, head);
       const offset = OffsetSchema.parse(head.headers.get('upload-offset') ?? '0');
       if (offset === total) return { bytes: total, sent, ms: Math.round(performance.now() - t0), attempts: attempt };
-      if (offset > total) throw new CloudletError('CONFLICT', `the receiving host has ${offset} bytes of round ${round}, more than its ${total}`, { fix: 'retry the handoff' });
+      if (offset > total) throw new CloudletError('CONFLICT', `the receiving host has ${offset} bytes of ${what}, more than its ${total}`, { fix: 'retry the handoff' });
       const body = createReadStream(file, { start: offset, highWaterMark: 256 * 1024 });
       let here = offset;
       body.on('data', (c: Buffer | string) => {
@@ -176,7 +200,7 @@ export async function uploadRound(t: HandoffTicket, round: number, file: string,
         duplex: 'half',
         ...(opts.signal ? { signal: opts.signal } : {}),
       } as RequestInit);
-      if (!res.ok) throw await failure(`upload round ${round}`, res);
+      if (!res.ok) throw await failure(`upload ${what}`, res);
       await res.arrayBuffer();
     } catch (e) {
       if (e instanceof CloudletError && !e.retryable) throw e;
@@ -185,5 +209,5 @@ export async function uploadRound(t: HandoffTicket, round: number, file: string,
       await new Promise((r) => setTimeout(r, Math.min(4000, 250 * 2 ** attempt)));
     }
   }
-  throw lastError instanceof CloudletError ? lastError : unreachable(`upload round ${round} (${attempts} attempts)`, url, lastError);
+  throw lastError instanceof CloudletError ? lastError : unreachable(`upload ${what} (${attempts} attempts)`, url, lastError);
 }

@@ -2,18 +2,18 @@
  * What the API offers for handoff, independent of how it is carried out (the Temporal-backed
  * TemporalHandoffService; the API answers 501 without one).
  */
-import type { AppliedRoundInfo, Fingerprint, HandoffTicket, ReceivedVm, ReceiveStatus } from '../client/handoff-peer';
+import type { AppliedRoundInfo, BaseImported, Fingerprint, HandoffTicket, ReceivedVm, ReceiveStatus } from '../client/handoff-peer';
 import type { OperationRef } from './types';
 
-export type { AppliedRoundInfo, Fingerprint, HandoffTicket, ReceivedVm, ReceiveStatus };
+export type { AppliedRoundInfo, BaseImported, Fingerprint, HandoffTicket, ReceivedVm, ReceiveStatus };
 
 /** A source asks this cluster to receive a VM. */
 export interface BeginReceiveRequest {
   /** The id the VM has at the source; it keeps it here. */
   instanceId: string;
-  /** The base the VM runs on: a host here must hold it. */
+  /** The base the VM runs on (a host lacking it gets its package from the source first). */
   baseId: string;
-  /** A host of this cluster (default: a serving host that holds the base). */
+  /** A host of this cluster (default: a serving host that holds the base, else any serving host). */
   hostId?: string;
 }
 
@@ -41,6 +41,7 @@ export interface HandoffInstanceRequest {
 
 export interface HandoffService {
   beginReceive(req: BeginReceiveRequest): Promise<HandoffTicket>;
+  baseArrived(ticket: string, handoffId: string): Promise<BaseImported>;
   roundArrived(ticket: string, handoffId: string, round: { round: number; final: boolean }): Promise<AppliedRoundInfo>;
   complete(ticket: string, handoffId: string, appPort: number, verify?: Fingerprint): Promise<ReceivedVm>;
   status(ticket: string, handoffId: string): Promise<ReceiveStatus>;

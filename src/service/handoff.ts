@@ -12,10 +12,10 @@ import { randomBytes } from 'node:crypto';
 import { WorkflowUpdateFailedError, type Client, type WorkflowHandle } from '@temporalio/client';
 import { ApplicationFailure } from '@temporalio/common';
 import { assertHostServing } from '../client/connect';
-import { HandoffPeer, type AppliedRoundInfo, type Fingerprint, type HandoffTicket, type ReceivedVm, type ReceiveStatus } from '../client/handoff-peer';
+import { HandoffPeer, type AppliedRoundInfo, type BaseImported, type Fingerprint, type HandoffTicket, type ReceivedVm, type ReceiveStatus } from '../client/handoff-peer';
 import { CloudletError } from '../core/errors';
 import { issueTicket, verifyTicket, type TicketClaims } from '../core/handoff/ticket';
-import { abortSignal, completeUpdate, handoffVm, receiveHandoff, receiveStateQuery, roundArrivedUpdate, type ReceiveState } from '../workflows';
+import { abortSignal, baseArrivedUpdate, completeUpdate, handoffVm, receiveHandoff, receiveStateQuery, roundArrivedUpdate, type ReceiveState } from '../workflows';
 import type { TemporalCloudletService } from './temporal';
 import type { BeginReceiveRequest, HandoffInstanceRequest, HandoffService } from './handoff-types';
 import type { OperationRef } from './types';
@@ -50,16 +50,13 @@ export class TemporalHandoffService implements HandoffService {
       if (!this.options.hosts.includes(hostId)) throw new CloudletError('UNKNOWN_HOST', `host ${hostId} is not a host of this cluster`, { fix: `choose one of ${this.options.hosts.join(', ')}, or leave hostId out` });
       await assertHostServing(this.client, hostId);
     } else {
+      // A serving host that holds the base; else a serving host, to which the source sends it.
       const base = await this.service.getBase(req.baseId);
-      for (const h of base?.hostIds ?? []) {
-        if (this.options.hosts.includes(h) && (await assertHostServing(this.client, h).then(() => true, () => false))) {
-          hostId = h;
-          break;
-        }
-      }
+      const serving = await Promise.all(this.options.hosts.map(async (h) => ((await assertHostServing(this.client, h).then(() => true, () => false)) ? h : undefined)));
+      hostId = serving.find((h) => h !== undefined && base?.hostIds.includes(h)) ?? serving.find((h) => h !== undefined);
       if (hostId === undefined) {
-        throw new CloudletError('WRONG_BASE', `no serving host of this cluster holds base ${req.baseId.slice(0, 12)}…, which the VM runs on`, {
-          fix: 'import the base on a host of this cluster (POST /v1/bases), or name a host that has it',
+        throw new CloudletError('DESTINATION_UNAVAILABLE', `no host of this cluster (${this.options.hosts.join(', ')}) is serving`, {
+          fix: 'start a host worker (npm run worker -- --host <id>)',
         });
       }
     }
@@ -80,14 +77,22 @@ export class TemporalHandoffService implements HandoffService {
     const handle = this.client.workflow.getHandle(workflowId);
     const state = await this.waitPrepared(handle);
     const ticket = issueTicket(this.options.secret, { hid: handoffId, host: hostId, inst: req.instanceId, exp: expiresAt });
-    return { handoffId, ticket, hostId, instanceId: req.instanceId, receiverUrl: state.receiverUrl ?? '', expiresAt: new Date(expiresAt).toISOString() };
+    return {
+      handoffId,
+      ticket,
+      hostId,
+      instanceId: req.instanceId,
+      receiverUrl: state.receiverUrl ?? '',
+      expiresAt: new Date(expiresAt).toISOString(),
+      ...(state.phase === 'awaiting base' ? { needsBase: true } : {}),
+    };
   }
 
   private async waitPrepared(handle: WorkflowHandle): Promise<ReceiveState> {
     const deadline = Date.now() + PREPARE_WAIT_MS;
     for (;;) {
       const st = await handle.query(receiveStateQuery).catch(() => undefined);
-      if (st?.receiverUrl) return st;
+      if (st?.receiverUrl && (st.phase === 'receiving' || st.phase === 'awaiting base')) return st;
       if (st && (st.phase === 'failed' || st.phase === 'aborted')) break;
       const d = await handle.describe();
       if (d.status.name !== 'RUNNING') break;
@@ -113,6 +118,16 @@ export class TemporalHandoffService implements HandoffService {
     const d = await handle.describe().catch(() => undefined);
     if (!d || d.status.name !== 'RUNNING') {
       throw new CloudletError('FORBIDDEN', `handoff ${hid} has ended (${d ? d.status.name.toLowerCase() : 'unknown'}): its ticket is used up`, { fix: 'start a new handoff for a new ticket' });
+    }
+  }
+
+  async baseArrived(ticket: string, hid: string): Promise<BaseImported> {
+    const { handle } = this.handleFor(ticket, hid);
+    await this.requireOpen(handle, hid);
+    try {
+      return await handle.executeUpdate(baseArrivedUpdate);
+    } catch (e) {
+      throw causeOf(e, 'import the base package');
     }
   }
 

@@ -6,6 +6,8 @@
  *
  *   HEAD /handoffs/{handoffId}/rounds/{n}
  *   PUT  /handoffs/{handoffId}/rounds/{n}     Upload-Offset: <bytes already there>
+ *   HEAD /handoffs/{handoffId}/base            the base VM package, when this host lacks the base
+ *   PUT  /handoffs/{handoffId}/base
  */
 import fs from 'node:fs';
 import path from 'node:path';
@@ -16,7 +18,9 @@ import { isCloudletError } from '../core/errors';
 import { verifyTicket } from '../core/handoff/ticket';
 import { handoffPaths } from '../core/handoff/paths';
 
-const ParamsSchema = z.object({ hid: z.string().regex(/^[a-z0-9][a-z0-9-]{0,80}$/), n: z.coerce.number().int().min(1).max(10_000) });
+const ParamsSchema = z.object({ hid: z.string().regex(/^[a-z0-9][a-z0-9-]{0,80}$/), n: z.coerce.number().int().min(1).max(10_000).optional() });
+/** What an upload is: a round file, or the base VM package. */
+type Kind = 'round' | 'base';
 
 export interface ReceiverOptions {
   hostId: string;
@@ -33,10 +37,10 @@ export function registerHandoffReceiver(app: FastifyInstance, opts: ReceiverOpti
   app.addContentTypeParser('application/octet-stream', (_req, _payload, done) => done(null));
 
   /** The round file's path if the request may touch it; otherwise the reply is sent. */
-  function admit(req: FastifyRequest, reply: FastifyReply): { file: string; size: number } | undefined {
+  function admit(kind: Kind, req: FastifyRequest, reply: FastifyReply): { file: string; size: number } | undefined {
     const p = ParamsSchema.safeParse(req.params);
-    if (!p.success) {
-      refuse(reply, 400, 'BAD_INPUT', `bad handoff path: ${p.error.issues.map((i) => i.message).join('; ')}`, 'PUT /handoffs/<handoffId>/rounds/<n>');
+    if (!p.success || (kind === 'round' && p.data.n === undefined)) {
+      refuse(reply, 400, 'BAD_INPUT', `bad handoff path: ${p.success ? 'no round number' : p.error.issues.map((i) => i.message).join('; ')}`, 'PUT /handoffs/<handoffId>/rounds/<n> or /handoffs/<handoffId>/base');
       return undefined;
     }
     const auth = /^Bearer\s+(\S+)\s*$/i.exec(req.headers.authorization ?? '');
@@ -59,7 +63,7 @@ export function registerHandoffReceiver(app: FastifyInstance, opts: ReceiverOpti
       refuse(reply, 403, 'FORBIDDEN', `handoff ${p.data.hid} is not receiving on host ${opts.hostId} (it ended, or never began): its ticket is used up`, 'start a new handoff');
       return undefined;
     }
-    const file = paths.incomingRound(p.data.n);
+    const file = kind === 'base' ? paths.incomingBase : paths.incomingRound(p.data.n ?? 0);
     let size = 0;
     try {
       size = fs.statSync(file).size;
@@ -69,22 +73,24 @@ export function registerHandoffReceiver(app: FastifyInstance, opts: ReceiverOpti
     return { file, size };
   }
 
-  app.head('/handoffs/:hid/rounds/:n', async (req, reply) => {
-    const a = admit(req, reply);
-    if (!a) return reply;
-    return reply.code(200).header('upload-offset', String(a.size)).header('cache-control', 'no-store').send();
-  });
+  for (const [kind, route] of [['round', '/handoffs/:hid/rounds/:n'], ['base', '/handoffs/:hid/base']] as const) {
+    app.head(route, async (req, reply) => {
+      const a = admit(kind, req, reply);
+      if (!a) return reply;
+      return reply.code(200).header('upload-offset', String(a.size)).header('cache-control', 'no-store').send();
+    });
 
-  app.put('/handoffs/:hid/rounds/:n', async (req, reply) => {
-    const a = admit(req, reply);
-    if (!a) return reply;
-    const offset = Number(req.headers['upload-offset'] ?? '0');
-    if (!Number.isInteger(offset) || offset !== a.size) {
-      return refuse(reply.header('upload-offset', String(a.size)), 409, 'CONFLICT', `the upload starts at byte ${offset}, the host has ${a.size}`, 'HEAD the round for Upload-Offset and send from there');
-    }
-    fs.mkdirSync(path.dirname(a.file), { recursive: true });
-    await pipeline(req.raw, fs.createWriteStream(a.file, { flags: 'a' }));
-    const size = fs.statSync(a.file).size;
-    return reply.code(200).header('upload-offset', String(size)).send({ received: size });
-  });
+    app.put(route, async (req, reply) => {
+      const a = admit(kind, req, reply);
+      if (!a) return reply;
+      const offset = Number(req.headers['upload-offset'] ?? '0');
+      if (!Number.isInteger(offset) || offset !== a.size) {
+        return refuse(reply.header('upload-offset', String(a.size)), 409, 'CONFLICT', `the upload starts at byte ${offset}, the host has ${a.size}`, `HEAD ${req.url} for Upload-Offset and send from there`);
+      }
+      fs.mkdirSync(path.dirname(a.file), { recursive: true });
+      await pipeline(req.raw, fs.createWriteStream(a.file, { flags: 'a' }));
+      const size = fs.statSync(a.file).size;
+      return reply.code(200).header('upload-offset', String(size)).send({ received: size });
+    });
+  }
 }

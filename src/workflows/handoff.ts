@@ -20,20 +20,21 @@ import {
   defineQuery,
   defineSignal,
   defineUpdate,
+  executeChild,
   isCancellation,
   proxyActivities,
   setHandler,
   allHandlersFinished,
 } from '@temporalio/workflow';
 import type { RetryPolicy } from '@temporalio/workflow';
-import type { HandoffSourceActivities, RoundReport } from '../activities/handoff-source';
+import type { BaseSent, HandoffSourceActivities, RoundReport } from '../activities/handoff-source';
 import type { HandoffDestinationActivities } from '../activities/handoff-destination';
 import type { InstanceActivities } from '../activities/instances';
-import type { Fingerprint, HandoffTicket, ReceivedVm } from '../client/handoff-peer';
+import type { BaseImported, Fingerprint, HandoffTicket, ReceivedVm } from '../client/handoff-peer';
 import { decideNext, measuredLinkRate, DEFAULT_STOP_POLICY, type StopPolicy, type RoundRecord } from './handoff-policy';
 import type { Compression } from '../core/handoff/round';
 import { hostTaskQueue, SearchAttributes } from '../common/names';
-import { tracker, tracked, type HostOperationInput } from './operations';
+import { importBaseVm, tracker, tracked, type HostOperationInput } from './operations';
 
 const NON_RETRYABLE = ['BAD_INPUT', 'NOT_FOUND', 'CORRUPT', 'DIGEST_MISMATCH', 'WRONG_BASE', 'UNSUPPORTED_VERSION', 'CPU_MODEL_UNUSABLE', 'CONFLICT', 'UNAUTHORIZED', 'FORBIDDEN'];
 
@@ -72,6 +73,8 @@ export interface HandoffProgress {
   phase: 'live rounds' | 'cut-over' | 'removing source' | 'done' | 'resuming source' | 'failed';
   rounds: RoundReport[];
   stopReason?: string;
+  /** When the destination lacked the base: its package's size and times. */
+  base?: BaseSent;
 }
 export const handoffProgressQuery = defineQuery<HandoffProgress>('handoffProgress');
 
@@ -98,6 +101,13 @@ export async function handoffVm(input: HandoffVmInput) {
     const link = (): number => measuredLinkRate(history, input.linkBytesPerSec ?? 25e6 / 8);
     let cut: { report: RoundReport; received: ReceivedVm; pausedMs: number; verified?: Fingerprint } | undefined;
     try {
+      if (ticket.needsBase) {
+        // The destination host lacks the base: its package goes first (resumable, like a round).
+        t.stage('send the base package (the destination host lacks it)');
+        const b = await long.handoffSendBase({ instanceId: input.instanceId, ...dest });
+        progress.base = b;
+        t.stage(`base sent: ${mb(b.bytes)} in ${(b.uploadMs / 1000).toFixed(1)} s, imported at the destination in ${(b.importMs / 1000).toFixed(1)} s`);
+      }
       // Live rounds: cancellable (the source VM keeps running; compensation below).
       for (let round = 1; ; round++) {
         t.stage(`round ${round}`);
@@ -142,6 +152,7 @@ export async function handoffVm(input: HandoffVmInput) {
       stopReason: progress.stopReason,
       pausedMs: cut.pausedMs,
       totalMs: Date.now() - started,
+      ...(progress.base ? { base: progress.base } : {}),
       ...(cut.verified ? { verified: cut.verified } : {}),
     };
   });
@@ -159,7 +170,7 @@ export interface ReceiveHandoffInput extends HostOperationInput {
 
 export interface ReceiveState {
   handoffId: string;
-  phase: 'preparing' | 'receiving' | 'finishing' | 'resumed' | 'failed' | 'aborted';
+  phase: 'preparing' | 'awaiting base' | 'importing base' | 'receiving' | 'finishing' | 'resumed' | 'failed' | 'aborted';
   receiverUrl?: string;
   /** Highest round the source said has arrived, and highest applied. */
   arrived: number;
@@ -167,12 +178,18 @@ export interface ReceiveState {
   finalRound?: number;
   rounds: Array<{ round: number; ms: number; stats: Record<string, number>; final: boolean }>;
   result?: ReceivedVm;
+  /** The base package the source sent, once imported. */
+  baseImport?: BaseImported;
   error?: string;
+  /** The failure's type (e.g. WRONG_BASE), for the source's error. */
+  errorType?: string;
 }
 
 export const receiveStateQuery = defineQuery<ReceiveState>('receiveState');
 export const roundArrivedUpdate = defineUpdate<ReceiveState['rounds'][number], [{ round: number; final: boolean }]>('roundArrived');
 export const completeUpdate = defineUpdate<ReceivedVm, [{ appPort: number; verify?: Fingerprint }]>('complete');
+/** The source uploaded the base package: import it; answers when rounds can come. */
+export const baseArrivedUpdate = defineUpdate<BaseImported, []>('baseArrived');
 export const abortSignal = defineSignal<[{ reason: string }]>('abort');
 
 export async function receiveHandoff(input: ReceiveHandoffInput) {
@@ -180,6 +197,7 @@ export async function receiveHandoff(input: ReceiveHandoffInput) {
   const { quick, long } = activitiesOf(input.hostId);
   const state: ReceiveState = { handoffId: input.handoffId, phase: 'preparing', arrived: 0, applied: 0, rounds: [] };
   let completeAsked = false;
+  let baseSent = false;
   let appPort = 8080;
   let verify: Fingerprint | undefined;
   let abortReason: string | undefined;
@@ -188,6 +206,21 @@ export async function receiveHandoff(input: ReceiveHandoffInput) {
   setHandler(abortSignal, ({ reason }) => {
     abortReason ??= reason;
   });
+  setHandler(
+    baseArrivedUpdate,
+    async () => {
+      baseSent = true;
+      await condition(() => state.phase === 'receiving' || ended());
+      if (!state.baseImport) throw ApplicationFailure.nonRetryable(`the destination did not import the base: ${state.error ?? state.phase}`, state.errorType ?? 'CONFLICT');
+      return state.baseImport;
+    },
+    {
+      validator: () => {
+        if (ended() || abortReason !== undefined) throw new Error(`handoff ${input.handoffId} has ended (${state.phase})`);
+        if (state.phase !== 'awaiting base' && state.phase !== 'importing base' && !state.baseImport) throw new Error(`host ${input.hostId} did not ask for the base (${state.phase})`);
+      },
+    },
+  );
   setHandler(
     roundArrivedUpdate,
     async ({ round, final }) => {
@@ -226,9 +259,31 @@ export async function receiveHandoff(input: ReceiveHandoffInput) {
   const idle = input.idleTimeoutMs ?? 5 * 60_000;
   return tracked(t, async () => {
     try {
+      t.stage('open the receiver');
+      const opened = await quick.receiveOpen(ids);
+      state.receiverUrl = opened.receiverUrl;
+      if (!opened.hasBase) {
+        // The source sends the base package to the receiver, then says so (baseArrived).
+        state.phase = 'awaiting base';
+        t.stage('wait for the base package from the source');
+        const woke = await condition(() => abortReason !== undefined || baseSent, idle);
+        if (!woke) throw ApplicationFailure.nonRetryable(`no base package from the source for ${Math.round(idle / 1000)} s`, 'TIMEOUT');
+        if (abortReason !== undefined) throw ApplicationFailure.nonRetryable(`the source aborted the handoff: ${abortReason}`, 'ABORTED');
+        state.phase = 'importing base';
+        t.stage('import the base package');
+        const t0 = Date.now();
+        // A run of its own, so the base is listed like any imported base (GET /v1/bases).
+        const imported = await executeChild(importBaseVm, {
+          workflowId: `importBaseVm/${input.hostId}/${input.handoffId}`,
+          args: [{ hostId: input.hostId, source: opened.basePackage, onHostQueue: true }],
+        });
+        if (imported.baseId !== input.baseId) {
+          throw ApplicationFailure.nonRetryable(`the package the source sent is base ${imported.baseId.slice(0, 12)}…, not ${input.baseId.slice(0, 12)}…, which the VM runs on`, 'WRONG_BASE');
+        }
+        state.baseImport = { baseId: imported.baseId, alreadyPresent: imported.alreadyPresent, importMs: Date.now() - t0 };
+      }
       t.stage('prepare working files from the base');
-      const prep = await long.receivePrepare(ids);
-      state.receiverUrl = prep.receiverUrl;
+      await long.receivePrepare(ids);
       state.phase = 'receiving';
       for (;;) {
         t.stage(`receiving (round ${state.applied} applied)`);
@@ -263,11 +318,23 @@ export async function receiveHandoff(input: ReceiveHandoffInput) {
       await condition(allHandlersFinished);
       return { hostId: input.hostId, instanceId: input.instanceId, baseId: input.baseId, handoffId: input.handoffId, hostPort: resumed.hostPort, rounds: state.rounds, timings: state.result.timings };
     } catch (e) {
-      state.error = e instanceof Error ? e.message : String(e);
+      const f = failureOf(e);
+      state.error = f.message;
+      if (f.type) state.errorType = f.type;
       await CancellationScope.nonCancellable(() => quick.receiveAbort(ids));
       state.phase = abortReason !== undefined ? 'aborted' : 'failed';
       await condition(allHandlersFinished);
       throw e;
     }
   });
+}
+
+/** The innermost application failure under `e` (a child run's or an activity's), or `e` itself. */
+function failureOf(e: unknown): { message: string; type?: string } {
+  let cur: unknown = e;
+  while (cur instanceof Error) {
+    if (cur instanceof ApplicationFailure) return { message: cur.message, ...(cur.type ? { type: cur.type } : {}) };
+    cur = cur.cause;
+  }
+  return { message: e instanceof Error ? e.message : String(e) };
 }

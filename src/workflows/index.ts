@@ -2,4 +2,4 @@
 export { guestSelfTest, progressQuery } from './guest-self-test';
 export { importBaseVm, resumeBaseVm, createOverlayVm, synthesizeVm, terminateVm, operationProgressQuery, type OperationProgress } from './operations';
 export { rebuildOverlay } from './rebuild';
-export { handoffVm, receiveHandoff, handoffProgressQuery, receiveStateQuery, roundArrivedUpdate, completeUpdate, abortSignal, type ReceiveState, type HandoffProgress } from './handoff';
+export { handoffVm, receiveHandoff, handoffProgressQuery, receiveStateQuery, roundArrivedUpdate, baseArrivedUpdate, completeUpdate, abortSignal, type ReceiveState, type HandoffProgress } from './handoff';

@@ -6,7 +6,8 @@
  * pmemsave and disk image hashes on both sides); the source is gone; a bad or used ticket is
  * refused and nothing is received; a cancelled handoff resumes the source and leaves nothing at
  * the destination; a destination killed mid-handoff leaves the source serving and, once the
- * destination is back, nothing there.
+ * destination is back, nothing there; a destination host that lacks the base gets its package
+ * from the source first and lists it afterwards.
  */
 import { spawn, type ChildProcess } from 'node:child_process';
 import fs from 'node:fs';
@@ -61,7 +62,8 @@ describe('live handoff between two clusters', () => {
   beforeAll(async () => {
     pkg = await testBasePackage(256);
     east = await startTestCluster('east', ['ea'], { namespace: 'east' });
-    west = await startTestCluster('west', ['wa'], { namespace: 'west' });
+    // wn never imports the base: a handoff to it carries the base package first.
+    west = await startTestCluster('west', ['wa', 'wn'], { namespace: 'west' });
     wb = `wb-${west.suffix}`;
     startWb();
     await waitFor(`the worker of ${wb} to poll`, () => assertHostServing(west.client, wb).then(() => true, () => false), 120_000);
@@ -154,6 +156,26 @@ describe('live handoff between two clusters', () => {
     expect(ticket).toBeUndefined(); // never in a result
     const forged = await fetch(`${westApi.url}/v1/handoffs/${r.handoffId}/rounds`, { method: 'POST', headers: { authorization: 'Bearer forged.ticket', 'content-type': 'application/json' }, body: JSON.stringify({ round: 1, final: false }) });
     expect(forged.status).toBe(401);
+  });
+
+  it('a destination host without the base gets its package from the source, imports it, then receives the VM', async () => {
+    const wn = west.hosts[1] ?? '';
+    expect((await westCloud.listBases()).find((b) => b.id === pkg.baseId)?.hostIds).not.toContain(wn);
+    const inst = await runningInstance('base');
+    const op = await eastCloud.handoffInstance(inst.id, handoffBody({ hostId: wn }));
+    const s = await eastCloud.waitForOperation(op.id, { timeoutMs: 15 * 60_000 });
+    expect(s.error).toBeUndefined();
+    const r = s.result as { base?: { baseId: string; bytes: number; importMs: number }; destination: { appEndpoint: string; hostId: string } };
+    expect(r.base?.baseId).toBe(pkg.baseId);
+    expect(r.base?.bytes).toBe(fs.statSync(pkg.packageFile).size);
+    expect(s.progress?.done.some((d) => /^base sent: [0-9.]+ MB/.test(d))).toBe(true);
+    expect(r.destination.hostId).toBe(wn);
+    expect((await new GuestAppClient(Number(r.destination.appEndpoint.split(':')[1])).state()).token).toBe('tok-base');
+    // The destination cluster lists the base on that host now (a second handoff there sends none),
+    // and the package it received is gone.
+    expect((await westCloud.listBases()).find((b) => b.id === pkg.baseId)?.hostIds).toContain(wn);
+    const wnDir = path.join(west.config.varDir, 'hosts', wn);
+    expect(!fs.existsSync(path.join(wnDir, 'handoffs')) || fs.readdirSync(path.join(wnDir, 'handoffs')).length === 0).toBe(true);
   });
 
   it('the CLI hands an instance off through the API and shows every round', async () => {

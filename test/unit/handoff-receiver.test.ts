@@ -1,7 +1,8 @@
 /**
  * The receiving end of handoff rounds with the source's uploader: a connection broken half-way
  * through a round is resumed from the byte the host has (the file arrives whole and exact), and
- * the receiver refuses missing, forged, foreign and used tickets without writing anything.
+ * the receiver refuses missing, forged, foreign and used tickets without writing anything. The
+ * base package a destination host lacks arrives the same way, beside the rounds.
  */
 import { createHash, randomBytes } from 'node:crypto';
 import fs from 'node:fs';
@@ -12,7 +13,7 @@ import fastify, { type FastifyInstance } from 'fastify';
 import { registerHandoffReceiver } from '../../src/workers/handoff-receiver';
 import { issueTicket } from '../../src/core/handoff/ticket';
 import { handoffPaths } from '../../src/core/handoff/paths';
-import { uploadRound, type HandoffTicket } from '../../src/client/handoff-peer';
+import { uploadBase, uploadRound, type HandoffTicket } from '../../src/client/handoff-peer';
 
 const secret = randomBytes(32);
 let dir: string;
@@ -114,4 +115,27 @@ test('missing, forged, foreign, expired and used tickets are refused and nothing
   const used = await fetch(`http://127.0.0.1:${port}/handoffs/${hid}/rounds/2`, { method: 'PUT', headers: { authorization: `Bearer ${good}`, 'content-type': 'application/octet-stream', 'upload-offset': '0' }, body: Buffer.alloc(10) });
   expect(used.status).toBe(403);
   expect(fs.existsSync(handoffPaths(dir, hid).incomingRound(2))).toBe(false);
+});
+
+test('a base package goes to its own place, resumably, under the same ticket rules', async () => {
+  const hid = 'ho-base-1';
+  receiving(hid);
+  const file = path.join(dir, 'base.pkg');
+  const data = randomBytes(2 * 1024 * 1024 + 17);
+  fs.writeFileSync(file, data);
+  const relay = await flakyRelay(512 * 1024);
+  try {
+    const t: HandoffTicket = { handoffId: hid, ticket: ticketFor(hid), hostId: 'west-1', instanceId: 'vm-1', receiverUrl: `http://127.0.0.1:${relay.port}/handoffs/${hid}`, expiresAt: '', needsBase: true };
+    const r = await uploadBase(t, file);
+    expect(r.attempts).toBeGreaterThan(1);
+    expect(fs.readFileSync(handoffPaths(dir, hid).incomingBase).equals(data)).toBe(true);
+    expect(fs.existsSync(handoffPaths(dir, hid).incomingRound(1))).toBe(false);
+    // Another handoff's ticket cannot write it; a round path without a number is not a base.
+    const foreign = await fetch(`http://127.0.0.1:${port}/handoffs/${hid}/base`, { method: 'HEAD', headers: { authorization: `Bearer ${ticketFor('ho-other')}` } });
+    expect(foreign.status).toBe(403);
+    const head = await fetch(`http://127.0.0.1:${port}/handoffs/${hid}/base`, { method: 'HEAD', headers: { authorization: `Bearer ${t.ticket}` } });
+    expect(head.headers.get('upload-offset')).toBe(String(data.length));
+  } finally {
+    relay.close();
+  }
 });

@@ -12,6 +12,8 @@ import { AcceptedSchema, InstanceParamsSchema } from '../schemas';
 import {
   AbortBodySchema,
   AppliedRoundSchema,
+  BaseArrivedBodySchema,
+  BaseImportedSchema,
   BeginReceiveBodySchema,
   CompleteBodySchema,
   HandoffInstanceBodySchema,
@@ -83,6 +85,19 @@ export function handoffRoutes(handoffs: HandoffService | undefined): Route[] {
         void reply.code(201);
         return need().beginReceive({ instanceId: body.instanceId, baseId: body.baseId, ...(body.hostId ? { hostId: body.hostId } : {}) });
       },
+    }),
+    defineRoute({
+      method: 'POST',
+      path: '/v1/handoffs/{id}/base',
+      operationId: 'baseArrived',
+      summary: 'The base package is uploaded to the receiver (the ticket said needsBase): import it (answers when imported)',
+      tag: 'handoff',
+      auth: false,
+      params: HandoffParamsSchema,
+      body: BaseArrivedBodySchema,
+      bodyOptional: true,
+      responses: { 200: { description: 'Imported; rounds can come.', schema: BaseImportedSchema }, 400: R.badInput, 401: ticketAuth, 403: forbidden, 409: R.conflict, 422: R.unprocessable },
+      handler: async ({ params, req }) => need().baseArrived(ticketOf(req), params.id),
     }),
     defineRoute({
       method: 'POST',

@@ -9,6 +9,8 @@ export function handoffPaths(dataDir: string, handoffId: string) {
     receiving: path.join(dir, 'receiving'),
     incoming: path.join(dir, 'incoming'),
     incomingRound: (n: number): string => path.join(dir, 'incoming', `round-${n}`),
+    /** Destination: the base VM package, when the source had to send it (the host lacked the base). */
+    incomingBase: path.join(dir, 'incoming', 'base.cloudletbase'),
     /** Destination: the working memory image and disk delta. */
     work: path.join(dir, 'work'),
     /** Source: what the destination holds (digests), frozen disk layers, round files. */
@@ -16,5 +18,7 @@ export function handoffPaths(dataDir: string, handoffId: string) {
     sourceRound: (n: number): string => path.join(dir, 'source', `round-${n}.hof`),
     sourceSave: (n: number): string => path.join(dir, 'source', `round-${n}.sav`),
     layers: path.join(dir, 'source', 'layers.json'),
+    /** Source: base packages exported for destinations that lack them, kept for the next handoff. */
+    exportedBase: (baseId: string): string => path.join(dataDir, 'exports', `${baseId}.cloudletbase`),
   };
 }
