@@ -17,6 +17,9 @@ const EnvSchema = z.object({
   CLOUDLET_HOST_ID: z.string().regex(HOST_ID_PATTERN, 'a DNS label such as "local" or "host-a"').default('local'),
   CLOUDLET_WORKFLOW_QUEUE: z.string().min(1).default(WORKFLOW_TASK_QUEUE),
   CLOUDLET_LOG_LEVEL: z.enum(['trace', 'debug', 'info', 'warn', 'error', 'silent']).default('info'),
+  /** A worker process serves Prometheus metrics on this port (0: any free one; unset: none). */
+  CLOUDLET_METRICS_PORT: z.coerce.number().int().min(0).max(65535).optional(),
+  CLOUDLET_METRICS_HOST: z.string().min(1).default('127.0.0.1'),
 });
 
 export interface Config {
@@ -28,6 +31,8 @@ export interface Config {
   /** The shared queue for workflow tasks (tests use their own to stay isolated). */
   workflowTaskQueue: string;
   logLevel: z.infer<typeof EnvSchema>['CLOUDLET_LOG_LEVEL'];
+  /** Where a worker process serves its metrics (docs/observability.md); absent: it serves none. */
+  metrics?: { host: string; port: number };
 }
 
 export function loadConfig(env: NodeJS.ProcessEnv = process.env): Config {
@@ -48,6 +53,7 @@ export function loadConfig(env: NodeJS.ProcessEnv = process.env): Config {
     hostId: e.CLOUDLET_HOST_ID,
     workflowTaskQueue: e.CLOUDLET_WORKFLOW_QUEUE,
     logLevel: e.CLOUDLET_LOG_LEVEL,
+    ...(e.CLOUDLET_METRICS_PORT !== undefined ? { metrics: { host: e.CLOUDLET_METRICS_HOST, port: e.CLOUDLET_METRICS_PORT } } : {}),
   };
 }
 

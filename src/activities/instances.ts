@@ -232,7 +232,7 @@ export function createInstanceActivities(deps: CloudletActivityDeps) {
     },
 
     /** Fetch, decompress and apply an overlay to the local base: the launch VM's disk and memory. */
-    async synthesizeInstanceFiles(input: { instanceId: string; overlayUrl: string; baseId: string; appPort?: number }): Promise<{ timings: Record<string, number> }> {
+    async synthesizeInstanceFiles(input: { instanceId: string; overlayUrl: string; baseId: string; appPort?: number }): Promise<{ timings: Record<string, number>; fetchedBytes?: number }> {
       const dir = instanceDir(input.instanceId);
       if (fs.existsSync(path.join(dir, 'synthesized'))) return { timings: {} }; // done by an earlier attempt
       // An earlier attempt that died half-way (e.g. its worker was killed) may have left partial
@@ -267,7 +267,7 @@ export function createInstanceActivities(deps: CloudletActivityDeps) {
       }
       await writeRecord(rec);
       await fs.promises.writeFile(path.join(dir, 'synthesized'), '');
-      return { timings: r.timings };
+      return { timings: r.timings, fetchedBytes: r.meta.segments.reduce((n, seg) => n + seg.length, 0) };
     },
 
     /** Resume the synthesized VM (restore, replug its NIC, forward its app port); optionally wait for its app. */

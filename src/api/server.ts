@@ -8,9 +8,10 @@ import type pino from 'pino';
 import type { z } from 'zod';
 import type { CloudletService } from '../service/types';
 import { authenticate, TokenSet } from './auth';
+import { metrics, registry } from '../common/metrics';
 import { ApiError, sendError, validationError } from './errors';
 import { buildOpenApi } from './openapi';
-import { defineRoute, type Route } from './route';
+import { defineRoute, R, type Route } from './route';
 import { baseRoutes } from './routes/bases';
 import { hostRoutes } from './routes/hosts';
 import { instanceRoutes } from './routes/instances';
@@ -73,6 +74,12 @@ export async function buildServer(options: ApiOptions): Promise<FastifyInstance>
   app.addHook('onSend', async (req, reply) => {
     void reply.header('x-request-id', String(req.id));
   });
+  // Requests by route pattern (never the raw URL: ids would make a series each) and status.
+  app.addHook('onResponse', async (req, reply) => {
+    const route = req.routeOptions.url ?? 'unmatched';
+    metrics.apiRequests.inc({ method: req.method, route, status: String(reply.statusCode) });
+    metrics.apiSeconds.observe({ method: req.method, route }, reply.elapsedTime / 1000);
+  });
 
   let openapi: Record<string, unknown> | undefined;
   const metaRoutes: Route[] = [
@@ -95,6 +102,18 @@ export async function buildServer(options: ApiOptions): Promise<FastifyInstance>
       auth: false,
       responses: { 200: { description: 'The OpenAPI document.' } },
       handler: async () => (openapi ??= buildOpenApi(allRoutes)),
+    }),
+    defineRoute({
+      method: 'GET',
+      path: '/metrics',
+      operationId: 'metrics',
+      summary: "The API process's Prometheus metrics (requests by route and status, process figures); bearer token as for every route",
+      tag: 'meta',
+      responses: { 200: { description: 'Prometheus text exposition format.' }, 401: R.unauthorized },
+      handler: async ({ reply }) => {
+        void reply.type(registry.contentType);
+        return registry.metrics();
+      },
     }),
   ];
   const allRoutes = [...metaRoutes, ...serviceRoutes, ...scheduleRoutes(options.schedules), ...handoffRoutes(options.handoffs)];

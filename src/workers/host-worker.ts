@@ -17,6 +17,8 @@ import { installRuntimeLogging } from './runtime-logging';
 import { startPublisher } from './publisher';
 import { registerHandoffReceiver } from './handoff-receiver';
 import { loadHandoffSecret } from '../common/handoff-secret';
+import { LibvirtHypervisor } from '../hypervisor/libvirt';
+import { activityMetrics, unwatchHost, watchHost } from './host-metrics';
 import fs from 'node:fs';
 import path from 'node:path';
 
@@ -57,6 +59,7 @@ export async function createHostWorker(config: Config, hostId: string, log: Logg
   const publicUrl = (advertisedUrl ?? publisher.url).replace(/\/+$/, '');
   const activities = createHostActivities({ hostId, dataDir, config, log, publicUrl: () => publicUrl });
   const workflows = await workflowBundle();
+  watchHost(hostId, dataDir, new LibvirtHypervisor({ logger: log }));
   const hostQueueWorker = await Worker.create({
     connection,
     namespace: config.namespace,
@@ -67,6 +70,7 @@ export async function createHostWorker(config: Config, hostId: string, log: Logg
     // Heartbeats reach the server every 2 s at most (not 80% of the heartbeat timeout), so a
     // cancelled long step hears of it within seconds.
     maxHeartbeatThrottleInterval: '2 seconds',
+    interceptors: { activity: [activityMetrics(hostId)] },
   });
   const sharedQueueWorker = await Worker.create({
     connection,
@@ -82,6 +86,7 @@ export async function createHostWorker(config: Config, hostId: string, log: Logg
       try {
         await Promise.all([hostQueueWorker.run(), sharedQueueWorker.run()]);
       } finally {
+        unwatchHost(hostId);
         await publisher.close();
         await connection.close();
       }

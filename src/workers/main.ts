@@ -6,7 +6,19 @@ import { Command } from 'commander';
 import { loadConfig } from '../config';
 import { createLogger } from '../common/logger';
 import { HOST_ID_PATTERN } from '../common/names';
+import net from 'node:net';
+import { serveMetrics } from '../common/metrics';
 import { createHostWorker } from './host-worker';
+import { installRuntimeLogging } from './runtime-logging';
+
+/** A free port on 127.0.0.1 for the Temporal SDK's exporter (read through our metrics server). */
+async function freePort(): Promise<number> {
+  const srv = net.createServer();
+  await new Promise<void>((r) => srv.listen(0, '127.0.0.1', r));
+  const port = (srv.address() as net.AddressInfo).port;
+  await new Promise((r) => srv.close(r));
+  return port;
+}
 
 async function main(): Promise<void> {
   const program = new Command('cloudlet-worker')
@@ -19,7 +31,15 @@ async function main(): Promise<void> {
     throw new Error(`invalid host id "${hostId}": use lower-case letters, digits and dashes (e.g. host-a)`);
   }
   const log = createLogger(`worker:${hostId}`, config.logLevel);
+  let sdkMetricsUrl: string | undefined;
+  if (config.metrics) {
+    const sdkPort = await freePort();
+    installRuntimeLogging(log, { prometheusBindAddress: `127.0.0.1:${sdkPort}` });
+    sdkMetricsUrl = `http://127.0.0.1:${sdkPort}/metrics`;
+  }
   const worker = await createHostWorker(config, hostId, log);
+  const served = config.metrics ? await serveMetrics({ ...config.metrics, ...(sdkMetricsUrl ? { sdkMetricsUrl } : {}) }) : undefined;
+  if (served) log.info({ metrics: served.url }, 'serving Prometheus metrics');
   for (const sig of ['SIGINT', 'SIGTERM'] as const) {
     process.once(sig, () => {
       log.info({ signal: sig }, 'shutting down');
@@ -27,6 +47,7 @@ async function main(): Promise<void> {
     });
   }
   await worker.run();
+  await served?.close();
 }
 
 main().catch((err: unknown) => {

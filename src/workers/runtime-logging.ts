@@ -1,6 +1,6 @@
 /**
  * Route the Temporal SDK's own logs (worker state changes, workflow and activity logs) into the
- * process's structured pino logger, once per process.
+ * process's structured pino logger, once per process; optionally export its metrics.
  */
 import { Runtime } from '@temporalio/worker';
 import type { Logger as TemporalLogger, LogLevel, LogMetadata } from '@temporalio/common';
@@ -21,7 +21,11 @@ export function levelFor(level: LogLevel, message: string): 'trace' | 'debug' | 
   return level.toLowerCase() as 'trace' | 'debug' | 'info' | 'warn' | 'error';
 }
 
-export function installRuntimeLogging(log: Logger): void {
+/**
+ * `prometheusBindAddress`: the SDK's own worker metrics are served there (host:port), for the
+ * worker's metrics server to include (docs/observability.md).
+ */
+export function installRuntimeLogging(log: Logger, options: { prometheusBindAddress?: string } = {}): void {
   if (installed) return;
   installed = true;
   const at = (level: LogLevel, message: string, meta?: LogMetadata): void => {
@@ -36,7 +40,10 @@ export function installRuntimeLogging(log: Logger): void {
     error: (m, meta) => at('ERROR', m, meta),
   };
   try {
-    Runtime.install({ logger });
+    Runtime.install({
+      logger,
+      ...(options.prometheusBindAddress ? { telemetryOptions: { metrics: { prometheus: { bindAddress: options.prometheusBindAddress } } } } : {}),
+    });
   } catch {
     // A Runtime already exists in this process (e.g. installed by the embedding program); keep it.
   }

@@ -30,7 +30,7 @@ describe('the OpenAPI document', () => {
   test('is OpenAPI 3.1 and lists every route with its method, once', () => {
     expect(doc.openapi).toBe('3.1.0');
     const listed = Object.entries(doc.paths).flatMap(([p, ops]) => Object.keys(ops).map((m) => `${m.toUpperCase()} ${p}`));
-    const expected = [...apiRoutes.map((r) => `${r.method} ${r.path}`), 'GET /healthz', 'GET /openapi.json'];
+    const expected = [...apiRoutes.map((r) => `${r.method} ${r.path}`), 'GET /healthz', 'GET /metrics', 'GET /openapi.json'];
     expect(listed.sort()).toEqual(expected.sort());
     expect(listed).toEqual(
       expect.arrayContaining([

@@ -51,6 +51,18 @@ describe('authentication', () => {
     expect((await app.inject({ url: '/openapi.json' })).statusCode).toBe(200);
   });
 
+  test('/metrics needs the token and counts requests by route pattern and status, never by raw URL', async () => {
+    expect((await app.inject({ url: '/metrics' })).statusCode).toBe(401);
+    await app.inject({ url: '/v1/instances/i-metrics-probe', headers: AUTH });
+    const res = await app.inject({ url: '/metrics', headers: AUTH });
+    expect(res.statusCode).toBe(200);
+    expect(res.headers['content-type']).toMatch(/^text\/plain/);
+    expect(res.body).toMatch(/cloudlet_api_requests_total\{method="GET",route="\/v1\/instances\/:id",status="404"\} [1-9]/);
+    expect(res.body).toMatch(/cloudlet_api_requests_total\{method="GET",route="\/metrics",status="401"\} [1-9]/);
+    expect(res.body).toMatch(/cloudlet_api_request_duration_seconds_count\{method="GET",route="\/v1\/instances\/:id"\} [1-9]/);
+    expect(res.body).not.toContain('i-metrics-probe');
+  });
+
   test('a missing header is 401 with a Bearer challenge', async () => {
     const res = await app.inject({ url: '/v1/hosts' });
     expect(res.statusCode).toBe(401);

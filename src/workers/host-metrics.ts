@@ -1,0 +1,90 @@
+/**
+ * A host worker's metrics: every activity's duration and outcome, the stages and bytes its result
+ * reports (an activity interceptor), and gauges read at scrape time: the host's available memory,
+ * its store's free space, and its instances by libvirt state. Names: docs/observability.md.
+ */
+import fs from 'node:fs';
+import os from 'node:os';
+import path from 'node:path';
+import type { ActivityInterceptorsFactory } from '@temporalio/worker';
+import { metrics, recordActivityResult, scrapedGauge } from '../common/metrics';
+import type { Hypervisor } from '../hypervisor/types';
+import { instanceRecords } from '../activities/instance-records';
+
+/** Times each activity and records what its result says (stages, bytes). */
+export function activityMetrics(hostId: string): ActivityInterceptorsFactory {
+  return (ctx) => ({
+    inbound: {
+      async execute(input, next) {
+        const activity = ctx.info.activityType;
+        const end = metrics.activitySeconds.startTimer({ host: hostId, activity });
+        try {
+          const result = await next(input);
+          end({ outcome: 'succeeded' });
+          recordActivityResult(hostId, activity, result);
+          return result;
+        } catch (e) {
+          end({ outcome: ctx.cancellationSignal.aborted ? 'cancelled' : 'failed' });
+          throw e;
+        }
+      },
+    },
+  });
+}
+
+interface HostView {
+  dataDir: string;
+  hypervisor: Hypervisor;
+}
+const hosts = new Map<string, HostView>();
+let gauges = false;
+
+/** MemAvailable (what a new VM can use without swapping), else the kernel's free memory. */
+async function availableMemory(): Promise<number> {
+  try {
+    const m = /^MemAvailable:\s+(\d+) kB$/m.exec(await fs.promises.readFile('/proc/meminfo', 'utf8'));
+    if (m?.[1]) return Number(m[1]) * 1024;
+  } catch {
+    // not Linux
+  }
+  return os.freemem();
+}
+
+/** Adds a host of this process to the scraped gauges (created once per process). */
+export function watchHost(hostId: string, dataDir: string, hypervisor: Hypervisor): void {
+  hosts.set(hostId, { dataDir, hypervisor });
+  if (gauges) return;
+  gauges = true;
+  scrapedGauge('cloudlet_host_memory_available_bytes', 'Memory available for new VMs on the host (MemAvailable)', ['host'], async () => {
+    const bytes = await availableMemory();
+    return [...hosts.keys()].map((host) => ({ labels: { host }, value: bytes }));
+  });
+  scrapedGauge('cloudlet_store_free_bytes', "Free space of the file system holding the host's store", ['host'], async () =>
+    Promise.all(
+      [...hosts].map(async ([host, h]) => {
+        const s = await fs.promises.statfs(h.dataDir).catch(() => undefined);
+        return { labels: { host }, value: s ? s.bavail * s.bsize : Number.NaN };
+      }),
+    ),
+  );
+  scrapedGauge('cloudlet_instances', 'Instances on the host by the state of their VM (running, paused, shut off, absent...)', ['host', 'state'], async () => {
+    const out: Array<{ labels: { host: string; state: string }; value: number }> = [];
+    for (const [host, h] of hosts) {
+      const records = instanceRecords(host, h.dataDir);
+      const ids = await fs.promises.readdir(path.join(h.dataDir, 'instances')).catch(() => [] as string[]);
+      const counts = new Map<string, number>();
+      for (const id of ids) {
+        if (!records.exists(id)) continue;
+        const state = await h.hypervisor.state(records.domainName(id)).catch(() => 'unknown');
+        counts.set(state, (counts.get(state) ?? 0) + 1);
+      }
+      for (const [state, n] of counts) out.push({ labels: { host, state }, value: n });
+    }
+    return out;
+  });
+}
+
+/** The host's worker stopped: its gauges go. */
+export function unwatchHost(hostId: string): void {
+  hosts.delete(hostId);
+}
