@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Installs and starts everything the project needs, idempotently, and says what it does:
-# Debian packages, npm dependencies, the Temporal CLI (built from its Go module), libvirtd,
+# Debian packages (Prometheus among them), npm dependencies, the Temporal CLI (built from its Go module), libvirtd,
 # the Temporal dev server, the test guest and the Debian guest. A second run finds everything in place.
 set -euo pipefail
 source "$(dirname "$0")/lib.sh"
@@ -8,8 +8,9 @@ cd "$ROOT"
 
 # 1. Debian packages: hypervisor, native-addon toolchain, compression tools, the guest build's needs.
 # iproute2: ip and tc for the emulated edge links (docs/links.md).
+# prometheus: scrapes the workers' and the API's metrics in the tests (docs/observability.md); not started as a service.
 PACKAGES=(qemu-system-x86 qemu-utils libvirt-daemon-system libvirt-clients libvirt-dev tini
-  xdelta3 xz-utils build-essential python3 pkg-config curl ca-certificates iproute2)
+  xdelta3 xz-utils build-essential python3 pkg-config curl ca-certificates iproute2 prometheus)
 for list in infra/guest/host-packages.txt infra/debian/host-packages.txt; do
   [ -f "$list" ] || continue
   while read -r p; do [ -n "$p" ] && [ "${p#\#}" = "$p" ] && PACKAGES+=("$p"); done < "$list"
