@@ -86,7 +86,8 @@ export function recordActivityResult(host: string, activity: string, result: unk
   const timings = r.timings;
   if (timings && typeof timings === 'object') {
     for (const [k, v] of Object.entries(timings as Record<string, unknown>)) {
-      if (typeof v === 'number' && Number.isFinite(v) && v >= 0 && /Ms$/.test(k)) metrics.stageSeconds.observe({ host, activity, stage: k.replace(/\s*Ms$/, '') }, v / 1000);
+      // Every timings map here is in milliseconds (some keys say so with an "Ms" suffix).
+      if (typeof v === 'number' && Number.isFinite(v) && v >= 0) metrics.stageSeconds.observe({ host, activity, stage: k.replace(/\s*Ms$/, '') }, v / 1000);
     }
   }
   // A handoff round's report: its phases, and the bytes that crossed the link.

@@ -97,6 +97,8 @@ describe('Prometheus scrapes the workers and the API', () => {
     // The synthesis's activities ran once and succeeded; its stages have durations.
     await one(`cloudlet_activity_duration_seconds_count{${h},activity="synthesizeInstanceFiles",outcome="succeeded"}`, (v) => v === 1);
     await one(`cloudlet_activity_duration_seconds_sum{${h},activity="synthesizeInstanceFiles"}`, (v) => v > 0 && v < 600);
+    const applied = await one(`cloudlet_stage_duration_seconds_count{${h},activity="synthesizeInstanceFiles"}`, (v) => v === 1);
+    expect(applied.map((s) => s.labels.stage)).toEqual(expect.arrayContaining(['stream', 'total']));
     const stages = await one(`cloudlet_stage_duration_seconds_count{${h},activity="resumeInstance"}`, (v) => v >= 1);
     expect(stages.map((s) => s.labels.stage)).toEqual(expect.arrayContaining(['wait for app']));
     // The overlay's bytes were fetched; the instance runs; the host has memory and store space.

@@ -9,7 +9,7 @@ async function series(name: string): Promise<string[]> {
 }
 
 test('stage timings, bytes, overlay sizes and handoff pauses come from activity results', async () => {
-  recordActivityResult('h-1', 'synthesizeInstanceFiles', { timings: { 'fetch and applyMs': 1500, 'verifyMs': 20, note: 'x' }, fetchedBytes: 4096 });
+  recordActivityResult('h-1', 'synthesizeInstanceFiles', { timings: { 'fetch and applyMs': 1500, applySegments: 20, note: 'x' }, fetchedBytes: 4096 });
   recordActivityResult('h-1', 'createInstanceOverlay', { overlayId: 'x', bytes: 2_000_000 });
   recordActivityResult('h-1', 'handoffLiveRound', { round: 1, bytes: 1000, ms: { capture: 100, build: 200, send: 300, apply: 50, total: 650 } });
   recordActivityResult('h-1', 'handoffCutOver', { pausedMs: 2500, report: {} });
@@ -17,6 +17,7 @@ test('stage timings, bytes, overlay sizes and handoff pauses come from activity 
 
   expect(await series('cloudlet_stage_duration_seconds_count{host="h-1",activity="synthesizeInstanceFiles",stage="fetch and apply"} 1')).toHaveLength(1);
   expect(await series('cloudlet_stage_duration_seconds_sum{host="h-1",activity="synthesizeInstanceFiles",stage="fetch and apply"} 1.5')).toHaveLength(1);
+  expect(await series('cloudlet_stage_duration_seconds_sum{host="h-1",activity="synthesizeInstanceFiles",stage="applySegments"} 0.02')).toHaveLength(1);
   expect(await series('cloudlet_stage_duration_seconds_count{host="h-1",activity="synthesizeInstanceFiles",stage="note"}')).toHaveLength(0);
   expect(await series('cloudlet_stage_duration_seconds_count{host="h-1",activity="handoffLiveRound",stage="build"} 1')).toHaveLength(1);
   expect(await series('cloudlet_stage_duration_seconds_count{host="h-1",activity="handoffLiveRound",stage="total"}')).toHaveLength(0);
