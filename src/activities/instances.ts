@@ -5,6 +5,7 @@
  * are typed CloudletErrors (made non-retryable at the boundary, see ./failures).
  */
 import { randomUUID } from 'node:crypto';
+import { phaseSpans, step } from '../common/tracing';
 import fs from 'node:fs';
 import path from 'node:path';
 import type { Logger } from 'pino';
@@ -81,11 +82,11 @@ export function createInstanceActivities(deps: CloudletActivityDeps) {
     const serialPath = path.join(path.dirname(savePath), 'serial.log');
     const xml = editDomainXml(header.domainXml, { name: rec.domain, uuid: randomUUID(), diskPath, diskFormat: 'qcow2', serialPath }, `domain XML of ${savePath}`);
     await rewriteSaveHeaderXml(savePath, xml);
-    const restored = await withHeartbeats(hv.restore(savePath, verify ? { paused: true } : {}), () => ({ stage: 'resume' }));
+    const restored = await step('restore', () => withHeartbeats(hv.restore(savePath, verify ? { paused: true } : {}), () => ({ stage: 'resume' })), { 'cloudlet.domain': rec.domain });
     let verified: VmFingerprint | undefined;
     if (verify) {
       // Before the guest runs a single instruction: its memory and disk must be the source's.
-      verified = await withHeartbeats(fingerprintVm(hv, rec.domain, diskPath, path.dirname(savePath)), () => ({ stage: 'verify memory and disk' }));
+      verified = await step('verify memory and disk', () => withHeartbeats(fingerprintVm(hv, rec.domain, diskPath, path.dirname(savePath)), () => ({ stage: 'verify memory and disk' })));
       if (verified.memorySha256 !== verify.memorySha256 || verified.diskSha256 !== verify.diskSha256) {
         await hv.destroy(rec.domain);
         await hv.undefine(rec.domain);
@@ -96,9 +97,9 @@ export function createInstanceActivities(deps: CloudletActivityDeps) {
       await hv.resume(rec.domain);
     }
     const t0 = Date.now();
-    if (!keepNic) await hv.replugNic(rec.domain, { mac: randomMac() });
+    if (!keepNic) await step('replug NIC', () => hv.replugNic(rec.domain, { mac: randomMac() }));
     const replugMs = Date.now() - t0;
-    const fwd = await hv.forwardPort(rec.domain, { guestPort: rec.appPort });
+    const fwd = await step('forward app port', () => hv.forwardPort(rec.domain, { guestPort: rec.appPort }));
     rec.hostPort = fwd.hostPort;
     await writeRecord(rec);
     log.info({ instanceId: rec.instanceId, domain: rec.domain, restoreMs: restored.ms, replugMs, hostPort: fwd.hostPort }, 'instance running');
@@ -248,7 +249,8 @@ export function createInstanceActivities(deps: CloudletActivityDeps) {
       let last = { stage: 'apply overlay', bytesDone: 0, bytesTotal: 0 };
       const onProgress = progress('apply overlay');
       const signal = cancellationSignal();
-      const r = await withHeartbeats(
+      const applyStart = Date.now();
+      const r = await step('fetch, decompress and apply overlay', () => withHeartbeats(
         applyOverlay({
           base,
           overlay: input.overlayUrl,
@@ -261,7 +263,10 @@ export function createInstanceActivities(deps: CloudletActivityDeps) {
           ...(signal ? { signal } : {}),
         }),
         () => last,
-      );
+      ), { 'cloudlet.overlay_url': input.overlayUrl });
+      // The apply's own phases, one after another (fetch, decompression and apply are pipelined in "stream").
+      const tm = r.timings;
+      phaseSpans(applyStart, (['meta', 'prepare', 'stream', 'finishDisk', 'joinAfterStream', 'rename'] as const).filter((k) => tm[k] !== undefined).map((k) => [`apply: ${k}`, tm[k] ?? 0]), { 'cloudlet.decompress_wait_ms': tm.decompressWait ?? 0, 'cloudlet.apply_segments_ms': tm.applySegments ?? 0 });
       if (r.meta.base.id !== input.baseId) {
         throw new CloudletError('WRONG_BASE', `overlay ${input.overlayUrl} was made for base ${r.meta.base.id}, not ${input.baseId}`);
       }
@@ -284,8 +289,10 @@ export function createInstanceActivities(deps: CloudletActivityDeps) {
         // The test guest's own application (8080) has a state to read; any other answers HTTP.
         const app = new GuestAppClient(r.hostPort);
         const beat = (): void => heartbeat({ stage: 'wait for app' });
-        if (rec.appPort === APP_PORT_DEFAULT) await app.waitForState(input.appTimeoutMs ?? 60_000, beat);
-        else await app.waitForHttp('/', input.appTimeoutMs ?? 60_000, beat);
+        await step('wait for app', async () => {
+          if (rec.appPort === APP_PORT_DEFAULT) await app.waitForState(input.appTimeoutMs ?? 60_000, beat);
+          else await app.waitForHttp('/', input.appTimeoutMs ?? 60_000, beat);
+        }, { 'cloudlet.app_port': rec.appPort });
         timings['wait for appMs'] = Date.now() - t0;
         // When the application first answered (ms since the epoch): benchmarks measure a
         // handoff's downtime against the last answer of the source.

@@ -5,10 +5,12 @@
  *   CLOUDLET_API_INSECURE  1: serve without authentication (development only)
  *   CLOUDLET_API_HOST      listen address (default 127.0.0.1)
  *   CLOUDLET_API_PORT      listen port (default 8080)
+ *   CLOUDLET_TRACE_FILE, OTEL_EXPORTER_OTLP_ENDPOINT   tracing (docs/observability.md)
  *
  * `runApi(createBackend)` is what a wiring module calls with the Temporal-backed service; run
  * directly with `--fake`, it serves the in-memory fake (for trying the API and its docs).
  */
+import { initTracing, tracingFromEnv } from '../common/tracing';
 import { z } from 'zod';
 import { createLogger } from '../common/logger';
 import type { CloudletService } from '../service/types';
@@ -61,6 +63,9 @@ export interface ApiBackend {
 export async function runApi(createBackend: () => Promise<ApiBackend>, env: NodeJS.ProcessEnv = process.env): Promise<RunningApi> {
   const config = loadApiConfig(env);
   const logger = createLogger('cloudlet-api');
+  // Before the backend connects to Temporal: its client then carries traces into the workflows.
+  const traceOptions = tracingFromEnv(env);
+  const tracing = traceOptions ? initTracing('cloudlet-api', traceOptions) : undefined;
   const backend = await createBackend();
   const api = await startApi(backend.service, {
     ...(backend.schedules ? { schedules: backend.schedules } : {}),
@@ -76,6 +81,7 @@ export async function runApi(createBackend: () => Promise<ApiBackend>, env: Node
     logger.info({ signal }, 'cloudlet API stopping');
     await api.close();
     await backend.close?.();
+    await tracing?.shutdown();
     process.exit(0);
   };
   process.once('SIGINT', (s) => void stop(s));

@@ -9,6 +9,7 @@ import type { z } from 'zod';
 import type { CloudletService } from '../service/types';
 import { authenticate, TokenSet } from './auth';
 import { metrics, registry } from '../common/metrics';
+import { step } from '../common/tracing';
 import { ApiError, sendError, validationError } from './errors';
 import { buildOpenApi } from './openapi';
 import { defineRoute, R, type Route } from './route';
@@ -141,7 +142,12 @@ export async function buildServer(options: ApiOptions): Promise<FastifyInstance>
       }
     }
     const body = route.body ? parse(route.body, 'body', req.body === undefined && route.bodyOptional ? {} : req.body) : undefined;
-    return route.handler({ params, body, idempotencyKey, service: options.service, req, reply });
+    // A span per request (a no-op without tracing): workflows it starts continue its trace.
+    return step(`${route.method} ${route.path}`, async (span) => {
+      const r = await route.handler({ params, body, idempotencyKey, service: options.service, req, reply });
+      span.setAttributes({ 'http.request.method': route.method, 'http.route': route.path, 'cloudlet.request_id': String(req.id) });
+      return r;
+    });
   }
 
   return app;

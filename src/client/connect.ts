@@ -4,6 +4,8 @@
  * they are.
  */
 import { Client, Connection } from '@temporalio/client';
+import { OpenTelemetryWorkflowClientInterceptor } from '@temporalio/interceptors-opentelemetry/lib/client';
+import { activeTracing } from '../common/tracing';
 import { temporal } from '@temporalio/proto';
 import type { Config } from '../config';
 import { CloudletError } from '../core/errors';
@@ -12,7 +14,9 @@ import { HOST_ID_PATTERN, hostTaskQueue } from '../common/names';
 export async function connectClient(config: Config): Promise<Client> {
   try {
     const connection = await Connection.connect({ address: config.temporalAddress, connectTimeout: '5s' });
-    return new Client({ connection, namespace: config.namespace });
+    // With tracing, a workflow started here continues the caller's trace (docs/observability.md).
+    const interceptors = activeTracing() ? { workflow: [new OpenTelemetryWorkflowClientInterceptor()] } : undefined;
+    return new Client({ connection, namespace: config.namespace, ...(interceptors ? { interceptors } : {}) });
   } catch (cause) {
     throw new CloudletError('TEMPORAL_UNAVAILABLE', `the Temporal server at ${config.temporalAddress} is not reachable`, {
       fix: 'start it with `bash infra/temporal.sh start` (or `npm run setup`), or set CLOUDLET_TEMPORAL_ADDRESS',

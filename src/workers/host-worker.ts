@@ -6,7 +6,9 @@
  * local activities and have its activities dispatched eagerly (docs/operations.md).
  */
 import { bundleWorkflowCode, NativeConnection, Runtime, Worker } from '@temporalio/worker';
-import type { WorkflowBundleWithSourceMap } from '@temporalio/worker';
+import type { ActivityInterceptorsFactory, WorkerOptions, WorkflowBundleWithSourceMap } from '@temporalio/worker';
+import { makeWorkflowExporter, OpenTelemetryActivityInboundInterceptor, OpenTelemetryActivityOutboundInterceptor } from '@temporalio/interceptors-opentelemetry/lib/worker';
+import { activeTracing } from '../common/tracing';
 import type { Logger } from 'pino';
 import { hostTaskQueue } from '../common/names';
 import type { Config } from '../config';
@@ -31,11 +33,32 @@ export interface HostWorker {
   publicUrl: string;
 }
 
-let bundle: Promise<WorkflowBundleWithSourceMap> | undefined;
-/** The workflows, bundled once per process (every Worker of every host in it shares the bundle). */
-function workflowBundle(): Promise<WorkflowBundleWithSourceMap> {
-  bundle ??= bundleWorkflowCode({ workflowsPath: require.resolve('../workflows'), logger: Runtime.instance().logger });
-  return bundle;
+const bundles = new Map<boolean, Promise<WorkflowBundleWithSourceMap>>();
+/**
+ * The workflows, bundled once per process (every Worker of every host in it shares the bundle);
+ * with tracing, with Temporal's OpenTelemetry workflow interceptors in it.
+ */
+function workflowBundle(traced: boolean): Promise<WorkflowBundleWithSourceMap> {
+  let b = bundles.get(traced);
+  if (!b) {
+    b = bundleWorkflowCode({
+      workflowsPath: require.resolve('../workflows'),
+      logger: Runtime.instance().logger,
+      ...(traced ? { workflowInterceptorModules: [require.resolve('@temporalio/interceptors-opentelemetry/lib/workflow-interceptors')] } : {}),
+    });
+    bundles.set(traced, b);
+  }
+  return b;
+}
+
+/** Temporal's OpenTelemetry interceptors and workflow span sink, when this process traces. */
+function tracingOptions(): Pick<WorkerOptions, 'sinks'> & { activity: ActivityInterceptorsFactory[] } {
+  const tracing = activeTracing();
+  if (!tracing) return { activity: [] };
+  return {
+    activity: [(ctx) => ({ inbound: new OpenTelemetryActivityInboundInterceptor(ctx), outbound: new OpenTelemetryActivityOutboundInterceptor(ctx) })],
+    sinks: { exporter: makeWorkflowExporter(tracing.processor, tracing.resource) },
+  };
 }
 
 /**
@@ -58,7 +81,8 @@ export async function createHostWorker(config: Config, hostId: string, log: Logg
   await prewarmJoin();
   const publicUrl = (advertisedUrl ?? publisher.url).replace(/\/+$/, '');
   const activities = createHostActivities({ hostId, dataDir, config, log, publicUrl: () => publicUrl });
-  const workflows = await workflowBundle();
+  const traced = tracingOptions();
+  const workflows = await workflowBundle(traced.sinks !== undefined);
   watchHost(hostId, dataDir, new LibvirtHypervisor({ logger: log }));
   const hostQueueWorker = await Worker.create({
     connection,
@@ -70,13 +94,15 @@ export async function createHostWorker(config: Config, hostId: string, log: Logg
     // Heartbeats reach the server every 2 s at most (not 80% of the heartbeat timeout), so a
     // cancelled long step hears of it within seconds.
     maxHeartbeatThrottleInterval: '2 seconds',
-    interceptors: { activity: [activityMetrics(hostId)] },
+    interceptors: { activity: [...traced.activity, activityMetrics(hostId)] },
+    ...(traced.sinks ? { sinks: traced.sinks } : {}),
   });
   const sharedQueueWorker = await Worker.create({
     connection,
     namespace: config.namespace,
     taskQueue: config.workflowTaskQueue,
     workflowBundle: workflows,
+    ...(traced.sinks ? { sinks: traced.sinks } : {}),
   });
   log.info({ hostId, publishes: publisher.url, queues: [hostTaskQueue(hostId), config.workflowTaskQueue] }, 'host worker ready');
   return {

@@ -8,6 +8,7 @@ import { createLogger } from '../common/logger';
 import { HOST_ID_PATTERN } from '../common/names';
 import net from 'node:net';
 import { serveMetrics } from '../common/metrics';
+import { initTracing, tracingFromEnv } from '../common/tracing';
 import { createHostWorker } from './host-worker';
 import { installRuntimeLogging } from './runtime-logging';
 
@@ -31,6 +32,9 @@ async function main(): Promise<void> {
     throw new Error(`invalid host id "${hostId}": use lower-case letters, digits and dashes (e.g. host-a)`);
   }
   const log = createLogger(`worker:${hostId}`, config.logLevel);
+  const traceOptions = tracingFromEnv();
+  const tracing = traceOptions ? initTracing(`cloudlet-worker-${hostId}`, traceOptions) : undefined;
+  if (traceOptions) log.info(traceOptions, 'tracing');
   let sdkMetricsUrl: string | undefined;
   if (config.metrics) {
     const sdkPort = await freePort();
@@ -48,6 +52,7 @@ async function main(): Promise<void> {
   }
   await worker.run();
   await served?.close();
+  await tracing?.shutdown();
 }
 
 main().catch((err: unknown) => {
