@@ -61,6 +61,8 @@ export interface RoundReport {
   /** Time the VM was paused by this round (the memory stream's last phase, until resumed). */
   pausedMs: number;
   ms: { capture: number; build: number; send: number; apply: number; total: number };
+  /** Where the build's time went (see BuiltRound.ms). */
+  buildMs?: { split: number; hashMemory: number; memory: number; disk: number; finish: number };
   sendBytesPerSec: number;
   /** What the next round should use, from this round's payload and link. */
   nextCompression: Compression;
@@ -206,6 +208,7 @@ export function createHandoffSourceActivities(deps: HandoffSourceDeps) {
       diskRawChunks: built.meta.stats.diskRaw,
       pausedMs,
       ms: { capture: captureMs, build: buildMs, send: up.ms, apply: applyMs, total: Math.round(performance.now() - t0) },
+      buildMs: { split: built.ms.split, hashMemory: built.ms.hashMemory, memory: built.ms.memory, disk: built.ms.disk, finish: built.ms.finish },
       sendBytesPerSec: Math.round(sendBytesPerSec),
       nextCompression: next,
     };

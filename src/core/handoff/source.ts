@@ -43,7 +43,8 @@ export interface BuiltRound {
   bytes: number;
   /** Bytes of record payload before compression. */
   rawBytes: number;
-  ms: { memory: number; disk: number; total: number };
+  /** split: the stream into an image; hashMemory: its pages; memory/disk: comparing and adding records; finish: the last segments and the trailer. */
+  ms: { split: number; hashMemory: number; memory: number; disk: number; finish: number; total: number };
 }
 
 function digestsOf(ix: ChunkIndex): Buffer {
@@ -164,6 +165,7 @@ export class HandoffSource {
     const memImg = path.join(this.dir, `round-${input.round}.memimg.tmp`);
     let rawBytes = 0;
     try {
+      const tSplit0 = performance.now();
       const layout = await splitSnapshot(input.memorySave, memImg, { onProgress: (d, t) => input.onProgress?.(d, t, 'split memory stream') });
       if (layout.mode !== 'parsed') {
         throw new CloudletError('HYPERVISOR', `the memory stream of round ${input.round} holds records this codec does not parse (opaque mode)`, {
@@ -175,7 +177,9 @@ export class HandoffSource {
           fix: 'hand off only VMs resumed or synthesized from the base the destination holds, with the same memory size',
         });
       }
-      rawBytes += await this.diffMemory(memImg, w, input);
+      const tSplit = performance.now();
+      const mem = await this.diffMemory(memImg, w, input);
+      rawBytes += mem.shipped;
       const tMem = performance.now();
       rawBytes += await this.diffDisk(input.diskLayers, w, input);
       const tDisk = performance.now();
@@ -193,7 +197,14 @@ export class HandoffSource {
             diskVirtualSize: this.base.diskIndex.byteLength,
           })
         : await w.finish(head);
-      return { meta, bytes, rawBytes, sample: w.sample, ms: { memory: Math.round(tMem - t0), disk: Math.round(tDisk - tMem), total: Math.round(performance.now() - t0) } };
+      const ms = (a: number, b: number): number => Math.round(b - a);
+      return {
+        meta,
+        bytes,
+        rawBytes,
+        sample: w.sample,
+        ms: { split: ms(tSplit0, tSplit), hashMemory: Math.round(mem.hashMs), memory: ms(tSplit, tMem) - Math.round(mem.hashMs), disk: ms(tMem, tDisk), finish: ms(tDisk, performance.now()), total: ms(t0, performance.now()) },
+      };
     } catch (e) {
       await w.abort();
       await rm(input.outPath, { force: true });
@@ -207,9 +218,11 @@ export class HandoffSource {
    * Compares every page of the memory image with what the destination holds: the image's page
    * digests come from the chunk indexer (threads, holes skipped), only pages that differ are read.
    */
-  private async diffMemory(memImg: string, w: RoundWriter, input: BuildRoundInput): Promise<number> {
+  private async diffMemory(memImg: string, w: RoundWriter, input: BuildRoundInput): Promise<{ shipped: number; hashMs: number }> {
     const runs = new RunBuilder(w, Target.Memory);
+    const t0 = performance.now();
     const ix = await buildChunkIndex(memImg, { holes: 'skip', onProgress: (d, t) => input.onProgress?.(d, t, 'hash memory') });
+    const hashMs = performance.now() - t0;
     const fd = openSync(memImg, 'r');
     const page = Buffer.alloc(CHUNK);
     let shipped = 0;
@@ -225,7 +238,7 @@ export class HandoffSource {
     } finally {
       closeSync(fd);
     }
-    return shipped;
+    return { shipped, hashMs };
   }
 
   /** Compares every chunk the frozen layers hold (newest wins) with what the destination holds. */
