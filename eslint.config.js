@@ -13,6 +13,14 @@ module.exports = tseslint.config(
     },
   },
   {
+    // The dashboard runs in the browser (plain script, no modules).
+    files: ['src/api/dashboard/**/*.js'],
+    languageOptions: {
+      sourceType: 'script',
+      globals: { document: 'readonly', window: 'readonly', sessionStorage: 'readonly', fetch: 'readonly', URLSearchParams: 'readonly', Node: 'readonly', setTimeout: 'readonly', clearTimeout: 'readonly' },
+    },
+  },
+  {
     // The core stays free of Temporal, HTTP and libvirt.
     files: ['src/core/**/*.ts'],
     rules: {

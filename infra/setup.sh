@@ -9,8 +9,9 @@ cd "$ROOT"
 # 1. Debian packages: hypervisor, native-addon toolchain, compression tools, the guest build's needs.
 # iproute2: ip and tc for the emulated edge links (docs/links.md).
 # prometheus: scrapes the workers' and the API's metrics in the tests (docs/observability.md); not started as a service.
+# chromium: the browser tests drive it through the dashboard and the Temporal Web UI (docs/dashboard.md).
 PACKAGES=(qemu-system-x86 qemu-utils libvirt-daemon-system libvirt-clients libvirt-dev tini
-  xdelta3 xz-utils build-essential python3 pkg-config curl ca-certificates iproute2 prometheus)
+  xdelta3 xz-utils build-essential python3 pkg-config curl ca-certificates iproute2 prometheus chromium)
 for list in infra/guest/host-packages.txt infra/debian/host-packages.txt; do
   [ -f "$list" ] || continue
   while read -r p; do [ -n "$p" ] && [ "${p#\#}" = "$p" ] && PACKAGES+=("$p"); done < "$list"

@@ -9,9 +9,11 @@
  *   3. handoff between clusters: east and west (their own namespaces, a host each, API servers
  *      with their own tokens); a customized VM on east is handed off live to west through the
  *      APIs, and west's VM answers with east's state (src/start-handoff.ts).
- * It prints the first-response breakdown and where to look in the Temporal Web UI.
+ * It prints the first-response breakdown and where to look: the Temporal Web UI, and the cloudlet
+ * dashboard of an API it leaves running (docs/dashboard.md).
  */
 import { execFile, spawn, type ChildProcess } from 'node:child_process';
+import { randomBytes } from 'node:crypto';
 import fs from 'node:fs';
 import path from 'node:path';
 import { promisify } from 'node:util';
@@ -124,6 +126,43 @@ async function story(client: Client, config: Config): Promise<{ workflowId: stri
   return { workflowId: provisionOp.id, pkg };
 }
 
+/**
+ * The API (with its dashboard) over host-a and host-b, left running in the background so the page
+ * shows the story just run; a token of its own in var/secrets; `npm run stop` stops it.
+ */
+async function startDashboardApi(config: Config): Promise<{ url: string; tokenFile: string }> {
+  const port = Number(process.env.CLOUDLET_DASHBOARD_PORT ?? 8080);
+  const pidFile = path.join(config.varDir, 'run', 'api.pid');
+  const tokenFile = path.join(config.varDir, 'secrets', 'dashboard-token');
+  fs.mkdirSync(path.dirname(pidFile), { recursive: true });
+  fs.mkdirSync(path.dirname(tokenFile), { recursive: true, mode: 0o700 });
+  if (!fs.existsSync(tokenFile)) fs.writeFileSync(tokenFile, `${randomBytes(24).toString('base64url')}\n`, { mode: 0o600 });
+  const token = fs.readFileSync(tokenFile, 'utf8').trim();
+  // An API an earlier `npm start` left running goes first (it may be of an older checkout).
+  try {
+    const pid = Number(fs.readFileSync(pidFile, 'utf8'));
+    // Only if that pid is still our API (not a process that reused the number).
+    if (fs.readFileSync(`/proc/${pid}/cmdline`, 'utf8').includes(path.join('api', 'main.ts'))) process.kill(pid, 'SIGTERM');
+  } catch {
+    // none running
+  }
+  const url = `http://127.0.0.1:${port}`;
+  await waitUntil(`port ${port} to be free`, async () => !(await fetch(`${url}/healthz`).then((r) => r.ok, () => false)), 15_000);
+  const out = fs.openSync(path.join(config.varDir, 'logs', 'api.log'), 'a');
+  const api = spawn(process.execPath, ['--import', 'tsx', path.join(__dirname, 'api', 'main.ts')], {
+    stdio: ['ignore', out, out],
+    detached: true,
+    env: { ...process.env, CLOUDLET_API_TOKENS: token, CLOUDLET_HOSTS: HOSTS.join(','), CLOUDLET_API_PORT: String(port), CLOUDLET_NAMESPACE: config.namespace },
+  });
+  api.unref();
+  fs.writeFileSync(pidFile, String(api.pid));
+  await waitUntil('the API to answer', async () => {
+    if (api.exitCode !== null) throw new Error('the API exited at start; see var/logs/api.log');
+    return fetch(`${url}/healthz`).then((r) => r.ok, () => false);
+  }, 60_000);
+  return { url: `${url}/dashboard/`, tokenFile };
+}
+
 async function main(): Promise<void> {
   const config = loadConfig();
   const workers = HOSTS.map((h) => startWorker(config, h));
@@ -151,7 +190,9 @@ async function main(): Promise<void> {
       return stdout.includes(synthId.split('/').slice(0, 2).join('/'));
     }, 30_000);
     console.log(listing.trimEnd());
+    const dashboard = await startDashboardApi(config);
     say(`Web UI: ${config.webUiUrl}/namespaces/${config.namespace}/workflows`);
+    say(`Dashboard: ${dashboard.url} (API token in ${path.relative(REPO_ROOT, dashboard.tokenFile)}; the API keeps running, log var/logs/api.log)`);
     say('stop everything with `npm run stop`');
   } finally {
     for (const w of workers) w.kill('SIGTERM');

@@ -56,6 +56,8 @@ export interface ApiBackend {
   service: CloudletService;
   schedules?: RecipeScheduleApi;
   handoffs?: HandoffService;
+  /** Where the dashboard links runs to. */
+  temporalUi?: { url: string; namespace: string };
   close?: () => Promise<void>;
 }
 
@@ -70,13 +72,14 @@ export async function runApi(createBackend: () => Promise<ApiBackend>, env: Node
   const api = await startApi(backend.service, {
     ...(backend.schedules ? { schedules: backend.schedules } : {}),
     ...(backend.handoffs ? { handoffs: backend.handoffs } : {}),
+    ...(backend.temporalUi ? { temporalUi: backend.temporalUi } : {}),
     tokens: config.tokens,
     insecure: config.insecure,
     host: config.host,
     port: config.port,
     logger,
   });
-  logger.info({ url: api.url, openapi: `${api.url}/openapi.json`, tokens: config.tokens.length, insecure: config.insecure }, 'cloudlet API listening');
+  logger.info({ url: api.url, openapi: `${api.url}/openapi.json`, dashboard: `${api.url}/dashboard/`, tokens: config.tokens.length, insecure: config.insecure }, 'cloudlet API listening');
   const stop = async (signal: string) => {
     logger.info({ signal }, 'cloudlet API stopping');
     await api.close();

@@ -4,12 +4,17 @@
  */
 import fastify, { type FastifyBaseLogger, type FastifyInstance, type FastifyReply, type FastifyRequest } from 'fastify';
 import { randomUUID } from 'node:crypto';
+import path from 'node:path';
 import type pino from 'pino';
 import type { z } from 'zod';
 import type { CloudletService } from '../service/types';
 import { authenticate, TokenSet } from './auth';
 import { metrics, registry } from '../common/metrics';
 import { step } from '../common/tracing';
+import fastifyStatic from '@fastify/static';
+import { REPO_ROOT } from '../config';
+
+const DASHBOARD_DIR = path.join(REPO_ROOT, 'src', 'api', 'dashboard');
 import { ApiError, sendError, validationError } from './errors';
 import { buildOpenApi } from './openapi';
 import { defineRoute, R, type Route } from './route';
@@ -36,6 +41,8 @@ export interface ApiOptions {
   logger?: pino.Logger;
   /** Largest JSON body accepted, in bytes (default 64 KiB: bodies are small). */
   bodyLimit?: number;
+  /** Where the dashboard links runs to: the Temporal Web UI and the namespace (docs/dashboard.md). */
+  temporalUi?: { url: string; namespace: string };
 }
 
 const serviceRoutes: readonly Route[] = [...hostRoutes, ...baseRoutes, ...instanceRoutes, ...overlayRoutes, ...operationRoutes];
@@ -81,6 +88,15 @@ export async function buildServer(options: ApiOptions): Promise<FastifyInstance>
     metrics.apiRequests.inc({ method: req.method, route, status: String(reply.statusCode) });
     metrics.apiSeconds.observe({ method: req.method, route }, reply.elapsedTime / 1000);
   });
+
+  // The dashboard: static files that read the API with the user's token (docs/dashboard.md).
+  await app.register(fastifyStatic, { root: DASHBOARD_DIR, prefix: '/dashboard/', index: 'index.html', list: false, dotfiles: 'deny' });
+  app.get('/dashboard', async (_req, reply) => reply.redirect('/dashboard/'));
+  app.get('/dashboard/config.json', async () => ({
+    temporalUiUrl: options.temporalUi?.url ?? '',
+    namespace: options.temporalUi?.namespace ?? '',
+    schedules: options.schedules !== undefined,
+  }));
 
   let openapi: Record<string, unknown> | undefined;
   const metaRoutes: Route[] = [

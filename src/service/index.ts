@@ -16,7 +16,7 @@ import { loadHandoffSecret } from '../common/handoff-secret';
 
 export { TemporalCloudletService } from './temporal';
 
-export async function createTemporalBackend(env: NodeJS.ProcessEnv = process.env): Promise<{ service: CloudletService; schedules: RecipeSchedules; handoffs: HandoffService; close: () => Promise<void> }> {
+export async function createTemporalBackend(env: NodeJS.ProcessEnv = process.env): Promise<{ service: CloudletService; schedules: RecipeSchedules; handoffs: HandoffService; temporalUi: { url: string; namespace: string }; close: () => Promise<void> }> {
   const config = loadConfig(env);
   const hosts = z.array(z.string().regex(HOST_ID_PATTERN)).safeParse((env.CLOUDLET_HOSTS ?? config.hostId).split(',').map((h) => h.trim()).filter(Boolean));
   if (!hosts.success) {
@@ -28,6 +28,7 @@ export async function createTemporalBackend(env: NodeJS.ProcessEnv = process.env
     service,
     handoffs: new TemporalHandoffService(client, service, { hosts: hosts.data, secret: loadHandoffSecret(config.varDir, config.namespace, env) }),
     schedules: new RecipeSchedules(client, { workflowTaskQueue: config.workflowTaskQueue }),
+    temporalUi: { url: config.webUiUrl, namespace: config.namespace },
     close: () => client.connection.close(),
   };
 }

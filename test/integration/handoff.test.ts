@@ -76,7 +76,8 @@ describe('live handoff between two clusters', () => {
       tokens: [eastToken], port: 0, logger: log,
     });
     westApi = await startApi(westService, {
-      handoffs: new TemporalHandoffService(west.client, westService, { hosts: westHosts, secret: loadHandoffSecret(west.config.varDir, 'west'), idleTimeoutMs: 20_000 }),
+      // Short for the killed-destination test, but longer than a first round takes on a busy machine.
+      handoffs: new TemporalHandoffService(west.client, westService, { hosts: westHosts, secret: loadHandoffSecret(west.config.varDir, 'west'), idleTimeoutMs: 60_000 }),
       tokens: [westToken], port: 0, logger: log,
     });
     eastCloud = new CloudletApiClient({ baseUrl: eastApi.url, token: eastToken });
