@@ -2,24 +2,15 @@
  * Entry point of a host's worker process:
  *   npx tsx src/workers/main.ts --host <id>       (or CLOUDLET_HOST_ID=<id>)
  */
+import { freePort } from '../common/ports';
 import { Command } from 'commander';
 import { loadConfig } from '../config';
 import { createLogger } from '../common/logger';
 import { HOST_ID_PATTERN } from '../common/names';
-import net from 'node:net';
 import { serveMetrics } from '../common/metrics';
 import { initTracing, tracingFromEnv } from '../common/tracing';
 import { createHostWorker } from './host-worker';
 import { installRuntimeLogging } from './runtime-logging';
-
-/** A free port on 127.0.0.1 for the Temporal SDK's exporter (read through our metrics server). */
-async function freePort(): Promise<number> {
-  const srv = net.createServer();
-  await new Promise<void>((r) => srv.listen(0, '127.0.0.1', r));
-  const port = (srv.address() as net.AddressInfo).port;
-  await new Promise((r) => srv.close(r));
-  return port;
-}
 
 async function main(): Promise<void> {
   const program = new Command('cloudlet-worker')

@@ -2,9 +2,9 @@
  * A real Prometheus (Debian's package, installed by infra/setup.sh) scraping the given targets
  * every second, with its data in a temporary directory; `query` asks its HTTP API.
  */
+import { freePort } from '../../src/common/ports';
 import { spawn, type ChildProcess } from 'node:child_process';
 import fs from 'node:fs';
-import net from 'node:net';
 import os from 'node:os';
 import path from 'node:path';
 import { waitFor } from './poll';
@@ -20,14 +20,6 @@ export interface RunningPrometheus {
   /** The instant vector of a PromQL expression: each series' labels and value. */
   query(expr: string): Promise<Array<{ labels: Record<string, string>; value: number }>>;
   stop(): Promise<void>;
-}
-
-async function freePort(): Promise<number> {
-  const srv = net.createServer();
-  await new Promise<void>((r) => srv.listen(0, '127.0.0.1', r));
-  const port = (srv.address() as net.AddressInfo).port;
-  await new Promise((r) => srv.close(r));
-  return port;
 }
 
 export function scrapeConfig(jobs: ScrapeJob[], intervalS = 1): string {

@@ -13,7 +13,7 @@ import { startApi, type RunningApi } from '../../src/api/server';
 import { CloudletApiClient } from '../../src/api/client';
 import { TemporalCloudletService } from '../../src/service';
 import { startTestCluster, type TestCluster } from '../helpers/cluster';
-import { testBasePackage } from '../helpers/test-base';
+import { overlayOnFirstHost } from '../helpers/overlay-story';
 import { REPO } from '../helpers/infra';
 import { pollUntil } from '../helpers/poll';
 
@@ -61,16 +61,7 @@ describe('the dashboard and the Temporal Web UI in Chromium', () => {
 
   it('shows a synthesis as it runs, the instance with its breakdown, and its run in the Temporal Web UI', async () => {
     const [da = '', db = ''] = cluster.hosts;
-    const pkg = await testBasePackage(256);
-    const done = async (id: string): Promise<Record<string, unknown>> => {
-      const s = await cloud.waitForOperation(id, { timeoutMs: 10 * 60_000 });
-      expect(s.state).toBe('succeeded');
-      return s.result as Record<string, unknown>;
-    };
-    for (const hostId of [da, db]) await done((await cloud.importBase({ hostId, source: pkg.packageFile })).id);
-    const dev = await done((await cloud.resumeBase({ hostId: da, baseId: pkg.baseId })).id);
-    const made = await done((await cloud.createOverlay({ instanceId: String(dev.instanceId) })).id);
-    const overlay = await cloud.getOverlay(String(made.overlayId));
+    const { overlayUrl, done } = await overlayOnFirstHost(cloud, [da, db]);
 
     // Without a token the page asks for one, and says so when the API refuses it.
     await page.goto(`${api.url}/dashboard/?refresh=300`, { waitUntil: 'domcontentloaded' });
@@ -87,7 +78,7 @@ describe('the dashboard and the Temporal Web UI in Chromium', () => {
     expect(await text('#ops')).toMatch(/Nothing is running/);
 
     // A synthesis on db: the page shows it running, and its stage moves on.
-    const op = await cloud.provisionInstance({ hostId: db, overlayUrl: overlay?.url ?? '' });
+    const op = await cloud.provisionInstance({ hostId: db, overlayUrl });
     const stages = new Set<string>();
     await pollUntil('the synthesis to show as a running operation', 120_000, async () => {
       const s = await texts('[data-operation] .stage');

@@ -6,31 +6,22 @@
  * instance, the host's memory and store space, API requests by route) and the Temporal SDK's own
  * worker metrics.
  */
+import { freePort } from '../../src/common/ports';
 import { spawn, type ChildProcess } from 'node:child_process';
 import fs from 'node:fs';
-import net from 'node:net';
 import path from 'node:path';
 import { createLogger } from '../../src/common/logger';
 import { startApi, type RunningApi } from '../../src/api/server';
 import { CloudletApiClient } from '../../src/api/client';
 import { TemporalCloudletService } from '../../src/service';
-import { GuestAppClient } from '../../src/guest/app-client';
 import { assertHostServing } from '../../src/client/connect';
 import { startTestCluster, type TestCluster } from '../helpers/cluster';
-import { testBasePackage } from '../helpers/test-base';
+import { overlayOnFirstHost } from '../helpers/overlay-story';
 import { REPO, removeHostDomains } from '../helpers/infra';
 import { pollUntil, waitFor } from '../helpers/poll';
 import { startPrometheus, type RunningPrometheus } from '../helpers/prometheus';
 
 jest.setTimeout(20 * 60_000);
-
-async function freePort(): Promise<number> {
-  const srv = net.createServer();
-  await new Promise<void>((r) => srv.listen(0, '127.0.0.1', r));
-  const port = (srv.address() as net.AddressInfo).port;
-  await new Promise((r) => srv.close(r));
-  return port;
-}
 
 describe('Prometheus scrapes the workers and the API', () => {
   let cluster: TestCluster;
@@ -56,7 +47,6 @@ describe('Prometheus scrapes the workers and the API', () => {
   });
 
   it('has the synthesis, the host and the API in its series, beside the Temporal SDK\'s', async () => {
-    const pkg = await testBasePackage(256);
     const metricsPort = await freePort();
     worker = spawn(process.execPath, ['--import', 'tsx', path.join(REPO, 'src', 'workers', 'main.ts'), '--host', mb], {
       stdio: 'ignore',
@@ -71,17 +61,8 @@ describe('Prometheus scrapes the workers and the API', () => {
       { job: 'cloudlet-api', targets: [new URL(api.url).host], bearer: token },
     ]);
 
-    const done = async (id: string): Promise<Record<string, unknown>> => {
-      const s = await cloud.waitForOperation(id, { timeoutMs: 10 * 60_000 });
-      expect(s.state).toBe('succeeded');
-      return s.result as Record<string, unknown>;
-    };
-    for (const hostId of [ma, mb]) await done((await cloud.importBase({ hostId, source: pkg.packageFile })).id);
-    const dev = await done((await cloud.resumeBase({ hostId: ma, baseId: pkg.baseId })).id);
-    await new GuestAppClient(Number(dev.hostPort)).waitForState(60_000);
-    const made = await done((await cloud.createOverlay({ instanceId: String(dev.instanceId) })).id);
-    const overlay = await cloud.getOverlay(String(made.overlayId));
-    const synth = await done((await cloud.provisionInstance({ hostId: mb, overlayUrl: overlay?.url ?? '' })).id);
+    const { pkg, overlayUrl, done } = await overlayOnFirstHost(cloud, [ma, mb]);
+    const synth = await done((await cloud.provisionInstance({ hostId: mb, overlayUrl })).id);
     expect(synth.hostId).toBe(mb);
 
     const p = prom;

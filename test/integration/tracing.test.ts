@@ -16,7 +16,7 @@ import { CloudletApiClient } from '../../src/api/client';
 import { TemporalCloudletService } from '../../src/service';
 import { assertHostServing } from '../../src/client/connect';
 import { startTestCluster, type TestCluster } from '../helpers/cluster';
-import { testBasePackage } from '../helpers/test-base';
+import { overlayOnFirstHost } from '../helpers/overlay-story';
 import { REPO, removeHostDomains } from '../helpers/infra';
 import { pollUntil, waitFor } from '../helpers/poll';
 
@@ -56,7 +56,6 @@ describe('one synthesis is one trace across the API and the host worker', () => 
   });
 
   it('links the API request, the workflow, its activities and their steps', async () => {
-    const pkg = await testBasePackage(256);
     worker = spawn(process.execPath, ['--import', 'tsx', path.join(REPO, 'src', 'workers', 'main.ts'), '--host', tb], {
       stdio: 'ignore',
       env: { ...process.env, CLOUDLET_WORKFLOW_QUEUE: cluster.config.workflowTaskQueue, CLOUDLET_LOG_LEVEL: 'warn', CLOUDLET_TRACE_FILE: workerFile },
@@ -65,16 +64,8 @@ describe('one synthesis is one trace across the API and the host worker', () => 
     const [ta = ''] = cluster.hosts;
     api = await startApi(new TemporalCloudletService(cluster.client, cluster.config, { hosts: [ta, tb] }), { tokens: [token], port: 0, logger: createLogger('api', 'warn') });
     const cloud = new CloudletApiClient({ baseUrl: api.url, token });
-    const done = async (id: string): Promise<Record<string, unknown>> => {
-      const s = await cloud.waitForOperation(id, { timeoutMs: 10 * 60_000 });
-      expect(s.state).toBe('succeeded');
-      return s.result as Record<string, unknown>;
-    };
-    for (const hostId of [ta, tb]) await done((await cloud.importBase({ hostId, source: pkg.packageFile })).id);
-    const dev = await done((await cloud.resumeBase({ hostId: ta, baseId: pkg.baseId })).id);
-    const made = await done((await cloud.createOverlay({ instanceId: String(dev.instanceId) })).id);
-    const overlay = await cloud.getOverlay(String(made.overlayId));
-    await done((await cloud.provisionInstance({ hostId: tb, overlayUrl: overlay?.url ?? '' })).id);
+    const { overlayUrl, done } = await overlayOnFirstHost(cloud, [ta, tb]);
+    await done((await cloud.provisionInstance({ hostId: tb, overlayUrl })).id);
 
     // The API's span for the provisioning request, and its trace.
     await tracing.processor.forceFlush();
