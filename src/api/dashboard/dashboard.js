@@ -61,7 +61,7 @@
   }
 
   function chart(instances) {
-    const points = instances.filter((i) => i.timings && typeof i.timings.firstResponseMs === 'number').slice(-20);
+    const points = instances.filter((i) => i.timings && typeof i.timings.firstResponseMs === 'number').slice(0, 20);
     if (!points.length) return h('p', { class: 'empty' }, 'No synthesis has finished yet. Provision an instance from an overlay (POST /v1/instances) to see its time here.');
     const max = Math.max(...points.map((p) => p.timings.firstResponseMs));
     const W = 640, row = 22, left = 150;
@@ -102,7 +102,7 @@
       : h('p', { class: 'empty' }, 'Nothing is running. Operations (synthesis, overlay creation, handoff...) show their stages here while they run.'));
 
     $('instances').replaceChildren(table(['Instance', 'State', 'Host', 'Application', 'First response', 'Run'],
-      instances.slice().reverse().map((i) => [h('span', { class: 'id', 'data-instance': i.id }, i.id), state(i.state), h('span', { class: 'id' }, i.hostId), i.appEndpoint || '', breakdown(i.timings), runLink(i.operationId)]),
+      instances.map((i) => [h('span', { class: 'id', 'data-instance': i.id }, i.id), state(i.state), h('span', { class: 'id' }, i.hostId), i.appEndpoint || '', breakdown(i.timings), runLink(i.operationId)]),
       'No instances yet. Provision one from an overlay (POST /v1/instances, or cloudlet instance provision), or resume a base (POST /v1/bases/{id}/instances).'));
 
     $('chart').replaceChildren(chart(instances));
