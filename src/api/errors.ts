@@ -89,7 +89,8 @@ export function sendError(err: unknown, req: FastifyRequest, reply: FastifyReply
       requestId,
     };
   }
-  if (status >= 500) req.log.error({ err, requestId, status }, 'request failed');
+  // 501: a feature this server runs without, not a fault.
+  if (status >= 500 && status !== 501) req.log.error({ err, requestId, status }, 'request failed');
   else req.log.info({ requestId, status, code: body.code, msg: body.message }, 'request refused');
   return reply.code(status).type('application/json; charset=utf-8').send({ error: body });
 }
