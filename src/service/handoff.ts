@@ -56,7 +56,7 @@ export class TemporalHandoffService implements HandoffService {
       hostId = serving.find((h) => h !== undefined && base?.hostIds.includes(h)) ?? serving.find((h) => h !== undefined);
       if (hostId === undefined) {
         throw new CloudletError('DESTINATION_UNAVAILABLE', `no host of this cluster (${this.options.hosts.join(', ')}) is serving`, {
-          fix: 'start a host worker (npm run worker -- --host <id>)',
+          fix: 'start a host worker (npx tsx src/workers/main.ts --host <id>)',
         });
       }
     }

@@ -35,6 +35,7 @@ import { decideNext, measuredLinkRate, DEFAULT_STOP_POLICY, type StopPolicy, typ
 import type { Compression } from '../core/handoff/round';
 import { hostTaskQueue, SearchAttributes } from '../common/names';
 import { importBaseVm, tracker, tracked, type HostOperationInput } from './operations';
+import { rootCause } from './failures';
 
 const NON_RETRYABLE = ['BAD_INPUT', 'NOT_FOUND', 'CORRUPT', 'DIGEST_MISMATCH', 'WRONG_BASE', 'UNSUPPORTED_VERSION', 'CPU_MODEL_UNUSABLE', 'CONFLICT', 'UNAUTHORIZED', 'FORBIDDEN'];
 
@@ -318,7 +319,7 @@ export async function receiveHandoff(input: ReceiveHandoffInput) {
       await condition(allHandlersFinished);
       return { hostId: input.hostId, instanceId: input.instanceId, baseId: input.baseId, handoffId: input.handoffId, hostPort: resumed.hostPort, rounds: state.rounds, timings: state.result.timings };
     } catch (e) {
-      const f = failureOf(e);
+      const f = rootCause(e);
       state.error = f.message;
       if (f.type) state.errorType = f.type;
       await CancellationScope.nonCancellable(() => quick.receiveAbort(ids));
@@ -327,14 +328,4 @@ export async function receiveHandoff(input: ReceiveHandoffInput) {
       throw e;
     }
   });
-}
-
-/** The innermost application failure under `e` (a child run's or an activity's), or `e` itself. */
-function failureOf(e: unknown): { message: string; type?: string } {
-  let cur: unknown = e;
-  while (cur instanceof Error) {
-    if (cur instanceof ApplicationFailure) return { message: cur.message, ...(cur.type ? { type: cur.type } : {}) };
-    cur = cur.cause;
-  }
-  return { message: e instanceof Error ? e.message : String(e) };
 }

@@ -21,6 +21,7 @@ import type { InstanceActivities } from '../activities/instances';
 import type { RecipeActivities, RecipeInput } from '../activities/recipes';
 import { HOST_ID_PATTERN, hostTaskQueue, SearchAttributes } from '../common/names';
 import { operationProgressQuery, type OperationProgress } from './operations';
+import { rootCause } from './failures';
 
 /** The test guest's port of `POST /cgi-bin/exec` (docs/test-guest.md); see GUEST_EXEC_PORT. */
 const GUEST_EXEC_PORT = 8080;
@@ -42,17 +43,6 @@ export interface RebuildOverlayResult {
 }
 
 const NON_RETRYABLE = ['BAD_INPUT', 'NOT_FOUND', 'CORRUPT', 'DIGEST_MISMATCH', 'WRONG_BASE', 'UNSUPPORTED_VERSION', 'CPU_MODEL_UNUSABLE', 'CONFLICT', 'RECIPE_FAILED', 'RECIPE_CHECK_FAILED'];
-
-/** The innermost failure: child workflow and activity failures wrap the one that says what happened. */
-function rootCause(e: unknown): { message: string; type?: string } {
-  let message = e instanceof Error ? e.message : String(e);
-  let type: string | undefined;
-  for (let c: unknown = e; c instanceof Error; c = c.cause) {
-    if (c.message) message = c.message;
-    if (c instanceof ApplicationFailure && c.type) type = c.type;
-  }
-  return type ? { message, type } : { message };
-}
 
 /** "verify: synthesize" -> "verifySynthesize" (timing keys). */
 const camel = (s: string): string => s.replace(/[^a-zA-Z0-9]+([a-zA-Z0-9])/g, (_m, c: string) => c.toUpperCase());
