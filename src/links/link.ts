@@ -24,7 +24,10 @@ import {
   linkIdOfNamespace,
   linkNames,
   parseOpenLinkOptions,
+  parseRttMs,
+  profileWithRtt,
   relayBufferBytes,
+  relayDelays,
   SERVER_RELAY_PORT,
   tbfArgs,
   tbfParams,
@@ -57,12 +60,20 @@ export interface Link {
   readonly host: string;
   readonly port: number;
   readonly target: { host: string; port: number };
+  /** The profile as it is now: after setDelay, its rttMs (and name, `custom-<rate>mbit-<rtt>ms`) follow. */
   readonly profile: LinkProfile;
   readonly tbf: TbfParams;
   readonly namespaces: { client: string; server: string };
   /** `http://127.0.0.1:<port><path>`. */
   url(pathname?: string): string;
   stats(): Promise<LinkStats>;
+  /**
+   * Changes the round-trip delay while the link runs (0..10000 ms): rtt/2 each way and rtt for a
+   * new connection's handshake, for every byte the relays read from when it resolves, on open
+   * connections too. Bytes already held keep their release time and nothing is reordered, so a
+   * shorter delay takes effect once what was held under the longer one has gone. The rate stays.
+   */
+  setDelay(rttMs: number): Promise<void>;
   /** Stops the relays and deletes the namespaces (with the veth pair). Idempotent. */
   close(): Promise<void>;
 }
@@ -72,6 +83,8 @@ export const LINKS_DIR = path.join(os.tmpdir(), 'cloudlet-links');
 
 const RELAY_READY_MS = 15_000;
 const RELAY_STOP_MS = 3_000;
+/** How long the relays have to acknowledge a new delay. */
+const SET_DELAY_MS = 5_000;
 
 interface Owner {
   pid: number;
@@ -85,6 +98,16 @@ interface RootRelay {
   child: ChildProcess;
   ready: Promise<{ port: number; pids: { client: number; server: number } }>;
   exited: Promise<void>;
+  /** Called with every JSON line the root relay prints after its ready line (acks of setDelay). */
+  lines: Set<(line: RelayLine) => void>;
+  /** The root relay's last stderr output, for error messages. */
+  stderr(): string;
+}
+
+/** What the root relay prints after its ready line (relay.mjs). */
+interface RelayLine {
+  ack?: { seq: number; relay: 'client' | 'server' };
+  error?: { seq: number | null; message: string };
 }
 
 function linkDir(id: string): string {
@@ -139,6 +162,9 @@ async function listNamespaces(): Promise<string[]> {
 /** Starts the root relay, which starts the other two inside the namespaces (relay.mjs). */
 function startRootRelay(config: Record<string, unknown>): RootRelay {
   const child = spawn(process.execPath, [relayScript(), JSON.stringify({ mode: 'root', ...config })], { stdio: ['pipe', 'pipe', 'pipe'] });
+  // A write after the relay died fails with EPIPE; the exit is what reports it.
+  child.stdin?.on('error', () => undefined);
+  const lines = new Set<(line: RelayLine) => void>();
   let stderr = '';
   child.stderr?.setEncoding('utf8').on('data', (d: string) => {
     stderr = (stderr + d).slice(-2000);
@@ -149,19 +175,33 @@ function startRootRelay(config: Record<string, unknown>): RootRelay {
   });
   const ready = new Promise<{ port: number; pids: { client: number; server: number } }>((resolve, reject) => {
     let out = '';
+    let first = true;
     const timer = setTimeout(() => {
       reject(new CloudletError('TIMEOUT', `the link's relays did not start within ${RELAY_READY_MS} ms (${stderr.trim() || 'no output'})`, { fix: 'check the load of this machine and retry' }));
     }, RELAY_READY_MS);
     child.stdout?.setEncoding('utf8').on('data', (d: string) => {
       out += d;
-      const nl = out.indexOf('\n');
-      if (nl < 0) return;
-      clearTimeout(timer);
-      try {
-        const line = JSON.parse(out.slice(0, nl)) as { ready: { port: number }; pids: { client: number; server: number } };
-        resolve({ port: line.ready.port, pids: line.pids });
-      } catch (e) {
-        reject(new CloudletError('LINK_UNAVAILABLE', `the link's root relay printed ${JSON.stringify(out.slice(0, 200))} instead of its ready line`, { cause: e }));
+      for (let nl = out.indexOf('\n'); nl >= 0; nl = out.indexOf('\n')) {
+        const text = out.slice(0, nl);
+        out = out.slice(nl + 1);
+        if (first) {
+          first = false;
+          clearTimeout(timer);
+          try {
+            const line = JSON.parse(text) as { ready: { port: number }; pids: { client: number; server: number } };
+            resolve({ port: line.ready.port, pids: line.pids });
+          } catch (e) {
+            reject(new CloudletError('LINK_UNAVAILABLE', `the link's root relay printed ${JSON.stringify(text.slice(0, 200))} instead of its ready line`, { cause: e }));
+          }
+          continue;
+        }
+        let line: RelayLine;
+        try {
+          line = JSON.parse(text) as RelayLine;
+        } catch {
+          continue;
+        }
+        for (const f of lines) f(line);
       }
     });
     child.once('error', (e) => {
@@ -179,7 +219,7 @@ function startRootRelay(config: Record<string, unknown>): RootRelay {
   });
   // The caller may give up on `ready` (building the namespaces failed); the rejection is reported there.
   ready.catch(() => undefined);
-  return { child, ready, exited };
+  return { child, ready, exited, lines, stderr: () => stderr.trim() };
 }
 
 async function stopRelay(r: RootRelay): Promise<void> {
@@ -259,7 +299,6 @@ export async function openLink(options: OpenLinkOptions): Promise<Link> {
   }
   const tbf = tbfParams(o.profile);
   const bufferBytes = relayBufferBytes(o.profile);
-  const half = o.profile.rttMs / 2;
   let relay: RootRelay | undefined;
   try {
     await mkdir(linkDir(id), { recursive: true });
@@ -271,9 +310,7 @@ export async function openLink(options: OpenLinkOptions): Promise<Link> {
       clientNs: n.clientNs,
       serverNs: n.serverNs,
       serverRelay: { host: VETH_ADDRESSES.server, port: SERVER_RELAY_PORT },
-      upDelayMs: half,
-      downDelayMs: half,
-      handshakeMs: o.profile.rttMs,
+      ...relayDelays(o.profile.rttMs),
       bufferBytes,
     });
     const { port } = await relay.ready;
@@ -293,18 +330,70 @@ async function writeOwner(id: string, relayPid: number | undefined, o: { profile
 function makeLink(id: string, port: number, o: { profile: LinkProfile; target: { host: string; port: number } }, tbf: TbfParams, relay: RootRelay): Link {
   const n = linkNames(id);
   let closing: Promise<void> | undefined;
+  let profile = o.profile;
+  let seq = 0;
+  const setDelay = async (rttMs: number): Promise<void> => {
+    const rtt = parseRttMs(rttMs);
+    if (closing) throw new CloudletError('LINK_UNAVAILABLE', `link ${id} is closed; its delay cannot change`, { fix: 'open a new link' });
+    const next = profileWithRtt(o.profile, rtt);
+    await sendDelay(relay, ++seq, { ...relayDelays(rtt), bufferBytes: relayBufferBytes(next) });
+    profile = next;
+    if (!closing) await writeOwner(id, relay.child.pid, { profile, target: o.target }).catch(() => undefined);
+  };
   return {
     id,
     host: '127.0.0.1',
     port,
     target: o.target,
-    profile: o.profile,
+    get profile() {
+      return profile;
+    },
     tbf,
     namespaces: { client: n.clientNs, server: n.serverNs },
     url: (pathname = '/') => `http://127.0.0.1:${port}${pathname.startsWith('/') ? '' : '/'}${pathname}`,
     stats: async () => ({ up: await qdiscStats(n.clientNs, n.clientDev), down: await qdiscStats(n.serverNs, n.serverDev) }),
+    setDelay,
     close: () => (closing ??= teardown(id, relay)),
   };
+}
+
+/**
+ * Sends a new delay to the root relay (a JSON line on its stdin) and waits until both the client
+ * and the server relay have acknowledged it (their acks come back as lines on its stdout).
+ */
+function sendDelay(relay: RootRelay, seq: number, delays: ReturnType<typeof relayDelays> & { bufferBytes: number }): Promise<void> {
+  return new Promise<void>((resolve, reject) => {
+    const acked = new Set<string>();
+    const done = (e?: CloudletError): void => {
+      clearTimeout(timer);
+      relay.lines.delete(onLine);
+      relay.child.off('exit', onExit);
+      if (e) reject(e);
+      else resolve();
+    };
+    const onLine = (line: RelayLine): void => {
+      if (line.ack?.seq === seq) {
+        acked.add(line.ack.relay);
+        if (acked.has('client') && acked.has('server')) done();
+      } else if (line.error && line.error.seq === seq) {
+        done(new CloudletError('LINK_UNAVAILABLE', `the link's root relay refused the new delay: ${line.error.message}`));
+      }
+    };
+    const onExit = (): void => done(new CloudletError('LINK_UNAVAILABLE', `the link's relays exited before they took the new delay (${relay.stderr() || 'no output'})`, { fix: 'open a new link' }));
+    const timer = setTimeout(() => {
+      const missing = ['client', 'server'].filter((r) => !acked.has(r)).join(' and ');
+      done(
+        new CloudletError('TIMEOUT', `the ${missing} relay of the link did not acknowledge the new delay within ${SET_DELAY_MS} ms`, {
+          fix: 'check the load of this machine; the link may be holding the old or the new delay, so close it and open a new one',
+          details: { seq, ...delays },
+        }),
+      );
+    }, SET_DELAY_MS);
+    if (relay.child.exitCode !== null || relay.child.signalCode !== null || !relay.child.stdin?.writable) return onExit();
+    relay.lines.add(onLine);
+    relay.child.once('exit', onExit);
+    relay.child.stdin.write(`${JSON.stringify({ setDelay: { seq, ...delays } })}\n`);
+  });
 }
 
 async function qdiscStats(ns: string, dev: string): Promise<DirectionStats> {

@@ -31,10 +31,15 @@ export type LinkProfileName = keyof typeof LINK_PROFILES;
 
 const PROFILE_NAMES = Object.keys(LINK_PROFILES) as [LinkProfileName, ...LinkProfileName[]];
 
+/** The largest round-trip delay a link takes, in ms (when opened, and in Link.setDelay). */
+export const MAX_LINK_RTT_MS = 10_000;
+
+const RttSchema = z.number().min(0).max(MAX_LINK_RTT_MS);
+
 export const CustomProfileSchema = z
   .object({
     rateMbit: z.number().min(0.1).max(10_000),
-    rttMs: z.number().min(0).max(10_000),
+    rttMs: RttSchema,
   })
   .strict();
 
@@ -55,6 +60,37 @@ export function parseLinkProfile(input: unknown): LinkProfile {
   const p = parsed.data;
   if (typeof p === 'string') return { ...LINK_PROFILES[p] };
   return { name: `custom-${p.rateMbit}mbit-${p.rttMs}ms`, rateMbit: p.rateMbit, rttMs: p.rttMs };
+}
+
+/** A new round-trip delay for a running link (Link.setDelay): a finite number of ms, 0..10000. */
+export function parseRttMs(input: unknown): number {
+  const parsed = RttSchema.safeParse(input);
+  if (!parsed.success) {
+    throw new CloudletError('BAD_INPUT', `invalid link round-trip delay ${String(input)} (${issues(parsed.error)})`, {
+      fix: `pass a number of milliseconds from 0 to ${MAX_LINK_RTT_MS}`,
+    });
+  }
+  return parsed.data;
+}
+
+/** What the relays hold for a round-trip delay: half of it each way, and a whole one for a new connection's handshake. */
+export interface RelayDelays {
+  upDelayMs: number;
+  downDelayMs: number;
+  handshakeMs: number;
+}
+
+export function relayDelays(rttMs: number): RelayDelays {
+  return { upDelayMs: rttMs / 2, downDelayMs: rttMs / 2, handshakeMs: rttMs };
+}
+
+/**
+ * The profile of a link opened with `opened` whose delay is now `rttMs`: `opened` itself (a copy)
+ * when the delay is back to where it started, else `custom-<rate>mbit-<rtt>ms` at the same rate.
+ */
+export function profileWithRtt(opened: LinkProfile, rttMs: number): LinkProfile {
+  if (rttMs === opened.rttMs) return { ...opened };
+  return { name: `custom-${opened.rateMbit}mbit-${rttMs}ms`, rateMbit: opened.rateMbit, rttMs };
 }
 
 /** Link ids become part of namespace names (`cl-link-<id>-c`): short, lower-case, alphanumeric. */

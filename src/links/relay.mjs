@@ -22,6 +22,15 @@
  * Held bytes keep their order; a direction that holds more than bufferBytes (queued plus unsent)
  * stops reading its source until half of that has gone out, so TCP flow control slows the sender.
  *
+ * The delays change while the link runs (Link.setDelay): the root relay reads JSON lines on its
+ * stdin,
+ *   {"setDelay":{"seq":1,"upDelayMs":50,"downDelayMs":50,"handshakeMs":100,"bufferBytes":262144}}
+ * passes each to the client and server relays over IPC, and prints their acknowledgements on stdout
+ * once they apply it: {"ack":{"seq":1,"relay":"client"}} and {"ack":{"seq":1,"relay":"server"}}
+ * (or {"error":{"seq":1,"message":"..."}} for a line it cannot use). A new delay holds every chunk
+ * read after it arrived, on open connections too; chunks already held keep their release time,
+ * and a chunk is never released before one held earlier, so a shorter delay overtakes nothing.
+ *
  * The root relay exits on SIGTERM/SIGINT or when its stdin closes (openLink's process went away),
  * stopping the other two; they also exit when their IPC channel to the root relay closes.
  */
@@ -37,7 +46,11 @@ import { clearTimeout, setTimeout } from 'node:timers';
  *   serverRelay: TcpAddress, upDelayMs: number, downDelayMs: number, handshakeMs: number, bufferBytes: number }} RootConfig
  * @typedef {{ mode: 'client', serverRelay: TcpAddress, upDelayMs: number, handshakeMs: number, bufferBytes: number }} ClientConfig
  * @typedef {{ mode: 'server', serverRelay: TcpAddress, downDelayMs: number, bufferBytes: number }} ServerConfig
- * @typedef {{ type: string, id?: number, message?: string }} Message
+ * @typedef {{ type: string, id?: number, message?: string, seq?: number,
+ *   upDelayMs?: number, downDelayMs?: number, handshakeMs?: number, bufferBytes?: number }} Message
+ * How one direction holds its bytes; shared by all connections of a relay and changed in place
+ * by setDelay, so every chunk is held by the settings current when it was read.
+ * @typedef {{ delayMs: number, bufferBytes: number }} Hold
  */
 
 const SCRIPT = process.argv[1] ?? '';
@@ -71,17 +84,18 @@ function track(s) {
 }
 
 /**
- * Copy `src` to `dst`, holding each chunk `delayMs` (never less) after it arrived or after
- * `notBefore` (performance.now() time), whichever is later, in order, ending `dst` after the last
- * chunk. Reading from `src` pauses while more than `bufferBytes` wait.
+ * Copy `src` to `dst`, holding each chunk `hold.delayMs` (as it is when the chunk arrives; never
+ * less) after it arrived or after `notBefore` (performance.now() time), whichever is later, and
+ * never before a chunk that arrived earlier; ending `dst` after the last chunk. Reading from `src`
+ * pauses while more than `hold.bufferBytes` wait. `hold` null: a plain pipe, for the direction a
+ * relay never delays.
  * @param {net.Socket} src
  * @param {net.Socket} dst
- * @param {number} delayMs
- * @param {number} bufferBytes
+ * @param {Hold | null} hold
  * @param {number} [notBefore]
  */
-function forward(src, dst, delayMs, bufferBytes, notBefore = 0) {
-  if (delayMs <= 0) {
+function forward(src, dst, hold, notBefore = 0) {
+  if (hold === null) {
     src.pipe(dst);
     src.resume();
     return;
@@ -94,7 +108,7 @@ function forward(src, dst, delayMs, bufferBytes, notBefore = 0) {
   let timer;
   const backlog = () => queued + dst.writableLength;
   const maybeResume = () => {
-    if (paused && backlog() <= bufferBytes / 2) {
+    if (paused && backlog() <= hold.bufferBytes / 2) {
       paused = false;
       src.resume();
     }
@@ -123,17 +137,25 @@ function forward(src, dst, delayMs, bufferBytes, notBefore = 0) {
   };
   /** @param {Buffer | null} chunk */
   const push = (chunk) => {
-    const due = Math.max(performance.now(), notBefore) + delayMs;
-    queue.push({ due, chunk });
-    if (chunk !== null) {
-      queued += chunk.length;
-      if (!paused && backlog() > bufferBytes) {
-        paused = true;
-        src.pause();
-      }
+    if (dst.destroyed) return;
+    const now = performance.now();
+    const tail = queue[queue.length - 1];
+    // After a shorter new delay, a chunk waits for those held before it: never reordered.
+    const due = Math.max(Math.max(now, notBefore) + hold.delayMs, tail?.due ?? 0);
+    if (tail === undefined && due <= now) {
+      // No delay and nothing held: straight through.
+      if (chunk === null) dst.end();
+      else dst.write(chunk);
+    } else {
+      queue.push({ due, chunk });
+      if (chunk !== null) queued += chunk.length;
+      // A pending timer serves the head, which is due no later than this chunk.
+      if (timer === undefined) timer = setTimeout(flush, Math.max(1, Math.ceil(due - now)));
     }
-    // A pending timer serves the head, which is due before this chunk.
-    if (timer === undefined) timer = setTimeout(flush, Math.max(1, Math.ceil(due - performance.now())));
+    if (chunk !== null && !paused && backlog() > hold.bufferBytes) {
+      paused = true;
+      src.pause();
+    }
   };
   src.on('data', (/** @type {Buffer} */ chunk) => push(chunk));
   src.on('end', () => push(null));
@@ -145,15 +167,14 @@ function forward(src, dst, delayMs, bufferBytes, notBefore = 0) {
 /**
  * Join two sockets: `a` is the side towards the client. An error on either side (refused, reset)
  * ends both, so the client sees its connection fail. Client bytes are held until `upNotBefore`
- * at least (see runClient).
+ * at least (see runClient). A null hold passes that direction straight through.
  * @param {net.Socket} a
  * @param {net.Socket} b
- * @param {number} upDelayMs
- * @param {number} downDelayMs
- * @param {number} bufferBytes
+ * @param {Hold | null} up
+ * @param {Hold | null} down
  * @param {number} [upNotBefore]
  */
-function join(a, b, upDelayMs, downDelayMs, bufferBytes, upNotBefore = 0) {
+function join(a, b, up, down, upNotBefore = 0) {
   for (const s of [a, b]) {
     track(s);
     s.allowHalfOpen = true;
@@ -166,21 +187,51 @@ function join(a, b, upDelayMs, downDelayMs, bufferBytes, upNotBefore = 0) {
   };
   a.on('error', fail);
   b.on('error', fail);
-  forward(a, b, upDelayMs, bufferBytes, upNotBefore);
-  forward(b, a, downDelayMs, bufferBytes);
+  forward(a, b, up, upNotBefore);
+  forward(b, a, down);
+}
+
+/**
+ * Apply a setDelay message to `hold` (and return true), or leave it as it is when a field is not
+ * a finite number >= 0 (the root relay checks lines before passing them on).
+ * @param {Hold} hold
+ * @param {unknown} delayMs
+ * @param {unknown} bufferBytes
+ */
+function setHold(hold, delayMs, bufferBytes) {
+  if (!isDelay(delayMs) || !isDelay(bufferBytes)) return false;
+  hold.delayMs = delayMs;
+  hold.bufferBytes = bufferBytes;
+  return true;
+}
+
+/**
+ * @param {unknown} x
+ * @returns {x is number}
+ */
+function isDelay(x) {
+  return typeof x === 'number' && Number.isFinite(x) && x >= 0;
 }
 
 /** @param {ClientConfig} config */
 function runClient(config) {
+  /** @type {Hold} */
+  const up = { delayMs: config.upDelayMs, bufferBytes: config.bufferBytes };
+  let handshakeMs = config.handshakeMs;
   process.on('message', (/** @type {Message} */ m, /** @type {unknown} */ handle) => {
+    if (m.type === 'setDelay') {
+      if (setHold(up, m.upDelayMs, m.bufferBytes) && isDelay(m.handshakeMs)) handshakeMs = m.handshakeMs;
+      process.send?.({ type: 'setDelayAck', seq: m.seq });
+      return;
+    }
     if (m.type !== 'listen' || !(handle instanceof net.Server)) return;
     onStop.push(() => handle.close());
     handle.on('connection', (/** @type {net.Socket} */ client) => {
       // The kernel completed the client's handshake on 127.0.0.1 at once; over the emulated link
       // it takes one round trip, so the client's first bytes leave one RTT after it connected.
-      const handshakeDone = performance.now() + config.handshakeMs;
+      const handshakeDone = performance.now() + handshakeMs;
       const onward = net.connect({ ...config.serverRelay, allowHalfOpen: true, noDelay: true });
-      join(client, onward, config.upDelayMs, 0, config.bufferBytes, handshakeDone);
+      join(client, onward, up, null, handshakeDone);
     });
     process.send?.({ type: 'ready' });
   });
@@ -188,6 +239,8 @@ function runClient(config) {
 
 /** @param {ServerConfig} config */
 function runServer(config) {
+  /** @type {Hold} */
+  const down = { delayMs: config.downDelayMs, bufferBytes: config.bufferBytes };
   /** @type {Map<number, net.Socket>} */
   const waiting = new Map();
   let next = 0;
@@ -201,11 +254,16 @@ function runServer(config) {
   });
   onStop.push(() => server.close());
   process.on('message', (/** @type {Message} */ m, /** @type {unknown} */ handle) => {
+    if (m.type === 'setDelay') {
+      setHold(down, m.downDelayMs, m.bufferBytes);
+      process.send?.({ type: 'setDelayAck', seq: m.seq });
+      return;
+    }
     const s = waiting.get(m.id ?? 0);
     waiting.delete(m.id ?? 0);
     if (m.type === 'connected' && handle instanceof net.Socket) {
       if (!s || s.destroyed) handle.destroy();
-      else join(s, handle, 0, config.downDelayMs, config.bufferBytes);
+      else join(s, handle, null, down);
     } else if (m.type === 'refused') {
       warn(`the target refused connection ${m.id}: ${m.message}`);
       s?.destroy();
@@ -223,6 +281,29 @@ function runRoot(config) {
   const listener = net.createServer();
   /** @type {import('node:child_process').ChildProcess[]} */
   const children = [];
+  /** @type {{ client: import('node:child_process').ChildProcess, server: import('node:child_process').ChildProcess } | undefined} */
+  let relays;
+  /** @param {Record<string, unknown>} line */
+  const print = (line) => process.stdout.write(`${JSON.stringify(line)}\n`);
+  readLines(process.stdin, (text) => {
+    /** @type {unknown} */
+    let line;
+    try {
+      line = JSON.parse(text);
+    } catch {
+      line = undefined;
+    }
+    const d = /** @type {{ setDelay?: Record<string, unknown> } | undefined} */ (line)?.setDelay;
+    const seq = typeof d?.seq === 'number' ? d.seq : null;
+    /** @param {string} message */
+    const refuse = (message) => print({ error: { seq, message } });
+    if (d === undefined || seq === null) return refuse(`not a setDelay line with a seq: ${text.slice(0, 200)}`);
+    const bad = ['upDelayMs', 'downDelayMs', 'handshakeMs', 'bufferBytes'].filter((k) => !isDelay(d[k]));
+    if (bad.length > 0) return refuse(`setDelay needs finite numbers >= 0 for ${bad.join(', ')}`);
+    if (relays === undefined || stopping || !relays.client.connected || !relays.server.connected) return refuse('the relays are not running');
+    relays.client.send({ type: 'setDelay', seq, upDelayMs: d.upDelayMs, handshakeMs: d.handshakeMs, bufferBytes: d.bufferBytes });
+    relays.server.send({ type: 'setDelay', seq, downDelayMs: d.downDelayMs, bufferBytes: d.bufferBytes });
+  });
   onStop.push(() => {
     listener.close();
     for (const c of children) c.kill('SIGTERM');
@@ -234,6 +315,9 @@ function runRoot(config) {
   const start = (ns, childConfig) => {
     const child = spawn('ip', ['netns', 'exec', ns, process.execPath, SCRIPT, JSON.stringify(childConfig)], { stdio: ['ignore', 'ignore', 'inherit', 'ipc'] });
     children.push(child);
+    child.on('message', (/** @type {Message} */ m) => {
+      if (m.type === 'setDelayAck') print({ ack: { seq: m.seq, relay: childConfig.mode } });
+    });
     child.on('exit', (code, signal) => {
       if (!stopping) {
         warn(`the ${childConfig.mode} relay in ${ns} exited (${signal ?? `code ${code}`})`);
@@ -274,8 +358,28 @@ function runRoot(config) {
     // The listening socket goes to the client relay, which accepts from then on; ours closes.
     client.send({ type: 'listen' }, listener, () => listener.close());
     Promise.all([readyOf(client), readyOf(server)]).then(() => {
-      process.stdout.write(`${JSON.stringify({ ready: { host: bound.address, port: bound.port }, pids: { client: client.pid, server: server.pid } })}\n`);
+      relays = { client, server };
+      print({ ready: { host: bound.address, port: bound.port }, pids: { client: client.pid, server: server.pid } });
     });
+  });
+}
+
+/**
+ * Call `onLine` with each line of `stream` (a line longer than 64 KiB is dropped).
+ * @param {NodeJS.ReadableStream} stream
+ * @param {(line: string) => void} onLine
+ */
+function readLines(stream, onLine) {
+  let buffered = '';
+  stream.setEncoding('utf8');
+  stream.on('data', (/** @type {string} */ d) => {
+    buffered += d;
+    for (let nl = buffered.indexOf('\n'); nl >= 0; nl = buffered.indexOf('\n')) {
+      const line = buffered.slice(0, nl).trim();
+      buffered = buffered.slice(nl + 1);
+      if (line !== '') onLine(line);
+    }
+    if (buffered.length > 64 * 1024) buffered = '';
   });
 }
 
@@ -286,7 +390,6 @@ process.on('SIGINT', () => stop(0));
 if (config.mode === 'root') {
   process.stdin.on('end', () => stop(0));
   process.stdin.on('error', () => stop(0));
-  process.stdin.resume();
   runRoot(config);
 } else {
   process.on('disconnect', () => stop(0));

@@ -2,8 +2,9 @@
  * Emulated edge links (src/links, docs/links.md) for real: network namespaces, a veth pair with
  * tbf on both ends, and the relays that add the delay, in front of a local HTTP server. Checks
  * the measured rate and round trip of the wifi38 profile, that data arrives intact both ways, that
- * nothing is addressed in the root namespace, and that close() and removeStaleLinks() leave
- * nothing behind. Needs root and iproute2; no libvirt or Temporal.
+ * nothing is addressed in the root namespace, that setDelay() changes the round trip of a running
+ * link (on an open connection too) without corrupting transfers in flight, and that close() and
+ * removeStaleLinks() leave nothing behind. Needs root and iproute2; no libvirt or Temporal.
  */
 import { execFile as execFileCb } from 'node:child_process';
 import { createHash } from 'node:crypto';
@@ -32,6 +33,8 @@ const opened: Link[] = [];
 interface Fetched {
   ms: number;
   body: Buffer;
+  /** The client side's port: the same on each request of one kept-alive connection. */
+  localPort: number | undefined;
 }
 
 function get(url: string, agent?: http.Agent): Promise<Fetched> {
@@ -41,7 +44,7 @@ function get(url: string, agent?: http.Agent): Promise<Fetched> {
       .get(url, { agent }, (res) => {
         const parts: Buffer[] = [];
         res.on('data', (d: Buffer) => parts.push(d));
-        res.on('end', () => resolve({ ms: performance.now() - t0, body: Buffer.concat(parts) }));
+        res.on('end', () => resolve({ ms: performance.now() - t0, body: Buffer.concat(parts), localPort: res.socket?.localPort }));
         res.on('error', reject);
       })
       .on('error', reject);
@@ -54,7 +57,7 @@ function post(url: string, body: Buffer): Promise<Fetched> {
     const req = http.request(url, { method: 'POST', headers: { 'content-length': body.length } }, (res) => {
       const parts: Buffer[] = [];
       res.on('data', (d: Buffer) => parts.push(d));
-      res.on('end', () => resolve({ ms: performance.now() - t0, body: Buffer.concat(parts) }));
+      res.on('end', () => resolve({ ms: performance.now() - t0, body: Buffer.concat(parts), localPort: res.socket?.localPort }));
     });
     req.on('error', reject);
     req.end(body);
@@ -130,6 +133,125 @@ describe('emulated edge link', () => {
     expect(left).not.toContain(link.namespaces.server);
     await expect(stat(path.join(LINKS_DIR, link.id))).rejects.toThrow(/ENOENT/);
     await expect(get(link.url('/small'))).rejects.toThrow(/ECONNREFUSED/);
+  }, 30_000);
+
+  it('setDelay: a user walking away (10 → 100 → 10 ms RTT) on one kept-alive connection', async () => {
+    const link = await open({ rateMbit: 100, rttMs: 10 });
+    const agent = new http.Agent({ keepAlive: true, maxSockets: 1 });
+    const first = await get(link.url('/small'), agent);
+    // The best of five small requests, all on the connection `first` opened.
+    const best = async (): Promise<number> => {
+      const ms: number[] = [];
+      for (let i = 0; i < 5; i++) {
+        const r = await get(link.url('/small'), agent);
+        expect(r.body.toString()).toBe('ok');
+        expect(r.localPort).toBe(first.localPort);
+        ms.push(r.ms);
+      }
+      return Math.min(...ms);
+    };
+    try {
+      const near = await best();
+      expect(near).toBeGreaterThanOrEqual(10);
+      expect(near).toBeLessThan(40);
+
+      await link.setDelay(100);
+      expect(link.profile).toEqual({ name: 'custom-100mbit-100ms', rateMbit: 100, rttMs: 100 });
+      const far = await best();
+      expect(far).toBeGreaterThanOrEqual(100);
+      expect(far).toBeLessThan(100 + 60);
+      // A new connection pays the new round trip for its handshake as well.
+      expect((await get(link.url('/small'))).ms).toBeGreaterThanOrEqual(200);
+
+      await link.setDelay(10);
+      expect(link.profile).toEqual({ name: 'custom-100mbit-10ms', rateMbit: 100, rttMs: 10 });
+      const back = await best();
+      expect(back).toBeGreaterThanOrEqual(10);
+      expect(back).toBeLessThan(40);
+
+      for (const bad of [-1, 10_001, Number.NaN, Number.POSITIVE_INFINITY]) {
+        await expect(link.setDelay(bad)).rejects.toMatchObject({ code: 'BAD_INPUT' });
+      }
+      expect(link.profile.rttMs).toBe(10);
+    } finally {
+      agent.destroy();
+      await link.close();
+    }
+    await expect(link.setDelay(50)).rejects.toMatchObject({ code: 'LINK_UNAVAILABLE', message: expect.stringMatching(/is closed/) as unknown });
+  }, 30_000);
+
+  it('setDelay during transfers both ways: shorter and longer delays, every byte intact and in order', async () => {
+    const link = await open({ rateMbit: 38, rttMs: 50 });
+    const upBody = BIG.subarray(0, 4 * 1024 * 1024);
+    let finished = 0;
+    const down = get(link.url('/download')).finally(() => finished++);
+    const up = post(link.url('/upload'), upBody).finally(() => finished++);
+    // Each transfer takes ~1–2 s at 38 Mbit/s; the delay changes several times meanwhile, while
+    // both directions hold bytes. It ends at 0 with bytes of the 200 ms delay still held: what
+    // arrives from then on must wait for them, not pass straight through.
+    for (const rtt of [2, 80, 200, 20, 0]) {
+      await link.setDelay(rtt);
+      expect(link.profile.rttMs).toBe(rtt);
+    }
+    expect(finished).toBe(0);
+    expect(sha256((await down).body)).toBe(sha256(BIG));
+    expect((await up).body.toString()).toBe(sha256(upBody));
+    expect((await get(link.url('/small'))).body.toString()).toBe('ok');
+    await link.close();
+  }, 30_000);
+
+  it('setDelay to a shorter delay: held bytes keep their release time, later ones wait behind them', async () => {
+    // A raw TCP target that notes when each byte arrives.
+    const got: Array<{ byte: string; at: number }> = [];
+    const target = net.createServer((s) => s.on('data', (d: Buffer) => got.push(...[...d.toString()].map((byte) => ({ byte, at: performance.now() })))));
+    await new Promise<void>((r) => target.listen(0, '127.0.0.1', r));
+    const link = await open({ rateMbit: 100, rttMs: 10 }, (target.address() as AddressInfo).port);
+    const sock = net.connect(link.port, '127.0.0.1');
+    try {
+      await new Promise<void>((r) => sock.once('connect', r));
+      sock.write('x');
+      await pollUntil('the first byte through the link', 10_000, async () => (got.length === 1 ? true : undefined), 5);
+
+      await link.setDelay(400);
+      const sentA = performance.now();
+      sock.write('A');
+      await link.setDelay(0);
+      sock.write('B');
+      await pollUntil('both bytes through the link', 10_000, async () => (got.length === 3 ? true : undefined), 5);
+      expect(got.map((g) => g.byte).join('')).toBe('xAB');
+      const [, a, b] = got as [unknown, { at: number }, { at: number }];
+      // A was held for the 200 ms (rtt/2) it was given, though the delay fell to 0 meanwhile; B,
+      // sent after the change, waited for A instead of passing it.
+      expect(a.at - sentA).toBeGreaterThanOrEqual(200);
+      expect(b.at).toBeGreaterThanOrEqual(a.at);
+    } finally {
+      sock.destroy();
+      await link.close();
+      await new Promise((r) => target.close(r));
+    }
+  }, 30_000);
+
+  it('setDelay fails with TIMEOUT, naming the relay, when a relay does not acknowledge', async () => {
+    const link = await open({ rateMbit: 100, rttMs: 10 });
+    const pids = (await ip('netns', 'pids', link.namespaces.client)).split(/\s+/).filter(Boolean).map(Number);
+    expect(pids).toHaveLength(1);
+    const [clientRelay] = pids as [number];
+    process.kill(clientRelay, 'SIGSTOP');
+    try {
+      const t0 = performance.now();
+      const e = await link.setDelay(100).catch((x: unknown) => x);
+      expect(e).toBeInstanceOf(CloudletError);
+      expect((e as CloudletError).code).toBe('TIMEOUT');
+      expect((e as CloudletError).message).toMatch(/the client relay of the link did not acknowledge the new delay within 5000 ms/);
+      expect(performance.now() - t0).toBeGreaterThanOrEqual(4_900);
+      expect(link.profile.rttMs).toBe(10);
+    } finally {
+      process.kill(clientRelay, 'SIGCONT');
+    }
+    // Once the relay runs again, the link takes new delays again.
+    await link.setDelay(30);
+    expect(link.profile.rttMs).toBe(30);
+    await link.close();
   }, 30_000);
 
   it('passes a refused target on as a failed connection and keeps serving', async () => {

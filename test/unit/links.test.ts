@@ -1,6 +1,7 @@
 /**
  * The pure parts of the emulated edge links (src/links/profiles.ts): profile parsing, option
- * checks (loopback targets only), tbf parameters and `tc` arguments, relay buffering, names.
+ * checks (loopback targets only), tbf parameters and `tc` arguments, relay buffering, names, and
+ * the checks and arithmetic of changing a running link's delay (Link.setDelay).
  */
 import { CloudletError } from '../../src/core/errors';
 import {
@@ -8,8 +9,12 @@ import {
   linkIdOfNamespace,
   linkNames,
   parseLinkProfile,
+  MAX_LINK_RTT_MS,
   parseOpenLinkOptions,
+  parseRttMs,
+  profileWithRtt,
   relayBufferBytes,
+  relayDelays,
   tbfArgs,
   tbfParams,
 } from '../../src/links/profiles';
@@ -113,6 +118,36 @@ describe('relay buffering', () => {
   it('holds at least 256 KiB and four times the bytes in flight during one way of the delay', () => {
     expect(relayBufferBytes(LINK_PROFILES.wifi38)).toBe(256 * 1024);
     expect(relayBufferBytes({ rateMbit: 1000, rttMs: 20 })).toBe(4 * 125_000 * 10);
+  });
+});
+
+describe('changing the delay of a running link', () => {
+  it('takes a finite number of ms from 0 to 10 s', () => {
+    expect(parseRttMs(0)).toBe(0);
+    expect(parseRttMs(2.5)).toBe(2.5);
+    expect(parseRttMs(MAX_LINK_RTT_MS)).toBe(10_000);
+    for (const bad of [-1, 10_001, Number.NaN, Number.POSITIVE_INFINITY, '100', null, undefined]) {
+      const e = thrown(() => parseRttMs(bad));
+      expect(e.code).toBe('BAD_INPUT');
+      expect(e.message).toMatch(/invalid link round-trip delay/);
+      expect(e.fix).toMatch(/from 0 to 10000/);
+    }
+  });
+
+  it('holds half the RTT each way and a whole one for a new connection', () => {
+    expect(relayDelays(100)).toEqual({ upDelayMs: 50, downDelayMs: 50, handshakeMs: 100 });
+    expect(relayDelays(0)).toEqual({ upDelayMs: 0, downDelayMs: 0, handshakeMs: 0 });
+  });
+
+  it('keeps the rate and renames the profile, back to its own name at its own delay', () => {
+    const wifi = parseLinkProfile('wifi38');
+    expect(profileWithRtt(wifi, 100)).toEqual({ name: 'custom-38mbit-100ms', rateMbit: 38, rttMs: 100 });
+    const back = profileWithRtt(wifi, 20);
+    expect(back).toEqual(LINK_PROFILES.wifi38);
+    expect(back).not.toBe(wifi);
+    expect(profileWithRtt(parseLinkProfile({ rateMbit: 5.5, rttMs: 80 }), 0).name).toBe('custom-5.5mbit-0ms');
+    // The relay buffer grows with the delay, so a longer one does not cap the rate.
+    expect(relayBufferBytes(profileWithRtt(parseLinkProfile('gbit1'), 100))).toBe(4 * 125_000 * 50);
   });
 });
 
