@@ -20,6 +20,12 @@ const EnvSchema = z.object({
   /** A worker process serves Prometheus metrics on this port (0: any free one; unset: none). */
   CLOUDLET_METRICS_PORT: z.coerce.number().int().min(0).max(65535).optional(),
   CLOUDLET_METRICS_HOST: z.string().min(1).default('127.0.0.1'),
+  /** The cluster's neighbour registry (SQLite; default <var>/clusters/<namespace>/neighbours.sqlite). */
+  CLOUDLET_NEIGHBOURS_DB: z.string().min(1).optional(),
+  /** The local address RTT probes to devices leave from (a multihomed host picks its path). */
+  CLOUDLET_PROBE_FROM: z.ipv4().or(z.ipv6()).optional(),
+  /** Hosts a neighbour's API URL may name (comma-separated; "*.example.org" for a domain); empty: any. */
+  CLOUDLET_NEIGHBOUR_HOSTS: z.string().default(''),
 });
 
 export interface Config {
@@ -33,6 +39,8 @@ export interface Config {
   logLevel: z.infer<typeof EnvSchema>['CLOUDLET_LOG_LEVEL'];
   /** Where a worker process serves its metrics (docs/observability.md); absent: it serves none. */
   metrics?: { host: string; port: number };
+  /** Mobility (docs/mobility.md): the neighbour registry, where probes leave from, allowed neighbour hosts. */
+  mobility: { registryFile: string; probeFrom?: string; neighbourHosts: string[] };
 }
 
 export function loadConfig(env: NodeJS.ProcessEnv = process.env): Config {
@@ -53,6 +61,11 @@ export function loadConfig(env: NodeJS.ProcessEnv = process.env): Config {
     hostId: e.CLOUDLET_HOST_ID,
     workflowTaskQueue: e.CLOUDLET_WORKFLOW_QUEUE,
     logLevel: e.CLOUDLET_LOG_LEVEL,
+    mobility: {
+      registryFile: path.resolve(e.CLOUDLET_NEIGHBOURS_DB ?? path.join(e.CLOUDLET_VAR, 'clusters', e.CLOUDLET_NAMESPACE, 'neighbours.sqlite')),
+      ...(e.CLOUDLET_PROBE_FROM ? { probeFrom: e.CLOUDLET_PROBE_FROM } : {}),
+      neighbourHosts: e.CLOUDLET_NEIGHBOUR_HOSTS.split(',').map((h) => h.trim()).filter(Boolean),
+    },
     ...(e.CLOUDLET_METRICS_PORT !== undefined ? { metrics: { host: e.CLOUDLET_METRICS_HOST, port: e.CLOUDLET_METRICS_PORT } } : {}),
   };
 }

@@ -17,6 +17,7 @@ import type { CloudletService } from '../service/types';
 import { parseTokens } from './auth';
 import type { RecipeScheduleApi } from './routes/schedules';
 import type { HandoffService } from '../service/handoff-types';
+import type { MobilityService } from '../service/mobility-types';
 import { startApi, type RunningApi } from './server';
 
 const ApiEnvSchema = z.object({
@@ -56,6 +57,7 @@ export interface ApiBackend {
   service: CloudletService;
   schedules?: RecipeScheduleApi;
   handoffs?: HandoffService;
+  mobility?: MobilityService;
   /** Where the dashboard links runs to. */
   temporalUi?: { url: string; namespace: string };
   close?: () => Promise<void>;
@@ -72,6 +74,7 @@ export async function runApi(createBackend: () => Promise<ApiBackend>, env: Node
   const api = await startApi(backend.service, {
     ...(backend.schedules ? { schedules: backend.schedules } : {}),
     ...(backend.handoffs ? { handoffs: backend.handoffs } : {}),
+    ...(backend.mobility ? { mobility: backend.mobility } : {}),
     ...(backend.temporalUi ? { temporalUi: backend.temporalUi } : {}),
     tokens: config.tokens,
     insecure: config.insecure,

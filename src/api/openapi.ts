@@ -46,6 +46,10 @@ export function buildOpenApi(routes: readonly Route[], info: OpenApiInfo = {}): 
       const js = z.toJSONSchema(r.params, { io: 'input', unrepresentable: 'any' }) as { properties?: Record<string, JsonSchema> };
       for (const [name, s] of Object.entries(js.properties ?? {})) parameters.push({ name, in: 'path', required: true, schema: s });
     }
+    if (r.query) {
+      const js = z.toJSONSchema(r.query, { io: 'input', unrepresentable: 'any' }) as { properties?: Record<string, JsonSchema>; required?: string[] };
+      for (const [name, s] of Object.entries(js.properties ?? {})) parameters.push({ name, in: 'query', required: js.required?.includes(name) ?? false, schema: s });
+    }
     if (r.idempotent) {
       parameters.push({
         name: 'Idempotency-Key',

@@ -10,9 +10,11 @@ import type { CloudletService, OperationRef } from '../service/types';
 
 type Out<S> = S extends z.ZodType ? z.output<S> : undefined;
 
-export interface RouteContext<P, B> {
+export interface RouteContext<P, B, Q = unknown> {
   params: P;
   body: B;
+  /** The parsed query string (routes with a `query` schema only). */
+  query: Q;
   /** The validated Idempotency-Key header (routes with `idempotent: true` only). */
   idempotencyKey: string | undefined;
   service: CloudletService;
@@ -29,7 +31,7 @@ export interface ResponseDoc {
   headers?: Record<string, string>;
 }
 
-export interface RouteDef<PS extends z.ZodType | undefined = undefined, BS extends z.ZodType | undefined = undefined> {
+export interface RouteDef<PS extends z.ZodType | undefined = undefined, BS extends z.ZodType | undefined = undefined, QS extends z.ZodType | undefined = undefined> {
   method: 'GET' | 'POST' | 'DELETE';
   /** OpenAPI-style path, e.g. /v1/bases/{id}. */
   path: string;
@@ -45,11 +47,13 @@ export interface RouteDef<PS extends z.ZodType | undefined = undefined, BS exten
   idempotent?: boolean;
   params?: PS;
   body?: BS;
+  /** The query string's parameters (flat strings). */
+  query?: QS;
   /** The body may be left out (parsed as {}). */
   bodyOptional?: boolean;
   responses: Record<number, ResponseDoc>;
   /** Returns the JSON body (sent with the reply's status, 200 unless set) or the reply itself once sent. */
-  handler(ctx: RouteContext<Out<PS>, Out<BS>>): Promise<unknown>;
+  handler(ctx: RouteContext<Out<PS>, Out<BS>, Out<QS>>): Promise<unknown>;
 }
 
 /** A route with its types erased, as the server and the OpenAPI generator see it. */
@@ -65,12 +69,13 @@ export interface Route {
   idempotent?: boolean;
   params?: z.ZodType;
   body?: z.ZodType;
+  query?: z.ZodType;
   bodyOptional?: boolean;
   responses: Record<number, ResponseDoc>;
-  handler(ctx: RouteContext<unknown, unknown>): Promise<unknown>;
+  handler(ctx: RouteContext<unknown, unknown, unknown>): Promise<unknown>;
 }
 
-export function defineRoute<PS extends z.ZodType | undefined = undefined, BS extends z.ZodType | undefined = undefined>(def: RouteDef<PS, BS>): Route {
+export function defineRoute<PS extends z.ZodType | undefined = undefined, BS extends z.ZodType | undefined = undefined, QS extends z.ZodType | undefined = undefined>(def: RouteDef<PS, BS, QS>): Route {
   return def as unknown as Route;
 }
 

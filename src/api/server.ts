@@ -26,6 +26,8 @@ import { overlayRoutes } from './routes/overlays';
 import { scheduleRoutes, type RecipeScheduleApi } from './routes/schedules';
 import { handoffRoutes } from './routes/handoffs';
 import type { HandoffService } from '../service/handoff-types';
+import type { MobilityService } from '../service/mobility-types';
+import { mobilityRoutes } from './routes/mobility';
 import { HealthSchema, IdempotencyKeySchema } from './schemas';
 
 export interface ApiOptions {
@@ -34,6 +36,8 @@ export interface ApiOptions {
   schedules?: RecipeScheduleApi;
   /** Handoff between clusters; without it the /v1/handoffs routes answer 501. */
   handoffs?: HandoffService;
+  /** Neighbours, RTT, mobility controllers, discovery; without it those routes answer 501. */
+  mobility?: MobilityService;
   /** Accepted bearer tokens. Empty is refused unless `insecure` is set. */
   tokens: readonly string[];
   /** Serve without authentication (local development only; logged loudly). */
@@ -48,7 +52,7 @@ export interface ApiOptions {
 const serviceRoutes: readonly Route[] = [...hostRoutes, ...baseRoutes, ...instanceRoutes, ...overlayRoutes, ...operationRoutes];
 
 /** Every route of the API, in documentation order (without the two meta routes). */
-export const apiRoutes: readonly Route[] = [...serviceRoutes, ...scheduleRoutes(undefined), ...handoffRoutes(undefined)];
+export const apiRoutes: readonly Route[] = [...serviceRoutes, ...scheduleRoutes(undefined), ...handoffRoutes(undefined), ...mobilityRoutes(undefined)];
 
 export async function buildServer(options: ApiOptions): Promise<FastifyInstance> {
   const insecure = options.insecure === true;
@@ -133,7 +137,7 @@ export async function buildServer(options: ApiOptions): Promise<FastifyInstance>
       },
     }),
   ];
-  const allRoutes = [...metaRoutes, ...serviceRoutes, ...scheduleRoutes(options.schedules), ...handoffRoutes(options.handoffs)];
+  const allRoutes = [...metaRoutes, ...serviceRoutes, ...scheduleRoutes(options.schedules), ...handoffRoutes(options.handoffs), ...mobilityRoutes(options.mobility)];
 
   for (const route of allRoutes) {
     const needsToken = route.auth !== false && !insecure;
@@ -158,9 +162,10 @@ export async function buildServer(options: ApiOptions): Promise<FastifyInstance>
       }
     }
     const body = route.body ? parse(route.body, 'body', req.body === undefined && route.bodyOptional ? {} : req.body) : undefined;
+    const query = route.query ? parse(route.query, 'query', req.query ?? {}) : undefined;
     // A span per request (a no-op without tracing): workflows it starts continue its trace.
     return step(`${route.method} ${route.path}`, async (span) => {
-      const r = await route.handler({ params, body, idempotencyKey, service: options.service, req, reply });
+      const r = await route.handler({ params, body, query, idempotencyKey, service: options.service, req, reply });
       span.setAttributes({ 'http.request.method': route.method, 'http.route': route.path, 'cloudlet.request_id': String(req.id) });
       return r;
     });

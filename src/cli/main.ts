@@ -26,6 +26,7 @@ import { registerOperationCommands } from './commands/operation';
 import { registerOverlayCommands } from './commands/overlay';
 import { registerHostCommands, registerInstanceCommands } from './commands/instance';
 import { registerScheduleCommands } from './commands/schedule';
+import { registerMobilityCommands } from './commands/mobility';
 import { registerSynthesizeCommand } from './commands/synthesize';
 import type { ApiTarget, CliContext, CliIo, GlobalOptions } from './context';
 import { makeContext } from './context';
@@ -109,6 +110,7 @@ export function buildProgram(io: CliIo, deps: CliDeps = {}): Command {
   registerSynthesizeCommand(program, env);
   registerOperationCommands(program, env);
   registerScheduleCommands(program, env);
+  registerMobilityCommands(program, env);
   return program;
 }
 

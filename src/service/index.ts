@@ -13,10 +13,13 @@ import type { CloudletService } from './types';
 import { TemporalHandoffService } from './handoff';
 import type { HandoffService } from './handoff-types';
 import { loadHandoffSecret } from '../common/handoff-secret';
+import { TemporalMobilityService } from './mobility';
+import type { MobilityService } from './mobility-types';
+import { SqliteNeighbourRegistry } from '../core/mobility/registry';
 
 export { TemporalCloudletService } from './temporal';
 
-export async function createTemporalBackend(env: NodeJS.ProcessEnv = process.env): Promise<{ service: CloudletService; schedules: RecipeSchedules; handoffs: HandoffService; temporalUi: { url: string; namespace: string }; close: () => Promise<void> }> {
+export async function createTemporalBackend(env: NodeJS.ProcessEnv = process.env): Promise<{ service: CloudletService; schedules: RecipeSchedules; handoffs: HandoffService; mobility: MobilityService; temporalUi: { url: string; namespace: string }; close: () => Promise<void> }> {
   const config = loadConfig(env);
   const hosts = z.array(z.string().regex(HOST_ID_PATTERN)).safeParse((env.CLOUDLET_HOSTS ?? config.hostId).split(',').map((h) => h.trim()).filter(Boolean));
   if (!hosts.success) {
@@ -24,11 +27,26 @@ export async function createTemporalBackend(env: NodeJS.ProcessEnv = process.env
   }
   const client = await connectClient(config);
   const service = new TemporalCloudletService(client, config, { hosts: hosts.data });
+  const registry = new SqliteNeighbourRegistry(config.mobility.registryFile);
+  const mobility = new TemporalMobilityService(client, service, {
+    cluster: config.namespace,
+    hosts: hosts.data,
+    workflowTaskQueue: config.workflowTaskQueue,
+    registry,
+    ...(config.mobility.probeFrom ? { probeFrom: config.mobility.probeFrom } : {}),
+    neighbourHosts: config.mobility.neighbourHosts,
+  });
+  // Measures the neighbours every minute; a failure here must not keep the API from serving.
+  await mobility.ensureRefreshSchedule().catch(() => undefined);
   return {
+    mobility,
     service,
     handoffs: new TemporalHandoffService(client, service, { hosts: hosts.data, secret: loadHandoffSecret(config.varDir, config.namespace, env) }),
     schedules: new RecipeSchedules(client, { workflowTaskQueue: config.workflowTaskQueue }),
     temporalUi: { url: config.webUiUrl, namespace: config.namespace },
-    close: () => client.connection.close(),
+    close: async () => {
+      await registry.close();
+      await client.connection.close();
+    },
   };
 }

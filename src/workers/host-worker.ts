@@ -14,6 +14,8 @@ import { hostTaskQueue } from '../common/names';
 import type { Config } from '../config';
 import { hostDir } from '../config';
 import { createHostActivities } from '../activities';
+import { createMobilityActivities } from '../activities/mobility';
+import { SqliteNeighbourRegistry, type NeighbourRegistry } from '../core/mobility/registry';
 import { prewarmJoin } from '../core/snapshot';
 import { installRuntimeLogging } from './runtime-logging';
 import { startPublisher } from './publisher';
@@ -97,10 +99,19 @@ export async function createHostWorker(config: Config, hostId: string, log: Logg
     interceptors: { activity: [...traced.activity, activityMetrics(hostId)] },
     ...(traced.sinks ? { sinks: traced.sinks } : {}),
   });
+  // Mobility's activities (neighbours, RTT probes) run on the cluster's shared queue: any worker can.
+  let registry: NeighbourRegistry | undefined;
+  const mobility = createMobilityActivities({
+    registry: () => (registry ??= new SqliteNeighbourRegistry(config.mobility.registryFile)),
+    ...(config.mobility.probeFrom ? { probeFrom: config.mobility.probeFrom } : {}),
+    log,
+  });
   const sharedQueueWorker = await Worker.create({
     connection,
     namespace: config.namespace,
     taskQueue: config.workflowTaskQueue,
+    activities: mobility,
+    interceptors: { activity: [...traced.activity, activityMetrics(hostId)] },
     workflowBundle: workflows,
     ...(traced.sinks ? { sinks: traced.sinks } : {}),
   });
@@ -113,6 +124,7 @@ export async function createHostWorker(config: Config, hostId: string, log: Logg
         await Promise.all([hostQueueWorker.run(), sharedQueueWorker.run()]);
       } finally {
         unwatchHost(hostId);
+        await registry?.close();
         await publisher.close();
         await connection.close();
       }

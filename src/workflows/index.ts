@@ -3,3 +3,5 @@ export { guestSelfTest, progressQuery } from './guest-self-test';
 export { importBaseVm, resumeBaseVm, createOverlayVm, synthesizeVm, terminateVm, operationProgressQuery, type OperationProgress } from './operations';
 export { rebuildOverlay } from './rebuild';
 export { handoffVm, receiveHandoff, handoffProgressQuery, receiveStateQuery, roundArrivedUpdate, baseArrivedUpdate, completeUpdate, abortSignal, type ReceiveState, type HandoffProgress } from './handoff';
+export { mobilityController, rttSamplesSignal, pauseSignal, stopSignal, setPolicyUpdate, moveNowUpdate, mobilityStateQuery, type MobilityState, type MobilityDecision, type MobilityInput } from './mobility';
+export { refreshNeighbours } from './neighbours';

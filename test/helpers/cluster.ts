@@ -25,6 +25,8 @@ export interface TestCluster {
 export interface TestClusterOptions {
   /** The cluster's own Temporal namespace (infra/temporal.sh creates "east" and "west"); default "default". */
   namespace?: string;
+  /** More CLOUDLET_* settings of the cluster's workers (e.g. CLOUDLET_PROBE_FROM). */
+  env?: Record<string, string>;
 }
 
 export async function startTestCluster(name: string, hostPrefixes: string[], options: TestClusterOptions = {}): Promise<TestCluster> {
@@ -32,7 +34,7 @@ export async function startTestCluster(name: string, hostPrefixes: string[], opt
   const suffix = uniqueSuffix();
   const hosts = hostPrefixes.map((p) => `${p}-${suffix}`);
   const config: Config = {
-    ...loadConfig({ CLOUDLET_LOG_LEVEL: 'warn', ...(options.namespace ? { CLOUDLET_NAMESPACE: options.namespace } : {}) }),
+    ...loadConfig({ CLOUDLET_LOG_LEVEL: 'warn', ...(options.namespace ? { CLOUDLET_NAMESPACE: options.namespace } : {}), ...(options.env ?? {}) }),
     workflowTaskQueue: `wf-${name}-${suffix}`,
   };
   const client = await connectClient(config);

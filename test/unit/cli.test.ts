@@ -7,7 +7,7 @@ import path from 'node:path';
 import { Writable } from 'node:stream';
 import type { Backend, SynthesizeRequest } from '../../src/cli/backend';
 import { defaultStoreRoot, REPO_ROOT } from '../../src/cli/context';
-import { sizeOption } from '../../src/cli/commands/overlay';
+import { sizeOption } from '../../src/cli/commands/env';
 import { runCli } from '../../src/cli/main';
 import type { BaseManifest } from '../../src/core/base';
 import { CloudletError } from '../../src/core/errors';

@@ -67,3 +67,21 @@ function positiveNumber(v: string): number {
   if (!Number.isFinite(n) || n <= 0) throw new InvalidArgumentError('expected a positive number of seconds');
   return n;
 }
+
+export function intOption(min: number, max: number) {
+  return (v: string): number => {
+    const n = Number(v);
+    if (!Number.isInteger(n) || n < min || n > max) throw new InvalidArgumentError(`expected an integer from ${min} to ${max}`);
+    return n;
+  };
+}
+
+/** "4M", "512k", "1048576" -> bytes. */
+export function sizeOption(v: string): number {
+  const m = /^(\d+)([kKmMgG]?)(i?[bB])?$/.exec(v.trim());
+  if (!m) throw new InvalidArgumentError('expected a size such as 4M, 512k or 1048576');
+  const mult = { '': 1, k: 1024, m: 1024 ** 2, g: 1024 ** 3 }[(m[2] ?? '').toLowerCase()] ?? 1;
+  const n = Number(m[1]) * mult;
+  if (n < 4096) throw new InvalidArgumentError('at least 4k');
+  return n;
+}

@@ -6,7 +6,7 @@ import type { Remote, Rendered } from '../remote';
 import { hostsText, instanceListText, instanceText, timingsText } from '../remote-format';
 import type { CommandEnv, WaitOptionValues } from './env';
 import { addWaitOptions, waitFlags } from './env';
-import { intOption } from './overlay';
+import { intOption } from './env';
 
 export function registerHostCommands(program: Command, env: CommandEnv): void {
   const hosts = program.command('hosts').description('the hosts of the cloudlet behind --api, and whether their workers serve');

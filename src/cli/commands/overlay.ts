@@ -6,7 +6,6 @@
 import { createHash } from 'node:crypto';
 import { createReadStream, promises as fsp } from 'node:fs';
 import path from 'node:path';
-import { InvalidArgumentError } from 'commander';
 import type { Command } from 'commander';
 import { CloudletError } from '../../core/errors';
 import { formatBytes } from '../../core/progress';
@@ -16,30 +15,13 @@ import type { Remote } from '../remote';
 import { remoteOverlayListText, remoteOverlayText } from '../remote-format';
 import { needsApi } from './base';
 import type { CommandEnv, WaitOptionValues } from './env';
-import { addWaitOptions, operationOptionGiven, waitFlags } from './env';
+import { addWaitOptions, intOption, operationOptionGiven, sizeOption, waitFlags } from './env';
 import { resultField } from './instance';
 
 const CREATE_NEEDS =
   "`cloudlet overlay create` needs either the launch VM's files (--base, --disk and --memory: standalone, on this machine's store) " +
   'or an instance of a cloudlet service (--instance <id> with --api <url>)';
 
-export function intOption(min: number, max: number) {
-  return (v: string): number => {
-    const n = Number(v);
-    if (!Number.isInteger(n) || n < min || n > max) throw new InvalidArgumentError(`expected an integer from ${min} to ${max}`);
-    return n;
-  };
-}
-
-/** "4M", "512k", "1048576" -> bytes. */
-export function sizeOption(v: string): number {
-  const m = /^(\d+)([kKmMgG]?)(i?[bB])?$/.exec(v.trim());
-  if (!m) throw new InvalidArgumentError('expected a size such as 4M, 512k or 1048576');
-  const mult = { '': 1, k: 1024, m: 1024 ** 2, g: 1024 ** 3 }[(m[2] ?? '').toLowerCase()] ?? 1;
-  const n = Number(m[1]) * mult;
-  if (n < 4096) throw new InvalidArgumentError('at least 4k');
-  return n;
-}
 
 export function registerOverlayCommands(program: Command, env: CommandEnv): void {
   const overlay = program.command('overlay').description('VM overlays: the compressed difference between a launch VM and its base');

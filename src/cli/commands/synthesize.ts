@@ -14,7 +14,7 @@ import { needsApi } from './base';
 import type { CommandEnv, WaitOptionValues } from './env';
 import { addWaitOptions, operationOptionGiven, waitFlags } from './env';
 import { instanceOutcome } from './instance';
-import { intOption } from './overlay';
+import { intOption } from './env';
 
 interface SynthesizeOptions extends WaitOptionValues {
   base?: string;
