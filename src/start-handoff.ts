@@ -15,6 +15,9 @@ import type { Config } from './config';
 import { GuestAppClient } from './guest/app-client';
 import { TemporalCloudletService } from './service';
 import { TemporalHandoffService } from './service/handoff';
+import { TemporalMobilityService } from './service/mobility';
+import { neighbourRegistryFile, SqliteNeighbourRegistry } from './core/mobility/registry';
+import { mobilityStory, type StoryCluster } from './start-mobility';
 
 export interface HandoffStoryDeps {
   config: Config;
@@ -27,9 +30,11 @@ export interface HandoffStoryDeps {
 export async function handoffStory(deps: HandoffStoryDeps): Promise<void> {
   const { say } = deps;
   const clusters = [
-    { name: 'east', host: 'east-1' },
-    { name: 'west', host: 'west-1' },
+    { name: 'east', host: 'east-1', probeFrom: '127.0.1.1' },
+    { name: 'west', host: 'west-1', probeFrom: '127.0.1.2' },
   ] as const;
+  const registries: SqliteNeighbourRegistry[] = [];
+  const story: StoryCluster[] = [];
   const workers: ChildProcess[] = [];
   const apis: RunningApi[] = [];
   const clients: Array<Awaited<ReturnType<typeof connectClient>>> = [];
@@ -37,15 +42,23 @@ export async function handoffStory(deps: HandoffStoryDeps): Promise<void> {
     const clouds: CloudletApiClient[] = [];
     const tokens: string[] = [];
     for (const c of clusters) {
-      const config: Config = { ...deps.config, namespace: c.name, workflowTaskQueue: `${deps.config.workflowTaskQueue}-${c.name}` };
+      const config: Config = {
+        ...deps.config,
+        namespace: c.name,
+        workflowTaskQueue: `${deps.config.workflowTaskQueue}-${c.name}`,
+        mobility: { registryFile: neighbourRegistryFile(deps.config.varDir, c.name), probeFrom: c.probeFrom, neighbourHosts: [] },
+      };
       workers.push(deps.startWorker(config, c.host));
       const client = await connectClient(config);
       clients.push(client);
       await deps.waitUntil(`the worker of ${c.host} (cluster ${c.name}) to poll`, () => assertHostServing(client, c.host).then(() => true, () => false), 120_000);
       const service = new TemporalCloudletService(client, config, { hosts: [c.host] });
       const token = randomBytes(24).toString('hex');
+      const registry = new SqliteNeighbourRegistry(config.mobility.registryFile);
+      registries.push(registry);
       const api = await startApi(service, {
         handoffs: new TemporalHandoffService(client, service, { hosts: [c.host], secret: loadHandoffSecret(config.varDir, c.name) }),
+        mobility: new TemporalMobilityService(client, service, { cluster: c.name, hosts: [c.host], workflowTaskQueue: config.workflowTaskQueue, registry, probeFrom: c.probeFrom }),
         tokens: [token],
         port: 0,
         logger: createLogger(`api-${c.name}`, 'warn'),
@@ -53,6 +66,7 @@ export async function handoffStory(deps: HandoffStoryDeps): Promise<void> {
       apis.push(api);
       tokens.push(token);
       clouds.push(new CloudletApiClient({ baseUrl: api.url, token }));
+      story.push({ name: c.name, api: clouds[clouds.length - 1] as CloudletApiClient, apiUrl: api.url, token, probeFrom: c.probeFrom });
       say(`cluster ${c.name}: namespace ${c.name}, host ${c.host}, API ${api.url}`);
     }
     const [east, west] = clouds as [CloudletApiClient, CloudletApiClient];
@@ -91,8 +105,11 @@ export async function handoffStory(deps: HandoffStoryDeps): Promise<void> {
     say(`west's VM (${r.destination.hostId}) answers with east's state: ${JSON.stringify(state)}`);
     say(`  ${r.rounds} rounds, ${(r.bytes / 1e6).toFixed(2)} MB, ${(r.totalMs / 1000).toFixed(1)} s in all, paused ${(r.pausedMs / 1000).toFixed(2)} s`);
     say(`east lists the instance as ${(await east.getInstance(instanceId))?.state ?? 'gone'}; west as ${(await west.getInstance(instanceId))?.state ?? '?'}`);
-    await follow(west, (await west.terminateInstance(instanceId)).id);
+    deps.say('step 4: the VM follows its user: the device walks from west to east, west\'s mobility controller moves the VM');
+    await mobilityStory({ say, from: story[1] as StoryCluster, to: story[0] as StoryCluster, instanceId, appToken: token });
+    await follow(east, (await east.terminateInstance(instanceId)).id);
   } finally {
+    for (const r of registries) await r.close();
     for (const a of apis) await a.close();
     for (const w of workers) w.kill('SIGTERM');
     for (const c of clients) await c.connection.close();

@@ -50,7 +50,13 @@ function startWorker(config: Config, hostId: string): ChildProcess {
   const out = fs.openSync(log, 'a');
   return spawn(process.execPath, ['--import', 'tsx', path.join(__dirname, 'workers', 'main.ts'), '--host', hostId], {
     stdio: ['ignore', out, out],
-    env: { ...process.env, CLOUDLET_NAMESPACE: config.namespace, CLOUDLET_WORKFLOW_QUEUE: config.workflowTaskQueue },
+    env: {
+      ...process.env,
+      CLOUDLET_NAMESPACE: config.namespace,
+      CLOUDLET_WORKFLOW_QUEUE: config.workflowTaskQueue,
+      CLOUDLET_NEIGHBOURS_DB: config.mobility.registryFile,
+      ...(config.mobility.probeFrom ? { CLOUDLET_PROBE_FROM: config.mobility.probeFrom } : {}),
+    },
   });
 }
 

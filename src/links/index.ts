@@ -13,3 +13,4 @@ export {
   type OpenLinkOptions,
   type TbfParams,
 } from './profiles';
+export { startDeviceNetwork, type ClusterPath, type DeviceNetwork } from './device-network';

@@ -26,7 +26,7 @@ import type { MobilityState } from '../../src/service/mobility-types';
 import { startTestCluster, type TestCluster } from '../helpers/cluster';
 import { testBasePackage } from '../helpers/test-base';
 import { pollUntil } from '../helpers/poll';
-import { startDeviceNetwork, type DeviceNetwork } from '../helpers/device-network';
+import { startDeviceNetwork, type DeviceNetwork } from '../../src/links/device-network';
 
 jest.setTimeout(30 * 60_000);
 

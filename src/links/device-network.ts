@@ -13,8 +13,8 @@
  * links of a cluster while they run: the user walks.
  */
 import net from 'node:net';
-import { openLink, type Link } from '../../src/links';
-import { startRttResponder, type RttResponder } from '../../src/core/mobility/rtt';
+import { openLink, type Link } from './link';
+import { startRttResponder, type RttResponder } from '../core/mobility/rtt';
 
 export interface DeviceNetwork {
   /** host:port every cluster probes the device at. */
