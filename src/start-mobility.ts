@@ -86,6 +86,8 @@ export async function mobilityStory(deps: MobilityStoryDeps): Promise<{ movedTo:
         const next = await to.api.mobilityState(instanceId);
         say(`${to.name} watches it now (${next?.phase ?? 'not'}; cooling down until ${next ? new Date(next.cooldownUntil).toISOString() : '–'})`);
         await to.api.unwatchInstance(instanceId).catch(() => undefined);
+        // The story's clusters end here: their registries (and the refresh Schedules) are emptied.
+        for (const [a, b] of [[from, to], [to, from]] as const) await a.api.removeNeighbour(b.name).catch(() => undefined);
         return { movedTo: to.name, appEndpoint: d.handoff.appEndpoint };
       }
       await new Promise((r) => setTimeout(r, 1000));

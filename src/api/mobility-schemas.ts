@@ -4,7 +4,7 @@
  * a broken measurement); a policy's fields keep to POLICY_LIMITS (src/workflows/mobility-policy.ts).
  */
 import { z } from 'zod';
-import { POLICY_LIMITS, type MobilityPolicy } from '../workflows/mobility-policy';
+import { INTEGER_FIELDS, POLICY_LIMITS, type MobilityPolicy } from '../workflows/mobility-policy';
 import { NEIGHBOUR_NAME_PATTERN } from '../core/mobility/registry';
 import { named, Sha256IdSchema } from './schemas';
 
@@ -14,7 +14,7 @@ const DeviceAddressSchema = z.string().min(3).max(300).regex(/^(\[[0-9A-Fa-f:.]+
 export const RttMsSchema = z.number().positive('an RTT is above 0 ms').max(MAX_RTT_MS, `an RTT above ${MAX_RTT_MS} ms is a failed measurement, not an RTT`);
 
 const policyShape = Object.fromEntries(
-  (Object.entries(POLICY_LIMITS) as [keyof MobilityPolicy, readonly [number, number]][]).map(([k, [lo, hi]]) => [k, z.number().min(lo).max(hi).optional()]),
+  (Object.entries(POLICY_LIMITS) as [keyof MobilityPolicy, readonly [number, number]][]).map(([k, [lo, hi]]) => [k, (INTEGER_FIELDS.includes(k) ? z.number().int() : z.number()).min(lo).max(hi).optional()]),
 ) as Record<keyof MobilityPolicy, z.ZodOptional<z.ZodNumber>>;
 export const PolicyPatchSchema = named('MobilityPolicyPatch', z.strictObject(policyShape), 'Fields of the mobility policy to change (docs/mobility.md); every one optional.');
 

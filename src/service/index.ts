@@ -36,8 +36,8 @@ export async function createTemporalBackend(env: NodeJS.ProcessEnv = process.env
     ...(config.mobility.probeFrom ? { probeFrom: config.mobility.probeFrom } : {}),
     neighbourHosts: config.mobility.neighbourHosts,
   });
-  // Measures the neighbours every minute; a failure here must not keep the API from serving.
-  await mobility.ensureRefreshSchedule().catch(() => undefined);
+  // A cluster with neighbours measures them every minute (the Schedule is made when the first is added).
+  if ((await registry.list()).length > 0) await mobility.ensureRefreshSchedule();
   return {
     mobility,
     service,

@@ -3,7 +3,7 @@
  * one mobilityController run per watched instance (started by its first RTT sample or by an
  * operator), discovery, and the Schedule that refreshes the neighbours' RTTs.
  */
-import { ScheduleAlreadyRunning, ScheduleOverlapPolicy, WorkflowExecutionAlreadyStartedError, WorkflowNotFoundError, WorkflowUpdateFailedError, type Client, type WorkflowHandle } from '@temporalio/client';
+import { ScheduleAlreadyRunning, ScheduleNotFoundError, ScheduleOverlapPolicy, WorkflowExecutionAlreadyStartedError, WorkflowNotFoundError, WorkflowUpdateFailedError, type Client, type WorkflowHandle } from '@temporalio/client';
 import { assertHostServing } from '../client/connect';
 import { NeighbourPeer, type ClusterInfo, type DeviceRttAnswer } from '../client/neighbour-peer';
 import { CloudletError } from '../core/errors';
@@ -26,6 +26,8 @@ export interface MobilityServiceOptions {
   staleAfterMs?: number;
   /** Discovery: RTTs within this count as equal, and the cluster holding the base goes first (default 5 ms). */
   tieMs?: number;
+  /** How often the refresh Schedule measures the neighbours (default 1 min). */
+  refreshEveryMs?: number;
 }
 
 export const mobilityWorkflowId = (instanceId: string): string => `mobility/${instanceId}`;
@@ -51,6 +53,9 @@ export class TemporalMobilityService implements MobilityService {
 
   async addNeighbour(n: { name: string; apiUrl: string; token: string }): Promise<NeighbourView> {
     const apiUrl = parseNeighbourUrl(n.apiUrl, this.options.neighbourHosts ?? []);
+    // A cluster with neighbours measures them on a Schedule (made before the neighbour is added:
+    // a failure here leaves the registry as it was).
+    await this.ensureRefreshSchedule();
     const added = await this.options.registry.add({ ...n, apiUrl });
     return neighbourView(added, Date.now(), this.staleAfterMs);
   }
@@ -62,6 +67,8 @@ export class TemporalMobilityService implements MobilityService {
 
   async removeNeighbour(name: string): Promise<void> {
     if (!(await this.options.registry.remove(name))) throw new CloudletError('NOT_FOUND', `no neighbour named ${name}`, { fix: 'list them with GET /v1/neighbours' });
+    // Without neighbours there is nothing to measure.
+    if ((await this.options.registry.list()).length === 0) await this.deleteRefreshSchedule();
   }
 
   async refreshNeighbours(): Promise<NeighbourView[]> {
@@ -74,19 +81,32 @@ export class TemporalMobilityService implements MobilityService {
     return this.listNeighbours();
   }
 
-  /** The Schedule that refreshes the neighbours' RTTs (idempotent; paused schedules stay paused). */
-  async ensureRefreshSchedule(everyMs = 60_000): Promise<void> {
+  /**
+   * The Schedule that refreshes the neighbours' RTTs, while the cluster has neighbours (idempotent;
+   * a paused schedule stays paused). createTemporalBackend calls it at start when there are some.
+   */
+  async ensureRefreshSchedule(): Promise<void> {
+    const spec = { intervals: [{ every: this.options.refreshEveryMs ?? 60_000 }] };
+    const action = { type: 'startWorkflow' as const, workflowType: refreshNeighbours, taskQueue: this.options.workflowTaskQueue, workflowExecutionTimeout: 180_000 };
     try {
       await this.client.schedule.create({
         scheduleId: refreshScheduleId(this.options.cluster),
-        spec: { intervals: [{ every: everyMs }] },
-        action: { type: 'startWorkflow', workflowType: refreshNeighbours, taskQueue: this.options.workflowTaskQueue, workflowExecutionTimeout: '3 minutes' },
+        spec,
+        action,
         policies: { overlap: ScheduleOverlapPolicy.SKIP, catchupWindow: '1 minute' },
         state: { note: 'measures the RTT to every neighbour cluster (docs/mobility.md)' },
       });
     } catch (e) {
       if (!(e instanceof ScheduleAlreadyRunning)) throw e;
+      // Made by an earlier process: it runs on this cluster's queue and interval from now on.
+      await this.client.schedule.getHandle(refreshScheduleId(this.options.cluster)).update((prev) => ({ ...prev, spec, action }));
     }
+  }
+
+  async deleteRefreshSchedule(): Promise<void> {
+    await this.client.schedule.getHandle(refreshScheduleId(this.options.cluster)).delete().catch((e: unknown) => {
+      if (!(e instanceof ScheduleNotFoundError)) throw e;
+    });
   }
 
   // ---- RTT -------------------------------------------------------------------------------------------

@@ -10,8 +10,8 @@
  *   and no cooldown runs. Every decision, move or stay, starts a cooldown, so a user sitting at
  *   the threshold does not make the controller ask its neighbours every few seconds.
  * - `chooseNeighbour`: among the neighbours that answered, serve and have room, the lowest RTT
- *   wins if it beats the current RTT by `minGainMs` (and `minGainRatio`); within `tieMs` of the
- *   best, one that already holds the base is preferred (no base to send).
+ *   of those that beat the current RTT by `minGainMs` (and `minGainRatio`) wins; within `tieMs`
+ *   of it, one that already holds the base is preferred (no base to send).
  */
 
 export interface MobilityPolicy {
@@ -67,6 +67,9 @@ export const POLICY_LIMITS = {
   checkIntervalMs: [200, 3_600_000],
   selfProbeAfterMs: [0, 3_600_000],
 } as const satisfies Record<keyof MobilityPolicy, readonly [number, number]>;
+
+/** Fields that count samples: whole numbers. */
+export const INTEGER_FIELDS: readonly (keyof MobilityPolicy)[] = ['window', 'minSamples'];
 
 export interface RttSample {
   rttMs: number;
@@ -137,21 +140,30 @@ export type Choice =
 
 const fmt = (ms: number): string => `${Math.round(ms * 10) / 10} ms`;
 
-/** Pick the neighbour to move to, or say why none. */
+/**
+ * Pick the neighbour to move to, or say why none. Only neighbours that beat the current RTT by the
+ * minimum gain compete; among those, the nearest wins, or within tieMs of it one holding the base.
+ */
 export function chooseNeighbour(currentMs: number, candidates: readonly CandidateReport[], policy: MobilityPolicy): Choice {
-  const usable = candidates.filter((c): c is CandidateReport & { rttMs: number } => c.reachable && c.rttMs !== undefined && (c.servingHosts ?? 1) > 0);
-  const skipped = candidates.filter((c) => !usable.includes(c as CandidateReport & { rttMs: number })).map((c) => `${c.neighbour} (${c.error ?? (c.reachable ? 'no serving host' : 'unreachable')})`);
+  const usable: Array<CandidateReport & { rttMs: number }> = [];
+  const skipped: string[] = [];
+  for (const c of candidates) {
+    if (c.reachable && c.rttMs !== undefined && (c.servingHosts ?? 1) > 0) usable.push(c as CandidateReport & { rttMs: number });
+    else skipped.push(`${c.neighbour} (${c.error ?? (!c.reachable ? 'unreachable' : c.rttMs === undefined ? 'no RTT measured' : 'no serving host')})`);
+  }
   const skippedText = skipped.length ? `; skipped ${skipped.join(', ')}` : '';
   if (usable.length === 0) return { move: false, why: `no neighbour can take it${skippedText}` };
-  const bestRtt = Math.min(...usable.map((c) => c.rttMs));
-  const near = usable.filter((c) => c.rttMs <= bestRtt + policy.tieMs);
-  const best = [...near].sort((a, b) => Number(b.holdsBase === true) - Number(a.holdsBase === true) || a.rttMs - b.rttMs)[0] ?? near[0];
-  if (!best) return { move: false, why: `no neighbour can take it${skippedText}` };
-  const gainMs = currentMs - best.rttMs;
   const needed = Math.max(policy.minGainMs, policy.minGainRatio * currentMs);
-  if (gainMs < needed) {
-    return { move: false, best, why: `best neighbour ${best.neighbour} at ${fmt(best.rttMs)} is not enough nearer than ${fmt(currentMs)} (gain ${fmt(gainMs)} < ${fmt(needed)})${skippedText}` };
+  const byRtt = [...usable].sort((a, b) => a.rttMs - b.rttMs);
+  const nearest = byRtt[0] as CandidateReport & { rttMs: number };
+  const qualified = byRtt.filter((c) => currentMs - c.rttMs >= needed);
+  const first = qualified[0];
+  if (!first) {
+    return { move: false, best: nearest, why: `best neighbour ${nearest.neighbour} at ${fmt(nearest.rttMs)} is not enough nearer than ${fmt(currentMs)} (gain ${fmt(currentMs - nearest.rttMs)} < ${fmt(needed)})${skippedText}` };
   }
+  const near = qualified.filter((c) => c.rttMs <= first.rttMs + policy.tieMs);
+  const best = near.find((c) => c.holdsBase === true) ?? first;
+  const gainMs = currentMs - best.rttMs;
   const tie = near.length > 1 ? ` (within ${fmt(policy.tieMs)} of ${near.filter((c) => c !== best).map((c) => c.neighbour).join(', ')}; ${best.holdsBase ? 'it holds the base' : 'nearest'})` : '';
   return { move: true, to: best, gainMs, why: `${best.neighbour} at ${fmt(best.rttMs)} beats ${fmt(currentMs)} by ${fmt(gainMs)}${tie}${skippedText}` };
 }
@@ -162,6 +174,7 @@ export function mergePolicy(base: MobilityPolicy, patch: Partial<MobilityPolicy>
   for (const [k, [lo, hi]] of Object.entries(POLICY_LIMITS) as [keyof MobilityPolicy, readonly [number, number]][]) {
     const v = policy[k];
     if (!Number.isFinite(v) || v < lo || v > hi) return { error: `policy.${k} must be between ${lo} and ${hi} (got ${v})` };
+    if (INTEGER_FIELDS.includes(k) && !Number.isInteger(v)) return { error: `policy.${k} must be a whole number (got ${v})` };
   }
   if (policy.minSamples > policy.window) return { error: `policy.minSamples (${policy.minSamples}) cannot exceed policy.window (${policy.window})` };
   if (policy.hysteresisMs >= policy.thresholdMs) return { error: `policy.hysteresisMs (${policy.hysteresisMs}) must be below policy.thresholdMs (${policy.thresholdMs})` };

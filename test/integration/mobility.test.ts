@@ -17,7 +17,7 @@ import { startApi, type RunningApi } from '../../src/api/server';
 import { CloudletApiClient } from '../../src/api/client';
 import { TemporalCloudletService } from '../../src/service';
 import { TemporalHandoffService } from '../../src/service/handoff';
-import { TemporalMobilityService } from '../../src/service/mobility';
+import { refreshScheduleId, TemporalMobilityService } from '../../src/service/mobility';
 import { SqliteNeighbourRegistry } from '../../src/core/mobility/registry';
 import { loadHandoffSecret } from '../../src/common/handoff-secret';
 import { GuestAppClient } from '../../src/guest/app-client';
@@ -131,8 +131,17 @@ describe('mobility: the VM follows its user by RTT', () => {
     expect(w?.status).toBe('fresh');
     expect(w?.rtt?.servingHosts).toBe(1);
     expect(list.find((n) => n.name === 'ghost')?.status).toBe('unreachable');
-    // The Schedule that refreshes them exists only where createTemporalBackend makes it; here the
-    // refresh ran as the same workflow, on demand.
+
+    // Adding the first neighbour made the Schedule that measures them; a run it starts records
+    // a newer measurement.
+    const schedule = east.client.schedule.getHandle(refreshScheduleId('east'));
+    expect((await schedule.describe()).action).toMatchObject({ taskQueue: east.config.workflowTaskQueue });
+    const measuredAt = w?.rtt?.measuredAt ?? '';
+    await schedule.trigger();
+    await pollUntil('the scheduled refresh to measure west again', 60_000, async () => {
+      const again = (await eastCloud.listNeighbours()).find((n) => n.name === 'west');
+      return again?.rtt && again.rtt.measuredAt > measuredAt ? again : undefined;
+    }, 250);
   });
 
   it('follows the user: no decision under noise, no move between close neighbours, a move to the nearest once the user walks there', async () => {
@@ -248,5 +257,14 @@ describe('mobility: the VM follows its user by RTT', () => {
     await westCloud.unwatchInstance(instanceId);
     await pollUntil('the controller at west to stop', 30_000, async () => ((await westCloud.mobilityState(instanceId))?.phase === 'stopped' ? true : undefined), 200);
     await westCloud.terminateInstance(instanceId);
+  });
+
+  it('removing the last neighbour deletes the refresh Schedule; an unknown neighbour is 404', async () => {
+    await expect(eastCloud.removeNeighbour('nobody')).rejects.toMatchObject({ status: 404 });
+    for (const n of ['west', 'ghost']) await eastCloud.removeNeighbour(n);
+    await westCloud.removeNeighbour('east');
+    expect(await eastCloud.listNeighbours()).toEqual([]);
+    await expect(east.client.schedule.getHandle(refreshScheduleId('east')).describe()).rejects.toThrow(/not found/i);
+    await expect(west.client.schedule.getHandle(refreshScheduleId('west')).describe()).rejects.toThrow(/not found/i);
   });
 });

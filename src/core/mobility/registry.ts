@@ -63,11 +63,13 @@ export function parseNeighbourUrl(text: string, allowedHosts: readonly string[] 
   try {
     u = new URL(text);
   } catch {
-    throw new CloudletError('BAD_INPUT', `neighbour URL "${text}" is not a URL`, { fix: 'give the neighbour cluster API base URL, e.g. https://west.example.org:8080' });
+    throw new CloudletError('BAD_INPUT', 'the neighbour URL is not a URL', { fix: 'give the neighbour cluster API base URL, e.g. https://west.example.org:8080' });
   }
-  if (u.protocol !== 'http:' && u.protocol !== 'https:') throw new CloudletError('BAD_INPUT', `neighbour URL "${text}" is not http(s)`, { fix: 'use the http:// or https:// URL of its API' });
-  if (u.username || u.password) throw new CloudletError('BAD_INPUT', `neighbour URL "${u.host}" carries credentials in the URL`, { fix: 'pass the token in the token field instead' });
-  if (u.search || u.hash) throw new CloudletError('BAD_INPUT', `neighbour URL "${text}" has a query or fragment`, { fix: 'give the base URL of its API only' });
+  // Errors name the scheme and host only: the rest may carry a secret.
+  const shown = `${u.protocol}//${u.host}`;
+  if (u.protocol !== 'http:' && u.protocol !== 'https:') throw new CloudletError('BAD_INPUT', `neighbour URL ${u.protocol}//… is not http(s)`, { fix: 'use the http:// or https:// URL of its API' });
+  if (u.username || u.password) throw new CloudletError('BAD_INPUT', `neighbour URL ${shown} carries credentials in the URL`, { fix: 'pass the token in the token field instead' });
+  if (u.search || u.hash) throw new CloudletError('BAD_INPUT', `neighbour URL ${shown} has a query or fragment`, { fix: 'give the base URL of its API only' });
   const host = u.hostname.replace(/^\[|\]$/g, '').toLowerCase();
   if (allowedHosts.length > 0 && !allowedHosts.some((a) => (a.startsWith('*.') ? host.endsWith(a.slice(1).toLowerCase()) : host === a.toLowerCase()))) {
     throw new CloudletError('FORBIDDEN', `neighbour host ${host} is not allowed here`, { fix: `this cluster accepts neighbours on ${allowedHosts.join(', ')} (CLOUDLET_NEIGHBOUR_HOSTS)` });
@@ -99,18 +101,20 @@ export class SqliteNeighbourRegistry implements NeighbourRegistry {
   private readonly db: Database.Database;
 
   constructor(readonly file: string) {
-    fs.mkdirSync(path.dirname(file), { recursive: true });
     try {
+      fs.mkdirSync(path.dirname(file), { recursive: true, mode: 0o700 });
+      // Tokens are secrets: the file exists with mode 0600 before SQLite opens it, so its -wal and
+      // -shm files (which SQLite gives the database file's mode) are 0600 too.
+      fs.closeSync(fs.openSync(file, 'a', 0o600));
+      for (const f of [file, `${file}-wal`, `${file}-shm`]) if (fs.existsSync(f)) fs.chmodSync(f, 0o600);
       this.db = new Database(file);
       this.db.pragma('journal_mode = WAL');
       this.db.pragma('busy_timeout = 5000');
       this.db.exec(`CREATE TABLE IF NOT EXISTS neighbours (
         name TEXT PRIMARY KEY, api_url TEXT NOT NULL, token TEXT NOT NULL, added_at TEXT NOT NULL,
         rtt_ms REAL, measured_at TEXT, serving_hosts INTEGER, error TEXT, error_at TEXT)`);
-      // Tokens are secrets: only this user reads the file.
-      fs.chmodSync(file, 0o600);
     } catch (e) {
-      throw new CloudletError('SERVICE_UNAVAILABLE', `cannot open the neighbour registry ${file}: ${(e as Error).message}`, { fix: 'check the directory exists and is writable (CLOUDLET_VAR)', cause: e });
+      throw new CloudletError('SERVICE_UNAVAILABLE', `cannot open the neighbour registry ${file}: ${(e as Error).message}`, { fix: 'check the directory exists and is writable (CLOUDLET_VAR, CLOUDLET_NEIGHBOURS_DB)', cause: e });
     }
   }
 
