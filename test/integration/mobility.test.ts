@@ -23,12 +23,22 @@ import { loadHandoffSecret } from '../../src/common/handoff-secret';
 import { GuestAppClient } from '../../src/guest/app-client';
 import { freePort } from '../../src/common/ports';
 import type { MobilityState } from '../../src/service/mobility-types';
+import { Writable } from 'node:stream';
+import { runCli } from '../../src/cli/main';
 import { startTestCluster, type TestCluster } from '../helpers/cluster';
 import { testBasePackage } from '../helpers/test-base';
 import { pollUntil } from '../helpers/poll';
 import { startDeviceNetwork, type DeviceNetwork } from '../../src/links/device-network';
 
 jest.setTimeout(30 * 60_000);
+
+class Capture extends Writable {
+  text = '';
+  override _write(chunk: Buffer, _enc: BufferEncoding, cb: () => void): void {
+    this.text += chunk.toString();
+    cb();
+  }
+}
 
 const POLICY = { thresholdMs: 50, hysteresisMs: 10, window: 5, minSamples: 3, minGainMs: 15, minGainRatio: 0.2, tieMs: 5, cooldownMs: 6000, checkIntervalMs: 500, selfProbeAfterMs: 0 };
 
@@ -131,6 +141,24 @@ describe('mobility: the VM follows its user by RTT', () => {
     expect(w?.status).toBe('fresh');
     expect(w?.rtt?.servingHosts).toBe(1);
     expect(list.find((n) => n.name === 'ghost')?.status).toBe('unreachable');
+
+    // The CLI sees the same: the registry, and the cluster's own probe of the device.
+    const cli = async (...args: string[]): Promise<{ code: number; out: string; err: string }> => {
+      const stdout = new Capture();
+      const stderr = new Capture();
+      const code = await runCli(['--json', ...args], { stdout, stderr, env: { CLOUDLET_API_URL: eastApi.url, CLOUDLET_API_TOKEN: eastToken, CLOUDLET_NEIGHBOUR_TOKEN: westToken } });
+      return { code, out: stdout.text, err: stderr.text };
+    };
+    const listed = await cli('neighbour', 'list');
+    expect(listed.code).toBe(0);
+    expect((JSON.parse(listed.out) as Array<{ name: string; status: string }>).map((n) => `${n.name}:${n.status}`)).toEqual(['ghost:unreachable', 'west:fresh']);
+    const probed = await cli('probe', 'device', net.address);
+    expect(probed.code).toBe(0);
+    expect((JSON.parse(probed.out) as { cluster: string; rttMs: number }).rttMs).toBeGreaterThanOrEqual(net.rtt('east'));
+    const refused = await cli('neighbour', 'add', 'west', westApi.url);
+    expect(refused.code).not.toBe(0);
+    expect(refused.err).toMatch(/CONFLICT|exists/);
+    expect((await cli('mobility', 'show', 'i-nope')).code).not.toBe(0);
 
     // Adding the first neighbour made the Schedule that measures them; a run it starts records
     // a newer measurement.
@@ -253,10 +281,38 @@ describe('mobility: the VM follows its user by RTT', () => {
     const d2 = await westCloud.discover(pkg.baseId, net.address);
     expect(d2.clusters[0]?.cluster).toBe('west');
 
-    // An operator stops the controller at west; the instance keeps running.
-    await westCloud.unwatchInstance(instanceId);
-    await pollUntil('the controller at west to stop', 30_000, async () => ((await westCloud.mobilityState(instanceId))?.phase === 'stopped' ? true : undefined), 200);
-    await westCloud.terminateInstance(instanceId);
+    // Operators at west: pause (a user far away makes no decision), change the policy (a bad
+    // value is refused and changes nothing), then force a move back to east.
+    const deviceWest = new CloudletApiClient({ baseUrl: net.apiUrl('west'), token: westToken });
+    expect((await westCloud.pauseMobility(instanceId, true)).paused).toBe(true);
+    await net.setRtt('west', 120);
+    for (let i = 0; i < 6; i++) await deviceWest.reportRtt(instanceId, await deviceWest.measureRtt(3), net.address);
+    const paused = await pollUntil('a check while paused', 10_000, async () => {
+      const st = await westCloud.mobilityState(instanceId);
+      return st?.lastCheck?.why === 'paused' ? st : undefined;
+    });
+    expect(paused.decisionCount).toBe(0);
+    await expect(westCloud.setMobilityPolicy(instanceId, { hysteresisMs: 500 })).rejects.toMatchObject({ status: 400 });
+    expect((await westCloud.setMobilityPolicy(instanceId, { thresholdMs: 200 })).thresholdMs).toBe(200);
+    expect((await westCloud.mobilityState(instanceId))?.policy.hysteresisMs).toBe(POLICY.hysteresisMs);
+    await expect(westCloud.moveInstance(instanceId, 'nobody')).rejects.toMatchObject({ status: 404 });
+    const forced = await westCloud.moveInstance(instanceId, 'east');
+    expect(forced).toMatchObject({ trigger: 'forced', outcome: 'move', to: 'east' });
+    const back = await pollUntil('the forced move to finish', 15 * 60_000, async () => {
+      const st = await westCloud.mobilityState(instanceId);
+      return st && (st.phase === 'moved' || st.decisions.some((x) => x.handoff?.state === 'failed')) ? st : undefined;
+    }, 1000);
+    const forcedDone = back.decisions.find((x) => x.seq === forced.seq);
+    expect(forcedDone?.handoff?.error).toBeUndefined();
+    expect(back.movedTo?.neighbour).toBe('east');
+    expect((await new GuestAppClient(Number((forcedDone?.handoff?.appEndpoint ?? '').split(':')[1])).state()).token).toBe('tok-mobility');
+    figures.forcedMoveTotalMs = forcedDone?.handoff?.totalMs;
+
+    // An operator stops the controller at east; the instance keeps running.
+    await eastCloud.unwatchInstance(instanceId);
+    await pollUntil('the controller at east to stop', 30_000, async () => ((await eastCloud.mobilityState(instanceId))?.phase === 'stopped' ? true : undefined), 200);
+    expect((await eastCloud.getInstance(instanceId))?.state).toBe('running');
+    await eastCloud.terminateInstance(instanceId);
   });
 
   it('removing the last neighbour deletes the refresh Schedule; an unknown neighbour is 404', async () => {
