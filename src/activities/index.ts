@@ -13,6 +13,7 @@ import { withFailureMapping } from './failures';
 import { createRecipeActivities } from './recipes';
 import { createHandoffSourceActivities } from './handoff-source';
 import { createHandoffDestinationActivities } from './handoff-destination';
+import { createHostStatsActivities } from './host-stats';
 
 export interface HostActivityDeps {
   hostId: string;
@@ -45,7 +46,8 @@ export function createHostActivities(deps: HostActivityDeps) {
   const recipes = createRecipeActivities({ hostId: deps.hostId, dataDir: deps.dataDir, log: deps.log, hypervisor, temporal: { address: deps.config.temporalAddress, namespace: deps.config.namespace } });
   const handoffSource = createHandoffSourceActivities({ hostId: deps.hostId, dataDir: deps.dataDir, hypervisor, log: deps.log });
   const handoffDestination = createHandoffDestinationActivities({ hostId: deps.hostId, dataDir: deps.dataDir, hypervisor, publicUrl: deps.publicUrl, log: deps.log });
-  return withFailureMapping({ ...guest, ...instances, ...recipes, ...handoffSource, ...handoffDestination });
+  const stats = createHostStatsActivities({ hostId: deps.hostId, dataDir: deps.dataDir, hypervisor });
+  return withFailureMapping({ ...guest, ...instances, ...recipes, ...handoffSource, ...handoffDestination, ...stats });
 }
 
 export type HostActivities = ReturnType<typeof createHostActivities>;

@@ -42,7 +42,15 @@ export function createMobilityActivities(deps: MobilityActivityDeps) {
           const t = await reg.token(n.name);
           try {
             const a = await new NeighbourPeer(n.apiUrl, t ?? '', input.timeoutMs ?? 10_000).deviceRtt(input.device, input.baseId);
-            return { neighbour: n.name, apiUrl: n.apiUrl, reachable: true, rttMs: a.rttMs, servingHosts: a.servingHosts, ...(a.holdsBase !== undefined ? { holdsBase: a.holdsBase } : {}) };
+            return {
+              neighbour: n.name,
+              apiUrl: n.apiUrl,
+              reachable: true,
+              rttMs: a.rttMs,
+              servingHosts: a.servingHosts,
+              ...(a.holdsBase !== undefined ? { holdsBase: a.holdsBase } : {}),
+              ...(a.memAvailableBytes !== undefined ? { memAvailableBytes: a.memAvailableBytes } : {}),
+            };
           } catch (e) {
             const message = (e as Error).message;
             // A neighbour that answered (with an error: it could not reach the device, say) is reachable.

@@ -131,7 +131,12 @@ export const OperationStatusSchema = named(
   }),
 );
 
-export const HostInfoSchema = named('HostInfo', z.object({ id: z.string(), serving: z.boolean() }));
+export const HostStatsSchema = named(
+  'HostStats',
+  z.object({ memAvailableBytes: z.number(), memTotalBytes: z.number(), storeFreeBytes: z.number(), runningInstances: z.number().int(), at: z.number() }),
+  'What the host has room for, read by its hostMonitor run every 5 s (at: epoch ms of the reading).',
+);
+export const HostInfoSchema = named('HostInfo', z.object({ id: z.string(), serving: z.boolean(), stats: HostStatsSchema.optional() }));
 
 export const BaseInfoSchema = named(
   'BaseInfo',

@@ -12,6 +12,8 @@ export const ClusterInfoSchema = z.object({
   cluster: z.string(),
   hosts: z.number().int(),
   servingHosts: z.number().int(),
+  /** The most memory any serving host has available (bytes), when the hosts report it. */
+  memAvailableBytes: z.number().optional(),
 });
 export type ClusterInfo = z.infer<typeof ClusterInfoSchema>;
 
@@ -24,6 +26,7 @@ export const DeviceRttAnswerSchema = z.object({
   servingHosts: z.number().int(),
   /** Present when the question named a base. */
   holdsBase: z.boolean().optional(),
+  memAvailableBytes: z.number().optional(),
 });
 export type DeviceRttAnswer = z.infer<typeof DeviceRttAnswerSchema>;
 

@@ -4,7 +4,6 @@
  * operator), discovery, and the Schedule that refreshes the neighbours' RTTs.
  */
 import { ScheduleAlreadyRunning, ScheduleNotFoundError, ScheduleOverlapPolicy, WorkflowExecutionAlreadyStartedError, WorkflowNotFoundError, WorkflowUpdateFailedError, type Client, type WorkflowHandle } from '@temporalio/client';
-import { assertHostServing } from '../client/connect';
 import { NeighbourPeer, type ClusterInfo, type DeviceRttAnswer } from '../client/neighbour-peer';
 import { CloudletError } from '../core/errors';
 import { DEFAULT_MOBILITY_POLICY, mergePolicy, type MobilityPolicy } from '../workflows/mobility-policy';
@@ -28,6 +27,8 @@ export interface MobilityServiceOptions {
   tieMs?: number;
   /** How often the refresh Schedule measures the neighbours (default 1 min). */
   refreshEveryMs?: number;
+  /** A controller continues as new past this many history events (default 4000; tests lower it). */
+  controllerHistoryLimit?: number;
 }
 
 export const mobilityWorkflowId = (instanceId: string): string => `mobility/${instanceId}`;
@@ -45,8 +46,10 @@ export class TemporalMobilityService implements MobilityService {
   }
 
   async clusterInfo(): Promise<ClusterInfo> {
-    const serving = await Promise.all(this.options.hosts.map((h) => assertHostServing(this.client, h).then(() => 1, () => 0)));
-    return { cluster: this.options.cluster, hosts: this.options.hosts.length, servingHosts: serving.reduce<number>((a, b) => a + b, 0) };
+    const hosts = (await this.service.listHosts()).filter((h) => this.options.hosts.includes(h.id));
+    const serving = hosts.filter((h) => h.serving);
+    const mem = serving.flatMap((h) => (h.stats ? [h.stats.memAvailableBytes] : []));
+    return { cluster: this.options.cluster, hosts: this.options.hosts.length, servingHosts: serving.length, ...(mem.length ? { memAvailableBytes: Math.max(...mem) } : {}) };
   }
 
   // ---- neighbours ------------------------------------------------------------------------------------
@@ -125,15 +128,18 @@ export class TemporalMobilityService implements MobilityService {
       minMs: m.minMs,
       samples: m.samples,
       servingHosts: info.servingHosts,
+      ...(info.memAvailableBytes !== undefined ? { memAvailableBytes: info.memAvailableBytes } : {}),
       ...(baseId ? { holdsBase: (base?.hostIds.length ?? 0) > 0 } : {}),
     };
   }
 
-  private async runningInstance(instanceId: string) {
+  /** The instance, running, with what the controller needs to know of it. */
+  private async runningInstance(instanceId: string): Promise<{ instanceId: string; hostId: string; baseId: string; memoryBytes?: number }> {
     const inst = await this.service.getInstance(instanceId);
     if (!inst) throw new CloudletError('NOT_FOUND', `instance ${instanceId} does not exist in this cluster`, { fix: 'list instances with GET /v1/instances' });
     if (inst.state !== 'running') throw new CloudletError('CONFLICT', `instance ${instanceId} is ${inst.state}; only a running instance is watched`, { fix: 'report RTT for a running instance' });
-    return inst;
+    const base = await this.service.getBase(inst.baseId);
+    return { instanceId, hostId: inst.hostId, baseId: inst.baseId, ...(base ? { memoryBytes: base.memoryBytes } : {}) };
   }
 
   private handle(instanceId: string): WorkflowHandle<typeof mobilityController> {
@@ -153,7 +159,7 @@ export class TemporalMobilityService implements MobilityService {
     return {
       taskQueue: this.options.workflowTaskQueue,
       workflowId: mobilityWorkflowId(instanceId),
-      args: [args] as [typeof args],
+      args: [{ ...args, ...(this.options.controllerHistoryLimit ? { historyLimit: this.options.controllerHistoryLimit } : {}) }] as [typeof args],
       workflowIdReusePolicy: 'ALLOW_DUPLICATE' as const,
       staticSummary: `Follow the user of instance ${instanceId}: hand it off to a nearer cluster when the RTT passes the threshold`,
     };
@@ -164,7 +170,7 @@ export class TemporalMobilityService implements MobilityService {
     const dev = device !== undefined ? formatDeviceAddress(parseDeviceAddress(device)) : undefined;
     const at = Date.now();
     await this.client.workflow.signalWithStart(mobilityController, {
-      ...this.startOptions(instanceId, { instanceId, hostId: inst.hostId, baseId: inst.baseId, ...(dev ? { device: dev } : {}) }),
+      ...this.startOptions(instanceId, { ...inst, ...(dev ? { device: dev } : {}) }),
       signal: rttSamplesSignal,
       signalArgs: [{ samples: samples.map((rttMs) => ({ rttMs, at })), ...(dev ? { device: dev } : {}) }],
     });
@@ -178,9 +184,7 @@ export class TemporalMobilityService implements MobilityService {
     if (!(await this.running(instanceId))) {
       try {
         await this.client.workflow.start(mobilityController, this.startOptions(instanceId, {
-          instanceId,
-          hostId: inst.hostId,
-          baseId: inst.baseId,
+          ...inst,
           ...(dev ? { device: dev } : {}),
           ...(policy ? { policy } : {}),
           ...(req.cooldownMs !== undefined ? { cooldownMs: req.cooldownMs } : {}),

@@ -17,12 +17,13 @@ import { hostDir } from '../config';
 import { hostTaskQueue, SearchAttributes } from '../common/names';
 import { CloudletError } from '../core/errors';
 import { exportBase } from '../core/base';
-import { createOverlayVm, importBaseVm, operationProgressQuery, resumeBaseVm, synthesizeVm, terminateVm, type OperationProgress } from '../workflows';
+import { createOverlayVm, hostStatsQuery, importBaseVm, operationProgressQuery, resumeBaseVm, synthesizeVm, terminateVm, type OperationProgress } from '../workflows';
 import type {
   BaseInfo,
   CloudletService,
   CreateOverlayRequest,
   HostInfo,
+  HostStats,
   ImportBaseRequest,
   InstanceInfo,
   OperationKind,
@@ -194,7 +195,20 @@ export class TemporalCloudletService implements CloudletService {
   // ---- hosts -------------------------------------------------------------------------------------
 
   async listHosts(): Promise<HostInfo[]> {
-    return Promise.all(this.options.hosts.map(async (id) => ({ id, serving: await assertHostServing(this.client, id).then(() => true, () => false) })));
+    return Promise.all(
+      this.options.hosts.map(async (id) => {
+        const serving = await assertHostServing(this.client, id).then(() => true, () => false);
+        const stats = serving ? await this.hostStats(id) : undefined;
+        return { id, serving, ...(stats ? { stats } : {}) };
+      }),
+    );
+  }
+
+  /** The latest stats of a serving host (its hostMonitor run), if it answers within 2 s. */
+  async hostStats(hostId: string): Promise<HostStats | undefined> {
+    return this.client
+      .withDeadline(Date.now() + 2000, () => this.client.workflow.getHandle(`hostMonitor/${hostId}`).query(hostStatsQuery))
+      .catch(() => undefined);
   }
 
   private async requireHost(hostId: string): Promise<void> {

@@ -6,6 +6,9 @@
  * Long operations return an OperationRef at once; their progress and outcome are read with
  * getOperation. An idempotency key makes a retried request return the same operation.
  */
+import type { HostStats } from '../activities/host-stats';
+
+export type { HostStats };
 
 export type OperationKind = 'importBaseVm' | 'resumeBaseVm' | 'createOverlay' | 'synthesizeVm' | 'terminateVm' | 'rebuildOverlay' | 'handoffVm' | 'receiveHandoff';
 
@@ -54,6 +57,8 @@ export interface HostInfo {
   id: string;
   /** True when a worker polls the host's task queue. */
   serving: boolean;
+  /** The host's latest stats (its hostMonitor run), when its worker serves and has read them. */
+  stats?: HostStats;
 }
 
 export interface BaseInfo {

@@ -4,12 +4,12 @@
  * its store's free space, and its instances by libvirt state. Names: docs/observability.md.
  */
 import fs from 'node:fs';
-import os from 'node:os';
 import path from 'node:path';
 import type { ActivityInterceptorsFactory } from '@temporalio/worker';
 import { metrics, recordActivityResult, scrapedGauge } from '../common/metrics';
 import type { Hypervisor } from '../hypervisor/types';
 import { instanceRecords } from '../activities/instance-records';
+import { availableMemory } from '../activities/host-stats';
 
 /** Times each activity and records what its result says (stages, bytes). */
 export function activityMetrics(hostId: string): ActivityInterceptorsFactory {
@@ -38,17 +38,6 @@ interface HostView {
 }
 const hosts = new Map<string, HostView>();
 let gauges = false;
-
-/** MemAvailable (what a new VM can use without swapping), else the kernel's free memory. */
-async function availableMemory(): Promise<number> {
-  try {
-    const m = /^MemAvailable:\s+(\d+) kB$/m.exec(await fs.promises.readFile('/proc/meminfo', 'utf8'));
-    if (m?.[1]) return Number(m[1]) * 1024;
-  } catch {
-    // not Linux
-  }
-  return os.freemem();
-}
 
 /** Adds a host of this process to the scraped gauges (created once per process). */
 export function watchHost(hostId: string, dataDir: string, hypervisor: Hypervisor): void {

@@ -15,6 +15,8 @@ import type { Config } from '../config';
 import { hostDir } from '../config';
 import { createHostActivities } from '../activities';
 import { createMobilityActivities } from '../activities/mobility';
+import { connectClient } from '../client/connect';
+import { hostMonitor } from '../workflows/host-monitor';
 import { SqliteNeighbourRegistry, type NeighbourRegistry } from '../core/mobility/registry';
 import { prewarmJoin } from '../core/snapshot';
 import { installRuntimeLogging } from './runtime-logging';
@@ -120,9 +122,28 @@ export async function createHostWorker(config: Config, hostId: string, log: Logg
     connection,
     publicUrl,
     async run() {
+      const running = Promise.all([hostQueueWorker.run(), sharedQueueWorker.run()]);
+      // The host's stats, for the API and the neighbours (a run per host; see hostMonitor).
+      const monitorId = `hostMonitor/${hostId}`;
+      const client = await connectClient(config).catch((e: unknown) => {
+        log.warn({ err: (e as Error).message }, 'cannot start the host monitor: GET /v1/hosts shows no stats for this host');
+        return undefined;
+      });
+      await client?.workflow
+        .start(hostMonitor, {
+          workflowId: monitorId,
+          taskQueue: hostTaskQueue(hostId),
+          args: [{ hostId }],
+          workflowIdConflictPolicy: 'TERMINATE_EXISTING',
+          workflowRunTimeout: '10 minutes',
+          staticSummary: `Stats of host ${hostId} (free memory, store, running instances), read every 5 s`,
+        })
+        .catch((e: unknown) => log.warn({ err: (e as Error).message }, 'cannot start the host monitor: GET /v1/hosts shows no stats for this host'));
       try {
-        await Promise.all([hostQueueWorker.run(), sharedQueueWorker.run()]);
+        await running;
       } finally {
+        await client?.workflow.getHandle(monitorId).terminate('the host worker stopped').catch(() => undefined);
+        await client?.connection.close();
         unwatchHost(hostId);
         await registry?.close();
         await publisher.close();

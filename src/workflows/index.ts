@@ -5,3 +5,4 @@ export { rebuildOverlay } from './rebuild';
 export { handoffVm, receiveHandoff, handoffProgressQuery, receiveStateQuery, roundArrivedUpdate, baseArrivedUpdate, completeUpdate, abortSignal, type ReceiveState, type HandoffProgress } from './handoff';
 export { mobilityController, rttSamplesSignal, pauseSignal, stopSignal, setPolicyUpdate, moveNowUpdate, mobilityStateQuery, type MobilityState, type MobilityDecision, type MobilityInput } from './mobility';
 export { refreshNeighbours } from './neighbours';
+export { hostMonitor, hostStatsQuery, stopMonitorSignal } from './host-monitor';

@@ -11,7 +11,8 @@
  *   the threshold does not make the controller ask its neighbours every few seconds.
  * - `chooseNeighbour`: among the neighbours that answered, serve and have room, the lowest RTT
  *   of those that beat the current RTT by `minGainMs` (and `minGainRatio`) wins; within `tieMs`
- *   of it, one that already holds the base is preferred (no base to send).
+ *   of it, one that already holds the base is preferred (no base to send). A neighbour whose hosts
+ *   have less memory available than the VM needs is skipped.
  */
 
 export interface MobilityPolicy {
@@ -130,6 +131,8 @@ export interface CandidateReport {
   /** Hosts of its cluster serving now. */
   servingHosts?: number;
   holdsBase?: boolean;
+  /** The most memory one of its serving hosts has available (bytes), when it reports it. */
+  memAvailableBytes?: number;
   /** Why it was not reachable, or could not measure. */
   error?: string;
 }
@@ -144,11 +147,13 @@ const fmt = (ms: number): string => `${Math.round(ms * 10) / 10} ms`;
  * Pick the neighbour to move to, or say why none. Only neighbours that beat the current RTT by the
  * minimum gain compete; among those, the nearest wins, or within tieMs of it one holding the base.
  */
-export function chooseNeighbour(currentMs: number, candidates: readonly CandidateReport[], policy: MobilityPolicy): Choice {
+export function chooseNeighbour(currentMs: number, candidates: readonly CandidateReport[], policy: MobilityPolicy, needBytes?: number): Choice {
   const usable: Array<CandidateReport & { rttMs: number }> = [];
   const skipped: string[] = [];
+  const gib = (b: number): string => `${(b / 2 ** 30).toFixed(2)} GiB`;
   for (const c of candidates) {
-    if (c.reachable && c.rttMs !== undefined && (c.servingHosts ?? 1) > 0) usable.push(c as CandidateReport & { rttMs: number });
+    if (needBytes !== undefined && c.memAvailableBytes !== undefined && c.memAvailableBytes < needBytes) skipped.push(`${c.neighbour} (${gib(c.memAvailableBytes)} available, the VM needs ${gib(needBytes)})`);
+    else if (c.reachable && c.rttMs !== undefined && (c.servingHosts ?? 1) > 0) usable.push(c as CandidateReport & { rttMs: number });
     else skipped.push(`${c.neighbour} (${c.error ?? (!c.reachable ? 'unreachable' : c.rttMs === undefined ? 'no RTT measured' : 'no serving host')})`);
   }
   const skippedText = skipped.length ? `; skipped ${skipped.join(', ')}` : '';

@@ -49,6 +49,7 @@ export interface MobilityState {
   instanceId: string;
   hostId: string;
   baseId: string;
+  memoryBytes?: number;
   device?: string;
   policy: MobilityPolicy;
   phase: 'watching' | 'asking neighbours' | 'moving' | 'moved' | 'stopped';
@@ -69,10 +70,14 @@ export interface MobilityInput {
   instanceId: string;
   hostId: string;
   baseId: string;
+  /** The VM's memory: a neighbour whose hosts have less available cannot take it. */
+  memoryBytes?: number;
   device?: string;
   policy?: Partial<MobilityPolicy>;
   /** Start cooling down (e.g. just after the instance arrived by a move). */
   cooldownMs?: number;
+  /** Continue as new past this many history events (default 4000, or when Temporal suggests it). */
+  historyLimit?: number;
   /** The state a continued run carries on with. */
   carried?: MobilityState;
 }
@@ -101,6 +106,7 @@ export async function mobilityController(input: MobilityInput) {
     instanceId: input.instanceId,
     hostId: input.hostId,
     baseId: input.baseId,
+    ...(input.memoryBytes !== undefined ? { memoryBytes: input.memoryBytes } : {}),
     ...(input.device ? { device: input.device } : {}),
     policy: { ...DEFAULT_MOBILITY_POLICY, ...(input.policy ?? {}) },
     phase: 'watching',
@@ -200,15 +206,15 @@ export async function mobilityController(input: MobilityInput) {
       const c = candidates.find((x) => x.neighbour === want);
       choice = !c
         ? { move: false, why: `neighbour ${want} is not in the registry` }
-        : c.reachable && (c.servingHosts ?? 1) > 0
+        : c.reachable && (c.servingHosts ?? 1) > 0 && !(st.memoryBytes !== undefined && c.memAvailableBytes !== undefined && c.memAvailableBytes < st.memoryBytes)
           ? { move: true, to: c, gainMs: (st.smoothedMs ?? NaN) - (c.rttMs ?? NaN), why: `forced to ${want} by an operator` }
-          : { move: false, why: `neighbour ${want} cannot take it (${c.error ?? 'no serving host'})` };
+          : { move: false, why: `neighbour ${want} cannot take it (${c.error ?? ((c.servingHosts ?? 1) > 0 ? 'too little memory available' : 'no serving host')})` };
     } else if (trigger === 'forced') {
       // Forced without a name: the nearest neighbour that can take it, whatever the gain.
-      choice = chooseNeighbour(Number.MAX_SAFE_INTEGER, candidates, { ...st.policy, minGainMs: 0, minGainRatio: 0 });
+      choice = chooseNeighbour(Number.MAX_SAFE_INTEGER, candidates, { ...st.policy, minGainMs: 0, minGainRatio: 0 }, st.memoryBytes);
       if (choice.move) choice = { ...choice, why: `forced by an operator: ${choice.why.replace(/ beats .*? by [^;(]*/, ' is the nearest')}` };
     } else {
-      choice = chooseNeighbour(st.smoothedMs ?? 0, candidates, st.policy);
+      choice = chooseNeighbour(st.smoothedMs ?? 0, candidates, st.policy, st.memoryBytes);
     }
     if (!choice.move) {
       record({ ...base, candidates, outcome: 'stay', why: choice.why });
@@ -300,7 +306,7 @@ export async function mobilityController(input: MobilityInput) {
     st.lastCheck = { at: now, why: v.fire ? `${v.why}: asking the neighbours` : v.why };
     if (v.fire && (await decide('threshold'))) break;
     show();
-    if (workflowInfo().continueAsNewSuggested || workflowInfo().historyLength > 4000) {
+    if (workflowInfo().continueAsNewSuggested || workflowInfo().historyLength > (input.historyLimit ?? 4000)) {
       await condition(allHandlersFinished);
       await continueAsNew<typeof mobilityController>({ ...input, carried: st });
     }

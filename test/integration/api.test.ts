@@ -5,6 +5,7 @@
  * answers with the state set on A. The runs carry their search attributes.
  */
 import type { Client } from '@temporalio/client';
+import { pollUntil } from '../helpers/poll';
 import { createLogger } from '../../src/common/logger';
 import { startApi, type RunningApi } from '../../src/api/server';
 import { CloudletApiClient } from '../../src/api/client';
@@ -50,6 +51,16 @@ describe('the cloudlet story through the HTTP API', () => {
 
   it('provisions on B from an overlay made on A, and B answers with A\'s state', async () => {
     expect((await cloud.listHosts()).map((h) => [h.id, h.serving])).toEqual([[hostA, true], [hostB, true]]);
+    // Each serving host's stats, from its hostMonitor run.
+    const withStats = await pollUntil('both hosts to have stats', 30_000, async () => {
+      const hosts = await cloud.listHosts();
+      return hosts.every((h) => h.stats) ? hosts : undefined;
+    });
+    for (const h of withStats) {
+      expect(h.stats?.memAvailableBytes).toBeGreaterThan(0);
+      expect(h.stats?.memAvailableBytes).toBeLessThanOrEqual(h.stats?.memTotalBytes ?? 0);
+      expect(h.stats?.storeFreeBytes).toBeGreaterThan(0);
+    }
 
     for (const hostId of [hostA, hostB]) {
       const op = await cloud.importBase({ hostId, source: pkg.packageFile }, `import-${hostId}`);

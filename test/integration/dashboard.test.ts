@@ -75,6 +75,8 @@ describe('the dashboard and the Temporal Web UI in Chromium', () => {
     await page.waitForFunction((h: string) => document.getElementById('hosts')?.innerText.includes(h) === true || (document.getElementById('alert')?.textContent ?? '') !== '', db);
     expect(await text('#alert')).toBe('');
     expect(await text('#hosts')).toContain(db);
+    // Each host's memory and store, from its hostMonitor run (read every 5 s).
+    await pollUntil("the hosts' stats", 30_000, async () => ((await text('#hosts')).match(/[0-9.]+ GiB of [0-9.]+ GiB/g)?.length === 2 ? true : undefined), 250);
     expect(await text('#ops')).toMatch(/Nothing is running/);
 
     // A synthesis on db: the page shows it running, and its stage moves on.

@@ -87,6 +87,8 @@ describe('mobility: the VM follows its user by RTT', () => {
           workflowTaskQueue: c.config.workflowTaskQueue,
           registry,
           ...(c.config.mobility.probeFrom ? { probeFrom: c.config.mobility.probeFrom } : {}),
+          // Low, so the noise phase makes east's controller continue as new.
+          controllerHistoryLimit: 120,
         }),
         tokens: [token],
         port: 0,
@@ -206,6 +208,13 @@ describe('mobility: the VM follows its user by RTT', () => {
     figures.decisionsUnderNoise = quiet.decisionCount;
     expect(quiet.decisionCount).toBe(0);
     expect(quiet.smoothedMs).toBeLessThan(POLICY.thresholdMs);
+    // Its history stayed bounded: the controller continued as new, keeping its samples and device.
+    const runs: string[] = [];
+    for await (const w of east.client.workflow.list({ query: `WorkflowId = 'mobility/${instanceId}'` })) runs.push(w.runId);
+    figures.controllerRunsAfterNoise = runs.length;
+    expect(runs.length).toBeGreaterThan(1);
+    expect(quiet.device).toBe(net.address);
+    expect(quiet.samples.length).toBeGreaterThanOrEqual(POLICY.window);
 
     // 2. Between the two: east above the threshold, west a little nearer but not by the minimum gain.
     await net.setRtt('east', 70);

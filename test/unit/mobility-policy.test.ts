@@ -281,6 +281,15 @@ describe('chooseNeighbour', () => {
     expect(none).toEqual({ move: false, why: 'no neighbour can take it; skipped down (unreachable), empty (no serving host)' });
   });
 
+  test('a neighbour whose hosts have less memory available than the VM needs is skipped and named', () => {
+    const need = 2 * 2 ** 30;
+    const c = chooseNeighbour(80, [cand('small', 10, { memAvailableBytes: 2 ** 30 }), cand('big', 30, { memAvailableBytes: 8 * 2 ** 30 }), cand('unknown', 40)], policy({ minGainMs: 10, minGainRatio: 0 }), need);
+    expect(c).toMatchObject({ move: true, to: { neighbour: 'big' } });
+    expect(c.why).toMatch(/skipped small \(1\.00 GiB available, the VM needs 2\.00 GiB\)$/);
+    // Without knowing the VM's size, memory is not weighed.
+    expect(chooseNeighbour(80, [cand('small', 10, { memAvailableBytes: 2 ** 30 })], policy({ minGainMs: 10, minGainRatio: 0 }))).toMatchObject({ move: true, to: { neighbour: 'small' } });
+  });
+
   test('the skipped list is kept when the best is not good enough', () => {
     const c = chooseNeighbour(50, [cand('down', 1, { reachable: false }), cand('west', 45)], policy({ minGainMs: 10, minGainRatio: 0 }));
     expect(c.move).toBe(false);

@@ -23,6 +23,7 @@
   }
   const short = (id) => (id && id.length > 16 ? `${id.slice(0, 12)}…` : id || '');
   const mb = (b) => `${(b / 1e6).toFixed(1)} MB`;
+  const gib = (b) => `${(b / 2 ** 30).toFixed(1)} GiB`;
   const secs = (ms) => `${(ms / 1000).toFixed(2)} s`;
   const state = (s) => h('span', { class: `state ${s}` }, s);
   const runUrl = (workflowId) => `${config.temporalUiUrl}/namespaces/${encodeURIComponent(config.namespace)}/workflows/${encodeURIComponent(workflowId)}`;
@@ -108,8 +109,9 @@
     $('chart').replaceChildren(chart(instances));
 
     const running = (host) => instances.filter((i) => i.hostId === host && i.state === 'running').length;
-    $('hosts').replaceChildren(table(['Host', 'Serving', 'Running instances', 'Base VMs held'],
-      hosts.map((x) => [h('span', { class: 'id' }, x.id), state(x.serving ? 'yes' : 'no'), String(running(x.id)), String(bases.filter((b) => b.hostIds.includes(x.id)).length)]),
+    $('hosts').replaceChildren(table(['Host', 'Serving', 'Running instances', 'Base VMs held', 'Memory available', 'Store free'],
+      hosts.map((x) => [h('span', { class: 'id' }, x.id), state(x.serving ? 'yes' : 'no'), String(running(x.id)), String(bases.filter((b) => b.hostIds.includes(x.id)).length),
+        x.stats ? `${gib(x.stats.memAvailableBytes)} of ${gib(x.stats.memTotalBytes)}` : '–', x.stats ? gib(x.stats.storeFreeBytes) : '–']),
       'This API has no hosts configured (CLOUDLET_HOSTS).'));
     if (hosts.some((x) => !x.serving)) $('hosts').append(h('p', { class: 'muted' }, 'A host that is not serving has no worker polling its queue: start it with npx tsx src/workers/main.ts --host <id>.'));
 
