@@ -28,7 +28,7 @@ import type {
   ResumeBaseRequest,
 } from '../service/types';
 import { isErrorCode } from './codes';
-import type { RecipeScheduleDetail, RecipeScheduleSpec, RecipeScheduleSummary } from './routes/schedules';
+import type { RecipeScheduleDetail, RecipeScheduleSpec, RecipeScheduleSummary } from '../service/schedule-types';
 
 export interface ApiClientOptions {
   /** Root of the API, e.g. http://127.0.0.1:8080 (a path prefix is kept). */

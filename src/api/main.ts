@@ -15,7 +15,7 @@ import { z } from 'zod';
 import { createLogger } from '../common/logger';
 import type { CloudletService } from '../service/types';
 import { parseTokens } from './auth';
-import type { RecipeScheduleApi } from './routes/schedules';
+import type { RecipeScheduleApi } from '../service/schedule-types';
 import type { HandoffService } from '../service/handoff-types';
 import type { MobilityService } from '../service/mobility-types';
 import { startApi, type RunningApi } from './server';

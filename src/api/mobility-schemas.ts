@@ -6,7 +6,7 @@
 import { z } from 'zod';
 import { INTEGER_FIELDS, POLICY_LIMITS, type MobilityPolicy } from '../workflows/mobility-policy';
 import { NEIGHBOUR_NAME_PATTERN } from '../core/mobility/registry';
-import { named, Sha256IdSchema } from './schemas';
+import { named, RecipeIdSchema, Sha256IdSchema } from './schemas';
 
 export const MAX_RTT_MS = 60_000;
 
@@ -67,7 +67,7 @@ export const RttProbeBodySchema = named(
   'Measure this cluster\'s RTT to the device (and say whether it holds the base).',
 );
 
-export const DiscoverQuerySchema = z.strictObject({ app: Sha256IdSchema, device: DeviceAddressSchema });
+export const DiscoverQuerySchema = z.strictObject({ app: z.union([Sha256IdSchema, RecipeIdSchema]), device: DeviceAddressSchema });
 
 /** Answers are checked loosely: they are built by the service. */
 export const AnyObjectSchema = z.record(z.string(), z.unknown());

@@ -1,5 +1,5 @@
 /** Text renderings of what the cloudlet API returns (the --json output is the raw data). */
-import type { RecipeScheduleDetail, RecipeScheduleSummary } from '../api/routes/schedules';
+import type { RecipeScheduleDetail, RecipeScheduleSummary } from '../service/schedule-types';
 import { formatBytes } from '../core/progress';
 import type { BaseInfo, HostInfo, InstanceInfo, OperationStatus, OverlayInfo } from '../service/types';
 import { table } from './format';

@@ -9,7 +9,7 @@ import { createHash } from 'node:crypto';
 import fs from 'node:fs';
 import os from 'node:os';
 import path from 'node:path';
-import type { RecipeScheduleApi, RecipeScheduleDetail, RecipeScheduleSpec, RecipeScheduleSummary } from '../api/routes/schedules';
+import type { RecipeScheduleApi, RecipeScheduleDetail, RecipeScheduleSpec, RecipeScheduleSummary } from '../service/schedule-types';
 import { CloudletError } from '../core/errors';
 import type {
   BaseInfo,

@@ -28,6 +28,7 @@ export async function createTemporalBackend(env: NodeJS.ProcessEnv = process.env
   const client = await connectClient(config);
   const service = new TemporalCloudletService(client, config, { hosts: hosts.data });
   const registry = new SqliteNeighbourRegistry(config.mobility.registryFile);
+  const schedules = new RecipeSchedules(client, { workflowTaskQueue: config.workflowTaskQueue });
   const mobility = new TemporalMobilityService(client, service, {
     cluster: config.namespace,
     hosts: hosts.data,
@@ -35,6 +36,7 @@ export async function createTemporalBackend(env: NodeJS.ProcessEnv = process.env
     registry,
     ...(config.mobility.probeFrom ? { probeFrom: config.mobility.probeFrom } : {}),
     neighbourHosts: config.mobility.neighbourHosts,
+    recipes: schedules,
   });
   // A cluster with neighbours measures them every minute (the Schedule is made when the first is added).
   if ((await registry.list()).length > 0) await mobility.ensureRefreshSchedule();
@@ -42,7 +44,7 @@ export async function createTemporalBackend(env: NodeJS.ProcessEnv = process.env
     mobility,
     service,
     handoffs: new TemporalHandoffService(client, service, { hosts: hosts.data, secret: loadHandoffSecret(config.varDir, config.namespace, env) }),
-    schedules: new RecipeSchedules(client, { workflowTaskQueue: config.workflowTaskQueue }),
+    schedules,
     temporalUi: { url: config.webUiUrl, namespace: config.namespace },
     close: async () => {
       await registry.close();

@@ -12,6 +12,7 @@ import { formatDeviceAddress, measureDeviceRtt, parseDeviceAddress } from '../co
 import { mobilityController, mobilityStateQuery, moveNowUpdate, pauseSignal, refreshNeighbours, rttSamplesSignal, setPolicyUpdate, stopSignal, type MobilityDecision, type MobilityState } from '../workflows';
 import type { Discovery, DiscoveredCluster, MobilityService, WatchRequest } from './mobility-types';
 import type { CloudletService } from './types';
+import type { RecipeScheduleApi } from './schedule-types';
 
 export interface MobilityServiceOptions {
   cluster: string;
@@ -27,6 +28,8 @@ export interface MobilityServiceOptions {
   tieMs?: number;
   /** How often the refresh Schedule measures the neighbours (default 1 min). */
   refreshEveryMs?: number;
+  /** Recipe schedules, so discovery also takes a recipe id (its base and last verified overlay). */
+  recipes?: Pick<RecipeScheduleApi, 'get'>;
   /** A controller continues as new past this many history events (default 4000; tests lower it). */
   controllerHistoryLimit?: number;
 }
@@ -249,9 +252,7 @@ export class TemporalMobilityService implements MobilityService {
 
   async discover(app: string, device: string, selfUrl: string): Promise<Discovery> {
     const dev = formatDeviceAddress(parseDeviceAddress(device));
-    // An overlay (the application) or a base (any application built on it).
-    const overlay = (await this.service.getOverlay(app)) ?? (await this.service.getBase(app).then((b) => (b ? { baseId: b.id, url: undefined } : undefined)));
-    if (!overlay) throw new CloudletError('NOT_FOUND', `no overlay or base ${app} in this cluster`, { fix: 'give an overlay id from GET /v1/overlays (or a base id from GET /v1/bases)' });
+    const overlay = await this.application(app);
     const tieMs = this.options.tieMs ?? 5;
     const clusters: DiscoveredCluster[] = [];
     const skipped: Discovery['skipped'] = [];
@@ -282,6 +283,21 @@ export class TemporalMobilityService implements MobilityService {
     const bucket = (x: number): number => (tieMs > 0 ? Math.floor(x / tieMs) : x);
     clusters.sort((a, b) => bucket(a.rttMs) - bucket(b.rttMs) || Number(b.holdsBase) - Number(a.holdsBase) || a.rttMs - b.rttMs);
     return { app, baseId: overlay.baseId, ...(overlay.url ? { overlayUrl: overlay.url } : {}), device: dev, clusters, skipped };
+  }
+
+  /** What `app` names: an overlay, a recipe (its base and last verified overlay), or a base. */
+  private async application(app: string): Promise<{ baseId: string; url: string | undefined }> {
+    const overlay = /^[0-9a-f]{64}$/.test(app) ? await this.service.getOverlay(app) : undefined;
+    if (overlay) return { baseId: overlay.baseId, url: overlay.url };
+    if (this.options.recipes && !/^[0-9a-f]{64}$/.test(app)) {
+      const r = await this.options.recipes.get(app).catch(() => undefined);
+      const baseId = (r?.recipe as { baseId?: unknown } | undefined)?.baseId;
+      const url = (r?.lastSucceeded?.result as { url?: unknown } | undefined)?.url;
+      if (typeof baseId === 'string') return { baseId, url: typeof url === 'string' ? url : undefined };
+    }
+    const base = /^[0-9a-f]{64}$/.test(app) ? await this.service.getBase(app) : undefined;
+    if (base) return { baseId: base.id, url: undefined };
+    throw new CloudletError('NOT_FOUND', `no overlay, recipe or base ${app} in this cluster`, { fix: 'give an overlay id (GET /v1/overlays), a recipe id (GET /v1/schedules) or a base id (GET /v1/bases)' });
   }
 }
 

@@ -180,7 +180,7 @@ export function mobilityRoutes(mobility: MobilityService | undefined): Route[] {
       method: 'GET',
       path: '/v1/discover',
       operationId: 'discover',
-      summary: 'The clusters that can serve an application (an overlay id, or a base id) to a device, nearest first',
+      summary: 'The clusters that can serve an application (an overlay id, a recipe id, or a base id) to a device, nearest first',
       description: 'Measures this cluster\'s RTT to the device and asks every neighbour for theirs; within 5 ms, a cluster already holding the base comes first.',
       tag: 'mobility',
       query: DiscoverQuerySchema,

@@ -1,58 +1,14 @@
 /**
  * Recipe schedules: a Temporal Schedule per overlay recipe rebuilds its overlay on its own. The
  * API offers create, list, show, trigger, pause, unpause and delete over a `RecipeScheduleApi`
- * (the service's RecipeSchedules satisfies it structurally); a server built without one answers
+ * (src/service/schedule-types.ts; the service's RecipeSchedules implements it); a server built without one answers
  * 501 on these routes.
  */
 import type { FastifyReply } from 'fastify';
-import type { TriggerOutcome } from '../../service/types';
+import type { RecipeScheduleApi, RecipeScheduleSpec } from '../../service/schedule-types';
 import { ApiError } from '../errors';
 import { defineRoute, R, type Route } from '../route';
 import { CreateScheduleBodySchema, RecipeParamsSchema, ScheduleInfoSchema, ScheduleListSchema, ScheduleNoteBodySchema, TriggeredSchema } from '../schemas';
-
-export interface RecipeRunInfo {
-  workflowId: string;
-  runId: string;
-  scheduledAt: string;
-  startedAt: string;
-}
-
-export interface RecipeScheduleSummary {
-  recipeId: string;
-  scheduleId: string;
-  recipe: unknown;
-  every: string;
-  paused: boolean;
-  note?: string;
-  recentRuns: RecipeRunInfo[];
-}
-
-export interface RecipeScheduleDetail extends RecipeScheduleSummary {
-  nextRunAt?: string;
-  runningWorkflowIds?: string[];
-  actionsTaken?: number;
-  skippedOverlap?: number;
-  lastRun?: RecipeRunInfo & { status: string };
-  lastSucceeded?: RecipeRunInfo & { result: unknown };
-}
-
-export interface RecipeScheduleSpec {
-  every: string;
-  paused?: boolean;
-  note?: string;
-  triggerImmediately?: boolean;
-}
-
-/** What the schedule routes need; NOT_FOUND / CONFLICT / BAD_INPUT CloudletErrors map as elsewhere. */
-export interface RecipeScheduleApi {
-  create(recipe: unknown, spec: RecipeScheduleSpec): Promise<RecipeScheduleDetail>;
-  list(): Promise<RecipeScheduleSummary[]>;
-  get(recipeId: string): Promise<RecipeScheduleDetail>;
-  trigger(recipeId: string): Promise<TriggerOutcome>;
-  pause(recipeId: string, note?: string): Promise<void>;
-  unpause(recipeId: string, note?: string): Promise<void>;
-  delete(recipeId: string): Promise<void>;
-}
 
 export function schedulePath(recipeId: string): string {
   return `/v1/schedules/${encodeURIComponent(recipeId)}`;

@@ -213,7 +213,7 @@ export function registerMobilityCommands(program: Command, env: CommandEnv): voi
   program
     .command('discover')
     .description('the clusters that can serve an application to a device, nearest first')
-    .requiredOption('--app <overlayId>', 'the overlay id')
+    .requiredOption('--app <id>', 'an overlay id, a recipe id (its last verified overlay) or a base id')
     .requiredOption('--device <host:port>', "the device's RTT responder", deviceOption)
     .action(
       env.api(async (ctx, remote, opts: { app: string; device: string }) => {

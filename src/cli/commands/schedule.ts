@@ -4,7 +4,7 @@
  */
 import { promises as fsp } from 'node:fs';
 import type { Command } from 'commander';
-import type { RecipeScheduleSpec } from '../../api/routes/schedules';
+import type { RecipeScheduleSpec } from '../../service/schedule-types';
 import { CloudletError } from '../../core/errors';
 import { summary } from '../remote';
 import { operationText, scheduleListText, scheduleText } from '../remote-format';
