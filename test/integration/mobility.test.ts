@@ -234,6 +234,10 @@ describe('mobility: the VM follows its user by RTT', () => {
       return st.decisionCount >= 2 ? st : undefined;
     }, 0);
     expect(again.decisions.every((x) => x.outcome === 'stay')).toBe(true);
+    // What the Temporal Web UI shows of the run (its current details): RTT, threshold, last decision and why.
+    const meta = (await east.client.workflow.getHandle(`mobility/${instanceId}`).query('__temporal_workflow_metadata')) as { currentDetails?: string };
+    expect(meta.currentDetails).toMatch(/RTT [0-9.]+ ms \(median of 5\), threshold 50 ms/);
+    expect(meta.currentDetails).toMatch(/last decision #2 \(threshold\): \*\*stay\*\*: best neighbour west .* is not enough nearer/);
     figures.decisionsBetweenCloseNeighbours = again.decisionCount;
     expect((await eastCloud.getInstance(instanceId))?.state).toBe('running');
 
