@@ -5,7 +5,6 @@
  * the overlay, and B's application answers with A's state; progress of the workflow's stages is
  * shown while it runs, and a bad overlay URL fails with the workflow's own error.
  */
-import { Writable } from 'node:stream';
 import { startApi, type RunningApi } from '../../src/api/server';
 import { runCli } from '../../src/cli/main';
 import { createLogger } from '../../src/common/logger';
@@ -14,16 +13,9 @@ import { TemporalCloudletService } from '../../src/service/temporal';
 import type { InstanceInfo, OperationStatus, OverlayInfo } from '../../src/service/types';
 import { startTestCluster, type TestCluster } from '../helpers/cluster';
 import { testBasePackage } from '../helpers/test-base';
+import { Capture } from '../helpers/capture';
 
 jest.setTimeout(20 * 60_000);
-
-class Capture extends Writable {
-  text = '';
-  override _write(chunk: Buffer, _enc: BufferEncoding, cb: () => void): void {
-    this.text += chunk.toString();
-    cb();
-  }
-}
 
 interface Done<R> {
   operation: OperationStatus;

@@ -12,7 +12,6 @@ import { randomBytes } from 'node:crypto';
 import { promises as fsp } from 'node:fs';
 import os from 'node:os';
 import path from 'node:path';
-import { Writable } from 'node:stream';
 import { promisify } from 'node:util';
 import { z } from 'zod';
 import { runCli } from '../../src/cli/main';
@@ -20,6 +19,7 @@ import { createLogger } from '../../src/common/logger';
 import { LibvirtHypervisor, editDomainXml } from '../../src/hypervisor';
 import { sha256File } from '../../src/core/store/files';
 import { pollUntil } from '../helpers/poll';
+import { Capture } from '../helpers/capture';
 
 const run = promisify(execFile);
 const ROOT = path.resolve(__dirname, '..', '..');
@@ -32,14 +32,6 @@ async function getState(port: number, pathAndQuery = '/cgi-bin/state'): Promise<
   const res = await fetch(`http://127.0.0.1:${port}${pathAndQuery}`, { signal: AbortSignal.timeout(5000) });
   if (res.status !== 200) throw new Error(`HTTP ${res.status}`);
   return StateSchema.parse(await res.json());
-}
-
-class Capture extends Writable {
-  text = '';
-  override _write(chunk: Buffer, _enc: BufferEncoding, cb: () => void): void {
-    this.text += chunk.toString();
-    cb();
-  }
 }
 
 /** Run the CLI; returns exit status, stdout, stderr. */

@@ -11,7 +11,6 @@
  */
 import { spawn, type ChildProcess } from 'node:child_process';
 import fs from 'node:fs';
-import { Writable } from 'node:stream';
 import { runCli } from '../../src/cli/main';
 import path from 'node:path';
 import { createLogger } from '../../src/common/logger';
@@ -28,16 +27,9 @@ import { REPO, removeHostDomains } from '../helpers/infra';
 import { pollUntil, waitFor } from '../helpers/poll';
 import { GUEST_WRITER_SCRIPT, testGuestExec } from '../helpers/guest-writer';
 import type { HandoffInstanceRequest } from '../../src/service/handoff-types';
+import { Capture } from '../helpers/capture';
 
 jest.setTimeout(30 * 60_000);
-
-class Capture extends Writable {
-  text = '';
-  override _write(chunk: Buffer, _enc: BufferEncoding, cb: () => void): void {
-    this.text += chunk.toString();
-    cb();
-  }
-}
 
 const CHURN = GUEST_WRITER_SCRIPT;
 const guestExec = testGuestExec;

@@ -23,22 +23,14 @@ import { loadHandoffSecret } from '../../src/common/handoff-secret';
 import { GuestAppClient } from '../../src/guest/app-client';
 import { freePort } from '../../src/common/ports';
 import type { MobilityState } from '../../src/service/mobility-types';
-import { Writable } from 'node:stream';
 import { runCli } from '../../src/cli/main';
 import { startTestCluster, type TestCluster } from '../helpers/cluster';
 import { testBasePackage } from '../helpers/test-base';
 import { pollUntil } from '../helpers/poll';
 import { startDeviceNetwork, type DeviceNetwork } from '../../src/links/device-network';
+import { Capture } from '../helpers/capture';
 
 jest.setTimeout(30 * 60_000);
-
-class Capture extends Writable {
-  text = '';
-  override _write(chunk: Buffer, _enc: BufferEncoding, cb: () => void): void {
-    this.text += chunk.toString();
-    cb();
-  }
-}
 
 const POLICY = { thresholdMs: 50, hysteresisMs: 10, window: 5, minSamples: 3, minGainMs: 15, minGainRatio: 0.2, tieMs: 5, cooldownMs: 6000, checkIntervalMs: 500, selfProbeAfterMs: 0 };
 

@@ -8,22 +8,13 @@ import { createHash } from 'node:crypto';
 import fs from 'node:fs';
 import os from 'node:os';
 import path from 'node:path';
-import { Writable } from 'node:stream';
 import { startApi, type RunningApi } from '../../src/api/server';
 import { runCli } from '../../src/cli/main';
 import { FakeCloudletService, FakeRecipeSchedules } from '../../src/service/fake';
 import type { BaseInfo, HostInfo, InstanceInfo, OperationRef, OperationStatus, OverlayInfo } from '../../src/service/types';
+import { Capture } from '../helpers/capture';
 
 const TOKEN = 'cli-api-test-token-0123456789';
-
-class Capture extends Writable {
-  text = '';
-  isTTY?: boolean;
-  override _write(chunk: Buffer, _enc: BufferEncoding, cb: () => void): void {
-    this.text += chunk.toString();
-    cb();
-  }
-}
 
 let fake: FakeCloudletService;
 let api: RunningApi;

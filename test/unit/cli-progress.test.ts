@@ -1,13 +1,5 @@
-import { Writable } from 'node:stream';
 import { createProgressReporter, estimate, formatBytes, formatDuration, progressMode } from '../../src/core/progress';
-
-class Capture extends Writable {
-  text = '';
-  override _write(chunk: Buffer, _enc: BufferEncoding, cb: () => void): void {
-    this.text += chunk.toString();
-    cb();
-  }
-}
+import { Capture } from '../helpers/capture';
 
 test('mode: json when asked, bar on a terminal, silent in a pipe', () => {
   expect(progressMode({ json: true, stream: { isTTY: true } })).toBe('json');

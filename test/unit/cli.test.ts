@@ -4,22 +4,13 @@
  * end to end in test/integration/cli.test.ts.
  */
 import path from 'node:path';
-import { Writable } from 'node:stream';
 import type { Backend, SynthesizeRequest } from '../../src/cli/backend';
 import { defaultStoreRoot, REPO_ROOT } from '../../src/cli/context';
 import { sizeOption } from '../../src/cli/commands/env';
 import { runCli } from '../../src/cli/main';
 import type { BaseManifest } from '../../src/core/base';
 import { CloudletError } from '../../src/core/errors';
-
-class Capture extends Writable {
-  text = '';
-  isTTY?: boolean;
-  override _write(chunk: Buffer, _enc: BufferEncoding, cb: () => void): void {
-    this.text += chunk.toString();
-    cb();
-  }
-}
+import { Capture } from '../helpers/capture';
 
 const ID = 'ab'.repeat(32);
 const manifest = {

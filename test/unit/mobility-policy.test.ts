@@ -11,6 +11,7 @@ import {
   type RttSample,
   type TriggerState,
 } from '../../src/workflows/mobility-policy';
+import { prng } from './overlay-fixture';
 
 const T0 = 1_700_000_000_000;
 const policy = (patch: Partial<MobilityPolicy> = {}): MobilityPolicy => ({ ...DEFAULT_MOBILITY_POLICY, ...patch });
@@ -18,17 +19,6 @@ const sample = (rttMs: number, at: number): RttSample => ({ rttMs, at, source: '
 /** Samples one second apart, the last at `end`. */
 const series = (values: readonly number[], end = T0): RttSample[] => values.map((v, i) => sample(v, end - (values.length - 1 - i) * 1000));
 
-/** mulberry32: a small seeded PRNG, so a "random" trace is the same on every run. */
-function prng(seed: number): () => number {
-  let a = seed >>> 0;
-  return () => {
-    a = (a + 0x6d2b79f5) >>> 0;
-    let t = a;
-    t = Math.imul(t ^ (t >>> 15), t | 1);
-    t ^= t + Math.imul(t ^ (t >>> 7), t | 61);
-    return ((t ^ (t >>> 14)) >>> 0) / 4294967296;
-  };
-}
 
 /**
  * Feed `values` one per `stepMs` and evaluate the policy after each, as the controller does: every
