@@ -14,6 +14,7 @@ import { createRecipeActivities } from './recipes';
 import { createHandoffSourceActivities } from './handoff-source';
 import { createHandoffDestinationActivities } from './handoff-destination';
 import { createHostStatsActivities } from './host-stats';
+import { createOverlayCacheActivities } from './overlay-cache';
 
 export interface HostActivityDeps {
   hostId: string;
@@ -47,7 +48,8 @@ export function createHostActivities(deps: HostActivityDeps) {
   const handoffSource = createHandoffSourceActivities({ hostId: deps.hostId, dataDir: deps.dataDir, hypervisor, log: deps.log });
   const handoffDestination = createHandoffDestinationActivities({ hostId: deps.hostId, dataDir: deps.dataDir, hypervisor, publicUrl: deps.publicUrl, log: deps.log });
   const stats = createHostStatsActivities({ hostId: deps.hostId, dataDir: deps.dataDir, hypervisor });
-  return withFailureMapping({ ...guest, ...instances, ...recipes, ...handoffSource, ...handoffDestination, ...stats });
+  const overlayCache = createOverlayCacheActivities({ dataDir: deps.dataDir });
+  return withFailureMapping({ ...guest, ...instances, ...recipes, ...handoffSource, ...handoffDestination, ...stats, ...overlayCache });
 }
 
 export type HostActivities = ReturnType<typeof createHostActivities>;

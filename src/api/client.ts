@@ -17,6 +17,7 @@ import type {
   BaseInfo,
   CloudletService,
   CreateOverlayRequest,
+  DeployRequest,
   HostInfo,
   ImportBaseRequest,
   InstanceInfo,
@@ -198,6 +199,10 @@ export class CloudletApiClient implements CloudletService {
     return (await this.json<Accepted>('POST', '/v1/instances', { body: req, idempotencyKey })).operation;
   }
 
+  async deploy(req: DeployRequest, idempotencyKey?: string): Promise<OperationRef> {
+    return (await this.json<Accepted>('POST', '/v1/deployments', { body: req, idempotencyKey })).operation;
+  }
+
   async listInstances(): Promise<InstanceInfo[]> {
     return (await this.json<{ instances: InstanceInfo[] }>('GET', '/v1/instances')).instances;
   }
@@ -287,6 +292,10 @@ export class CloudletApiClient implements CloudletService {
 
   async terminateInstance(id: string, idempotencyKey?: string): Promise<OperationRef> {
     return (await this.json<Accepted>('DELETE', `/v1/instances/${encodeURIComponent(id)}`, { idempotencyKey })).operation;
+  }
+
+  async cancelOperation(id: string): Promise<void> {
+    await this.json<unknown>('DELETE', `/v1/operations/${encodeURIComponent(id)}`);
   }
 
   async getOperation(id: string): Promise<OperationStatus | undefined> {

@@ -71,6 +71,16 @@ export const ProvisionBodySchema = named(
   }),
 );
 
+export const DeployBodySchema = named(
+  'DeployRequest',
+  z.strictObject({
+    overlayUrl: z.string().url().refine((u) => /^https?:\/\//.test(u), 'an http(s) URL').describe('The overlay every VM is synthesized from; each host fetches it once.'),
+    hosts: z.array(HostIdSchema).min(1).max(32).describe('The hosts to spread the VMs over.'),
+    count: z.number().int().min(1).max(200).describe('How many VMs in all, spread evenly over the hosts.'),
+    waitForAppPort: PortSchema.optional().describe('Report each VM only once the guest answers on this port.'),
+  }),
+);
+
 export const CreateOverlayBodySchema = named(
   'CreateOverlayRequest',
   z.strictObject({

@@ -27,7 +27,7 @@ import { registerOverlayCommands } from './commands/overlay';
 import { registerHostCommands, registerInstanceCommands } from './commands/instance';
 import { registerScheduleCommands } from './commands/schedule';
 import { registerMobilityCommands } from './commands/mobility';
-import { registerSynthesizeCommand } from './commands/synthesize';
+import { registerDeployCommand, registerSynthesizeCommand } from './commands/synthesize';
 import type { ApiTarget, CliContext, CliIo, GlobalOptions } from './context';
 import { makeContext } from './context';
 import { LocalBackend } from './local-backend';
@@ -111,6 +111,7 @@ export function buildProgram(io: CliIo, deps: CliDeps = {}): Command {
   registerOperationCommands(program, env);
   registerScheduleCommands(program, env);
   registerMobilityCommands(program, env);
+  registerDeployCommand(program, env);
   return program;
 }
 

@@ -18,6 +18,7 @@ import type {
   HostInfo,
   ImportBaseRequest,
   InstanceInfo,
+  DeployRequest,
   OperationKind,
   OperationRef,
   OperationStatus,
@@ -53,6 +54,7 @@ const STAGES: Record<OperationKind, string[]> = {
   rebuildOverlay: ['resume base', 'run recipe', 'create overlay', 'verify'],
   handoffVm: ['round 1', 'round 2', 'cut-over', 'remove the source VM'],
   receiveHandoff: ['prepare working files from the base', 'apply round 1', 'rebuild and verify the VM', 'resume'],
+  deployOverlay: ['fetch the overlay once per host', 'synthesize', 'done'],
 };
 
 interface FakeOperation {
@@ -281,6 +283,15 @@ export class FakeCloudletService implements CloudletService {
     });
   }
 
+  async deploy(req: DeployRequest, idempotencyKey?: string): Promise<OperationRef> {
+    this.record('deploy', [req], idempotencyKey);
+    return this.idempotent('deploy', req, idempotencyKey, () => {
+      for (const h of req.hosts) this.requireHost(h);
+      const hostId = req.hosts[0] ?? '';
+      return this.start('deployOverlay', hostId, `d-${this.counter}`, () => ({ requested: req.count, answering: req.count, failed: 0, hosts: req.hosts.map((h) => ({ hostId: h, vms: [] })) }));
+    });
+  }
+
   async listInstances(): Promise<InstanceInfo[]> {
     this.record('listInstances', []);
     return [...this.instances.values()].map((i) => ({ ...i }));
@@ -314,6 +325,14 @@ export class FakeCloudletService implements CloudletService {
     if (!op) return undefined;
     if (this.autoAdvance && op.status.state === 'running') this.step(op);
     return structuredClone(op.status);
+  }
+
+  async cancelOperation(id: string): Promise<void> {
+    this.record('cancelOperation', [id]);
+    const op = this.operations.get(id);
+    if (!op) throw new CloudletError('NOT_FOUND', `no operation ${id}`);
+    if (op.status.state !== 'running') throw new CloudletError('CONFLICT', `operation ${id} has ended (${op.status.state})`);
+    op.status.state = 'cancelled';
   }
 
   // ---- internals -------------------------------------------------------------------------------

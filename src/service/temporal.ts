@@ -9,7 +9,7 @@
 import { randomBytes } from 'node:crypto';
 import fs from 'node:fs';
 import path from 'node:path';
-import { WorkflowExecutionAlreadyStartedError, WorkflowFailedError, type Client, type WorkflowHandle } from '@temporalio/client';
+import { WorkflowExecutionAlreadyStartedError, WorkflowFailedError, WorkflowNotFoundError, type Client, type WorkflowHandle } from '@temporalio/client';
 import { ActivityFailure, ApplicationFailure, ChildWorkflowFailure } from '@temporalio/common';
 import { assertHostServing } from '../client/connect';
 import type { Config } from '../config';
@@ -17,11 +17,12 @@ import { hostDir } from '../config';
 import { hostTaskQueue, SearchAttributes } from '../common/names';
 import { CloudletError } from '../core/errors';
 import { exportBase } from '../core/base';
-import { createOverlayVm, hostStatsQuery, importBaseVm, operationProgressQuery, resumeBaseVm, synthesizeVm, terminateVm, type OperationProgress } from '../workflows';
+import { createOverlayVm, deployOverlay, hostStatsQuery, importBaseVm, operationProgressQuery, resumeBaseVm, synthesizeVm, terminateVm, type OperationProgress } from '../workflows';
 import type {
   BaseInfo,
   CloudletService,
   CreateOverlayRequest,
+  DeployRequest,
   HostInfo,
   HostStats,
   ImportBaseRequest,
@@ -67,6 +68,19 @@ export class TemporalCloudletService implements CloudletService {
    */
   private progressOf(handle: WorkflowHandle): Promise<OperationProgress | undefined> {
     return this.client.withDeadline(Date.now() + PROGRESS_QUERY_MS, () => handle.query(operationProgressQuery)).catch(() => undefined);
+  }
+
+  async cancelOperation(id: string): Promise<void> {
+    const handle = this.client.workflow.getHandle(id);
+    let d;
+    try {
+      d = await handle.describe();
+    } catch (e) {
+      if (e instanceof WorkflowNotFoundError) throw new CloudletError('NOT_FOUND', `no operation ${id}`, { fix: 'list instances or look the id up in the Temporal Web UI' });
+      throw e;
+    }
+    if (d.status.name !== 'RUNNING') throw new CloudletError('CONFLICT', `operation ${id} has ended (${d.status.name.toLowerCase()})`, { fix: 'nothing to cancel' });
+    await handle.cancel();
   }
 
   ref(id: string, kind: OperationKind): OperationRef {
@@ -271,6 +285,35 @@ export class TemporalCloudletService implements CloudletService {
     return this.start('synthesizeVm', synthesizeVm, `synthesizeVm/${req.hostId}/${instanceId}`, {
       hostId: req.hostId, instanceId, overlayUrl: req.overlayUrl, waitForApp: true, ...(req.waitForAppPort ? { appPort: req.waitForAppPort } : {}),
     }, `Synthesize instance ${instanceId} on host ${req.hostId} from ${req.overlayUrl}`);
+  }
+
+  async deploy(req: DeployRequest, key?: string): Promise<OperationRef> {
+    const hosts = [...new Set(req.hosts)];
+    for (const h of hosts) {
+      if (!this.options.hosts.includes(h)) throw new CloudletError('UNKNOWN_HOST', `host ${h} is not a host of this cluster`, { fix: `choose from ${this.options.hosts.join(', ')}` });
+      await this.requireHost(h);
+    }
+    const per = hosts.map((hostId, i) => ({ hostId, count: Math.floor(req.count / hosts.length) + (i < req.count % hosts.length ? 1 : 0) })).filter((h) => h.count > 0);
+    const deploymentId = `d-${key ? key.toLowerCase().replace(/[^a-z0-9-]/g, '-').slice(0, 40) : randomBytes(4).toString('hex')}`;
+    const id = `deployOverlay/${deploymentId}`;
+    try {
+      await this.client.workflow.start(deployOverlay, {
+        // The shared queue: the deployment is of no one host; its steps run on each host's queue.
+        taskQueue: this.config.workflowTaskQueue,
+        workflowId: id,
+        args: [{ deploymentId, overlayUrl: req.overlayUrl, hosts: per, ...(req.waitForAppPort ? { appPort: req.waitForAppPort } : {}) }],
+        typedSearchAttributes: [
+          { key: SearchAttributes.host, value: per[0]?.hostId ?? '' },
+          { key: SearchAttributes.operation, value: 'deployOverlay' },
+          { key: SearchAttributes.status, value: 'running' },
+        ],
+        workflowIdReusePolicy: 'REJECT_DUPLICATE',
+        staticSummary: `Deploy ${req.count} VMs of ${req.overlayUrl} over ${per.map((h) => `${h.hostId} (${h.count})`).join(', ')}`,
+      });
+    } catch (e) {
+      if (!(e instanceof WorkflowExecutionAlreadyStartedError)) throw e;
+    }
+    return this.ref(id, 'deployOverlay');
   }
 
   async listInstances(): Promise<InstanceInfo[]> {

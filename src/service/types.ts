@@ -10,7 +10,7 @@ import type { HostStats } from '../activities/host-stats';
 
 export type { HostStats };
 
-export type OperationKind = 'importBaseVm' | 'resumeBaseVm' | 'createOverlay' | 'synthesizeVm' | 'terminateVm' | 'rebuildOverlay' | 'handoffVm' | 'receiveHandoff';
+export type OperationKind = 'importBaseVm' | 'resumeBaseVm' | 'createOverlay' | 'synthesizeVm' | 'terminateVm' | 'rebuildOverlay' | 'handoffVm' | 'receiveHandoff' | 'deployOverlay';
 
 export type OperationState = 'running' | 'succeeded' | 'failed' | 'cancelled';
 
@@ -121,6 +121,17 @@ export interface ProvisionRequest {
   waitForAppPort?: number;
 }
 
+export interface DeployRequest {
+  /** The overlay every VM is synthesized from; each host fetches it once. */
+  overlayUrl: string;
+  /** The hosts to spread the VMs over (each must serve and hold the overlay's base). */
+  hosts: string[];
+  /** How many VMs in all, spread evenly over the hosts (the first hosts get one more). */
+  count: number;
+  /** The application's guest port to wait for. */
+  waitForAppPort?: number;
+}
+
 /** Thrown by services for unknown ids (404) and conflicts (409); the API maps codes to statuses. */
 export interface CloudletService {
   listHosts(): Promise<HostInfo[]>;
@@ -142,6 +153,10 @@ export interface CloudletService {
   listInstances(): Promise<InstanceInfo[]>;
   getInstance(id: string): Promise<InstanceInfo | undefined>;
   terminateInstance(id: string, idempotencyKey?: string): Promise<OperationRef>;
+  /** The same application on many hosts at once (deployOverlay); docs/deployments.md. */
+  deploy(req: DeployRequest, idempotencyKey?: string): Promise<OperationRef>;
 
   getOperation(id: string): Promise<OperationStatus | undefined>;
+  /** Ask a running operation to stop (it compensates: removes what it made); NOT_FOUND, or CONFLICT when it has ended. */
+  cancelOperation(id: string): Promise<void>;
 }

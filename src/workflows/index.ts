@@ -6,3 +6,4 @@ export { handoffVm, receiveHandoff, handoffProgressQuery, receiveStateQuery, rou
 export { mobilityController, rttSamplesSignal, pauseSignal, stopSignal, setPolicyUpdate, moveNowUpdate, mobilityStateQuery, type MobilityState, type MobilityDecision, type MobilityInput } from './mobility';
 export { refreshNeighbours } from './neighbours';
 export { hostMonitor, hostStatsQuery, stopMonitorSignal } from './host-monitor';
+export { deployOverlay, type DeployOverlayInput, type DeployedVm, type HostDeployment } from './deployment';

@@ -1,6 +1,6 @@
 import { notFound } from '../errors';
 import { accepted, defineRoute, R, type Route } from '../route';
-import { AcceptedSchema, InstanceInfoSchema, InstanceListSchema, InstanceParamsSchema, ProvisionBodySchema } from '../schemas';
+import { AcceptedSchema, InstanceInfoSchema, InstanceListSchema, InstanceParamsSchema, DeployBodySchema, ProvisionBodySchema } from '../schemas';
 import type { ProvisionRequest } from '../../service/types';
 
 export const instanceRoutes: Route[] = [
@@ -24,6 +24,24 @@ export const instanceRoutes: Route[] = [
       if (body.waitForAppPort !== undefined) req.waitForAppPort = body.waitForAppPort;
       return accepted(reply, await service.provisionInstance(req, idempotencyKey));
     },
+  }),
+  defineRoute({
+    method: 'POST',
+    path: '/v1/deployments',
+    operationId: 'deploy',
+    summary: 'Provision the same application on many hosts at once: each host fetches the overlay once (deployOverlay workflow)',
+    description: 'Starts a deployOverlay operation whose result lists every VM per host (its endpoint, or why it failed); one host failing leaves the others running. Cancel it as a whole with DELETE /v1/operations/{id}.',
+    tag: 'instances',
+    idempotent: true,
+    body: DeployBodySchema,
+    responses: {
+      202: { description: 'Deployment started.', schema: AcceptedSchema, headers: { Location: 'The operation status URL' } },
+      400: R.badInput,
+      401: R.unauthorized,
+      422: R.unprocessable,
+    },
+    handler: async ({ service, body, idempotencyKey, reply }) =>
+      accepted(reply, await service.deploy({ overlayUrl: body.overlayUrl, hosts: body.hosts, count: body.count, ...(body.waitForAppPort !== undefined ? { waitForAppPort: body.waitForAppPort } : {}) }, idempotencyKey)),
   }),
   defineRoute({
     method: 'GET',

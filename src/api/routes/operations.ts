@@ -20,4 +20,18 @@ export const operationRoutes: Route[] = [
       return op;
     },
   }),
+  defineRoute({
+    method: 'DELETE',
+    path: '/v1/operations/{id}',
+    fastifyPath: '/v1/operations/*',
+    operationId: 'cancelOperation',
+    summary: 'Cancel a running operation: it stops and removes what it made (a deployment cancels all its syntheses)',
+    tag: 'operations',
+    params: OperationParamsSchema,
+    responses: { 202: { description: 'Cancellation requested; follow GET /v1/operations/{id} until it is cancelled.' }, 401: R.unauthorized, 404: R.notFound, 409: { description: 'The operation has ended.' } },
+    handler: async ({ service, params, reply }) => {
+      await service.cancelOperation(params.id);
+      return reply.code(202).send({ cancelling: params.id });
+    },
+  }),
 ];

@@ -21,6 +21,17 @@ export function registerOperationCommands(program: Command, env: CommandEnv): vo
     );
 
   operation
+    .command('cancel')
+    .description('cancel a running operation: it stops and removes what it made (a deployment cancels all its syntheses)')
+    .argument('<operationId>', 'operation id')
+    .action(
+      env.api(async (ctx, remote, id: string) => {
+        await remote.client.cancelOperation(id);
+        ctx.print({ cancelling: id }, () => `cancelling ${id}; follow it with: cloudlet operation wait ${id}`);
+      }),
+    );
+
+  operation
     .command('wait')
     .description('follow a running operation with progress until it ends (exit 1 if it failed)')
     .argument('<operationId>', 'operation id')

@@ -83,6 +83,33 @@ export function registerSynthesizeCommand(program: Command, env: CommandEnv): vo
   );
 }
 
+/** `cloudlet --api URL deploy <overlay> --hosts a,b --count N`: the same application on many hosts (deployOverlay). */
+export function registerDeployCommand(program: Command, env: CommandEnv): void {
+  addWaitOptions(
+    program
+      .command('deploy')
+      .description('synthesize the same overlay on many hosts at once; each host fetches it once (docs/deployments.md)')
+      .argument('<overlay>', 'the overlay URL, or its id (or a unique prefix) in this cloudlet')
+      .requiredOption('--hosts <ids>', 'comma-separated hosts to spread the VMs over')
+      .requiredOption('--count <n>', 'how many VMs in all', intOption(1, 200))
+      .option('--wait-for-app <port>', 'report each VM once the guest answers on this port', intOption(1, 65535)),
+  ).action(
+    env.api(async (ctx, remote, overlay: string, opts: WaitOptionValues & { hosts: string; count: number; waitForApp?: number }) => {
+      const overlayUrl = /^https?:\/\//i.test(overlay) ? overlay : await overlayUrlOf(remote, overlay);
+      const hosts = opts.hosts.split(',').map((h) => h.trim()).filter(Boolean);
+      await remote.operation(ctx, () => remote.client.deploy({ overlayUrl, hosts, count: opts.count, ...(opts.waitForApp !== undefined ? { waitForAppPort: opts.waitForApp } : {}) }, opts.idempotencyKey), waitFlags(opts), async (st) => {
+        const r = st.result as { answering: number; requested: number; allAnsweringMs?: number; hosts: Array<{ hostId: string; fetchedBytes?: number; error?: string; vms: Array<{ instanceId: string; hostPort?: number; error?: string }> }> };
+        const lines = [`${r.answering} of ${r.requested} VMs answer${r.allAnsweringMs !== undefined ? ` (all within ${(r.allAnsweringMs / 1000).toFixed(1)} s)` : ''}`];
+        for (const h of r.hosts) {
+          lines.push(`  ${h.hostId}: ${h.error ? `failed: ${h.error}` : `overlay fetched once (${((h.fetchedBytes ?? 0) / 1e6).toFixed(2)} MB)`}`);
+          for (const v of h.vms) lines.push(`    ${v.instanceId}  ${v.hostPort !== undefined ? `127.0.0.1:${v.hostPort}` : `failed: ${v.error ?? ''}`}`);
+        }
+        return { text: lines.join('\n') };
+      });
+    }),
+  );
+}
+
 async function overlayUrlOf(remote: Remote, ref: string): Promise<string> {
   const id = await remote.resolveOverlayId(ref);
   const info = await remote.client.getOverlay(id);
