@@ -38,8 +38,10 @@ export async function createTemporalBackend(env: NodeJS.ProcessEnv = process.env
     neighbourHosts: config.mobility.neighbourHosts,
     recipes: schedules,
   });
-  // A cluster with neighbours measures them every minute (the Schedule is made when the first is added).
+  // A cluster with neighbours measures them every minute (the Schedule is made when the first is
+  // added); one without has no such Schedule (one left from an earlier registry goes).
   if ((await registry.list()).length > 0) await mobility.ensureRefreshSchedule();
+  else await mobility.deleteRefreshSchedule();
   return {
     mobility,
     service,

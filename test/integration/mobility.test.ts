@@ -317,7 +317,8 @@ describe('mobility: the VM follows its user by RTT', () => {
     await eastCloud.unwatchInstance(instanceId);
     await pollUntil('the controller at east to stop', 30_000, async () => ((await eastCloud.mobilityState(instanceId))?.phase === 'stopped' ? true : undefined), 200);
     expect((await eastCloud.getInstance(instanceId))?.state).toBe('running');
-    await eastCloud.terminateInstance(instanceId);
+    const end = await eastCloud.terminateInstance(instanceId);
+    expect((await eastCloud.waitForOperation(end.id, { timeoutMs: 5 * 60_000 })).state).toBe('succeeded');
   });
 
   it('removing the last neighbour deletes the refresh Schedule; an unknown neighbour is 404', async () => {
