@@ -36,8 +36,8 @@ export async function mobilityStory(deps: MobilityStoryDeps): Promise<{ movedTo:
   const { say, from, to, instanceId } = deps;
   // Each cluster knows the other (a neighbour left from an earlier run is replaced).
   for (const [a, b] of [[from, to], [to, from]] as const) {
-    await a.api.removeNeighbour(b.name).catch(() => undefined);
-    await a.api.addNeighbour({ name: b.name, apiUrl: b.apiUrl, token: b.token });
+    await a.api.mobility.removeNeighbour(b.name).catch(() => undefined);
+    await a.api.mobility.addNeighbour({ name: b.name, apiUrl: b.apiUrl, token: b.token });
   }
   const net = await startDeviceNetwork([
     { name: from.name, apiPort: Number(new URL(from.apiUrl).port), probeFrom: from.probeFrom, rttMs: 8 },
@@ -45,12 +45,12 @@ export async function mobilityStory(deps: MobilityStoryDeps): Promise<{ movedTo:
   ]);
   try {
     say(`the device answers RTT probes at ${net.address}; RTT to ${from.name} 8 ms, to ${to.name} 70 ms (emulated links)`);
-    await from.api.watchInstance(instanceId, { device: net.address, policy: POLICY });
+    await from.api.mobility.watchInstance(instanceId, { device: net.address, policy: POLICY });
     say(`${from.name} watches instance ${instanceId}: move when the median RTT passes ${POLICY.thresholdMs} ms and a neighbour is ${POLICY.minGainMs} ms nearer`);
     const device = new CloudletApiClient({ baseUrl: net.apiUrl(from.name), token: from.token });
     let shown = 0;
     const report = async (): Promise<MobilityState> => {
-      const st = await device.reportRtt(instanceId, await device.measureRtt(3), net.address);
+      const st = await device.mobility.reportRtt(instanceId, await device.mobility.measureRtt(3), net.address);
       for (const d of st.decisions.filter((x: MobilityDecision) => x.seq > shown)) {
         say(`  decision #${d.seq} (${d.trigger}, median ${ms(d.smoothedMs)}): ${d.outcome}${d.to ? ` to ${d.to}` : ''}: ${d.why}`);
         shown = d.seq;
@@ -61,7 +61,7 @@ export async function mobilityStory(deps: MobilityStoryDeps): Promise<{ movedTo:
       await net.setRtt(from.name, rtt);
       await report();
     }
-    const quiet = await from.api.mobilityState(instanceId);
+    const quiet = await from.api.mobility.mobilityState(instanceId);
     say(`user near ${from.name} (link delay 9–31 ms; measured median ${ms(quiet?.smoothedMs)}): ${quiet?.decisionCount ?? 0} decisions`);
     say(`the user walks to ${to.name}: RTT to ${from.name} 90 ms, to ${to.name} 10 ms`);
     await net.setRtt(to.name, 10);
@@ -75,7 +75,7 @@ export async function mobilityStory(deps: MobilityStoryDeps): Promise<{ movedTo:
     const move = st.decisions.find((d) => d.outcome === 'move') as MobilityDecision;
     say(`  handing off to ${move.to ?? '?'} (run ${move.handoff?.workflowId ?? 'starting'})`);
     for (;;) {
-      const s = await from.api.mobilityState(instanceId);
+      const s = await from.api.mobility.mobilityState(instanceId);
       const d = s?.decisions.find((x) => x.seq === move.seq);
       if (d?.handoff?.state === 'failed') throw new Error(`the handoff failed: ${d.handoff.error ?? ''}`);
       if (s?.phase === 'moved' && d?.handoff?.appEndpoint) {
@@ -83,11 +83,11 @@ export async function mobilityStory(deps: MobilityStoryDeps): Promise<{ movedTo:
         if (state.token !== deps.appToken) throw new Error(`the moved VM answered with token "${state.token}", expected "${deps.appToken}"`);
         say(`${to.name}'s VM answers with the same state: ${JSON.stringify(state)}`);
         say(`  the walk → decision ${((move.at - walked) / 1000).toFixed(1)} s; → answering at ${to.name} ${(((d.handoff.answeredAt ?? Date.now()) - walked) / 1000).toFixed(1)} s (VM paused ${((d.handoff.pausedMs ?? 0) / 1000).toFixed(2)} s)`);
-        const next = await to.api.mobilityState(instanceId);
+        const next = await to.api.mobility.mobilityState(instanceId);
         say(`${to.name} watches it now (${next?.phase ?? 'not'}; cooling down until ${next ? new Date(next.cooldownUntil).toISOString() : '–'})`);
-        await to.api.unwatchInstance(instanceId).catch(() => undefined);
+        await to.api.mobility.unwatchInstance(instanceId).catch(() => undefined);
         // The story's clusters end here: their registries (and the refresh Schedules) are emptied.
-        for (const [a, b] of [[from, to], [to, from]] as const) await a.api.removeNeighbour(b.name).catch(() => undefined);
+        for (const [a, b] of [[from, to], [to, from]] as const) await a.api.mobility.removeNeighbour(b.name).catch(() => undefined);
         return { movedTo: to.name, appEndpoint: d.handoff.appEndpoint };
       }
       await new Promise((r) => setTimeout(r, 1000));

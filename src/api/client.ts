@@ -3,8 +3,7 @@
  * can use it or a local service alike; errors come back as CloudletErrors carrying the server's
  * code and message (CloudletApiError adds the HTTP status, the API's own code and the request id).
  */
-import { performance } from 'node:perf_hooks';
-import type { ClusterInfo, DeviceRttAnswer, Discovery, MobilityDecision, MobilityPolicy, MobilityState, NeighbourView, WatchRequest } from '../service/mobility-types';
+import { MobilityApiClient } from './mobility-client';
 import fs from 'node:fs';
 import os from 'node:os';
 import path from 'node:path';
@@ -104,6 +103,14 @@ export class CloudletApiClient implements CloudletService {
   private readonly token: string | undefined;
   private readonly timeoutMs: number;
   private readonly downloadDir: string;
+
+  /** Neighbours, RTT, the mobility controller, discovery (docs/mobility.md). */
+  readonly mobility = new MobilityApiClient({
+    json: (method, apiPath, opts) => this.json(method, apiPath, opts),
+    noContent: (method, apiPath, body) => this.noContent(method, apiPath, body),
+    orUndefined: (p) => this.orUndefined(p),
+    health: () => this.health(),
+  });
 
   constructor(options: ApiClientOptions) {
     let root: URL;
@@ -210,80 +217,6 @@ export class CloudletApiClient implements CloudletService {
   /** Hands a running instance off to another cluster (follow it with waitForOperation; each round is a progress stage). */
   async handoffInstance(id: string, req: HandoffInstanceRequest): Promise<OperationRef> {
     return (await this.json<Accepted>('POST', `/v1/instances/${encodeURIComponent(id)}/handoff`, { body: req })).operation;
-  }
-
-  // ---- mobility (docs/mobility.md) ----
-
-  async clusterInfo(): Promise<ClusterInfo> {
-    return this.json<ClusterInfo>('GET', '/v1/cluster');
-  }
-
-  async listNeighbours(): Promise<NeighbourView[]> {
-    return this.json<NeighbourView[]>('GET', '/v1/neighbours');
-  }
-
-  async addNeighbour(n: { name: string; apiUrl: string; token: string }): Promise<NeighbourView> {
-    return this.json<NeighbourView>('POST', '/v1/neighbours', { body: n });
-  }
-
-  async removeNeighbour(name: string): Promise<void> {
-    await this.noContent('DELETE', `/v1/neighbours/${encodeURIComponent(name)}`);
-  }
-
-  async refreshNeighbours(): Promise<NeighbourView[]> {
-    return this.json<NeighbourView[]>('POST', '/v1/neighbours/refresh', { body: {} });
-  }
-
-  /** This cluster's RTT to a device's responder (what neighbours ask). */
-  async probeDevice(device: string, baseId?: string): Promise<DeviceRttAnswer> {
-    return this.json<DeviceRttAnswer>('POST', '/v1/rtt-probes', { body: { device, ...(baseId ? { baseId } : {}) } });
-  }
-
-  /**
-   * The device's side: the RTT of small requests to this API on one kept-alive connection (one
-   * warm-up, then `samples`, in ms). What a device reports with reportRtt.
-   */
-  async measureRtt(samples = 3): Promise<number[]> {
-    await this.health();
-    const out: number[] = [];
-    for (let i = 0; i < samples; i++) {
-      const t0 = performance.now();
-      await this.health();
-      out.push(Math.round((performance.now() - t0) * 100) / 100);
-    }
-    return out;
-  }
-
-  async reportRtt(instanceId: string, samples: number[], device?: string): Promise<MobilityState> {
-    return this.json<MobilityState>('POST', `/v1/instances/${encodeURIComponent(instanceId)}/rtt`, { body: { samples, ...(device ? { device } : {}) } });
-  }
-
-  async mobilityState(instanceId: string): Promise<MobilityState | undefined> {
-    return this.orUndefined(this.json<MobilityState>('GET', `/v1/instances/${encodeURIComponent(instanceId)}/mobility`));
-  }
-
-  async watchInstance(instanceId: string, req: WatchRequest = {}): Promise<MobilityState> {
-    return this.json<MobilityState>('POST', `/v1/instances/${encodeURIComponent(instanceId)}/mobility`, { body: req });
-  }
-
-  async unwatchInstance(instanceId: string): Promise<void> {
-    await this.noContent('DELETE', `/v1/instances/${encodeURIComponent(instanceId)}/mobility`);
-  }
-
-  async setMobilityPolicy(instanceId: string, patch: Partial<MobilityPolicy>): Promise<MobilityPolicy> {
-    return this.json<MobilityPolicy>('POST', `/v1/instances/${encodeURIComponent(instanceId)}/mobility/policy`, { body: patch });
-  }
-
-  async pauseMobility(instanceId: string, paused: boolean): Promise<MobilityState> {
-    return this.json<MobilityState>('POST', `/v1/instances/${encodeURIComponent(instanceId)}/mobility/pause`, { body: { paused } });
-  }
-
-  async moveInstance(instanceId: string, neighbour?: string): Promise<MobilityDecision> {
-    return this.json<MobilityDecision>('POST', `/v1/instances/${encodeURIComponent(instanceId)}/mobility/move`, { body: neighbour ? { neighbour } : {} });
-  }
-
-  async discover(app: string, device: string): Promise<Discovery> {
-    return this.json<Discovery>('GET', `/v1/discover?${new URLSearchParams({ app, device }).toString()}`);
   }
 
   async getInstance(id: string): Promise<InstanceInfo | undefined> {

@@ -114,11 +114,11 @@ describe('mobility: the VM follows its user by RTT', () => {
 
   it('registers neighbours, refuses bad input without changing anything, and measures them', async () => {
     const ghostPort = await freePort();
-    await eastCloud.addNeighbour({ name: 'west', apiUrl: westApi.url, token: westToken });
-    await eastCloud.addNeighbour({ name: 'ghost', apiUrl: `http://127.0.0.1:${ghostPort}`, token: 'ghost-token-0123456789' });
-    await westCloud.addNeighbour({ name: 'east', apiUrl: `${eastApi.url}/`, token: eastToken });
+    await eastCloud.mobility.addNeighbour({ name: 'west', apiUrl: westApi.url, token: westToken });
+    await eastCloud.mobility.addNeighbour({ name: 'ghost', apiUrl: `http://127.0.0.1:${ghostPort}`, token: 'ghost-token-0123456789' });
+    await westCloud.mobility.addNeighbour({ name: 'east', apiUrl: `${eastApi.url}/`, token: eastToken });
 
-    const before = await eastCloud.listNeighbours();
+    const before = await eastCloud.mobility.listNeighbours();
     const bad = async (p: string, body: unknown): Promise<number> =>
       (await fetch(`${eastApi.url}${p}`, { method: 'POST', headers: { authorization: `Bearer ${eastToken}`, 'content-type': 'application/json' }, body: JSON.stringify(body) })).status;
     expect(await bad('/v1/neighbours', { name: 'evil', apiUrl: 'file:///etc/passwd', token: 'x'.repeat(20) })).toBe(400);
@@ -128,9 +128,9 @@ describe('mobility: the VM follows its user by RTT', () => {
     expect(await bad('/v1/instances/i-nope/rtt', { samples: [-3] })).toBe(400);
     expect(await bad('/v1/instances/i-nope/rtt', { samples: [1e9] })).toBe(400);
     expect(await bad('/v1/rtt-probes', { device: 'not-an-address' })).toBe(400);
-    expect(await eastCloud.listNeighbours()).toEqual(before);
+    expect(await eastCloud.mobility.listNeighbours()).toEqual(before);
 
-    const list = await eastCloud.refreshNeighbours();
+    const list = await eastCloud.mobility.refreshNeighbours();
     const w = list.find((n) => n.name === 'west');
     expect(w?.status).toBe('fresh');
     expect(w?.rtt?.servingHosts).toBe(1);
@@ -161,7 +161,7 @@ describe('mobility: the VM follows its user by RTT', () => {
     const measuredAt = w?.rtt?.measuredAt ?? '';
     await schedule.trigger();
     await pollUntil('the scheduled refresh to measure west again', 60_000, async () => {
-      const again = (await eastCloud.listNeighbours()).find((n) => n.name === 'west');
+      const again = (await eastCloud.mobility.listNeighbours()).find((n) => n.name === 'west');
       return again?.rtt && again.rtt.measuredAt > measuredAt ? again : undefined;
     }, 250);
   });
@@ -177,15 +177,15 @@ describe('mobility: the VM follows its user by RTT', () => {
     await app.set('tok-mobility', 'state that must survive the move');
 
     // Discovery from east, with the user near east: east first, then west; the ghost is skipped.
-    const d1 = await eastCloud.discover(pkg.baseId, net.address);
+    const d1 = await eastCloud.mobility.discover(pkg.baseId, net.address);
     expect(d1.clusters.map((c) => c.cluster)).toEqual(['east', 'west']);
     expect(d1.clusters[0]?.holdsBase).toBe(true);
     expect(d1.skipped.map((x) => x.cluster)).toEqual(['ghost']);
 
     // The device talks to east through its link, and so does east to the device.
     const device = new CloudletApiClient({ baseUrl: net.apiUrl('east'), token: eastToken });
-    const report = async (): Promise<MobilityState> => device.reportRtt(instanceId, await device.measureRtt(3), net.address);
-    await eastCloud.watchInstance(instanceId, { device: net.address, policy: POLICY });
+    const report = async (): Promise<MobilityState> => device.mobility.reportRtt(instanceId, await device.mobility.measureRtt(3), net.address);
+    await eastCloud.mobility.watchInstance(instanceId, { device: net.address, policy: POLICY });
 
     // 1. Noise below the threshold: 40 reports, the link's delay changing before each.
     for (const rtt of noise(7, 40, 8, 38)) {
@@ -193,7 +193,7 @@ describe('mobility: the VM follows its user by RTT', () => {
       await report();
     }
     const quiet = await pollUntil('the controller to have checked the last samples', 10_000, async () => {
-      const st = await eastCloud.mobilityState(instanceId);
+      const st = await eastCloud.mobility.mobilityState(instanceId);
       return st && st.lastCheck && st.lastCheck.at > Date.now() - 2000 ? st : undefined;
     }, 200);
     figures.noiseReports = 40;
@@ -254,7 +254,7 @@ describe('mobility: the VM follows its user by RTT', () => {
     expect(move?.trigger).toBe('threshold');
     expect(move?.candidates.find((c) => c.neighbour === 'ghost')?.reachable).toBe(false);
     const moved = await pollUntil('the handoff to finish', 15 * 60_000, async () => {
-      const st = await eastCloud.mobilityState(instanceId);
+      const st = await eastCloud.mobility.mobilityState(instanceId);
       return st && (st.phase === 'moved' || st.decisions.some((x) => x.handoff?.state === 'failed')) ? st : undefined;
     }, 1000);
     const done = moved.decisions.find((x) => x.outcome === 'move');
@@ -277,34 +277,34 @@ describe('mobility: the VM follows its user by RTT', () => {
     // The instance runs at west, which watches it now (cooling down first), and no longer at east.
     expect((await westCloud.getInstance(instanceId))?.state).toBe('running');
     expect((await eastCloud.getInstance(instanceId))?.state).toBe('terminated');
-    const atWest = await westCloud.mobilityState(instanceId);
+    const atWest = await westCloud.mobility.mobilityState(instanceId);
     expect(atWest?.device).toBe(net.address);
     expect(atWest?.policy.thresholdMs).toBe(POLICY.thresholdMs);
     expect(atWest?.cooldownUntil).toBeGreaterThan(answeredAt);
 
     // Discovery from west now: west is nearest.
-    const d2 = await westCloud.discover(pkg.baseId, net.address);
+    const d2 = await westCloud.mobility.discover(pkg.baseId, net.address);
     expect(d2.clusters[0]?.cluster).toBe('west');
 
     // Operators at west: pause (a user far away makes no decision), change the policy (a bad
     // value is refused and changes nothing), then force a move back to east.
     const deviceWest = new CloudletApiClient({ baseUrl: net.apiUrl('west'), token: westToken });
-    expect((await westCloud.pauseMobility(instanceId, true)).paused).toBe(true);
+    expect((await westCloud.mobility.pauseMobility(instanceId, true)).paused).toBe(true);
     await net.setRtt('west', 120);
-    for (let i = 0; i < 6; i++) await deviceWest.reportRtt(instanceId, await deviceWest.measureRtt(3), net.address);
+    for (let i = 0; i < 6; i++) await deviceWest.mobility.reportRtt(instanceId, await deviceWest.mobility.measureRtt(3), net.address);
     const paused = await pollUntil('a check while paused', 10_000, async () => {
-      const st = await westCloud.mobilityState(instanceId);
+      const st = await westCloud.mobility.mobilityState(instanceId);
       return st?.lastCheck?.why === 'paused' ? st : undefined;
     });
     expect(paused.decisionCount).toBe(0);
-    await expect(westCloud.setMobilityPolicy(instanceId, { hysteresisMs: 500 })).rejects.toMatchObject({ status: 400 });
-    expect((await westCloud.setMobilityPolicy(instanceId, { thresholdMs: 200 })).thresholdMs).toBe(200);
-    expect((await westCloud.mobilityState(instanceId))?.policy.hysteresisMs).toBe(POLICY.hysteresisMs);
-    await expect(westCloud.moveInstance(instanceId, 'nobody')).rejects.toMatchObject({ status: 404 });
-    const forced = await westCloud.moveInstance(instanceId, 'east');
+    await expect(westCloud.mobility.setMobilityPolicy(instanceId, { hysteresisMs: 500 })).rejects.toMatchObject({ status: 400 });
+    expect((await westCloud.mobility.setMobilityPolicy(instanceId, { thresholdMs: 200 })).thresholdMs).toBe(200);
+    expect((await westCloud.mobility.mobilityState(instanceId))?.policy.hysteresisMs).toBe(POLICY.hysteresisMs);
+    await expect(westCloud.mobility.moveInstance(instanceId, 'nobody')).rejects.toMatchObject({ status: 404 });
+    const forced = await westCloud.mobility.moveInstance(instanceId, 'east');
     expect(forced).toMatchObject({ trigger: 'forced', outcome: 'move', to: 'east' });
     const back = await pollUntil('the forced move to finish', 15 * 60_000, async () => {
-      const st = await westCloud.mobilityState(instanceId);
+      const st = await westCloud.mobility.mobilityState(instanceId);
       return st && (st.phase === 'moved' || st.decisions.some((x) => x.handoff?.state === 'failed')) ? st : undefined;
     }, 1000);
     const forcedDone = back.decisions.find((x) => x.seq === forced.seq);
@@ -314,18 +314,18 @@ describe('mobility: the VM follows its user by RTT', () => {
     figures.forcedMoveTotalMs = forcedDone?.handoff?.totalMs;
 
     // An operator stops the controller at east; the instance keeps running.
-    await eastCloud.unwatchInstance(instanceId);
-    await pollUntil('the controller at east to stop', 30_000, async () => ((await eastCloud.mobilityState(instanceId))?.phase === 'stopped' ? true : undefined), 200);
+    await eastCloud.mobility.unwatchInstance(instanceId);
+    await pollUntil('the controller at east to stop', 30_000, async () => ((await eastCloud.mobility.mobilityState(instanceId))?.phase === 'stopped' ? true : undefined), 200);
     expect((await eastCloud.getInstance(instanceId))?.state).toBe('running');
     const end = await eastCloud.terminateInstance(instanceId);
     expect((await eastCloud.waitForOperation(end.id, { timeoutMs: 5 * 60_000 })).state).toBe('succeeded');
   });
 
   it('removing the last neighbour deletes the refresh Schedule; an unknown neighbour is 404', async () => {
-    await expect(eastCloud.removeNeighbour('nobody')).rejects.toMatchObject({ status: 404 });
-    for (const n of ['west', 'ghost']) await eastCloud.removeNeighbour(n);
-    await westCloud.removeNeighbour('east');
-    expect(await eastCloud.listNeighbours()).toEqual([]);
+    await expect(eastCloud.mobility.removeNeighbour('nobody')).rejects.toMatchObject({ status: 404 });
+    for (const n of ['west', 'ghost']) await eastCloud.mobility.removeNeighbour(n);
+    await westCloud.mobility.removeNeighbour('east');
+    expect(await eastCloud.mobility.listNeighbours()).toEqual([]);
     await expect(east.client.schedule.getHandle(refreshScheduleId('east')).describe()).rejects.toThrow(/not found/i);
     await expect(west.client.schedule.getHandle(refreshScheduleId('west')).describe()).rejects.toThrow(/not found/i);
   });

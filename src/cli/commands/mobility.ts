@@ -66,7 +66,7 @@ export function registerMobilityCommands(program: Command, env: CommandEnv): voi
       env.api(async (ctx, remote, name: string, apiUrl: string) => {
         const token = ctx.io.env.CLOUDLET_NEIGHBOUR_TOKEN;
         if (!token) throw new CloudletError('BAD_INPUT', 'no token for the neighbour', { fix: 'export CLOUDLET_NEIGHBOUR_TOKEN=<a bearer token its API accepts>' });
-        const n = await remote.client.addNeighbour({ name, apiUrl, token });
+        const n = await remote.client.mobility.addNeighbour({ name, apiUrl, token });
         ctx.print(n, () => `added neighbour ${n.name} at ${n.apiUrl}`);
       }),
     );
@@ -75,7 +75,7 @@ export function registerMobilityCommands(program: Command, env: CommandEnv): voi
     .description('list the neighbours: status (fresh, stale, unreachable, unmeasured) and RTT')
     .action(
       env.api(async (ctx, remote) => {
-        const list = await remote.client.listNeighbours();
+        const list = await remote.client.mobility.listNeighbours();
         ctx.print(list, () => neighboursText(list));
       }),
     );
@@ -85,7 +85,7 @@ export function registerMobilityCommands(program: Command, env: CommandEnv): voi
     .description('remove a neighbour')
     .action(
       env.api(async (ctx, remote, name: string) => {
-        await remote.client.removeNeighbour(name);
+        await remote.client.mobility.removeNeighbour(name);
         ctx.print({ removed: name }, () => `removed neighbour ${name}`);
       }),
     );
@@ -94,7 +94,7 @@ export function registerMobilityCommands(program: Command, env: CommandEnv): voi
     .description('measure every neighbour now')
     .action(
       env.api(async (ctx, remote) => {
-        const list = await remote.client.refreshNeighbours();
+        const list = await remote.client.mobility.refreshNeighbours();
         ctx.print(list, () => neighboursText(list));
       }),
     );
@@ -123,8 +123,8 @@ export function registerMobilityCommands(program: Command, env: CommandEnv): voi
         let state: MobilityState | undefined;
         for (let i = 0; i < opts.count; i++) {
           if (i > 0) await new Promise((r) => setTimeout(r, opts.every));
-          const samples = await remote.client.measureRtt(opts.samples);
-          state = await remote.client.reportRtt(id, samples, opts.device);
+          const samples = await remote.client.mobility.measureRtt(opts.samples);
+          state = await remote.client.mobility.reportRtt(id, samples, opts.device);
           if (!ctx.json) ctx.io.stderr.write(`${new Date().toISOString()} rtt ${samples.map((x) => ms(x)).join(' ')} -> smoothed ${ms(state.smoothedMs)}, ${state.phase}, ${state.decisionCount} decisions\n`);
         }
         if (state) ctx.print(state, () => mobilityText(state as MobilityState));
@@ -136,7 +136,7 @@ export function registerMobilityCommands(program: Command, env: CommandEnv): voi
     .argument('<device>', 'host:port', deviceOption)
     .action(
       env.api(async (ctx, remote, device: string) => {
-        const a = await remote.client.probeDevice(device);
+        const a = await remote.client.mobility.probeDevice(device);
         ctx.print(a, () => `${a.cluster} -> ${a.device}: ${ms(a.rttMs)} median (min ${ms(a.minMs)}; ${a.samples.map((x) => ms(x)).join(', ')})`);
       }),
     );
@@ -148,7 +148,7 @@ export function registerMobilityCommands(program: Command, env: CommandEnv): voi
     .description('RTT, threshold, policy and the last decision with its reason')
     .action(
       env.api(async (ctx, remote, id: string) => {
-        const s = await remote.client.mobilityState(id);
+        const s = await remote.client.mobility.mobilityState(id);
         if (!s) throw new CloudletError('NOT_FOUND', `instance ${id} has no mobility controller`, { fix: `start one: cloudlet mobility watch ${id} --device <host:port>` });
         ctx.print(s, () => mobilityText(s));
       }),
@@ -161,7 +161,7 @@ export function registerMobilityCommands(program: Command, env: CommandEnv): voi
     .option('--set <field=value>', 'a policy field, e.g. thresholdMs=50 (repeatable)', policyOption)
     .action(
       env.api(async (ctx, remote, id: string, opts: { device?: string; set?: Partial<MobilityPolicy> }) => {
-        const s = await remote.client.watchInstance(id, { ...(opts.device ? { device: opts.device } : {}), ...(opts.set ? { policy: opts.set } : {}) });
+        const s = await remote.client.mobility.watchInstance(id, { ...(opts.device ? { device: opts.device } : {}), ...(opts.set ? { policy: opts.set } : {}) });
         ctx.print(s, () => mobilityText(s));
       }),
     );
@@ -172,7 +172,7 @@ export function registerMobilityCommands(program: Command, env: CommandEnv): voi
     .requiredOption('--set <field=value>', 'a policy field, e.g. cooldownMs=30000 (repeatable)', policyOption)
     .action(
       env.api(async (ctx, remote, id: string, opts: { set: Partial<MobilityPolicy> }) => {
-        const p = await remote.client.setMobilityPolicy(id, opts.set);
+        const p = await remote.client.mobility.setMobilityPolicy(id, opts.set);
         ctx.print(p, () => Object.entries(p).map(([k, v]) => `${k.padEnd(18)} ${v}`).join('\n'));
       }),
     );
@@ -183,7 +183,7 @@ export function registerMobilityCommands(program: Command, env: CommandEnv): voi
       .description(paused ? 'stop moving the instance automatically (samples are still kept)' : 'move it automatically again')
       .action(
         env.api(async (ctx, remote, id: string) => {
-          const s = await remote.client.pauseMobility(id, paused);
+          const s = await remote.client.mobility.pauseMobility(id, paused);
           ctx.print(s, () => mobilityText(s));
         }),
       );
@@ -195,7 +195,7 @@ export function registerMobilityCommands(program: Command, env: CommandEnv): voi
     .option('--to <neighbour>', 'a neighbour name')
     .action(
       env.api(async (ctx, remote, id: string, opts: { to?: string }) => {
-        const d = await remote.client.moveInstance(id, opts.to);
+        const d = await remote.client.mobility.moveInstance(id, opts.to);
         ctx.print(d, () => `decision #${d.seq}: ${d.outcome}${d.to ? ` to ${d.to}` : ''}: ${d.why}${d.handoff ? `\nhandoff: ${d.handoff.workflowId} (cloudlet operation wait ${d.handoff.workflowId})` : ''}`);
       }),
     );
@@ -205,7 +205,7 @@ export function registerMobilityCommands(program: Command, env: CommandEnv): voi
     .description('stop the controller (the instance keeps running)')
     .action(
       env.api(async (ctx, remote, id: string) => {
-        await remote.client.unwatchInstance(id);
+        await remote.client.mobility.unwatchInstance(id);
         ctx.print({ stopped: id }, () => `stopped watching ${id}`);
       }),
     );
@@ -217,7 +217,7 @@ export function registerMobilityCommands(program: Command, env: CommandEnv): voi
     .requiredOption('--device <host:port>', "the device's RTT responder", deviceOption)
     .action(
       env.api(async (ctx, remote, opts: { app: string; device: string }) => {
-        const d = await remote.client.discover(opts.app, opts.device);
+        const d = await remote.client.mobility.discover(opts.app, opts.device);
         ctx.print(d, () => discoveryText(d));
       }),
     );
