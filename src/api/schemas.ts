@@ -217,19 +217,21 @@ export const RecipeIdSchema = z.string().regex(/^[a-z0-9]([a-z0-9-]{0,38}[a-z0-9
 export const RecipeParamsSchema = z.strictObject({ recipeId: RecipeIdSchema });
 
 /**
- * A recipe as the API checks it: the fields that name things are validated here; the rest
- * (files, command, check, timeouts: see docs/recipes.md) by the service, whose BAD_INPUT is a 400.
+ * A recipe as the API checks it: its fields and their limits (unknown fields refused); the
+ * service checks the rest (file paths, package names, the check's port: see docs/recipes.md),
+ * and its BAD_INPUT is a 400.
  */
 export const RecipeBodySchema = named(
   'Recipe',
-  z.looseObject({
+  z.strictObject({
     recipeId: RecipeIdSchema,
     hostId: HostIdSchema.describe('The host that builds and verifies the overlay; it must hold the base.'),
     baseId: Sha256IdSchema,
-    files: z.array(z.object({ path: z.string(), content: z.string(), mode: z.string().optional() })).optional(),
-    command: z.string().min(1).describe('Shell script run in the guest that installs and starts the application.'),
-    check: z.object({ path: z.string(), expect: z.string(), timeoutSeconds: z.number().int().optional() }).optional(),
-    timeoutSeconds: z.number().int().optional(),
+    files: z.array(z.strictObject({ path: z.string().max(1024), content: z.string(), mode: z.string().optional() })).max(64).optional(),
+    packages: z.array(z.string().max(200)).max(200).optional().describe('Debian packages to install first (guests with apt only).'),
+    command: z.string().min(1).max(64 * 1024).describe('Shell script run in the guest that installs and starts the application.'),
+    check: z.strictObject({ path: z.string().max(1024), expect: z.string().max(4096), timeoutSeconds: z.number().int().min(1).max(600).optional() }).optional(),
+    timeoutSeconds: z.number().int().min(1).max(3600).optional(),
     appPort: PortSchema.optional(),
   }),
 );
@@ -238,7 +240,7 @@ export const CreateScheduleBodySchema = named(
   'CreateScheduleRequest',
   z.strictObject({
     recipe: RecipeBodySchema,
-    every: z.string().regex(/^\d+\s*(s|m|h|d)$/, 'a number and a unit: s, m, h or d, e.g. "6h"').describe('Rebuild interval (at least 10 s).'),
+    every: z.string().regex(/^\d{1,7}\s*(s|m|h|d)$/, 'a number (at most 7 digits) and a unit: s, m, h or d, e.g. "6h"').describe('Rebuild interval (at least 10 s).'),
     paused: z.boolean().optional(),
     note: z.string().max(500).optional(),
     triggerImmediately: z.boolean().optional().describe('Also start one rebuild right away.'),

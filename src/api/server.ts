@@ -69,6 +69,13 @@ export async function buildServer(options: ApiOptions): Promise<FastifyInstance>
   const app: FastifyInstance = fastify({
     ...(loggerInstance ? { loggerInstance } : { logger: false }),
     bodyLimit: options.bodyLimit ?? 64 * 1024,
+    // Ids may be 128 characters (and operation ids longer); fastify's default cuts params at 100.
+    routerOptions: { maxParamLength: 2048 },
+    // The router's own refusals (a malformed %-escape, an over-long param) answer like every error.
+    frameworkErrors: (err, req, reply) => {
+      const e = err.code === 'FST_ERR_MAX_PARAM_LENGTH' || err.code === 'FST_ERR_BAD_URL' ? new ApiError(400, 'BAD_INPUT', `the request path is malformed: ${err.message}`, { fix: 'URL-encode the path\'s ids (e.g. encodeURIComponent)' }) : err;
+      void sendError(e, req, reply);
+    },
     // A caller's X-Request-Id (when it looks like one) is kept, so a request can be traced end to end.
     requestIdHeader: false,
     genReqId: (req) => {

@@ -288,7 +288,7 @@ export class FakeCloudletService implements CloudletService {
     return this.idempotent('deploy', req, idempotencyKey, () => {
       for (const h of req.hosts) this.requireHost(h);
       const hostId = req.hosts[0] ?? '';
-      return this.start('deployOverlay', hostId, `d-${this.counter}`, () => ({ requested: req.count, answering: req.count, failed: 0, hosts: req.hosts.map((h) => ({ hostId: h, vms: [] })) }));
+      return this.start('deployOverlay', hostId, `d-${++this.counter}`, () => ({ requested: req.count, answering: req.count, failed: 0, hosts: req.hosts.map((h) => ({ hostId: h, vms: [] })) }));
     });
   }
 

@@ -29,7 +29,8 @@ export function rebuildWorkflowId(recipeId: string): string {
   return `rebuildOverlay/${recipeId}`;
 }
 
-const DURATION = /^(\d+)\s*(s|m|h|d)$/;
+/** At most 7 digits: 9,999,999 d is still a finite Temporal duration. */
+const DURATION = /^(\d{1,7})\s*(s|m|h|d)$/;
 const UNIT_MS: Record<string, number> = { s: 1000, m: 60_000, h: 3_600_000, d: 86_400_000 };
 
 export const RecipeScheduleSpecSchema = z
@@ -37,7 +38,7 @@ export const RecipeScheduleSpecSchema = z
     /** How often to rebuild: a number and a unit, s, m, h or d ("30s", "6h", "1d"); at least 10 s. */
     every: z
       .string()
-      .regex(DURATION, 'a number and a unit: s, m, h or d, e.g. "6h"')
+      .regex(DURATION, 'a number (at most 7 digits) and a unit: s, m, h or d, e.g. "6h"')
       .refine((s) => durationMs(s) >= 10_000, 'at least 10 s'),
     /** Create it paused (it still can be triggered). */
     paused: z.boolean().default(false),

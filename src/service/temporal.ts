@@ -6,7 +6,7 @@
  * found through their search attributes. An idempotency key becomes part of the workflow id
  * and duplicate ids are rejected, so a retried request returns the operation it started first.
  */
-import { randomBytes } from 'node:crypto';
+import { createHash, randomBytes } from 'node:crypto';
 import fs from 'node:fs';
 import path from 'node:path';
 import { WorkflowExecutionAlreadyStartedError, WorkflowFailedError, WorkflowNotFoundError, type Client, type WorkflowHandle } from '@temporalio/client';
@@ -294,7 +294,8 @@ export class TemporalCloudletService implements CloudletService {
       await this.requireHost(h);
     }
     const per = hosts.map((hostId, i) => ({ hostId, count: Math.floor(req.count / hosts.length) + (i < req.count % hosts.length ? 1 : 0) })).filter((h) => h.count > 0);
-    const deploymentId = `d-${key ? key.toLowerCase().replace(/[^a-z0-9-]/g, '-').slice(0, 40) : randomBytes(4).toString('hex')}`;
+    // A key maps to its own id (hashed: keys differing only in case or "_" vs "-" stay apart).
+    const deploymentId = `d-${key ? createHash('sha256').update(key).digest('hex').slice(0, 16) : randomBytes(4).toString('hex')}`;
     const id = `deployOverlay/${deploymentId}`;
     try {
       await this.client.workflow.start(deployOverlay, {

@@ -38,6 +38,7 @@ export const instanceRoutes: Route[] = [
       202: { description: 'Deployment started.', schema: AcceptedSchema, headers: { Location: 'The operation status URL' } },
       400: R.badInput,
       401: R.unauthorized,
+      409: R.conflict,
       422: R.unprocessable,
     },
     handler: async ({ service, body, idempotencyKey, reply }) =>
