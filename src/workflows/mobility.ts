@@ -199,7 +199,16 @@ export async function mobilityController(input: MobilityInput) {
     }
     st.phase = 'asking neighbours';
     show();
-    const candidates = await acts.mobilityAskNeighbours({ device: st.device, baseId: st.baseId });
+    let candidates: CandidateReport[];
+    try {
+      candidates = await acts.mobilityAskNeighbours({ device: st.device, baseId: st.baseId });
+    } catch (e) {
+      // The registry itself failed (each neighbour's own failure is a candidate's error): stay, and
+      // try again after the cooldown.
+      st.phase = 'watching';
+      record({ ...base, candidates: [], outcome: 'stay', why: `could not ask the neighbours: ${rootCause(e).message.slice(0, 300)}` });
+      return false;
+    }
     st.phase = 'watching';
     let choice: Choice;
     if (want !== undefined) {
