@@ -31,18 +31,30 @@ export async function availableMemory(): Promise<number> {
   return os.freemem();
 }
 
+/** Free space of the file system holding `dir` (NaN when it cannot be read). */
+export async function storeFreeBytes(dir: string): Promise<number> {
+  const s = await fs.promises.statfs(dir).catch(() => undefined);
+  return s ? s.bavail * s.bsize : Number.NaN;
+}
+
+/** The host's instances, counted by the state of their VM (running, paused, shut off, absent...). */
+export async function instancesByState(hostId: string, dataDir: string, hypervisor: Hypervisor): Promise<Map<string, number>> {
+  const records = instanceRecords(hostId, dataDir);
+  const ids = await fs.promises.readdir(path.join(dataDir, 'instances')).catch(() => [] as string[]);
+  const counts = new Map<string, number>();
+  for (const id of ids) {
+    if (!records.exists(id)) continue;
+    const state = await hypervisor.state(records.domainName(id)).catch(() => 'unknown');
+    counts.set(state, (counts.get(state) ?? 0) + 1);
+  }
+  return counts;
+}
+
 export function createHostStatsActivities(deps: { hostId: string; dataDir: string; hypervisor: Hypervisor }) {
   return {
     async hostStats(): Promise<HostStats> {
-      const records = instanceRecords(deps.hostId, deps.dataDir);
-      const ids = await fs.promises.readdir(path.join(deps.dataDir, 'instances')).catch(() => [] as string[]);
-      let running = 0;
-      for (const id of ids) {
-        if (!records.exists(id)) continue;
-        if ((await deps.hypervisor.state(records.domainName(id)).catch(() => 'unknown')) === 'running') running++;
-      }
-      const s = await fs.promises.statfs(deps.dataDir).catch(() => undefined);
-      return { memAvailableBytes: await availableMemory(), memTotalBytes: os.totalmem(), storeFreeBytes: s ? s.bavail * s.bsize : 0, runningInstances: running, at: Date.now() };
+      const [byState, free, mem] = await Promise.all([instancesByState(deps.hostId, deps.dataDir, deps.hypervisor), storeFreeBytes(deps.dataDir), availableMemory()]);
+      return { memAvailableBytes: mem, memTotalBytes: os.totalmem(), storeFreeBytes: Number.isNaN(free) ? 0 : free, runningInstances: byState.get('running') ?? 0, at: Date.now() };
     },
   };
 }

@@ -78,12 +78,11 @@ export class TemporalMobilityService implements MobilityService {
   }
 
   async refreshNeighbours(): Promise<NeighbourView[]> {
-    const r = await this.client.workflow.execute(refreshNeighbours, {
+    await this.client.workflow.execute(refreshNeighbours, {
       taskQueue: this.options.workflowTaskQueue,
       workflowId: `neighbour-rtt/${this.options.cluster}/now-${Date.now().toString(36)}`,
       workflowExecutionTimeout: '3 minutes',
     });
-    void r;
     return this.listNeighbours();
   }
 

@@ -3,13 +3,10 @@
  * reports (an activity interceptor), and gauges read at scrape time: the host's available memory,
  * its store's free space, and its instances by libvirt state. Names: docs/observability.md.
  */
-import fs from 'node:fs';
-import path from 'node:path';
 import type { ActivityInterceptorsFactory } from '@temporalio/worker';
 import { metrics, recordActivityResult, scrapedGauge } from '../common/metrics';
 import type { Hypervisor } from '../hypervisor/types';
-import { instanceRecords } from '../activities/instance-records';
-import { availableMemory } from '../activities/host-stats';
+import { availableMemory, instancesByState, storeFreeBytes } from '../activities/host-stats';
 
 /** Times each activity and records what its result says (stages, bytes). */
 export function activityMetrics(hostId: string): ActivityInterceptorsFactory {
@@ -50,24 +47,13 @@ export function watchHost(hostId: string, dataDir: string, hypervisor: Hyperviso
   });
   scrapedGauge('cloudlet_store_free_bytes', "Free space of the file system holding the host's store", ['host'], async () =>
     Promise.all(
-      [...hosts].map(async ([host, h]) => {
-        const s = await fs.promises.statfs(h.dataDir).catch(() => undefined);
-        return { labels: { host }, value: s ? s.bavail * s.bsize : Number.NaN };
-      }),
+      [...hosts].map(async ([host, h]) => ({ labels: { host }, value: await storeFreeBytes(h.dataDir) })),
     ),
   );
   scrapedGauge('cloudlet_instances', 'Instances on the host by the state of their VM (running, paused, shut off, absent...)', ['host', 'state'], async () => {
     const out: Array<{ labels: { host: string; state: string }; value: number }> = [];
     for (const [host, h] of hosts) {
-      const records = instanceRecords(host, h.dataDir);
-      const ids = await fs.promises.readdir(path.join(h.dataDir, 'instances')).catch(() => [] as string[]);
-      const counts = new Map<string, number>();
-      for (const id of ids) {
-        if (!records.exists(id)) continue;
-        const state = await h.hypervisor.state(records.domainName(id)).catch(() => 'unknown');
-        counts.set(state, (counts.get(state) ?? 0) + 1);
-      }
-      for (const [state, n] of counts) out.push({ labels: { host, state }, value: n });
+      for (const [state, n] of await instancesByState(host, h.dataDir, h.hypervisor)) out.push({ labels: { host, state }, value: n });
     }
     return out;
   });
