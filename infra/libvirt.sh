@@ -43,6 +43,9 @@ stdio_handler = "file"
 # No cgroups and no per-domain mount namespace inside a container: less work per start.
 cgroup_controllers = [ ]
 namespaces = [ ]
+# Guest RAM that is a shared file (handoffs read it and hand it over without a memory stream,
+# docs/handoff.md) lives in memory, not on disk: no writeback of guest RAM.
+memory_backing_dir = "/dev/shm/cloudlet-libvirt-ram"
 $MARK_END
 EOF
 }
@@ -104,11 +107,16 @@ start() {
     if ! our_pid >/dev/null; then
       warn "this libvirtd was not started by infra/libvirt.sh, so it may not run under a child subreaper (slow destroy/save); to switch: kill \$(cat /run/libvirtd.pid) && bash infra/libvirt.sh start"
     fi
-    if [ "$changed" = 1 ]; then
-      warn "libvirtd already runs with the old qemu.conf; restart it to apply: bash infra/libvirt.sh stop && bash infra/libvirt.sh start"
+    if [ "$changed" = 1 ] && our_pid >/dev/null && [ -z "$(virsh -c "$URI" list --name 2>/dev/null | tr -d '[:space:]')" ]; then
+      say "qemu.conf changed and no domain runs: restarting libvirtd to apply it"
+      stop
+    else
+      if [ "$changed" = 1 ]; then
+        warn "libvirtd already runs with the old qemu.conf; restart it to apply: bash infra/libvirt.sh stop && bash infra/libvirt.sh start"
+      fi
+      say "libvirtd already answers on $URI; nothing to do"
+      return 0
     fi
-    say "libvirtd already answers on $URI; nothing to do"
-    return 0
   fi
   mkdir -p "$STATE"
   # A libvirtd that does not answer but holds the pid file would block the new one.

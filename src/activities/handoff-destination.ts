@@ -12,7 +12,7 @@ import { HandoffDestination } from '../core/handoff/destination';
 import { handoffPaths } from '../core/handoff/paths';
 import type { Hypervisor } from '../hypervisor/types';
 import { withHeartbeats } from './heartbeat';
-import { instanceRecords, type InstanceRecord } from './instance-records';
+import { instanceRecords, SHARED_RAM_IMAGE, type InstanceRecord } from './instance-records';
 
 export interface HandoffDestinationDeps {
   hostId: string;
@@ -104,7 +104,9 @@ export function createHandoffDestinationActivities(deps: HandoffDestinationDeps)
       if (fs.existsSync(path.join(dir, 'synthesized'))) return { timings: {} };
       await fs.promises.mkdir(dir, { recursive: true });
       const dest = await open(input);
-      const r = await withHeartbeats(dest.finish({ diskPath: path.join(dir, 'disk.qcow2'), savePath: path.join(dir, 'memory.sav') }), () => ({ stage: 'rebuild and verify' }));
+      const r = await withHeartbeats(dest.finish({ diskPath: path.join(dir, 'disk.qcow2'), savePath: path.join(dir, 'memory.sav'), ramPath: path.join(dir, SHARED_RAM_IMAGE) }), () => ({ stage: 'rebuild and verify' }));
+      // The VM's shared RAM block is loaded from the rebuilt memory image (restoreAsInstance).
+      if (r.final.sharedRam) await fs.promises.writeFile(path.join(dir, `${SHARED_RAM_IMAGE}.json`), JSON.stringify(r.final.sharedRam));
       const rec: InstanceRecord = {
         instanceId: input.instanceId,
         hostId: deps.hostId,
@@ -117,7 +119,7 @@ export function createHandoffDestinationActivities(deps: HandoffDestinationDeps)
       await records.write(rec);
       await fs.promises.writeFile(path.join(dir, 'synthesized'), '');
       await fs.promises.rm(p.dir, { recursive: true, force: true });
-      return { timings: { 'rebuild memoryMs': r.ms.join, 'rebuild diskMs': r.ms.disk, 'verifyMs': r.ms.verify } };
+      return { timings: { 'rebuild memoryMs': r.ms.join, 'rebuild diskMs': r.ms.disk, 'verifyMs': r.ms.verify, ...(r.ms.verifyMemory !== undefined ? { 'verify memoryMs': r.ms.verifyMemory } : {}) } };
     },
 
     /** The handoff ends without a VM here: whatever it made goes (an instance it made too). */

@@ -123,7 +123,11 @@ export function createHandoffSourceActivities(deps: HandoffSourceDeps) {
       return report;
     }
 
-    // Capture: freeze the disk's top layer (live rounds) and stream the memory.
+    // Capture: freeze the disk's top layer (live rounds) and stream the memory. A VM whose RAM is
+    // a shared file streams only its device state and small RAM blocks (x-ignore-shared); its RAM
+    // is read from the file.
+    const sharedRam = await hv.sharedRamFile(rec.domain);
+    const streamOptions = sharedRam ? { ignoreShared: true } : {};
     const tc = performance.now();
     let pausedMs = 0;
     const save = p.sourceSave(input.round);
@@ -136,7 +140,7 @@ export function createHandoffSourceActivities(deps: HandoffSourceDeps) {
       await writeLayers(p.layers, layers);
       diskLayers = layers.frozen.slice(layers.shipped);
       try {
-        const s = await withHeartbeats(hv.streamMemory(rec.domain, save), () => ({ stage: `round ${input.round}: stream memory` }));
+        const s = await withHeartbeats(hv.streamMemory(rec.domain, save, streamOptions), () => ({ stage: `round ${input.round}: stream memory` }));
         const tr = performance.now();
         await hv.resume(rec.domain);
         pausedMs = (s.downtimeMs ?? 0) + Math.round(performance.now() - tr);
@@ -151,7 +155,7 @@ export function createHandoffSourceActivities(deps: HandoffSourceDeps) {
         await hv.suspend(rec.domain);
       }
       // Paused: the memory stream is exact and the top layer still.
-      await withHeartbeats(hv.streamMemory(rec.domain, save), () => ({ stage: 'last round: stream memory' }));
+      await withHeartbeats(hv.streamMemory(rec.domain, save, streamOptions), () => ({ stage: 'last round: stream memory' }));
       diskLayers = [...layers.frozen.slice(layers.shipped), await hv.diskTop(rec.domain)];
     }
     const captureMs = Math.round(performance.now() - tc);
@@ -172,6 +176,7 @@ export function createHandoffSourceActivities(deps: HandoffSourceDeps) {
         outPath: out,
         compression: input.compression ?? choose,
         final,
+        ...(sharedRam ? { sharedRam } : {}),
         onProgress: (done, total, stage) => heartbeatOrCancel({ stage: `round ${input.round}: ${stage}`, bytesDone: done, bytesTotal: total }),
       });
     } finally {

@@ -20,6 +20,13 @@ export interface InstanceRecord {
   handoffId?: string;
 }
 
+/**
+ * In an instance's directory, beside memory.sav: the memory image of a VM whose RAM is a shared
+ * file (a handoff's x-ignore-shared cut-over), and `<name>.json` with where the RAM block is in it
+ * ({block, offset, length}). restoreAsInstance loads it into the VM's RAM file, then removes both.
+ */
+export const SHARED_RAM_IMAGE = 'memory.ram';
+
 const INSTANCE_ID = /^[a-z0-9][a-z0-9-]{0,62}$/;
 
 export function instanceRecords(hostId: string, dataDir: string) {

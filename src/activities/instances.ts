@@ -20,7 +20,7 @@ import { editDomainXml } from '../hypervisor/domain-xml';
 import { GuestAppClient } from '../guest/app-client';
 import { cancellationSignal, heartbeat, heartbeatOrCancel, withHeartbeats } from './heartbeat';
 import { randomMac } from './guest';
-import { instanceRecords, type InstanceRecord } from './instance-records';
+import { instanceRecords, SHARED_RAM_IMAGE, type InstanceRecord } from './instance-records';
 import { fingerprintVm, type VmFingerprint } from './vm-fingerprint';
 import type { Fingerprint } from '../client/handoff-peer';
 
@@ -80,9 +80,17 @@ export function createInstanceActivities(deps: CloudletActivityDeps) {
     }
     const header = await readSaveHeader(savePath);
     const serialPath = path.join(path.dirname(savePath), 'serial.log');
-    const xml = editDomainXml(header.domainXml, { name: rec.domain, uuid: randomUUID(), diskPath, diskFormat: 'qcow2', serialPath }, `domain XML of ${savePath}`);
+    // Every instance's RAM is a shared file: a handoff reads it and hands it over without a memory stream.
+    const xml = editDomainXml(header.domainXml, { name: rec.domain, uuid: randomUUID(), diskPath, diskFormat: 'qcow2', serialPath, sharedMemory: true, incomingDefer: false }, `domain XML of ${savePath}`);
     await rewriteSaveHeaderXml(savePath, xml);
-    const restored = await step('restore', () => withHeartbeats(hv.restore(savePath, verify ? { paused: true } : {}), () => ({ stage: 'resume' })), { 'cloudlet.domain': rec.domain });
+    const ramImage = path.join(path.dirname(savePath), SHARED_RAM_IMAGE);
+    const sharedRam = fs.existsSync(`${ramImage}.json`) ? (JSON.parse(await fs.promises.readFile(`${ramImage}.json`, 'utf8')) as { offset: number; length: number }) : undefined;
+    const restored = await step('restore', async () => {
+      if (!sharedRam) return withHeartbeats(hv.restore(savePath, verify ? { paused: true } : {}), () => ({ stage: 'resume' }));
+      // A device-state save (x-ignore-shared): the RAM block comes from the rebuilt memory image.
+      // (The image stays until the instance runs: a retried step needs it again.)
+      return withHeartbeats(hv.restoreIncoming(savePath, { path: ramImage, offset: sharedRam.offset, length: sharedRam.length }, verify ? { paused: true } : {}), () => ({ stage: 'resume' }));
+    }, { 'cloudlet.domain': rec.domain });
     let verified: VmFingerprint | undefined;
     if (verify) {
       // Before the guest runs a single instruction: its memory and disk must be the source's.
@@ -102,6 +110,10 @@ export function createInstanceActivities(deps: CloudletActivityDeps) {
     const fwd = await step('forward app port', () => hv.forwardPort(rec.domain, { guestPort: rec.appPort }));
     rec.hostPort = fwd.hostPort;
     await writeRecord(rec);
+    if (sharedRam) {
+      await fs.promises.rm(ramImage, { force: true });
+      await fs.promises.rm(`${ramImage}.json`, { force: true });
+    }
     log.info({ instanceId: rec.instanceId, domain: rec.domain, restoreMs: restored.ms, replugMs, hostPort: fwd.hostPort }, 'instance running');
     return { restoreMs: restored.ms, replugMs, hostPort: fwd.hostPort, ...(verified ? { verified } : {}) };
   }

@@ -262,6 +262,37 @@ export interface DomainXmlEdits {
   serialPath?: string;
   name?: string;
   uuid?: string;
+  /**
+   * Guest RAM in a shared file (libvirt's `<memoryBacking><source type='file'/><access
+   * mode='shared'/>`, under qemu.conf's memory_backing_dir): the host can read it while the VM runs,
+   * and a migration with QEMU's `x-ignore-shared` carries only the device state (docs/handoff.md).
+   * A restore may add it to a save made without it (the RAM block keeps its id, pc.ram).
+   */
+  sharedMemory?: boolean;
+  /**
+   * true: QEMU starts waiting for an incoming migration (`-incoming defer`, a `<qemu:commandline>`
+   * argument; libvirt marks the domain tainted); false: that argument is removed if present.
+   */
+  incomingDefer?: boolean;
+}
+
+const QEMU_NS = 'http://libvirt.org/schemas/domain/qemu/1.0';
+
+/** The `-incoming defer` pair among a domain's `<qemu:commandline>` arguments. */
+function setIncomingDefer(d: XmlNode, on: boolean): void {
+  const cmd = child(d, 'qemu:commandline');
+  const args = asArray(cmd?.['qemu:arg']).filter((a, i, all) => {
+    const v = attr(a, 'value');
+    const prev = i > 0 ? attr(all[i - 1], 'value') : undefined;
+    return !(v === '-incoming' && attr(all[i + 1], 'value') === 'defer') && !(v === 'defer' && prev === '-incoming');
+  });
+  if (on) args.push({ [ATTR + 'value']: '-incoming' }, { [ATTR + 'value']: 'defer' });
+  if (args.length === 0) {
+    delete d['qemu:commandline'];
+    return;
+  }
+  d[ATTR + 'xmlns:qemu'] = QEMU_NS;
+  d['qemu:commandline'] = { ...(cmd ?? {}), 'qemu:arg': args };
 }
 
 /** Returns the domain XML with the edits applied; everything else is kept. */
@@ -314,7 +345,20 @@ export function editDomainXml(xml: string, edits: DomainXmlEdits, what = 'domain
       }
     }
   }
+  if (edits.sharedMemory) {
+    const mb = child(d, 'memoryBacking') ?? {};
+    mb.source = { [ATTR + 'type']: 'file' };
+    mb.access = { [ATTR + 'mode']: 'shared' };
+    d.memoryBacking = mb;
+  }
+  if (edits.incomingDefer !== undefined) setIncomingDefer(d, edits.incomingDefer);
   return buildXml(doc);
+}
+
+/** Whether the domain's RAM is a shared file (see DomainXmlEdits.sharedMemory). */
+export function hasSharedMemory(xml: string, what = 'domain XML'): boolean {
+  const mb = child(domainRoot(parseXml(xml, what), what), 'memoryBacking');
+  return attr(child(mb, 'source'), 'type') === 'file' && attr(child(mb, 'access'), 'mode') === 'shared';
 }
 
 /** The `<interface>` elements of a (live) domain XML, as XML strings usable with detach-device. */

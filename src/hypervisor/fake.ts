@@ -9,7 +9,7 @@ import { CloudletError } from '../core/errors';
 import { assertCpuModelUsable, type DomainCapabilities } from './domcaps';
 import { isValidMac } from './domain-xml';
 import { waitForSerialLine } from './serial';
-import type { DomainSpec, DomainState, ForwardResult, GuestExecOptions, GuestExecResult, Hypervisor, NicSpec, ReplugResult, RestoreOptions, RestoreResult, SnapshotDiskResult, StreamMemoryOptions, StreamMemoryResult, VirtType } from './types';
+import type { DomainSpec, DomainState, ForwardResult, GuestExecOptions, GuestExecResult, Hypervisor, NicSpec, RamImage, ReplugResult, RestoreIncomingResult, RestoreOptions, RestoreResult, SharedRam, SnapshotDiskResult, StreamMemoryOptions, StreamMemoryResult, VirtType } from './types';
 
 interface FakeDomain {
   spec: DomainSpec;
@@ -131,6 +131,18 @@ export class FakeHypervisor implements Hypervisor {
 
   async saveFileXml(file: string): Promise<string> {
     return JSON.stringify(this.readSave(file));
+  }
+
+  /** The fake's domains keep no RAM file: handoffs take the stream-only path. */
+  async sharedRamFile(name: string): Promise<SharedRam | undefined> {
+    this.record('sharedRamFile', name);
+    return undefined;
+  }
+
+  async restoreIncoming(file: string, ram: RamImage, options: { paused?: boolean } = {}): Promise<RestoreIncomingResult> {
+    this.record('restoreIncoming', file, ram.path);
+    const r = await this.restore(file, options.paused ? { paused: true } : {});
+    return { ...r, startMs: 0, fillMs: 0, incomingMs: 0 };
   }
 
   async restore(file: string, options: RestoreOptions = {}): Promise<RestoreResult> {

@@ -14,11 +14,12 @@ import { assertCpuModelUsable, parseDomainCapabilities, parseMissingFeatures, us
 import { buildDomainXml, buildXml, editDomainXml, hasGuestAgentChannel, interfaceElements, interfaceXml, isValidMac, parseDomainXml } from './domain-xml';
 import { guestExec, type AgentSend } from './guest-agent';
 import { virtTypeVerdict } from './kvm';
-import { migrateToFile, saveCookieXml } from './memory-stream';
+import { migrateFromFile, migrateToFile, saveCookieXml } from './memory-stream';
+import { fillRamFile } from './ram-file';
 import { loadNative, nativeMessage, type NativeDomain, type NativeHypervisor } from './native';
 import { parseQmpReply, QmpError, type QmpSend } from './qmp';
 import { waitForSerialLine } from './serial';
-import type { DomainSpec, DomainState, ForwardResult, GuestExecOptions, GuestExecResult, Hypervisor, NicSpec, ReplugResult, RestoreOptions, RestoreResult, SnapshotDiskResult, StreamMemoryOptions, StreamMemoryResult, VirtType } from './types';
+import type { DomainSpec, DomainState, ForwardResult, GuestExecOptions, GuestExecResult, Hypervisor, NicSpec, RamImage, ReplugResult, RestoreIncomingResult, RestoreOptions, RestoreResult, SharedRam, SnapshotDiskResult, StreamMemoryOptions, StreamMemoryResult, VirtType } from './types';
 import { runVirsh, VirshError } from './virsh';
 
 export const DEFAULT_URI = 'qemu:///system';
@@ -545,8 +546,53 @@ export class LibvirtHypervisor implements Hypervisor {
       wasRunning: state === 'running',
       onProgress: options.onProgress,
       timeoutMs: options.timeoutMs,
+      ...(options.ignoreShared ? { ignoreShared: true } : {}),
       log: this.log,
     });
+  }
+
+  async sharedRamFile(name: string): Promise<SharedRam | undefined> {
+    const block = 'pc.ram';
+    try {
+      const ret = await this.qmp(name)({ execute: 'qom-get', arguments: { path: `/objects/${block}`, property: 'mem-path' } });
+      if (typeof ret !== 'string' || ret === '') return undefined;
+      const share = await this.qmp(name)({ execute: 'qom-get', arguments: { path: `/objects/${block}`, property: 'share' } });
+      return share === true ? { block, path: ret } : undefined;
+    } catch (e) {
+      // A memory-backend-ram has no mem-path property: the RAM is not a file.
+      if (e instanceof QmpError) return undefined;
+      throw e;
+    }
+  }
+
+  async restoreIncoming(file: string, ram: RamImage, options: { paused?: boolean } = {}): Promise<RestoreIncomingResult> {
+    const abs = path.resolve(file);
+    assertFile(abs, 'save file', 'pass the path of a file written by streamMemory with ignoreShared');
+    assertFile(ram.path, 'RAM image', 'pass the memory image the handoff rebuilt');
+    const header = await readSaveHeader(abs);
+    const xml = editDomainXml(header.domainXml, { sharedMemory: true, incomingDefer: true }, `domain XML of ${abs}`);
+    this.assertXmlFiles(xml, `domain XML of ${abs}`);
+    const name = parseDomainXml(xml).name;
+    const t0 = performance.now();
+    await this.withTempFile(xml, (x) => this.virsh('start the domain for an incoming migration', ['create', x, '--paused'], name));
+    try {
+      const startMs = since(t0);
+      const t1 = performance.now();
+      const shared = await this.sharedRamFile(name);
+      if (!shared) {
+        throw new CloudletError('HYPERVISOR', `domain "${name}" started without its RAM in a shared file`, { fix: 'check memory_backing_dir in /etc/libvirt/qemu.conf (bash infra/libvirt.sh start sets it)' });
+      }
+      await fillRamFile(shared.path, ram);
+      const fillMs = since(t1);
+      const inc = await migrateFromFile({ domain: name, file: abs, streamOffset: header.qemuStreamOffset, qmp: this.qmp(name), log: this.log });
+      if (!options.paused) await this.resume(name);
+      const ms = since(t0);
+      this.log.info({ domain: name, file: abs, ms, startMs, fillMs, incomingMs: inc.ms }, 'domain restored from shared RAM and its device state');
+      return { name, ms, startMs, fillMs, incomingMs: inc.ms };
+    } catch (e) {
+      await this.destroy(name).catch(() => undefined);
+      throw e;
+    }
   }
 
   async pmemsave(name: string, outPath: string, bytes: number): Promise<void> {

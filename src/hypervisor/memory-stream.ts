@@ -131,6 +131,8 @@ export interface MigrateToFileInput {
   wasRunning: boolean;
   onProgress?(bytes: number): void;
   timeoutMs?: number;
+  /** Leave shared RAM (a file-backed `share=on` block) out of the stream: QEMU's x-ignore-shared. */
+  ignoreShared?: boolean;
   log: pino.Logger;
 }
 
@@ -190,10 +192,10 @@ export async function migrateToFile(input: MigrateToFileInput): Promise<StreamMe
   let downtimeMs: number | undefined;
   try {
     try {
-      // No leftover x-ignore-shared (it drops shared RAM from the stream), no bandwidth limit.
+      // x-ignore-shared only when asked (it drops shared RAM from the stream), no bandwidth limit.
       // (Two virsh processes at once: libvirt serializes the monitor commands, the process start-ups overlap.)
       await Promise.all([
-        qmp({ execute: 'migrate-set-capabilities', arguments: { capabilities: [{ capability: 'x-ignore-shared', state: false }] } }),
+        qmp({ execute: 'migrate-set-capabilities', arguments: { capabilities: [{ capability: 'x-ignore-shared', state: input.ignoreShared === true }] } }),
         qmp({ execute: 'migrate-set-parameters', arguments: { 'max-bandwidth': UNLIMITED_BANDWIDTH } }),
       ]);
       await qmp({ execute: 'migrate', arguments: { uri: `unix:${rx.socketPath}` } });
@@ -267,7 +269,73 @@ export async function migrateToFile(input: MigrateToFileInput): Promise<StreamMe
     return result;
   } finally {
     if (migrating) await qmp({ execute: 'migrate_cancel' }).catch(() => undefined);
+    // A later regular save (virsh save) must carry the shared RAM again.
+    if (input.ignoreShared) await qmp({ execute: 'migrate-set-capabilities', arguments: { capabilities: [{ capability: 'x-ignore-shared', state: false }] } }).catch(() => undefined);
     await rx.close();
     if (!ok) await unlink(tmp).catch(() => undefined);
+  }
+}
+
+export interface MigrateFromFileInput {
+  /** A domain started paused with `-incoming defer` whose shared RAM already holds the guest's memory. */
+  domain: string;
+  /** A save file of an x-ignore-shared stream (libvirt header, then QEMU's stream from `streamOffset`). */
+  file: string;
+  streamOffset: number;
+  qmp: QmpSend;
+  timeoutMs?: number;
+  log: pino.Logger;
+}
+
+/**
+ * Feeds a device-state stream (x-ignore-shared: the RAM is already in the domain's shared file) to
+ * a domain waiting with `-incoming defer`: QMP `migrate-incoming` on a unix socket in a private
+ * directory, our process connects and writes the stream, then query-migrate until `completed`.
+ * The domain ends paused.
+ */
+export async function migrateFromFile(input: MigrateFromFileInput): Promise<{ ms: number; bytes: number }> {
+  const { domain, qmp } = input;
+  const t0 = performance.now();
+  const dir = await mkdtemp(path.join(os.tmpdir(), 'cloudlet-inc-'));
+  const socketPath = path.join(dir, 'incoming.sock');
+  const timeoutMs = input.timeoutMs ?? 60_000;
+  let bytes = 0;
+  try {
+    try {
+      await qmp({ execute: 'migrate-set-capabilities', arguments: { capabilities: [{ capability: 'x-ignore-shared', state: true }] } });
+      await qmp({ execute: 'migrate-incoming', arguments: { uri: `unix:${socketPath}` } });
+    } catch (e) {
+      throw qmpFailure(domain, e);
+    }
+    // QEMU listens once migrate-incoming returned; connect and write the stream.
+    await new Promise<void>((resolve, reject) => {
+      const sock = net.createConnection(socketPath);
+      sock.once('error', (e) => reject(new CloudletError('HYPERVISOR', `cannot send the device state to domain "${domain}" on ${socketPath}: ${e.message}`, { fix: `see /var/log/libvirt/qemu/${domain}.log`, cause: e })));
+      sock.once('connect', () => {
+        const src = fs.createReadStream(input.file, { start: input.streamOffset });
+        src.on('data', (d) => (bytes += d.length));
+        pipeline(src, sock).then(resolve, reject);
+      });
+    });
+    const deadline = Date.now() + timeoutMs;
+    for (;;) {
+      const status = parseMigrateStatus(await qmp({ execute: 'query-migrate' }).catch((e: unknown) => { throw qmpFailure(domain, e); }));
+      if (status.status === 'completed') break;
+      if (status.status === 'failed' || status.status === 'cancelled') {
+        throw new CloudletError('HYPERVISOR', `domain "${domain}" did not take the device state: its incoming migration ${status.status} (${status.errorDesc ?? 'QEMU gave no reason'})`, {
+          fix: `see /var/log/libvirt/qemu/${domain}.log; the stream must come from the same QEMU machine type with x-ignore-shared`,
+          details: { domain, status: status.status, errorDesc: status.errorDesc },
+        });
+      }
+      if (Date.now() > deadline) {
+        throw new CloudletError('TIMEOUT', `domain "${domain}" did not complete its incoming migration within ${timeoutMs} ms (status ${status.status})`, { fix: `see /var/log/libvirt/qemu/${domain}.log` });
+      }
+      await sleep(10);
+    }
+    const ms = Math.round(performance.now() - t0);
+    input.log.info({ domain, bytes, ms }, 'device state loaded');
+    return { ms, bytes };
+  } finally {
+    await rm(dir, { recursive: true, force: true });
   }
 }

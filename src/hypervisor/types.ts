@@ -113,6 +113,32 @@ export interface StreamMemoryOptions {
   onProgress?(bytes: number): void;
   /** Give up (cancel the migration, TIMEOUT) after this long. Default 10 minutes. */
   timeoutMs?: number;
+  /**
+   * Leave the guest's shared RAM out (QEMU's x-ignore-shared): the stream holds the device state and
+   * the small unshared RAM blocks; the shared block's pages are read from its file (sharedRamFile).
+   */
+  ignoreShared?: boolean;
+}
+
+/** Where a domain's guest RAM is, when it is a shared file (DomainXmlEdits.sharedMemory). */
+export interface SharedRam {
+  /** The RAM block's id in migration streams (libvirt's pc.ram). */
+  block: string;
+  path: string;
+}
+
+/** The content of the shared RAM block for restoreIncoming: `length` bytes of `path` from `offset`. */
+export interface RamImage {
+  path: string;
+  offset: number;
+  length: number;
+}
+
+export interface RestoreIncomingResult extends RestoreResult {
+  /** Starting QEMU waiting for the stream, filling its RAM, and loading the device state. */
+  startMs: number;
+  fillMs: number;
+  incomingMs: number;
 }
 
 export interface StreamMemoryResult {
@@ -146,6 +172,14 @@ export interface Hypervisor {
   saveFileXml(path: string): Promise<string>;
   /** Restores a save file, optionally with an edited domain XML (new disk / serial paths). */
   restore(path: string, options?: RestoreOptions): Promise<RestoreResult>;
+  /**
+   * Restores a save file of an x-ignore-shared stream (streamMemory with ignoreShared): starts the
+   * domain of its header XML with its RAM in a shared file and `-incoming defer`, copies `ram` into
+   * that file, then feeds it the stream. Paused when `paused`, else running.
+   */
+  restoreIncoming(path: string, ram: RamImage, options?: { paused?: boolean }): Promise<RestoreIncomingResult>;
+  /** The domain's guest RAM file, when its RAM is a shared file; undefined otherwise. */
+  sharedRamFile(name: string): Promise<SharedRam | undefined>;
   /** Hot-unplugs the domain's NIC and plugs a new user-mode virtio NIC with `mac`. */
   replugNic(name: string, nic: NicSpec): Promise<ReplugResult>;
   /** 127.0.0.1:hostPort -> guest:guestPort via QEMU's hostfwd_add; a free port is picked if none is given. Lost on restore and replug. */

@@ -12,12 +12,12 @@ import path from 'node:path';
 import { promisify } from 'node:util';
 import { createHash } from 'node:crypto';
 import { CloudletError } from '../errors';
-import type { ChunkIndex } from '../chunk';
+import { buildChunkIndex, type ChunkIndex } from '../chunk';
 import { CHUNK, Kind, Target, ZERO_CHUNK, ZERO_CHUNK_SHA256 } from '../overlay/format';
 import { Qcow2Writer } from '../overlay/qcow2-writer';
 import { joinSnapshot } from '../snapshot';
 import { readRoundBlob, readRoundMeta, recordsOf, stateDigest, type FinalPart, type RoundMeta } from './round';
-import { readFully } from './source';
+import { digestsOf, readFully } from './source';
 
 const execFileP = promisify(execFile);
 
@@ -183,7 +183,7 @@ export class HandoffDestination {
    * After the last round: rebuilds the VM's save file and disk (a qcow2 over the base disk) and
    * checks both against the source's digests. DIGEST_MISMATCH when they differ.
    */
-  async finish(out: { diskPath: string; savePath: string }): Promise<{ final: FinalPart; ms: { join: number; disk: number; verify: number } }> {
+  async finish(out: { diskPath: string; savePath: string; ramPath?: string }): Promise<{ final: FinalPart; ms: { join: number; disk: number; verify: number; verifyMemory?: number } }> {
     const final = this.progress.final;
     if (!final) throw new CloudletError('CONFLICT', 'the last round has not been applied yet', { fix: 'send the final round first' });
     const t0 = performance.now();
@@ -195,6 +195,20 @@ export class HandoffDestination {
       throw new CloudletError('DIGEST_MISMATCH', `the rebuilt memory snapshot (${joined.size} bytes, sha256 ${joined.sha256.slice(0, 12)}…) differs from the paused source's (${final.saveFileSize} bytes, ${final.saveFileSha256.slice(0, 12)}…)`, {
         fix: 'the source keeps running; retry the handoff',
       });
+    }
+    // Shared RAM: the save file holds the device state only; the block's pages are checked here.
+    let verifyMemory: number | undefined;
+    if (final.sharedRam) {
+      const tv = performance.now();
+      const ix = await buildChunkIndex(this.memPath, { holes: 'skip' });
+      const memState = stateDigest(digestsOf(ix));
+      if (memState !== final.memStateSha256) {
+        await rm(saveTmp, { force: true });
+        throw new CloudletError('DIGEST_MISMATCH', `the rebuilt memory's page digests (${memState.slice(0, 12)}…) differ from the paused source's (${final.memStateSha256.slice(0, 12)}…)`, {
+          fix: 'the source keeps running; retry the handoff',
+        });
+      }
+      verifyMemory = Math.round(performance.now() - tv);
     }
     const t1 = performance.now();
     const states = await readFile(path.join(this.dir, 'disk.state'));
@@ -236,7 +250,8 @@ export class HandoffDestination {
     }
     await rename(diskTmp, out.diskPath);
     await rename(saveTmp, out.savePath);
-    return { final, ms: { join: Math.round(t1 - t0), disk: Math.round(t2 - t1), verify: Math.round(performance.now() - t2) } };
+    if (final.sharedRam) await rename(this.memPath, out.ramPath ?? path.join(path.dirname(out.savePath), 'memory.ram'));
+    return { final, ms: { join: Math.round(t1 - t0), disk: Math.round(t2 - t1), verify: Math.round(performance.now() - t2), ...(verifyMemory !== undefined ? { verifyMemory } : {}) } };
   }
 
   /** Removes the working files. */

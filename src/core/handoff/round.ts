@@ -46,6 +46,12 @@ export const FinalPartSchema = z.object({
   domainXml: z.string(),
   cpuModel: z.string().optional(),
   memImageSize: uint,
+  /**
+   * The RAM block the source's stream left out (x-ignore-shared): the destination loads it from
+   * its memory image (offset, length) into the VM's shared RAM file, and verifies it by
+   * memStateSha256 (the save file's digest does not cover it).
+   */
+  sharedRam: z.object({ block: z.string().min(1), offset: uint, length: uint }).optional(),
   saveFileSize: uint,
   saveFileSha256: hex64,
   /** sha256 over the source's digests of every memory page / disk chunk (see stateDigest). */

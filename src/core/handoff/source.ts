@@ -33,6 +33,12 @@ export interface BuildRoundInput {
   compression: Compression | ((sample: Buffer) => Promise<Compression>);
   /** The last round: carries the skeleton and digests, so the destination can rebuild and verify. */
   final?: boolean;
+  /**
+   * The guest's RAM block that is a shared file, left out of `memorySave` (an x-ignore-shared
+   * stream): its pages are read from `path` instead (a live round reads it while the VM runs; the
+   * last round, paused, is exact).
+   */
+  sharedRam?: { block: string; path: string };
   onProgress?(done: number, total: number, stage: string): void;
 }
 
@@ -43,11 +49,19 @@ export interface BuiltRound {
   bytes: number;
   /** Bytes of record payload before compression. */
   rawBytes: number;
-  /** split: the stream into an image; hashMemory: its pages; memory/disk: comparing and adding records; finish: the last segments and the trailer. */
+  /** split: the stream into an image; hashMemory: its pages (and the shared RAM file's); memory/disk: comparing and adding records; finish: the last segments and the trailer. */
   ms: { split: number; hashMemory: number; memory: number; disk: number; finish: number; total: number };
 }
 
-function digestsOf(ix: ChunkIndex): Buffer {
+/** Where the shared RAM block sits in the memory image (chunks) and its file. */
+interface SharedRegion {
+  path: string;
+  firstChunk: number;
+  chunks: number;
+  size: number;
+}
+
+export function digestsOf(ix: ChunkIndex): Buffer {
   const out = Buffer.alloc(ix.chunkCount * 32);
   for (let i = 0; i < ix.chunkCount; i++) ix.digestAt(i).copy(out, i * 32);
   return out;
@@ -177,8 +191,19 @@ export class HandoffSource {
           fix: 'hand off only VMs resumed or synthesized from the base the destination holds, with the same memory size',
         });
       }
+      let shared: SharedRegion | undefined;
+      if (input.sharedRam) {
+        const b = layout.blocks.find((x) => x.name === input.sharedRam?.block);
+        if (!b) {
+          throw new CloudletError('HYPERVISOR', `the memory stream of round ${input.round} has no RAM block ${input.sharedRam.block} (blocks: ${layout.blocks.map((x) => x.name).join(', ')})`, {
+            fix: 'hand off only VMs whose RAM is the shared file libvirt names pc.ram',
+          });
+        }
+        if (b.imageOffset % CHUNK !== 0) throw new CloudletError('HYPERVISOR', `RAM block ${b.name} starts at ${b.imageOffset}, not on a page boundary`, { fix: 'hand off without shared RAM' });
+        shared = { path: input.sharedRam.path, firstChunk: b.imageOffset / CHUNK, chunks: Math.ceil(b.size / CHUNK), size: b.size };
+      }
       const tSplit = performance.now();
-      const mem = await this.diffMemory(memImg, w, input);
+      const mem = await this.diffMemory(memImg, w, input, shared);
       rawBytes += mem.shipped;
       const tMem = performance.now();
       rawBytes += await this.diffDisk(input.diskLayers, w, input);
@@ -190,6 +215,7 @@ export class HandoffSource {
             domainXml: layout.domainXml,
             ...(layout.cpuModel !== undefined ? { cpuModel: layout.cpuModel } : {}),
             memImageSize: layout.memImageSize,
+            ...(shared && input.sharedRam ? { sharedRam: { block: input.sharedRam.block, offset: shared.firstChunk * CHUNK, length: shared.size } } : {}),
             saveFileSize: layout.saveFileSize,
             saveFileSha256: layout.saveFileSha256,
             memStateSha256: stateDigest(this.mem),
@@ -217,26 +243,36 @@ export class HandoffSource {
   /**
    * Compares every page of the memory image with what the destination holds: the image's page
    * digests come from the chunk indexer (threads, holes skipped), only pages that differ are read.
+   * With shared RAM, the pages of that block come from its file (the stream left them out).
    */
-  private async diffMemory(memImg: string, w: RoundWriter, input: BuildRoundInput): Promise<{ shipped: number; hashMs: number }> {
+  private async diffMemory(memImg: string, w: RoundWriter, input: BuildRoundInput, shared?: SharedRegion): Promise<{ shipped: number; hashMs: number }> {
     const runs = new RunBuilder(w, Target.Memory);
     const t0 = performance.now();
     const ix = await buildChunkIndex(memImg, { holes: 'skip', onProgress: (d, t) => input.onProgress?.(d, t, 'hash memory') });
+    const ramIx = shared ? await buildChunkIndex(shared.path, { holes: 'skip', onProgress: (d, t) => input.onProgress?.(d, t, 'hash shared RAM') }) : undefined;
+    if (shared && ramIx && ramIx.byteLength < shared.size) {
+      throw new CloudletError('HYPERVISOR', `the shared RAM file ${shared.path} has ${ramIx.byteLength} bytes, its block ${shared.size}`, { fix: 'hand off without shared RAM' });
+    }
     const hashMs = performance.now() - t0;
     const fd = openSync(memImg, 'r');
+    const ramFd = shared ? openSync(shared.path, 'r') : -1;
     const page = Buffer.alloc(CHUNK);
     let shipped = 0;
     try {
       for (let i = 0; i < ix.chunkCount; i++) {
-        if (ix.equalAt(i, this.mem.subarray(i * 32, i * 32 + 32))) continue;
-        const d = ix.digestAt(i);
+        const inRam = shared !== undefined && ramIx !== undefined && i >= shared.firstChunk && i < shared.firstChunk + shared.chunks;
+        const src = inRam ? (ramIx as ChunkIndex) : ix;
+        const at = inRam ? i - (shared as SharedRegion).firstChunk : i;
+        if (src.equalAt(at, this.mem.subarray(i * 32, i * 32 + 32))) continue;
+        const d = src.digestAt(at);
         const zero = d.equals(ZERO_CHUNK_SHA256);
-        if (!zero) readFully(fd, page, CHUNK, i * CHUNK);
-        shipped += await this.consider(runs, this.mem, w.stats, 'mem', i, zero ? ZERO_CHUNK : page, d);
+        if (!zero) readFully(inRam ? ramFd : fd, page, CHUNK, at * CHUNK);
+        shipped += await this.consider(runs, this.mem, w.stats, 'mem', i, zero ? ZERO_CHUNK : page, zero ? d : createHash('sha256').update(page).digest());
       }
       await runs.flush();
     } finally {
       closeSync(fd);
+      if (ramFd >= 0) closeSync(ramFd);
     }
     return { shipped, hashMs };
   }
