@@ -9,6 +9,7 @@ import { availableParallelism } from 'node:os';
 import type { Logger } from 'pino';
 import { exportBase, openBase } from '../core/base';
 import { CloudletError, isCloudletError } from '../core/errors';
+import { buildChunkIndex, type ChunkIndex } from '../core/chunk';
 import { HandoffSource } from '../core/handoff/source';
 import { handoffPaths } from '../core/handoff/paths';
 import { chooseCompression, type CompressionSample } from '../core/handoff/policy';
@@ -126,7 +127,7 @@ export function createHandoffSourceActivities(deps: HandoffSourceDeps) {
     // Capture: freeze the disk's top layer (live rounds) and stream the memory. A VM whose RAM is
     // a shared file streams only its device state and small RAM blocks (x-ignore-shared); its RAM
     // is read from the file.
-    const sharedRam = await hv.sharedRamFile(rec.domain);
+    let sharedRam: { block: string; path: string; index?: Promise<ChunkIndex> } | undefined = await hv.sharedRamFile(rec.domain);
     const streamOptions = sharedRam ? { ignoreShared: true } : {};
     const tc = performance.now();
     let pausedMs = 0;
@@ -139,6 +140,12 @@ export function createHandoffSourceActivities(deps: HandoffSourceDeps) {
       layers.frozen.push(snap.previousTop);
       await writeLayers(p.layers, layers);
       diskLayers = layers.frozen.slice(layers.shipped);
+      if (sharedRam) {
+        // The running VM's RAM is hashed while its device state streams (the last round corrects what changes meanwhile).
+        const index = buildChunkIndex(sharedRam.path, { holes: 'skip' });
+        index.catch(() => undefined);
+        sharedRam = { ...sharedRam, index };
+      }
       try {
         const s = await withHeartbeats(hv.streamMemory(rec.domain, save, streamOptions), () => ({ stage: `round ${input.round}: stream memory` }));
         const tr = performance.now();
@@ -154,7 +161,13 @@ export function createHandoffSourceActivities(deps: HandoffSourceDeps) {
         onPause?.(performance.now());
         await hv.suspend(rec.domain);
       }
-      // Paused: the memory stream is exact and the top layer still.
+      // Paused: the memory stream is exact and the top layer still. The shared RAM file is hashed
+      // (worker threads) while the device state is captured.
+      if (sharedRam) {
+        const index = buildChunkIndex(sharedRam.path, { holes: 'skip' });
+        index.catch(() => undefined); // awaited by the build; a capture failure must not leave it unhandled
+        sharedRam = { ...sharedRam, index };
+      }
       await withHeartbeats(hv.streamMemory(rec.domain, save, streamOptions), () => ({ stage: 'last round: stream memory' }));
       diskLayers = [...layers.frozen.slice(layers.shipped), await hv.diskTop(rec.domain)];
     }

@@ -14,7 +14,7 @@ import { importBase, openBase, openBaseFiles, readBaseManifest } from '../core/b
 import { applyOverlay, createOverlay, readOverlayMeta } from '../core/overlay';
 import { readSaveHeader, rewriteSaveHeaderXml } from '../core/snapshot';
 import { Store } from '../core/store';
-import type { Hypervisor } from '../hypervisor/types';
+import type { Hypervisor, RestoreIncomingResult, RestoreResult } from '../hypervisor/types';
 import { createQcow2Overlay } from '../hypervisor/disk';
 import { editDomainXml } from '../hypervisor/domain-xml';
 import { GuestAppClient } from '../guest/app-client';
@@ -71,7 +71,7 @@ export function createInstanceActivities(deps: CloudletActivityDeps) {
    * arrives by handoff is the same VM on the same virtual network, so its guest need not notice a
    * new device (no hot-plug, no DHCP before it answers).
    */
-  async function restoreAsInstance(rec: InstanceRecord, savePath: string, diskPath: string, verify?: Fingerprint, keepNic = false): Promise<{ restoreMs: number; replugMs: number; hostPort: number; verified?: VmFingerprint }> {
+  async function restoreAsInstance(rec: InstanceRecord, savePath: string, diskPath: string, verify?: Fingerprint, keepNic = false): Promise<{ restoreMs: number; replugMs: number; hostPort: number; verified?: VmFingerprint; incoming?: { startMs: number; fillMs: number; incomingMs: number } }> {
     const state = await hv.state(rec.domain);
     if (state === 'running' && rec.hostPort !== undefined) return { restoreMs: 0, replugMs: 0, hostPort: rec.hostPort };
     if (state !== 'absent') {
@@ -85,7 +85,7 @@ export function createInstanceActivities(deps: CloudletActivityDeps) {
     await rewriteSaveHeaderXml(savePath, xml);
     const ramImage = path.join(path.dirname(savePath), SHARED_RAM_IMAGE);
     const sharedRam = fs.existsSync(`${ramImage}.json`) ? (JSON.parse(await fs.promises.readFile(`${ramImage}.json`, 'utf8')) as { offset: number; length: number }) : undefined;
-    const restored = await step('restore', async () => {
+    const restored: RestoreResult & Partial<RestoreIncomingResult> = await step('restore', async (): Promise<RestoreResult & Partial<RestoreIncomingResult>> => {
       if (!sharedRam) return withHeartbeats(hv.restore(savePath, verify ? { paused: true } : {}), () => ({ stage: 'resume' }));
       // A device-state save (x-ignore-shared): the RAM block comes from the rebuilt memory image.
       // (The image stays until the instance runs: a retried step needs it again.)
@@ -115,7 +115,8 @@ export function createInstanceActivities(deps: CloudletActivityDeps) {
       await fs.promises.rm(`${ramImage}.json`, { force: true });
     }
     log.info({ instanceId: rec.instanceId, domain: rec.domain, restoreMs: restored.ms, replugMs, hostPort: fwd.hostPort }, 'instance running');
-    return { restoreMs: restored.ms, replugMs, hostPort: fwd.hostPort, ...(verified ? { verified } : {}) };
+    const incoming = restored.incomingMs !== undefined ? { startMs: restored.startMs ?? 0, fillMs: restored.fillMs ?? 0, incomingMs: restored.incomingMs } : undefined;
+    return { restoreMs: restored.ms, replugMs, hostPort: fwd.hostPort, ...(verified ? { verified } : {}), ...(incoming ? { incoming } : {}) };
   }
 
   const activities = {
@@ -295,6 +296,11 @@ export function createInstanceActivities(deps: CloudletActivityDeps) {
       let t0 = Date.now();
       const r = await restoreAsInstance(rec, path.join(dir, 'memory.sav'), path.join(dir, 'disk.qcow2'), input.verify, input.keepNic);
       const timings: Record<string, number> = { [input.keepNic ? 'resumeMs' : 'resume and replug NICMs']: Date.now() - t0 };
+      if (r.incoming) {
+        timings['start QEMU for the device stateMs'] = r.incoming.startMs;
+        timings['fill shared RAMMs'] = r.incoming.fillMs;
+        timings['load device stateMs'] = r.incoming.incomingMs;
+      }
       if (input.waitForApp) {
         // In the same step: one workflow task less between "resumed" and "answers".
         t0 = Date.now();

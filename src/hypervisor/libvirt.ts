@@ -555,9 +555,8 @@ export class LibvirtHypervisor implements Hypervisor {
     const block = 'pc.ram';
     try {
       const ret = await this.qmp(name)({ execute: 'qom-get', arguments: { path: `/objects/${block}`, property: 'mem-path' } });
-      if (typeof ret !== 'string' || ret === '') return undefined;
-      const share = await this.qmp(name)({ execute: 'qom-get', arguments: { path: `/objects/${block}`, property: 'share' } });
-      return share === true ? { block, path: ret } : undefined;
+      // (Not shared, its pages would still be in an x-ignore-shared stream; the file is read anyway.)
+      return typeof ret === 'string' && ret !== '' ? { block, path: ret } : undefined;
     } catch (e) {
       // A memory-backend-ram has no mem-path property: the RAM is not a file.
       if (e instanceof QmpError) return undefined;

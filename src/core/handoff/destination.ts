@@ -187,28 +187,18 @@ export class HandoffDestination {
     const final = this.progress.final;
     if (!final) throw new CloudletError('CONFLICT', 'the last round has not been applied yet', { fix: 'send the final round first' });
     const t0 = performance.now();
+    // Shared RAM: the save file holds the device state only; the block's pages are checked by
+    // their digests, hashed on worker threads while this thread rebuilds the save file and disk.
+    const memCheck = final.sharedRam ? this.memoryState().catch((e: unknown) => e as Error) : undefined;
     const skeleton = await readFile(path.join(this.dir, 'skeleton'));
     const saveTmp = `${out.savePath}.tmp`;
     const joined = await joinSnapshot(skeleton, this.memPath, saveTmp);
     if (joined.sha256 !== final.saveFileSha256 || joined.size !== final.saveFileSize) {
+      await memCheck;
       await rm(saveTmp, { force: true });
       throw new CloudletError('DIGEST_MISMATCH', `the rebuilt memory snapshot (${joined.size} bytes, sha256 ${joined.sha256.slice(0, 12)}…) differs from the paused source's (${final.saveFileSize} bytes, ${final.saveFileSha256.slice(0, 12)}…)`, {
         fix: 'the source keeps running; retry the handoff',
       });
-    }
-    // Shared RAM: the save file holds the device state only; the block's pages are checked here.
-    let verifyMemory: number | undefined;
-    if (final.sharedRam) {
-      const tv = performance.now();
-      const ix = await buildChunkIndex(this.memPath, { holes: 'skip' });
-      const memState = stateDigest(digestsOf(ix));
-      if (memState !== final.memStateSha256) {
-        await rm(saveTmp, { force: true });
-        throw new CloudletError('DIGEST_MISMATCH', `the rebuilt memory's page digests (${memState.slice(0, 12)}…) differ from the paused source's (${final.memStateSha256.slice(0, 12)}…)`, {
-          fix: 'the source keeps running; retry the handoff',
-        });
-      }
-      verifyMemory = Math.round(performance.now() - tv);
     }
     const t1 = performance.now();
     const states = await readFile(path.join(this.dir, 'disk.state'));
@@ -235,11 +225,29 @@ export class HandoffDestination {
       writer.finish();
     } catch (e) {
       writer.abort();
+      await memCheck;
       throw e;
     } finally {
       closeSync(delta);
     }
     const t2 = performance.now();
+    let verifyMemory: number | undefined;
+    if (memCheck) {
+      const m = await memCheck;
+      if (m instanceof Error) {
+        await rm(diskTmp, { force: true });
+        await rm(saveTmp, { force: true });
+        throw m;
+      }
+      verifyMemory = m.ms;
+      if (m.sha256 !== final.memStateSha256) {
+        await rm(diskTmp, { force: true });
+        await rm(saveTmp, { force: true });
+        throw new CloudletError('DIGEST_MISMATCH', `the rebuilt memory's page digests (${m.sha256.slice(0, 12)}…) differ from the paused source's (${final.memStateSha256.slice(0, 12)}…)`, {
+          fix: 'the source keeps running; retry the handoff',
+        });
+      }
+    }
     const diskState = stateDigest(digests);
     if (diskState !== final.diskStateSha256) {
       await rm(diskTmp, { force: true });
@@ -252,6 +260,13 @@ export class HandoffDestination {
     await rename(saveTmp, out.savePath);
     if (final.sharedRam) await rename(this.memPath, out.ramPath ?? path.join(path.dirname(out.savePath), 'memory.ram'));
     return { final, ms: { join: Math.round(t1 - t0), disk: Math.round(t2 - t1), verify: Math.round(performance.now() - t2), ...(verifyMemory !== undefined ? { verifyMemory } : {}) } };
+  }
+
+  /** stateDigest over the working memory image's page digests, and how long hashing took. */
+  private async memoryState(): Promise<{ sha256: string; ms: number }> {
+    const t0 = performance.now();
+    const ix = await buildChunkIndex(this.memPath, { holes: 'skip' });
+    return { sha256: stateDigest(digestsOf(ix)), ms: Math.round(performance.now() - t0) };
   }
 
   /** Removes the working files. */

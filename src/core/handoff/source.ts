@@ -38,7 +38,12 @@ export interface BuildRoundInput {
    * stream): its pages are read from `path` instead (a live round reads it while the VM runs; the
    * last round, paused, is exact).
    */
-  sharedRam?: { block: string; path: string };
+  sharedRam?: {
+    block: string;
+    path: string;
+    /** The file's page digests when the caller started hashing it already (e.g. while the stream was captured). */
+    index?: Promise<ChunkIndex>;
+  };
   onProgress?(done: number, total: number, stage: string): void;
 }
 
@@ -56,6 +61,7 @@ export interface BuiltRound {
 /** Where the shared RAM block sits in the memory image (chunks) and its file. */
 interface SharedRegion {
   path: string;
+  index?: Promise<ChunkIndex>;
   firstChunk: number;
   chunks: number;
   size: number;
@@ -200,7 +206,7 @@ export class HandoffSource {
           });
         }
         if (b.imageOffset % CHUNK !== 0) throw new CloudletError('HYPERVISOR', `RAM block ${b.name} starts at ${b.imageOffset}, not on a page boundary`, { fix: 'hand off without shared RAM' });
-        shared = { path: input.sharedRam.path, firstChunk: b.imageOffset / CHUNK, chunks: Math.ceil(b.size / CHUNK), size: b.size };
+        shared = { path: input.sharedRam.path, firstChunk: b.imageOffset / CHUNK, chunks: Math.ceil(b.size / CHUNK), size: b.size, ...(input.sharedRam.index ? { index: input.sharedRam.index } : {}) };
       }
       const tSplit = performance.now();
       const mem = await this.diffMemory(memImg, w, input, shared);
@@ -249,7 +255,7 @@ export class HandoffSource {
     const runs = new RunBuilder(w, Target.Memory);
     const t0 = performance.now();
     const ix = await buildChunkIndex(memImg, { holes: 'skip', onProgress: (d, t) => input.onProgress?.(d, t, 'hash memory') });
-    const ramIx = shared ? await buildChunkIndex(shared.path, { holes: 'skip', onProgress: (d, t) => input.onProgress?.(d, t, 'hash shared RAM') }) : undefined;
+    const ramIx = shared ? await (shared.index ?? buildChunkIndex(shared.path, { holes: 'skip', onProgress: (d, t) => input.onProgress?.(d, t, 'hash shared RAM') })) : undefined;
     if (shared && ramIx && ramIx.byteLength < shared.size) {
       throw new CloudletError('HYPERVISOR', `the shared RAM file ${shared.path} has ${ramIx.byteLength} bytes, its block ${shared.size}`, { fix: 'hand off without shared RAM' });
     }
