@@ -17,7 +17,7 @@ import { virtTypeVerdict } from './kvm';
 import { migrateFromFile, migrateToFile, saveCookieXml } from './memory-stream';
 import { fillRamFile } from './ram-file';
 import { loadNative, nativeMessage, type NativeDomain, type NativeHypervisor } from './native';
-import { parseQmpReply, QmpError, type QmpSend } from './qmp';
+import { parseQmpReply, QmpError, type QmpBatch, type QmpSend } from './qmp';
 import { waitForSerialLine } from './serial';
 import type { DomainSpec, DomainState, ForwardResult, GuestExecOptions, GuestExecResult, Hypervisor, NicSpec, RamImage, ReplugResult, RestoreIncomingResult, RestoreOptions, RestoreResult, SharedRam, SnapshotDiskResult, StreamMemoryOptions, StreamMemoryResult, VirtType } from './types';
 import { runVirsh, VirshError } from './virsh';
@@ -463,6 +463,36 @@ export class LibvirtHypervisor implements Hypervisor {
     return async (command) => parseQmpReply(await this.virsh(`QEMU monitor command ${command.execute}`, ['qemu-monitor-command', name, JSON.stringify(command)], name), command.execute);
   }
 
+  /** Several QMP commands in one virsh process (its command string separates them with ";"). */
+  private qmpBatch(name: string): QmpBatch {
+    return async (commands) => {
+      assertName(name);
+      const texts = commands.map((c) => JSON.stringify(c));
+      if (texts.some((t) => t.includes("'"))) {
+        // Not quotable in virsh's command string: one process per command.
+        const out: Array<unknown | QmpError> = [];
+        for (const c of commands) out.push(await this.qmp(name)(c).catch((e: unknown) => (e instanceof QmpError ? e : Promise.reject(e))));
+        return out;
+      }
+      const script = texts.map((t) => `qemu-monitor-command ${name} '${t}'`).join(' ; ');
+      const stdout = await this.virsh(`QEMU monitor commands ${commands.map((c) => c.execute).join(', ')}`, [script], name);
+      const replies = stdout.split('\n').map((l) => l.trim()).filter((l) => l.startsWith('{'));
+      if (replies.length !== commands.length) {
+        throw new CloudletError('HYPERVISOR', `QEMU of domain "${name}" answered ${replies.length} of ${commands.length} monitor commands (${commands.map((c) => c.execute).join(', ')})`, {
+          fix: `see /var/log/libvirt/qemu/${name}.log and var/libvirt/libvirtd.log`,
+        });
+      }
+      return replies.map((r, i) => {
+        try {
+          return parseQmpReply(r, commands[i]?.execute ?? '?');
+        } catch (e) {
+          if (e instanceof QmpError) return e;
+          throw e;
+        }
+      });
+    };
+  }
+
   private qmpError(name: string, e: unknown): CloudletError {
     if (!(e instanceof QmpError)) return this.fail('QEMU monitor command', e, name);
     return new CloudletError('HYPERVISOR', `QEMU of domain "${name}" refused ${e.execute}: ${e.desc}`, {
@@ -543,6 +573,7 @@ export class LibvirtHypervisor implements Hypervisor {
       outPath: abs,
       header,
       qmp: this.qmp(name),
+      qmpBatch: this.qmpBatch(name),
       wasRunning: state === 'running',
       onProgress: options.onProgress,
       timeoutMs: options.timeoutMs,
@@ -583,7 +614,7 @@ export class LibvirtHypervisor implements Hypervisor {
       }
       await fillRamFile(shared.path, ram);
       const fillMs = since(t1);
-      const inc = await migrateFromFile({ domain: name, file: abs, streamOffset: header.qemuStreamOffset, qmp: this.qmp(name), log: this.log });
+      const inc = await migrateFromFile({ domain: name, file: abs, streamOffset: header.qemuStreamOffset, qmp: this.qmp(name), qmpBatch: this.qmpBatch(name), log: this.log });
       if (!options.paused) await this.resume(name);
       const ms = since(t0);
       this.log.info({ domain: name, file: abs, ms, startMs, fillMs, incomingMs: inc.ms }, 'domain restored from shared RAM and its device state');

@@ -14,7 +14,7 @@ import { pipeline } from 'node:stream/promises';
 import type pino from 'pino';
 import { CloudletError } from '../core/errors';
 import { asArray, buildXml, parseXml, type XmlNode } from './domain-xml';
-import { QmpError, type QmpSend } from './qmp';
+import { QmpError, type QmpBatch, type QmpCommand, type QmpSend } from './qmp';
 import type { StreamMemoryResult } from './types';
 
 /** max-bandwidth for the stream (bytes/s): no rate limit (libvirt's default is 128 MiB/s). */
@@ -128,6 +128,8 @@ export interface MigrateToFileInput {
   /** The libvirt save header (encodeSaveHeader). */
   header: Buffer;
   qmp: QmpSend;
+  /** Sends the set-up and the migrate command in one go when given (one virsh process instead of three). */
+  qmpBatch?: QmpBatch;
   wasRunning: boolean;
   onProgress?(bytes: number): void;
   timeoutMs?: number;
@@ -194,12 +196,21 @@ export async function migrateToFile(input: MigrateToFileInput): Promise<StreamMe
     try {
       // x-ignore-shared only when asked (it drops shared RAM from the stream), no bandwidth limit.
       // (Two virsh processes at once: libvirt serializes the monitor commands, the process start-ups overlap.)
-      await Promise.all([
-        qmp({ execute: 'migrate-set-capabilities', arguments: { capabilities: [{ capability: 'x-ignore-shared', state: input.ignoreShared === true }] } }),
-        qmp({ execute: 'migrate-set-parameters', arguments: { 'max-bandwidth': UNLIMITED_BANDWIDTH } }),
-      ]);
-      await qmp({ execute: 'migrate', arguments: { uri: `unix:${rx.socketPath}` } });
-      migrating = true;
+      const setup: QmpCommand[] = [
+        { execute: 'migrate-set-capabilities', arguments: { capabilities: [{ capability: 'x-ignore-shared', state: input.ignoreShared === true }] } },
+        { execute: 'migrate-set-parameters', arguments: { 'max-bandwidth': UNLIMITED_BANDWIDTH } },
+      ];
+      const migrate: QmpCommand = { execute: 'migrate', arguments: { uri: `unix:${rx.socketPath}` } };
+      if (input.qmpBatch) {
+        const replies = await input.qmpBatch([...setup, migrate]);
+        migrating = !(replies[2] instanceof QmpError);
+        const failed = replies.find((r) => r instanceof QmpError);
+        if (failed) throw failed;
+      } else {
+        await Promise.all(setup.map((c) => qmp(c)));
+        await qmp(migrate);
+        migrating = true;
+      }
     } catch (e) {
       throw qmpFailure(domain, e);
     }
@@ -283,6 +294,7 @@ export interface MigrateFromFileInput {
   file: string;
   streamOffset: number;
   qmp: QmpSend;
+  qmpBatch?: QmpBatch;
   timeoutMs?: number;
   log: pino.Logger;
 }
@@ -302,8 +314,16 @@ export async function migrateFromFile(input: MigrateFromFileInput): Promise<{ ms
   let bytes = 0;
   try {
     try {
-      await qmp({ execute: 'migrate-set-capabilities', arguments: { capabilities: [{ capability: 'x-ignore-shared', state: true }] } });
-      await qmp({ execute: 'migrate-incoming', arguments: { uri: `unix:${socketPath}` } });
+      const setup: QmpCommand[] = [
+        { execute: 'migrate-set-capabilities', arguments: { capabilities: [{ capability: 'x-ignore-shared', state: true }] } },
+        { execute: 'migrate-incoming', arguments: { uri: `unix:${socketPath}` } },
+      ];
+      if (input.qmpBatch) {
+        const failed = (await input.qmpBatch(setup)).find((r) => r instanceof QmpError);
+        if (failed) throw failed;
+      } else {
+        for (const c of setup) await qmp(c);
+      }
     } catch (e) {
       throw qmpFailure(domain, e);
     }

@@ -11,6 +11,12 @@ export interface QmpCommand {
 /** Sends one QMP command to a domain's QEMU and resolves with its `return` value. */
 export type QmpSend = (command: QmpCommand) => Promise<unknown>;
 
+/**
+ * Sends several QMP commands in order through one connection (one virsh process) and resolves
+ * with each reply, parsed or as the QmpError it is: every command runs even if one before failed.
+ */
+export type QmpBatch = (commands: QmpCommand[]) => Promise<Array<unknown | QmpError>>;
+
 /** QEMU answered a QMP command with `{"error": {"class", "desc"}}`. */
 export class QmpError extends Error {
   constructor(

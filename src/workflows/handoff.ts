@@ -81,7 +81,7 @@ export const handoffProgressQuery = defineQuery<HandoffProgress>('handoffProgres
 
 const mb = (b: number): string => `${(b / 1e6).toFixed(2)} MB`;
 const roundLine = (r: RoundReport): string =>
-  `${r.final ? 'last round' : `round ${r.round}`}: ${mb(r.bytes)} sent (${r.memRawPages} pages, ${r.diskRawChunks} disk chunks new; ${r.compression.codec === 'xz' ? `xz ${r.compression.level}` : 'stored'}) in ${(r.ms.total / 1000).toFixed(1)} s, link ${(r.sendBytesPerSec * 8 / 1e6).toFixed(1)} Mbit/s`;
+  `${r.final ? 'last round' : `round ${r.round}`}: ${mb(r.bytes)} sent (${r.memRawPages} pages, ${r.diskRawChunks} disk chunks new; ${r.compression.codec === 'none' ? 'stored' : `${r.compression.codec} ${r.compression.level}`}) in ${(r.ms.total / 1000).toFixed(1)} s, link ${(r.sendBytesPerSec * 8 / 1e6).toFixed(1)} Mbit/s`;
 
 export async function handoffVm(input: HandoffVmInput) {
   const t = tracker('handoffVm', input.hostId);

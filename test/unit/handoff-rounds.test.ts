@@ -86,7 +86,7 @@ test('live rounds then a final round rebuild the exact save file and disk at the
   const l3 = layer('l3.qcow2', l2, 'qcow2');
   const m2content = (p: number): Buffer | undefined => (p === 4 ? pageData('pc.ram', p, 1) : p % 3 === 0 ? undefined : pageData('pc.ram', p, p < 32 ? (p < 8 ? 3 : 2) : 1));
   const m2 = saveFile('m2.save', m2content);
-  const r2 = await src.buildRound({ round: 2, memorySave: m2, diskLayers: [l2], outPath: path.join(dir, 'r2'), compression: { codec: 'none' } });
+  const r2 = await src.buildRound({ round: 2, memorySave: m2, diskLayers: [l2], outPath: path.join(dir, 'r2'), compression: { codec: 'zstd', level: 3 } });
   await src.commit();
   expect(r2.meta.stats.memBase).toBe(1);
   expect(r2.meta.stats.memRaw).toBeLessThan(8);
@@ -126,4 +126,14 @@ test('a round out of order is refused, and a tampered round is CORRUPT', async (
   const err = await dst.applyRound(path.join(dir, 'r1'), { handoffId: 'h2', round: 1 }).catch((e: unknown) => e);
   expect(isCloudletError(err) && err.code).toBe('CORRUPT');
   await expect(dst.finish({ diskPath: path.join(dir, 'o.qcow2'), savePath: path.join(dir, 'o.save') })).rejects.toMatchObject({ code: 'CONFLICT' });
+});
+
+test('zstd blobs round-trip, and one that inflates past its declared size is CORRUPT', async () => {
+  const { zstdCompress, zstdDecompress } = await import('../../src/core/zstd');
+  const data = Buffer.concat([Buffer.alloc(100_000, 7), Buffer.from('edge'.repeat(5000))]);
+  const packed = await zstdCompress(data, 3);
+  expect(packed.length).toBeLessThan(data.length / 10);
+  expect((await zstdDecompress(packed, data.length)).equals(data)).toBe(true);
+  await expect(zstdDecompress(packed, data.length - 1)).rejects.toMatchObject({ code: 'CORRUPT' });
+  await expect(zstdDecompress(Buffer.from('not zstd at all'), 100)).rejects.toMatchObject({ code: 'CORRUPT' });
 });

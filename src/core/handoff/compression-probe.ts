@@ -1,9 +1,19 @@
 /** Measures what each compression setting does to a sample of a round's payload. */
 import { xzCompress } from '../overlay/lzma';
+import { zstdCompress } from '../zstd';
 import type { CompressionSample } from './policy';
 import type { Compression } from './round';
 
-export const CANDIDATES: readonly Compression[] = [{ codec: 'none' }, { codec: 'xz', level: 0 }, { codec: 'xz', level: 1 }, { codec: 'xz', level: 3 }, { codec: 'xz', level: 6 }];
+export const CANDIDATES: readonly Compression[] = [
+  { codec: 'none' },
+  { codec: 'zstd', level: 1 },
+  { codec: 'zstd', level: 3 },
+  { codec: 'zstd', level: 9 },
+  { codec: 'xz', level: 0 },
+  { codec: 'xz', level: 1 },
+  { codec: 'xz', level: 3 },
+  { codec: 'xz', level: 6 },
+];
 
 export async function probeCompression(sample: Buffer, candidates: readonly Compression[] = CANDIDATES): Promise<CompressionSample[]> {
   const out: CompressionSample[] = [];
@@ -13,7 +23,7 @@ export async function probeCompression(sample: Buffer, candidates: readonly Comp
       continue;
     }
     const t0 = performance.now();
-    const packed = await xzCompress(sample, c.level);
+    const packed = c.codec === 'zstd' ? await zstdCompress(sample, c.level) : await xzCompress(sample, c.level);
     const ms = Math.max(1, performance.now() - t0);
     out.push({ compression: c, ratio: packed.length / sample.length, bytesPerSec: (sample.length / ms) * 1000 });
   }

@@ -79,6 +79,8 @@ export class HandoffDestination {
     ftruncateSync(fd, base.diskIndex.byteLength);
     closeSync(fd);
     await writeFile(path.join(dir, 'disk.state'), Buffer.alloc(base.diskIndex.chunkCount));
+    // One sha256 per memory page as written (starts as the base's): the check of a shared-RAM cut-over.
+    await writeFile(path.join(dir, 'mem.digests'), digestsOf(base.memIndex));
     const d = new HandoffDestination(dir, base, { lastRound: 0 });
     await d.saveProgress();
     return d;
@@ -118,6 +120,7 @@ export class HandoffDestination {
         throw new CloudletError('CONFLICT', `round ${meta.round} arrived before round ${this.progress.lastRound + 1}`, { fix: 'send the rounds in order' });
       }
       const states = await readFile(path.join(this.dir, 'disk.state'));
+      const memDigests = await readFile(path.join(this.dir, 'mem.digests')).catch(() => undefined);
       const mem = openSync(this.memPath, 'r+');
       const delta = openSync(this.deltaPath, 'r+');
       const baseMem = openSync(this.base.memImagePath, 'r');
@@ -150,6 +153,7 @@ export class HandoffDestination {
               else if (r.kind === Kind.BaseDisk) content = readPage(baseDisk, page, (r.src ?? 0) + k);
               if (r.target === Target.Memory) {
                 writeAll(mem, content, c * CHUNK);
+                if (memDigests) pageDigest(r.kind, content, r.src === undefined ? undefined : r.src + k, this.base).copy(memDigests, c * 32);
               } else {
                 writeAll(delta, content, c * CHUNK);
                 states[c] = ChunkState.Data;
@@ -166,6 +170,10 @@ export class HandoffDestination {
       const tmp = path.join(this.dir, 'disk.state.tmp');
       await writeFile(tmp, states);
       await rename(tmp, path.join(this.dir, 'disk.state'));
+      if (memDigests) {
+        await writeFile(path.join(this.dir, 'mem.digests.tmp'), memDigests);
+        await rename(path.join(this.dir, 'mem.digests.tmp'), path.join(this.dir, 'mem.digests'));
+      }
       if (meta.final) {
         const skeleton = await readRoundBlob(fh, file, meta, meta.final.skeleton);
         await writeFile(path.join(this.dir, 'skeleton'), skeleton);
@@ -262,17 +270,29 @@ export class HandoffDestination {
     return { final, ms: { join: Math.round(t1 - t0), disk: Math.round(t2 - t1), verify: Math.round(performance.now() - t2), ...(verifyMemory !== undefined ? { verifyMemory } : {}) } };
   }
 
-  /** stateDigest over the working memory image's page digests, and how long hashing took. */
+  /**
+   * stateDigest over the memory image's page digests: those kept as each page was written, else
+   * (a handoff begun before they were kept) the image hashed anew; and how long it took.
+   */
   private async memoryState(): Promise<{ sha256: string; ms: number }> {
     const t0 = performance.now();
-    const ix = await buildChunkIndex(this.memPath, { holes: 'skip' });
-    return { sha256: stateDigest(digestsOf(ix)), ms: Math.round(performance.now() - t0) };
+    const kept = await readFile(path.join(this.dir, 'mem.digests')).catch(() => undefined);
+    const digests = kept?.length === this.base.memIndex.chunkCount * 32 ? kept : digestsOf(await buildChunkIndex(this.memPath, { holes: 'skip' }));
+    return { sha256: stateDigest(digests), ms: Math.round(performance.now() - t0) };
   }
 
   /** Removes the working files. */
   async remove(): Promise<void> {
     await rm(this.dir, { recursive: true, force: true });
   }
+}
+
+/** The sha256 of a memory page a record wrote: a base page's from the base's index, else hashed. */
+function pageDigest(kind: Kind, content: Buffer, src: number | undefined, base: DestinationBase): Buffer {
+  if (kind === Kind.Zero) return ZERO_CHUNK_SHA256;
+  if (kind === Kind.BaseMem && src !== undefined) return base.memIndex.digestAt(src);
+  if (kind === Kind.BaseDisk && src !== undefined) return base.diskIndex.digestAt(src);
+  return createHash('sha256').update(content).digest();
 }
 
 function readPage(fd: number, buf: Buffer, chunk: number): Buffer {

@@ -1,8 +1,8 @@
 /**
  * A handoff round file: what the source ships to the destination in one round. Records use the
  * overlay's record encoding (src/core/overlay/format.ts: zero, raw, "same as the base chunk at
- * this place"); they are cut into segments of a few MiB, each compressed on its own (xz at the
- * level the policy chose, or stored), and a JSON trailer describes the segments, so the file can be
+ * this place"); they are cut into segments of a few MiB, each compressed on its own (zstd or xz at
+ * the level the policy chose, or stored), and a JSON trailer describes the segments, so the file can be
  * written in one pass and read back segment by segment. Layout: docs/handoff.md.
  *
  *   segment 0 | segment 1 | ... | [skeleton] | meta JSON | u32 LE meta length | "CLDHOFF1"
@@ -12,6 +12,7 @@ import { open, type FileHandle } from 'node:fs/promises';
 import { z } from 'zod';
 import { CloudletError } from '../errors';
 import { xzCompress, xzDecompress } from '../overlay/lzma';
+import { zstdCompress, zstdDecompress } from '../zstd';
 import { CHUNK, encodeRecordHeader, Kind, RECORD_HEADER_SIZE, Target } from '../overlay/format';
 
 export const ROUND_MAGIC = Buffer.from('CLDHOFF1', 'latin1');
@@ -22,7 +23,11 @@ const SEGMENT_INPUT = 4 * 1024 * 1024;
 const hex64 = z.string().regex(/^[0-9a-f]{64}$/);
 const uint = z.number().int().nonnegative();
 
-export const CompressionSchema = z.union([z.object({ codec: z.literal('none') }), z.object({ codec: z.literal('xz'), level: z.number().int().min(0).max(9) })]);
+export const CompressionSchema = z.union([
+  z.object({ codec: z.literal('none') }),
+  z.object({ codec: z.literal('xz'), level: z.number().int().min(0).max(9) }),
+  z.object({ codec: z.literal('zstd'), level: z.number().int().min(1).max(19) }),
+]);
 export type Compression = z.infer<typeof CompressionSchema>;
 
 const BlobSchema = z.object({ offset: uint, length: uint, rawLength: uint, sha256: hex64 });
@@ -77,7 +82,8 @@ export function emptyStats(): RoundStats {
 }
 
 function compress(data: Buffer, c: Compression): Promise<Buffer> {
-  return c.codec === 'none' ? Promise.resolve(data) : xzCompress(data, c.level);
+  if (c.codec === 'none') return Promise.resolve(data);
+  return c.codec === 'zstd' ? zstdCompress(data, c.level) : xzCompress(data, c.level);
 }
 
 /**
@@ -232,7 +238,8 @@ export async function readRoundBlob(fh: FileHandle, file: string, meta: RoundMet
   const packed = Buffer.alloc(ref.length);
   const { bytesRead } = await fh.read(packed, 0, ref.length, ref.offset);
   if (bytesRead !== ref.length) throw corrupt(file, `blob at ${ref.offset} is cut short`);
-  const raw = meta.compression.codec === 'none' ? packed : await xzDecompress(packed, ref.rawLength);
+  const c = meta.compression;
+  const raw = c.codec === 'none' ? packed : c.codec === 'zstd' ? await zstdDecompress(packed, ref.rawLength) : await xzDecompress(packed, ref.rawLength);
   if (raw.length !== ref.rawLength || createHash('sha256').update(raw).digest('hex') !== ref.sha256) {
     throw corrupt(file, `blob at ${ref.offset} does not match its sha256`);
   }
