@@ -137,14 +137,16 @@ async function main(): Promise<void> {
   const methods = argList('--methods', METHODS);
   const runs = argRuns();
   emit({ metric: 'environment', guests, links, methods, runs, load: loadavg().map(r1) });
+  // CLOUDLET_BENCH_LOG_LEVEL=info shows the west worker's step logs (on stderr, beside the JSON lines).
+  const level = process.env.CLOUDLET_BENCH_LOG_LEVEL ?? 'warn';
   const hv = new LibvirtHypervisor({ logger: createLogger('bench', 'warn') });
-  const log = createLogger('bench', 'warn');
+  const log = createLogger('bench', level);
 
   // Clusters: east (in this process, namespace east), west (a worker made per link, namespace west).
   const east: TestCluster = await startTestCluster('hobe', ['hbe'], { namespace: 'east' });
   const [eastHost] = east.hosts as [string];
   const westHost = `hbw-${east.suffix}`;
-  const westConfig: Config = { ...loadConfig({ CLOUDLET_NAMESPACE: 'west', CLOUDLET_LOG_LEVEL: 'warn' }), workflowTaskQueue: `wf-hobw-${east.suffix}` };
+  const westConfig: Config = { ...loadConfig({ CLOUDLET_NAMESPACE: 'west', CLOUDLET_LOG_LEVEL: level }), workflowTaskQueue: `wf-hobw-${east.suffix}` };
   const westClient: Client = await connectClient(westConfig);
   const westPort = await freePort();
   let westWorker: { w: HostWorker; run: Promise<void> } | undefined;

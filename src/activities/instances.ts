@@ -111,8 +111,9 @@ export function createInstanceActivities(deps: CloudletActivityDeps) {
     rec.hostPort = fwd.hostPort;
     await writeRecord(rec);
     if (sharedRam) {
-      await fs.promises.rm(ramImage, { force: true });
-      await fs.promises.rm(`${ramImage}.json`, { force: true });
+      // Not awaited: freeing a 1 GiB file takes ~0.5 s, and the VM already runs (a retry of this
+      // step finds it running and returns early).
+      void fs.promises.rm(`${ramImage}.json`, { force: true }).then(() => fs.promises.rm(ramImage, { force: true })).catch((e: unknown) => log.warn({ file: ramImage, err: String(e) }, 'could not remove the shared RAM image'));
     }
     log.info({ instanceId: rec.instanceId, domain: rec.domain, restoreMs: restored.ms, replugMs, hostPort: fwd.hostPort }, 'instance running');
     const incoming = restored.incomingMs !== undefined ? { startMs: restored.startMs ?? 0, fillMs: restored.fillMs ?? 0, incomingMs: restored.incomingMs } : undefined;
