@@ -20,6 +20,15 @@ describe('xz decompression', () => {
     expect(short.length).toBe(text.length);
   });
 
+  it('lzma-native, the fallback, stops past the declared size too, and gives short output as it is', async () => {
+    const xz = await xzCompress(Buffer.alloc(16 * 1024 * 1024), 1);
+    await expect(xzDecompressNative(xz, 1024 * 1024)).rejects.toThrow(/inflates past the 1048576 bytes/);
+    const small = await xzCompress(text, 1);
+    expect((await xzDecompressNative(small, text.length)).equals(text)).toBe(true);
+    expect((await xzDecompressNative(small, text.length + 10)).length).toBe(text.length);
+    await expect(xzDecompressNative(Buffer.from('not xz at all'), 10)).rejects.toThrow();
+  });
+
   it('a damaged stream is an error that says what xz found', async () => {
     const xz = await xzCompress(text, 6);
     const mid = Math.floor(xz.length / 2);

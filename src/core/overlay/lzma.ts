@@ -11,6 +11,7 @@ import { spawn } from 'node:child_process';
 interface LzmaNative {
   compress(data: Buffer, options: { preset: number; threads?: number }): Promise<Buffer>;
   decompress(data: Buffer, options?: Record<string, unknown>): Promise<Buffer>;
+  createDecompressor(options?: { memlimit?: number }): NodeJS.ReadWriteStream & { destroy(): void };
 }
 
 // eslint-disable-next-line @typescript-eslint/no-require-imports
@@ -23,9 +24,36 @@ export function xzCompress(data: Buffer, level: number): Promise<Buffer> {
   return lzma.compress(data, { preset: level });
 }
 
-/** Decompresses with lzma-native (in-process); `expectedLength` is checked by the caller. */
-export function xzDecompressNative(data: Buffer): Promise<Buffer> {
-  return lzma.decompress(data);
+/**
+ * Decompresses with lzma-native (in-process). With `expectedLength`, output past it stops the
+ * decoder at once and rejects, as the binary path does (an xz bomb never fills memory).
+ */
+export function xzDecompressNative(data: Buffer, expectedLength?: number): Promise<Buffer> {
+  if (expectedLength === undefined) return lzma.decompress(data);
+  return new Promise((resolve, reject) => {
+    const decoder = lzma.createDecompressor({ memlimit: 256 * 1024 * 1024 });
+    const chunks: Buffer[] = [];
+    let got = 0;
+    let settled = false;
+    const settle = (f: () => void): void => {
+      if (settled) return;
+      settled = true;
+      f();
+    };
+    decoder.on('data', (c: Buffer) => {
+      if (settled) return;
+      got += c.length;
+      if (got > expectedLength) {
+        settle(() => reject(new Error(`it inflates past the ${expectedLength} bytes the meta declares`)));
+        decoder.destroy();
+        return;
+      }
+      chunks.push(c);
+    });
+    decoder.on('error', (e: Error) => settle(() => reject(e)));
+    decoder.on('end', () => settle(() => resolve(Buffer.concat(chunks, got))));
+    decoder.end(data);
+  });
 }
 
 /** `xz` could not run or was stopped from outside: the input is not to blame; decode in-process. */
@@ -101,5 +129,5 @@ export async function xzDecompress(data: Buffer, expectedLength?: number): Promi
       if (/ENOENT/.test(e.message)) binaryMissing = true;
     }
   }
-  return xzDecompressNative(data);
+  return xzDecompressNative(data, expectedLength);
 }
