@@ -12,7 +12,12 @@ import { HandoffDestination } from '../core/handoff/destination';
 import { handoffPaths } from '../core/handoff/paths';
 import type { Hypervisor } from '../hypervisor/types';
 import { withHeartbeats } from './heartbeat';
+import { randomUUID } from 'node:crypto';
 import { instanceRecords, SHARED_RAM_IMAGE, type InstanceRecord } from './instance-records';
+import { createQcow2Overlay } from '../hypervisor/disk';
+import { editDomainXml } from '../hypervisor/domain-xml';
+import { fillRamFile } from '../hypervisor/ram-file';
+import type { PreparePart } from '../core/handoff/round';
 
 export interface HandoffDestinationDeps {
   hostId: string;
@@ -28,6 +33,24 @@ export interface ReceiveInput {
   baseId: string;
 }
 
+/** In the handoff's directory: the VM started ahead of the cut-over (startAhead). */
+const STARTED_AHEAD = 'started-ahead.json';
+
+interface StartedAhead {
+  domain: string;
+  ramFile: string;
+  offset: number;
+  length: number;
+}
+
+async function readStarted(dir: string): Promise<StartedAhead | undefined> {
+  try {
+    return JSON.parse(await fs.promises.readFile(path.join(dir, STARTED_AHEAD), 'utf8')) as StartedAhead;
+  } catch {
+    return undefined;
+  }
+}
+
 export function createHandoffDestinationActivities(deps: HandoffDestinationDeps) {
   const { hypervisor: hv, log } = deps;
   const records = instanceRecords(deps.hostId, deps.dataDir);
@@ -36,6 +59,37 @@ export function createHandoffDestinationActivities(deps: HandoffDestinationDeps)
   async function open(input: ReceiveInput): Promise<HandoffDestination> {
     const base = await openBase(storeRoot, input.baseId);
     return HandoffDestination.open(handoffPaths(deps.dataDir, input.handoffId).work, base);
+  }
+
+  /**
+   * Starts the VM's QEMU ahead of the cut-over, paused and waiting for its device state, on an
+   * empty disk layer over the base (rewritten in place at the cut-over) and with its RAM file
+   * filled from the memory image as of this round; later rounds write their pages into that file
+   * too. A failure here is logged and costs nothing but time: the cut-over then starts the VM
+   * itself. Returns how long it took, or undefined when it did not happen.
+   */
+  async function startAhead(input: ReceiveInput, dest: HandoffDestination, prepare: PreparePart): Promise<number | undefined> {
+    const t0 = performance.now();
+    const dir = records.dir(input.instanceId);
+    const domain = records.domainName(input.instanceId);
+    try {
+      const base = await openBase(storeRoot, input.baseId);
+      await fs.promises.mkdir(dir, { recursive: true });
+      const diskPath = path.join(dir, 'disk.qcow2');
+      await fs.promises.rm(diskPath, { force: true });
+      await createQcow2Overlay(diskPath, base.diskPath, 'raw');
+      const xml = editDomainXml(prepare.domainXml, { name: domain, uuid: randomUUID(), diskPath, diskFormat: 'qcow2', serialPath: path.join(dir, 'serial.log'), sharedMemory: true }, 'domain XML of a handoff round');
+      const vm = await hv.startIncoming(xml);
+      await fillRamFile(vm.ramFile.path, { path: dest.memPath, offset: prepare.sharedRam.offset, length: prepare.sharedRam.length });
+      const started: StartedAhead = { domain, ramFile: vm.ramFile.path, offset: prepare.sharedRam.offset, length: prepare.sharedRam.length };
+      await fs.promises.writeFile(path.join(handoffPaths(deps.dataDir, input.handoffId).dir, STARTED_AHEAD), JSON.stringify(started));
+      return Math.round(performance.now() - t0);
+    } catch (e) {
+      log.warn({ handoffId: input.handoffId, domain, err: isCloudletError(e) ? e.message : String(e) }, 'could not start the VM ahead of the cut-over; the cut-over will');
+      await hv.destroy(domain).catch(() => undefined);
+      await fs.promises.rm(dir, { recursive: true, force: true });
+      return undefined;
+    }
   }
 
   return {
@@ -87,9 +141,14 @@ export function createHandoffDestinationActivities(deps: HandoffDestinationDeps)
       if (!fs.existsSync(file)) {
         throw new CloudletError('CONFLICT', `round ${input.round} of handoff ${input.handoffId} has not arrived on host ${deps.hostId}`, { fix: 'upload it to the receiver first' });
       }
-      const r = await withHeartbeats(dest.applyRound(file, { handoffId: input.handoffId, round: input.round }), () => ({ stage: `apply round ${input.round}` }));
+      const p = handoffPaths(deps.dataDir, input.handoffId);
+      const started = await readStarted(p.dir);
+      const mirror = started ? { path: started.ramFile, offset: started.offset, length: started.length } : undefined;
+      const { prepare, ...r } = await withHeartbeats(dest.applyRound(file, { handoffId: input.handoffId, round: input.round }, mirror), () => ({ stage: `apply round ${input.round}` }));
       await fs.promises.rm(file, { force: true });
-      log.info({ handoffId: input.handoffId, round: r.round, ms: r.ms, stats: r.stats }, 'handoff round applied');
+      let startMs: number | undefined;
+      if (prepare && !r.final && !started) startMs = await startAhead(input, dest, prepare);
+      log.info({ handoffId: input.handoffId, round: r.round, ms: r.ms, stats: r.stats, ...(startMs !== undefined ? { startAheadMs: startMs } : {}) }, 'handoff round applied');
       return r;
     },
 
@@ -104,9 +163,11 @@ export function createHandoffDestinationActivities(deps: HandoffDestinationDeps)
       if (fs.existsSync(path.join(dir, 'synthesized'))) return { timings: {} };
       await fs.promises.mkdir(dir, { recursive: true });
       const dest = await open(input);
-      const r = await withHeartbeats(dest.finish({ diskPath: path.join(dir, 'disk.qcow2'), savePath: path.join(dir, 'memory.sav'), ramPath: path.join(dir, SHARED_RAM_IMAGE) }), () => ({ stage: 'rebuild and verify' }));
-      // The VM's shared RAM block is loaded from the rebuilt memory image (restoreAsInstance).
-      if (r.final.sharedRam) await fs.promises.writeFile(path.join(dir, `${SHARED_RAM_IMAGE}.json`), JSON.stringify(r.final.sharedRam));
+      const started = await readStarted(p.dir);
+      const r = await withHeartbeats(dest.finish({ diskPath: path.join(dir, 'disk.qcow2'), savePath: path.join(dir, 'memory.sav'), ramPath: path.join(dir, SHARED_RAM_IMAGE), inPlaceDisk: started !== undefined }), () => ({ stage: 'rebuild and verify' }));
+      // The VM's shared RAM block is loaded from the rebuilt memory image (restoreAsInstance), or
+      // is already in the RAM file of the VM started ahead, which then only takes the device state.
+      if (r.final.sharedRam) await fs.promises.writeFile(path.join(dir, `${SHARED_RAM_IMAGE}.json`), JSON.stringify({ ...r.final.sharedRam, ...(started ? { startedAhead: started.domain } : {}) }));
       const rec: InstanceRecord = {
         instanceId: input.instanceId,
         hostId: deps.hostId,
@@ -136,7 +197,9 @@ export function createHandoffDestinationActivities(deps: HandoffDestinationDeps)
           removedInstance = true;
         }
       } else {
-        // Files of a finish that stopped half-way (no record yet).
+        // Files of a finish that stopped half-way (no record yet), and a VM started ahead (the
+        // destination refuses an instance id it already runs, so that domain name is this handoff's).
+        if (fs.existsSync(path.join(p.dir, STARTED_AHEAD))) await hv.destroy(records.domainName(input.instanceId));
         await fs.promises.rm(records.dir(input.instanceId), { recursive: true, force: true });
       }
       await fs.promises.rm(p.dir, { recursive: true, force: true });

@@ -71,10 +71,15 @@ export function createInstanceActivities(deps: CloudletActivityDeps) {
    * arrives by handoff is the same VM on the same virtual network, so its guest need not notice a
    * new device (no hot-plug, no DHCP before it answers).
    */
-  async function restoreAsInstance(rec: InstanceRecord, savePath: string, diskPath: string, verify?: Fingerprint, keepNic = false): Promise<{ restoreMs: number; replugMs: number; hostPort: number; verified?: VmFingerprint; incoming?: { startMs: number; fillMs: number; incomingMs: number } }> {
+  async function restoreAsInstance(rec: InstanceRecord, savePath: string, diskPath: string, verify?: Fingerprint, keepNic = false): Promise<{ restoreMs: number; replugMs: number; hostPort: number; verified?: VmFingerprint; incoming?: { startMs?: number; fillMs?: number; incomingMs: number } }> {
     const state = await hv.state(rec.domain);
     if (state === 'running' && rec.hostPort !== undefined) return { restoreMs: 0, replugMs: 0, hostPort: rec.hostPort };
-    if (state !== 'absent') {
+    const ramImage = path.join(path.dirname(savePath), SHARED_RAM_IMAGE);
+    const sharedRam = fs.existsSync(`${ramImage}.json`) ? (JSON.parse(await fs.promises.readFile(`${ramImage}.json`, 'utf8')) as { offset: number; length: number; startedAhead?: string }) : undefined;
+    // A VM a handoff started ahead (paused, waiting for its device state, its RAM filled) is used
+    // as it is; anything else under this name is a leftover.
+    let ahead = sharedRam?.startedAhead === rec.domain && state === 'paused';
+    if (state !== 'absent' && !ahead) {
       await hv.destroy(rec.domain);
       await hv.undefine(rec.domain);
     }
@@ -83,10 +88,19 @@ export function createInstanceActivities(deps: CloudletActivityDeps) {
     // Every instance's RAM is a shared file: a handoff reads it and hands it over without a memory stream.
     const xml = editDomainXml(header.domainXml, { name: rec.domain, uuid: randomUUID(), diskPath, diskFormat: 'qcow2', serialPath, sharedMemory: true, incomingDefer: false }, `domain XML of ${savePath}`);
     await rewriteSaveHeaderXml(savePath, xml);
-    const ramImage = path.join(path.dirname(savePath), SHARED_RAM_IMAGE);
-    const sharedRam = fs.existsSync(`${ramImage}.json`) ? (JSON.parse(await fs.promises.readFile(`${ramImage}.json`, 'utf8')) as { offset: number; length: number }) : undefined;
     const restored: RestoreResult & Partial<RestoreIncomingResult> = await step('restore', async (): Promise<RestoreResult & Partial<RestoreIncomingResult>> => {
       if (!sharedRam) return withHeartbeats(hv.restore(savePath, verify ? { paused: true } : {}), () => ({ stage: 'resume' }));
+      if (ahead) {
+        try {
+          const c = await withHeartbeats(hv.completeIncoming(rec.domain, savePath, verify ? { paused: true } : {}), () => ({ stage: 'resume' }));
+          return { name: rec.domain, ms: c.ms, incomingMs: c.ms };
+        } catch (e) {
+          // E.g. a retry after the device state was taken: start afresh from the memory image.
+          log.warn({ domain: rec.domain, err: String(e) }, 'the VM started ahead did not take its device state; restoring it anew');
+          ahead = false;
+          await hv.destroy(rec.domain);
+        }
+      }
       // A device-state save (x-ignore-shared): the RAM block comes from the rebuilt memory image.
       // (The image stays until the instance runs: a retried step needs it again.)
       return withHeartbeats(hv.restoreIncoming(savePath, { path: ramImage, offset: sharedRam.offset, length: sharedRam.length }, verify ? { paused: true } : {}), () => ({ stage: 'resume' }));
@@ -116,7 +130,7 @@ export function createInstanceActivities(deps: CloudletActivityDeps) {
       void fs.promises.rm(`${ramImage}.json`, { force: true }).then(() => fs.promises.rm(ramImage, { force: true })).catch((e: unknown) => log.warn({ file: ramImage, err: String(e) }, 'could not remove the shared RAM image'));
     }
     log.info({ instanceId: rec.instanceId, domain: rec.domain, restoreMs: restored.ms, replugMs, hostPort: fwd.hostPort }, 'instance running');
-    const incoming = restored.incomingMs !== undefined ? { startMs: restored.startMs ?? 0, fillMs: restored.fillMs ?? 0, incomingMs: restored.incomingMs } : undefined;
+    const incoming = restored.incomingMs !== undefined ? { ...(restored.startMs !== undefined ? { startMs: restored.startMs } : {}), ...(restored.fillMs !== undefined ? { fillMs: restored.fillMs } : {}), incomingMs: restored.incomingMs } : undefined;
     return { restoreMs: restored.ms, replugMs, hostPort: fwd.hostPort, ...(verified ? { verified } : {}), ...(incoming ? { incoming } : {}) };
   }
 
@@ -298,8 +312,9 @@ export function createInstanceActivities(deps: CloudletActivityDeps) {
       const r = await restoreAsInstance(rec, path.join(dir, 'memory.sav'), path.join(dir, 'disk.qcow2'), input.verify, input.keepNic);
       const timings: Record<string, number> = { [input.keepNic ? 'resumeMs' : 'resume and replug NICMs']: Date.now() - t0 };
       if (r.incoming) {
-        timings['start QEMU for the device stateMs'] = r.incoming.startMs;
-        timings['fill shared RAMMs'] = r.incoming.fillMs;
+        // No start and fill here: the VM was started ahead of the cut-over, during the live rounds.
+        if (r.incoming.startMs !== undefined) timings['start QEMU for the device stateMs'] = r.incoming.startMs;
+        if (r.incoming.fillMs !== undefined) timings['fill shared RAMMs'] = r.incoming.fillMs;
         timings['load device stateMs'] = r.incoming.incomingMs;
       }
       if (input.waitForApp) {

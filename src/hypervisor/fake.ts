@@ -145,6 +145,16 @@ export class FakeHypervisor implements Hypervisor {
     return { ...r, startMs: 0, fillMs: 0, incomingMs: 0 };
   }
 
+  async startIncoming(xml: string): Promise<{ name: string; ramFile: SharedRam; ms: number }> {
+    this.record('startIncoming', xml.length);
+    throw new CloudletError('HYPERVISOR', 'the fake hypervisor keeps no guest RAM in files', { fix: 'use the libvirt adapter' });
+  }
+
+  async completeIncoming(name: string, file: string): Promise<{ ms: number }> {
+    this.record('completeIncoming', name, file);
+    throw new CloudletError('HYPERVISOR', 'the fake hypervisor keeps no guest RAM in files', { fix: 'use the libvirt adapter' });
+  }
+
   async restore(file: string, options: RestoreOptions = {}): Promise<RestoreResult> {
     this.record('restore', file, options);
     const saved = this.readSave(file);

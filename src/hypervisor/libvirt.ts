@@ -600,29 +600,52 @@ export class LibvirtHypervisor implements Hypervisor {
     assertFile(abs, 'save file', 'pass the path of a file written by streamMemory with ignoreShared');
     assertFile(ram.path, 'RAM image', 'pass the memory image the handoff rebuilt');
     const header = await readSaveHeader(abs);
-    const xml = editDomainXml(header.domainXml, { sharedMemory: true, incomingDefer: true }, `domain XML of ${abs}`);
-    this.assertXmlFiles(xml, `domain XML of ${abs}`);
-    const name = parseDomainXml(xml).name;
     const t0 = performance.now();
-    await this.withTempFile(xml, (x) => this.virsh('start the domain for an incoming migration', ['create', x, '--paused'], name));
+    const started = await this.startIncoming(header.domainXml);
+    const { name } = started;
     try {
-      const startMs = since(t0);
       const t1 = performance.now();
-      const shared = await this.sharedRamFile(name);
-      if (!shared) {
-        throw new CloudletError('HYPERVISOR', `domain "${name}" started without its RAM in a shared file`, { fix: 'check memory_backing_dir in /etc/libvirt/qemu.conf (bash infra/libvirt.sh start sets it)' });
-      }
-      await fillRamFile(shared.path, ram);
+      await fillRamFile(started.ramFile.path, ram);
       const fillMs = since(t1);
-      const inc = await migrateFromFile({ domain: name, file: abs, streamOffset: header.qemuStreamOffset, qmp: this.qmp(name), qmpBatch: this.qmpBatch(name), log: this.log });
-      if (!options.paused) await this.resume(name);
+      const inc = await this.completeIncoming(name, abs, options);
       const ms = since(t0);
-      this.log.info({ domain: name, file: abs, ms, startMs, fillMs, incomingMs: inc.ms }, 'domain restored from shared RAM and its device state');
-      return { name, ms, startMs, fillMs, incomingMs: inc.ms };
+      this.log.info({ domain: name, file: abs, ms, startMs: started.ms, fillMs, incomingMs: inc.ms }, 'domain restored from shared RAM and its device state');
+      return { name, ms, startMs: started.ms, fillMs, incomingMs: inc.ms };
     } catch (e) {
       await this.destroy(name).catch(() => undefined);
       throw e;
     }
+  }
+
+  async startIncoming(domainXml: string): Promise<{ name: string; ramFile: SharedRam; ms: number }> {
+    const xml = editDomainXml(domainXml, { sharedMemory: true, incomingDefer: true }, 'domain XML for an incoming VM');
+    this.assertXmlFiles(xml, 'domain XML for an incoming VM');
+    const name = parseDomainXml(xml).name;
+    assertName(name);
+    const t0 = performance.now();
+    await this.withTempFile(xml, (x) => this.virsh('start the domain for an incoming migration', ['create', x, '--paused'], name));
+    try {
+      const ramFile = await this.sharedRamFile(name);
+      if (!ramFile) {
+        throw new CloudletError('HYPERVISOR', `domain "${name}" started without its RAM in a shared file`, { fix: 'check memory_backing_dir in /etc/libvirt/qemu.conf (bash infra/libvirt.sh start sets it)' });
+      }
+      const ms = since(t0);
+      this.log.info({ domain: name, ramFile: ramFile.path, ms }, 'domain started, waiting for its device state');
+      return { name, ramFile, ms };
+    } catch (e) {
+      await this.destroy(name).catch(() => undefined);
+      throw e;
+    }
+  }
+
+  async completeIncoming(name: string, file: string, options: { paused?: boolean } = {}): Promise<{ ms: number }> {
+    const abs = path.resolve(file);
+    assertFile(abs, 'save file', 'pass the path of a file written by streamMemory with ignoreShared');
+    const header = await readSaveHeader(abs);
+    const t0 = performance.now();
+    await migrateFromFile({ domain: name, file: abs, streamOffset: header.qemuStreamOffset, qmp: this.qmp(name), qmpBatch: this.qmpBatch(name), log: this.log });
+    if (!options.paused) await this.resume(name);
+    return { ms: since(t0) };
   }
 
   async pmemsave(name: string, outPath: string, bytes: number): Promise<void> {

@@ -178,6 +178,15 @@ export interface Hypervisor {
    * that file, then feeds it the stream. Paused when `paused`, else running.
    */
   restoreIncoming(path: string, ram: RamImage, options?: { paused?: boolean }): Promise<RestoreIncomingResult>;
+  /**
+   * The first half of restoreIncoming, ahead of time: starts a (transient) domain from `xml` with
+   * its RAM in a shared file and `-incoming defer`, paused, waiting for a device state; returns its
+   * RAM file for the caller to fill. Its disks are opened inactive: until completeIncoming, their
+   * files may still be rewritten in place (QEMU re-reads them when the migration completes).
+   */
+  startIncoming(xml: string): Promise<{ name: string; ramFile: SharedRam; ms: number }>;
+  /** The second half: loads the device state from a save file of an x-ignore-shared stream; paused when `paused`, else running. */
+  completeIncoming(name: string, path: string, options?: { paused?: boolean }): Promise<{ ms: number }>;
   /** The domain's guest RAM file, when its RAM is a shared file; undefined otherwise. */
   sharedRamFile(name: string): Promise<SharedRam | undefined>;
   /** Hot-unplugs the domain's NIC and plugs a new user-mode virtio NIC with `mac`. */

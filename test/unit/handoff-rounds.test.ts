@@ -6,7 +6,7 @@
  */
 import { execFileSync } from 'node:child_process';
 import { createHash } from 'node:crypto';
-import { mkdtempSync, readFileSync, rmSync, writeFileSync } from 'node:fs';
+import { mkdtempSync, readFileSync, rmSync, statSync, writeFileSync } from 'node:fs';
 import { tmpdir } from 'node:os';
 import path from 'node:path';
 import { buildChunkIndex } from '../../src/core/chunk';
@@ -79,6 +79,10 @@ test('live rounds then a final round rebuild the exact save file and disk at the
   expect(r1.meta.stats.memRaw).toBeGreaterThan(15);
   expect(r1.meta.stats.diskRaw).toBe(16);
   await dst.applyRound(path.join(dir, 'r1'), { handoffId: 'h1', round: 1 });
+  // A VM started ahead after round 1: its RAM file is filled from the image (here: a copy of the
+  // image's first 40 pages), and later rounds write their pages of that range into it too.
+  const mirror = { path: path.join(dir, 'ram.mirror'), offset: 0, length: 40 * 4096 };
+  writeFileSync(mirror.path, readFileSync(dst.memPath).subarray(0, mirror.length));
 
   // Round 2: a few pages change again, one page goes back to the base, the disk gets a zeroed range and new data.
   qemuIo(l2, 'write -P 0x22 128k 8k');
@@ -90,9 +94,9 @@ test('live rounds then a final round rebuild the exact save file and disk at the
   await src.commit();
   expect(r2.meta.stats.memBase).toBe(1);
   expect(r2.meta.stats.memRaw).toBeLessThan(8);
-  await dst.applyRound(path.join(dir, 'r2'), { handoffId: 'h1', round: 2 });
+  await dst.applyRound(path.join(dir, 'r2'), { handoffId: 'h1', round: 2 }, mirror);
   // Applying a round again is harmless.
-  await dst.applyRound(path.join(dir, 'r2'), { handoffId: 'h1', round: 2 });
+  await dst.applyRound(path.join(dir, 'r2'), { handoffId: 'h1', round: 2 }, mirror);
 
   // Final round: nothing changed in memory since m2 except page 9; disk L3 gets one write.
   qemuIo(l3, 'write -P 0x33 4k 4k');
@@ -101,10 +105,15 @@ test('live rounds then a final round rebuild the exact save file and disk at the
   const r3 = await src.buildRound({ round: 3, memorySave: m3, diskLayers: [l3], outPath: path.join(dir, 'r3'), compression: { codec: 'xz', level: 6 }, final: true });
   expect(r3.meta.stats.memRaw).toBe(1);
   expect(r3.meta.stats.memBase).toBe(2);
-  await dst.applyRound(path.join(dir, 'r3'), { handoffId: 'h1', round: 3 });
+  await dst.applyRound(path.join(dir, 'r3'), { handoffId: 'h1', round: 3 }, mirror);
+  expect(readFileSync(mirror.path).equals(readFileSync(dst.memPath).subarray(0, mirror.length))).toBe(true);
 
-  const out = { diskPath: path.join(dir, 'out.qcow2'), savePath: path.join(dir, 'out.save') };
+  // The disk is rewritten in place: the file a VM started ahead holds open keeps its inode.
+  const out = { diskPath: path.join(dir, 'out.qcow2'), savePath: path.join(dir, 'out.save'), inPlaceDisk: true };
+  writeFileSync(out.diskPath, 'an empty layer a VM holds open');
+  const inode = statSync(out.diskPath).ino;
   await dst.finish(out);
+  expect(statSync(out.diskPath).ino).toBe(inode);
   expect(sha(readFileSync(out.savePath))).toBe(sha(readFileSync(m3)));
   expect(sha(guestDisk(out.diskPath))).toBe(sha(guestDisk(l3)));
 });

@@ -16,7 +16,7 @@ import { buildChunkIndex, type ChunkIndex } from '../chunk';
 import { CHUNK, Kind, Target, ZERO_CHUNK, ZERO_CHUNK_SHA256 } from '../overlay/format';
 import { Qcow2Writer } from '../overlay/qcow2-writer';
 import { joinSnapshot } from '../snapshot';
-import { readRoundBlob, readRoundMeta, recordsOf, stateDigest, type FinalPart, type RoundMeta } from './round';
+import { readRoundBlob, readRoundMeta, recordsOf, stateDigest, type FinalPart, type PreparePart, type RoundMeta } from './round';
 import { digestsOf, readFully } from './source';
 
 const execFileP = promisify(execFile);
@@ -46,6 +46,15 @@ export interface AppliedRound {
   stats: RoundMeta['stats'];
   final: boolean;
   ms: number;
+  /** A live round's description of the VM, to start it ahead of the cut-over (round.ts PreparePart). */
+  prepare?: PreparePart;
+}
+
+/** A VM started ahead of the cut-over: its RAM file receives the pages of `[offset, offset + length)` of the memory image too. */
+export interface RamMirror {
+  path: string;
+  offset: number;
+  length: number;
 }
 
 export class HandoffDestination {
@@ -55,7 +64,8 @@ export class HandoffDestination {
     private progress: Progress,
   ) {}
 
-  private get memPath(): string {
+  /** The working memory image (the base's, with the rounds applied so far). */
+  get memPath(): string {
     return path.join(this.dir, 'mem.img');
   }
   private get deltaPath(): string {
@@ -104,7 +114,7 @@ export class HandoffDestination {
    * Applies round `file` (rounds count from 1 and apply in order; a round already applied is
    * skipped, so a retried apply is harmless).
    */
-  async applyRound(file: string, expect: { handoffId: string; round: number }): Promise<AppliedRound> {
+  async applyRound(file: string, expect: { handoffId: string; round: number }, ram?: RamMirror): Promise<AppliedRound> {
     const t0 = performance.now();
     const fh = await open(file, 'r');
     try {
@@ -114,7 +124,7 @@ export class HandoffDestination {
           fix: 'the source resends the round: retry the handoff',
         });
       }
-      const done = { round: meta.round, stats: meta.stats, final: meta.final !== undefined };
+      const done = { round: meta.round, stats: meta.stats, final: meta.final !== undefined, ...(meta.prepare ? { prepare: meta.prepare } : {}) };
       if (meta.round <= this.progress.lastRound) return { ...done, ms: 0 };
       if (meta.round !== this.progress.lastRound + 1) {
         throw new CloudletError('CONFLICT', `round ${meta.round} arrived before round ${this.progress.lastRound + 1}`, { fix: 'send the rounds in order' });
@@ -122,6 +132,7 @@ export class HandoffDestination {
       const states = await readFile(path.join(this.dir, 'disk.state'));
       const memDigests = await readFile(path.join(this.dir, 'mem.digests')).catch(() => undefined);
       const mem = openSync(this.memPath, 'r+');
+      const mirror = ram ? openSync(ram.path, 'r+') : -1;
       const delta = openSync(this.deltaPath, 'r+');
       const baseMem = openSync(this.base.memImagePath, 'r');
       const baseDisk = openSync(this.base.diskPath, 'r');
@@ -153,6 +164,7 @@ export class HandoffDestination {
               else if (r.kind === Kind.BaseDisk) content = readPage(baseDisk, page, (r.src ?? 0) + k);
               if (r.target === Target.Memory) {
                 writeAll(mem, content, c * CHUNK);
+                if (ram && c * CHUNK >= ram.offset && c * CHUNK < ram.offset + ram.length) writeAll(mirror, content.subarray(0, Math.min(CHUNK, ram.offset + ram.length - c * CHUNK)), c * CHUNK - ram.offset);
                 if (memDigests) pageDigest(r.kind, content, r.src === undefined ? undefined : r.src + k, this.base).copy(memDigests, c * 32);
               } else {
                 writeAll(delta, content, c * CHUNK);
@@ -163,6 +175,7 @@ export class HandoffDestination {
         }
       } finally {
         closeSync(mem);
+        if (mirror >= 0) closeSync(mirror);
         closeSync(delta);
         closeSync(baseMem);
         closeSync(baseDisk);
@@ -191,7 +204,11 @@ export class HandoffDestination {
    * After the last round: rebuilds the VM's save file and disk (a qcow2 over the base disk) and
    * checks both against the source's digests. DIGEST_MISMATCH when they differ.
    */
-  async finish(out: { diskPath: string; savePath: string; ramPath?: string }): Promise<{ final: FinalPart; ms: { join: number; disk: number; verify: number; verifyMemory?: number } }> {
+  /**
+   * `inPlaceDisk`: a VM started ahead of the cut-over holds `diskPath` open (inactive, re-read when
+   * its migration completes): the disk is rewritten into that same file, not renamed over it.
+   */
+  async finish(out: { diskPath: string; savePath: string; ramPath?: string; inPlaceDisk?: boolean }): Promise<{ final: FinalPart; ms: { join: number; disk: number; verify: number; verifyMemory?: number } }> {
     const final = this.progress.final;
     if (!final) throw new CloudletError('CONFLICT', 'the last round has not been applied yet', { fix: 'send the final round first' });
     const t0 = performance.now();
@@ -210,9 +227,9 @@ export class HandoffDestination {
     }
     const t1 = performance.now();
     const states = await readFile(path.join(this.dir, 'disk.state'));
-    const diskTmp = `${out.diskPath}.tmp`;
-    await rm(diskTmp, { force: true });
-    const writer = new Qcow2Writer(diskTmp, final.diskVirtualSize, path.resolve(this.base.diskPath));
+    const diskTmp = out.inPlaceDisk ? out.diskPath : `${out.diskPath}.tmp`;
+    if (!out.inPlaceDisk) await rm(diskTmp, { force: true });
+    const writer = new Qcow2Writer(diskTmp, final.diskVirtualSize, path.resolve(this.base.diskPath), 'raw', { overwrite: out.inPlaceDisk === true });
     const digests = Buffer.alloc(states.length * 32);
     const delta = openSync(this.deltaPath, 'r');
     try {
@@ -264,7 +281,7 @@ export class HandoffDestination {
         fix: 'the source keeps running; retry the handoff',
       });
     }
-    await rename(diskTmp, out.diskPath);
+    if (!out.inPlaceDisk) await rename(diskTmp, out.diskPath);
     await rename(saveTmp, out.savePath);
     if (final.sharedRam) await rename(this.memPath, out.ramPath ?? path.join(path.dirname(out.savePath), 'memory.ram'));
     return { final, ms: { join: Math.round(t1 - t0), disk: Math.round(t2 - t1), verify: Math.round(performance.now() - t2), ...(verifyMemory !== undefined ? { verifyMemory } : {}) } };

@@ -45,6 +45,8 @@ export const RoundStatsSchema = z.object({
 });
 export type RoundStats = z.infer<typeof RoundStatsSchema>;
 
+const SharedRamSchema = z.object({ block: z.string().min(1), offset: uint, length: uint });
+
 /** What only the last round carries: how to rebuild the save file, and digests to verify. */
 export const FinalPartSchema = z.object({
   skeleton: BlobSchema,
@@ -56,7 +58,7 @@ export const FinalPartSchema = z.object({
    * its memory image (offset, length) into the VM's shared RAM file, and verifies it by
    * memStateSha256 (the save file's digest does not cover it).
    */
-  sharedRam: z.object({ block: z.string().min(1), offset: uint, length: uint }).optional(),
+  sharedRam: SharedRamSchema.optional(),
   saveFileSize: uint,
   saveFileSha256: hex64,
   /** sha256 over the source's digests of every memory page / disk chunk (see stateDigest). */
@@ -66,10 +68,19 @@ export const FinalPartSchema = z.object({
 });
 export type FinalPart = z.infer<typeof FinalPartSchema>;
 
+/**
+ * What a live round of a VM with shared RAM tells the destination so that it can start the VM's
+ * QEMU ahead of the cut-over (waiting for the device state) and fill its RAM file while the
+ * source still runs: the domain XML and where the RAM block is in the memory image.
+ */
+export const PreparePartSchema = z.object({ domainXml: z.string().min(1), sharedRam: SharedRamSchema });
+export type PreparePart = z.infer<typeof PreparePartSchema>;
+
 export const RoundMetaSchema = z.object({
   handoffId: z.string().min(1),
   round: uint,
   baseId: z.string().min(1),
+  prepare: PreparePartSchema.optional(),
   compression: CompressionSchema,
   segments: z.array(BlobSchema.extend({ records: uint })),
   stats: RoundStatsSchema,
@@ -184,7 +195,7 @@ export class RoundWriter {
   }
 
   /** Writes the remaining segments, the skeleton (final round) and the trailer; returns the meta and the file's size. */
-  async finish(head: { handoffId: string; round: number; baseId: string }, final?: Omit<FinalPart, 'skeleton'> & { skeleton: Buffer }): Promise<{ meta: RoundMeta; bytes: number }> {
+  async finish(head: { handoffId: string; round: number; baseId: string; prepare?: PreparePart }, final?: Omit<FinalPart, 'skeleton'> & { skeleton: Buffer }): Promise<{ meta: RoundMeta; bytes: number }> {
     await this.cut();
     while (this.pending.length > 0) await this.flushOne();
     const meta: RoundMeta = { ...head, compression: this.compression, segments: this.segments, stats: this.stats };

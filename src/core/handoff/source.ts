@@ -214,7 +214,12 @@ export class HandoffSource {
       const tMem = performance.now();
       rawBytes += await this.diffDisk(input.diskLayers, w, input);
       const tDisk = performance.now();
-      const head = { handoffId: this.handoffId, round: input.round, baseId: this.base.id };
+      const head = {
+        handoffId: this.handoffId,
+        round: input.round,
+        baseId: this.base.id,
+        ...(!input.final && shared && input.sharedRam ? { prepare: { domainXml: layout.domainXml, sharedRam: { block: input.sharedRam.block, offset: shared.firstChunk * CHUNK, length: shared.size } } } : {}),
+      };
       const { meta, bytes } = input.final
         ? await w.finish(head, {
             skeleton: layout.skeleton,

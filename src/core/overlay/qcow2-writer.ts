@@ -37,12 +37,14 @@ export class Qcow2Writer {
     readonly virtualSize: number,
     readonly backingFile: string,
     readonly backingFormat = 'raw',
+    /** Rewrite an existing file in place (same inode: a process holding it open sees the new content). */
+    options: { overwrite?: boolean } = {},
   ) {
     const name = Buffer.from(backingFile, 'utf8');
     if (name.length > 1023 || HEADER_LENGTH + 8 + 8 + 8 + name.length > CLUSTER) {
       throw new CloudletError('BAD_INPUT', `backing file path is too long for a qcow2 header: ${backingFile}`, { fix: 'use a shorter store path' });
     }
-    this.fd = openSync(path, 'wx+');
+    this.fd = openSync(path, options.overwrite ? 'w+' : 'wx+');
     this.writeHeader(0, 0, 0, 0);
   }
 
