@@ -129,6 +129,13 @@ export function createHandoffSourceActivities(deps: HandoffSourceDeps) {
     // is read from the file.
     let sharedRam: { block: string; path: string; index?: Promise<ChunkIndex> } | undefined = await hv.sharedRamFile(rec.domain);
     const streamOptions = sharedRam ? { ignoreShared: true } : {};
+    /** Starts hashing the RAM file on worker threads, to overlap the device-state stream; the build awaits it. */
+    const hashRamAhead = (): void => {
+      if (!sharedRam) return;
+      const index = buildChunkIndex(sharedRam.path, { holes: 'skip' });
+      index.catch(() => undefined); // a capture failure must not leave it unhandled
+      sharedRam = { ...sharedRam, index };
+    };
     const tc = performance.now();
     let pausedMs = 0;
     const save = p.sourceSave(input.round);
@@ -140,12 +147,8 @@ export function createHandoffSourceActivities(deps: HandoffSourceDeps) {
       layers.frozen.push(snap.previousTop);
       await writeLayers(p.layers, layers);
       diskLayers = layers.frozen.slice(layers.shipped);
-      if (sharedRam) {
-        // The running VM's RAM is hashed while its device state streams (the last round corrects what changes meanwhile).
-        const index = buildChunkIndex(sharedRam.path, { holes: 'skip' });
-        index.catch(() => undefined);
-        sharedRam = { ...sharedRam, index };
-      }
+      // The running VM's RAM is hashed while its device state streams (the last round corrects what changes meanwhile).
+      hashRamAhead();
       try {
         const s = await withHeartbeats(hv.streamMemory(rec.domain, save, streamOptions), () => ({ stage: `round ${input.round}: stream memory` }));
         const tr = performance.now();
@@ -161,13 +164,8 @@ export function createHandoffSourceActivities(deps: HandoffSourceDeps) {
         onPause?.(performance.now());
         await hv.suspend(rec.domain);
       }
-      // Paused: the memory stream is exact and the top layer still. The shared RAM file is hashed
-      // (worker threads) while the device state is captured.
-      if (sharedRam) {
-        const index = buildChunkIndex(sharedRam.path, { holes: 'skip' });
-        index.catch(() => undefined); // awaited by the build; a capture failure must not leave it unhandled
-        sharedRam = { ...sharedRam, index };
-      }
+      // Paused: the memory stream is exact and the top layer still.
+      hashRamAhead();
       await withHeartbeats(hv.streamMemory(rec.domain, save, streamOptions), () => ({ stage: 'last round: stream memory' }));
       diskLayers = [...layers.frozen.slice(layers.shipped), await hv.diskTop(rec.domain)];
     }

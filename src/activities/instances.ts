@@ -78,7 +78,7 @@ export function createInstanceActivities(deps: CloudletActivityDeps) {
     const sharedRam = fs.existsSync(`${ramImage}.json`) ? (JSON.parse(await fs.promises.readFile(`${ramImage}.json`, 'utf8')) as { offset: number; length: number; startedAhead?: string }) : undefined;
     // A VM a handoff started ahead (paused, waiting for its device state, its RAM filled) is used
     // as it is; anything else under this name is a leftover.
-    let ahead = sharedRam?.startedAhead === rec.domain && state === 'paused';
+    const ahead = sharedRam?.startedAhead === rec.domain && state === 'paused';
     if (state !== 'absent' && !ahead) {
       await hv.destroy(rec.domain);
       await hv.undefine(rec.domain);
@@ -97,7 +97,6 @@ export function createInstanceActivities(deps: CloudletActivityDeps) {
         } catch (e) {
           // E.g. a retry after the device state was taken: start afresh from the memory image.
           log.warn({ domain: rec.domain, err: String(e) }, 'the VM started ahead did not take its device state; restoring it anew');
-          ahead = false;
           await hv.destroy(rec.domain);
         }
       }

@@ -214,11 +214,12 @@ export class HandoffSource {
       const tMem = performance.now();
       rawBytes += await this.diffDisk(input.diskLayers, w, input);
       const tDisk = performance.now();
+      const sharedRam = shared && input.sharedRam ? { block: input.sharedRam.block, offset: shared.firstChunk * CHUNK, length: shared.size } : undefined;
       const head = {
         handoffId: this.handoffId,
         round: input.round,
         baseId: this.base.id,
-        ...(!input.final && shared && input.sharedRam ? { prepare: { domainXml: layout.domainXml, sharedRam: { block: input.sharedRam.block, offset: shared.firstChunk * CHUNK, length: shared.size } } } : {}),
+        ...(!input.final && sharedRam ? { prepare: { domainXml: layout.domainXml, sharedRam } } : {}),
       };
       const { meta, bytes } = input.final
         ? await w.finish(head, {
@@ -226,7 +227,7 @@ export class HandoffSource {
             domainXml: layout.domainXml,
             ...(layout.cpuModel !== undefined ? { cpuModel: layout.cpuModel } : {}),
             memImageSize: layout.memImageSize,
-            ...(shared && input.sharedRam ? { sharedRam: { block: input.sharedRam.block, offset: shared.firstChunk * CHUNK, length: shared.size } } : {}),
+            ...(sharedRam ? { sharedRam } : {}),
             saveFileSize: layout.saveFileSize,
             saveFileSha256: layout.saveFileSha256,
             memStateSha256: stateDigest(this.mem),
@@ -278,7 +279,9 @@ export class HandoffSource {
         const d = src.digestAt(at);
         const zero = d.equals(ZERO_CHUNK_SHA256);
         if (!zero) readFully(inRam ? ramFd : fd, page, CHUNK, at * CHUNK);
-        shipped += await this.consider(runs, this.mem, w.stats, 'mem', i, zero ? ZERO_CHUNK : page, zero ? d : createHash('sha256').update(page).digest());
+        // A page of the running VM's RAM file may have changed since it was hashed: hash what was read.
+        const digest = zero || !inRam ? d : createHash('sha256').update(page).digest();
+        shipped += await this.consider(runs, this.mem, w.stats, 'mem', i, zero ? ZERO_CHUNK : page, digest);
       }
       await runs.flush();
     } finally {
