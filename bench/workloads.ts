@@ -35,7 +35,7 @@ import { createInstanceActivities } from '../src/activities/instances';
 import { createRecipeActivities, parseRecipe } from '../src/activities/recipes';
 import { hostTaskQueue } from '../src/common/names';
 import { createLogger } from '../src/common/logger';
-import { hostDir } from '../src/config';
+import { hostDir, loadConfig } from '../src/config';
 import { debianBasePackage } from '../src/guest/base-package';
 import { LibvirtHypervisor } from '../src/hypervisor/libvirt';
 import { LINK_PROFILES, openLink, type LinkProfileName } from '../src/links';
@@ -98,7 +98,7 @@ export async function build(app: WorkloadName, hv: LibvirtHypervisor, base: { pa
   const store = path.join(buildHost, 'store');
   const baseFiles = { disk: path.join(store, 'bases', base.baseId, 'disk.raw'), save: path.join(store, 'bases', base.baseId, 'memory.sav') };
   const log = createLogger('bench-build', 'warn');
-  const acts = createInstanceActivities({ hostId: 'bench-build', dataDir: buildHost, hypervisor: hv, publicUrl: () => 'http://127.0.0.1:0', log });
+  const acts = createInstanceActivities({ hostId: 'bench-build', dataDir: buildHost, hypervisor: hv, publicUrl: () => 'http://127.0.0.1:0', log, fetchPolicy: loadConfig().fetch });
   await acts.importBasePackage({ source: base.packageFile });
   if (!fs.existsSync(infoFile)) {
     progress(`${app}: building the launch VM (recipe ${recipe.recipeId}, ${recipe.packages.length} packages; installing under emulation takes minutes)`);

@@ -19,9 +19,9 @@ done
 ensure_packages "${PACKAGES[@]}"
 
 # 2. npm dependencies (native addons are compiled against this Node's own headers).
-command -v node >/dev/null || die "Node.js is needed (>= 20.9, with npm and its headers, e.g. from NodeSource); install it and retry"
-node -e 'const [a,b]=process.versions.node.split(".").map(Number); process.exit(a>20||(a===20&&b>=9)?0:1)' \
-  || die "Node.js $(node -v) is too old: the tool chain (eslint, typescript-eslint, Temporal) needs >= 20.9; install a newer Node and retry"
+command -v node >/dev/null || die "Node.js is needed (>= 20.18.1, with npm and its headers, e.g. from NodeSource); install it and retry"
+node -e 'const [a,b,c]=process.versions.node.split(".").map(Number); process.exit(a>20||(a===20&&(b>18||(b===18&&c>=1)))?0:1)' \
+  || die "Node.js $(node -v) is too old: the tool chain (eslint, typescript-eslint, Temporal, undici) needs >= 20.18.1; install a newer Node and retry"
 NODE_PREFIX="$(dirname "$(dirname "$(node -p process.execPath)")")"
 [ -f "$NODE_PREFIX/include/node/node.h" ] || die "Node's headers are not at $NODE_PREFIX/include/node; native addons cannot be built (install Node with its headers)"
 export npm_config_nodedir="$NODE_PREFIX"

@@ -6,6 +6,7 @@ import path from 'node:path';
 import { z } from 'zod';
 import { CloudletError } from './core/errors';
 import { HOST_ID_PATTERN, WORKFLOW_TASK_QUEUE } from './common/names';
+import { AllowList, DEFAULT_LIMITS, type FetchPolicy } from './core/fetch/policy';
 
 export const REPO_ROOT = path.resolve(__dirname, '..');
 
@@ -26,6 +27,21 @@ const EnvSchema = z.object({
   CLOUDLET_PROBE_FROM: z.ipv4().or(z.ipv6()).optional(),
   /** Hosts a neighbour's API URL may name (comma-separated; "*.example.org" for a domain); empty: any. */
   CLOUDLET_NEIGHBOUR_HOSTS: z.string().default(''),
+  /**
+   * Where overlays and base packages may be fetched from (docs/security.md): "public", IP
+   * addresses, CIDR ranges, host names, *.domain; comma-separated. Default: this machine's
+   * loopback, where the embedded cluster's hosts publish. Neighbour hosts are added to it.
+   */
+  CLOUDLET_FETCH_ALLOW: z.string().default('127.0.0.1'),
+  /** Directories local overlay and package paths must be under (comma-separated; default <var>/imports and <var>/cache). */
+  CLOUDLET_IMPORT_DIRS: z.string().optional(),
+  CLOUDLET_MAX_OVERLAY_BYTES: z.coerce.number().int().positive().default(DEFAULT_LIMITS.maxOverlayBytes),
+  CLOUDLET_MAX_PACKAGE_BYTES: z.coerce.number().int().positive().default(DEFAULT_LIMITS.maxPackageBytes),
+  /** Connecting to an overlay or package server and receiving its answer's headers, each (seconds). */
+  CLOUDLET_FETCH_TIMEOUT_S: z.coerce.number().positive().default(DEFAULT_LIMITS.headersTimeoutMs / 1000),
+  /** The longest a download may receive nothing (seconds). */
+  CLOUDLET_FETCH_IDLE_TIMEOUT_S: z.coerce.number().positive().default(DEFAULT_LIMITS.bodyIdleTimeoutMs / 1000),
+  CLOUDLET_FETCH_MAX_REDIRECTS: z.coerce.number().int().min(0).max(20).default(DEFAULT_LIMITS.maxRedirects),
 });
 
 export interface Config {
@@ -41,6 +57,8 @@ export interface Config {
   metrics?: { host: string; port: number };
   /** Mobility (docs/mobility.md): the neighbour registry, where probes leave from, allowed neighbour hosts. */
   mobility: { registryFile: string; probeFrom?: string; neighbourHosts: string[] };
+  /** What a host's workers may fetch overlays and packages from, and the limits (docs/security.md). */
+  fetch: FetchPolicy;
 }
 
 export function loadConfig(env: NodeJS.ProcessEnv = process.env): Config {
@@ -53,18 +71,32 @@ export function loadConfig(env: NodeJS.ProcessEnv = process.env): Config {
   }
   const e = parsed.data;
   const uiHost = e.CLOUDLET_TEMPORAL_ADDRESS.split(':')[0] ?? '127.0.0.1';
+  const list = (s: string): string[] => s.split(',').map((h) => h.trim()).filter(Boolean);
+  const neighbourHosts = list(e.CLOUDLET_NEIGHBOUR_HOSTS);
+  const varDir = path.resolve(e.CLOUDLET_VAR);
   return {
     temporalAddress: e.CLOUDLET_TEMPORAL_ADDRESS,
     namespace: e.CLOUDLET_NAMESPACE,
     webUiUrl: `http://${uiHost}:${e.CLOUDLET_TEMPORAL_UI_PORT}`,
-    varDir: path.resolve(e.CLOUDLET_VAR),
+    varDir,
     hostId: e.CLOUDLET_HOST_ID,
     workflowTaskQueue: e.CLOUDLET_WORKFLOW_QUEUE,
     logLevel: e.CLOUDLET_LOG_LEVEL,
     mobility: {
       registryFile: path.resolve(e.CLOUDLET_NEIGHBOURS_DB ?? path.join(e.CLOUDLET_VAR, 'clusters', e.CLOUDLET_NAMESPACE, 'neighbours.sqlite')),
       ...(e.CLOUDLET_PROBE_FROM ? { probeFrom: e.CLOUDLET_PROBE_FROM } : {}),
-      neighbourHosts: e.CLOUDLET_NEIGHBOUR_HOSTS.split(',').map((h) => h.trim()).filter(Boolean),
+      neighbourHosts,
+    },
+    fetch: {
+      allow: new AllowList([...list(e.CLOUDLET_FETCH_ALLOW), ...neighbourHosts]),
+      importDirs: (e.CLOUDLET_IMPORT_DIRS !== undefined ? list(e.CLOUDLET_IMPORT_DIRS) : [path.join(varDir, 'imports'), path.join(varDir, 'cache')]).map((d) => path.resolve(d)),
+      limits: {
+        maxOverlayBytes: e.CLOUDLET_MAX_OVERLAY_BYTES,
+        maxPackageBytes: e.CLOUDLET_MAX_PACKAGE_BYTES,
+        headersTimeoutMs: Math.round(e.CLOUDLET_FETCH_TIMEOUT_S * 1000),
+        bodyIdleTimeoutMs: Math.round(e.CLOUDLET_FETCH_IDLE_TIMEOUT_S * 1000),
+        maxRedirects: e.CLOUDLET_FETCH_MAX_REDIRECTS,
+      },
     },
     ...(e.CLOUDLET_METRICS_PORT !== undefined ? { metrics: { host: e.CLOUDLET_METRICS_HOST, port: e.CLOUDLET_METRICS_PORT } } : {}),
   };

@@ -43,12 +43,13 @@ export function createHostActivities(deps: HostActivityDeps) {
     hypervisor,
     publicUrl: deps.publicUrl,
     log: deps.log,
+    fetchPolicy: deps.config.fetch,
   });
   const recipes = createRecipeActivities({ hostId: deps.hostId, dataDir: deps.dataDir, log: deps.log, hypervisor, temporal: { address: deps.config.temporalAddress, namespace: deps.config.namespace } });
   const handoffSource = createHandoffSourceActivities({ hostId: deps.hostId, dataDir: deps.dataDir, hypervisor, log: deps.log });
   const handoffDestination = createHandoffDestinationActivities({ hostId: deps.hostId, dataDir: deps.dataDir, hypervisor, publicUrl: deps.publicUrl, log: deps.log });
   const stats = createHostStatsActivities({ hostId: deps.hostId, dataDir: deps.dataDir, hypervisor });
-  const overlayCache = createOverlayCacheActivities({ dataDir: deps.dataDir });
+  const overlayCache = createOverlayCacheActivities({ dataDir: deps.dataDir, fetchPolicy: deps.config.fetch });
   return withFailureMapping({ ...guest, ...instances, ...recipes, ...handoffSource, ...handoffDestination, ...stats, ...overlayCache });
 }
 

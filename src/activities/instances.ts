@@ -23,6 +23,7 @@ import { randomMac } from './guest';
 import { instanceRecords, SHARED_RAM_IMAGE, type InstanceRecord } from './instance-records';
 import { fingerprintVm, type VmFingerprint } from './vm-fingerprint';
 import type { Fingerprint } from '../client/handoff-peer';
+import type { FetchPolicy } from '../core/fetch/policy';
 
 export type { InstanceRecord };
 
@@ -33,6 +34,8 @@ export interface CloudletActivityDeps {
   /** Base URL under which this host publishes its store's overlays (see workers/publisher). */
   publicUrl: () => string;
   log: Logger;
+  /** What overlays and base packages may come from (docs/security.md). */
+  fetchPolicy: FetchPolicy;
 }
 
 const APP_PORT_DEFAULT = 8080;
@@ -43,6 +46,8 @@ export function createInstanceActivities(deps: CloudletActivityDeps) {
   const { hypervisor: hv, log } = deps;
   const storeRoot = path.join(deps.dataDir, 'store');
   const records = instanceRecords(deps.hostId, deps.dataDir);
+  // A deployment's overlay, fetched under the policy into the host's own directory, is read from there.
+  const overlaySourceOptions = { policy: deps.fetchPolicy, extraDirs: [path.join(deps.dataDir, 'deployments')] };
   const domainName = records.domainName;
   /**
    * A check that names its host (a local activity runs on whichever worker runs the workflow task)
@@ -136,7 +141,7 @@ export function createInstanceActivities(deps: CloudletActivityDeps) {
   const activities = {
     async importBasePackage(input: { source: string }): Promise<{ baseId: string; alreadyPresent: boolean; diskBytes: number; memoryBytes: number; cpuModel?: string }> {
       // A path on this host or an http(s) URL (downloaded into the store's temp area).
-      const r = await importBase(storeRoot, input.source, { onProgress: progress('import') });
+      const r = await importBase(storeRoot, input.source, { onProgress: progress('import'), policy: deps.fetchPolicy });
       const m = r.manifest;
       log.info({ baseId: m.baseId, alreadyPresent: r.alreadyPresent }, 'base imported');
       return { baseId: m.baseId, alreadyPresent: r.alreadyPresent, diskBytes: m.disk.size, memoryBytes: m.memory.saveFileSize, ...(m.cpuModel ? { cpuModel: m.cpuModel } : {}) };
@@ -152,7 +157,7 @@ export function createInstanceActivities(deps: CloudletActivityDeps) {
     },
 
     async describeOverlay(input: { overlayUrl: string }): Promise<{ baseId: string; cpuModel?: string; segments: number; bytes: number }> {
-      const meta = await readOverlayMeta(input.overlayUrl);
+      const meta = await readOverlayMeta(input.overlayUrl, overlaySourceOptions);
       const bytes = meta.segments.reduce((n, s) => n + s.length, 0);
       return { baseId: meta.base.id, ...(meta.launch.cpuModel ? { cpuModel: meta.launch.cpuModel } : {}), segments: meta.segments.length, bytes };
     },
@@ -288,6 +293,7 @@ export function createInstanceActivities(deps: CloudletActivityDeps) {
             onProgress(done, total);
           },
           ...(signal ? { signal } : {}),
+          ...overlaySourceOptions,
         }),
         () => last,
       ), { 'cloudlet.overlay_url': input.overlayUrl });

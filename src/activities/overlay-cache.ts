@@ -13,6 +13,8 @@ import { pipeline } from 'node:stream/promises';
 import type { ReadableStream as WebReadableStream } from 'node:stream/web';
 import { CloudletError } from '../core/errors';
 import { isUrl } from '../core/overlay/source';
+import { bodyError, guardedFetch, type Response } from '../core/fetch/guarded-fetch';
+import { tooLarge, type FetchPolicy } from '../core/fetch/policy';
 import { cancellationSignal, heartbeat } from './heartbeat';
 
 export interface CachedOverlay {
@@ -26,7 +28,8 @@ export interface CachedOverlay {
 
 const DEPLOYMENT_ID = /^d-[a-z0-9-]{1,60}$/;
 
-export function createOverlayCacheActivities(deps: { dataDir: string }) {
+export function createOverlayCacheActivities(deps: { dataDir: string; fetchPolicy: FetchPolicy }) {
+  const limit = deps.fetchPolicy.limits.maxOverlayBytes;
   const dirOf = (deploymentId: string): string => {
     if (!DEPLOYMENT_ID.test(deploymentId)) throw new CloudletError('BAD_INPUT', `"${deploymentId}" is not a deployment id`, { fix: 'use the id the deployment was started with (d-...)' });
     return path.join(deps.dataDir, 'deployments', deploymentId);
@@ -45,19 +48,27 @@ export function createOverlayCacheActivities(deps: { dataDir: string }) {
       const tmp = `${file}.part`;
       let res: Response;
       try {
-        res = await fetch(input.overlayUrl, { signal: cancellationSignal() ?? null });
+        const signal = cancellationSignal();
+        res = await guardedFetch('overlay', input.overlayUrl, deps.fetchPolicy, signal ? { signal } : {});
       } catch (e) {
+        if (e instanceof CloudletError) throw e;
         throw new CloudletError('SERVICE_UNAVAILABLE', `cannot fetch overlay ${input.overlayUrl}: ${(e as Error).message}`, { fix: 'check that the overlay server answers from this host', cause: e });
       }
       if (!res.ok || !res.body) throw new CloudletError(res.status === 404 ? 'NOT_FOUND' : 'SERVICE_UNAVAILABLE', `overlay ${input.overlayUrl} answered ${res.status}`, { fix: 'check the overlay URL (GET /v1/overlays)' });
       const total = Number(res.headers.get('content-length') ?? 0);
+      if (total > limit) {
+        await res.body.cancel().catch(() => undefined);
+        throw tooLarge('overlay', input.overlayUrl, total, limit, 'CLOUDLET_MAX_OVERLAY_BYTES');
+      }
       const hash = createHash('sha256');
       let bytes = 0;
       let beat = 0;
       const count = new Transform({
         transform(chunk: Buffer, _enc, cb) {
-          hash.update(chunk);
           bytes += chunk.length;
+          // A server that sends more than it declared (or declared nothing) stops at the limit.
+          if (bytes > limit) return cb(tooLarge('overlay', input.overlayUrl, bytes, limit, 'CLOUDLET_MAX_OVERLAY_BYTES'));
+          hash.update(chunk);
           if (Date.now() - beat > 1000) {
             beat = Date.now();
             heartbeat({ stage: 'fetch overlay', bytesDone: bytes, bytesTotal: total });
@@ -69,6 +80,9 @@ export function createOverlayCacheActivities(deps: { dataDir: string }) {
         await pipeline(Readable.fromWeb(res.body as unknown as WebReadableStream<Uint8Array>), count, createWriteStream(tmp));
       } catch (e) {
         await fs.rm(tmp, { force: true });
+        if (e instanceof CloudletError) throw e;
+        const timeout = bodyError(e, 'overlay', input.overlayUrl, deps.fetchPolicy);
+        if (timeout instanceof CloudletError) throw timeout;
         throw new CloudletError('SERVICE_UNAVAILABLE', `fetching overlay ${input.overlayUrl} broke after ${bytes} bytes: ${(e as Error).message}`, { fix: 'the step is retried; check the overlay server', cause: e });
       }
       const sha256 = hash.digest('hex');

@@ -10,6 +10,8 @@ export const STATUS_OF_CODE: Readonly<Record<ErrorCode, number>> = {
   UNAUTHORIZED: 401,
   // Authenticated but not allowed (a used or ended handoff ticket).
   FORBIDDEN: 403,
+  // The fetch policy refuses the source an overlay or package is to come from (docs/security.md).
+  SOURCE_REFUSED: 403,
   NOT_FOUND: 404,
   CONFLICT: 409,
   // The request names something the cloudlet cannot use: well-formed, but not processable.
@@ -19,6 +21,7 @@ export const STATUS_OF_CODE: Readonly<Record<ErrorCode, number>> = {
   DIGEST_MISMATCH: 422,
   UNSUPPORTED_VERSION: 422,
   CPU_MODEL_UNUSABLE: 422,
+  TOO_LARGE: 422,
   HYPERVISOR_UNAVAILABLE: 503,
   TEMPORAL_UNAVAILABLE: 503,
   SERVICE_UNAVAILABLE: 503,

@@ -27,6 +27,10 @@ export type ErrorCode =
   | 'DESTINATION_UNAVAILABLE'
   /** Authenticated, but not allowed: e.g. a handoff ticket for a handoff that has ended (used). */
   | 'FORBIDDEN'
+  /** The host's fetch policy refuses an overlay or package source (address not allowed, path outside the import directories). */
+  | 'SOURCE_REFUSED'
+  /** An overlay or package is past a size limit of the host's fetch policy. */
+  | 'TOO_LARGE'
   | 'TIMEOUT'
   | 'CONFLICT';
 
@@ -41,6 +45,8 @@ const NON_RETRYABLE: ReadonlySet<ErrorCode> = new Set<ErrorCode>([
   'CPU_MODEL_UNUSABLE',
   'UNKNOWN_HOST',
   'FORBIDDEN',
+  'SOURCE_REFUSED',
+  'TOO_LARGE',
   'CONFLICT',
 ]);
 

@@ -1,18 +1,19 @@
 import { execFileSync } from 'node:child_process';
-import { mkdtempSync, readdirSync, readFileSync, rmSync, writeFileSync, existsSync } from 'node:fs';
+import { mkdtempSync, readdirSync, readFileSync, rmSync, statSync, writeFileSync, existsSync } from 'node:fs';
 import { tmpdir } from 'node:os';
 import path from 'node:path';
 import { buildChunkIndex } from '../../src/core/chunk';
 import { isCloudletError } from '../../src/core/errors';
 import { applyOverlayToParts, readOverlayMeta } from '../../src/core/overlay/apply';
 import { createOverlayFromParts } from '../../src/core/overlay/create';
-import { HEADER_SIZE, encodeHeader, type OverlayMeta } from '../../src/core/overlay/format';
+import { HEADER_SIZE, dataAreaLength, encodeHeader, type OverlayMeta } from '../../src/core/overlay/format';
 import { xzCompress, xzDecompress } from '../../src/core/overlay/lzma';
 import { createHash } from 'node:crypto';
 import http from 'node:http';
 import type { AddressInfo } from 'node:net';
 import { baseFilesOf, type BaseRef, type LaunchMemory } from '../../src/core/overlay/types';
 import { fakeJoin, generatePair, type GeneratedPair } from './overlay-fixture';
+import { AllowList, DEFAULT_LIMITS } from '../../src/core/fetch/policy';
 
 let dir: string;
 let pair: GeneratedPair;
@@ -377,5 +378,53 @@ describe('overlay creation checks the launch disk', () => {
     const bad = path.join(dir, 'raw-launch.raw');
     const err2 = await createOverlayFromParts({ base, launchDiskPath: pair.launchRaw, memory, outPath: bad }).catch((e: unknown) => e);
     expect(isCloudletError(err2) && err2.code).toBe('BAD_INPUT');
+  });
+});
+
+describe('an overlay under a fetch policy', () => {
+  const limits = (maxOverlayBytes: number) => ({ ...DEFAULT_LIMITS, maxOverlayBytes });
+
+  test('one larger than the limit is refused after its meta, before its data (file and http)', async () => {
+    const file = await create('limit.overlay');
+    const size = statSync(file).size;
+    const dirs = [dir];
+    const meta = await readOverlayMeta(file, { policy: { allow: new AllowList([]), importDirs: dirs, limits: limits(size) } });
+    expect(meta.segments.length).toBeGreaterThan(0);
+    const small = { allow: new AllowList(['127.0.0.1']), importDirs: dirs, limits: limits(size - 1) };
+    const fromFile = await readOverlayMeta(file, { policy: small }).catch((e: unknown) => e);
+    expect(isCloudletError(fromFile) && fromFile.code).toBe('TOO_LARGE');
+    expect(String(fromFile)).toMatch(/CLOUDLET_MAX_OVERLAY_BYTES/);
+    const ranges: string[] = [];
+    const server = http.createServer((req, res) => {
+      ranges.push(req.headers.range ?? '');
+      const m = /bytes=(\d+)-(\d+)/.exec(req.headers.range ?? '');
+      const body = readFileSync(file).subarray(Number(m?.[1] ?? 0), Number(m?.[2] ?? size - 1) + 1);
+      res.writeHead(206, { 'content-length': body.length }).end(body);
+    });
+    await new Promise<void>((r) => server.listen(0, '127.0.0.1', r));
+    try {
+      const url = `http://127.0.0.1:${(server.address() as AddressInfo).port}/limit.overlay`;
+      const outDir = mkdtempSync(path.join(dir, 'limit-'));
+      const err = await applyOverlayToParts({ base: baseFilesOf(base), overlay: url, outDiskPath: path.join(outDir, 'disk.qcow2'), outSavePath: path.join(outDir, 'memory.sav'), join: fakeJoin, policy: small }).catch((e: unknown) => e);
+      expect(isCloudletError(err) && err.code).toBe('TOO_LARGE');
+      // The header and the meta were read; no request reached the data area.
+      const dataStart = size - dataAreaLength(meta);
+      expect(ranges.length).toBeGreaterThan(0);
+      for (const r of ranges) expect(Number(/-(\d+)$/.exec(r)?.[1])).toBeLessThan(dataStart);
+      expect(readdirSync(outDir)).toEqual([]);
+    } finally {
+      server.closeAllConnections();
+      server.close();
+    }
+  });
+
+  test('a local overlay outside the import directories is refused; a URL off the allow-list too', async () => {
+    const file = await create('outside.overlay');
+    const policy = { allow: new AllowList(['10.0.0.0/8']), importDirs: [path.join(dir, 'imports')], limits: DEFAULT_LIMITS };
+    const local = await readOverlayMeta(file, { policy }).catch((e: unknown) => e);
+    expect(isCloudletError(local) && local.code).toBe('SOURCE_REFUSED');
+    const remote = await readOverlayMeta('http://169.254.169.254/latest/meta-data', { policy }).catch((e: unknown) => e);
+    expect(isCloudletError(remote) && remote.code).toBe('SOURCE_REFUSED');
+    expect(String(remote)).toMatch(/link-local/);
   });
 });

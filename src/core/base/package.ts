@@ -34,6 +34,9 @@ import path from 'node:path';
 import { buildChunkIndex, readChunkIndex } from '../chunk';
 import type { ChunkIndex } from '../chunk';
 import { CloudletError } from '../errors';
+import { bodyError, guardedFetch } from '../fetch/guarded-fetch';
+import { resolveImportPath } from '../fetch/import-path';
+import { tooLarge, type FetchPolicy } from '../fetch/policy';
 import { dataExtentsOrWhole } from '../extents';
 import type { OnProgress } from '../progress';
 import { splitSnapshot } from '../snapshot';
@@ -492,8 +495,12 @@ function sameIndex(a: ChunkIndex, b: ChunkIndex): boolean {
  * store at `storeRoot`: verify everything, then move the base into place atomically. Importing a
  * base that is already there is a no-op (`alreadyPresent: true`).
  */
-export async function importBase(storeRoot: string, packageFileOrUrl: string, opts: { onProgress?: OnProgress } = {}): Promise<ImportResult> {
-  if (!/^https?:\/\//i.test(packageFileOrUrl)) return importBaseFile(storeRoot, packageFileOrUrl, opts);
+export async function importBase(storeRoot: string, packageFileOrUrl: string, opts: { onProgress?: OnProgress; policy?: FetchPolicy } = {}): Promise<ImportResult> {
+  const { policy } = opts;
+  if (!/^https?:\/\//i.test(packageFileOrUrl)) {
+    const file = policy ? await resolveImportPath('base package', packageFileOrUrl, policy, { maxBytes: policy.limits.maxPackageBytes, limitSetting: 'CLOUDLET_MAX_PACKAGE_BYTES' }) : packageFileOrUrl;
+    return importBaseFile(storeRoot, file, opts);
+  }
   const store = await Store.open(storeRoot);
   let dir: string;
   try {
@@ -503,18 +510,20 @@ export async function importBase(storeRoot: string, packageFileOrUrl: string, op
   }
   try {
     const file = path.join(dir, 'package.cbp');
-    await download(packageFileOrUrl, file, opts.onProgress);
+    await download(packageFileOrUrl, file, opts.onProgress, policy);
     return await importBaseFile(storeRoot, file, opts);
   } finally {
     await fsp.rm(dir, { recursive: true, force: true });
   }
 }
 
-async function download(url: string, file: string, onProgress?: OnProgress): Promise<void> {
+/** Downloads a package; under a policy, checked like any fetch and stopped at the size limit. */
+async function download(url: string, file: string, onProgress?: OnProgress, policy?: FetchPolicy): Promise<void> {
   let res: Response;
   try {
-    res = await fetch(url);
+    res = policy ? ((await guardedFetch('base package', url, policy)) as unknown as Response) : await fetch(url);
   } catch (e) {
+    if (e instanceof CloudletError) throw e;
     throw new CloudletError('TIMEOUT', `cannot fetch base package ${url}: ${(e as Error).message}`, { fix: 'check the URL and that the server is up', cause: e });
   }
   if (res.status === 404) throw new CloudletError('NOT_FOUND', `base package ${url} not found (HTTP 404)`, { fix: 'check the URL' });
@@ -522,17 +531,26 @@ async function download(url: string, file: string, onProgress?: OnProgress): Pro
     throw new CloudletError(res.status >= 500 ? 'TIMEOUT' : 'BAD_INPUT', `fetching base package ${url} answered HTTP ${res.status}`, { fix: 'check the URL and the server' });
   }
   const total = Number(res.headers.get('content-length') ?? 0);
+  const limit = policy?.limits.maxPackageBytes ?? Infinity;
+  if (total > limit) {
+    await res.body.cancel().catch(() => undefined);
+    throw tooLarge('base package', url, total, limit, 'CLOUDLET_MAX_PACKAGE_BYTES');
+  }
   const out = await fsp.open(file, 'wx');
   let done = 0;
   try {
     for await (const part of res.body as unknown as AsyncIterable<Uint8Array>) {
-      await writeAll(out, Buffer.from(part.buffer, part.byteOffset, part.byteLength));
       done += part.byteLength;
+      // A server that sends more than it declared (or declared nothing) stops at the limit.
+      if (done > limit) throw tooLarge('base package', url, done, limit, 'CLOUDLET_MAX_PACKAGE_BYTES');
+      await writeAll(out, Buffer.from(part.buffer, part.byteOffset, part.byteLength));
       onProgress?.(done, Math.max(total, done), 'download');
     }
     await out.sync();
   } catch (e) {
     if (e instanceof CloudletError) throw e;
+    const timeout = policy ? bodyError(e, 'base package', url, policy) : e;
+    if (timeout instanceof CloudletError) throw timeout;
     throw new CloudletError('TIMEOUT', `download of base package ${url} broke after ${done} bytes: ${(e as Error).message}`, { fix: 'retry the import', cause: e });
   } finally {
     await out.close();

@@ -18,17 +18,22 @@ import { CHUNK, ChangedDigest, HEADER_SIZE, Kind, MAX_RUN, RECORD_HEADER_SIZE, T
 import { xzDecompress } from './lzma';
 import { PatchedMemoryImage } from './patched-image';
 import { Qcow2Writer } from './qcow2-writer';
-import { openOverlaySource, type OverlaySource } from './source';
+import { openOverlaySource, type OverlaySource, type SourceOptions } from './source';
+import { tooLarge, type FetchPolicy } from '../fetch/policy';
 import type { BaseFiles, JoinSnapshot, OnProgress } from './types';
 
 export async function readMetaFrom(src: OverlaySource): Promise<{ meta: OverlayMeta; dataStart: number }> {
   const header = decodeHeader(await src.read(0, HEADER_SIZE), src.name);
+  if (src.maxBytes !== undefined && HEADER_SIZE + header.metaLength > src.maxBytes) throw tooLarge('overlay', src.name, HEADER_SIZE + header.metaLength, src.maxBytes, 'CLOUDLET_MAX_OVERLAY_BYTES');
   const meta = decodeMeta(await src.read(HEADER_SIZE, header.metaLength), header, src.name);
-  return { meta, dataStart: HEADER_SIZE + header.metaLength };
+  const dataStart = HEADER_SIZE + header.metaLength;
+  // The reader never reads past what the meta declares, so this bounds the whole download.
+  if (src.maxBytes !== undefined && dataStart + dataAreaLength(meta) > src.maxBytes) throw tooLarge('overlay', src.name, dataStart + dataAreaLength(meta), src.maxBytes, 'CLOUDLET_MAX_OVERLAY_BYTES');
+  return { meta, dataStart };
 }
 
-export async function readOverlayMeta(pathOrUrl: string): Promise<OverlayMeta> {
-  const src = await openOverlaySource(pathOrUrl);
+export async function readOverlayMeta(pathOrUrl: string, opts: SourceOptions = {}): Promise<OverlayMeta> {
+  const src = await openOverlaySource(pathOrUrl, opts);
   try {
     return (await readMetaFrom(src)).meta;
   } finally {
@@ -47,6 +52,10 @@ export interface ApplyToPartsInput {
   onProgress?: OnProgress;
   /** Aborting it stops the download at once; the apply fails with its reason and cleans up. */
   signal?: AbortSignal;
+  /** The host's fetch policy (absent: the CLI on its own machine, no checks). */
+  policy?: FetchPolicy;
+  /** Directories of this host's own that a local overlay path may also be under. */
+  extraDirs?: readonly string[];
 }
 
 function corrupt(segment: number, msg: string, cause?: unknown): CloudletError {
@@ -262,7 +271,7 @@ export async function applyOverlayToParts(input: ApplyToPartsInput): Promise<{ m
   };
   const concurrency = Math.max(1, input.concurrency ?? availableParallelism());
   const { base } = input;
-  const src = await openOverlaySource(input.overlay, input.signal ? { signal: input.signal } : {});
+  const src = await openOverlaySource(input.overlay, { ...(input.signal ? { signal: input.signal } : {}), ...(input.policy ? { policy: input.policy } : {}), ...(input.extraDirs ? { extraDirs: input.extraDirs } : {}) });
   const tag = `${process.pid}-${randomBytes(4).toString('hex')}`;
   const diskTmp = `${input.outDiskPath}.${tag}.tmp`;
   const saveTmp = `${input.outSavePath}.${tag}.tmp`;

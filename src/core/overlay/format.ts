@@ -24,6 +24,12 @@ export const HEADER_SIZE = 64;
 export const MAX_META_LENGTH = 64 * 1024 * 1024;
 /** Upper bound on a blob's decompressed size (segments are a few MiB; skeletons are small). */
 export const MAX_BLOB_RAW_LENGTH = 512 * 1024 * 1024;
+/**
+ * Upper bound on the segments of one overlay (at the default 4 MiB a segment, 256 GiB of changes).
+ * Records need no count of their own: each writes chunks after the previous one of its target,
+ * so a segment's records are bounded by the target's chunks (a record out of order is corrupt).
+ */
+export const MAX_SEGMENTS = 65536;
 
 export enum Target {
   Disk = 0,
@@ -106,7 +112,7 @@ export const OverlayMetaSchema = z.object({
   }),
   options: z.object({ lzmaLevel: z.number().int().min(0).max(9), delta: z.boolean(), segmentSize: uint }),
   stats: z.record(z.string(), uint),
-  segments: z.array(SegmentRefSchema),
+  segments: z.array(SegmentRefSchema).max(MAX_SEGMENTS),
 });
 export type OverlayMeta = z.infer<typeof OverlayMetaSchema>;
 

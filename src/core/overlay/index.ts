@@ -10,6 +10,7 @@ import { applyOverlayToParts } from './apply';
 import { createOverlayFromParts } from './create';
 import type { OverlayMeta } from './format';
 import type { BaseFiles, BaseRef, CreateOverlayOptions, OnProgress } from './types';
+import type { FetchPolicy } from '../fetch/policy';
 
 export { readOverlayMeta, applyOverlayToParts } from './apply';
 export { createOverlayFromParts } from './create';
@@ -68,6 +69,10 @@ export interface ApplyOverlayInput {
   onProgress?: OnProgress;
   /** Stops the download (and so the apply) at once; the apply then removes what it wrote. */
   signal?: AbortSignal;
+  /** The host's fetch policy (core/fetch); absent: no checks (the CLI on its own machine). */
+  policy?: FetchPolicy;
+  /** Directories of this host's own that a local overlay path may also be under. */
+  extraDirs?: readonly string[];
 }
 
 export function applyOverlay(input: ApplyOverlayInput): Promise<{ meta: OverlayMeta; timings: Record<string, number> }> {

@@ -1,12 +1,18 @@
 /**
  * Where overlay bytes come from: a local file or an http(s) URL read with Range requests. A broken
- * download is resumed from the last byte received (a new Range request), a few times.
+ * download is resumed from the last byte received (a new Range request), a few times. Under a
+ * fetch policy (a host's workers), URLs and paths are checked first (core/fetch).
  */
 import { open, type FileHandle } from 'node:fs/promises';
 import { CloudletError } from '../errors';
+import { guardedFetch } from '../fetch/guarded-fetch';
+import { resolveImportPath } from '../fetch/import-path';
+import type { FetchPolicy } from '../fetch/policy';
 
 export interface OverlaySource {
   readonly name: string;
+  /** The most bytes the overlay may have (a fetch policy's limit); the reader refuses a meta that declares more. */
+  readonly maxBytes?: number;
   /** Exactly `length` bytes at `offset`, or a CORRUPT "truncated" error. */
   read(offset: number, length: number): Promise<Buffer>;
   /** `length` bytes from `offset`, in pieces, in order. */
@@ -23,10 +29,17 @@ export interface SourceOptions {
   retries?: number;
   /** Aborts a download in progress (http): reads then fail with the signal's reason, no retry. */
   signal?: AbortSignal;
+  /** Check the source against this policy (a host's workers; the CLI on its own machine has none). */
+  policy?: FetchPolicy;
+  /** Directories the host writes itself that local paths may also be under (its deployments' copies). */
+  extraDirs?: readonly string[];
 }
 
 export async function openOverlaySource(pathOrUrl: string, opts: SourceOptions = {}): Promise<OverlaySource> {
-  return isUrl(pathOrUrl) ? new HttpSource(pathOrUrl, opts.retries ?? 5, opts.signal) : FileSource.open(pathOrUrl);
+  if (isUrl(pathOrUrl)) return new HttpSource(pathOrUrl, opts.retries ?? 5, opts.signal, opts.policy);
+  if (!opts.policy) return FileSource.open(pathOrUrl);
+  const real = await resolveImportPath('overlay', pathOrUrl, opts.policy, { maxBytes: opts.policy.limits.maxOverlayBytes, limitSetting: 'CLOUDLET_MAX_OVERLAY_BYTES', ...(opts.extraDirs ? { extraDirs: opts.extraDirs } : {}) });
+  return FileSource.open(real, opts.policy.limits.maxOverlayBytes);
 }
 
 function truncated(name: string, offset: number, length: number, got: number): CloudletError {
@@ -42,11 +55,12 @@ class FileSource implements OverlaySource {
   private constructor(
     readonly name: string,
     private readonly fh: FileHandle,
+    readonly maxBytes?: number,
   ) {}
 
-  static async open(path: string): Promise<FileSource> {
+  static async open(path: string, maxBytes?: number): Promise<FileSource> {
     try {
-      return new FileSource(path, await open(path, 'r'));
+      return new FileSource(path, await open(path, 'r'), maxBytes);
     } catch (e) {
       throw new CloudletError('NOT_FOUND', `cannot open overlay ${path}: ${(e as Error).message}`, { cause: e, fix: 'check the overlay path' });
     }
@@ -77,7 +91,12 @@ class HttpSource implements OverlaySource {
     readonly name: string,
     private readonly retries: number,
     private readonly signal: AbortSignal | undefined,
+    private readonly policy: FetchPolicy | undefined,
   ) {}
+
+  get maxBytes(): number | undefined {
+    return this.policy?.limits.maxOverlayBytes;
+  }
 
   /** Throws the abort reason once the caller has aborted: an abort is not a broken download. */
   private checkAborted(): void {
@@ -86,10 +105,12 @@ class HttpSource implements OverlaySource {
 
   private async request(from: number, to: number): Promise<Response> {
     let res: Response;
+    const init = { headers: { Range: `bytes=${from}-${to}` }, ...(this.signal ? { signal: this.signal } : {}) };
     try {
-      res = await fetch(this.name, { headers: { Range: `bytes=${from}-${to}` }, ...(this.signal ? { signal: this.signal } : {}) });
+      res = this.policy ? ((await guardedFetch('overlay', this.name, this.policy, init)) as unknown as Response) : await fetch(this.name, init);
     } catch (e) {
       this.checkAborted();
+      if (e instanceof CloudletError) throw e;
       throw new CloudletError('TIMEOUT', `cannot fetch overlay ${this.name}: ${(e as Error).message}`, { cause: e, fix: 'check the URL and that the server is up' });
     }
     if (res.status === 416) throw truncated(this.name, from, to - from + 1, 0);
