@@ -141,7 +141,8 @@ export function createInstanceActivities(deps: CloudletActivityDeps) {
   const activities = {
     async importBasePackage(input: { source: string }): Promise<{ baseId: string; alreadyPresent: boolean; diskBytes: number; memoryBytes: number; cpuModel?: string }> {
       // A path on this host or an http(s) URL (downloaded into the store's temp area).
-      const r = await importBase(storeRoot, input.source, { onProgress: progress('import'), policy: deps.fetchPolicy });
+      // A handoff's source uploads the package into this host's own handoffs directory.
+      const r = await importBase(storeRoot, input.source, { onProgress: progress('import'), policy: deps.fetchPolicy, extraDirs: [path.join(deps.dataDir, 'handoffs')] });
       const m = r.manifest;
       log.info({ baseId: m.baseId, alreadyPresent: r.alreadyPresent }, 'base imported');
       return { baseId: m.baseId, alreadyPresent: r.alreadyPresent, diskBytes: m.disk.size, memoryBytes: m.memory.saveFileSize, ...(m.cpuModel ? { cpuModel: m.cpuModel } : {}) };

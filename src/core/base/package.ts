@@ -495,10 +495,12 @@ function sameIndex(a: ChunkIndex, b: ChunkIndex): boolean {
  * store at `storeRoot`: verify everything, then move the base into place atomically. Importing a
  * base that is already there is a no-op (`alreadyPresent: true`).
  */
-export async function importBase(storeRoot: string, packageFileOrUrl: string, opts: { onProgress?: OnProgress; policy?: FetchPolicy } = {}): Promise<ImportResult> {
+export async function importBase(storeRoot: string, packageFileOrUrl: string, opts: { onProgress?: OnProgress; policy?: FetchPolicy; extraDirs?: readonly string[] } = {}): Promise<ImportResult> {
   const { policy } = opts;
   if (!/^https?:\/\//i.test(packageFileOrUrl)) {
-    const file = policy ? await resolveImportPath('base package', packageFileOrUrl, policy, { maxBytes: policy.limits.maxPackageBytes, limitSetting: 'CLOUDLET_MAX_PACKAGE_BYTES' }) : packageFileOrUrl;
+    const file = policy
+      ? await resolveImportPath('base package', packageFileOrUrl, policy, { maxBytes: policy.limits.maxPackageBytes, limitSetting: 'CLOUDLET_MAX_PACKAGE_BYTES', ...(opts.extraDirs ? { extraDirs: opts.extraDirs } : {}) })
+      : packageFileOrUrl;
     return importBaseFile(storeRoot, file, opts);
   }
   const store = await Store.open(storeRoot);
