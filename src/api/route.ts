@@ -98,4 +98,5 @@ export const R = {
   notFound: { description: 'No such object.' },
   conflict: { description: 'The object is not in a state that allows this (e.g. an instance still provisioning).' },
   unprocessable: { description: 'Well-formed, but names something the cloudlet cannot use (unknown host, wrong base...).' },
+  sourceRefused: { description: "The fetch policy refuses the source: an address off the allow-list, another scheme, a path outside the import directories (docs/security.md)." },
 } satisfies Record<string, ResponseDoc>;

@@ -30,7 +30,7 @@ export type ErrorCode =
   /** The host's fetch policy refuses an overlay or package source (address not allowed, path outside the import directories). */
   | 'SOURCE_REFUSED'
   /** An overlay or package is past a size limit of the host's fetch policy. */
-  | 'TOO_LARGE'
+  | 'SOURCE_TOO_LARGE'
   | 'TIMEOUT'
   | 'CONFLICT';
 
@@ -46,7 +46,7 @@ const NON_RETRYABLE: ReadonlySet<ErrorCode> = new Set<ErrorCode>([
   'UNKNOWN_HOST',
   'FORBIDDEN',
   'SOURCE_REFUSED',
-  'TOO_LARGE',
+  'SOURCE_TOO_LARGE',
   'CONFLICT',
 ]);
 

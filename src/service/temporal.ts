@@ -17,6 +17,7 @@ import { hostDir } from '../config';
 import { hostTaskQueue, SearchAttributes } from '../common/names';
 import { CloudletError } from '../core/errors';
 import { exportBase } from '../core/base';
+import { screenSource } from '../core/fetch/import-path';
 import { createOverlayVm, deployOverlay, hostStatsQuery, importBaseVm, operationProgressQuery, resumeBaseVm, synthesizeVm, terminateVm, type OperationProgress } from '../workflows';
 import type {
   BaseInfo,
@@ -232,6 +233,7 @@ export class TemporalCloudletService implements CloudletService {
   // ---- bases ---------------------------------------------------------------------------------------
 
   async importBase(req: ImportBaseRequest, key?: string): Promise<OperationRef> {
+    screenSource('base package', req.source, this.config.fetch);
     await this.requireHost(req.hostId);
     const id = this.opId('importBaseVm', req.hostId, key, key ? 'base' : `base-${randomBytes(4).toString('hex')}`);
     return this.start('importBaseVm', importBaseVm, id, { hostId: req.hostId, source: req.source }, `Import a base VM package on host ${req.hostId} from ${req.source}`);
@@ -280,6 +282,7 @@ export class TemporalCloudletService implements CloudletService {
   }
 
   async provisionInstance(req: ProvisionRequest, key?: string): Promise<OperationRef> {
+    screenSource('overlay', req.overlayUrl, this.config.fetch);
     await this.requireHost(req.hostId);
     const instanceId = this.newInstanceId(key);
     return this.start('synthesizeVm', synthesizeVm, `synthesizeVm/${req.hostId}/${instanceId}`, {
@@ -288,6 +291,7 @@ export class TemporalCloudletService implements CloudletService {
   }
 
   async deploy(req: DeployRequest, key?: string): Promise<OperationRef> {
+    screenSource('overlay', req.overlayUrl, this.config.fetch);
     const hosts = [...new Set(req.hosts)];
     for (const h of hosts) {
       if (!this.options.hosts.includes(h)) throw new CloudletError('UNKNOWN_HOST', `host ${h} is not a host of this cluster`, { fix: `choose from ${this.options.hosts.join(', ')}` });

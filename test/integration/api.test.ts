@@ -14,6 +14,10 @@ import { GuestAppClient } from '../../src/guest/app-client';
 import { isCloudletError } from '../../src/core/errors';
 import { startTestCluster, type TestCluster } from '../helpers/cluster';
 import { testBasePackage } from '../helpers/test-base';
+import http from 'node:http';
+import type { AddressInfo } from 'node:net';
+import { synthesizeVm } from '../../src/workflows';
+import { hostTaskQueue } from '../../src/common/names';
 
 jest.setTimeout(20 * 60_000);
 
@@ -121,5 +125,43 @@ describe('the cloudlet story through the HTTP API', () => {
     expect(anon.status).toBe(401);
     const unknownHost = await cloud.provisionInstance({ hostId: 'no-such-host', overlayUrl: 'http://127.0.0.1:1/x.overlay' }).catch((e: unknown) => e);
     expect(isCloudletError(unknownHost) && unknownHost.code).toBe('UNKNOWN_HOST');
+  });
+
+  it('refuses sources the fetch policy does not permit: on their face at the API, and on the host where it connects', async () => {
+    // On their face (a link-local address, a path outside the import directories): 403, no operation.
+    for (const attempt of [
+      () => cloud.provisionInstance({ hostId: hostB, overlayUrl: 'http://169.254.169.254/latest/meta-data/x.overlay' }),
+      () => cloud.provisionInstance({ hostId: hostB, overlayUrl: '/etc/passwd' }),
+      () => cloud.importBase({ hostId: hostA, source: '/etc/hostname' }),
+    ]) {
+      const err = await attempt().catch((e: unknown) => e);
+      expect(isCloudletError(err) && err.code).toBe('SOURCE_REFUSED');
+    }
+    // Behind a redirect from an allowed server (loopback 127.0.0.1 is this cluster's) to 127.0.0.2,
+    // which is not allowed: the API cannot know, the host refuses before connecting to it.
+    let secretHits = 0;
+    const secret = http.createServer((_req, res) => {
+      secretHits += 1;
+      res.end('internal');
+    });
+    await new Promise<void>((r) => secret.listen(0, '127.0.0.2', r));
+    const redirector = http.createServer((_req, res) => res.writeHead(302, { location: `http://127.0.0.2:${(secret.address() as AddressInfo).port}/x.overlay` }).end());
+    await new Promise<void>((r) => redirector.listen(0, '127.0.0.1', r));
+    try {
+      const op = await cloud.provisionInstance({ hostId: hostB, overlayUrl: `http://127.0.0.1:${(redirector.address() as AddressInfo).port}/x.overlay` });
+      const failed = await cloud.waitForOperation(op.id, { timeoutMs: 60_000 }).catch((e: unknown) => e);
+      expect(isCloudletError(failed) && failed.code).toBe('SOURCE_REFUSED');
+      expect(String(failed)).toMatch(/127\.0\.0\.2 is a loopback address and not on the allow-list/);
+      expect((await cloud.getOperation(op.id))?.state).toBe('failed');
+      expect(secretHits).toBe(0);
+      // A Temporal client that starts the workflow itself gets the same refusal from the host.
+      const direct = await temporal.workflow
+        .execute(synthesizeVm, { taskQueue: hostTaskQueue(hostB), workflowId: `synthesizeVm/${hostB}/refused-${suffix}`, args: [{ hostId: hostB, instanceId: `refused-${suffix}`, overlayUrl: '/etc/passwd', onHostQueue: true }] })
+        .catch((e: unknown) => e);
+      expect(String((direct as { cause?: { cause?: unknown } }).cause?.cause ?? direct)).toMatch(/overlay \/etc\/passwd is refused: it is not under an import directory/);
+    } finally {
+      secret.close();
+      redirector.close();
+    }
   });
 });

@@ -198,6 +198,6 @@ describe('local sources', () => {
     expect(await codeOf(check(path.join(imports, 'sub')))).toBe('SOURCE_REFUSED');
     expect(await codeOf(check('/etc/passwd'))).toBe('SOURCE_REFUSED');
     expect(await codeOf(check(path.join(imports, 'missing.overlay')))).toBe('NOT_FOUND');
-    expect(await codeOf(check(path.join(imports, 'sub', 'a.overlay'), 99))).toBe('TOO_LARGE');
+    expect(await codeOf(check(path.join(imports, 'sub', 'a.overlay'), 99))).toBe('SOURCE_TOO_LARGE');
   });
 });

@@ -392,7 +392,7 @@ describe('an overlay under a fetch policy', () => {
     expect(meta.segments.length).toBeGreaterThan(0);
     const small = { allow: new AllowList(['127.0.0.1']), importDirs: dirs, limits: limits(size - 1) };
     const fromFile = await readOverlayMeta(file, { policy: small }).catch((e: unknown) => e);
-    expect(isCloudletError(fromFile) && fromFile.code).toBe('TOO_LARGE');
+    expect(isCloudletError(fromFile) && fromFile.code).toBe('SOURCE_TOO_LARGE');
     expect(String(fromFile)).toMatch(/CLOUDLET_MAX_OVERLAY_BYTES/);
     const ranges: string[] = [];
     const server = http.createServer((req, res) => {
@@ -406,7 +406,7 @@ describe('an overlay under a fetch policy', () => {
       const url = `http://127.0.0.1:${(server.address() as AddressInfo).port}/limit.overlay`;
       const outDir = mkdtempSync(path.join(dir, 'limit-'));
       const err = await applyOverlayToParts({ base: baseFilesOf(base), overlay: url, outDiskPath: path.join(outDir, 'disk.qcow2'), outSavePath: path.join(outDir, 'memory.sav'), join: fakeJoin, policy: small }).catch((e: unknown) => e);
-      expect(isCloudletError(err) && err.code).toBe('TOO_LARGE');
+      expect(isCloudletError(err) && err.code).toBe('SOURCE_TOO_LARGE');
       // The header and the meta were read; no request reached the data area.
       const dataStart = size - dataAreaLength(meta);
       expect(ranges.length).toBeGreaterThan(0);

@@ -23,6 +23,7 @@ export const baseRoutes: Route[] = [
       202: { description: 'Import started.', schema: AcceptedSchema, headers: { Location: 'The operation status URL' } },
       400: R.badInput,
       401: R.unauthorized,
+      403: R.sourceRefused,
       409: R.conflict,
       422: R.unprocessable,
     },

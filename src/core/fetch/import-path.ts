@@ -7,6 +7,7 @@ import fs from 'node:fs/promises';
 import path from 'node:path';
 import { CloudletError } from '../errors';
 import { refused, tooLarge, type FetchPolicy } from './policy';
+import { checkUrl } from './guarded-fetch';
 
 function inside(dir: string, file: string): boolean {
   const rel = path.relative(dir, file);
@@ -15,7 +16,7 @@ function inside(dir: string, file: string): boolean {
 
 /**
  * The real path of `file` when the policy allows reading it; `extraDirs` are directories this host
- * writes itself (its deployments' fetched overlays). Throws SOURCE_REFUSED, NOT_FOUND or TOO_LARGE.
+ * writes itself (its deployments' fetched overlays). Throws SOURCE_REFUSED, NOT_FOUND or SOURCE_TOO_LARGE.
  */
 export async function resolveImportPath(what: string, file: string, policy: FetchPolicy, opts: { maxBytes: number; limitSetting: string; extraDirs?: readonly string[] }): Promise<string> {
   if (!path.isAbsolute(file)) throw refused(what, file, 'a local source must be an absolute path', 'give an absolute path under an import directory');
@@ -35,4 +36,20 @@ export async function resolveImportPath(what: string, file: string, policy: Fetc
   if (!st.isFile()) throw refused(what, file, 'it is not a regular file', 'give the path of the file itself');
   if (st.size > opts.maxBytes) throw tooLarge(what, file, st.size, opts.maxBytes, opts.limitSetting);
   return real;
+}
+
+/**
+ * What can be refused on the face of a source, without resolving a name or touching a file (the
+ * API, before it starts an operation): another scheme, credentials, an address literal off the
+ * allow-list, a path outside the import directories. The host checks again, fully, when it fetches.
+ */
+export function screenSource(what: string, source: string, policy: FetchPolicy): void {
+  if (/^[a-z][a-z0-9+.-]*:/i.test(source)) {
+    checkUrl(what, source, policy);
+    return;
+  }
+  if (!path.isAbsolute(source)) throw refused(what, source, 'a local source must be an absolute path', 'give an http(s) URL or an absolute path under an import directory');
+  if (!policy.importDirs.some((d) => inside(path.resolve(d), path.resolve(source)))) {
+    throw refused(what, source, 'it is not under an import directory', `put the file under an import directory (${policy.importDirs.join(', ') || 'none configured'}; CLOUDLET_IMPORT_DIRS), or serve it over http(s)`);
+  }
 }

@@ -167,7 +167,7 @@ export function refused(what: string, source: string, why: string, fix: string):
 }
 
 export function tooLarge(what: string, source: string, bytes: number, limit: number, setting: string): CloudletError {
-  return new CloudletError('TOO_LARGE', `${what} ${source} is ${bytes} bytes or more, past the limit of ${limit}`, {
+  return new CloudletError('SOURCE_TOO_LARGE', `${what} ${source} is ${bytes} bytes or more, past the limit of ${limit}`, {
     fix: `check the source; an operator may raise the limit with ${setting}`,
     details: { source, bytes, limit },
   });
