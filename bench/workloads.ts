@@ -5,6 +5,7 @@
  *   npx tsx bench/workloads.ts [--apps webdb,ocr,speech,face] [--links wifi38,mbit100,gbit1]
  *                              [--methods ours,naive,whole] [--runs N]      (npm run bench -- workloads)
  *   npx tsx bench/workloads.ts --semantic [--apps ...]   overlay sizes with/without discard and free page reporting
+ *   npx tsx bench/workloads.ts --build-only [--apps ...] build (or find cached) the overlays and baselines, measure nothing
  *
  * Build (once per application and recipe, cached under var/cache/workloads-bench/): resume the
  * base on a scratch host, run the application's recipe in it (packages served by the host,
@@ -196,6 +197,10 @@ async function main(): Promise<void> {
     built.push({ ...b, baselines: b.baselines });
   }
   for (const b of built) emit({ metric: 'sizes', app: b.app, oursBytes: b.overlayBytes, naiveBytes: b.baselines.naive.bytes, wholeBytes: b.baselines.whole.bytes, requestMs: r1(b.requestMs) });
+  if (process.argv.includes('--build-only')) {
+    await hv.close();
+    return;
+  }
 
   // The file server every method downloads from (Range for our overlay's segments).
   const served = path.join(CACHE, 'served');

@@ -4,6 +4,8 @@
 #   infra/temporal.sh start     start `temporal server start-dev` unless it already answers, and
 #                               make sure the clusters' namespaces exist (CLOUDLET_CLUSTER_NAMESPACES)
 #   infra/temporal.sh stop | status
+# CLOUDLET_TEMPORAL_ADDRESS, CLOUDLET_TEMPORAL_UI_PORT and CLOUDLET_TEMPORAL_STATE choose another
+# server (address, Web UI port, state directory); stop stops the one started with that state.
 set -euo pipefail
 source "$(dirname "$0")/lib.sh"
 
@@ -12,7 +14,8 @@ TEMPORAL="$TOOLS/temporal"
 ADDRESS="${CLOUDLET_TEMPORAL_ADDRESS:-127.0.0.1:7233}"
 HOST="${ADDRESS%:*}"; PORT="${ADDRESS##*:}"
 UI_PORT="${CLOUDLET_TEMPORAL_UI_PORT:-8233}"
-STATE="$VAR/temporal"
+# Another state directory runs a second, separate server (the fault tests restart their own).
+STATE="${CLOUDLET_TEMPORAL_STATE:-$VAR/temporal}"
 # Search attributes the workflows set (operators filter runs by them in the Web UI).
 # Namespaces of the two clusters that `npm start` and the handoff tests run on this machine ("east"
 # and "west": handoff crosses clusters, and each cluster has its own namespace).
