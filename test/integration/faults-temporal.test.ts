@@ -20,7 +20,7 @@ import { freePort } from '../../src/common/ports';
 import { GuestAppClient } from '../../src/guest/app-client';
 import { startTestCluster, type TestCluster } from '../helpers/cluster';
 import { testBasePackage } from '../helpers/test-base';
-import { pollUntil } from '../helpers/poll';
+import { waitFor } from '../helpers/poll';
 import { REPO } from '../helpers/infra';
 
 jest.setTimeout(20 * 60_000);
@@ -117,12 +117,17 @@ describe('faults of the Temporal server, and duplicate requests', () => {
     const held = await stallingServer(Buffer.from(await (await fetch(overlayUrl)).arrayBuffer()));
     try {
       const op = await cloud.provisionInstance({ hostId: hostB, overlayUrl: held.url });
-      await pollUntil('the download to be held half-way', 120_000, async () => held.holding());
+      await waitFor('the download to be held half-way', async () => held.holding(), 120_000);
       // Down while the apply runs: its heartbeats and its completion wait for the server.
+      const t0 = Date.now();
       temporal('stop');
       held.release();
+      const t1 = Date.now();
       temporal('start');
+      const t2 = Date.now();
       const result = await done(op.id);
+      process.stderr.write(`[faults-temporal] synthesis: server stop ${t1 - t0} ms, start ${t2 - t1} ms, run done ${Date.now() - t2} ms after the start\n`);
+      // The held request was the apply's: the activity had started and the restart did not repeat it.
       expect(domainsOf(hostB)).toEqual([`cl-${hostB}-${String(result.instanceId)}`]);
       expect((await (await appOf(String(result.instanceId))).state()).token).toBe(token);
       await done((await cloud.terminateInstance(String(result.instanceId))).id);
@@ -137,14 +142,18 @@ describe('faults of the Temporal server, and duplicate requests', () => {
     await (await appOf(String(dev.instanceId))).set('second-token', 'made before the restart');
     const before = (await cloud.listOverlays()).length;
     const op = await cloud.createOverlay({ instanceId: String(dev.instanceId) });
-    // Stop once the host works on it (its heartbeats report the stage).
-    await pollUntil('the overlay creation to run on the host', 120_000, async () => {
+    // Stop once the run is in its snapshot stage (the host saves the VM and builds the overlay).
+    await waitFor('the overlay creation to reach its snapshot stage', async () => {
       const s = await cloud.getOperation(op.id);
-      return s?.state === 'running' && s.progress?.stage !== undefined && s.progress.stage !== 'starting';
-    });
+      return s?.state === 'running' && s.progress?.stage === 'snapshot and build overlay';
+    }, 120_000, 100);
+    const t0 = Date.now();
     temporal('stop');
+    const t1 = Date.now();
     temporal('start');
+    const t2 = Date.now();
     const made = await done(op.id);
+    process.stderr.write(`[faults-temporal] overlay creation: server stop ${t1 - t0} ms, start ${t2 - t1} ms, run done ${Date.now() - t2} ms after the start\n`);
     const overlays = await cloud.listOverlays();
     expect(overlays.length).toBe(before + 1);
     expect(overlays.filter((o) => o.id === made.overlayId)).toHaveLength(1);
