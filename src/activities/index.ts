@@ -50,7 +50,7 @@ export function createHostActivities(deps: HostActivityDeps) {
   const handoffDestination = createHandoffDestinationActivities({ hostId: deps.hostId, dataDir: deps.dataDir, hypervisor, publicUrl: deps.publicUrl, log: deps.log });
   const stats = createHostStatsActivities({ hostId: deps.hostId, dataDir: deps.dataDir, hypervisor });
   const overlayCache = createOverlayCacheActivities({ dataDir: deps.dataDir, fetchPolicy: deps.config.fetch });
-  return withFailureMapping({ ...guest, ...instances, ...recipes, ...handoffSource, ...handoffDestination, ...stats, ...overlayCache });
+  return withFailureMapping({ ...guest, ...instances, ...recipes, ...handoffSource, ...handoffDestination, ...stats, ...overlayCache }, { hostId: deps.hostId, dataDir: deps.dataDir });
 }
 
 export type HostActivities = ReturnType<typeof createHostActivities>;

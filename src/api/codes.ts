@@ -30,6 +30,8 @@ export const STATUS_OF_CODE: Readonly<Record<ErrorCode, number>> = {
   LINK_UNAVAILABLE: 503,
   DESTINATION_UNAVAILABLE: 503,
   TIMEOUT: 504,
+  // Insufficient Storage: the host has no room for what the operation must write.
+  NO_SPACE: 507,
 };
 
 export function isErrorCode(code: string): code is ErrorCode {

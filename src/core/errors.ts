@@ -31,6 +31,8 @@ export type ErrorCode =
   | 'SOURCE_REFUSED'
   /** An overlay or package is past a size limit of the host's fetch policy. */
   | 'SOURCE_TOO_LARGE'
+  /** A host's disk (its store, instances or temp area) is full: the step cannot write what it must. */
+  | 'NO_SPACE'
   | 'TIMEOUT'
   | 'CONFLICT';
 
@@ -47,6 +49,8 @@ const NON_RETRYABLE: ReadonlySet<ErrorCode> = new Set<ErrorCode>([
   'FORBIDDEN',
   'SOURCE_REFUSED',
   'SOURCE_TOO_LARGE',
+  // A retry a moment later finds the disk as full; the run fails and gives its space back.
+  'NO_SPACE',
   'CONFLICT',
 ]);
 
