@@ -42,6 +42,10 @@ const EnvSchema = z.object({
   /** The longest a download may receive nothing (seconds). */
   CLOUDLET_FETCH_IDLE_TIMEOUT_S: z.coerce.number().positive().default(DEFAULT_LIMITS.bodyIdleTimeoutMs / 1000),
   CLOUDLET_FETCH_MAX_REDIRECTS: z.coerce.number().int().min(0).max(20).default(DEFAULT_LIMITS.maxRedirects),
+  /** Guest memory a host gives its synthesized VMs in all (MiB); default: its total memory less the reserve. */
+  CLOUDLET_VM_MEMORY_MIB: z.coerce.number().int().positive().optional(),
+  /** Memory a host keeps for itself when CLOUDLET_VM_MEMORY_MIB is unset (MiB). */
+  CLOUDLET_MEMORY_RESERVE_MIB: z.coerce.number().int().min(0).default(1024),
 });
 
 export interface Config {
@@ -59,6 +63,8 @@ export interface Config {
   mobility: { registryFile: string; probeFrom?: string; neighbourHosts: string[] };
   /** What a host's workers may fetch overlays and packages from, and the limits (docs/security.md). */
   fetch: FetchPolicy;
+  /** Admission by memory (docs/operations.md). */
+  admission: { vmMemoryBytes?: number; reserveBytes: number };
 }
 
 export function loadConfig(env: NodeJS.ProcessEnv = process.env): Config {
@@ -87,6 +93,7 @@ export function loadConfig(env: NodeJS.ProcessEnv = process.env): Config {
       ...(e.CLOUDLET_PROBE_FROM ? { probeFrom: e.CLOUDLET_PROBE_FROM } : {}),
       neighbourHosts,
     },
+    admission: { ...(e.CLOUDLET_VM_MEMORY_MIB !== undefined ? { vmMemoryBytes: e.CLOUDLET_VM_MEMORY_MIB * 1024 * 1024 } : {}), reserveBytes: e.CLOUDLET_MEMORY_RESERVE_MIB * 1024 * 1024 },
     fetch: {
       allow: new AllowList([...list(e.CLOUDLET_FETCH_ALLOW), ...neighbourHosts]),
       importDirs: (e.CLOUDLET_IMPORT_DIRS !== undefined ? list(e.CLOUDLET_IMPORT_DIRS) : [path.join(varDir, 'imports'), path.join(varDir, 'cache')]).map((d) => path.resolve(d)),

@@ -15,6 +15,7 @@ import { createHandoffSourceActivities } from './handoff-source';
 import { createHandoffDestinationActivities } from './handoff-destination';
 import { createHostStatsActivities } from './host-stats';
 import { createOverlayCacheActivities } from './overlay-cache';
+import { createAdmissionActivities } from './admission';
 
 export interface HostActivityDeps {
   hostId: string;
@@ -50,7 +51,8 @@ export function createHostActivities(deps: HostActivityDeps) {
   const handoffDestination = createHandoffDestinationActivities({ hostId: deps.hostId, dataDir: deps.dataDir, hypervisor, publicUrl: deps.publicUrl, log: deps.log });
   const stats = createHostStatsActivities({ hostId: deps.hostId, dataDir: deps.dataDir, hypervisor });
   const overlayCache = createOverlayCacheActivities({ dataDir: deps.dataDir, fetchPolicy: deps.config.fetch });
-  return withFailureMapping({ ...guest, ...instances, ...recipes, ...handoffSource, ...handoffDestination, ...stats, ...overlayCache }, { hostId: deps.hostId, dataDir: deps.dataDir });
+  const admission = createAdmissionActivities({ hostId: deps.hostId, dataDir: deps.dataDir, admission: deps.config.admission });
+  return withFailureMapping({ ...guest, ...instances, ...recipes, ...handoffSource, ...handoffDestination, ...stats, ...overlayCache, ...admission }, { hostId: deps.hostId, dataDir: deps.dataDir });
 }
 
 export type HostActivities = ReturnType<typeof createHostActivities>;

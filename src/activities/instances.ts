@@ -24,6 +24,7 @@ import { instanceRecords, SHARED_RAM_IMAGE, type InstanceRecord } from './instan
 import { fingerprintVm, type VmFingerprint } from './vm-fingerprint';
 import type { Fingerprint } from '../client/handoff-peer';
 import type { FetchPolicy } from '../core/fetch/policy';
+import { domainMemoryBytes, releaseAdmission } from './admission';
 
 export type { InstanceRecord };
 
@@ -157,10 +158,10 @@ export function createInstanceActivities(deps: CloudletActivityDeps) {
       return { virtType, cpuModel };
     },
 
-    async describeOverlay(input: { overlayUrl: string }): Promise<{ baseId: string; cpuModel?: string; segments: number; bytes: number }> {
+    async describeOverlay(input: { overlayUrl: string }): Promise<{ baseId: string; cpuModel?: string; segments: number; bytes: number; memoryBytes: number }> {
       const meta = await readOverlayMeta(input.overlayUrl, overlaySourceOptions);
       const bytes = meta.segments.reduce((n, s) => n + s.length, 0);
-      return { baseId: meta.base.id, ...(meta.launch.cpuModel ? { cpuModel: meta.launch.cpuModel } : {}), segments: meta.segments.length, bytes };
+      return { baseId: meta.base.id, ...(meta.launch.cpuModel ? { cpuModel: meta.launch.cpuModel } : {}), segments: meta.segments.length, bytes, memoryBytes: domainMemoryBytes(meta.launch.domainXml) };
     },
 
     async checkBasePresent(input: { baseId: string; hostId?: string }): Promise<{ cpuModel?: string }> {
@@ -184,7 +185,7 @@ export function createInstanceActivities(deps: CloudletActivityDeps) {
      * Everything synthesis checks before any transfer, in one step: what the overlay needs (its
      * meta, a few KB by Range), that its CPU model is usable here, and that its base is on this host.
      */
-    async preflightSynthesis(input: { overlayUrl: string; hostId?: string }): Promise<{ baseId: string; cpuModel: string; virtType: string; timings: Record<string, number>; ranMs: number }> {
+    async preflightSynthesis(input: { overlayUrl: string; hostId?: string }): Promise<{ baseId: string; cpuModel: string; virtType: string; memoryBytes: number; timings: Record<string, number>; ranMs: number }> {
       const timings: Record<string, number> = {};
       onThisHost(input);
       const began = Date.now();
@@ -198,7 +199,7 @@ export function createInstanceActivities(deps: CloudletActivityDeps) {
       await activities.checkBasePresent({ baseId: overlay.baseId });
       timings['check baseMs'] = Date.now() - t0;
       // Its own run time: when it runs as a local activity, the history has no start/complete events.
-      return { baseId: overlay.baseId, cpuModel: cpu.cpuModel, virtType: cpu.virtType, timings, ranMs: Date.now() - began };
+      return { baseId: overlay.baseId, cpuModel: cpu.cpuModel, virtType: cpu.virtType, memoryBytes: overlay.memoryBytes, timings, ranMs: Date.now() - began };
     },
 
     /** A new instance from a base: a qcow2 over the base disk and the base's memory, resumed. */
@@ -361,6 +362,7 @@ export function createInstanceActivities(deps: CloudletActivityDeps) {
       await hv.destroy(domain);
       await hv.undefine(domain);
       await fs.promises.rm(dir, { recursive: true, force: true });
+      await releaseAdmission(deps.dataDir, input.instanceId);
       return { existed };
     },
   };

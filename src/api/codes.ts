@@ -32,6 +32,8 @@ export const STATUS_OF_CODE: Readonly<Record<ErrorCode, number>> = {
   TIMEOUT: 504,
   // Insufficient Storage: the host has no room for what the operation must write.
   NO_SPACE: 507,
+  // The VM does not fit in what the host gives VMs (admission by memory).
+  NO_MEMORY: 503,
 };
 
 export function isErrorCode(code: string): code is ErrorCode {

@@ -33,6 +33,8 @@ export type ErrorCode =
   | 'SOURCE_TOO_LARGE'
   /** A host's disk (its store, instances or temp area) is full: the step cannot write what it must. */
   | 'NO_SPACE'
+  /** A VM needs more guest memory than its host gives VMs in all (admission by memory). */
+  | 'NO_MEMORY'
   | 'TIMEOUT'
   | 'CONFLICT';
 
@@ -51,6 +53,7 @@ const NON_RETRYABLE: ReadonlySet<ErrorCode> = new Set<ErrorCode>([
   'SOURCE_TOO_LARGE',
   // A retry a moment later finds the disk as full; the run fails and gives its space back.
   'NO_SPACE',
+  'NO_MEMORY',
   'CONFLICT',
 ]);
 

@@ -13,11 +13,13 @@ import {
   proxyLocalActivities,
   setCurrentDetails,
   setHandler,
+  sleep,
   upsertSearchAttributes,
 } from '@temporalio/workflow';
 import type { ActivityOptions, RetryPolicy } from '@temporalio/workflow';
 import type { InstanceActivities } from '../activities/instances';
 import type { RecipeActivities } from '../activities/recipes';
+import type { AdmissionActivities } from '../activities/admission';
 import { hostTaskQueue, SearchAttributes } from '../common/names';
 
 export interface OperationProgress {
@@ -27,7 +29,7 @@ export interface OperationProgress {
 export const operationProgressQuery = defineQuery<OperationProgress>('progress');
 
 /** Non-retryable failure types: a retry cannot fix them. */
-const NON_RETRYABLE = ['BAD_INPUT', 'NOT_FOUND', 'CORRUPT', 'DIGEST_MISMATCH', 'WRONG_BASE', 'UNSUPPORTED_VERSION', 'CPU_MODEL_UNUSABLE', 'CONFLICT'];
+const NON_RETRYABLE = ['BAD_INPUT', 'NOT_FOUND', 'CORRUPT', 'DIGEST_MISMATCH', 'WRONG_BASE', 'UNSUPPORTED_VERSION', 'CPU_MODEL_UNUSABLE', 'CONFLICT', 'NO_MEMORY'];
 
 /** What every host operation's input has. */
 export interface HostOperationInput {
@@ -43,7 +45,7 @@ export interface HostOperationInput {
 function hostActivities(hostId: string, onHostQueue?: boolean) {
   const retry: RetryPolicy = { maximumAttempts: 5, initialInterval: '1 second', nonRetryableErrorTypes: NON_RETRYABLE };
   const common: ActivityOptions = { taskQueue: hostTaskQueue(hostId), retry };
-  const quick = proxyActivities<InstanceActivities & RecipeActivities>({ ...common, startToCloseTimeout: '2 minutes' });
+  const quick = proxyActivities<InstanceActivities & RecipeActivities & AdmissionActivities>({ ...common, startToCloseTimeout: '2 minutes' });
   const local = onHostQueue === true;
   return {
     quick,
@@ -56,7 +58,7 @@ function hostActivities(hostId: string, onHostQueue?: boolean) {
      */
     check: local
       // Every retry backoff (1 s or more) waits on a workflow timer, not inside a workflow task.
-      ? proxyLocalActivities<InstanceActivities>({ startToCloseTimeout: '2 minutes', retry, localRetryThreshold: '500 ms' })
+      ? proxyLocalActivities<InstanceActivities & AdmissionActivities>({ startToCloseTimeout: '2 minutes', retry, localRetryThreshold: '500 ms' })
       : quick,
     // A cancelled run waits for its long step to stop (it notices at its next heartbeat and removes
     // its temporary files) before compensating.
@@ -162,7 +164,36 @@ export async function createOverlayVm(input: CreateOverlayVmInput) {
   });
 }
 
-export interface SynthesizeVmInput extends HostOperationInput { instanceId: string; overlayUrl: string; waitForApp?: boolean; appPort?: number }
+export interface SynthesizeVmInput extends HostOperationInput {
+  instanceId: string;
+  overlayUrl: string;
+  waitForApp?: boolean;
+  appPort?: number;
+  /** How long to wait for the host to have memory for the VM (admission) before failing NO_MEMORY; default 10 minutes. */
+  admissionWaitMs?: number;
+}
+
+/**
+ * Waits until the host admits the VM's memory (docs/operations.md, "Admission"): each refusal is
+ * followed by a workflow timer (1 s, doubling to 10 s), so waiting holds no worker slot.
+ */
+async function admit(check: ReturnType<typeof hostActivities>['check'], t: ReturnType<typeof tracker>, input: SynthesizeVmInput, memoryBytes: number): Promise<number> {
+  const limit = input.admissionWaitMs ?? 10 * 60_000;
+  let waited = 0;
+  for (let delay = 1000; ; delay = Math.min(delay * 2, 10_000)) {
+    const a = await check.admitInstance({ instanceId: input.instanceId, memoryBytes, hostId: input.hostId });
+    if (a.admitted) return waited;
+    if (waited === 0) t.stage('wait for memory');
+    if (waited >= limit) {
+      throw ApplicationFailure.nonRetryable(
+        `host ${input.hostId} had no room for instance ${input.instanceId}'s ${Math.round(memoryBytes / 1048576)} MiB within ${Math.round(limit / 1000)} s (its VMs hold ${Math.round(a.committedBytes / 1048576)} of ${Math.round(a.capacityBytes / 1048576)} MiB). Fix: retry later, terminate instances there, or choose another host`,
+        'NO_MEMORY',
+      );
+    }
+    await sleep(delay);
+    waited += delay;
+  }
+}
 export async function synthesizeVm(input: SynthesizeVmInput) {
   const t = tracker('synthesizeVm', input.hostId);
   const { quick, check, local, long } = hostActivities(input.hostId, input.onHostQueue);
@@ -184,6 +215,9 @@ export async function synthesizeVm(input: SynthesizeVmInput) {
     Object.assign(timings, overlay.timings);
     t.tag(SearchAttributes.baseId, overlay.baseId);
     try {
+      // Before any transfer: a request the host has no memory for waits here, holding nothing.
+      const waitedMs = await admit(check, t, input, overlay.memoryBytes);
+      if (waitedMs > 0) timings['wait for memoryMs'] = waitedMs;
       const applied = await timed('fetch and apply overlay', () =>
         long.synthesizeInstanceFiles({ instanceId: input.instanceId, overlayUrl: input.overlayUrl, baseId: overlay.baseId, ...(input.appPort ? { appPort: input.appPort } : {}) }));
       // Restore, replug the NIC, forward the app port and (by default) wait until the app answers.
