@@ -5,13 +5,7 @@
  * wait (holding no worker slot) and start as VMs are terminated; none is lost, every one answers.
  */
 import { execFileSync } from 'node:child_process';
-import { startApi, type RunningApi } from '../../src/api/server';
-import { CloudletApiClient } from '../../src/api/client';
-import { TemporalCloudletService } from '../../src/service';
-import { createLogger } from '../../src/common/logger';
-import { GuestAppClient } from '../../src/guest/app-client';
-import { startTestCluster, type TestCluster } from '../helpers/cluster';
-import { testBasePackage } from '../helpers/test-base';
+import { launchOverlay, startApiCluster, type ApiCluster } from '../helpers/api-cluster';
 
 jest.setTimeout(20 * 60_000);
 
@@ -21,40 +15,23 @@ function runningDomains(hostId: string): number {
 }
 
 describe('admission by memory', () => {
-  let cluster: TestCluster;
-  let api: RunningApi;
-  let cloud: CloudletApiClient;
+  let c: ApiCluster;
   let hosts: [string, string];
   let overlayUrl: string;
   const token = `admission-${process.pid}`;
-  const done = async (id: string): Promise<Record<string, unknown>> => {
-    const s = await cloud.waitForOperation(id, { timeoutMs: 15 * 60_000 });
-    expect(s.state).toBe('succeeded');
-    return s.result as Record<string, unknown>;
-  };
 
   beforeAll(async () => {
-    cluster = await startTestCluster('admit', ['ma', 'mb'], { env: { CLOUDLET_VM_MEMORY_MIB: '800' } });
-    hosts = [cluster.hosts[0] ?? '', cluster.hosts[1] ?? ''];
-    const apiToken = `admit-token-${cluster.suffix}-0123456789`;
-    api = await startApi(new TemporalCloudletService(cluster.client, cluster.config, { hosts: cluster.hosts }), { tokens: [apiToken], port: 0, logger: createLogger('api', 'warn') });
-    cloud = new CloudletApiClient({ baseUrl: api.url, token: apiToken });
-    const pkg = await testBasePackage(256);
-    for (const hostId of hosts) await done((await cloud.importBase({ hostId, source: pkg.packageFile })).id);
-    const dev = await done((await cloud.resumeBase({ hostId: hosts[0], baseId: pkg.baseId })).id);
-    const inst = await cloud.getInstance(String(dev.instanceId));
-    await new GuestAppClient(Number((inst?.appEndpoint ?? '').split(':')[1])).set(token, 'the launch state');
-    const made = await done((await cloud.createOverlay({ instanceId: String(dev.instanceId) })).id);
-    overlayUrl = (await cloud.getOverlay(String(made.overlayId)))?.url ?? '';
+    c = await startApiCluster('admit', ['ma', 'mb'], { env: { CLOUDLET_VM_MEMORY_MIB: '800' } });
+    hosts = [c.cluster.hosts[0] ?? '', c.cluster.hosts[1] ?? ''];
+    ({ overlayUrl } = await launchOverlay(c, token));
   });
 
   afterAll(async () => {
-    await api?.close();
-    await cluster?.stop();
+    await c?.stop();
   });
 
   it('runs at most three 256 MiB VMs per host at a time for 20 concurrent requests; all 20 answer', async () => {
-    const ops = await Promise.all(Array.from({ length: 20 }, (_, i) => cloud.provisionInstance({ hostId: hosts[i % 2] as string, overlayUrl })));
+    const ops = await Promise.all(Array.from({ length: 20 }, (_, i) => c.cloud.provisionInstance({ hostId: hosts[i % 2] as string, overlayUrl })));
     const pending = new Set(ops.map((o) => o.id));
     const most = { [hosts[0]]: 0, [hosts[1]]: 0 };
     const answered: string[] = [];
@@ -67,17 +44,15 @@ describe('admission by memory', () => {
     try {
       while (pending.size > 0) {
         for (const id of [...pending]) {
-          const s = await cloud.getOperation(id);
+          const s = await c.cloud.getOperation(id);
           if (!s || s.state === 'running') continue;
           pending.delete(id);
           expect(s.state).toBe('succeeded');
           const result = s.result as { instanceId: string; timings: Record<string, number> };
-          const inst = await cloud.getInstance(result.instanceId);
-          const state = await new GuestAppClient(Number((inst?.appEndpoint ?? '').split(':')[1])).state();
-          expect(state.token).toBe(token);
+          expect((await (await c.appOf(result.instanceId)).state()).token).toBe(token);
           answered.push(result.instanceId);
           waited.push(result.timings['wait for memoryMs'] ?? 0);
-          await done((await cloud.terminateInstance(result.instanceId)).id);
+          await c.done((await c.cloud.terminateInstance(result.instanceId)).id);
         }
         await new Promise((r) => setTimeout(r, 200)); // between two looks at the operations
       }

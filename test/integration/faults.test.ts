@@ -14,8 +14,6 @@ import { WorkflowFailedError } from '@temporalio/client';
 import { Worker } from '@temporalio/worker';
 import { execFileSync, spawn, type ChildProcess } from 'node:child_process';
 import fs from 'node:fs';
-import http from 'node:http';
-import type { AddressInfo } from 'node:net';
 import path from 'node:path';
 import { loadConfig, type Config } from '../../src/config';
 import { assertHostServing, connectClient } from '../../src/client/connect';
@@ -28,6 +26,7 @@ import { GuestAppClient } from '../../src/guest/app-client';
 import { REPO, ensureInfra, removeHostDomains, uniqueSuffix, workerCommand } from '../helpers/infra';
 import { testBasePackage } from '../helpers/test-base';
 import { pollUntil } from '../helpers/poll';
+import { startStallingServer } from '../helpers/stalling-server';
 import { hostTaskQueue } from '../../src/common/names';
 
 jest.setTimeout(20 * 60_000);
@@ -35,40 +34,6 @@ jest.setTimeout(20 * 60_000);
 function listFiles(dir: string): string[] {
   if (!fs.existsSync(dir)) return [];
   return fs.readdirSync(dir, { recursive: true, withFileTypes: true }).filter((e) => e.isFile()).map((e) => path.join(e.parentPath, e.name));
-}
-
-/**
- * Serves one overlay with Range support. The first request for the data area (from past the header
- * and meta to the end) gets half its bytes, then nothing until release(); later ones are served whole.
- */
-async function startStallingServer(bytes: Buffer): Promise<{ url: string; holding(): boolean; release(): void; close(): Promise<void> }> {
-  let held: http.ServerResponse | undefined;
-  let stalled = false;
-  const server = http.createServer((req, res) => {
-    const m = /^bytes=(\d+)-(\d*)$/.exec(req.headers.range ?? '');
-    const from = m ? Number(m[1]) : 0;
-    const to = m && m[2] ? Math.min(Number(m[2]), bytes.length - 1) : bytes.length - 1;
-    res.writeHead(m ? 206 : 200, { 'Content-Length': to - from + 1, ...(m ? { 'Content-Range': `bytes ${from}-${to}/${bytes.length}` } : {}) });
-    if (!stalled && from > 0 && to === bytes.length - 1) {
-      stalled = true;
-      held = res;
-      res.write(bytes.subarray(from, from + Math.floor((to - from + 1) / 2)));
-      return;
-    }
-    res.end(bytes.subarray(from, to + 1));
-  });
-  await new Promise<void>((resolve) => server.listen(0, '127.0.0.1', resolve));
-  const { port } = server.address() as AddressInfo;
-  return {
-    url: `http://127.0.0.1:${port}/stalling.overlay`,
-    holding: () => held !== undefined,
-    release: () => held?.destroy(),
-    close: () => new Promise<void>((resolve) => {
-      held?.destroy();
-      server.closeAllConnections();
-      server.close(() => resolve());
-    }),
-  };
 }
 
 describe('faults during synthesis', () => {
@@ -147,9 +112,12 @@ describe('faults during synthesis', () => {
     const scheduled = events.find((e) => e.activityTaskScheduledEventAttributes?.activityType?.name === 'synthesizeInstanceFiles');
     const started = events.find((e) => e.activityTaskStartedEventAttributes && String(e.activityTaskStartedEventAttributes.scheduledEventId) === String(scheduled?.eventId));
     expect(started?.activityTaskStartedEventAttributes?.attempt).toBeGreaterThanOrEqual(2);
-    // On the host's queue the preflight ran as a local activity: a marker, no activity task.
-    expect(events.filter((e) => e.markerRecordedEventAttributes?.markerName === 'core_local_activity')).toHaveLength(1);
-    expect(events.some((e) => e.activityTaskScheduledEventAttributes?.activityType?.name === 'preflightSynthesis')).toBe(false);
+    // On the host's queue the preflight and the admission ran as local activities: markers, no activity tasks.
+    const localTypes = events
+      .filter((e) => e.markerRecordedEventAttributes?.markerName === 'core_local_activity')
+      .map((e) => (JSON.parse(Buffer.from(e.markerRecordedEventAttributes?.details?.data?.payloads?.[0]?.data ?? []).toString('utf8')) as { activity_type?: string }).activity_type);
+    expect(localTypes).toEqual(['preflightSynthesis', 'admitInstance']);
+    expect(events.some((e) => ['preflightSynthesis', 'admitInstance'].includes(e.activityTaskScheduledEventAttributes?.activityType?.name ?? ''))).toBe(false);
     expect(result.localActivitiesMs).toBeGreaterThanOrEqual(0);
     expect(result.localActivitiesMs).toBeLessThan(result.timings.firstResponseMs ?? 0);
     // The path taken (local checks) is in the input, so a replay on another queue is deterministic.
