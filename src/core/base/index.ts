@@ -4,9 +4,10 @@
  */
 export { createBase } from './create';
 export type { CreateBaseInput } from './create';
-export { exportBase, importBase, readPackageManifest, PACKAGE_MAGIC, PACKAGE_CONTAINER_VERSION } from './package';
+export { exportBase, readPackageManifest, PACKAGE_MAGIC, PACKAGE_CONTAINER_VERSION } from './package';
 export type { ExportOptions } from './package';
-export type { ImportResult } from './package';
+export { importBase } from './import';
+export type { ImportResult } from './import';
 export { openBase, openBaseFiles, openStoredBase, listBases, readBaseManifest, removeBase, verifyBase } from './stored';
 export type { BaseRef, BaseSummary, OpenedBase, VerifyReport } from './stored';
 export { BaseManifestSchema, PACKAGE_FORMAT_VERSION, MEMBER_NAMES, computeBaseId, canonicalJson, parseManifest } from './manifest';

@@ -23,30 +23,22 @@
  * is the same in both versions. Export writes version 2, the data members sparse (extents from the
  * file system, minus all-zero 4 KiB chunks) and the indexes plain.
  *
- * Export and import stream (4 MiB reads): no file is ever loaded whole. Import verifies the
- * manifest checksum, every member's sha256, the two chunk indexes against the data, the base id,
- * and unpacks into `<store>/tmp/…` which is renamed to `<store>/bases/<baseId>` only when all of
- * that passed; on any failure the temp directory is removed and nothing enters the store.
+ * Export and reading stream (4 MiB reads): no file is ever loaded whole. Import (import.ts)
+ * verifies and unpacks a package into a store.
  */
 import { createHash } from 'node:crypto';
 import { promises as fsp } from 'node:fs';
 import path from 'node:path';
-import { buildChunkIndex, readChunkIndex } from '../chunk';
-import type { ChunkIndex } from '../chunk';
 import { CloudletError } from '../errors';
-import { bodyError, guardedFetch } from '../fetch/guarded-fetch';
-import { resolveImportPath } from '../fetch/import-path';
-import { tooLarge, type FetchPolicy } from '../fetch/policy';
 import { dataExtentsOrWhole } from '../extents';
 import type { OnProgress } from '../progress';
-import { splitSnapshot } from '../snapshot';
 import { SparseWriter, inThreadSha256, nonZeroRuns, workerSha256 } from '../sparse';
 import type { Sha256Sink } from '../sparse';
 import { BASE_FILES, Store } from '../store';
-import { IO_BLOCK, fsyncDir, fsyncFile, openOrThrow, resolveInside, tempNameFor, writeAll, writeFileSynced } from '../store/files';
+import { IO_BLOCK, fsyncDir, openOrThrow, tempNameFor, writeAll } from '../store/files';
 import type { BaseManifest, Member } from './manifest';
 import { canonicalJson, parseManifest } from './manifest';
-import { readStoredManifest, registerBase } from './stored';
+import { readStoredManifest } from './stored';
 
 export const PACKAGE_MAGIC = Buffer.from('CLDBASE\0', 'latin1');
 export const PACKAGE_TRAILER = Buffer.from('CLDBEND\0', 'latin1');
@@ -64,13 +56,7 @@ const EXTENTS_PER_BLOCK = 65536;
 /** Members written sparse by export; the indexes are dense digests (nothing to skip). */
 const SPARSE_MEMBERS: ReadonlySet<string> = new Set([BASE_FILES.disk, BASE_FILES.memorySave]);
 /** Members at least this large are hashed on a worker thread (overlapping the rest of the work). */
-const WORKER_HASH_MIN = 256 * 1024 * 1024;
-
-export interface ImportResult {
-  manifest: BaseManifest;
-  /** True when the base was already in the store (nothing was written). */
-  alreadyPresent: boolean;
-}
+export const WORKER_HASH_MIN = 256 * 1024 * 1024;
 
 /** MEMB, name, logical size: the part of a member header both versions share. */
 function memberHeader(m: Member): Buffer {
@@ -253,7 +239,7 @@ interface MemberPlace {
 }
 
 /** Positional reads of a package, with truncation turned into CORRUPT. */
-class PackageReader {
+export class PackageReader {
   constructor(
     private readonly fh: fsp.FileHandle,
     readonly file: string,
@@ -418,7 +404,7 @@ export async function readPackageManifest(packageFile: string): Promise<BaseMani
   }
 }
 
-async function readHead(reader: PackageReader): Promise<{ manifest: BaseManifest; version: number; places: MemberPlace[]; trailerPos: number }> {
+export async function readHead(reader: PackageReader): Promise<{ manifest: BaseManifest; version: number; places: MemberPlace[]; trailerPos: number }> {
   if (reader.size < PACKAGE_MAGIC.length || !(await reader.readExactly(0, PACKAGE_MAGIC.length, 'the magic')).equals(PACKAGE_MAGIC)) {
     throw new CloudletError('BAD_INPUT', `${reader.file} is not a cloudlet base package (no "CLDBASE" magic at byte 0)`, {
       fix: 'pass a file written by `cloudlet base export`',
@@ -482,168 +468,4 @@ async function readHead(reader: PackageReader): Promise<{ manifest: BaseManifest
   if (reader.size < expected) throw reader.truncated('the whole package', expected);
   if (reader.size > expected) throw reader.corrupt(`${reader.size - expected} unexpected bytes after the trailer`, expected);
   return { manifest, version, places, trailerPos: pos };
-}
-
-function sameIndex(a: ChunkIndex, b: ChunkIndex): boolean {
-  if (a.byteLength !== b.byteLength || a.chunkCount !== b.chunkCount) return false;
-  for (let i = 0; i < a.chunkCount; i++) if (!b.equalAt(i, a.digestAt(i))) return false;
-  return true;
-}
-
-/**
- * Import a package (a file, or an http(s) URL downloaded into the store's tmp/ first) into the
- * store at `storeRoot`: verify everything, then move the base into place atomically. Importing a
- * base that is already there is a no-op (`alreadyPresent: true`).
- */
-export async function importBase(storeRoot: string, packageFileOrUrl: string, opts: { onProgress?: OnProgress; policy?: FetchPolicy; extraDirs?: readonly string[] } = {}): Promise<ImportResult> {
-  const { policy } = opts;
-  if (!/^https?:\/\//i.test(packageFileOrUrl)) {
-    const file = policy
-      ? await resolveImportPath('base package', packageFileOrUrl, policy, { maxBytes: policy.limits.maxPackageBytes, limitSetting: 'CLOUDLET_MAX_PACKAGE_BYTES', ...(opts.extraDirs ? { extraDirs: opts.extraDirs } : {}) })
-      : packageFileOrUrl;
-    return importBaseFile(storeRoot, file, opts);
-  }
-  const store = await Store.open(storeRoot);
-  let dir: string;
-  try {
-    dir = await store.makeTempDir('download');
-  } finally {
-    store.close();
-  }
-  try {
-    const file = path.join(dir, 'package.cbp');
-    await download(packageFileOrUrl, file, opts.onProgress, policy);
-    return await importBaseFile(storeRoot, file, opts);
-  } finally {
-    await fsp.rm(dir, { recursive: true, force: true });
-  }
-}
-
-/** Downloads a package; under a policy, checked like any fetch and stopped at the size limit. */
-async function download(url: string, file: string, onProgress?: OnProgress, policy?: FetchPolicy): Promise<void> {
-  let res: Response;
-  try {
-    res = policy ? ((await guardedFetch('base package', url, policy)) as unknown as Response) : await fetch(url);
-  } catch (e) {
-    if (e instanceof CloudletError) throw e;
-    throw new CloudletError('TIMEOUT', `cannot fetch base package ${url}: ${(e as Error).message}`, { fix: 'check the URL and that the server is up', cause: e });
-  }
-  if (res.status === 404) throw new CloudletError('NOT_FOUND', `base package ${url} not found (HTTP 404)`, { fix: 'check the URL' });
-  if (!res.ok || !res.body) {
-    throw new CloudletError(res.status >= 500 ? 'TIMEOUT' : 'BAD_INPUT', `fetching base package ${url} answered HTTP ${res.status}`, { fix: 'check the URL and the server' });
-  }
-  const total = Number(res.headers.get('content-length') ?? 0);
-  const limit = policy?.limits.maxPackageBytes ?? Infinity;
-  if (total > limit) {
-    await res.body.cancel().catch(() => undefined);
-    throw tooLarge('base package', url, total, limit, 'CLOUDLET_MAX_PACKAGE_BYTES');
-  }
-  const out = await fsp.open(file, 'wx');
-  let done = 0;
-  try {
-    for await (const part of res.body as unknown as AsyncIterable<Uint8Array>) {
-      done += part.byteLength;
-      // A server that sends more than it declared (or declared nothing) stops at the limit.
-      if (done > limit) throw tooLarge('base package', url, done, limit, 'CLOUDLET_MAX_PACKAGE_BYTES');
-      await writeAll(out, Buffer.from(part.buffer, part.byteOffset, part.byteLength));
-      onProgress?.(done, Math.max(total, done), 'download');
-    }
-    await out.sync();
-  } catch (e) {
-    if (e instanceof CloudletError) throw e;
-    const timeout = policy ? bodyError(e, 'base package', url, policy) : e;
-    if (timeout instanceof CloudletError) throw timeout;
-    throw new CloudletError('TIMEOUT', `download of base package ${url} broke after ${done} bytes: ${(e as Error).message}`, { fix: 'retry the import', cause: e });
-  } finally {
-    await out.close();
-  }
-}
-
-async function importBaseFile(storeRoot: string, packageFile: string, opts: { onProgress?: OnProgress }): Promise<ImportResult> {
-  const fh = await openOrThrow(packageFile, 'r');
-  const store = await Store.open(storeRoot).catch(async (e: unknown) => {
-    await fh.close();
-    throw e;
-  });
-  let tmp: string | undefined;
-  const pending: Array<{ member: Member; sink: Sha256Sink }> = [];
-  try {
-    const reader = new PackageReader(fh, packageFile, (await fh.stat()).size);
-    const { manifest, places, trailerPos } = await readHead(reader);
-    const baseId = manifest.baseId;
-    if (await store.hasBaseDir(baseId)) {
-      const existing = await readStoredManifest(store, baseId);
-      if (!store.catalog.getBase(baseId)) registerBase(store, existing);
-      return { manifest: existing, alreadyPresent: true };
-    }
-
-    tmp = await store.makeTempDir(`import-${baseId.slice(0, 12)}`);
-    const total = manifest.members.reduce((s, m) => s + m.size, 0);
-    let done = 0;
-    const checkDigest = (m: Member, digest: string): void => {
-      if (digest !== m.sha256) {
-        throw new CloudletError('DIGEST_MISMATCH', `member ${m.name} of base package ${packageFile} has sha256 ${digest}, the manifest says ${m.sha256}`, {
-          fix: 'the package is damaged; copy or download it again',
-          details: { member: m.name, sha256: digest, expected: m.sha256 },
-        });
-      }
-    };
-    for (const place of places) {
-      const sink = await reader.copyOut(place, resolveInside(tmp, place.member.name), (n) => {
-        done += n;
-        opts.onProgress?.(done, total, 'import');
-      });
-      // A large member (the disk) is still being hashed on its own thread, mostly zeros of its
-      // holes: its digest is checked after the memory split and the index rebuilds, which run
-      // meanwhile on the other core. Nothing is used before every digest has been checked.
-      if (place.member.size >= WORKER_HASH_MIN) pending.push({ member: place.member, sink });
-      else checkDigest(place.member, await sink.digest());
-    }
-    const trailer = await reader.readExactly(trailerPos, PACKAGE_TRAILER.length, 'the trailer');
-    if (!trailer.equals(PACKAGE_TRAILER)) throw reader.corrupt('bad trailer', trailerPos);
-
-    // Derived files: the memory image and skeleton, and a check of both indexes against the data.
-    const layout = await splitSnapshot(path.join(tmp, BASE_FILES.memorySave), path.join(tmp, BASE_FILES.memoryImage), {
-      onProgress: (d: number, t: number) => opts.onProgress?.(d, t, 'split memory'),
-    });
-    if (layout.memImageSize !== manifest.memory.imageSize || layout.mode !== manifest.memory.mode) {
-      throw new CloudletError('CORRUPT', `the memory snapshot of base package ${packageFile} decodes to a ${layout.mode} image of ${layout.memImageSize} bytes, the manifest says ${manifest.memory.mode}, ${manifest.memory.imageSize} bytes`, {
-        fix: 'the package was made by an incompatible cloudlet or altered; export the base again',
-      });
-    }
-    await fsyncFile(path.join(tmp, BASE_FILES.memoryImage));
-    await writeFileSynced(path.join(tmp, BASE_FILES.memorySkeleton), layout.skeleton);
-    const checks: Array<{ what: string; built: ChunkIndex; stored: ChunkIndex }> = [];
-    for (const [data, idx, what] of [
-      [BASE_FILES.disk, BASE_FILES.diskIndex, 'disk'],
-      [BASE_FILES.memoryImage, BASE_FILES.memoryIndex, 'memory'],
-    ] as const) {
-      const stored = await readChunkIndex(path.join(tmp, idx));
-      const built = await buildChunkIndex(path.join(tmp, data), { onProgress: (d, t) => opts.onProgress?.(d, t, `check ${what} index`) });
-      checks.push({ what, built, stored });
-    }
-    // Damaged data is reported as such (DIGEST_MISMATCH) before the index that then disagrees.
-    for (const { member, sink } of pending.splice(0)) {
-      opts.onProgress?.(0, 1, `check ${member.name} sha256`);
-      checkDigest(member, await sink.digest());
-      opts.onProgress?.(1, 1, `check ${member.name} sha256`);
-    }
-    for (const { what, built, stored } of checks) {
-      if (!sameIndex(built, stored)) {
-        throw new CloudletError('CORRUPT', `the ${what} chunk index in base package ${packageFile} does not match the ${what} data`, {
-          fix: 'the package is damaged or was altered; export the base again',
-        });
-      }
-    }
-    await writeFileSynced(path.join(tmp, BASE_FILES.manifest), canonicalJson(manifest) + '\n');
-    const moved = await store.commitBaseDir(tmp, baseId);
-    tmp = undefined;
-    registerBase(store, moved ? manifest : await readStoredManifest(store, baseId));
-    return { manifest, alreadyPresent: !moved };
-  } finally {
-    for (const { sink } of pending) await sink.abort();
-    if (tmp !== undefined) await fsp.rm(tmp, { recursive: true, force: true });
-    store.close();
-    await fh.close();
-  }
 }
