@@ -1,3 +1,4 @@
+import os from 'node:os';
 import { ApplicationFailure } from '@temporalio/common';
 import { loadConfig } from '../../src/config';
 import { CloudletError } from '../../src/core/errors';
@@ -51,5 +52,22 @@ describe('activity failure mapping', () => {
     const e = await acts.flaky().catch((x: unknown) => x);
     expect((e as ApplicationFailure).nonRetryable).toBe(false);
     await expect(acts.plain()).resolves.toBe(42);
+  });
+
+  it('turns a full disk anywhere in the cause chain into NO_SPACE, naming the host and its directory', async () => {
+    const dataDir = os.tmpdir();
+    const full = withFailureMapping(
+      {
+        async write(): Promise<void> {
+          const enospc = Object.assign(new Error('ENOSPC: no space left on device, write'), { code: 'ENOSPC', path: '/x/memory.sav' });
+          throw new Error('apply failed', { cause: enospc });
+        },
+      },
+      { hostId: 'host-b', dataDir },
+    );
+    const e = await full.write().catch((x: unknown) => x);
+    expect((e as ApplicationFailure).type).toBe('NO_SPACE');
+    expect((e as ApplicationFailure).nonRetryable).toBe(true);
+    expect((e as ApplicationFailure).message).toMatch(new RegExp(`host host-b's disk is full \\(${dataDir}: \\d+ MiB free.*writing /x/memory.sav`));
   });
 });
