@@ -16,6 +16,7 @@ import { createHandoffDestinationActivities } from './handoff-destination';
 import { createHostStatsActivities } from './host-stats';
 import { createOverlayCacheActivities } from './overlay-cache';
 import { createAdmissionActivities } from './admission';
+import { createReconcileActivities } from './reconcile';
 
 export interface HostActivityDeps {
   hostId: string;
@@ -52,7 +53,8 @@ export function createHostActivities(deps: HostActivityDeps) {
   const stats = createHostStatsActivities({ hostId: deps.hostId, dataDir: deps.dataDir, hypervisor });
   const overlayCache = createOverlayCacheActivities({ dataDir: deps.dataDir, fetchPolicy: deps.config.fetch });
   const admission = createAdmissionActivities({ hostId: deps.hostId, dataDir: deps.dataDir, admission: deps.config.admission });
-  return withFailureMapping({ ...guest, ...instances, ...recipes, ...handoffSource, ...handoffDestination, ...stats, ...overlayCache, ...admission }, { hostId: deps.hostId, dataDir: deps.dataDir });
+  const reconcile = createReconcileActivities({ hostId: deps.hostId, dataDir: deps.dataDir, hypervisor, log: deps.log });
+  return withFailureMapping({ ...guest, ...instances, ...recipes, ...handoffSource, ...handoffDestination, ...stats, ...overlayCache, ...admission, ...reconcile }, { hostId: deps.hostId, dataDir: deps.dataDir });
 }
 
 export type HostActivities = ReturnType<typeof createHostActivities>;

@@ -95,7 +95,7 @@ export const OperationParamsSchema = z.strictObject({ id: OperationIdSchema });
 
 // ---- responses ---------------------------------------------------------------------------------
 
-export const OperationKindSchema = z.enum(['importBaseVm', 'resumeBaseVm', 'createOverlay', 'synthesizeVm', 'terminateVm', 'rebuildOverlay', 'handoffVm', 'receiveHandoff']);
+export const OperationKindSchema = z.enum(['importBaseVm', 'resumeBaseVm', 'createOverlay', 'synthesizeVm', 'terminateVm', 'rebuildOverlay', 'handoffVm', 'receiveHandoff', 'reconcileHost']);
 
 export const OperationRefSchema = named(
   'OperationRef',
@@ -177,7 +177,7 @@ export const InstanceInfoSchema = named(
   z.object({
     id: z.string(),
     hostId: z.string(),
-    state: z.enum(['provisioning', 'running', 'terminating', 'terminated', 'failed']),
+    state: z.enum(['provisioning', 'running', 'terminating', 'terminated', 'failed', 'lost']).describe('lost: the VM stopped without a terminate (its host crashed or rebooted); reconciliation removed its files.'),
     baseId: z.string(),
     overlayId: z.string().optional(),
     appEndpoint: z.string().optional(),

@@ -55,6 +55,7 @@ const STAGES: Record<OperationKind, string[]> = {
   handoffVm: ['round 1', 'round 2', 'cut-over', 'remove the source VM'],
   receiveHandoff: ['prepare working files from the base', 'apply round 1', 'rebuild and verify the VM', 'resume'],
   deployOverlay: ['fetch the overlay once per host', 'synthesize', 'done'],
+  reconcileHost: ['compare instance records with the hypervisor'],
 };
 
 interface FakeOperation {

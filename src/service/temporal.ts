@@ -337,6 +337,12 @@ export class TemporalCloudletService implements CloudletService {
         if (!r.kept) goneAt(`${r.hostId}/${r.instanceId}`, w);
       }
     }
+    // host/instance -> when a reconciliation found its VM gone (the host crashed or rebooted)
+    const lost = new Map<string, number>();
+    for (const w of await this.list(['reconcileHost'], 'succeeded')) {
+      const r = await this.resultOf<{ hostId: string; lost: Array<{ instanceId: string }> }>(w.id);
+      for (const l of r.lost) lost.set(`${r.hostId}/${l.instanceId}`, (w.closeTime ?? w.startTime).getTime());
+    }
     const out: InstanceInfo[] = [];
     for (const w of made) {
       const [, hostId = '', instanceId = ''] = w.id.split('/');
@@ -345,7 +351,8 @@ export class TemporalCloudletService implements CloudletService {
       if (w.status === 'succeeded') {
         const r = await this.resultOf<{ baseId: string; hostPort?: number; timings?: Record<string, number> }>(w.id);
         info.baseId = r.baseId;
-        info.state = (gone.get(`${hostId}/${instanceId}`) ?? 0) > w.startTime.getTime() ? 'terminated' : 'running';
+        const key = `${hostId}/${instanceId}`;
+        info.state = (gone.get(key) ?? 0) > w.startTime.getTime() ? 'terminated' : (lost.get(key) ?? 0) > w.startTime.getTime() ? 'lost' : 'running';
         if (r.hostPort) info.appEndpoint = `127.0.0.1:${r.hostPort}`;
         if (r.timings) info.timings = r.timings;
       }

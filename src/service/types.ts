@@ -10,7 +10,7 @@ import type { HostStats } from '../activities/host-stats';
 
 export type { HostStats };
 
-export type OperationKind = 'importBaseVm' | 'resumeBaseVm' | 'createOverlay' | 'synthesizeVm' | 'terminateVm' | 'rebuildOverlay' | 'handoffVm' | 'receiveHandoff' | 'deployOverlay';
+export type OperationKind = 'importBaseVm' | 'resumeBaseVm' | 'createOverlay' | 'synthesizeVm' | 'terminateVm' | 'rebuildOverlay' | 'handoffVm' | 'receiveHandoff' | 'deployOverlay' | 'reconcileHost';
 
 export type OperationState = 'running' | 'succeeded' | 'failed' | 'cancelled';
 
@@ -84,7 +84,8 @@ export interface OverlayInfo {
 export interface InstanceInfo {
   id: string;
   hostId: string;
-  state: 'provisioning' | 'running' | 'terminating' | 'terminated' | 'failed';
+  /** lost: its VM stopped without a terminate (the host crashed or rebooted); reconciliation removed it. */
+  state: 'provisioning' | 'running' | 'terminating' | 'terminated' | 'failed' | 'lost';
   baseId: string;
   overlayId?: string;
   /** 127.0.0.1:port where the guest's application port is forwarded (dev networking). */

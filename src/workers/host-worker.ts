@@ -10,13 +10,14 @@ import type { ActivityInterceptorsFactory, WorkerOptions, WorkflowBundleWithSour
 import { makeWorkflowExporter, OpenTelemetryActivityInboundInterceptor, OpenTelemetryActivityOutboundInterceptor } from '@temporalio/interceptors-opentelemetry/lib/worker';
 import { activeTracing } from '../common/tracing';
 import type { Logger } from 'pino';
-import { hostTaskQueue } from '../common/names';
+import { hostTaskQueue, SearchAttributes } from '../common/names';
 import type { Config } from '../config';
 import { hostDir } from '../config';
 import { createHostActivities } from '../activities';
 import { createMobilityActivities } from '../activities/mobility';
 import { connectClient } from '../client/connect';
 import { hostMonitor } from '../workflows/host-monitor';
+import { reconcileHost } from '../workflows/reconcile';
 import { SqliteNeighbourRegistry, type NeighbourRegistry } from '../core/mobility/registry';
 import { prewarmJoin } from '../core/snapshot';
 import { installRuntimeLogging } from './runtime-logging';
@@ -118,6 +119,7 @@ export async function createHostWorker(config: Config, hostId: string, log: Logg
     ...(traced.sinks ? { sinks: traced.sinks } : {}),
   });
   log.info({ hostId, publishes: publisher.url, queues: [hostTaskQueue(hostId), config.workflowTaskQueue] }, 'host worker ready');
+  let stopping = false;
   return {
     connection,
     publicUrl,
@@ -139,6 +141,20 @@ export async function createHostWorker(config: Config, hostId: string, log: Logg
           staticSummary: `Stats of host ${hostId} (free memory, store, running instances), read every 5 s`,
         })
         .catch((e: unknown) => log.warn({ err: (e as Error).message }, 'cannot start the host monitor: GET /v1/hosts shows no stats for this host'));
+      // What a crash or a reboot of this host left behind: instances whose VM is gone (docs/reliability.md).
+      await client?.workflow
+        .start(reconcileHost, {
+          workflowId: `reconcileHost/${hostId}/${new Date().toISOString()}`,
+          taskQueue: hostTaskQueue(hostId),
+          args: [{ hostId }],
+          typedSearchAttributes: [
+            { key: SearchAttributes.host, value: hostId },
+            { key: SearchAttributes.operation, value: 'reconcileHost' },
+            { key: SearchAttributes.status, value: 'running' },
+          ],
+          staticSummary: `Reconcile host ${hostId}'s instances with its hypervisor (at worker start)`,
+        })
+        .catch((e: unknown) => log.warn({ err: (e as Error).message }, 'cannot start the reconciliation of this host'));
       try {
         await running;
       } finally {
@@ -151,6 +167,9 @@ export async function createHostWorker(config: Config, hostId: string, log: Logg
       }
     },
     shutdown() {
+      // Idempotent: a second signal (or a test's second stop) finds the workers stopping already.
+      if (stopping) return;
+      stopping = true;
       hostQueueWorker.shutdown();
       sharedQueueWorker.shutdown();
     },

@@ -6,4 +6,5 @@ export { handoffVm, receiveHandoff, handoffProgressQuery, receiveStateQuery, rou
 export { mobilityController, rttSamplesSignal, pauseSignal, stopSignal, setPolicyUpdate, moveNowUpdate, mobilityStateQuery, type MobilityState, type MobilityDecision, type MobilityInput } from './mobility';
 export { refreshNeighbours } from './neighbours';
 export { hostMonitor, hostStatsQuery, stopMonitorSignal } from './host-monitor';
+export { reconcileHost, type ReconcileHostInput } from './reconcile';
 export { deployOverlay, type DeployOverlayInput, type DeployedVm, type HostDeployment } from './deployment';

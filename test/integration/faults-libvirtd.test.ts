@@ -7,31 +7,13 @@
  *    cleanly; either way no domain is left that the API does not list as running.
  * A running VM of another instance keeps running through both (QEMU does not depend on libvirtd).
  */
-import { execFileSync } from 'node:child_process';
-import fs from 'node:fs';
 import type { GuestAppClient } from '../../src/guest/app-client';
 import { waitFor } from '../helpers/poll';
-import { REPO } from '../helpers/infra';
+import { domainsOf, killLibvirtd, startLibvirtd } from '../helpers/libvirtd';
 import { launchOverlay, startApiCluster, type ApiCluster } from '../helpers/api-cluster';
 import { startStallingServer } from '../helpers/stalling-server';
 
 jest.setTimeout(20 * 60_000);
-
-const virsh = (...args: string[]): string => execFileSync('virsh', ['-c', 'qemu:///system', ...args], { encoding: 'utf8', stdio: ['ignore', 'pipe', 'ignore'] });
-
-function domainsOf(hostId: string): string[] {
-  return virsh('list', '--all', '--name').split('\n').map((s) => s.trim()).filter((n) => n.startsWith(`cl-${hostId}-`));
-}
-
-/** SIGKILL of the running libvirtd (whoever started it); then infra/libvirt.sh starts a new one. */
-function killLibvirtd(): void {
-  const pid = Number(fs.readFileSync('/run/libvirtd.pid', 'utf8').trim());
-  if (!(pid > 1) || fs.readFileSync(`/proc/${pid}/comm`, 'utf8').trim() !== 'libvirtd') throw new Error(`/run/libvirtd.pid names ${pid}, not a libvirtd`);
-  process.kill(pid, 'SIGKILL');
-}
-function startLibvirtd(): void {
-  execFileSync('bash', ['infra/libvirt.sh', 'start'], { cwd: REPO, stdio: ['ignore', 'ignore', 'inherit'], timeout: 120_000 });
-}
 
 describe('libvirtd killed and started again', () => {
   let c: ApiCluster;

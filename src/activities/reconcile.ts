@@ -1,0 +1,53 @@
+/**
+ * Reconciliation of a host's instance records with its hypervisor (docs/reliability.md): after a
+ * crash or a reboot of the host, an instance whose record says it ran (it had its port forwarded)
+ * but whose VM no longer runs is lost. Its files, its domain definition and its admission are
+ * removed, and it is reported, so the API lists it as lost. An instance an overlay is being made
+ * from (its launch.sav exists) is left to that operation.
+ */
+import fs from 'node:fs';
+import path from 'node:path';
+import type { Logger } from 'pino';
+import type { Hypervisor } from '../hypervisor/types';
+import { instanceRecords, type InstanceRecord } from './instance-records';
+import { releaseAdmission } from './admission';
+
+export interface LostInstance {
+  instanceId: string;
+  domain: string;
+  /** What the hypervisor said of its domain. */
+  domainState: string;
+}
+
+export function createReconcileActivities(deps: { hostId: string; dataDir: string; hypervisor: Hypervisor; log: Logger }) {
+  const records = instanceRecords(deps.hostId, deps.dataDir);
+  const instancesDir = path.join(deps.dataDir, 'instances');
+  return {
+    async reconcileInstances(): Promise<{ checked: number; lost: LostInstance[] }> {
+      const ids = await fs.promises.readdir(instancesDir).catch(() => [] as string[]);
+      const lost: LostInstance[] = [];
+      let checked = 0;
+      for (const id of ids) {
+        let rec: InstanceRecord;
+        try {
+          rec = await records.read(id);
+        } catch {
+          continue; // a directory being made (no record yet)
+        }
+        checked += 1;
+        if (rec.hostPort === undefined || fs.existsSync(path.join(records.dir(id), 'launch.sav'))) continue;
+        const state = await deps.hypervisor.state(rec.domain);
+        if (state === 'running' || state === 'paused') continue;
+        await deps.hypervisor.destroy(rec.domain);
+        await deps.hypervisor.undefine(rec.domain);
+        await fs.promises.rm(records.dir(id), { recursive: true, force: true });
+        await releaseAdmission(deps.dataDir, id);
+        deps.log.warn({ instanceId: id, domain: rec.domain, domainState: state }, 'instance lost: its VM no longer runs; its files and admission were removed');
+        lost.push({ instanceId: id, domain: rec.domain, domainState: state });
+      }
+      return { checked, lost };
+    },
+  };
+}
+
+export type ReconcileActivities = ReturnType<typeof createReconcileActivities>;
