@@ -3,7 +3,7 @@
  * crash or a reboot of the host, an instance whose record says it ran (it had its port forwarded)
  * but whose VM no longer runs is lost. Its files, its domain definition and its admission are
  * removed, and it is reported, so the API lists it as lost. An instance an overlay is being made
- * from (its launch.sav exists) is left to that operation.
+ * from (its launch.sav exists, or is being written) is left to that operation.
  */
 import fs from 'node:fs';
 import path from 'node:path';
@@ -35,7 +35,9 @@ export function createReconcileActivities(deps: { hostId: string; dataDir: strin
           continue; // a directory being made (no record yet)
         }
         checked += 1;
-        if (rec.hostPort === undefined || fs.existsSync(path.join(records.dir(id), 'launch.sav'))) continue;
+        // Never resumed yet (a synthesis on its way), or an overlay is being made from it (its
+        // memory is being or was saved): not lost, whatever libvirt says.
+        if (rec.hostPort === undefined || ['launch.sav', 'launch.sav.partial'].some((f) => fs.existsSync(path.join(records.dir(id), f)))) continue;
         const state = await deps.hypervisor.state(rec.domain);
         if (state === 'running' || state === 'paused') continue;
         await deps.hypervisor.destroy(rec.domain);
