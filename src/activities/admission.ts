@@ -27,10 +27,14 @@ export function admissionsDir(dataDir: string): string {
 /** The guest memory a domain XML gives its VM (its <memory> element). */
 export function domainMemoryBytes(xml: string): number {
   const m = /<memory(?:\s+unit=['"](\w+)['"])?\s*>(\d+)<\/memory>/.exec(xml);
-  if (!m?.[2]) return 0;
-  const unit = (m[1] ?? 'KiB').toLowerCase();
-  const scale: Record<string, number> = { b: 1, bytes: 1, kib: 1024, k: 1024, kb: 1000, mib: MiB, m: MiB, mb: 1e6, gib: 1024 * MiB, g: 1024 * MiB, gb: 1e9 };
-  return Number(m[2]) * (scale[unit] ?? 1024);
+  const unit = (m?.[1] ?? 'KiB').toLowerCase();
+  const scale: Record<string, number> = { b: 1, bytes: 1, kib: 1024, k: 1024, kb: 1000, mib: MiB, m: MiB, mb: 1e6, gib: 1024 * MiB, g: 1024 * MiB, gb: 1e9, tib: 1024 ** 4, t: 1024 ** 4, tb: 1e12 };
+  const factor = scale[unit];
+  // Fail closed: a size that cannot be read must not admit a VM of any size.
+  if (!m?.[2] || factor === undefined) {
+    throw new CloudletError('CORRUPT', `the domain XML gives no guest memory size that can be read (${m ? `unit "${m[1]}"` : 'no <memory> element'})`, { fix: 'rebuild the overlay from a VM saved by libvirt' });
+  }
+  return Number(m[2]) * factor;
 }
 
 export function createAdmissionActivities(deps: { hostId: string; dataDir: string; admission: AdmissionConfig }) {

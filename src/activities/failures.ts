@@ -25,14 +25,17 @@ function freeMiB(dir: string): string {
 function noSpace(e: unknown): (Error & { path?: string }) | undefined {
   let c: unknown = e;
   for (let depth = 0; c && depth < 6; depth++) {
-    if ((c as { code?: unknown }).code === 'ENOSPC' || /ENOSPC|No space left on device/.test(String((c as Error).message ?? ''))) return c as Error & { path?: string };
+    // The errno only: a message that merely mentions it (a guest's own full disk in a recipe's
+    // output, a peer's error) is not this host's disk.
+    const { code, errno } = c as { code?: unknown; errno?: unknown };
+    if (code === 'ENOSPC' || errno === -28) return c as Error & { path?: string };
     c = (c as { cause?: unknown }).cause;
   }
   return undefined;
 }
 
 export function toActivityFailure(e: unknown, ctx?: FailureContext): unknown {
-  const full = !isCloudletError(e) || e.code !== 'NO_SPACE' ? noSpace(e) : undefined;
+  const full = !(e instanceof ApplicationFailure) && !(isCloudletError(e) && e.code === 'NO_SPACE') ? noSpace(e) : undefined;
   if (full) {
     const where = ctx ? `host ${ctx.hostId}'s disk is full (${ctx.dataDir}: ${freeMiB(ctx.dataDir)} after the step gave back what it wrote)` : "the host's disk is full";
     e = new CloudletError('NO_SPACE', `${where}${full.path ? `, writing ${full.path}` : ''}: ${full.message}`, {

@@ -4,6 +4,7 @@
  * destination apply it), the cut-over (pause, last round, the destination resumes the VM), and
  * the two endings: the source VM removed, or resumed and serving as before.
  */
+import { releaseAdmission } from './admission';
 import fs from 'node:fs';
 import { availableParallelism } from 'node:os';
 import type { Logger } from 'pino';
@@ -332,6 +333,7 @@ export function createHandoffSourceActivities(deps: HandoffSourceDeps) {
       const domain = records.domainName(input.instanceId);
       await hv.destroy(domain);
       await hv.undefine(domain);
+      await releaseAdmission(deps.dataDir, input.instanceId);
       await fs.promises.rm(records.dir(input.instanceId), { recursive: true, force: true });
       await fs.promises.rm(handoffPaths(deps.dataDir, input.handoffId).dir, { recursive: true, force: true });
       return { removed: true };

@@ -361,8 +361,8 @@ export function createInstanceActivities(deps: CloudletActivityDeps) {
       const existed = fs.existsSync(dir) || (await hv.state(domain)) !== 'absent';
       await hv.destroy(domain);
       await hv.undefine(domain);
-      await fs.promises.rm(dir, { recursive: true, force: true });
       await releaseAdmission(deps.dataDir, input.instanceId);
+      await fs.promises.rm(dir, { recursive: true, force: true });
       return { existed };
     },
   };

@@ -54,6 +54,7 @@ export function createOverlayCacheActivities(deps: { dataDir: string; fetchPolic
         if (e instanceof CloudletError) throw e;
         throw new CloudletError('SERVICE_UNAVAILABLE', `cannot fetch overlay ${input.overlayUrl}: ${(e as Error).message}`, { fix: 'check that the overlay server answers from this host', cause: e });
       }
+      if (!res.ok || !res.body) await res.body?.cancel().catch(() => undefined);
       if (!res.ok || !res.body) throw new CloudletError(res.status === 404 ? 'NOT_FOUND' : 'SERVICE_UNAVAILABLE', `overlay ${input.overlayUrl} answered ${res.status}`, { fix: 'check the overlay URL (GET /v1/overlays)' });
       const total = Number(res.headers.get('content-length') ?? 0);
       if (total > limit) {

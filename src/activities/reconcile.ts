@@ -42,8 +42,8 @@ export function createReconcileActivities(deps: { hostId: string; dataDir: strin
         if (state === 'running' || state === 'paused') continue;
         await deps.hypervisor.destroy(rec.domain);
         await deps.hypervisor.undefine(rec.domain);
-        await fs.promises.rm(records.dir(id), { recursive: true, force: true });
         await releaseAdmission(deps.dataDir, id);
+        await fs.promises.rm(records.dir(id), { recursive: true, force: true });
         deps.log.warn({ instanceId: id, domain: rec.domain, domainState: state }, 'instance lost: its VM no longer runs; its files and admission were removed');
         lost.push({ instanceId: id, domain: rec.domain, domainState: state });
       }

@@ -12,6 +12,7 @@ import {
   proxyActivities,
   proxyLocalActivities,
   setCurrentDetails,
+  patched,
   setHandler,
   sleep,
   upsertSearchAttributes,
@@ -216,7 +217,8 @@ export async function synthesizeVm(input: SynthesizeVmInput) {
     t.tag(SearchAttributes.baseId, overlay.baseId);
     try {
       // Before any transfer: a request the host has no memory for waits here, holding nothing.
-      const waitedMs = await admit(check, t, input, overlay.memoryBytes);
+      // patched: a run started before admission existed replays without it.
+      const waitedMs = patched('admission-before-apply') ? await admit(check, t, input, overlay.memoryBytes) : 0;
       if (waitedMs > 0) timings['wait for memoryMs'] = waitedMs;
       const applied = await timed('fetch and apply overlay', () =>
         long.synthesizeInstanceFiles({ instanceId: input.instanceId, overlayUrl: input.overlayUrl, baseId: overlay.baseId, ...(input.appPort ? { appPort: input.appPort } : {}) }));

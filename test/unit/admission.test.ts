@@ -18,7 +18,9 @@ describe('admission by memory', () => {
     expect(domainMemoryBytes("<domain><memory unit='KiB'>262144</memory></domain>")).toBe(256 * MiB);
     expect(domainMemoryBytes('<domain><memory unit="GiB">1</memory></domain>')).toBe(1024 * MiB);
     expect(domainMemoryBytes('<domain><memory>1024</memory></domain>')).toBe(MiB);
-    expect(domainMemoryBytes('<domain/>')).toBe(0);
+    // Fail closed: no readable size admits nothing.
+    expect(() => domainMemoryBytes('<domain/>')).toThrow(/no <memory> element/);
+    expect(() => domainMemoryBytes("<memory unit='PiB'>1</memory>")).toThrow(/unit "PiB"/);
   });
 
   it('admits exactly what fits among concurrent requests, again the admitted, and more once one is released', async () => {

@@ -70,4 +70,14 @@ describe('activity failure mapping', () => {
     expect((e as ApplicationFailure).nonRetryable).toBe(true);
     expect((e as ApplicationFailure).message).toMatch(new RegExp(`host host-b's disk is full \\(${dataDir}: \\d+ MiB free.*writing /x/memory.sav`));
   });
+
+  it('leaves an error that only mentions a full disk in its text as it is', async () => {
+    const other = withFailureMapping({
+      async recipe(): Promise<void> {
+        throw new CloudletError('BAD_INPUT', 'the recipe failed: dpkg: error: No space left on device (in the guest)');
+      },
+    });
+    const e = await other.recipe().catch((x: unknown) => x);
+    expect((e as ApplicationFailure).type).toBe('BAD_INPUT');
+  });
 });

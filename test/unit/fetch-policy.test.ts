@@ -44,6 +44,13 @@ describe('address classes', () => {
     ['255.255.255.255', 'reserved'],
     ['8.8.8.8', 'public'],
     ['2606:4700::1111', 'public'],
+    ['::7f00:1', 'reserved'],
+    ['::ffff:0:a9fe:a9fe', 'reserved'],
+    ['64:ff9b::a9fe:a9fe', 'reserved'],
+    ['2002:7f00:1::1', 'reserved'],
+    ['fec0::1', 'private'],
+    ['3fff::1', 'public'],
+    ['4000::1', 'reserved'],
   ])('%s is %s', (address, cls) => {
     expect(classifyAddress(address)).toBe(cls);
   });

@@ -73,6 +73,7 @@ async function download(url: string, file: string, onProgress?: OnProgress, poli
     if (e instanceof CloudletError) throw e;
     throw new CloudletError('TIMEOUT', `cannot fetch base package ${url}: ${(e as Error).message}`, { fix: 'check the URL and that the server is up', cause: e });
   }
+  if (!res.ok || !res.body) await res.body?.cancel().catch(() => undefined);
   if (res.status === 404) throw new CloudletError('NOT_FOUND', `base package ${url} not found (HTTP 404)`, { fix: 'check the URL' });
   if (!res.ok || !res.body) {
     throw new CloudletError(res.status >= 500 ? 'TIMEOUT' : 'BAD_INPUT', `fetching base package ${url} answered HTTP ${res.status}`, { fix: 'check the URL and the server' });
@@ -83,7 +84,10 @@ async function download(url: string, file: string, onProgress?: OnProgress, poli
     await res.body.cancel().catch(() => undefined);
     throw tooLarge('base package', url, total, limit, 'CLOUDLET_MAX_PACKAGE_BYTES');
   }
-  const out = await fsp.open(file, 'wx');
+  const out = await fsp.open(file, 'wx').catch(async (e: unknown) => {
+    await res.body?.cancel().catch(() => undefined);
+    throw e;
+  });
   let done = 0;
   try {
     for await (const part of res.body as unknown as AsyncIterable<Uint8Array>) {

@@ -25,6 +25,12 @@ const CLASS_RANGES: ReadonlyArray<[AddressClass, 'ipv4' | 'ipv6', string, number
   ['multicast', 'ipv4', '224.0.0.0', 4],
   ['reserved', 'ipv4', '240.0.0.0', 4], // and the broadcast address
   ['unspecified', 'ipv6', '::', 128],
+  ['reserved', 'ipv6', '::', 96], // IPv4-compatible (deprecated): may reach any IPv4 address
+  ['reserved', 'ipv6', '::ffff:0:0:0', 96], // SIIT: likewise
+  ['reserved', 'ipv6', '64:ff9b:1::', 48], // local-use NAT64
+  ['reserved', 'ipv6', '100::', 64], // discard
+  ['reserved', 'ipv6', '2002::', 16], // 6to4: an IPv4 address inside
+  ['private', 'ipv6', 'fec0::', 10], // site-local (deprecated)
   ['loopback', 'ipv6', '::1', 128],
   ['reserved', 'ipv6', '64:ff9b::', 96], // NAT64: may reach any IPv4 address
   ['reserved', 'ipv6', '2001:db8::', 32],
@@ -57,15 +63,20 @@ export function normalizeAddress(address: string): { address: string; family: 'i
   return { address: bare.toLowerCase(), family: 'ipv6' };
 }
 
+/** Global unicast IPv6 is 2000::/3; anything else not classified above is not routed publicly. */
+const GLOBAL_IPV6 = new net.BlockList();
+GLOBAL_IPV6.addSubnet('2000::', 3, 'ipv6');
+
 export function classifyAddress(address: string): AddressClass {
   const a = normalizeAddress(address);
   if (!a) throw new CloudletError('BAD_INPUT', `"${address}" is not an IP address`);
   for (const [cls, list] of classLists) if (list.check(a.address, a.family)) return cls;
+  if (a.family === 'ipv6' && !GLOBAL_IPV6.check(a.address, 'ipv6')) return 'reserved';
   return 'public';
 }
 
 /** Classes refused even behind a listed host name (a name can be made to resolve anywhere). */
-const NEVER_BY_NAME: ReadonlySet<AddressClass> = new Set(['link-local', 'unspecified', 'multicast']);
+const NEVER_BY_NAME: ReadonlySet<AddressClass> = new Set(['link-local', 'unspecified', 'multicast', 'reserved']);
 
 /**
  * The operator's allow-list: entries are "public" (any globally routed address), an IP address

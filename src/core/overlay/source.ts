@@ -113,6 +113,8 @@ class HttpSource implements OverlaySource {
       if (e instanceof CloudletError) throw e;
       throw new CloudletError('TIMEOUT', `cannot fetch overlay ${this.name}: ${(e as Error).message}`, { cause: e, fix: 'check the URL and that the server is up' });
     }
+    // An answer that is not used: its body goes, so its connection does not stay blocked.
+    if (res.status !== 206 && !(res.status === 200 && from === 0)) await res.body?.cancel().catch(() => undefined);
     if (res.status === 416) throw truncated(this.name, from, to - from + 1, 0);
     if (res.status === 404) throw new CloudletError('NOT_FOUND', `overlay ${this.name} not found (HTTP 404)`, { fix: 'check the URL' });
     if (res.status !== 206 && !(res.status === 200 && from === 0)) {
