@@ -4,7 +4,7 @@
  */
 import { ApplicationFailure } from '@temporalio/common';
 import { statfsSync } from 'node:fs';
-import { CloudletError, isCloudletError } from '../core/errors';
+import { CloudletError, findCause, isCloudletError } from '../core/errors';
 
 /** Which host the activities run for, so a full disk names its directory and what is free there. */
 export interface FailureContext {
@@ -23,15 +23,9 @@ function freeMiB(dir: string): string {
 
 /** The file system error "no space left on device" anywhere in `e`'s cause chain. */
 function noSpace(e: unknown): (Error & { path?: string }) | undefined {
-  let c: unknown = e;
-  for (let depth = 0; c && depth < 6; depth++) {
-    // The errno only: a message that merely mentions it (a guest's own full disk in a recipe's
-    // output, a peer's error) is not this host's disk.
-    const { code, errno } = c as { code?: unknown; errno?: unknown };
-    if (code === 'ENOSPC' || errno === -28) return c as Error & { path?: string };
-    c = (c as { cause?: unknown }).cause;
-  }
-  return undefined;
+  // The errno only: a message that merely mentions it (a guest's own full disk in a recipe's
+  // output, a peer's error) is not this host's disk.
+  return findCause(e, (c) => (c as { code?: unknown }).code === 'ENOSPC' || (c as { errno?: unknown }).errno === -28) as (Error & { path?: string }) | undefined;
 }
 
 export function toActivityFailure(e: unknown, ctx?: FailureContext): unknown {

@@ -84,3 +84,13 @@ export class CloudletError extends Error {
 export function isCloudletError(e: unknown): e is CloudletError {
   return e instanceof CloudletError;
 }
+
+/** The first error in `e`'s cause chain (itself included, a few levels deep) that `match` accepts. */
+export function findCause(e: unknown, match: (c: unknown) => boolean, depth = 6): unknown {
+  let c: unknown = e;
+  for (let i = 0; c && i < depth; i++) {
+    if (match(c)) return c;
+    c = (c as { cause?: unknown }).cause;
+  }
+  return undefined;
+}

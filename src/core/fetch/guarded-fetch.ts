@@ -8,7 +8,7 @@
 import dns from 'node:dns';
 import type { LookupAddress, LookupOptions } from 'node:dns';
 import { Agent, fetch as undiciFetch, type Response } from 'undici';
-import { CloudletError, isCloudletError } from '../errors';
+import { CloudletError, findCause, isCloudletError } from '../errors';
 import { normalizeAddress, refused, type FetchPolicy } from './policy';
 
 export type { Response } from 'undici';
@@ -111,27 +111,15 @@ export async function guardedFetch(what: string, url: string, policy: FetchPolic
 
 /** The policy's or the timeout's own error out of fetch's TypeError; other failures as they are. */
 function unwrap(e: unknown, what: string, url: string, policy: FetchPolicy): unknown {
-  let c: unknown = e;
-  for (let depth = 0; c && depth < 5; depth++) {
-    if (isCloudletError(c)) return c;
-    if (c instanceof LookupRefusal) return refused(what, url, c.message, fixOf(policy));
-    const code = (c as { code?: string }).code;
-    if (code === 'UND_ERR_HEADERS_TIMEOUT' || code === 'UND_ERR_CONNECT_TIMEOUT') {
-      return new CloudletError('TIMEOUT', `${what} ${url} did not answer within ${policy.limits.headersTimeoutMs} ms`, { fix: 'check that the server is up; an operator may raise CLOUDLET_FETCH_TIMEOUT_S', cause: e });
-    }
-    c = (c as { cause?: unknown }).cause;
-  }
-  return e;
+  const code = (c: unknown): unknown => (c as { code?: unknown }).code;
+  const c = findCause(e, (x) => isCloudletError(x) || x instanceof LookupRefusal || code(x) === 'UND_ERR_HEADERS_TIMEOUT' || code(x) === 'UND_ERR_CONNECT_TIMEOUT', 5);
+  if (c === undefined || isCloudletError(c)) return c ?? e;
+  if (c instanceof LookupRefusal) return refused(what, url, c.message, fixOf(policy));
+  return new CloudletError('TIMEOUT', `${what} ${url} did not answer within ${policy.limits.headersTimeoutMs} ms`, { fix: 'check that the server is up; an operator may raise CLOUDLET_FETCH_TIMEOUT_S', cause: e });
 }
 
 /** A body-idle timeout while reading, as a TIMEOUT error (other errors as they are). */
 export function bodyError(e: unknown, what: string, url: string, policy: FetchPolicy): unknown {
-  let c: unknown = e;
-  for (let depth = 0; c && depth < 5; depth++) {
-    if ((c as { code?: string }).code === 'UND_ERR_BODY_TIMEOUT') {
-      return new CloudletError('TIMEOUT', `${what} ${url} sent nothing for ${policy.limits.bodyIdleTimeoutMs} ms`, { fix: 'check the server and the network; an operator may raise CLOUDLET_FETCH_IDLE_TIMEOUT_S', cause: e });
-    }
-    c = (c as { cause?: unknown }).cause;
-  }
-  return e;
+  if (findCause(e, (c) => (c as { code?: unknown }).code === 'UND_ERR_BODY_TIMEOUT', 5) === undefined) return e;
+  return new CloudletError('TIMEOUT', `${what} ${url} sent nothing for ${policy.limits.bodyIdleTimeoutMs} ms`, { fix: 'check the server and the network; an operator may raise CLOUDLET_FETCH_IDLE_TIMEOUT_S', cause: e });
 }

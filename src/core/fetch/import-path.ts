@@ -14,16 +14,25 @@ function inside(dir: string, file: string): boolean {
   return rel !== '' && !rel.startsWith('..') && !path.isAbsolute(rel);
 }
 
+function importDirsFix(policy: FetchPolicy): string {
+  return `put the file under an import directory (${policy.importDirs.join(', ') || 'none configured'}; CLOUDLET_IMPORT_DIRS)`;
+}
+
+/** An absolute path, lexically under one of `dirs` (no file system access). */
+function screenPath(what: string, file: string, dirs: readonly string[], fix: string): void {
+  if (!path.isAbsolute(file)) throw refused(what, file, 'a local source must be an absolute path', 'give an http(s) URL or an absolute path under an import directory');
+  if (!dirs.some((d) => inside(path.resolve(d), path.resolve(file)))) throw refused(what, file, 'it is not under an import directory', fix);
+}
+
 /**
  * The real path of `file` when the policy allows reading it; `extraDirs` are directories this host
  * writes itself (its deployments' fetched overlays). Throws SOURCE_REFUSED, NOT_FOUND or SOURCE_TOO_LARGE.
  */
 export async function resolveImportPath(what: string, file: string, policy: FetchPolicy, opts: { maxBytes: number; limitSetting: string; extraDirs?: readonly string[] }): Promise<string> {
-  if (!path.isAbsolute(file)) throw refused(what, file, 'a local source must be an absolute path', 'give an absolute path under an import directory');
   const dirs = [...policy.importDirs, ...(opts.extraDirs ?? [])];
-  const fix = `put the file under an import directory (${policy.importDirs.join(', ') || 'none configured'}; CLOUDLET_IMPORT_DIRS)`;
+  const fix = importDirsFix(policy);
   // A quick refusal for what is plainly outside, before touching the file system.
-  if (!dirs.some((d) => inside(path.resolve(d), path.resolve(file)))) throw refused(what, file, 'it is not under an import directory', fix);
+  screenPath(what, file, dirs, fix);
   let real: string;
   try {
     real = await fs.realpath(file);
@@ -48,8 +57,5 @@ export function screenSource(what: string, source: string, policy: FetchPolicy):
     checkUrl(what, source, policy);
     return;
   }
-  if (!path.isAbsolute(source)) throw refused(what, source, 'a local source must be an absolute path', 'give an http(s) URL or an absolute path under an import directory');
-  if (!policy.importDirs.some((d) => inside(path.resolve(d), path.resolve(source)))) {
-    throw refused(what, source, 'it is not under an import directory', `put the file under an import directory (${policy.importDirs.join(', ') || 'none configured'}; CLOUDLET_IMPORT_DIRS), or serve it over http(s)`);
-  }
+  screenPath(what, source, policy.importDirs, `${importDirsFix(policy)}, or serve it over http(s)`);
 }
