@@ -23,6 +23,10 @@ const EnvSchema = z.object({
   CLOUDLET_METRICS_HOST: z.string().min(1).default('127.0.0.1'),
   /** The cluster's neighbour registry (SQLite; default <var>/clusters/<namespace>/neighbours.sqlite). */
   CLOUDLET_NEIGHBOURS_DB: z.string().min(1).optional(),
+  /** The cluster catalog (tokens of tenants, owners, quotas) as SQLite (default <var>/clusters/<namespace>/catalog.sqlite). */
+  CLOUDLET_CATALOG_DB: z.string().min(1).optional(),
+  /** The cluster catalog in PostgreSQL (postgres://user@host:port/db), for an API on several machines; overrides CLOUDLET_CATALOG_DB. */
+  CLOUDLET_CATALOG_URL: z.string().regex(/^postgres(ql)?:\/\//, 'a postgres:// URL').optional(),
   /** The local address RTT probes to devices leave from (a multihomed host picks its path). */
   CLOUDLET_PROBE_FROM: z.ipv4().or(z.ipv6()).optional(),
   /** Hosts a neighbour's API URL may name (comma-separated; "*.example.org" for a domain); empty: any. */
@@ -61,6 +65,8 @@ export interface Config {
   metrics?: { host: string; port: number };
   /** Mobility (docs/mobility.md): the neighbour registry, where probes leave from, allowed neighbour hosts. */
   mobility: { registryFile: string; probeFrom?: string; neighbourHosts: string[] };
+  /** Where the cluster catalog is (docs/security.md). */
+  catalog: { file: string; url?: string };
   /** What a host's workers may fetch overlays and packages from, and the limits (docs/security.md). */
   fetch: FetchPolicy;
   /** Admission by memory (docs/operations.md). */
@@ -92,6 +98,10 @@ export function loadConfig(env: NodeJS.ProcessEnv = process.env): Config {
       registryFile: path.resolve(e.CLOUDLET_NEIGHBOURS_DB ?? path.join(e.CLOUDLET_VAR, 'clusters', e.CLOUDLET_NAMESPACE, 'neighbours.sqlite')),
       ...(e.CLOUDLET_PROBE_FROM ? { probeFrom: e.CLOUDLET_PROBE_FROM } : {}),
       neighbourHosts,
+    },
+    catalog: {
+      file: path.resolve(e.CLOUDLET_CATALOG_DB ?? path.join(varDir, 'clusters', e.CLOUDLET_NAMESPACE, 'catalog.sqlite')),
+      ...(e.CLOUDLET_CATALOG_URL ? { url: e.CLOUDLET_CATALOG_URL } : {}),
     },
     admission: { ...(e.CLOUDLET_VM_MEMORY_MIB !== undefined ? { vmMemoryBytes: e.CLOUDLET_VM_MEMORY_MIB * 1024 * 1024 } : {}), reserveBytes: e.CLOUDLET_MEMORY_RESERVE_MIB * 1024 * 1024 },
     fetch: {

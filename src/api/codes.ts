@@ -34,6 +34,9 @@ export const STATUS_OF_CODE: Readonly<Record<ErrorCode, number>> = {
   NO_SPACE: 507,
   // The VM does not fit in what the host gives VMs (admission by memory).
   NO_MEMORY: 503,
+  CATALOG_UNAVAILABLE: 503,
+  // Too Many Requests: the tenant has as many instances (or as much memory) as its quota allows.
+  QUOTA_EXCEEDED: 429,
 };
 
 export function isErrorCode(code: string): code is ErrorCode {

@@ -15,6 +15,7 @@ import { z } from 'zod';
 import { createLogger } from '../common/logger';
 import type { CloudletService } from '../service/types';
 import { parseTokens } from './auth';
+import type { ClusterCatalog } from '../core/cluster-catalog';
 import type { RecipeScheduleApi } from '../service/schedule-types';
 import type { HandoffService } from '../service/handoff-types';
 import type { MobilityService } from '../service/mobility-types';
@@ -60,6 +61,8 @@ export interface ApiBackend {
   mobility?: MobilityService;
   /** Where the dashboard links runs to. */
   temporalUi?: { url: string; namespace: string };
+  /** Tenants' tokens, owners and quotas (docs/security.md). */
+  catalog?: ClusterCatalog;
   close?: () => Promise<void>;
 }
 
@@ -76,6 +79,7 @@ export async function runApi(createBackend: () => Promise<ApiBackend>, env: Node
     ...(backend.handoffs ? { handoffs: backend.handoffs } : {}),
     ...(backend.mobility ? { mobility: backend.mobility } : {}),
     ...(backend.temporalUi ? { temporalUi: backend.temporalUi } : {}),
+    ...(backend.catalog ? { catalog: backend.catalog } : {}),
     tokens: config.tokens,
     insecure: config.insecure,
     host: config.host,

@@ -3,7 +3,7 @@
  * toJSONSchema, JSON Schema 2020-12 as OpenAPI 3.1 uses it). Named schemas become components.
  */
 import { z } from 'zod';
-import type { Route } from './route';
+import { accessOf, R, type ResponseDoc, type Route } from './route';
 import { apiSchemas, ErrorBodySchema, IdempotencyKeySchema } from './schemas';
 
 const ref = (id: string) => `#/components/schemas/${id}`;
@@ -60,7 +60,9 @@ export function buildOpenApi(routes: readonly Route[], info: OpenApiInfo = {}): 
       });
     }
     const responses: Record<string, unknown> = {};
-    for (const [status, doc] of Object.entries(r.responses)) {
+    // Every route that takes a token may refuse a role below the one it needs.
+    const docs: Record<number, ResponseDoc> = r.auth === false || r.responses[403] ? r.responses : { ...r.responses, 403: R.forbidden };
+    for (const [status, doc] of Object.entries(docs)) {
       const out: Record<string, unknown> = { description: doc.description };
       const code = Number(status);
       if (doc.schema) out.content = { 'application/json': { schema: schemaOf(doc.schema, 'output') } };
@@ -78,6 +80,7 @@ export function buildOpenApi(routes: readonly Route[], info: OpenApiInfo = {}): 
       responses,
       security: r.auth === false ? [] : [{ bearer: [] }],
     };
+    if (r.auth !== false) op['x-cloudlet-role'] = accessOf(r);
     if (r.description !== undefined) op.description = r.description;
     if (r.body) op.requestBody = { required: r.bodyOptional !== true, content: { 'application/json': { schema: schemaOf(r.body, 'input') } } };
     (paths[r.path] ??= {})[r.method.toLowerCase()] = op;
@@ -96,7 +99,7 @@ export function buildOpenApi(routes: readonly Route[], info: OpenApiInfo = {}): 
     paths,
     components: {
       schemas: components,
-      securitySchemes: { bearer: { type: 'http', scheme: 'bearer', description: 'A token from the server\'s CLOUDLET_API_TOKENS.' } },
+      securitySchemes: { bearer: { type: 'http', scheme: 'bearer', description: 'An operator\'s token from the server\'s CLOUDLET_API_TOKENS (admin), or one minted with POST /v1/tokens for a tenant and role. x-cloudlet-role on each operation names the least role it needs (docs/security.md).' } },
     },
     security: [{ bearer: [] }],
   };

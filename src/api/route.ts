@@ -7,6 +7,8 @@
 import type { FastifyReply, FastifyRequest } from 'fastify';
 import type { z } from 'zod';
 import type { CloudletService, OperationRef } from '../service/types';
+import type { Access } from './auth';
+import type { TenantScope } from './tenancy';
 
 type Out<S> = S extends z.ZodType ? z.output<S> : undefined;
 
@@ -18,6 +20,8 @@ export interface RouteContext<P, B, Q = unknown> {
   /** The validated Idempotency-Key header (routes with `idempotent: true` only). */
   idempotencyKey: string | undefined;
   service: CloudletService;
+  /** Who asks, and what of the cluster's objects they see (src/api/tenancy.ts). */
+  scope: TenantScope;
   req: FastifyRequest;
   reply: FastifyReply;
 }
@@ -43,6 +47,8 @@ export interface RouteDef<PS extends z.ZodType | undefined = undefined, BS exten
   tag: string;
   /** Default true: needs Authorization: Bearer <token>. */
   auth?: boolean;
+  /** The role the route needs (default: reader for GET, member otherwise); docs/security.md. */
+  access?: Access;
   /** Accepts an Idempotency-Key header, passed to the service. */
   idempotent?: boolean;
   params?: PS;
@@ -66,6 +72,7 @@ export interface Route {
   description?: string;
   tag: string;
   auth?: boolean;
+  access?: Access;
   idempotent?: boolean;
   params?: z.ZodType;
   body?: z.ZodType;
@@ -91,6 +98,11 @@ export function accepted(reply: FastifyReply, operation: OperationRef): { operat
   return { operation, statusUrl };
 }
 
+/** The role a route needs: its own, or reader for GET and member for changes. */
+export function accessOf(route: Pick<Route, 'access' | 'method'>): Access {
+  return route.access ?? (route.method === 'GET' ? 'reader' : 'member');
+}
+
 /** Common response docs. */
 export const R = {
   unauthorized: { description: 'Missing or wrong bearer token (WWW-Authenticate says which).', headers: { 'WWW-Authenticate': 'Bearer challenge' } },
@@ -98,5 +110,7 @@ export const R = {
   notFound: { description: 'No such object.' },
   conflict: { description: 'The object is not in a state that allows this (e.g. an instance still provisioning).' },
   unprocessable: { description: 'Well-formed, but names something the cloudlet cannot use (unknown host, wrong base...).' },
+  forbidden: { description: 'The token\'s role may not do this (docs/security.md): e.g. a member on an admin route, a reader on a change.' },
+  quota: { description: 'The tenant\'s quota (instances or guest memory) would be exceeded.' },
   sourceRefused: { description: "The fetch policy refuses the source: an address off the allow-list, another scheme, a path outside the import directories (docs/security.md)." },
 } satisfies Record<string, ResponseDoc>;

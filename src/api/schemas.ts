@@ -4,6 +4,7 @@
  * where the OpenAPI components come from.
  */
 import { z } from 'zod';
+import { TENANT_NAME } from '../core/cluster-catalog/types';
 import { HOST_ID_PATTERN } from '../common/names';
 
 /** Named schemas of the API; their names become OpenAPI components. */
@@ -51,6 +52,7 @@ export const ImportBaseBodySchema = named(
   z.strictObject({
     hostId: HostIdSchema,
     source: UrlOrHostPath('source').describe('The base package: an http(s) URL or an absolute path on the host.'),
+    tenant: z.string().regex(TENANT_NAME, 'a tenant name').optional().describe('The tenant the base is for (only it sees the base); without one every tenant may use it.'),
   }),
 );
 
@@ -133,6 +135,7 @@ export const OperationStatusSchema = named(
     webUiUrl: z.string().optional(),
     state: z.enum(['running', 'succeeded', 'failed', 'cancelled']),
     hostId: z.string(),
+    parentOperationId: z.string().optional().describe('The operation this one is a step of (a deployment\'s synthesis).'),
     startedAt: z.string(),
     closedAt: z.string().optional(),
     progress: ProgressSchema.optional(),
@@ -157,6 +160,7 @@ export const BaseInfoSchema = named(
     memoryBytes: z.number(),
     cpuModel: z.string().optional(),
     importedAt: z.string(),
+    operationIds: z.array(z.string()).describe('The import operations that brought it to its hosts.'),
   }),
 );
 
@@ -169,6 +173,7 @@ export const OverlayInfoSchema = named(
     url: z.string().describe('Where hosts fetch it (HTTP, Range supported).'),
     createdAt: z.string(),
     fromInstanceId: z.string().optional(),
+    operationId: z.string().describe('The operation that made it (createOverlay or rebuildOverlay).'),
   }),
 );
 
@@ -183,6 +188,7 @@ export const InstanceInfoSchema = named(
     appEndpoint: z.string().optional(),
     timings: z.record(z.string(), z.number()).optional(),
     operationId: z.string(),
+    parentOperationId: z.string().optional().describe('The operation that started operationId, when it is a step of another (a deployment).'),
     progress: ProgressSchema.optional().describe('While provisioning: the progress of the operation that makes it (GET /v1/instances/{id} only).'),
   }),
 );

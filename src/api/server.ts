@@ -8,7 +8,10 @@ import path from 'node:path';
 import type pino from 'pino';
 import type { z } from 'zod';
 import type { CloudletService } from '../service/types';
-import { authenticate, TokenSet } from './auth';
+import { Authenticator, authorize, type Principal } from './auth';
+import type { ClusterCatalog } from '../core/cluster-catalog';
+import { TenantLocks, TenantScope } from './tenancy';
+import { tenantRoutes } from './routes/tenants';
 import { metrics, registry } from '../common/metrics';
 import { step } from '../common/tracing';
 import fastifyStatic from '@fastify/static';
@@ -17,7 +20,7 @@ import { REPO_ROOT } from '../config';
 const DASHBOARD_DIR = path.join(REPO_ROOT, 'src', 'api', 'dashboard');
 import { ApiError, sendError, validationError } from './errors';
 import { buildOpenApi } from './openapi';
-import { defineRoute, R, type Route } from './route';
+import { accessOf, defineRoute, R, type Route } from './route';
 import { baseRoutes } from './routes/bases';
 import { hostRoutes } from './routes/hosts';
 import { instanceRoutes } from './routes/instances';
@@ -39,8 +42,10 @@ export interface ApiOptions {
   handoffs?: HandoffService;
   /** Neighbours, RTT, mobility controllers, discovery; without it those routes answer 501. */
   mobility?: MobilityService;
-  /** Accepted bearer tokens. Empty is refused unless `insecure` is set. */
+  /** The operators' bearer tokens (admin, of no tenant). Empty is refused unless `insecure` is set or a catalog is given. */
   tokens: readonly string[];
+  /** The cluster catalog: tenants' tokens, owners, quotas (docs/security.md). Without it only `tokens` are accepted and nothing is filtered by tenant. */
+  catalog?: ClusterCatalog;
   /** Serve without authentication (local development only; logged loudly). */
   insecure?: boolean;
   logger?: pino.Logger;
@@ -53,17 +58,28 @@ export interface ApiOptions {
 const serviceRoutes: readonly Route[] = [...hostRoutes, ...baseRoutes, ...instanceRoutes, ...overlayRoutes, ...operationRoutes];
 
 /** Every route of the API, in documentation order (without the two meta routes). */
-export const apiRoutes: readonly Route[] = [...serviceRoutes, ...scheduleRoutes(undefined), ...handoffRoutes(undefined), ...mobilityRoutes(undefined)];
+export const apiRoutes: readonly Route[] = [...serviceRoutes, ...scheduleRoutes(undefined), ...handoffRoutes(undefined), ...mobilityRoutes(undefined), ...tenantRoutes(undefined)];
+
+declare module 'fastify' {
+  interface FastifyRequest {
+    /** Set by authentication (routes that need a token). */
+    principal?: Principal;
+  }
+}
+
+const ANONYMOUS: Principal = { role: 'reader', tokenId: 'anonymous' };
+const INSECURE: Principal = { role: 'admin', tokenId: 'insecure' };
 
 export async function buildServer(options: ApiOptions): Promise<FastifyInstance> {
   const insecure = options.insecure === true;
-  if (options.tokens.length === 0 && !insecure) {
+  if (options.tokens.length === 0 && !insecure && !options.catalog) {
     throw new Error(
       'the cloudlet API needs at least one bearer token. Fix: set CLOUDLET_API_TOKENS (comma-separated, e.g. `openssl rand -hex 32`), ' +
         'or CLOUDLET_API_INSECURE=1 to serve without authentication on a development machine',
     );
   }
-  const tokens = new TokenSet(options.tokens);
+  const auth = new Authenticator(options.tokens, options.catalog);
+  const locks = new TenantLocks();
 
   const loggerInstance: FastifyBaseLogger | undefined = options.logger;
   const app: FastifyInstance = fastify({
@@ -136,6 +152,7 @@ export async function buildServer(options: ApiOptions): Promise<FastifyInstance>
       method: 'GET',
       path: '/metrics',
       operationId: 'metrics',
+      access: 'admin',
       summary: "The API process's Prometheus metrics (requests by route and status, process figures); bearer token as for every route",
       tag: 'meta',
       responses: { 200: { description: 'Prometheus text exposition format.' }, 401: R.unauthorized },
@@ -145,15 +162,26 @@ export async function buildServer(options: ApiOptions): Promise<FastifyInstance>
       },
     }),
   ];
-  const allRoutes = [...metaRoutes, ...serviceRoutes, ...scheduleRoutes(options.schedules), ...handoffRoutes(options.handoffs), ...mobilityRoutes(options.mobility)];
+  const allRoutes = [...metaRoutes, ...serviceRoutes, ...scheduleRoutes(options.schedules), ...handoffRoutes(options.handoffs), ...mobilityRoutes(options.mobility), ...tenantRoutes(options.catalog)];
 
   for (const route of allRoutes) {
     const needsToken = route.auth !== false && !insecure;
+    const access = accessOf(route);
     app.route({
       method: route.method,
       url: route.fastifyPath ?? route.path.replace(/\{(\w+)\}/g, ':$1'),
-      // Before the body is read: a client without a token learns nothing from a 400.
-      ...(needsToken ? { onRequest: async (req: FastifyRequest) => authenticate(req.headers.authorization, tokens) } : {}),
+      // Before the body is read: a client without a token (or the role) learns nothing from a 400.
+      ...(needsToken
+        ? {
+            onRequest: async (req: FastifyRequest, reply: FastifyReply) => {
+              const principal = await auth.authenticate(req.headers.authorization);
+              req.principal = principal;
+              // Every line this request logs names who asked (never the token itself).
+              req.log = reply.log = req.log.child({ tenant: principal.tenant ?? '(operators)', role: principal.role, tokenId: principal.tokenId });
+              authorize(principal, access, `${route.operationId} (${route.method} ${route.path})`);
+            },
+          }
+        : {}),
       handler: (req, reply) => handle(route, req, reply),
     });
   }
@@ -173,7 +201,8 @@ export async function buildServer(options: ApiOptions): Promise<FastifyInstance>
     const query = route.query ? parse(route.query, 'query', req.query ?? {}) : undefined;
     // A span per request (a no-op without tracing): workflows it starts continue its trace.
     return step(`${route.method} ${route.path}`, async (span) => {
-      const r = await route.handler({ params, body, query, idempotencyKey, service: options.service, req, reply });
+      const scope = new TenantScope(req.principal ?? (insecure ? INSECURE : ANONYMOUS), options.catalog, locks);
+      const r = await route.handler({ params, body, query, idempotencyKey, service: options.service, scope, req, reply });
       span.setAttributes({ 'http.request.method': route.method, 'http.route': route.path, 'cloudlet.request_id': String(req.id) });
       return r;
     });

@@ -35,6 +35,10 @@ export type ErrorCode =
   | 'NO_SPACE'
   /** A VM needs more guest memory than its host gives VMs in all (admission by memory). */
   | 'NO_MEMORY'
+  /** The cluster catalog (tokens, owners, quotas: SQLite or PostgreSQL) cannot be opened or does not answer. */
+  | 'CATALOG_UNAVAILABLE'
+  /** A tenant's quota (instances, memory) would be exceeded by the request. */
+  | 'QUOTA_EXCEEDED'
   | 'TIMEOUT'
   | 'CONFLICT';
 
@@ -54,6 +58,7 @@ const NON_RETRYABLE: ReadonlySet<ErrorCode> = new Set<ErrorCode>([
   // A retry a moment later finds the disk as full; the run fails and gives its space back.
   'NO_SPACE',
   'NO_MEMORY',
+  'QUOTA_EXCEEDED',
   'CONFLICT',
 ]);
 

@@ -93,9 +93,9 @@ export class FakeCloudletService implements CloudletService {
   // ---- test helpers ----------------------------------------------------------------------------
 
   /** Add a base directly (as if imported), with a package file of the given bytes. */
-  addBase(hostIds: string[], packageBytes: Buffer = Buffer.from('fake base package')): BaseInfo {
+  addBase(hostIds: string[], packageBytes: Buffer = Buffer.from('fake base package'), operationId?: string): BaseInfo {
     const id = sha256(packageBytes);
-    const base: BaseInfo = { id, hostIds: [...hostIds], diskBytes: 1 << 30, memoryBytes: 256 << 20, cpuModel: 'qemu64', importedAt: now() };
+    const base: BaseInfo = { id, hostIds: [...hostIds], diskBytes: 1 << 30, memoryBytes: 256 << 20, cpuModel: 'qemu64', importedAt: now(), operationIds: [operationId ?? `importBaseVm/${hostIds[0] ?? 'host'}/${id.slice(0, 12)}`] };
     this.bases.set(id, base);
     const file = path.join(this.dir, `${id}.cloudlet-base`);
     fs.writeFileSync(file, packageBytes);
@@ -104,11 +104,11 @@ export class FakeCloudletService implements CloudletService {
   }
 
   /** Add an overlay directly (as if created), its file holding `content`. */
-  addOverlay(baseId: string, content: Buffer, fromInstanceId?: string): OverlayInfo {
+  addOverlay(baseId: string, content: Buffer, fromInstanceId?: string, operationId?: string): OverlayInfo {
     const id = sha256(content);
     const file = path.join(this.dir, `${id}.overlay`);
     fs.writeFileSync(file, content);
-    const o: OverlayInfo = { id, baseId, bytes: content.length, url: `${this.overlayBaseUrl}/${id}.overlay`, createdAt: now() };
+    const o: OverlayInfo = { id, baseId, bytes: content.length, url: `${this.overlayBaseUrl}/${id}.overlay`, createdAt: now(), operationId: operationId ?? `createOverlay/host/${id.slice(0, 12)}` };
     if (fromInstanceId !== undefined) o.fromInstanceId = fromInstanceId;
     this.overlays.set(id, o);
     this.overlayFiles.set(id, file);
@@ -176,8 +176,9 @@ export class FakeCloudletService implements CloudletService {
         const existing = this.bases.get(baseId);
         if (existing) {
           if (!existing.hostIds.includes(req.hostId)) existing.hostIds.push(req.hostId);
+          existing.operationIds.push(`importBaseVm/${req.hostId}/${baseId.slice(0, 12)}`);
         } else {
-          this.addBase([req.hostId], bytes);
+          this.addBase([req.hostId], bytes, `importBaseVm/${req.hostId}/${baseId.slice(0, 12)}`);
         }
         return { hostId: req.hostId, baseId, alreadyPresent: existing !== undefined };
       });
@@ -236,7 +237,7 @@ export class FakeCloudletService implements CloudletService {
         throw new CloudletError('CONFLICT', `instance ${req.instanceId} is ${inst.state}, not running`, { fix: 'wait until it runs (GET /v1/instances/{id})' });
       }
       return this.start('createOverlay', inst.hostId, inst.id, () => {
-        const o = this.addOverlay(inst.baseId, Buffer.from(`fake overlay of ${inst.id} made at ${now()} #${++this.counter}`), inst.id);
+        const o = this.addOverlay(inst.baseId, Buffer.from(`fake overlay of ${inst.id} made at ${now()} #${++this.counter}`), inst.id, `createOverlay/${inst.hostId}/${inst.id}`);
         if (!req.keepInstance) inst.state = 'terminated';
         return { hostId: inst.hostId, instanceId: inst.id, overlayId: o.id, url: o.url };
       });

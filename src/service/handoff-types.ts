@@ -48,3 +48,8 @@ export interface HandoffService {
   abort(ticket: string, handoffId: string, reason: string): Promise<ReceiveStatus>;
   handoffInstance(instanceId: string, req: HandoffInstanceRequest): Promise<OperationRef>;
 }
+
+/** The id of the receiveHandoff operation a ticket stands for (its owner is the tenant that asked for the ticket). */
+export function receiveOperationId(hostId: string, instanceId: string, handoffId: string): string {
+  return `receiveHandoff/${hostId}/${instanceId}/${handoffId}`;
+}

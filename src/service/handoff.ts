@@ -17,7 +17,7 @@ import { CloudletError } from '../core/errors';
 import { issueTicket, verifyTicket, type TicketClaims } from '../core/handoff/ticket';
 import { abortSignal, baseArrivedUpdate, completeUpdate, handoffVm, receiveHandoff, receiveStateQuery, roundArrivedUpdate, type ReceiveState } from '../workflows';
 import type { TemporalCloudletService } from './temporal';
-import type { BeginReceiveRequest, HandoffInstanceRequest, HandoffService } from './handoff-types';
+import { receiveOperationId, type BeginReceiveRequest, type HandoffInstanceRequest, type HandoffService } from './handoff-types';
 import type { OperationRef } from './types';
 
 export interface HandoffServiceOptions {
@@ -196,7 +196,7 @@ export class TemporalHandoffService implements HandoffService {
 }
 
 function receiveWorkflowId(c: Pick<TicketClaims, 'host' | 'inst' | 'hid'>): string {
-  return `receiveHandoff/${c.host}/${c.inst}/${c.hid}`;
+  return receiveOperationId(c.host, c.inst, c.hid);
 }
 
 /** A CloudletError for what a run or an update refused. */

@@ -16,15 +16,17 @@ import { loadHandoffSecret } from '../common/handoff-secret';
 import { TemporalMobilityService } from './mobility';
 import type { MobilityService } from './mobility-types';
 import { SqliteNeighbourRegistry } from '../core/mobility/registry';
+import { openClusterCatalog, type ClusterCatalog } from '../core/cluster-catalog';
 
 export { TemporalCloudletService } from './temporal';
 
-export async function createTemporalBackend(env: NodeJS.ProcessEnv = process.env): Promise<{ service: CloudletService; schedules: RecipeSchedules; handoffs: HandoffService; mobility: MobilityService; temporalUi: { url: string; namespace: string }; close: () => Promise<void> }> {
+export async function createTemporalBackend(env: NodeJS.ProcessEnv = process.env): Promise<{ service: CloudletService; schedules: RecipeSchedules; handoffs: HandoffService; mobility: MobilityService; temporalUi: { url: string; namespace: string }; catalog: ClusterCatalog; close: () => Promise<void> }> {
   const config = loadConfig(env);
   const hosts = z.array(z.string().regex(HOST_ID_PATTERN)).safeParse((env.CLOUDLET_HOSTS ?? config.hostId).split(',').map((h) => h.trim()).filter(Boolean));
   if (!hosts.success) {
     throw new CloudletError('BAD_INPUT', `CLOUDLET_HOSTS must list host ids separated by commas (got "${env.CLOUDLET_HOSTS}")`, { fix: 'e.g. CLOUDLET_HOSTS=host-a,host-b' });
   }
+  const catalog = await openClusterCatalog(config.catalog);
   const client = await connectClient(config);
   const service = new TemporalCloudletService(client, config, { hosts: hosts.data });
   const registry = new SqliteNeighbourRegistry(config.mobility.registryFile);
@@ -48,8 +50,10 @@ export async function createTemporalBackend(env: NodeJS.ProcessEnv = process.env
     handoffs: new TemporalHandoffService(client, service, { hosts: hosts.data, secret: loadHandoffSecret(config.varDir, config.namespace, env) }),
     schedules,
     temporalUi: { url: config.webUiUrl, namespace: config.namespace },
+    catalog,
     close: async () => {
       await registry.close();
+      await catalog.close();
       await client.connection.close();
     },
   };

@@ -47,6 +47,7 @@ interface Closed {
   status: 'succeeded' | 'failed' | 'running';
   startTime: Date;
   closeTime?: Date;
+  parentId?: string;
 }
 
 export interface TemporalServiceOptions {
@@ -135,6 +136,7 @@ export class TemporalCloudletService implements CloudletService {
     const status: OperationStatus = {
       ...this.ref(id, kind),
       hostId,
+      ...(d.parentExecution?.workflowId ? { parentOperationId: d.parentExecution.workflowId } : {}),
       state: 'running',
       startedAt: d.startTime.toISOString(),
       ...(d.closeTime ? { closedAt: d.closeTime.toISOString() } : {}),
@@ -197,6 +199,7 @@ export class TemporalCloudletService implements CloudletService {
         status: String(w.searchAttributes?.CloudletStatus?.[0] ?? 'running') as Closed['status'],
         startTime: w.startTime,
         ...(w.closeTime ? { closeTime: w.closeTime } : {}),
+        ...(w.parentExecution?.workflowId ? { parentId: w.parentExecution.workflowId } : {}),
       });
       if (out.length >= 1000) break;
     }
@@ -243,8 +246,9 @@ export class TemporalCloudletService implements CloudletService {
     const byId = new Map<string, BaseInfo>();
     for (const w of await this.list(['importBaseVm'], 'succeeded')) {
       const r = await this.resultOf<{ baseId: string; hostId: string; diskBytes: number; memoryBytes: number; cpuModel?: string }>(w.id);
-      const b = byId.get(r.baseId) ?? { id: r.baseId, hostIds: [], diskBytes: r.diskBytes, memoryBytes: r.memoryBytes, ...(r.cpuModel ? { cpuModel: r.cpuModel } : {}), importedAt: (w.closeTime ?? w.startTime).toISOString() };
+      const b = byId.get(r.baseId) ?? { id: r.baseId, hostIds: [], diskBytes: r.diskBytes, memoryBytes: r.memoryBytes, ...(r.cpuModel ? { cpuModel: r.cpuModel } : {}), importedAt: (w.closeTime ?? w.startTime).toISOString(), operationIds: [] };
       if (!b.hostIds.includes(r.hostId)) b.hostIds.push(r.hostId);
+      b.operationIds.push(w.id);
       byId.set(r.baseId, b);
     }
     return [...byId.values()];
@@ -346,7 +350,7 @@ export class TemporalCloudletService implements CloudletService {
     const out: InstanceInfo[] = [];
     for (const w of made) {
       const [, hostId = '', instanceId = ''] = w.id.split('/');
-      const info: InstanceInfo = { id: instanceId, hostId, state: 'provisioning', baseId: '', operationId: w.id };
+      const info: InstanceInfo = { id: instanceId, hostId, state: 'provisioning', baseId: '', operationId: w.id, ...(w.parentId ? { parentOperationId: w.parentId } : {}) };
       if (w.status === 'failed') info.state = 'failed';
       if (w.status === 'succeeded') {
         const r = await this.resultOf<{ baseId: string; hostPort?: number; timings?: Record<string, number> }>(w.id);
@@ -388,7 +392,7 @@ export class TemporalCloudletService implements CloudletService {
     for (const w of await this.list(['createOverlay', 'rebuildOverlay'], 'succeeded')) {
       const r = await this.resultOf<{ overlayId: string; url: string; bytes: number; baseId: string; instanceId?: string }>(w.id);
       if (!r.overlayId || out.has(r.overlayId)) continue;
-      out.set(r.overlayId, { id: r.overlayId, baseId: r.baseId, bytes: r.bytes, url: r.url, createdAt: (w.closeTime ?? w.startTime).toISOString(), ...(r.instanceId ? { fromInstanceId: r.instanceId } : {}) });
+      out.set(r.overlayId, { id: r.overlayId, baseId: r.baseId, bytes: r.bytes, url: r.url, createdAt: (w.closeTime ?? w.startTime).toISOString(), ...(r.instanceId ? { fromInstanceId: r.instanceId } : {}), operationId: w.id });
     }
     return [...out.values()];
   }

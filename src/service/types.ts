@@ -44,6 +44,8 @@ export interface Progress {
 export interface OperationStatus extends OperationRef {
   state: OperationState;
   hostId: string;
+  /** The operation that started this one, when it is a step of another (a deployment's synthesis). */
+  parentOperationId?: string;
   startedAt: string;
   closedAt?: string;
   progress?: Progress;
@@ -68,6 +70,8 @@ export interface BaseInfo {
   memoryBytes: number;
   cpuModel?: string;
   importedAt: string;
+  /** The import operations that brought it to its hosts (whose owners decide who sees it). */
+  operationIds: string[];
 }
 
 export interface OverlayInfo {
@@ -79,6 +83,8 @@ export interface OverlayInfo {
   url: string;
   createdAt: string;
   fromInstanceId?: string;
+  /** The operation that made it (createOverlay or rebuildOverlay). */
+  operationId: string;
 }
 
 export interface InstanceInfo {
@@ -93,6 +99,8 @@ export interface InstanceInfo {
   /** Milliseconds per stage of synthesis, "first response" included. */
   timings?: Record<string, number>;
   operationId: string;
+  /** The operation that started `operationId`, when it is a step of another (a deployment). */
+  parentOperationId?: string;
 }
 
 export interface ImportBaseRequest {

@@ -39,6 +39,7 @@ import type { HandoffService } from '../../src/service/handoff-types';
 import type { MobilityService } from '../../src/service/mobility-types';
 import type { RecipeScheduleApi } from '../../src/service/schedule-types';
 import { prng } from './overlay-fixture';
+import { mintToken, SqliteClusterCatalog } from '../../src/core/cluster-catalog';
 
 // fastify's inject (light-my-request) requires `cookie` 2, an ES module jest cannot load under
 // Node 20; only its stringifySetCookie is used, and only for request cookies, which we never send.
@@ -62,8 +63,8 @@ const DEEP_DEPTH = 10_000;
 /** Backend methods that only read, beside those whose name starts with get or list. */
 const READ_METHODS = new Set(['basePackageFile', 'overlayFile', 'clusterInfo', 'state', 'status', 'probeDevice', 'discover']);
 /** Tags whose backend the bare server runs without (their routes answer 501 there). */
-const OPTIONAL_BACKENDS = new Set(['handoff', 'mobility']);
-const FAMILIES = ['meta', 'hosts', 'bases', 'instances', 'overlays', 'operations', 'schedules', 'handoff', 'mobility'] as const;
+const OPTIONAL_BACKENDS = new Set(['handoff', 'mobility', 'tenants']);
+const FAMILIES = ['meta', 'hosts', 'bases', 'instances', 'overlays', 'operations', 'schedules', 'handoff', 'mobility', 'tenants'] as const;
 
 // ---- JSON values, with raw tokens JSON.stringify cannot make (1e400, -0, a lone surrogate...) --------
 
@@ -273,7 +274,7 @@ interface World {
   fake: FakeCloudletService;
   /** Every call the server made to a backend, with how it ended. */
   log: BackendCall[];
-  ids: { base: string; overlay: string; overlayUrl: string; instance: string; operation: string; recipe: string };
+  ids: { base: string; overlay: string; overlayUrl: string; instance: string; operation: string; recipe: string; token: string };
   /** For fresh names (a recipe id no schedule has yet). */
   seq: number;
 }
@@ -353,10 +354,13 @@ async function makeWorld(variant: Variant): Promise<World> {
   await schedules.create({ recipeId: 'fuzz-recipe', hostId: 'host-a', baseId: base.id, command: 'true' }, { every: '6h' });
   fake.calls.length = 0; // the setup's calls are not the fuzz's
   const log: BackendCall[] = [];
+  // The stubbed server has a cluster catalog with one minted token (for the token routes).
+  const catalog = new SqliteClusterCatalog(':memory:');
+  const token = (await catalog.addToken(mintToken('fuzz-tenant', 'member', 'fuzz').record)).id;
   const app = await buildServer({
     service: recording('service', fake, log),
     schedules: recording<RecipeScheduleApi>('schedules', schedules, log),
-    ...(variant === 'stubbed' ? { handoffs: recording('handoffs', standInHandoffs(), log), mobility: recording('mobility', standInMobility(), log) } : {}),
+    ...(variant === 'stubbed' ? { handoffs: recording('handoffs', standInHandoffs(), log), mobility: recording('mobility', standInMobility(), log), catalog } : {}),
     tokens: [TOKEN],
   });
   const w: World = {
@@ -364,7 +368,7 @@ async function makeWorld(variant: Variant): Promise<World> {
     app,
     fake,
     log,
-    ids: { base: base.id, overlay: overlay.id, overlayUrl: overlay.url, instance: instance.id, operation: operation.id, recipe: 'fuzz-recipe' },
+    ids: { base: base.id, overlay: overlay.id, overlayUrl: overlay.url, instance: instance.id, operation: operation.id, recipe: 'fuzz-recipe', token },
     seq: 0,
   };
   worlds.push(w);
@@ -421,6 +425,16 @@ const PATTERNS: Record<string, Examples> = {
   '^\\d{1,7}\\s*(s|m|h|d)$': {
     valid: () => ['6h', '10s', '30m', '1d', '10 s'],
     edge: ['0s', '9s', '-1h', '6', 'h', '6w', '6hh', ' 6h', '6h ', '6.5h', '１h', `${'9'.repeat(20)}d`, `${'9'.repeat(400)}s`],
+  },
+  // tenant names
+  '^[a-z0-9][a-z0-9-]{0,62}$': {
+    valid: () => ['acme', 'tenant-2', '0'],
+    edge: ['-a', 'Acme', 'a'.repeat(63), 'a'.repeat(64), 'a_b', 'a.b', '', 'acme\n', 'ácme'],
+  },
+  // token ids
+  '^[0-9a-f]{8}$': {
+    valid: (w) => [w.ids.token, '0123abcd', 'ffffffff'],
+    edge: ['0123abc', '0123abcde', '0123ABCD', 'g1234567', ''],
   },
   // handoff ids
   '^ho-[a-z0-9-]{1,78}$': {
@@ -1130,7 +1144,7 @@ describe('the fuzz covers the document', () => {
     };
     walk(doc.paths);
     walk(doc.components.schemas);
-    const fakeWorld = { ids: { base: 'a'.repeat(64), overlay: 'b'.repeat(64), overlayUrl: 'http://x/o', instance: 'inst-0001', operation: 'x', recipe: 'fuzz-recipe' }, seq: 0 } as World;
+    const fakeWorld = { ids: { base: 'a'.repeat(64), overlay: 'b'.repeat(64), overlayUrl: 'http://x/o', instance: 'inst-0001', operation: 'x', recipe: 'fuzz-recipe', token: '0123abcd' }, seq: 0 } as World;
     for (const p of patterns) {
       const ex = PATTERNS[p];
       expect({ pattern: p, hasExamples: ex !== undefined }).toEqual({ pattern: p, hasExamples: true });

@@ -15,6 +15,7 @@ export const baseRoutes: Route[] = [
     method: 'POST',
     path: '/v1/bases',
     operationId: 'importBase',
+    access: 'admin',
     summary: 'Import a base VM package on a host (importBaseVm workflow)',
     tag: 'bases',
     idempotent: true,
@@ -27,7 +28,12 @@ export const baseRoutes: Route[] = [
       409: R.conflict,
       422: R.unprocessable,
     },
-    handler: async ({ service, body, idempotencyKey, reply }) => accepted(reply, await service.importBase(body, idempotencyKey)),
+    handler: async ({ service, scope, body, idempotencyKey, reply }) => {
+      const ref = await service.importBase({ hostId: body.hostId, source: body.source }, idempotencyKey);
+      // A base of a tenant is that tenant's alone; without one it is shared with every tenant.
+      await scope.own(ref, body.tenant);
+      return accepted(reply, ref);
+    },
   }),
   defineRoute({
     method: 'GET',
@@ -36,7 +42,7 @@ export const baseRoutes: Route[] = [
     summary: 'List base VMs and the hosts holding each',
     tag: 'bases',
     responses: { 200: { description: 'The bases.', schema: BaseListSchema }, 401: R.unauthorized },
-    handler: async ({ service }) => ({ bases: await service.listBases() }),
+    handler: async ({ service, scope }) => ({ bases: await scope.bases(await service.listBases()) }),
   }),
   defineRoute({
     method: 'GET',
@@ -46,11 +52,7 @@ export const baseRoutes: Route[] = [
     tag: 'bases',
     params: Sha256ParamsSchema,
     responses: { 200: { description: 'The base.', schema: BaseInfoSchema }, 400: R.badInput, 401: R.unauthorized, 404: R.notFound },
-    handler: async ({ service, params }) => {
-      const base = await service.getBase(params.id);
-      if (!base) throw notFound('base', params.id);
-      return base;
-    },
+    handler: async ({ service, scope, params }) => scope.base(service, params.id),
   }),
   defineRoute({
     method: 'GET',
@@ -67,7 +69,8 @@ export const baseRoutes: Route[] = [
       404: R.notFound,
       416: { description: 'Range not satisfiable (Content-Range: bytes */size).' },
     },
-    handler: async ({ service, params, req, reply }) => {
+    handler: async ({ service, scope, params, req, reply }) => {
+      await scope.base(service, params.id);
       const file = await service.basePackageFile(params.id);
       if (file === undefined) throw notFound('base', params.id);
       return sendFileWithRange(req, reply, { file, filename: `${params.id}.cloudlet-base` });
@@ -90,10 +93,12 @@ export const baseRoutes: Route[] = [
       404: R.notFound,
       409: R.conflict,
       422: R.unprocessable,
+      429: R.quota,
     },
-    handler: async ({ service, params, body, idempotencyKey, reply }) => {
+    handler: async ({ service, scope, params, body, idempotencyKey, reply }) => {
       const req = body.appPort === undefined ? { hostId: body.hostId, baseId: params.id } : { hostId: body.hostId, baseId: params.id, appPort: body.appPort };
-      return accepted(reply, await service.resumeBase(req, idempotencyKey));
+      const memory = scope.isAdmin ? 0 : (await scope.base(service, params.id)).memoryBytes;
+      return accepted(reply, await scope.startWithinQuota(service, 1, memory, () => service.resumeBase(req, idempotencyKey)));
     },
   }),
 ];

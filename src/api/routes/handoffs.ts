@@ -5,7 +5,7 @@
  * Without a HandoffService the routes answer 501.
  */
 import type { FastifyRequest } from 'fastify';
-import type { HandoffService } from '../../service/handoff-types';
+import { receiveOperationId, type HandoffService } from '../../service/handoff-types';
 import { ApiError } from '../errors';
 import { accepted, defineRoute, R, type Route } from '../route';
 import { AcceptedSchema, InstanceParamsSchema } from '../schemas';
@@ -62,7 +62,8 @@ export function handoffRoutes(handoffs: HandoffService | undefined): Route[] {
         422: R.unprocessable,
         503: { description: 'The destination cluster did not answer.' },
       },
-      handler: async ({ params, body, reply }) => {
+      handler: async ({ params, body, reply, service, scope }) => {
+        await scope.guardInstance(service, params.id);
         const req = {
           destination: body.destination,
           ...(body.hostId ? { hostId: body.hostId } : {}),
@@ -70,7 +71,9 @@ export function handoffRoutes(handoffs: HandoffService | undefined): Route[] {
           ...(body.verify ? { verify: body.verify } : {}),
           ...(body.policy ? { policy: Object.fromEntries(Object.entries(body.policy).filter(([, v]) => v !== undefined)) } : {}),
         };
-        return accepted(reply, await need().handoffInstance(params.id, req));
+        const ref = await need().handoffInstance(params.id, req);
+        await scope.own(ref);
+        return accepted(reply, ref);
       },
     }),
     defineRoute({
@@ -81,9 +84,12 @@ export function handoffRoutes(handoffs: HandoffService | undefined): Route[] {
       tag: 'handoff',
       body: BeginReceiveBodySchema,
       responses: { 201: { description: 'Ready to receive.', schema: HandoffTicketSchema }, 400: R.badInput, 401: R.unauthorized, 409: R.conflict, 422: R.unprocessable },
-      handler: async ({ body, reply }) => {
+      handler: async ({ body, reply, scope }) => {
+        const ticket = await need().beginReceive({ instanceId: body.instanceId, baseId: body.baseId, ...(body.hostId ? { hostId: body.hostId } : {}) });
+        // The VM that arrives belongs to the tenant whose credentials the source cluster used.
+        await scope.own(receiveOperationId(ticket.hostId, ticket.instanceId, ticket.handoffId));
         void reply.code(201);
-        return need().beginReceive({ instanceId: body.instanceId, baseId: body.baseId, ...(body.hostId ? { hostId: body.hostId } : {}) });
+        return ticket;
       },
     }),
     defineRoute({

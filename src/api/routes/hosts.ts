@@ -6,6 +6,7 @@ export const hostRoutes: Route[] = [
     method: 'GET',
     path: '/v1/hosts',
     operationId: 'listHosts',
+    access: 'admin',
     summary: 'List the hosts of this cloudlet and whether a worker serves each',
     tag: 'hosts',
     responses: { 200: { description: 'The hosts.', schema: HostListSchema }, 401: R.unauthorized },

@@ -1,4 +1,4 @@
-import { notFound } from '../errors';
+import { memoryOfOverlay } from '../tenancy';
 import { accepted, defineRoute, R, type Route } from '../route';
 import { AcceptedSchema, InstanceInfoSchema, InstanceListSchema, InstanceParamsSchema, DeployBodySchema, ProvisionBodySchema } from '../schemas';
 import type { ProvisionRequest } from '../../service/types';
@@ -19,11 +19,13 @@ export const instanceRoutes: Route[] = [
       403: R.sourceRefused,
       409: R.conflict,
       422: R.unprocessable,
+      429: R.quota,
     },
-    handler: async ({ service, body, idempotencyKey, reply }) => {
+    handler: async ({ service, scope, body, idempotencyKey, reply }) => {
       const req: ProvisionRequest = { hostId: body.hostId, overlayUrl: body.overlayUrl };
       if (body.waitForAppPort !== undefined) req.waitForAppPort = body.waitForAppPort;
-      return accepted(reply, await service.provisionInstance(req, idempotencyKey));
+      const memory = scope.isAdmin ? 0 : await memoryOfOverlay(service, body.overlayUrl);
+      return accepted(reply, await scope.startWithinQuota(service, 1, memory, () => service.provisionInstance(req, idempotencyKey)));
     },
   }),
   defineRoute({
@@ -42,9 +44,13 @@ export const instanceRoutes: Route[] = [
       403: R.sourceRefused,
       409: R.conflict,
       422: R.unprocessable,
+      429: R.quota,
     },
-    handler: async ({ service, body, idempotencyKey, reply }) =>
-      accepted(reply, await service.deploy({ overlayUrl: body.overlayUrl, hosts: body.hosts, count: body.count, ...(body.waitForAppPort !== undefined ? { waitForAppPort: body.waitForAppPort } : {}) }, idempotencyKey)),
+    handler: async ({ service, scope, body, idempotencyKey, reply }) => {
+      const memory = scope.isAdmin ? 0 : await memoryOfOverlay(service, body.overlayUrl);
+      const start = () => service.deploy({ overlayUrl: body.overlayUrl, hosts: body.hosts, count: body.count, ...(body.waitForAppPort !== undefined ? { waitForAppPort: body.waitForAppPort } : {}) }, idempotencyKey);
+      return accepted(reply, await scope.startWithinQuota(service, body.count, memory, start));
+    },
   }),
   defineRoute({
     method: 'GET',
@@ -53,7 +59,7 @@ export const instanceRoutes: Route[] = [
     summary: 'List instances',
     tag: 'instances',
     responses: { 200: { description: 'The instances.', schema: InstanceListSchema }, 401: R.unauthorized },
-    handler: async ({ service }) => ({ instances: await service.listInstances() }),
+    handler: async ({ service, scope }) => ({ instances: await scope.instances(await service.listInstances()) }),
   }),
   defineRoute({
     method: 'GET',
@@ -63,9 +69,8 @@ export const instanceRoutes: Route[] = [
     tag: 'instances',
     params: InstanceParamsSchema,
     responses: { 200: { description: 'The instance.', schema: InstanceInfoSchema }, 400: R.badInput, 401: R.unauthorized, 404: R.notFound },
-    handler: async ({ service, params }) => {
-      const inst = await service.getInstance(params.id);
-      if (!inst) throw notFound('instance', params.id);
+    handler: async ({ service, scope, params }) => {
+      const inst = await scope.instance(service, params.id);
       if (inst.state !== 'provisioning') return inst;
       // Show it with the progress of the operation that makes it.
       const op = await service.getOperation(inst.operationId);
@@ -87,10 +92,12 @@ export const instanceRoutes: Route[] = [
       404: R.notFound,
       409: R.conflict,
     },
-    handler: async ({ service, params, idempotencyKey, reply }) => {
+    handler: async ({ service, scope, params, idempotencyKey, reply }) => {
       // Check first so an unknown id is a 404 here rather than a failed workflow later.
-      if (!(await service.getInstance(params.id))) throw notFound('instance', params.id);
-      return accepted(reply, await service.terminateInstance(params.id, idempotencyKey));
+      await scope.instance(service, params.id);
+      const ref = await service.terminateInstance(params.id, idempotencyKey);
+      await scope.own(ref);
+      return accepted(reply, ref);
     },
   }),
 ];

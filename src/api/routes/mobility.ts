@@ -43,6 +43,7 @@ export function mobilityRoutes(mobility: MobilityService | undefined): Route[] {
       method: 'GET',
       path: '/v1/neighbours',
       operationId: 'listNeighbours',
+      access: 'admin',
       summary: 'The neighbour clusters, with their last measured RTT and status (fresh, stale, unreachable, unmeasured)',
       tag: 'mobility',
       responses: { 200: { description: 'Neighbours.', schema: NeighbourListSchema }, 401: R.unauthorized },
@@ -52,6 +53,7 @@ export function mobilityRoutes(mobility: MobilityService | undefined): Route[] {
       method: 'POST',
       path: '/v1/neighbours',
       operationId: 'addNeighbour',
+      access: 'admin',
       summary: 'Add a neighbour cluster (its API URL and a token it accepts)',
       tag: 'mobility',
       body: AddNeighbourBodySchema,
@@ -66,6 +68,7 @@ export function mobilityRoutes(mobility: MobilityService | undefined): Route[] {
       method: 'DELETE',
       path: '/v1/neighbours/{name}',
       operationId: 'removeNeighbour',
+      access: 'admin',
       summary: 'Remove a neighbour cluster',
       tag: 'mobility',
       params: NeighbourNameParamsSchema,
@@ -79,6 +82,7 @@ export function mobilityRoutes(mobility: MobilityService | undefined): Route[] {
       method: 'POST',
       path: '/v1/neighbours/refresh',
       operationId: 'refreshNeighbours',
+      access: 'admin',
       summary: 'Measure every neighbour now (a Schedule does it every minute)',
       tag: 'mobility',
       bodyOptional: true,
@@ -104,7 +108,10 @@ export function mobilityRoutes(mobility: MobilityService | undefined): Route[] {
       params: InstanceParamsSchema,
       body: RttReportBodySchema,
       responses: { 200: ok('The controller\'s state.'), 400: R.badInput, 401: R.unauthorized, 404: R.notFound, 409: R.conflict },
-      handler: async ({ params, body }) => need().reportRtt(params.id, body.samples, body.device),
+      handler: async ({ params, body, service, scope }) => {
+        await scope.guardInstance(service, params.id);
+        return need().reportRtt(params.id, body.samples, body.device);
+      },
     }),
     defineRoute({
       method: 'GET',
@@ -114,7 +121,10 @@ export function mobilityRoutes(mobility: MobilityService | undefined): Route[] {
       tag: 'mobility',
       params: InstanceParamsSchema,
       responses: { 200: ok('The state.'), 401: R.unauthorized, ...watched },
-      handler: async ({ params }) => need().state(params.id),
+      handler: async ({ params, service, scope }) => {
+        await scope.guardInstance(service, params.id);
+        return need().state(params.id);
+      },
     }),
     defineRoute({
       method: 'POST',
@@ -126,7 +136,10 @@ export function mobilityRoutes(mobility: MobilityService | undefined): Route[] {
       body: WatchBodySchema,
       bodyOptional: true,
       responses: { 200: ok('The state.'), 400: R.badInput, 401: R.unauthorized, 404: R.notFound, 409: R.conflict },
-      handler: async ({ params, body }) => need().watch(params.id, body),
+      handler: async ({ params, body, service, scope }) => {
+        await scope.guardInstance(service, params.id);
+        return need().watch(params.id, body);
+      },
     }),
     defineRoute({
       method: 'DELETE',
@@ -136,7 +149,8 @@ export function mobilityRoutes(mobility: MobilityService | undefined): Route[] {
       tag: 'mobility',
       params: InstanceParamsSchema,
       responses: { 204: { description: 'Stopped.' }, 401: R.unauthorized, ...watched },
-      handler: async ({ params, reply }) => {
+      handler: async ({ params, reply, service, scope }) => {
+        await scope.guardInstance(service, params.id);
         await need().stop(params.id);
         return reply.code(204).send();
       },
@@ -150,7 +164,10 @@ export function mobilityRoutes(mobility: MobilityService | undefined): Route[] {
       params: InstanceParamsSchema,
       body: PolicyPatchSchema,
       responses: { 200: ok('The policy now.'), 400: R.badInput, 401: R.unauthorized, ...watched },
-      handler: async ({ params, body }) => need().setPolicy(params.id, body),
+      handler: async ({ params, body, service, scope }) => {
+        await scope.guardInstance(service, params.id);
+        return need().setPolicy(params.id, body);
+      },
     }),
     defineRoute({
       method: 'POST',
@@ -161,7 +178,10 @@ export function mobilityRoutes(mobility: MobilityService | undefined): Route[] {
       params: InstanceParamsSchema,
       body: PauseBodySchema,
       responses: { 200: ok('The state.'), 400: R.badInput, 401: R.unauthorized, ...watched },
-      handler: async ({ params, body }) => need().pause(params.id, body.paused),
+      handler: async ({ params, body, service, scope }) => {
+        await scope.guardInstance(service, params.id);
+        return need().pause(params.id, body.paused);
+      },
     }),
     defineRoute({
       method: 'POST',
@@ -174,7 +194,10 @@ export function mobilityRoutes(mobility: MobilityService | undefined): Route[] {
       body: MoveBodySchema,
       bodyOptional: true,
       responses: { 200: ok('The decision.'), 400: R.badInput, 401: R.unauthorized, ...watched, 409: R.conflict },
-      handler: async ({ params, body }) => need().moveNow(params.id, body.neighbour),
+      handler: async ({ params, body, service, scope }) => {
+        await scope.guardInstance(service, params.id);
+        return need().moveNow(params.id, body.neighbour);
+      },
     }),
     defineRoute({
       method: 'GET',

@@ -1,4 +1,3 @@
-import { notFound } from '../errors';
 import { defineRoute, R, type Route } from '../route';
 import { OperationParamsSchema, OperationStatusSchema } from '../schemas';
 
@@ -14,11 +13,7 @@ export const operationRoutes: Route[] = [
     tag: 'operations',
     params: OperationParamsSchema,
     responses: { 200: { description: 'The status.', schema: OperationStatusSchema }, 401: R.unauthorized, 404: R.notFound },
-    handler: async ({ service, params }) => {
-      const op = await service.getOperation(params.id);
-      if (!op) throw notFound('operation', params.id);
-      return op;
-    },
+    handler: async ({ service, scope, params }) => scope.operation(service, params.id),
   }),
   defineRoute({
     method: 'DELETE',
@@ -29,7 +24,8 @@ export const operationRoutes: Route[] = [
     tag: 'operations',
     params: OperationParamsSchema,
     responses: { 202: { description: 'Cancellation requested; follow GET /v1/operations/{id} until it is cancelled.' }, 401: R.unauthorized, 404: R.notFound, 409: { description: 'The operation has ended.' } },
-    handler: async ({ service, params, reply }) => {
+    handler: async ({ service, scope, params, reply }) => {
+      if (!scope.isAdmin) await scope.operation(service, params.id);
       await service.cancelOperation(params.id);
       return reply.code(202).send({ cancelling: params.id });
     },

@@ -20,10 +20,13 @@ export const overlayRoutes: Route[] = [
       404: R.notFound,
       409: R.conflict,
     },
-    handler: async ({ service, body, idempotencyKey, reply }) => {
+    handler: async ({ service, scope, body, idempotencyKey, reply }) => {
       const req: CreateOverlayRequest = { instanceId: body.instanceId };
       if (body.keepInstance !== undefined) req.keepInstance = body.keepInstance;
-      return accepted(reply, await service.createOverlay(req, idempotencyKey));
+      await scope.guardInstance(service, body.instanceId);
+      const ref = await service.createOverlay(req, idempotencyKey);
+      await scope.own(ref);
+      return accepted(reply, ref);
     },
   }),
   defineRoute({
@@ -33,7 +36,7 @@ export const overlayRoutes: Route[] = [
     summary: 'List published overlays',
     tag: 'overlays',
     responses: { 200: { description: 'The overlays.', schema: OverlayListSchema }, 401: R.unauthorized },
-    handler: async ({ service }) => ({ overlays: await service.listOverlays() }),
+    handler: async ({ service, scope }) => ({ overlays: await scope.overlays(await service.listOverlays()) }),
   }),
   defineRoute({
     method: 'GET',
@@ -43,11 +46,7 @@ export const overlayRoutes: Route[] = [
     tag: 'overlays',
     params: Sha256ParamsSchema,
     responses: { 200: { description: 'The overlay.', schema: OverlayInfoSchema }, 400: R.badInput, 401: R.unauthorized, 404: R.notFound },
-    handler: async ({ service, params }) => {
-      const o = await service.getOverlay(params.id);
-      if (!o) throw notFound('overlay', params.id);
-      return o;
-    },
+    handler: async ({ service, scope, params }) => scope.overlay(service, params.id),
   }),
   defineRoute({
     method: 'GET',
@@ -64,7 +63,8 @@ export const overlayRoutes: Route[] = [
       404: R.notFound,
       416: { description: 'Range not satisfiable (Content-Range: bytes */size).' },
     },
-    handler: async ({ service, params, req, reply }) => {
+    handler: async ({ service, scope, params, req, reply }) => {
+      if (!scope.isAdmin) await scope.overlay(service, params.id);
       const file = await service.overlayFile(params.id);
       if (file === undefined) throw notFound('overlay', params.id);
       return sendFileWithRange(req, reply, { file, etag: `"${params.id}"`, filename: `${params.id}.overlay` });

@@ -1,0 +1,153 @@
+/**
+ * The cluster catalog in PostgreSQL, for a cluster whose API and workers run on several machines:
+ * one database they all use. Same tables as SQLite (schema.ts); the schema version is kept in a
+ * table of its own, and the tables are made in one transaction under an advisory lock so two
+ * processes starting together do not race.
+ */
+import { Pool, type PoolClient } from 'pg';
+import { CloudletError } from '../errors';
+import type { ClusterCatalog, NewToken, Ownership, Quota, Role, TenantQuota, TokenRecord } from './types';
+import { CATALOG_SCHEMA_VERSION, catalogDdl } from './schema';
+import { quotaOf, tokenOf } from './sqlite';
+
+/** An arbitrary constant: the advisory lock held while the schema is made. */
+const SCHEMA_LOCK = 0x636c6f75;
+
+export class PostgresClusterCatalog implements ClusterCatalog {
+  private constructor(
+    private readonly pool: Pool,
+    private readonly where: string,
+  ) {}
+
+  /** Connects to `url` (postgres://user@host:port/db, or ?host=/socket/dir) and makes the tables. */
+  static async open(url: string): Promise<PostgresClusterCatalog> {
+    const where = redact(url);
+    const pool = new Pool({ connectionString: url, max: 4, connectionTimeoutMillis: 5000 });
+    // An idle client that loses its server must not crash the process; the next query reports it.
+    pool.on('error', () => undefined);
+    const catalog = new PostgresClusterCatalog(pool, where);
+    try {
+      await catalog.tx(async (c) => {
+        await c.query('SELECT pg_advisory_xact_lock($1)', [SCHEMA_LOCK]);
+        await c.query('CREATE TABLE IF NOT EXISTS catalog_schema (version INTEGER NOT NULL)');
+        const v = (await c.query<{ version: number }>('SELECT version FROM catalog_schema')).rows[0]?.version;
+        if (v !== undefined && v > CATALOG_SCHEMA_VERSION) throw new Error(`its schema is version ${v}; this cloudlet knows up to ${CATALOG_SCHEMA_VERSION}`);
+        await c.query(catalogDdl('postgres'));
+        if (v === undefined) await c.query('INSERT INTO catalog_schema (version) VALUES ($1)', [CATALOG_SCHEMA_VERSION]);
+      });
+    } catch (e) {
+      await pool.end().catch(() => undefined);
+      throw catalog.unavailable(e);
+    }
+    return catalog;
+  }
+
+  private unavailable(e: unknown): CloudletError {
+    if (e instanceof CloudletError) return e;
+    return new CloudletError('CATALOG_UNAVAILABLE', `the cluster catalog at ${this.where} does not answer: ${(e as Error).message}`, {
+      fix: 'check that the PostgreSQL server runs and CLOUDLET_CATALOG_URL names it, its user and database',
+      cause: e,
+    });
+  }
+
+  private async q<R extends object>(sql: string, params: unknown[] = []): Promise<R[]> {
+    try {
+      return (await this.pool.query<R>(sql, params)).rows;
+    } catch (e) {
+      throw this.unavailable(e);
+    }
+  }
+
+  private async tx<T>(f: (c: PoolClient) => Promise<T>): Promise<T> {
+    const c = await this.pool.connect();
+    try {
+      await c.query('BEGIN');
+      const r = await f(c);
+      await c.query('COMMIT');
+      return r;
+    } catch (e) {
+      await c.query('ROLLBACK').catch(() => undefined);
+      throw e;
+    } finally {
+      c.release();
+    }
+  }
+
+  async addToken(t: NewToken, now = new Date()): Promise<TokenRecord> {
+    const rows = await this.q('INSERT INTO tokens (id, digest, tenant, role, name, created_at) VALUES ($1, $2, $3, $4, $5, $6) ON CONFLICT DO NOTHING RETURNING id', [t.id, t.digest, t.tenant, t.role, t.name, now.toISOString()]);
+    if (rows.length === 0) throw new CloudletError('CONFLICT', `a token with id ${t.id} exists`, { fix: 'mint another token' });
+    return { id: t.id, tenant: t.tenant, role: t.role, name: t.name, createdAt: now.toISOString() };
+  }
+
+  async tokenByDigest(digest: string): Promise<TokenRecord | undefined> {
+    const [r] = await this.q<TokenRowPg>('SELECT id, tenant, role, name, created_at, revoked_at FROM tokens WHERE digest = $1 AND revoked_at IS NULL', [digest]);
+    return r ? tokenOf(r) : undefined;
+  }
+
+  async listTokens(): Promise<TokenRecord[]> {
+    return (await this.q<TokenRowPg>('SELECT id, tenant, role, name, created_at, revoked_at FROM tokens ORDER BY tenant, created_at')).map(tokenOf);
+  }
+
+  async revokeToken(id: string, now = new Date()): Promise<boolean> {
+    return (await this.q('UPDATE tokens SET revoked_at = $1 WHERE id = $2 AND revoked_at IS NULL RETURNING id', [now.toISOString(), id])).length > 0;
+  }
+
+  async recordOwner(operationId: string, tenant: string | undefined, now = new Date()): Promise<void> {
+    await this.q('INSERT INTO owners (operation_id, tenant, created_at) VALUES ($1, $2, $3) ON CONFLICT DO NOTHING', [operationId, tenant ?? null, now.toISOString()]);
+  }
+
+  async ownersOf(operationIds: readonly string[]): Promise<Map<string, Ownership>> {
+    const out = new Map<string, Ownership>();
+    if (operationIds.length === 0) return out;
+    const rows = await this.q<{ operation_id: string; tenant: string | null; created_at: string }>('SELECT operation_id, tenant, created_at FROM owners WHERE operation_id = ANY($1)', [[...new Set(operationIds)]]);
+    for (const r of rows) out.set(r.operation_id, { operationId: r.operation_id, ...(r.tenant !== null ? { tenant: r.tenant } : {}), createdAt: r.created_at });
+    return out;
+  }
+
+  async setQuota(tenant: string, q: Quota): Promise<void> {
+    await this.q('INSERT INTO quotas (tenant, instances, memory_mib) VALUES ($1, $2, $3) ON CONFLICT (tenant) DO UPDATE SET instances = excluded.instances, memory_mib = excluded.memory_mib', [tenant, q.instances ?? null, q.memoryMiB ?? null]);
+  }
+
+  async quotaOf(tenant: string): Promise<Quota | undefined> {
+    const [r] = await this.q<QuotaRowPg>('SELECT tenant, instances, memory_mib FROM quotas WHERE tenant = $1', [tenant]);
+    return r ? quotaOf(numbers(r)) : undefined;
+  }
+
+  async listQuotas(): Promise<TenantQuota[]> {
+    return (await this.q<QuotaRowPg>('SELECT tenant, instances, memory_mib FROM quotas ORDER BY tenant')).map((r) => ({ tenant: r.tenant, ...quotaOf(numbers(r)) }));
+  }
+
+  async close(): Promise<void> {
+    await this.pool.end();
+  }
+}
+
+interface TokenRowPg {
+  id: string;
+  tenant: string;
+  role: Role;
+  name: string;
+  created_at: string;
+  revoked_at: string | null;
+}
+/** BIGINT columns come back as strings (pg does not guess at 64-bit numbers). */
+interface QuotaRowPg {
+  tenant: string;
+  instances: string | number | null;
+  memory_mib: string | number | null;
+}
+
+function numbers(r: QuotaRowPg): { tenant: string; instances: number | null; memory_mib: number | null } {
+  return { tenant: r.tenant, instances: r.instances === null ? null : Number(r.instances), memory_mib: r.memory_mib === null ? null : Number(r.memory_mib) };
+}
+
+/** The URL without its password, for messages. */
+function redact(url: string): string {
+  try {
+    const u = new URL(url);
+    if (u.password) u.password = '***';
+    return u.toString();
+  } catch {
+    return '(an unparsable CLOUDLET_CATALOG_URL)';
+  }
+}

@@ -1,0 +1,113 @@
+/**
+ * The cluster catalog in SQLite: one file every process of the cluster on this machine opens
+ * (WAL), mode 0600 like the other files that hold credentials' digests.
+ */
+import Database from 'better-sqlite3';
+import fs from 'node:fs';
+import path from 'node:path';
+import { CloudletError } from '../errors';
+import type { ClusterCatalog, NewToken, Ownership, Quota, Role, TenantQuota, TokenRecord } from './types';
+import { CATALOG_SCHEMA_VERSION, catalogDdl } from './schema';
+
+interface TokenRow {
+  id: string;
+  tenant: string;
+  role: Role;
+  name: string;
+  created_at: string;
+  revoked_at: string | null;
+}
+interface QuotaRow {
+  tenant: string;
+  instances: number | null;
+  memory_mib: number | null;
+}
+
+export class SqliteClusterCatalog implements ClusterCatalog {
+  private readonly db: Database.Database;
+
+  /** `file` ":memory:" keeps the catalog in this process (tests). */
+  constructor(readonly file: string) {
+    try {
+      if (file !== ':memory:') {
+        fs.mkdirSync(path.dirname(file), { recursive: true, mode: 0o700 });
+        fs.closeSync(fs.openSync(file, 'a', 0o600));
+        for (const f of [file, `${file}-wal`, `${file}-shm`]) if (fs.existsSync(f)) fs.chmodSync(f, 0o600);
+      }
+      this.db = new Database(file);
+      this.db.pragma('journal_mode = WAL');
+      this.db.pragma('busy_timeout = 5000');
+      const version = this.db.pragma('user_version', { simple: true }) as number;
+      if (version > CATALOG_SCHEMA_VERSION) {
+        throw new Error(`its schema is version ${version}; this cloudlet knows up to ${CATALOG_SCHEMA_VERSION}`);
+      }
+      this.db.exec(catalogDdl('sqlite'));
+      this.db.pragma(`user_version = ${CATALOG_SCHEMA_VERSION}`);
+    } catch (e) {
+      throw new CloudletError('CATALOG_UNAVAILABLE', `cannot open the cluster catalog ${file}: ${(e as Error).message}`, {
+        fix: 'check that its directory exists and is writable (CLOUDLET_VAR, CLOUDLET_CATALOG_DB), or use a newer cloudlet',
+        cause: e,
+      });
+    }
+  }
+
+  async addToken(t: NewToken, now = new Date()): Promise<TokenRecord> {
+    const r = this.db.prepare('INSERT INTO tokens (id, digest, tenant, role, name, created_at) VALUES (?, ?, ?, ?, ?, ?) ON CONFLICT DO NOTHING').run(t.id, t.digest, t.tenant, t.role, t.name, now.toISOString());
+    if (r.changes === 0) throw new CloudletError('CONFLICT', `a token with id ${t.id} exists`, { fix: 'mint another token' });
+    return { id: t.id, tenant: t.tenant, role: t.role, name: t.name, createdAt: now.toISOString() };
+  }
+
+  async tokenByDigest(digest: string): Promise<TokenRecord | undefined> {
+    const r = this.db.prepare('SELECT id, tenant, role, name, created_at, revoked_at FROM tokens WHERE digest = ? AND revoked_at IS NULL').get(digest) as TokenRow | undefined;
+    return r ? tokenOf(r) : undefined;
+  }
+
+  async listTokens(): Promise<TokenRecord[]> {
+    return (this.db.prepare('SELECT id, tenant, role, name, created_at, revoked_at FROM tokens ORDER BY tenant, created_at').all() as TokenRow[]).map(tokenOf);
+  }
+
+  async revokeToken(id: string, now = new Date()): Promise<boolean> {
+    return this.db.prepare('UPDATE tokens SET revoked_at = ? WHERE id = ? AND revoked_at IS NULL').run(now.toISOString(), id).changes > 0;
+  }
+
+  async recordOwner(operationId: string, tenant: string | undefined, now = new Date()): Promise<void> {
+    this.db.prepare('INSERT INTO owners (operation_id, tenant, created_at) VALUES (?, ?, ?) ON CONFLICT DO NOTHING').run(operationId, tenant ?? null, now.toISOString());
+  }
+
+  async ownersOf(operationIds: readonly string[]): Promise<Map<string, Ownership>> {
+    const out = new Map<string, Ownership>();
+    const stmt = this.db.prepare('SELECT operation_id, tenant, created_at FROM owners WHERE operation_id = ?');
+    for (const id of new Set(operationIds)) {
+      const r = stmt.get(id) as { operation_id: string; tenant: string | null; created_at: string } | undefined;
+      if (r) out.set(id, { operationId: id, ...(r.tenant !== null ? { tenant: r.tenant } : {}), createdAt: r.created_at });
+    }
+    return out;
+  }
+
+  async setQuota(tenant: string, q: Quota): Promise<void> {
+    this.db
+      .prepare('INSERT INTO quotas (tenant, instances, memory_mib) VALUES (?, ?, ?) ON CONFLICT (tenant) DO UPDATE SET instances = excluded.instances, memory_mib = excluded.memory_mib')
+      .run(tenant, q.instances ?? null, q.memoryMiB ?? null);
+  }
+
+  async quotaOf(tenant: string): Promise<Quota | undefined> {
+    const r = this.db.prepare('SELECT tenant, instances, memory_mib FROM quotas WHERE tenant = ?').get(tenant) as QuotaRow | undefined;
+    return r ? quotaOf(r) : undefined;
+  }
+
+  async listQuotas(): Promise<TenantQuota[]> {
+    return (this.db.prepare('SELECT tenant, instances, memory_mib FROM quotas ORDER BY tenant').all() as QuotaRow[]).map((r) => ({ tenant: r.tenant, ...quotaOf(r) }));
+  }
+
+  async close(): Promise<void> {
+    this.db.close();
+  }
+}
+
+export function tokenOf(r: TokenRow): TokenRecord {
+  return { id: r.id, tenant: r.tenant, role: r.role, name: r.name, createdAt: r.created_at, ...(r.revoked_at ? { revokedAt: r.revoked_at } : {}) };
+}
+
+export function quotaOf(r: QuotaRow): Quota {
+  return { ...(r.instances !== null ? { instances: r.instances } : {}), ...(r.memory_mib !== null ? { memoryMiB: r.memory_mib } : {}) };
+}

@@ -1,0 +1,76 @@
+/**
+ * The cluster catalog: who may use the cloudlet and what belongs to whom. Tokens (stored as
+ * sha256 digests, never in clear), the tenant and role each one acts as, per-tenant quotas, and
+ * the owner of every operation started through the API (an instance, overlay or base belongs to
+ * the tenant whose operation made it). Behind the async `ClusterCatalog` interface: SQLite for one
+ * machine (sqlite.ts), PostgreSQL for a cluster of many (postgres.ts). docs/security.md.
+ */
+
+export const ROLES = ['admin', 'member', 'reader'] as const;
+/** admin: everything, every tenant; member: its tenant's resources; reader: reads them only. */
+export type Role = (typeof ROLES)[number];
+
+/** Tenant names: lower-case letters, digits and "-", up to 63 characters. */
+export const TENANT_NAME = /^[a-z0-9][a-z0-9-]{0,62}$/;
+
+export interface TokenRecord {
+  /** Public id of the token (also its prefix), for listing and revoking. */
+  id: string;
+  tenant: string;
+  role: Role;
+  /** Who or what holds it (free text, e.g. "ci" or "alice's laptop"). */
+  name: string;
+  createdAt: string;
+  revokedAt?: string;
+}
+
+export interface NewToken {
+  id: string;
+  /** sha256 (hex) of the whole token. */
+  digest: string;
+  tenant: string;
+  role: Role;
+  name: string;
+}
+
+export interface Quota {
+  /** Instances provisioning or running at once. */
+  instances?: number;
+  /** Guest memory of those instances, MiB. */
+  memoryMiB?: number;
+}
+
+export interface TenantQuota extends Quota {
+  tenant: string;
+}
+
+/**
+ * Who made an operation. `tenant` is undefined for the cluster's own (an admin acting for no
+ * tenant, a schedule): its bases and overlays are shared with every tenant, its instances are
+ * the admins' alone.
+ */
+export interface Ownership {
+  operationId: string;
+  tenant?: string;
+  createdAt: string;
+}
+
+export interface ClusterCatalog {
+  addToken(token: NewToken): Promise<TokenRecord>;
+  /** The live (not revoked) token with this digest. */
+  tokenByDigest(digest: string): Promise<TokenRecord | undefined>;
+  listTokens(): Promise<TokenRecord[]>;
+  /** Marks a token revoked (kept for the record); false when there is no live token with this id. */
+  revokeToken(id: string): Promise<boolean>;
+
+  /** Records who made an operation; the first record wins (a retried request keeps its owner). */
+  recordOwner(operationId: string, tenant: string | undefined): Promise<void>;
+  /** Owners of the given operations that have a record. */
+  ownersOf(operationIds: readonly string[]): Promise<Map<string, Ownership>>;
+
+  setQuota(tenant: string, quota: Quota): Promise<void>;
+  quotaOf(tenant: string): Promise<Quota | undefined>;
+  listQuotas(): Promise<TenantQuota[]>;
+
+  close(): Promise<void>;
+}
