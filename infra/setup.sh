@@ -10,8 +10,10 @@ cd "$ROOT"
 # iproute2: ip and tc for the emulated edge links (docs/links.md).
 # prometheus: scrapes the workers' and the API's metrics in the tests (docs/observability.md); not started as a service.
 # chromium: the browser tests drive it through the dashboard and the Temporal Web UI (docs/dashboard.md).
+# postgresql: the cluster catalog's PostgreSQL implementation is tested against a real server the test starts (docs/security.md); not started as a service.
 PACKAGES=(qemu-system-x86 qemu-utils libvirt-daemon-system libvirt-clients libvirt-dev tini
-  xdelta3 xz-utils zstd build-essential python3 pkg-config curl ca-certificates iproute2 prometheus chromium)
+  xdelta3 xz-utils zstd build-essential python3 pkg-config curl ca-certificates iproute2 prometheus chromium
+  postgresql)
 for list in infra/guest/host-packages.txt infra/debian/host-packages.txt; do
   [ -f "$list" ] || continue
   while read -r p; do [ -n "$p" ] && [ "${p#\#}" = "$p" ] && PACKAGES+=("$p"); done < "$list"

@@ -2,8 +2,13 @@
  * The acceptance story through the HTTP API only (typed client), on real Temporal, real libvirt
  * and two host workers: import the base on host A and host B, resume on A, customize the guest,
  * create an overlay on A, provision on B from the overlay's URL, and the application on B
- * answers with the state set on A. The runs carry their search attributes.
+ * answers with the state set on A. The runs carry their search attributes. Then tenants: a
+ * member's synthesis on the real cluster is its own, invisible to another tenant, within its quota.
  */
+import fs from 'node:fs';
+import os from 'node:os';
+import path from 'node:path';
+import { SqliteClusterCatalog } from '../../src/core/cluster-catalog';
 import type { Client } from '@temporalio/client';
 import { pollUntil } from '../helpers/poll';
 import { createLogger } from '../../src/common/logger';
@@ -31,6 +36,11 @@ describe('the cloudlet story through the HTTP API', () => {
   let api: RunningApi;
   let cloud: CloudletApiClient;
   let pkg: { packageFile: string; baseId: string };
+  let catalogDir: string;
+  let catalog: SqliteClusterCatalog;
+  /** The overlay the story made (used again by the tenants' test). */
+  let overlayUrl = '';
+  let launchToken = '';
 
   beforeAll(async () => {
     pkg = await testBasePackage(256);
@@ -38,13 +48,17 @@ describe('the cloudlet story through the HTTP API', () => {
     [hostA = '', hostB = ''] = cluster.hosts;
     ({ suffix, client: temporal } = cluster);
     token = `test-token-${suffix}-0123456789`;
-    api = await startApi(new TemporalCloudletService(temporal, cluster.config, { hosts: cluster.hosts }), { tokens: [token], port: 0, logger: createLogger('api', 'warn') });
+    catalogDir = fs.mkdtempSync(path.join(os.tmpdir(), 'cloudlet-api-catalog-'));
+    catalog = new SqliteClusterCatalog(path.join(catalogDir, 'catalog.sqlite'));
+    api = await startApi(new TemporalCloudletService(temporal, cluster.config, { hosts: cluster.hosts }), { tokens: [token], catalog, port: 0, logger: createLogger('api', 'warn') });
     cloud = new CloudletApiClient({ baseUrl: api.url, token });
   });
 
   afterAll(async () => {
     await api?.close();
+    await catalog?.close();
     await cluster?.stop();
+    if (catalogDir) fs.rmSync(catalogDir, { recursive: true, force: true });
   });
 
   const done = async (id: string) => {
@@ -105,6 +119,8 @@ describe('the cloudlet story through the HTTP API', () => {
     expect(state.token).toBe(`tok-${suffix}`);
     expect(state.disk).toBe('customized through the API');
     expect(state.bootId).toBe(before.bootId);
+    overlayUrl = overlay?.url ?? '';
+    launchToken = `tok-${suffix}`;
 
     // The runs are in visibility with their search attributes.
     const query = `CloudletHost = '${hostB}' AND CloudletOperation = 'synthesizeVm' AND CloudletBaseId = '${pkg.baseId}' AND CloudletStatus = 'succeeded'`;
@@ -115,6 +131,52 @@ describe('the cloudlet story through the HTTP API', () => {
     const term = await cloud.terminateInstance(inst?.id ?? '');
     await done(term.id);
     expect((await cloud.getInstance(inst?.id ?? ''))?.state).toBe('terminated');
+  });
+
+  it('tenants: a member\'s VM is its own, another tenant sees nothing of it, and the quota holds', async () => {
+    expect(overlayUrl).not.toBe('');
+    const admin = async (method: string, url: string, body: object) => {
+      const res = await fetch(`${api.url}${url}`, { method, headers: { authorization: `Bearer ${token}`, 'content-type': 'application/json' }, body: JSON.stringify(body) });
+      expect(res.ok).toBe(true);
+      return (await res.json()) as Record<string, unknown>;
+    };
+    const acme = new CloudletApiClient({ baseUrl: api.url, token: String((await admin('POST', '/v1/tokens', { tenant: 'acme', role: 'member', name: 'api test' })).token) });
+    const globex = new CloudletApiClient({ baseUrl: api.url, token: String((await admin('POST', '/v1/tokens', { tenant: 'globex' })).token) });
+    await admin('POST', '/v1/tenants/acme/quota', { instances: 1 });
+
+    // The shared overlay (made by the operators' token) is visible to both tenants.
+    expect((await globex.listOverlays()).map((o) => o.url)).toContain(overlayUrl);
+    const op = await acme.provisionInstance({ hostId: hostB, overlayUrl });
+    const s = await acme.waitForOperation(op.id, { timeoutMs: 10 * 60_000 });
+    expect(s.state).toBe('succeeded');
+    const id = String((s.result as Record<string, unknown>).instanceId);
+    const inst = await acme.getInstance(id);
+    expect(inst?.state).toBe('running');
+    expect((await new GuestAppClient(Number((inst?.appEndpoint ?? '').split(':')[1])).state()).token).toBe(launchToken);
+
+    // globex: not listed, and every id of it is 404, as if it did not exist.
+    expect((await globex.listInstances()).map((i) => i.id)).not.toContain(id);
+    expect(await globex.getInstance(id)).toBeUndefined();
+    expect(await globex.getOperation(op.id)).toBeUndefined();
+    const refused = await globex.terminateInstance(id).catch((e: unknown) => e);
+    expect(isCloudletError(refused) && refused.code).toBe('NOT_FOUND');
+    // Members may not list hosts or import bases.
+    const forbidden = await globex.listHosts().catch((e: unknown) => e);
+    expect(isCloudletError(forbidden) && forbidden.code).toBe('FORBIDDEN');
+
+    // acme is at its quota of one instance: a second request is refused before any workflow starts.
+    const before = new Date();
+    const over = await acme.provisionInstance({ hostId: hostB, overlayUrl }).catch((e: unknown) => e);
+    expect(isCloudletError(over) && over.code).toBe('QUOTA_EXCEEDED');
+    let started = 0;
+    for await (const _ of temporal.workflow.list({ query: `CloudletHost = '${hostB}' AND CloudletOperation = 'synthesizeVm' AND StartTime >= '${before.toISOString()}'` })) started++;
+    expect(started).toBe(0);
+
+    const term = await acme.terminateInstance(id);
+    expect((await acme.waitForOperation(term.id, { timeoutMs: 5 * 60_000 })).state).toBe('succeeded');
+    expect((await acme.getInstance(id))?.state).toBe('terminated');
+    // The operators see every tenant's instances.
+    expect((await cloud.listInstances()).map((i) => i.id)).toContain(id);
   });
 
   it('answers unknown ids with 404 and bad bodies with 400, behind a bearer token', async () => {

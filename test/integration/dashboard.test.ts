@@ -16,6 +16,7 @@ import { startTestCluster, type TestCluster } from '../helpers/cluster';
 import { overlayOnFirstHost } from '../helpers/overlay-story';
 import { REPO } from '../helpers/infra';
 import { pollUntil } from '../helpers/poll';
+import { mintToken, SqliteClusterCatalog } from '../../src/core/cluster-catalog';
 
 jest.setTimeout(20 * 60_000);
 
@@ -37,12 +38,14 @@ describe('the dashboard and the Temporal Web UI in Chromium', () => {
   let cloud: CloudletApiClient;
   let browser: Browser;
   let page: Page;
+  let catalog: SqliteClusterCatalog;
   const token = `dash-token-${Date.now()}-0123456789`;
 
   beforeAll(async () => {
     cluster = await startTestCluster('dash', ['da', 'db']);
     const service = new TemporalCloudletService(cluster.client, cluster.config, { hosts: cluster.hosts });
-    api = await startApi(service, { tokens: [token], port: 0, logger: createLogger('api', 'warn'), temporalUi: { url: cluster.config.webUiUrl, namespace: cluster.config.namespace } });
+    catalog = new SqliteClusterCatalog(':memory:');
+    api = await startApi(service, { tokens: [token], catalog, port: 0, logger: createLogger('api', 'warn'), temporalUi: { url: cluster.config.webUiUrl, namespace: cluster.config.namespace } });
     cloud = new CloudletApiClient({ baseUrl: api.url, token });
     browser = await chromium.launch({ executablePath: CHROMIUM, headless: true, args: ['--no-sandbox', '--disable-dev-shm-usage'] });
     page = await browser.newPage({ viewport: { width: 1280, height: 1000 } });
@@ -52,6 +55,7 @@ describe('the dashboard and the Temporal Web UI in Chromium', () => {
   afterAll(async () => {
     await browser?.close();
     await api?.close();
+    await catalog?.close();
     await cluster?.stop();
   });
 
@@ -131,5 +135,20 @@ describe('the dashboard and the Temporal Web UI in Chromium', () => {
     expect(attrs).toContain('"CloudletOperation": "synthesizeVm"');
     expect(attrs).toContain('"CloudletStatus": "succeeded"');
     await page.screenshot({ path: path.join(SHOTS, 'temporal-search-attributes.png'), fullPage: true });
+  });
+
+  it('shows a tenant\'s member its own tenant only: no hosts, no schedules, not the operators\' instances', async () => {
+    const minted = mintToken('acme', 'member', 'dashboard test');
+    await catalog.addToken(minted.record);
+    await page.goto(`${api.url}/dashboard/`, { waitUntil: 'networkidle' });
+    if (await page.isVisible('#logout')) await page.click('#logout');
+    await page.fill('#token', minted.token);
+    await page.click('#login button[type="submit"]');
+    await page.waitForFunction(() => /member of tenant acme/.test(document.getElementById('who')?.textContent ?? ''), undefined, { timeout: 30_000 });
+    await page.waitForFunction(() => /shown to admins only/.test(document.getElementById('hosts')?.textContent ?? ''), undefined, { timeout: 30_000 });
+    expect(await text('#instances')).toMatch(/No instances yet/);
+    // The operators' instance from the test before is there for the admin token, not for acme.
+    expect((await cloud.listInstances()).length).toBeGreaterThan(0);
+    await page.screenshot({ path: path.join(SHOTS, 'dashboard-member.png'), fullPage: true });
   });
 });

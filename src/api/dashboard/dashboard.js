@@ -35,10 +35,13 @@
   }
 
   class Unauthorized extends Error {}
+  const FORBIDDEN = Symbol('forbidden');
   async function api(path) {
     const res = await fetch(path, { headers: { authorization: `Bearer ${sessionStorage.getItem(KEY) || ''}` } });
     if (res.status === 401) throw new Unauthorized('the API refused the token (401)');
     if (res.status === 501) return undefined;
+    // A section the token's role may not read (hosts and schedules are the admins'): shown as such.
+    if (res.status === 403) return FORBIDDEN;
     const body = await res.json().catch(() => ({}));
     if (!res.ok) throw new Error(`${path}: ${res.status} ${(body.error && body.error.message) || ''}`);
     return body;
@@ -87,11 +90,14 @@
   }
 
   async function refresh() {
-    const list = (path, key) => api(path).then((body) => (body ? body[key] : undefined));
-    const [hosts, instances, bases, overlays, schedules] = await Promise.all([
+    const list = (path, key) => api(path).then((body) => (body === FORBIDDEN ? FORBIDDEN : body ? body[key] : undefined));
+    const [hosts, instances, bases, overlays, schedules, me] = await Promise.all([
       list('/v1/hosts', 'hosts'), list('/v1/instances', 'instances'), list('/v1/bases', 'bases'), list('/v1/overlays', 'overlays'),
       config.schedules ? list('/v1/schedules', 'schedules').catch(() => undefined) : undefined,
+      api('/v1/whoami').catch(() => undefined),
     ]);
+    if (me && me !== FORBIDDEN) $('who').textContent = me.tenant ? `${me.role} of tenant ${me.tenant} ·` : `${me.role} (operators) ·`;
+    const adminsOnly = (what) => h('p', { class: 'empty' }, `${what} are shown to admins only: your token is a ${me && me.role ? me.role : 'tenant'}'s.`);
     const live = instances.filter((i) => i.state === 'provisioning' || i.state === 'terminating');
     const ops = await Promise.all(live.map((i) => api(`/v1/operations/${encodeURIComponent(i.operationId)}`).catch(() => undefined)));
 
@@ -109,11 +115,12 @@
     $('chart').replaceChildren(chart(instances));
 
     const running = (host) => instances.filter((i) => i.hostId === host && i.state === 'running').length;
-    $('hosts').replaceChildren(table(['Host', 'Serving', 'Running instances', 'Base VMs held', 'Memory available', 'Store free'],
+    if (hosts === FORBIDDEN) $('hosts').replaceChildren(adminsOnly('Hosts'));
+    else $('hosts').replaceChildren(table(['Host', 'Serving', 'Running instances', 'Base VMs held', 'Memory available', 'Store free'],
       hosts.map((x) => [h('span', { class: 'id' }, x.id), state(x.serving ? 'yes' : 'no'), String(running(x.id)), String(bases.filter((b) => b.hostIds.includes(x.id)).length),
         x.stats ? `${gib(x.stats.memAvailableBytes)} of ${gib(x.stats.memTotalBytes)}` : '–', x.stats ? gib(x.stats.storeFreeBytes) : '–']),
       'This API has no hosts configured (CLOUDLET_HOSTS).'));
-    if (hosts.some((x) => !x.serving)) $('hosts').append(h('p', { class: 'muted' }, 'A host that is not serving has no worker polling its queue: start it with npx tsx src/workers/main.ts --host <id>.'));
+    if (hosts !== FORBIDDEN && hosts.some((x) => !x.serving)) $('hosts').append(h('p', { class: 'muted' }, 'A host that is not serving has no worker polling its queue: start it with npx tsx src/workers/main.ts --host <id>.'));
 
     $('bases').replaceChildren(table(['Base', 'Hosts', 'Disk', 'Memory image', 'CPU model', 'Imported'],
       bases.map((b) => [h('span', { class: 'id', title: b.id }, short(b.id)), b.hostIds.join(', '), mb(b.diskBytes), mb(b.memoryBytes), b.cpuModel || '', new Date(b.importedAt).toLocaleString()]),
@@ -123,7 +130,8 @@
       overlays.map((o) => [h('span', { class: 'id', title: o.id }, short(o.id)), h('span', { class: 'id', title: o.baseId }, short(o.baseId)), mb(o.bytes), o.fromInstanceId || '', new Date(o.createdAt).toLocaleString(), h('a', { href: o.url }, 'download')]),
       'No overlays yet. Create one from a customized instance (POST /v1/overlays).'));
 
-    if (!schedules) $('schedules').replaceChildren(h('p', { class: 'empty' }, 'Schedules are not enabled on this API server.'));
+    if (schedules === FORBIDDEN) $('schedules').replaceChildren(adminsOnly('Schedules'));
+    else if (!schedules) $('schedules').replaceChildren(h('p', { class: 'empty' }, 'Schedules are not enabled on this API server.'));
     else {
       const details = await Promise.all(schedules.map((s) => api(`/v1/schedules/${encodeURIComponent(s.recipeId)}`).catch(() => s)));
       $('schedules').replaceChildren(table(['Recipe', 'Every', 'State', 'Next run', 'Last run'],

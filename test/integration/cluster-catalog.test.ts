@@ -1,0 +1,160 @@
+/**
+ * The cluster catalog's contract, on both engines: SQLite (a file) and a real PostgreSQL server
+ * (Debian's package, started by the test). Then two API servers sharing one PostgreSQL catalog,
+ * as the API nodes of a multi-node cluster do: a token minted on one works on the other at once,
+ * and a revocation on one is refused by the other on its next request.
+ */
+import fs from 'node:fs';
+import os from 'node:os';
+import path from 'node:path';
+import { Client } from 'pg';
+import { buildServer } from '../../src/api/server';
+import { CloudletError } from '../../src/core/errors';
+import { digestToken, mintToken, PostgresClusterCatalog, SqliteClusterCatalog, type ClusterCatalog } from '../../src/core/cluster-catalog';
+import { FakeCloudletService } from '../../src/service/fake';
+import { startPostgres, type RunningPostgres } from '../helpers/postgres';
+
+jest.mock('cookie', () => ({
+  stringifySetCookie: (name: string, value: string) => `${name}=${encodeURIComponent(value)}`,
+}));
+
+let pg: RunningPostgres;
+let dir: string;
+let seq = 0;
+
+beforeAll(async () => {
+  pg = await startPostgres();
+  dir = fs.mkdtempSync(path.join(os.tmpdir(), 'cloudlet-catalog-'));
+}, 120_000);
+
+afterAll(async () => {
+  await pg?.stop();
+  fs.rmSync(dir, { recursive: true, force: true });
+});
+
+type Engine = [string, () => Promise<{ open: () => Promise<ClusterCatalog> }>];
+const engines: Engine[] = [
+  ['sqlite', async () => {
+    const file = path.join(dir, `catalog-${(seq += 1)}.sqlite`);
+    return { open: async () => new SqliteClusterCatalog(file) };
+  }],
+  ['postgres', async () => {
+    const url = await pg.newDatabase(`contract_${(seq += 1)}`);
+    return { open: () => PostgresClusterCatalog.open(url) };
+  }],
+];
+
+describe.each(engines)('the %s catalog', (_name, make) => {
+  let where: { open: () => Promise<ClusterCatalog> };
+  let a: ClusterCatalog;
+  let b: ClusterCatalog;
+
+  beforeEach(async () => {
+    where = await make();
+    a = await where.open();
+    // A second connection, as another process of the cluster has.
+    b = await where.open();
+  });
+
+  afterEach(async () => {
+    await a.close();
+    await b.close();
+  });
+
+  test('tokens: found by digest only while live, listed without secrets, revoked once', async () => {
+    const { token, record } = mintToken('acme', 'member', 'ci');
+    const added = await a.addToken(record);
+    expect(added).toMatchObject({ id: record.id, tenant: 'acme', role: 'member', name: 'ci' });
+    expect(await b.tokenByDigest(digestToken(token))).toMatchObject({ id: record.id, tenant: 'acme', role: 'member' });
+    expect(await b.tokenByDigest(digestToken(`${token}x`))).toBeUndefined();
+    await expect(a.addToken(record)).rejects.toMatchObject({ code: 'CONFLICT' });
+    expect(JSON.stringify(await b.listTokens())).not.toContain(token);
+    expect(await b.revokeToken(record.id)).toBe(true);
+    expect(await a.revokeToken(record.id)).toBe(false);
+    expect(await a.tokenByDigest(digestToken(token))).toBeUndefined();
+    expect((await a.listTokens()).find((t) => t.id === record.id)?.revokedAt).toEqual(expect.any(String));
+  });
+
+  test('owners: the first record of an operation wins; no tenant means the operators\'', async () => {
+    await a.recordOwner('synthesizeVm/host-a/i-1', 'acme');
+    await b.recordOwner('synthesizeVm/host-a/i-1', 'globex');
+    await a.recordOwner('importBaseVm/host-a/base-1', undefined);
+    const owners = await b.ownersOf(['synthesizeVm/host-a/i-1', 'importBaseVm/host-a/base-1', 'never', 'synthesizeVm/host-a/i-1']);
+    expect(owners.get('synthesizeVm/host-a/i-1')?.tenant).toBe('acme');
+    expect(owners.has('importBaseVm/host-a/base-1')).toBe(true);
+    expect(owners.get('importBaseVm/host-a/base-1')?.tenant).toBeUndefined();
+    expect(owners.has('never')).toBe(false);
+    expect((await a.ownersOf([])).size).toBe(0);
+  });
+
+  test('quotas: set, replaced as a whole, listed; an absent field is unlimited', async () => {
+    expect(await a.quotaOf('acme')).toBeUndefined();
+    await a.setQuota('acme', { instances: 3, memoryMiB: 4096 });
+    expect(await b.quotaOf('acme')).toEqual({ instances: 3, memoryMiB: 4096 });
+    await b.setQuota('acme', { instances: 5 });
+    expect(await a.quotaOf('acme')).toEqual({ instances: 5 });
+    await a.setQuota('globex', { memoryMiB: 2 ** 31 });
+    expect(await b.listQuotas()).toEqual([{ tenant: 'acme', instances: 5 }, { tenant: 'globex', memoryMiB: 2 ** 31 }]);
+  });
+
+  test('a catalog of a newer schema is refused, naming it', async () => {
+    await a.close();
+    await b.close();
+    if (_name === 'sqlite') {
+      const file = path.join(dir, `catalog-newer-${(seq += 1)}.sqlite`);
+      const db = new (await import('better-sqlite3')).default(file);
+      db.pragma('user_version = 99');
+      db.close();
+      expect(() => new SqliteClusterCatalog(file)).toThrow(/schema is version 99/);
+    } else {
+      const url = await pg.newDatabase(`newer_${(seq += 1)}`);
+      const c = new Client({ connectionString: url });
+      await c.connect();
+      await c.query('CREATE TABLE catalog_schema (version INTEGER NOT NULL); INSERT INTO catalog_schema VALUES (99)');
+      await c.end();
+      await expect(PostgresClusterCatalog.open(url)).rejects.toThrow(/schema is version 99/);
+    }
+    a = await where.open();
+    b = await where.open();
+  });
+});
+
+test('an unreachable PostgreSQL catalog is CATALOG_UNAVAILABLE, naming the server without its password and the fix', async () => {
+  const err = await PostgresClusterCatalog.open('postgres://cloudlet:s3cret@127.0.0.1:1/nowhere').catch((e: unknown) => e);
+  expect(err).toBeInstanceOf(CloudletError);
+  expect(err).toMatchObject({ code: 'CATALOG_UNAVAILABLE' });
+  expect((err as Error).message).toContain('127.0.0.1:1/nowhere');
+  expect((err as Error).message).not.toContain('s3cret');
+  expect((err as CloudletError).fix).toMatch(/CLOUDLET_CATALOG_URL/);
+});
+
+test('two API servers on one PostgreSQL catalog: a token minted on one works on the other at once; a revocation on one is honoured by the other', async () => {
+  const url = await pg.newDatabase('two_apis');
+  const ADMIN = 'operator-token-0123456789abcdef';
+  const fake = new FakeCloudletService();
+  const c1 = await PostgresClusterCatalog.open(url);
+  const c2 = await PostgresClusterCatalog.open(url);
+  const api1 = await buildServer({ service: fake, catalog: c1, tokens: [ADMIN] });
+  const api2 = await buildServer({ service: fake, catalog: c2, tokens: [ADMIN] });
+  try {
+    const minted = (await api1.inject({ method: 'POST', url: '/v1/tokens', headers: { authorization: `Bearer ${ADMIN}` }, payload: { tenant: 'acme', role: 'member' } })).json() as { id: string; token: string };
+    const whoami = await api2.inject({ url: '/v1/whoami', headers: { authorization: `Bearer ${minted.token}` } });
+    expect(whoami.json()).toEqual({ role: 'member', tenant: 'acme', tokenId: minted.id });
+    const base = fake.addBase(['host-a']);
+    const overlay = fake.addOverlay(base.id, Buffer.from('o'));
+    const made = await api1.inject({ method: 'POST', url: '/v1/instances', headers: { authorization: `Bearer ${minted.token}` }, payload: { hostId: 'host-a', overlayUrl: overlay.url } });
+    expect(made.statusCode).toBe(202);
+    // The owner recorded through one node decides what the other shows.
+    const other = (await api1.inject({ method: 'POST', url: '/v1/tokens', headers: { authorization: `Bearer ${ADMIN}` }, payload: { tenant: 'globex' } })).json() as { token: string };
+    expect(((await api2.inject({ url: '/v1/instances', headers: { authorization: `Bearer ${minted.token}` } })).json() as { instances: unknown[] }).instances).toHaveLength(1);
+    expect(((await api2.inject({ url: '/v1/instances', headers: { authorization: `Bearer ${other.token}` } })).json() as { instances: unknown[] }).instances).toHaveLength(0);
+    expect((await api2.inject({ method: 'DELETE', url: `/v1/tokens/${minted.id}`, headers: { authorization: `Bearer ${ADMIN}` } })).statusCode).toBe(200);
+    expect((await api1.inject({ url: '/v1/whoami', headers: { authorization: `Bearer ${minted.token}` } })).statusCode).toBe(401);
+  } finally {
+    await api1.close();
+    await api2.close();
+    await c1.close();
+    await c2.close();
+    fake.cleanup();
+  }
+});
