@@ -20,6 +20,9 @@ import { openClusterCatalog, type ClusterCatalog } from '../core/cluster-catalog
 
 export { TemporalCloudletService } from './temporal';
 
+/** How often the API records ended operations in the catalog on its own. */
+const SYNC_EVERY_MS = 30_000;
+
 export async function createTemporalBackend(env: NodeJS.ProcessEnv = process.env): Promise<{ service: CloudletService; schedules: RecipeSchedules; handoffs: HandoffService; mobility: MobilityService; temporalUi: { url: string; namespace: string }; catalog: ClusterCatalog; close: () => Promise<void> }> {
   const config = loadConfig(env);
   const hosts = z.array(z.string().regex(HOST_ID_PATTERN)).safeParse((env.CLOUDLET_HOSTS ?? config.hostId).split(',').map((h) => h.trim()).filter(Boolean));
@@ -28,7 +31,10 @@ export async function createTemporalBackend(env: NodeJS.ProcessEnv = process.env
   }
   const catalog = await openClusterCatalog(config.catalog);
   const client = await connectClient(config);
-  const service = new TemporalCloudletService(client, config, { hosts: hosts.data });
+  const service = new TemporalCloudletService(client, config, { hosts: hosts.data, catalog });
+  // Ended operations reach the catalog even when no one lists (retention is days; this is 30 s).
+  const syncing = setInterval(() => void service.syncCatalog().catch(() => undefined), SYNC_EVERY_MS);
+  syncing.unref();
   const registry = new SqliteNeighbourRegistry(config.mobility.registryFile);
   const schedules = new RecipeSchedules(client, { workflowTaskQueue: config.workflowTaskQueue });
   const mobility = new TemporalMobilityService(client, service, {
@@ -52,6 +58,7 @@ export async function createTemporalBackend(env: NodeJS.ProcessEnv = process.env
     temporalUi: { url: config.webUiUrl, namespace: config.namespace },
     catalog,
     close: async () => {
+      clearInterval(syncing);
       await registry.close();
       await catalog.close();
       await client.connection.close();

@@ -1,16 +1,19 @@
 /**
  * The CloudletService on Temporal. Operations are workflows started on the task queue of their
  * host (whose worker runs their workflow tasks and activities) with ids that say what they are
- * ("synthesizeVm/<host>/<instance>"). The service keeps no database of its own: what exists (bases on
- * hosts, overlays, instances) is read back from the results of the workflows that made it,
- * found through their search attributes. An idempotency key becomes part of the workflow id
+ * ("synthesizeVm/<host>/<instance>"). What exists (bases on hosts, overlays, instances) is derived
+ * from the results of the operations that made and ended it: the ended ones recorded in the
+ * cluster catalog (catalog-sync.ts; they outlive Temporal's retention), the running ones found in
+ * visibility through their search attributes. Without a catalog, all of them come from visibility. An idempotency key becomes part of the workflow id
  * and duplicate ids are rejected, so a retried request returns the operation it started first.
  */
 import { createHash, randomBytes } from 'node:crypto';
 import fs from 'node:fs';
 import path from 'node:path';
-import { WorkflowExecutionAlreadyStartedError, WorkflowFailedError, WorkflowNotFoundError, type Client, type WorkflowHandle } from '@temporalio/client';
-import { ActivityFailure, ApplicationFailure, ChildWorkflowFailure } from '@temporalio/common';
+import { WorkflowExecutionAlreadyStartedError, WorkflowNotFoundError, type Client, type WorkflowHandle } from '@temporalio/client';
+import type { ClosedOperation, ClusterCatalog } from '../core/cluster-catalog';
+import { CatalogSync } from './catalog-sync';
+import { failureOf } from './failure';
 import { assertHostServing } from '../client/connect';
 import type { Config } from '../config';
 import { hostDir } from '../config';
@@ -53,14 +56,25 @@ interface Closed {
 export interface TemporalServiceOptions {
   /** Hosts the cluster has (listed even when no worker serves them right now). */
   hosts: string[];
+  /** Where ended operations are recorded and read back from (docs/security.md, "The cluster catalog"). */
+  catalog?: ClusterCatalog;
 }
 
 export class TemporalCloudletService implements CloudletService {
+  private readonly catalogSync: CatalogSync | undefined;
+
   constructor(
     private readonly client: Client,
     private readonly config: Config,
     private readonly options: TemporalServiceOptions,
-  ) {}
+  ) {
+    this.catalogSync = options.catalog ? new CatalogSync(client, options.catalog, options.hosts) : undefined;
+  }
+
+  /** Records the operations that ended since the last time in the catalog (none without one); how many. */
+  async syncCatalog(): Promise<number> {
+    return this.catalogSync ? this.catalogSync.sync() : 0;
+  }
 
   // ---- operations ------------------------------------------------------------------------------
 
@@ -126,8 +140,10 @@ export class TemporalCloudletService implements CloudletService {
     try {
       d = await handle.describe();
     } catch (e) {
-      if ((e as Error).name === 'WorkflowNotFoundError') return undefined;
-      throw e;
+      if ((e as Error).name !== 'WorkflowNotFoundError') throw e;
+      // Past the server's retention: as the catalog recorded it.
+      const rec = await this.options.catalog?.closedOperation(id);
+      return rec ? this.statusOf(rec) : undefined;
     }
     // Workflow types are named after operations, but for createOverlayVm (a name free of the
     // core's createOverlay).
@@ -170,26 +186,62 @@ export class TemporalCloudletService implements CloudletService {
     try {
       await handle.result();
     } catch (e) {
-      // What failed: an activity's failure comes wrapped in an ActivityFailure, a local
-      // activity's and the workflow's own come bare. Only those wrappers are looked through (a
-      // timeout's cause is an earlier attempt's failure, not why the run failed).
-      let cause: unknown = e instanceof WorkflowFailedError ? e.cause : e;
-      while ((cause instanceof ActivityFailure || cause instanceof ChildWorkflowFailure) && cause.cause) cause = cause.cause;
-      status.error = cause instanceof ApplicationFailure
-        ? { type: cause.type ?? 'FAILED', message: cause.message, nonRetryable: cause.nonRetryable === true }
-        : { type: name, message: (cause as Error)?.message ?? String(cause), nonRetryable: true };
+      status.error = failureOf(e, name);
     }
     return status;
   }
 
-  /** Recent operations of some kinds, newest first, from visibility. */
+  /** The status of an operation as the catalog recorded it when it ended. */
+  private statusOf(rec: ClosedOperation): OperationStatus {
+    const kind = (rec.type === 'createOverlayVm' ? 'createOverlay' : rec.kind || rec.type) as OperationKind;
+    return {
+      ...this.ref(rec.id, kind),
+      hostId: rec.hostId,
+      ...(rec.parentId ? { parentOperationId: rec.parentId } : {}),
+      state: rec.status === 'succeeded' ? 'succeeded' : rec.error?.type === 'CANCELLED' ? 'cancelled' : 'failed',
+      startedAt: rec.startedAt,
+      closedAt: rec.closedAt,
+      ...(rec.result !== undefined ? { result: rec.result } : {}),
+      ...(rec.error ? { error: { ...rec.error, nonRetryable: true } } : {}),
+    };
+  }
+
+  /**
+   * Operations of some kinds, newest first: with a catalog, the ended ones from it (synced first)
+   * and the running ones from visibility; without, all from visibility.
+   */
   private async list(kinds: OperationKind[], status?: 'succeeded' | 'running'): Promise<Closed[]> {
+    const catalog = this.options.catalog;
+    if (!catalog) return this.listVisible(kinds, status);
+    // Running first: one that ends meanwhile is then found by the sync that follows.
+    const running = status === 'succeeded' ? [] : await this.listVisible(kinds, 'running');
+    await this.syncCatalog();
+    const closed = status === 'running' ? [] : await catalog.closedOperations({ kinds, hosts: this.options.hosts, ...(status ? { status } : {}) });
+    const ended = new Set(closed.map((c) => c.id));
+    const out: Closed[] = [
+      ...running.filter((w) => !ended.has(w.id)),
+      ...closed.map((c) => ({
+        id: c.id,
+        type: c.type,
+        host: c.hostId,
+        status: c.status,
+        startTime: new Date(c.startedAt),
+        closeTime: new Date(c.closedAt),
+        ...(c.parentId ? { parentId: c.parentId } : {}),
+      })),
+    ];
+    return out.sort((a, b) => b.startTime.getTime() - a.startTime.getTime());
+  }
+
+  /** Recent operations of some kinds, newest first, from visibility. */
+  private async listVisible(kinds: OperationKind[], status?: 'succeeded' | 'running'): Promise<Closed[]> {
     // Only this cluster's hosts: a Temporal namespace may be shared (as on a development machine).
     const parts = [
       `(${kinds.map((k) => `CloudletOperation = '${k}'`).join(' OR ')})`,
       `(${this.options.hosts.map((h) => `CloudletHost = '${h}'`).join(' OR ')})`,
     ];
-    if (status) parts.push(`CloudletStatus = '${status}'`);
+    if (status === 'running') parts.push("ExecutionStatus = 'Running'");
+    else if (status) parts.push(`CloudletStatus = '${status}'`);
     const out: Closed[] = [];
     for await (const w of this.client.workflow.list({ query: parts.join(' AND '), pageSize: 200 })) {
       out.push({
@@ -207,6 +259,8 @@ export class TemporalCloudletService implements CloudletService {
   }
 
   private async resultOf<T>(id: string): Promise<T> {
+    const rec = await this.options.catalog?.closedOperation(id);
+    if (rec?.result !== undefined) return rec.result as T;
     return (await this.client.workflow.getHandle(id).result()) as T;
   }
 

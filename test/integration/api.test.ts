@@ -50,7 +50,7 @@ describe('the cloudlet story through the HTTP API', () => {
     token = `test-token-${suffix}-0123456789`;
     catalogDir = fs.mkdtempSync(path.join(os.tmpdir(), 'cloudlet-api-catalog-'));
     catalog = new SqliteClusterCatalog(path.join(catalogDir, 'catalog.sqlite'));
-    api = await startApi(new TemporalCloudletService(temporal, cluster.config, { hosts: cluster.hosts }), { tokens: [token], catalog, port: 0, logger: createLogger('api', 'warn') });
+    api = await startApi(new TemporalCloudletService(temporal, cluster.config, { hosts: cluster.hosts, catalog }), { tokens: [token], catalog, port: 0, logger: createLogger('api', 'warn') });
     cloud = new CloudletApiClient({ baseUrl: api.url, token });
   });
 
@@ -177,6 +177,28 @@ describe('the cloudlet story through the HTTP API', () => {
     expect((await acme.getInstance(id))?.state).toBe('terminated');
     // The operators see every tenant's instances.
     expect((await cloud.listInstances()).map((i) => i.id)).toContain(id);
+  });
+
+  it('what the API lists outlives the runs: with every run deleted from the Temporal server, bases, overlays, instances and operations read the same from the catalog', async () => {
+    const before = { bases: await cloud.listBases(), overlays: await cloud.listOverlays(), instances: await cloud.listInstances() };
+    expect(before.instances.length).toBeGreaterThanOrEqual(3);
+    const ops = await catalog.closedOperations({ kinds: ['importBaseVm', 'resumeBaseVm', 'createOverlay', 'synthesizeVm', 'terminateVm'], hosts: cluster.hosts });
+    expect(ops.length).toBeGreaterThanOrEqual(6);
+    const someOp = before.instances[0]?.operationId ?? '';
+    const opBefore = await cloud.getOperation(someOp);
+    // As the server's retention would: the runs are gone from the server.
+    for (const o of ops) await temporal.workflowService.deleteWorkflowExecution({ namespace: cluster.config.namespace, workflowExecution: { workflowId: o.id } });
+    await pollUntil('the runs to be deleted from the server', 60_000, async () => {
+      let n = 0;
+      for await (const _ of temporal.workflow.list({ query: `(${cluster.hosts.map((h) => `CloudletHost = '${h}'`).join(' OR ')}) AND CloudletOperation = 'synthesizeVm'` })) n++;
+      return n === 0 ? true : undefined;
+    });
+    await expect(temporal.workflow.getHandle(someOp).describe()).rejects.toThrow();
+    expect(await cloud.listBases()).toEqual(before.bases);
+    expect(await cloud.listOverlays()).toEqual(before.overlays);
+    expect(await cloud.listInstances()).toEqual(before.instances);
+    const opAfter = await cloud.getOperation(someOp);
+    expect(opAfter).toMatchObject({ id: someOp, state: opBefore?.state, hostId: opBefore?.hostId, result: opBefore?.result });
   });
 
   it('answers unknown ids with 404 and bad bodies with 400, behind a bearer token', async () => {

@@ -97,6 +97,29 @@ describe.each(engines)('the %s catalog', (_name, make) => {
     expect(await b.listQuotas()).toEqual([{ tenant: 'acme', instances: 5 }, { tenant: 'globex', memoryMiB: 2 ** 31 }]);
   });
 
+  test('ended operations: recorded with results, queried by kind, host and status, replaced only by a later close', async () => {
+    const op = (id: string, kind: string, host: string, status: 'succeeded' | 'failed', startedAt: string, closedAt: string, extra: object = {}) => ({ id, kind, type: kind, hostId: host, status, startedAt, closedAt, ...extra });
+    expect(await a.lastClosedAt()).toBeUndefined();
+    await a.recordClosed([
+      op('synthesizeVm/h1/i-1', 'synthesizeVm', 'h1', 'succeeded', '2026-12-01T10:00:00.000Z', '2026-12-01T10:00:02.000Z', { result: { instanceId: 'i-1', timings: { firstResponseMs: 1500 } }, parentId: 'deployOverlay/d-1' }),
+      op('synthesizeVm/h2/i-2', 'synthesizeVm', 'h2', 'failed', '2026-12-01T10:01:00.000Z', '2026-12-01T10:01:05.000Z', { error: { type: 'CORRUPT', message: 'bad overlay' } }),
+      op('importBaseVm/h1/base', 'importBaseVm', 'h1', 'succeeded', '2026-12-01T09:00:00.000Z', '2026-12-01T09:01:00.000Z', { result: { baseId: 'b'.repeat(64) } }),
+    ]);
+    expect(await b.closedOperation('synthesizeVm/h1/i-1')).toEqual(op('synthesizeVm/h1/i-1', 'synthesizeVm', 'h1', 'succeeded', '2026-12-01T10:00:00.000Z', '2026-12-01T10:00:02.000Z', { result: { instanceId: 'i-1', timings: { firstResponseMs: 1500 } }, parentId: 'deployOverlay/d-1' }));
+    expect((await b.closedOperations({ kinds: ['synthesizeVm'], hosts: ['h1', 'h2'] })).map((o) => o.id)).toEqual(['synthesizeVm/h2/i-2', 'synthesizeVm/h1/i-1']);
+    expect((await b.closedOperations({ kinds: ['synthesizeVm', 'importBaseVm'], hosts: ['h1'], status: 'succeeded' })).map((o) => o.id)).toEqual(['synthesizeVm/h1/i-1', 'importBaseVm/h1/base']);
+    expect((await b.closedOperation('synthesizeVm/h2/i-2'))?.error).toEqual({ type: 'CORRUPT', message: 'bad overlay' });
+    expect(await b.closedOperations({ kinds: [], hosts: ['h1'] })).toEqual([]);
+    expect([...(await b.knownClosed(['synthesizeVm/h1/i-1', 'nope']))]).toEqual(['synthesizeVm/h1/i-1']);
+    expect(await b.lastClosedAt()).toBe('2026-12-01T10:01:05.000Z');
+    // An older record of the same id does not replace a newer one; a newer one does.
+    await b.recordClosed([op('synthesizeVm/h1/i-1', 'synthesizeVm', 'h1', 'failed', '2026-12-01T08:00:00.000Z', '2026-12-01T08:00:01.000Z')]);
+    expect((await a.closedOperation('synthesizeVm/h1/i-1'))?.status).toBe('succeeded');
+    await b.recordClosed([op('synthesizeVm/h1/i-1', 'synthesizeVm', 'h1', 'failed', '2026-12-01T11:00:00.000Z', '2026-12-01T11:00:01.000Z')]);
+    expect((await a.closedOperation('synthesizeVm/h1/i-1'))?.status).toBe('failed');
+    await a.recordClosed([]);
+  });
+
   test('a catalog of a newer schema is refused, naming it', async () => {
     await a.close();
     await b.close();

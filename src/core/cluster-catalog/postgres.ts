@@ -6,8 +6,8 @@
  */
 import { Pool, type PoolClient } from 'pg';
 import { CloudletError } from '../errors';
-import type { ClusterCatalog, NewToken, Ownership, Quota, Role, TenantQuota, TokenRecord } from './types';
-import { CATALOG_SCHEMA_VERSION, catalogDdl } from './schema';
+import type { ClosedOperation, ClosedQuery, ClusterCatalog, NewToken, Ownership, Quota, Role, TenantQuota, TokenRecord } from './types';
+import { CATALOG_SCHEMA_VERSION, catalogDdl, operationOf, operationRow, type OperationRow } from './schema';
 import { quotaOf, tokenOf } from './sqlite';
 
 /** An arbitrary constant: the advisory lock held while the schema is made. */
@@ -34,6 +34,7 @@ export class PostgresClusterCatalog implements ClusterCatalog {
         if (v !== undefined && v > CATALOG_SCHEMA_VERSION) throw new Error(`its schema is version ${v}; this cloudlet knows up to ${CATALOG_SCHEMA_VERSION}`);
         await c.query(catalogDdl('postgres'));
         if (v === undefined) await c.query('INSERT INTO catalog_schema (version) VALUES ($1)', [CATALOG_SCHEMA_VERSION]);
+        else if (v < CATALOG_SCHEMA_VERSION) await c.query('UPDATE catalog_schema SET version = $1', [CATALOG_SCHEMA_VERSION]);
       });
     } catch (e) {
       await pool.end().catch(() => undefined);
@@ -102,6 +103,50 @@ export class PostgresClusterCatalog implements ClusterCatalog {
     const rows = await this.q<{ operation_id: string; tenant: string | null; created_at: string }>('SELECT operation_id, tenant, created_at FROM owners WHERE operation_id = ANY($1)', [[...new Set(operationIds)]]);
     for (const r of rows) out.set(r.operation_id, { operationId: r.operation_id, ...(r.tenant !== null ? { tenant: r.tenant } : {}), createdAt: r.created_at });
     return out;
+  }
+
+  async recordClosed(ops: readonly ClosedOperation[]): Promise<void> {
+    if (ops.length === 0) return;
+    try {
+      await this.tx(async (c) => {
+        for (const o of ops) {
+          await c.query(
+            `INSERT INTO operations (id, kind, type, host, status, started_at, closed_at, parent_id, result, error)
+             VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10)
+             ON CONFLICT (id) DO UPDATE SET kind = excluded.kind, type = excluded.type, host = excluded.host, status = excluded.status,
+               started_at = excluded.started_at, closed_at = excluded.closed_at, parent_id = excluded.parent_id, result = excluded.result, error = excluded.error
+             WHERE excluded.closed_at >= operations.closed_at`,
+            operationRow(o),
+          );
+        }
+      });
+    } catch (e) {
+      throw this.unavailable(e);
+    }
+  }
+
+  async closedOperations(q: ClosedQuery): Promise<ClosedOperation[]> {
+    if (q.kinds.length === 0 || q.hosts.length === 0) return [];
+    const rows = await this.q<OperationRow>(
+      `SELECT * FROM operations WHERE kind = ANY($1) AND host = ANY($2)${q.status ? ' AND status = $3' : ''} ORDER BY started_at DESC`,
+      [[...q.kinds], [...q.hosts], ...(q.status ? [q.status] : [])],
+    );
+    return rows.map(operationOf);
+  }
+
+  async closedOperation(id: string): Promise<ClosedOperation | undefined> {
+    const [r] = await this.q<OperationRow>('SELECT * FROM operations WHERE id = $1', [id]);
+    return r ? operationOf(r) : undefined;
+  }
+
+  async knownClosed(ids: readonly string[]): Promise<Set<string>> {
+    if (ids.length === 0) return new Set();
+    return new Set((await this.q<{ id: string }>('SELECT id FROM operations WHERE id = ANY($1)', [[...new Set(ids)]])).map((r) => r.id));
+  }
+
+  async lastClosedAt(): Promise<string | undefined> {
+    const [r] = await this.q<{ at: string | null }>('SELECT MAX(closed_at) AS at FROM operations');
+    return r?.at ?? undefined;
   }
 
   async setQuota(tenant: string, q: Quota): Promise<void> {

@@ -1,8 +1,43 @@
+import type { ClosedOperation } from './types';
+
 /**
  * The catalog's tables, written once for both engines (docs/security.md describes them). Times
  * are ISO-8601 text so both engines store and return them alike.
  */
-export const CATALOG_SCHEMA_VERSION = 1;
+/** 1: tokens, owners, quotas. 2: ended operations (made on open when missing). */
+export const CATALOG_SCHEMA_VERSION = 2;
+
+export interface OperationRow {
+  id: string;
+  kind: string;
+  type: string;
+  host: string;
+  status: 'succeeded' | 'failed';
+  started_at: string;
+  closed_at: string;
+  parent_id: string | null;
+  result: string | null;
+  error: string | null;
+}
+
+export function operationOf(r: OperationRow): ClosedOperation {
+  return {
+    id: r.id,
+    kind: r.kind,
+    type: r.type,
+    hostId: r.host,
+    status: r.status,
+    startedAt: r.started_at,
+    closedAt: r.closed_at,
+    ...(r.parent_id !== null ? { parentId: r.parent_id } : {}),
+    ...(r.result !== null ? { result: JSON.parse(r.result) as unknown } : {}),
+    ...(r.error !== null ? { error: JSON.parse(r.error) as ClosedOperation['error'] } : {}),
+  };
+}
+
+export function operationRow(o: ClosedOperation): unknown[] {
+  return [o.id, o.kind, o.type, o.hostId, o.status, o.startedAt, o.closedAt, o.parentId ?? null, o.result === undefined ? null : JSON.stringify(o.result), o.error === undefined ? null : JSON.stringify(o.error)];
+}
 
 export function catalogDdl(engine: 'sqlite' | 'postgres'): string {
   const int = engine === 'postgres' ? 'BIGINT' : 'INTEGER';
@@ -16,5 +51,11 @@ export function catalogDdl(engine: 'sqlite' | 'postgres'): string {
     CREATE INDEX IF NOT EXISTS owners_by_tenant ON owners (tenant);
     CREATE TABLE IF NOT EXISTS quotas (
       tenant TEXT PRIMARY KEY, instances ${int}, memory_mib ${int});
+    CREATE TABLE IF NOT EXISTS operations (
+      id TEXT PRIMARY KEY, kind TEXT NOT NULL, type TEXT NOT NULL, host TEXT NOT NULL,
+      status TEXT NOT NULL CHECK (status IN ('succeeded', 'failed')), started_at TEXT NOT NULL,
+      closed_at TEXT NOT NULL, parent_id TEXT, result TEXT, error TEXT);
+    CREATE INDEX IF NOT EXISTS operations_by_kind ON operations (kind, host);
+    CREATE INDEX IF NOT EXISTS operations_by_close ON operations (closed_at);
   `;
 }

@@ -6,8 +6,8 @@ import Database from 'better-sqlite3';
 import fs from 'node:fs';
 import path from 'node:path';
 import { CloudletError } from '../errors';
-import type { ClusterCatalog, NewToken, Ownership, Quota, Role, TenantQuota, TokenRecord } from './types';
-import { CATALOG_SCHEMA_VERSION, catalogDdl } from './schema';
+import type { ClosedOperation, ClosedQuery, ClusterCatalog, NewToken, Ownership, Quota, Role, TenantQuota, TokenRecord } from './types';
+import { CATALOG_SCHEMA_VERSION, catalogDdl, operationOf, operationRow, type OperationRow } from './schema';
 
 interface TokenRow {
   id: string;
@@ -82,6 +82,38 @@ export class SqliteClusterCatalog implements ClusterCatalog {
       if (r) out.set(id, { operationId: id, ...(r.tenant !== null ? { tenant: r.tenant } : {}), createdAt: r.created_at });
     }
     return out;
+  }
+
+  async recordClosed(ops: readonly ClosedOperation[]): Promise<void> {
+    const stmt = this.db.prepare(`INSERT INTO operations (id, kind, type, host, status, started_at, closed_at, parent_id, result, error)
+      VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)
+      ON CONFLICT (id) DO UPDATE SET kind = excluded.kind, type = excluded.type, host = excluded.host, status = excluded.status,
+        started_at = excluded.started_at, closed_at = excluded.closed_at, parent_id = excluded.parent_id, result = excluded.result, error = excluded.error
+      WHERE excluded.closed_at >= operations.closed_at`);
+    this.db.transaction(() => {
+      for (const o of ops) stmt.run(...operationRow(o));
+    })();
+  }
+
+  async closedOperations(q: ClosedQuery): Promise<ClosedOperation[]> {
+    if (q.kinds.length === 0 || q.hosts.length === 0) return [];
+    const marks = (n: number) => Array.from({ length: n }, () => '?').join(', ');
+    const sql = `SELECT * FROM operations WHERE kind IN (${marks(q.kinds.length)}) AND host IN (${marks(q.hosts.length)})${q.status ? ' AND status = ?' : ''} ORDER BY started_at DESC`;
+    return (this.db.prepare(sql).all(...q.kinds, ...q.hosts, ...(q.status ? [q.status] : [])) as OperationRow[]).map(operationOf);
+  }
+
+  async closedOperation(id: string): Promise<ClosedOperation | undefined> {
+    const r = this.db.prepare('SELECT * FROM operations WHERE id = ?').get(id) as OperationRow | undefined;
+    return r ? operationOf(r) : undefined;
+  }
+
+  async knownClosed(ids: readonly string[]): Promise<Set<string>> {
+    const stmt = this.db.prepare('SELECT 1 FROM operations WHERE id = ?');
+    return new Set(ids.filter((id) => stmt.get(id) !== undefined));
+  }
+
+  async lastClosedAt(): Promise<string | undefined> {
+    return (this.db.prepare('SELECT MAX(closed_at) AS at FROM operations').get() as { at: string | null }).at ?? undefined;
   }
 
   async setQuota(tenant: string, q: Quota): Promise<void> {

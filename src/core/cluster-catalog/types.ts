@@ -55,6 +55,34 @@ export interface Ownership {
   createdAt: string;
 }
 
+/**
+ * An operation that has ended, as the catalog keeps it: what it was, on which host, how it ended
+ * and its result. What the API lists (bases, overlays, instances and their states) is derived
+ * from these, so it outlives the Temporal server's retention of the runs.
+ */
+export interface ClosedOperation {
+  /** The workflow id. */
+  id: string;
+  /** The operation kind (the CloudletOperation search attribute). */
+  kind: string;
+  /** The workflow type. */
+  type: string;
+  hostId: string;
+  status: 'succeeded' | 'failed';
+  startedAt: string;
+  closedAt: string;
+  parentId?: string;
+  /** The workflow's result (succeeded) or its failure (failed). */
+  result?: unknown;
+  error?: { type: string; message: string };
+}
+
+export interface ClosedQuery {
+  kinds: readonly string[];
+  hosts: readonly string[];
+  status?: ClosedOperation['status'];
+}
+
 export interface ClusterCatalog {
   addToken(token: NewToken): Promise<TokenRecord>;
   /** The live (not revoked) token with this digest. */
@@ -67,6 +95,16 @@ export interface ClusterCatalog {
   recordOwner(operationId: string, tenant: string | undefined): Promise<void>;
   /** Owners of the given operations that have a record. */
   ownersOf(operationIds: readonly string[]): Promise<Map<string, Ownership>>;
+
+  /** Records ended operations (a later record of the same id replaces an earlier one). */
+  recordClosed(ops: readonly ClosedOperation[]): Promise<void>;
+  /** Ended operations of some kinds on some hosts, the most recently started first. */
+  closedOperations(q: ClosedQuery): Promise<ClosedOperation[]>;
+  closedOperation(id: string): Promise<ClosedOperation | undefined>;
+  /** Which of these ids the catalog holds as ended. */
+  knownClosed(ids: readonly string[]): Promise<Set<string>>;
+  /** The latest close time recorded (ISO), where the next sync may start from. */
+  lastClosedAt(): Promise<string | undefined>;
 
   setQuota(tenant: string, quota: Quota): Promise<void>;
   quotaOf(tenant: string): Promise<Quota | undefined>;
