@@ -10,7 +10,7 @@ cd "$ROOT"
 # iproute2: ip and tc for the emulated edge links (docs/links.md).
 # prometheus: scrapes the workers' and the API's metrics in the tests (docs/observability.md); not started as a service.
 # chromium: the browser tests drive it through the dashboard and the Temporal Web UI (docs/dashboard.md).
-# postgresql: the cluster catalog's PostgreSQL implementation is tested against a real server the test starts (docs/security.md); not started as a service.
+# postgresql: the cluster catalog's PostgreSQL implementation is tested against a server of the test's own (docs/security.md); the package's own cluster is not used.
 PACKAGES=(qemu-system-x86 qemu-utils libvirt-daemon-system libvirt-clients libvirt-dev tini
   xdelta3 xz-utils zstd build-essential python3 pkg-config curl ca-certificates iproute2 prometheus chromium
   postgresql)

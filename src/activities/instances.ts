@@ -213,7 +213,16 @@ export function createInstanceActivities(deps: CloudletActivityDeps) {
       await writeRecord(rec);
       const diskPath = path.join(dir, 'disk.qcow2');
       const savePath = path.join(dir, 'memory.sav');
-      if ((await hv.state(rec.domain)) !== 'running') {
+      const state = await hv.state(rec.domain);
+      // Done by an earlier attempt when it runs with its port forwarded. Otherwise an earlier
+      // attempt was cut off (its worker killed): its VM may have run and written to its disk, so
+      // it goes, and the disk and memory start again from the base.
+      if (state !== 'running' || rec.hostPort === undefined) {
+        if (state !== 'absent') {
+          log.warn({ instanceId: input.instanceId, domain: rec.domain, state }, 'an earlier attempt of this resume was cut off: starting again from the base');
+          await hv.destroy(rec.domain);
+          await hv.undefine(rec.domain);
+        }
         await createQcow2Overlay(diskPath, base.diskPath, 'raw');
         await withHeartbeats(fs.promises.copyFile(base.savePath, savePath), () => ({ stage: 'copy base memory' }));
       }
@@ -230,6 +239,11 @@ export function createInstanceActivities(deps: CloudletActivityDeps) {
       const state = await hv.state(rec.domain);
       if (state === 'running' || state === 'paused') {
         await hv.save(rec.domain, `${launchSave}.partial`);
+        await fs.promises.rename(`${launchSave}.partial`, launchSave);
+      } else if (!fs.existsSync(launchSave) && fs.existsSync(`${launchSave}.partial`)) {
+        // An earlier attempt's worker died while libvirt saved the VM: libvirt finished the save
+        // (it stops a domain only once its memory is saved), the rename was all that was left.
+        log.warn({ instanceId: input.instanceId, domain: rec.domain, state }, 'taking the memory an earlier, cut-off attempt saved');
         await fs.promises.rename(`${launchSave}.partial`, launchSave);
       } else if (!fs.existsSync(launchSave)) {
         throw new CloudletError('CONFLICT', `instance ${input.instanceId} is ${state} and has no saved memory to build an overlay from`, { fix: 'resume it first' });

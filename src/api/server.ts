@@ -202,7 +202,7 @@ export async function buildServer(options: ApiOptions): Promise<FastifyInstance>
     // A span per request (a no-op without tracing): workflows it starts continue its trace.
     return step(`${route.method} ${route.path}`, async (span) => {
       const scope = new TenantScope(req.principal ?? (insecure ? INSECURE : ANONYMOUS), options.catalog, locks);
-      const r = await route.handler({ params, body, query, idempotencyKey, service: options.service, scope, req, reply });
+      const r = await route.handler({ params, body, query, idempotencyKey: scope.keyFor(idempotencyKey), service: options.service, scope, req, reply });
       span.setAttributes({ 'http.request.method': route.method, 'http.route': route.path, 'cloudlet.request_id': String(req.id) });
       return r;
     });

@@ -7,6 +7,7 @@
  * absent, so its ids do not leak. Admins see everything. Without a catalog every principal is an
  * admin (configured tokens only) and nothing is filtered.
  */
+import { createHash } from 'node:crypto';
 import type { ClusterCatalog, Quota } from '../core/cluster-catalog';
 import type { BaseInfo, CloudletService, InstanceInfo, OperationRef, OperationStatus, OverlayInfo } from '../service/types';
 import type { Principal } from './auth';
@@ -33,9 +34,24 @@ export class TenantScope {
     return this.principal.role === 'admin';
   }
 
-  /** Records that the principal's tenant (or `tenant`, an admin's choice) owns an operation it started. */
-  async own(ref: OperationRef | string, tenant: string | undefined = this.principal.tenant): Promise<void> {
-    await this.catalog?.recordOwner(typeof ref === 'string' ? ref : ref.id, tenant);
+  /**
+   * Records that the principal's tenant owns an operation it started; or `tenant`, an admin's
+   * choice, where null is no tenant (shared bases and overlays).
+   */
+  async own(ref: OperationRef | string, tenant?: string | null): Promise<void> {
+    const owner = tenant === undefined ? this.principal.tenant : (tenant ?? undefined);
+    await this.catalog?.recordOwner(typeof ref === 'string' ? ref : ref.id, owner);
+  }
+
+  /**
+   * The Idempotency-Key as the service sees it. Ids of operations and instances derive from it, so
+   * a tenant's key is made its own (a hash with the tenant's name): another tenant sending the
+   * same key, or a key spelling another tenant's instance id, can never reach that tenant's
+   * operation or instance.
+   */
+  keyFor(key: string | undefined): string | undefined {
+    if (key === undefined || this.principal.tenant === undefined) return key;
+    return `t${createHash('sha256').update(`${this.principal.tenant}\n${key}`).digest('hex').slice(0, 31)}`;
   }
 
   /**
@@ -55,8 +71,10 @@ export class TenantScope {
       const present = s.filter((x): x is string => x !== undefined);
       const tenants = present.map((id) => owners.get(id)?.tenant);
       if (tenants.some((t) => t !== undefined && t === mine)) return true;
-      // Shared: made by no tenant (every operation of it unowned or the operators').
-      return shared && present.length > 0 && tenants.every((t) => t === undefined);
+      // Shared: made for no tenant, on the record (the operators' through the API), or by a
+      // schedule's rebuild. An operation with no record at all (started outside the API, or
+      // whose record was not written) is the admins' alone.
+      return shared && present.length > 0 && present.every((id) => (owners.has(id) ? owners.get(id)?.tenant === undefined : id.startsWith('rebuildOverlay/')));
     });
   }
 
@@ -78,6 +96,17 @@ export class TenantScope {
   /** Refuses (404) an instance id the principal does not see; admins pass unchecked (the service says whether it exists). */
   async guardInstance(service: CloudletService, id: string): Promise<void> {
     if (!this.isAdmin && this.catalog) await this.instance(service, id);
+  }
+
+  /**
+   * Refuses (404) an overlay URL of this cluster whose overlay the principal does not see: the
+   * hosts publish overlays by digest, so a URL learnt elsewhere must not open another tenant's.
+   */
+  async guardOverlayUrl(service: CloudletService, url: string): Promise<void> {
+    if (this.isAdmin || !this.catalog) return;
+    const digest = /\/overlays\/([0-9a-f]{64})\.overlay$/.exec(url.split(/[?#]/)[0] ?? '')?.[1];
+    const o = (await service.listOverlays()).find((x) => x.url === url || x.id === digest);
+    if (o && !(await this.sees([o.operationId], true))) throw notFound('overlay', o.id === digest ? digest : url);
   }
 
   /** The instance if the principal sees it; else 404 (also for another tenant's). */

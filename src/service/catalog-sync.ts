@@ -13,12 +13,10 @@ export const SYNCED_KINDS: readonly OperationKind[] = ['importBaseVm', 'resumeBa
 
 /** How far before the latest recorded close a sync looks again. */
 const MARGIN_MS = 10 * 60_000;
-/** Syncs closer together than this are one. */
-const MIN_INTERVAL_MS = 300;
-
 export class CatalogSync {
   private inflight: Promise<number> | undefined;
-  private lastDone = 0;
+  /** The sync that starts when the running one ends, shared by everyone who asks meanwhile. */
+  private next: Promise<number> | undefined;
 
   constructor(
     private readonly client: Client,
@@ -26,15 +24,26 @@ export class CatalogSync {
     private readonly hosts: readonly string[],
   ) {}
 
-  /** Records what closed since the last sync; the number of operations recorded. */
+  /**
+   * Records what closed since the last sync; the number of operations recorded. The sync it
+   * waits for begins after the call (a caller that saw a run running finds it recorded if it
+   * closed meanwhile): a running sync is not joined, the next one is.
+   */
   async sync(): Promise<number> {
-    if (this.inflight) return this.inflight;
-    if (Date.now() - this.lastDone < MIN_INTERVAL_MS) return 0;
-    this.inflight = this.run().finally(() => {
-      this.inflight = undefined;
-      this.lastDone = Date.now();
+    if (!this.inflight) return this.begin();
+    this.next ??= this.inflight.catch(() => 0).then(() => {
+      this.next = undefined;
+      return this.begin();
     });
-    return this.inflight;
+    return this.next;
+  }
+
+  private begin(): Promise<number> {
+    const run = this.run().finally(() => {
+      if (this.inflight === run) this.inflight = undefined;
+    });
+    this.inflight = run;
+    return run;
   }
 
   private async run(): Promise<number> {
@@ -45,7 +54,7 @@ export class CatalogSync {
       `(${this.hosts.map((h) => `CloudletHost = '${h}'`).join(' OR ')})`,
     ];
     if (last) parts.push(`CloseTime >= '${new Date(Date.parse(last) - MARGIN_MS).toISOString()}'`);
-    const seen: Array<{ id: string; runId: string; kind: string; type: string; host: string; completed: boolean; startTime: Date; closeTime: Date; parentId?: string }> = [];
+    const seen: Array<{ id: string; runId: string; kind: string; type: string; host: string; statusName: string; startTime: Date; closeTime: Date; parentId?: string }> = [];
     for await (const w of this.client.workflow.list({ query: parts.join(' AND '), pageSize: 500 })) {
       seen.push({
         id: w.workflowId,
@@ -53,7 +62,7 @@ export class CatalogSync {
         kind: String(w.searchAttributes?.CloudletOperation?.[0] ?? ''),
         type: w.type,
         host: String(w.searchAttributes?.CloudletHost?.[0] ?? ''),
-        completed: w.status.name === 'COMPLETED',
+        statusName: w.status.name,
         startTime: w.startTime,
         closeTime: w.closeTime ?? w.startTime,
         ...(w.parentExecution?.workflowId ? { parentId: w.parentExecution.workflowId } : {}),
@@ -63,22 +72,25 @@ export class CatalogSync {
     const fresh = seen.filter((w) => !known.has(w.id));
     const records: ClosedOperation[] = [];
     for (const w of fresh) {
+      const completed = w.statusName === 'COMPLETED';
       const rec: ClosedOperation = {
         id: w.id,
         kind: w.kind,
         type: w.type,
         hostId: w.host,
-        status: w.completed ? 'succeeded' : 'failed',
+        status: completed ? 'succeeded' : 'failed',
         startedAt: w.startTime.toISOString(),
         closedAt: w.closeTime.toISOString(),
         ...(w.parentId ? { parentId: w.parentId } : {}),
       };
       try {
         const result: unknown = await this.client.workflow.getHandle(w.id, w.runId).result();
-        if (w.completed) rec.result = result;
+        if (completed) rec.result = result;
       } catch (e) {
-        const f = failureOf(e, w.completed ? 'COMPLETED' : 'FAILED');
-        rec.error = { type: f.type, message: f.message };
+        // A completed run whose result could not be read now is left for a later sync (recorded
+        // without it, it would stay without it).
+        if (completed) continue;
+        rec.error = w.statusName === 'CANCELED' || w.statusName === 'CANCELLED' ? { type: 'CANCELLED', message: 'the operation was cancelled', nonRetryable: true } : failureOf(e, w.statusName);
       }
       records.push(rec);
     }

@@ -17,6 +17,7 @@ import { TemporalMobilityService } from './mobility';
 import type { MobilityService } from './mobility-types';
 import { SqliteNeighbourRegistry } from '../core/mobility/registry';
 import { openClusterCatalog, type ClusterCatalog } from '../core/cluster-catalog';
+import { createLogger } from '../common/logger';
 
 export { TemporalCloudletService } from './temporal';
 
@@ -33,7 +34,8 @@ export async function createTemporalBackend(env: NodeJS.ProcessEnv = process.env
   const client = await connectClient(config);
   const service = new TemporalCloudletService(client, config, { hosts: hosts.data, catalog });
   // Ended operations reach the catalog even when no one lists (retention is days; this is 30 s).
-  const syncing = setInterval(() => void service.syncCatalog().catch(() => undefined), SYNC_EVERY_MS);
+  const log = createLogger('cloudlet-catalog-sync', config.logLevel);
+  const syncing = setInterval(() => void service.syncCatalog().catch((e: unknown) => log.warn({ err: (e as Error).message }, 'recording ended operations in the cluster catalog failed; the next sync tries again')), SYNC_EVERY_MS);
   syncing.unref();
   const registry = new SqliteNeighbourRegistry(config.mobility.registryFile);
   const schedules = new RecipeSchedules(client, { workflowTaskQueue: config.workflowTaskQueue });

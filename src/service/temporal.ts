@@ -51,6 +51,8 @@ interface Closed {
   startTime: Date;
   closeTime?: Date;
   parentId?: string;
+  /** The result, when the catalog holds it. */
+  result?: unknown;
 }
 
 export interface TemporalServiceOptions {
@@ -202,7 +204,7 @@ export class TemporalCloudletService implements CloudletService {
       startedAt: rec.startedAt,
       closedAt: rec.closedAt,
       ...(rec.result !== undefined ? { result: rec.result } : {}),
-      ...(rec.error ? { error: { ...rec.error, nonRetryable: true } } : {}),
+      ...(rec.error ? { error: { type: rec.error.type, message: rec.error.message, nonRetryable: rec.error.nonRetryable ?? true } } : {}),
     };
   }
 
@@ -215,7 +217,8 @@ export class TemporalCloudletService implements CloudletService {
     if (!catalog) return this.listVisible(kinds, status);
     // Running first: one that ends meanwhile is then found by the sync that follows.
     const running = status === 'succeeded' ? [] : await this.listVisible(kinds, 'running');
-    await this.syncCatalog();
+    // A sync that fails (the server busy, a result unreadable) leaves what the catalog holds: that is served.
+    await this.syncCatalog().catch(() => 0);
     const closed = status === 'running' ? [] : await catalog.closedOperations({ kinds, hosts: this.options.hosts, ...(status ? { status } : {}) });
     const ended = new Set(closed.map((c) => c.id));
     const out: Closed[] = [
@@ -228,6 +231,7 @@ export class TemporalCloudletService implements CloudletService {
         startTime: new Date(c.startedAt),
         closeTime: new Date(c.closedAt),
         ...(c.parentId ? { parentId: c.parentId } : {}),
+        ...(c.result !== undefined ? { result: c.result } : {}),
       })),
     ];
     return out.sort((a, b) => b.startTime.getTime() - a.startTime.getTime());
@@ -258,7 +262,9 @@ export class TemporalCloudletService implements CloudletService {
     return out;
   }
 
-  private async resultOf<T>(id: string): Promise<T> {
+  private async resultOf<T>(w: Closed | string): Promise<T> {
+    if (typeof w !== 'string' && w.result !== undefined) return w.result as T;
+    const id = typeof w === 'string' ? w : w.id;
     const rec = await this.options.catalog?.closedOperation(id);
     if (rec?.result !== undefined) return rec.result as T;
     return (await this.client.workflow.getHandle(id).result()) as T;
@@ -299,7 +305,7 @@ export class TemporalCloudletService implements CloudletService {
   async listBases(): Promise<BaseInfo[]> {
     const byId = new Map<string, BaseInfo>();
     for (const w of await this.list(['importBaseVm'], 'succeeded')) {
-      const r = await this.resultOf<{ baseId: string; hostId: string; diskBytes: number; memoryBytes: number; cpuModel?: string }>(w.id);
+      const r = await this.resultOf<{ baseId: string; hostId: string; diskBytes: number; memoryBytes: number; cpuModel?: string }>(w);
       const b = byId.get(r.baseId) ?? { id: r.baseId, hostIds: [], diskBytes: r.diskBytes, memoryBytes: r.memoryBytes, ...(r.cpuModel ? { cpuModel: r.cpuModel } : {}), importedAt: (w.closeTime ?? w.startTime).toISOString(), operationIds: [] };
       if (!b.hostIds.includes(r.hostId)) b.hostIds.push(r.hostId);
       b.operationIds.push(w.id);
@@ -391,14 +397,14 @@ export class TemporalCloudletService implements CloudletService {
       if (w.type === 'terminateVm' || w.type === 'handoffVm') goneAt(`${w.host}/${w.id.split('/')[2]}`, w);
       else {
         // createOverlay destroys its instance unless asked to keep it (its result says which).
-        const r = await this.resultOf<{ instanceId: string; hostId: string; kept?: boolean }>(w.id);
+        const r = await this.resultOf<{ instanceId: string; hostId: string; kept?: boolean }>(w);
         if (!r.kept) goneAt(`${r.hostId}/${r.instanceId}`, w);
       }
     }
     // host/instance -> when a reconciliation found its VM gone (the host crashed or rebooted)
     const lost = new Map<string, number>();
     for (const w of await this.list(['reconcileHost'], 'succeeded')) {
-      const r = await this.resultOf<{ hostId: string; lost: Array<{ instanceId: string }> }>(w.id);
+      const r = await this.resultOf<{ hostId: string; lost: Array<{ instanceId: string }> }>(w);
       for (const l of r.lost) lost.set(`${r.hostId}/${l.instanceId}`, (w.closeTime ?? w.startTime).getTime());
     }
     const out: InstanceInfo[] = [];
@@ -407,7 +413,7 @@ export class TemporalCloudletService implements CloudletService {
       const info: InstanceInfo = { id: instanceId, hostId, state: 'provisioning', baseId: '', operationId: w.id, ...(w.parentId ? { parentOperationId: w.parentId } : {}) };
       if (w.status === 'failed') info.state = 'failed';
       if (w.status === 'succeeded') {
-        const r = await this.resultOf<{ baseId: string; hostPort?: number; timings?: Record<string, number> }>(w.id);
+        const r = await this.resultOf<{ baseId: string; hostPort?: number; timings?: Record<string, number> }>(w);
         info.baseId = r.baseId;
         const key = `${hostId}/${instanceId}`;
         info.state = (gone.get(key) ?? 0) > w.startTime.getTime() ? 'terminated' : (lost.get(key) ?? 0) > w.startTime.getTime() ? 'lost' : 'running';
@@ -444,7 +450,7 @@ export class TemporalCloudletService implements CloudletService {
   async listOverlays(): Promise<OverlayInfo[]> {
     const out = new Map<string, OverlayInfo>();
     for (const w of await this.list(['createOverlay', 'rebuildOverlay'], 'succeeded')) {
-      const r = await this.resultOf<{ overlayId: string; url: string; bytes: number; baseId: string; instanceId?: string }>(w.id);
+      const r = await this.resultOf<{ overlayId: string; url: string; bytes: number; baseId: string; instanceId?: string }>(w);
       if (!r.overlayId || out.has(r.overlayId)) continue;
       out.set(r.overlayId, { id: r.overlayId, baseId: r.baseId, bytes: r.bytes, url: r.url, createdAt: (w.closeTime ?? w.startTime).toISOString(), ...(r.instanceId ? { fromInstanceId: r.instanceId } : {}), operationId: w.id });
     }

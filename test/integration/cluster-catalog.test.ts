@@ -142,6 +142,42 @@ describe.each(engines)('the %s catalog', (_name, make) => {
   });
 });
 
+test('a version-1 catalog (tokens, owners, quotas) is upgraded in place on both engines: its tokens stay, ended operations can be recorded', async () => {
+  const v1 = `
+    CREATE TABLE tokens (id TEXT PRIMARY KEY, digest TEXT NOT NULL UNIQUE, tenant TEXT NOT NULL, role TEXT NOT NULL, name TEXT NOT NULL, created_at TEXT NOT NULL, revoked_at TEXT);
+    CREATE TABLE owners (operation_id TEXT PRIMARY KEY, tenant TEXT, created_at TEXT NOT NULL);
+    CREATE TABLE quotas (tenant TEXT PRIMARY KEY, instances INTEGER, memory_mib INTEGER);
+    INSERT INTO tokens VALUES ('0123abcd', '${'d'.repeat(64)}', 'acme', 'member', 'old', '2026-11-01T00:00:00.000Z', NULL);`;
+  const op = { id: 'synthesizeVm/h/i', kind: 'synthesizeVm', type: 'synthesizeVm', hostId: 'h', status: 'succeeded' as const, startedAt: '2026-12-01T00:00:00.000Z', closedAt: '2026-12-01T00:00:01.000Z', result: { ok: 1 } };
+  const file = path.join(dir, `catalog-v1-${(seq += 1)}.sqlite`);
+  const db = new (await import('better-sqlite3')).default(file);
+  db.exec(v1);
+  db.pragma('user_version = 1');
+  db.close();
+  const url = await pg.newDatabase(`v1_${(seq += 1)}`);
+  const c = new Client({ connectionString: url });
+  await c.connect();
+  await c.query(`CREATE TABLE catalog_schema (version INTEGER NOT NULL); INSERT INTO catalog_schema VALUES (1); ${v1}`);
+  await c.end();
+  for (const open of [async () => new SqliteClusterCatalog(file), () => PostgresClusterCatalog.open(url)]) {
+    const cat = await open();
+    try {
+      expect(await cat.tokenByDigest('d'.repeat(64))).toMatchObject({ id: '0123abcd', tenant: 'acme' });
+      await cat.recordClosed([op]);
+      expect(await cat.closedOperation(op.id)).toEqual(op);
+    } finally {
+      await cat.close();
+    }
+  }
+  const check = new (await import('better-sqlite3')).default(file);
+  expect(check.pragma('user_version', { simple: true })).toBe(2);
+  check.close();
+  const c2 = new Client({ connectionString: url });
+  await c2.connect();
+  expect((await c2.query('SELECT version FROM catalog_schema')).rows).toEqual([{ version: 2 }]);
+  await c2.end();
+});
+
 test('an unreachable PostgreSQL catalog is CATALOG_UNAVAILABLE, naming the server without its password and the fix', async () => {
   const err = await PostgresClusterCatalog.open('postgres://cloudlet:s3cret@127.0.0.1:1/nowhere').catch((e: unknown) => e);
   expect(err).toBeInstanceOf(CloudletError);
@@ -165,6 +201,7 @@ test('two API servers on one PostgreSQL catalog: a token minted on one works on 
     expect(whoami.json()).toEqual({ role: 'member', tenant: 'acme', tokenId: minted.id });
     const base = fake.addBase(['host-a']);
     const overlay = fake.addOverlay(base.id, Buffer.from('o'));
+    await c1.recordOwner(overlay.operationId, undefined); // the operators', shared
     const made = await api1.inject({ method: 'POST', url: '/v1/instances', headers: { authorization: `Bearer ${minted.token}` }, payload: { hostId: 'host-a', overlayUrl: overlay.url } });
     expect(made.statusCode).toBe(202);
     // The owner recorded through one node decides what the other shows.

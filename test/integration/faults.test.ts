@@ -1,5 +1,8 @@
 /**
  * Faults, on real Temporal and real libvirt:
+ * 0. host B's worker process is killed (SIGKILL) during each long activity other than the apply:
+ *    a base import (its download held half-way), a resume, an overlay creation; started again,
+ *    each operation completes, with no stray domain or file;
  * 1. host B's worker process is killed (SIGKILL) during synthesis and started again: the
  *    workflow completes by itself and no stray or partial file remains on B;
  *    (its history then replays deterministically);
@@ -28,6 +31,7 @@ import { testBasePackage } from '../helpers/test-base';
 import { pollUntil } from '../helpers/poll';
 import { startStallingServer } from '../helpers/stalling-server';
 import { hostTaskQueue } from '../../src/common/names';
+import { domainsOf } from '../helpers/libvirtd';
 
 jest.setTimeout(20 * 60_000);
 
@@ -47,6 +51,7 @@ describe('faults during synthesis', () => {
   let workerB: ChildProcess | undefined;
   let overlayUrl: string;
   let token: string;
+  let pkg: { packageFile: string; baseId: string };
 
   const startWorkerB = (): ChildProcess => {
     const { command, args } = workerCommand(hostB);
@@ -63,13 +68,14 @@ describe('faults during synthesis', () => {
   beforeAll(async () => {
     ensureInfra();
     config = { ...loadConfig({ CLOUDLET_LOG_LEVEL: 'warn' }), workflowTaskQueue: `wf-faults-${suffix}` };
-    const pkg = await testBasePackage(256);
+    pkg = await testBasePackage(256);
     client = await connectClient(config);
     workerA = await createHostWorker(config, hostA, createLogger(`worker-${hostA}`, 'warn'));
     runA = workerA.run();
     workerB = startWorkerB();
     await pollUntil(`host ${hostB} to serve`, 120_000, async () => (await assertHostServing(client, hostB), true));
-    for (const hostId of [hostA, hostB]) await exec(importBaseVm, `importBaseVm/${hostId}`, { hostId, source: pkg.packageFile });
+    // B's import is the first test's (its worker is killed during it).
+    await exec(importBaseVm, `importBaseVm/${hostA}`, { hostId: hostA, source: pkg.packageFile });
     const r = await exec(resumeBaseVm, `resumeBaseVm/${hostA}/dev`, { hostId: hostA, baseId: pkg.baseId, instanceId: 'dev' });
     token = `fault-${suffix}`;
     await new GuestAppClient(r.hostPort as number).set(token, 'before the fault');
@@ -83,6 +89,75 @@ describe('faults during synthesis', () => {
     await client?.connection.close();
     removeHostDomains([hostA, hostB]);
     for (const h of [hostA, hostB]) fs.rmSync(path.join(config.varDir, 'hosts', h), { recursive: true, force: true });
+  });
+
+  const killB = async (): Promise<void> => {
+    workerB?.kill('SIGKILL');
+    await pollUntil('worker B to exit', 30_000, async () => (workerB?.exitCode !== null || workerB?.signalCode !== null ? true : undefined));
+  };
+  /** Waits until the run's pending activity `type` has started on a worker (and `also` holds). */
+  const activityStarted = (handle: WorkflowHandle, type: string, also: () => boolean = () => true) =>
+    pollUntil(`activity ${type} of ${handle.workflowId} to be running`, 120_000, async () => {
+      const d = await handle.describe();
+      const p = d.raw.pendingActivities?.find((a) => a.activityType?.name === type);
+      return p && String(p.state) !== 'PENDING_ACTIVITY_STATE_SCHEDULED' && p.state !== 1 && also() ? true : undefined;
+    }, 20);
+  /** Attempts of activity `type` that started, from the run's history. */
+  const attemptsOf = async (handle: WorkflowHandle, type: string): Promise<number> => {
+    const events = (await handle.fetchHistory()).events ?? [];
+    const scheduled = new Set(events.filter((e) => e.activityTaskScheduledEventAttributes?.activityType?.name === type).map((e) => String(e.eventId)));
+    return Math.max(0, ...events.filter((e) => e.activityTaskStartedEventAttributes && scheduled.has(String(e.activityTaskStartedEventAttributes.scheduledEventId))).map((e) => e.activityTaskStartedEventAttributes?.attempt ?? 1));
+  };
+  const strayFiles = (): string[] => listFiles(path.join(config.varDir, 'hosts', hostB)).map((f) => path.relative(path.join(config.varDir, 'hosts', hostB), f)).filter((f) => /\.tmp$|\.partial$|download-|^store\/tmp\//.test(f));
+
+  it('completes a base import whose host worker was killed half-way through the download', async () => {
+    const stall = await startStallingServer(fs.readFileSync(pkg.packageFile), 'base.cloudletbase', { stallFirst: true });
+    try {
+      const handle = await client.workflow.start(importBaseVm, { taskQueue: config.workflowTaskQueue, workflowId: `importBaseVm/${hostB}`, args: [{ hostId: hostB, source: stall.url }] });
+      await pollUntil('B to be half-way through the package download', 120_000, async () => (stall.holding() ? true : undefined));
+      await killB();
+      stall.release();
+      workerB = startWorkerB();
+      const r = await handle.result();
+      expect(r.baseId).toBe(pkg.baseId);
+      expect(await attemptsOf(handle, 'importBasePackage')).toBeGreaterThanOrEqual(2);
+      expect(strayFiles()).toEqual([]);
+      expect(fs.existsSync(path.join(config.varDir, 'hosts', hostB, 'store', 'bases', pkg.baseId))).toBe(true);
+    } finally {
+      await stall.close();
+    }
+  });
+
+  it('completes a resume and an overlay creation whose host worker was killed during each: one VM, the overlay right, nothing stray', async () => {
+    // The resume: killed once its activity runs on B (creating the disk, copying the memory, restoring).
+    const resume = await client.workflow.start(resumeBaseVm, { taskQueue: config.workflowTaskQueue, workflowId: `resumeBaseVm/${hostB}/rk`, args: [{ hostId: hostB, baseId: pkg.baseId, instanceId: 'rk' }] });
+    await activityStarted(resume, 'resumeBaseInstance');
+    await killB();
+    workerB = startWorkerB();
+    const resumed = await resume.result();
+    expect(await attemptsOf(resume, 'resumeBaseInstance')).toBeGreaterThanOrEqual(2);
+    expect(domainsOf(hostB)).toEqual([`cl-${hostB}-rk`]);
+    const app = new GuestAppClient(resumed.hostPort as number);
+    await app.waitForState(60_000);
+    const mark = `killed-${suffix}`;
+    await app.set(mark, 'made on B');
+
+    // The overlay creation: killed once its activity has begun saving the VM's memory.
+    const instanceDir = path.join(config.varDir, 'hosts', hostB, 'instances', 'rk');
+    const create = await client.workflow.start(createOverlayVm, { taskQueue: config.workflowTaskQueue, workflowId: `createOverlay/${hostB}/rk`, args: [{ hostId: hostB, instanceId: 'rk' }] });
+    await activityStarted(create, 'createInstanceOverlay', () => ['launch.sav.partial', 'launch.sav'].some((f) => fs.existsSync(path.join(instanceDir, f))));
+    await killB();
+    workerB = startWorkerB();
+    const made = await create.result();
+    expect(await attemptsOf(create, 'createInstanceOverlay')).toBeGreaterThanOrEqual(2);
+    expect(domainsOf(hostB)).toEqual([]);
+    expect(fs.existsSync(instanceDir)).toBe(false);
+    expect(strayFiles()).toEqual([]);
+    // The overlay is the VM's: A synthesizes it and answers with what was set on B.
+    const s = await exec(synthesizeVm, `synthesizeVm/${hostA}/from-rk`, { hostId: hostA, instanceId: 'from-rk', overlayUrl: made.url });
+    const state = await new GuestAppClient(s.hostPort).state();
+    expect(state.token).toBe(mark);
+    expect(state.disk).toBe('made on B');
   });
 
   it('completes a synthesis whose host worker was killed half-way, leaving no stray file', async () => {

@@ -65,9 +65,11 @@ async function provision(token: string, overlayUrl: string): Promise<string> {
   return String((res.json() as { operation: { id: string } }).operation.id.split('/')[2]);
 }
 
-function shared(): { baseId: string; overlayUrl: string } {
+/** A base and an overlay the operators made through the API (recorded for no tenant: shared). */
+async function shared(): Promise<{ baseId: string; overlayUrl: string }> {
   const base = fake.addBase(['host-a']);
   const overlay = fake.addOverlay(base.id, Buffer.from('shared overlay'));
+  for (const id of [...base.operationIds, overlay.operationId]) await catalog.recordOwner(id, undefined);
   return { baseId: base.id, overlayUrl: overlay.url };
 }
 
@@ -123,6 +125,13 @@ describe('roles', () => {
       await call(m.token, 'GET', '/v1/tenants'),
       await call(m.token, 'POST', '/v1/tenants/acme/quota', { instances: 100 }),
       await call(m.token, 'GET', '/metrics'),
+      // Cross-cluster routes: handoffs (which may import bases), discovery and probes (which
+      // reveal what the cluster holds and reach out to devices and neighbours).
+      await call(m.token, 'POST', '/v1/handoffs', { instanceId: 'i-x', baseId: 'a'.repeat(64) }),
+      await call(m.token, 'POST', '/v1/instances/i-x/handoff', { destination: { apiUrl: 'http://127.0.0.1:1', credentials: { token: 'x'.repeat(16) } } }),
+      await call(m.token, 'GET', `/v1/discover?app=${'a'.repeat(64)}&device=10.0.0.9:7777`),
+      await call(m.token, 'POST', '/v1/rtt-probes', { device: '10.0.0.9:7777' }),
+      await call(m.token, 'GET', '/v1/cluster'),
     ];
     for (const r of refused) {
       expect(r.statusCode).toBe(403);
@@ -132,7 +141,7 @@ describe('roles', () => {
   });
 
   test('readers read their tenant\'s objects and may change nothing', async () => {
-    const { overlayUrl } = shared();
+    const { overlayUrl } = await shared();
     const m = await mint('acme');
     const r = await mint('acme', 'reader');
     const id = await provision(m.token, overlayUrl);
@@ -146,7 +155,7 @@ describe('roles', () => {
 
 describe('isolation', () => {
   test('a tenant sees and acts on its own instances and operations only; another tenant\'s are 404, as if absent', async () => {
-    const { overlayUrl } = shared();
+    const { overlayUrl } = await shared();
     const a = await mint('acme');
     const b = await mint('globex');
     const mine = await provision(a.token, overlayUrl);
@@ -178,7 +187,7 @@ describe('isolation', () => {
   });
 
   test('overlays are their maker\'s tenant\'s; the operators\' overlays and bases are shared; a base imported for a tenant is that tenant\'s', async () => {
-    const { overlayUrl } = shared();
+    const { overlayUrl } = await shared();
     const a = await mint('acme');
     const b = await mint('globex');
     const inst = await provision(a.token, overlayUrl);
@@ -206,9 +215,47 @@ describe('isolation', () => {
   });
 });
 
+describe('ids that do not cross tenants', () => {
+  test('one Idempotency-Key from two tenants makes two operations; a key spelling another tenant\'s instance id does not reach it', async () => {
+    const { overlayUrl } = await shared();
+    const a = await mint('acme');
+    const b = await mint('globex');
+    const post = (token: string, key: string) => app.inject({ method: 'POST', url: '/v1/instances', headers: { ...auth(token), 'idempotency-key': key }, payload: { hostId: 'host-a', overlayUrl } });
+    const fromA = (await post(a.token, 'same-key')).json() as { operation: { id: string } };
+    const fromB = (await post(b.token, 'same-key')).json() as { operation: { id: string } };
+    expect(fromB.operation.id).not.toBe(fromA.operation.id);
+    // The same key again from A is A's first operation (idempotent within the tenant).
+    expect(((await post(a.token, 'same-key')).json() as { operation: { id: string } }).operation.id).toBe(fromA.operation.id);
+    const aInstance = String(fromA.operation.id.split('/')[2]);
+    const spelled = (await post(b.token, aInstance.replace(/^i-/, ''))).json() as { operation: { id: string } };
+    expect(spelled.operation.id.split('/')[2]).not.toBe(aInstance);
+    expect(((await call(b.token, 'GET', '/v1/instances')).json() as { instances: Array<{ id: string }> }).instances.map((i) => i.id)).not.toContain(aInstance);
+  });
+
+  test('another tenant\'s overlay cannot be provisioned by its URL; an overlay made outside the API is the admins\'', async () => {
+    const { overlayUrl } = await shared();
+    const a = await mint('acme');
+    const b = await mint('globex');
+    const inst = await provision(a.token, overlayUrl);
+    fake.advance(`synthesizeVm/host-a/${inst}`, true);
+    const made = await call(a.token, 'POST', '/v1/overlays', { instanceId: inst, keepInstance: true });
+    const overlayId = String((fake.advance((made.json() as { operation: { id: string } }).operation.id, true).result as { overlayId: string }).overlayId);
+    const url = String(((await call(a.token, 'GET', `/v1/overlays/${overlayId}`)).json() as { url: string }).url);
+    const refused = await call(b.token, 'POST', '/v1/instances', { hostId: 'host-a', overlayUrl: url });
+    expect(refused.statusCode).toBe(404);
+    expect(refused.json()).toMatchObject({ error: { code: 'NOT_FOUND' } });
+    expect((await call(a.token, 'POST', '/v1/instances', { hostId: 'host-a', overlayUrl: url })).statusCode).toBe(202);
+
+    const outside = fake.addOverlay(fake.addBase(['host-b'], Buffer.from('outside')).id, Buffer.from('made by a Temporal client of its own'));
+    const ids = async (token: string) => ((await call(token, 'GET', '/v1/overlays')).json() as { overlays: Array<{ id: string }> }).overlays.map((o) => o.id);
+    expect(await ids(b.token)).not.toContain(outside.id);
+    expect(await ids(ADMIN)).toContain(outside.id);
+  });
+});
+
 describe('quotas', () => {
   test('past its instance quota a tenant gets 429 QUOTA_EXCEEDED, and room again after a terminate', async () => {
-    const { overlayUrl } = shared();
+    const { overlayUrl } = await shared();
     const a = await mint('acme');
     expect((await call(ADMIN, 'POST', '/v1/tenants/acme/quota', { instances: 1 })).json()).toMatchObject({ tenant: 'acme', quota: { instances: 1 }, usage: { instances: 0 } });
     const first = await provision(a.token, overlayUrl);
@@ -227,7 +274,7 @@ describe('quotas', () => {
   });
 
   test('memory quota: counted from the bases\' memory; a deployment counts each of its VMs', async () => {
-    const { overlayUrl } = shared(); // 256 MiB base
+    const { overlayUrl } = await shared(); // 256 MiB base
     const a = await mint('acme');
     await call(ADMIN, 'POST', '/v1/tenants/acme/quota', { memoryMiB: 600 });
     const deploy = await call(a.token, 'POST', '/v1/deployments', { overlayUrl, hosts: ['host-a'], count: 3 });
@@ -239,7 +286,7 @@ describe('quotas', () => {
   });
 
   test('concurrent requests cannot both take the last place', async () => {
-    const { overlayUrl } = shared();
+    const { overlayUrl } = await shared();
     const a = await mint('acme');
     await call(ADMIN, 'POST', '/v1/tenants/acme/quota', { instances: 2 });
     const answers = await Promise.all(Array.from({ length: 6 }, () => call(a.token, 'POST', '/v1/instances', { hostId: 'host-a', overlayUrl })));

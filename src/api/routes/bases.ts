@@ -31,7 +31,7 @@ export const baseRoutes: Route[] = [
     handler: async ({ service, scope, body, idempotencyKey, reply }) => {
       const ref = await service.importBase({ hostId: body.hostId, source: body.source }, idempotencyKey);
       // A base of a tenant is that tenant's alone; without one it is shared with every tenant.
-      await scope.own(ref, body.tenant);
+      await scope.own(ref, body.tenant ?? null);
       return accepted(reply, ref);
     },
   }),

@@ -24,6 +24,7 @@ export const instanceRoutes: Route[] = [
     handler: async ({ service, scope, body, idempotencyKey, reply }) => {
       const req: ProvisionRequest = { hostId: body.hostId, overlayUrl: body.overlayUrl };
       if (body.waitForAppPort !== undefined) req.waitForAppPort = body.waitForAppPort;
+      await scope.guardOverlayUrl(service, body.overlayUrl);
       const memory = scope.isAdmin ? 0 : await memoryOfOverlay(service, body.overlayUrl);
       return accepted(reply, await scope.startWithinQuota(service, 1, memory, () => service.provisionInstance(req, idempotencyKey)));
     },
@@ -47,6 +48,7 @@ export const instanceRoutes: Route[] = [
       429: R.quota,
     },
     handler: async ({ service, scope, body, idempotencyKey, reply }) => {
+      await scope.guardOverlayUrl(service, body.overlayUrl);
       const memory = scope.isAdmin ? 0 : await memoryOfOverlay(service, body.overlayUrl);
       const start = () => service.deploy({ overlayUrl: body.overlayUrl, hosts: body.hosts, count: body.count, ...(body.waitForAppPort !== undefined ? { waitForAppPort: body.waitForAppPort } : {}) }, idempotencyKey);
       return accepted(reply, await scope.startWithinQuota(service, body.count, memory, start));

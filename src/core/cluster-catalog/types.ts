@@ -74,7 +74,7 @@ export interface ClosedOperation {
   parentId?: string;
   /** The workflow's result (succeeded) or its failure (failed). */
   result?: unknown;
-  error?: { type: string; message: string };
+  error?: { type: string; message: string; nonRetryable?: boolean };
 }
 
 export interface ClosedQuery {

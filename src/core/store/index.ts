@@ -61,8 +61,9 @@ export class Store {
   }
 
   /**
-   * Remove what crashed operations left in tmp/: entries of processes that no longer run (older
-   * than a minute) and anything older than a day. Best effort; never fails the caller.
+   * Remove what crashed operations left in tmp/: entries of processes that no longer run, entries
+   * of no known process older than a minute, and anything older than a day. Best effort; never
+   * fails the caller.
    */
   async removeStaleTemp(now = Date.now()): Promise<string[]> {
     const removed: string[] = [];
@@ -72,7 +73,7 @@ export class Store {
         const age = now - (await fsp.lstat(path.join(dir, name))).mtimeMs;
         const pid = Number(/^[a-z0-9]+(?:-[a-z0-9]+)*?-(\d+)-[0-9a-f]{12}$/.exec(name)?.[1] ?? NaN);
         const owner = Number.isInteger(pid) ? pid : undefined;
-        if (age > 24 * 3600_000 || (age > 60_000 && (owner === undefined || !processAlive(owner)))) {
+        if (age > 24 * 3600_000 || (owner !== undefined && !processAlive(owner)) || (owner === undefined && age > 60_000)) {
           await fsp.rm(path.join(dir, name), { recursive: true, force: true });
           removed.push(name);
         }
