@@ -12,7 +12,7 @@ import fs from 'node:fs';
 import path from 'node:path';
 import { WorkflowExecutionAlreadyStartedError, WorkflowNotFoundError, type Client, type WorkflowHandle } from '@temporalio/client';
 import type { ClosedOperation, ClusterCatalog } from '../core/cluster-catalog';
-import { CatalogSync } from './catalog-sync';
+import { OperationJournal, type Closed } from './operation-journal';
 import { failureOf } from './failure';
 import { assertHostServing } from '../client/connect';
 import type { Config } from '../config';
@@ -43,18 +43,6 @@ const KEY = /^[A-Za-z0-9_-]{1,64}$/;
 /** How long a status waits for the run's worker to answer its progress query. */
 const PROGRESS_QUERY_MS = 3000;
 
-interface Closed {
-  id: string;
-  type: string;
-  host: string;
-  status: 'succeeded' | 'failed' | 'running';
-  startTime: Date;
-  closeTime?: Date;
-  parentId?: string;
-  /** The result, when the catalog holds it. */
-  result?: unknown;
-}
-
 export interface TemporalServiceOptions {
   /** Hosts the cluster has (listed even when no worker serves them right now). */
   hosts: string[];
@@ -63,19 +51,27 @@ export interface TemporalServiceOptions {
 }
 
 export class TemporalCloudletService implements CloudletService {
-  private readonly catalogSync: CatalogSync | undefined;
+  private readonly journal: OperationJournal;
 
   constructor(
     private readonly client: Client,
     private readonly config: Config,
     private readonly options: TemporalServiceOptions,
   ) {
-    this.catalogSync = options.catalog ? new CatalogSync(client, options.catalog, options.hosts) : undefined;
+    this.journal = new OperationJournal(client, options.hosts, options.catalog);
   }
 
   /** Records the operations that ended since the last time in the catalog (none without one); how many. */
   async syncCatalog(): Promise<number> {
-    return this.catalogSync ? this.catalogSync.sync() : 0;
+    return this.journal.sync();
+  }
+
+  private list(kinds: OperationKind[], status?: 'succeeded' | 'running'): Promise<Closed[]> {
+    return this.journal.list(kinds, status);
+  }
+
+  private resultOf<T>(w: Closed | string): Promise<T> {
+    return this.journal.resultOf<T>(w);
   }
 
   // ---- operations ------------------------------------------------------------------------------
@@ -206,68 +202,6 @@ export class TemporalCloudletService implements CloudletService {
       ...(rec.result !== undefined ? { result: rec.result } : {}),
       ...(rec.error ? { error: { type: rec.error.type, message: rec.error.message, nonRetryable: rec.error.nonRetryable ?? true } } : {}),
     };
-  }
-
-  /**
-   * Operations of some kinds, newest first: with a catalog, the ended ones from it (synced first)
-   * and the running ones from visibility; without, all from visibility.
-   */
-  private async list(kinds: OperationKind[], status?: 'succeeded' | 'running'): Promise<Closed[]> {
-    const catalog = this.options.catalog;
-    if (!catalog) return this.listVisible(kinds, status);
-    // Running first: one that ends meanwhile is then found by the sync that follows.
-    const running = status === 'succeeded' ? [] : await this.listVisible(kinds, 'running');
-    // A sync that fails (the server busy, a result unreadable) leaves what the catalog holds: that is served.
-    await this.syncCatalog().catch(() => 0);
-    const closed = status === 'running' ? [] : await catalog.closedOperations({ kinds, hosts: this.options.hosts, ...(status ? { status } : {}) });
-    const ended = new Set(closed.map((c) => c.id));
-    const out: Closed[] = [
-      ...running.filter((w) => !ended.has(w.id)),
-      ...closed.map((c) => ({
-        id: c.id,
-        type: c.type,
-        host: c.hostId,
-        status: c.status,
-        startTime: new Date(c.startedAt),
-        closeTime: new Date(c.closedAt),
-        ...(c.parentId ? { parentId: c.parentId } : {}),
-        ...(c.result !== undefined ? { result: c.result } : {}),
-      })),
-    ];
-    return out.sort((a, b) => b.startTime.getTime() - a.startTime.getTime());
-  }
-
-  /** Recent operations of some kinds, newest first, from visibility. */
-  private async listVisible(kinds: OperationKind[], status?: 'succeeded' | 'running'): Promise<Closed[]> {
-    // Only this cluster's hosts: a Temporal namespace may be shared (as on a development machine).
-    const parts = [
-      `(${kinds.map((k) => `CloudletOperation = '${k}'`).join(' OR ')})`,
-      `(${this.options.hosts.map((h) => `CloudletHost = '${h}'`).join(' OR ')})`,
-    ];
-    if (status === 'running') parts.push("ExecutionStatus = 'Running'");
-    else if (status) parts.push(`CloudletStatus = '${status}'`);
-    const out: Closed[] = [];
-    for await (const w of this.client.workflow.list({ query: parts.join(' AND '), pageSize: 200 })) {
-      out.push({
-        id: w.workflowId,
-        type: w.type,
-        host: String(w.searchAttributes?.CloudletHost?.[0] ?? ''),
-        status: String(w.searchAttributes?.CloudletStatus?.[0] ?? 'running') as Closed['status'],
-        startTime: w.startTime,
-        ...(w.closeTime ? { closeTime: w.closeTime } : {}),
-        ...(w.parentExecution?.workflowId ? { parentId: w.parentExecution.workflowId } : {}),
-      });
-      if (out.length >= 1000) break;
-    }
-    return out;
-  }
-
-  private async resultOf<T>(w: Closed | string): Promise<T> {
-    if (typeof w !== 'string' && w.result !== undefined) return w.result as T;
-    const id = typeof w === 'string' ? w : w.id;
-    const rec = await this.options.catalog?.closedOperation(id);
-    if (rec?.result !== undefined) return rec.result as T;
-    return (await this.client.workflow.getHandle(id).result()) as T;
   }
 
   // ---- hosts -------------------------------------------------------------------------------------

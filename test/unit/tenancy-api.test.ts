@@ -73,6 +73,19 @@ async function shared(): Promise<{ baseId: string; overlayUrl: string }> {
   return { baseId: base.id, overlayUrl: overlay.url };
 }
 
+/** Tenants acme and globex; acme's instance synthesized from the shared overlay, and an overlay made of it (acme's). */
+async function overlayOfAcme() {
+  const { overlayUrl } = await shared();
+  const a = await mint('acme');
+  const b = await mint('globex');
+  const inst = await provision(a.token, overlayUrl);
+  fake.advance(`synthesizeVm/host-a/${inst}`, true);
+  const made = await call(a.token, 'POST', '/v1/overlays', { instanceId: inst, keepInstance: true });
+  expect(made.statusCode).toBe(202);
+  const overlayId = String((fake.advance((made.json() as { operation: { id: string } }).operation.id, true).result as { overlayId: string }).overlayId);
+  return { a, b, overlayUrl, overlayId };
+}
+
 describe('tokens', () => {
   test('a minted token acts for its tenant and role; whoami says so', async () => {
     const a = await mint('acme');
@@ -187,14 +200,7 @@ describe('isolation', () => {
   });
 
   test('overlays are their maker\'s tenant\'s; the operators\' overlays and bases are shared; a base imported for a tenant is that tenant\'s', async () => {
-    const { overlayUrl } = await shared();
-    const a = await mint('acme');
-    const b = await mint('globex');
-    const inst = await provision(a.token, overlayUrl);
-    fake.advance(`synthesizeVm/host-a/${inst}`, true);
-    const made = await call(a.token, 'POST', '/v1/overlays', { instanceId: inst, keepInstance: true });
-    expect(made.statusCode).toBe(202);
-    const overlayId = String((fake.advance((made.json() as { operation: { id: string } }).operation.id, true).result as { overlayId: string }).overlayId);
+    const { a, b, overlayUrl, overlayId } = await overlayOfAcme();
     const overlays = async (token: string) => ((await call(token, 'GET', '/v1/overlays')).json() as { overlays: Array<{ id: string; url: string }> }).overlays;
     expect((await overlays(a.token)).map((o) => o.id)).toContain(overlayId);
     expect((await overlays(b.token)).map((o) => o.id)).not.toContain(overlayId);
@@ -233,13 +239,7 @@ describe('ids that do not cross tenants', () => {
   });
 
   test('another tenant\'s overlay cannot be provisioned by its URL; an overlay made outside the API is the admins\'', async () => {
-    const { overlayUrl } = await shared();
-    const a = await mint('acme');
-    const b = await mint('globex');
-    const inst = await provision(a.token, overlayUrl);
-    fake.advance(`synthesizeVm/host-a/${inst}`, true);
-    const made = await call(a.token, 'POST', '/v1/overlays', { instanceId: inst, keepInstance: true });
-    const overlayId = String((fake.advance((made.json() as { operation: { id: string } }).operation.id, true).result as { overlayId: string }).overlayId);
+    const { a, b, overlayId } = await overlayOfAcme();
     const url = String(((await call(a.token, 'GET', `/v1/overlays/${overlayId}`)).json() as { url: string }).url);
     const refused = await call(b.token, 'POST', '/v1/instances', { hostId: 'host-a', overlayUrl: url });
     expect(refused.statusCode).toBe(404);

@@ -6,9 +6,8 @@
  */
 import { Pool, type PoolClient } from 'pg';
 import { CloudletError } from '../errors';
-import type { ClosedOperation, ClosedQuery, ClusterCatalog, NewToken, Ownership, Quota, Role, TenantQuota, TokenRecord } from './types';
-import { CATALOG_SCHEMA_VERSION, catalogDdl, operationOf, operationRow, type OperationRow } from './schema';
-import { quotaOf, tokenOf } from './sqlite';
+import type { ClosedOperation, ClosedQuery, ClusterCatalog, NewToken, Ownership, Quota, TenantQuota, TokenRecord } from './types';
+import { CATALOG_SCHEMA_VERSION, catalogDdl, operationOf, operationRow, quotaOf, tokenOf, type OperationRow, type QuotaRow, type TokenRow } from './schema';
 
 /** An arbitrary constant: the advisory lock held while the schema is made. */
 const SCHEMA_LOCK = 0x636c6f75;
@@ -81,12 +80,12 @@ export class PostgresClusterCatalog implements ClusterCatalog {
   }
 
   async tokenByDigest(digest: string): Promise<TokenRecord | undefined> {
-    const [r] = await this.q<TokenRowPg>('SELECT id, tenant, role, name, created_at, revoked_at FROM tokens WHERE digest = $1 AND revoked_at IS NULL', [digest]);
+    const [r] = await this.q<TokenRow>('SELECT id, tenant, role, name, created_at, revoked_at FROM tokens WHERE digest = $1 AND revoked_at IS NULL', [digest]);
     return r ? tokenOf(r) : undefined;
   }
 
   async listTokens(): Promise<TokenRecord[]> {
-    return (await this.q<TokenRowPg>('SELECT id, tenant, role, name, created_at, revoked_at FROM tokens ORDER BY tenant, created_at')).map(tokenOf);
+    return (await this.q<TokenRow>('SELECT id, tenant, role, name, created_at, revoked_at FROM tokens ORDER BY tenant, created_at')).map(tokenOf);
   }
 
   async revokeToken(id: string, now = new Date()): Promise<boolean> {
@@ -154,36 +153,17 @@ export class PostgresClusterCatalog implements ClusterCatalog {
   }
 
   async quotaOf(tenant: string): Promise<Quota | undefined> {
-    const [r] = await this.q<QuotaRowPg>('SELECT tenant, instances, memory_mib FROM quotas WHERE tenant = $1', [tenant]);
-    return r ? quotaOf(numbers(r)) : undefined;
+    const [r] = await this.q<QuotaRow>('SELECT tenant, instances, memory_mib FROM quotas WHERE tenant = $1', [tenant]);
+    return r ? quotaOf(r) : undefined;
   }
 
   async listQuotas(): Promise<TenantQuota[]> {
-    return (await this.q<QuotaRowPg>('SELECT tenant, instances, memory_mib FROM quotas ORDER BY tenant')).map((r) => ({ tenant: r.tenant, ...quotaOf(numbers(r)) }));
+    return (await this.q<QuotaRow>('SELECT tenant, instances, memory_mib FROM quotas ORDER BY tenant')).map((r) => ({ tenant: r.tenant, ...quotaOf(r) }));
   }
 
   async close(): Promise<void> {
     await this.pool.end();
   }
-}
-
-interface TokenRowPg {
-  id: string;
-  tenant: string;
-  role: Role;
-  name: string;
-  created_at: string;
-  revoked_at: string | null;
-}
-/** BIGINT columns come back as strings (pg does not guess at 64-bit numbers). */
-interface QuotaRowPg {
-  tenant: string;
-  instances: string | number | null;
-  memory_mib: string | number | null;
-}
-
-function numbers(r: QuotaRowPg): { tenant: string; instances: number | null; memory_mib: number | null } {
-  return { tenant: r.tenant, instances: r.instances === null ? null : Number(r.instances), memory_mib: r.memory_mib === null ? null : Number(r.memory_mib) };
 }
 
 /** The URL without its password, for messages. */

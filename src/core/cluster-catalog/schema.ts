@@ -1,4 +1,4 @@
-import type { ClosedOperation } from './types';
+import type { ClosedOperation, Quota, Role, TokenRecord } from './types';
 
 /**
  * The catalog's tables, written once for both engines (docs/security.md describes them). Times
@@ -6,6 +6,30 @@ import type { ClosedOperation } from './types';
  */
 /** 1: tokens, owners, quotas. 2: ended operations (made on open when missing). */
 export const CATALOG_SCHEMA_VERSION = 2;
+
+export interface TokenRow {
+  id: string;
+  tenant: string;
+  role: Role;
+  name: string;
+  created_at: string;
+  revoked_at: string | null;
+}
+
+/** Counts come back as numbers from SQLite and as strings from PostgreSQL's BIGINT (pg does not guess at 64-bit numbers). */
+export interface QuotaRow {
+  tenant: string;
+  instances: number | string | null;
+  memory_mib: number | string | null;
+}
+
+export function tokenOf(r: TokenRow): TokenRecord {
+  return { id: r.id, tenant: r.tenant, role: r.role, name: r.name, createdAt: r.created_at, ...(r.revoked_at ? { revokedAt: r.revoked_at } : {}) };
+}
+
+export function quotaOf(r: QuotaRow): Quota {
+  return { ...(r.instances !== null ? { instances: Number(r.instances) } : {}), ...(r.memory_mib !== null ? { memoryMiB: Number(r.memory_mib) } : {}) };
+}
 
 export interface OperationRow {
   id: string;

@@ -2,26 +2,11 @@
  * The cluster catalog in SQLite: one file every process of the cluster on this machine opens
  * (WAL), mode 0600 like the other files that hold credentials' digests.
  */
-import Database from 'better-sqlite3';
-import fs from 'node:fs';
-import path from 'node:path';
+import type Database from 'better-sqlite3';
+import { openPrivateSqlite } from '../private-sqlite';
 import { CloudletError } from '../errors';
-import type { ClosedOperation, ClosedQuery, ClusterCatalog, NewToken, Ownership, Quota, Role, TenantQuota, TokenRecord } from './types';
-import { CATALOG_SCHEMA_VERSION, catalogDdl, operationOf, operationRow, type OperationRow } from './schema';
-
-interface TokenRow {
-  id: string;
-  tenant: string;
-  role: Role;
-  name: string;
-  created_at: string;
-  revoked_at: string | null;
-}
-interface QuotaRow {
-  tenant: string;
-  instances: number | null;
-  memory_mib: number | null;
-}
+import type { ClosedOperation, ClosedQuery, ClusterCatalog, NewToken, Ownership, Quota, TenantQuota, TokenRecord } from './types';
+import { CATALOG_SCHEMA_VERSION, catalogDdl, operationOf, operationRow, quotaOf, tokenOf, type OperationRow, type QuotaRow, type TokenRow } from './schema';
 
 export class SqliteClusterCatalog implements ClusterCatalog {
   private readonly db: Database.Database;
@@ -29,14 +14,7 @@ export class SqliteClusterCatalog implements ClusterCatalog {
   /** `file` ":memory:" keeps the catalog in this process (tests). */
   constructor(readonly file: string) {
     try {
-      if (file !== ':memory:') {
-        fs.mkdirSync(path.dirname(file), { recursive: true, mode: 0o700 });
-        fs.closeSync(fs.openSync(file, 'a', 0o600));
-        for (const f of [file, `${file}-wal`, `${file}-shm`]) if (fs.existsSync(f)) fs.chmodSync(f, 0o600);
-      }
-      this.db = new Database(file);
-      this.db.pragma('journal_mode = WAL');
-      this.db.pragma('busy_timeout = 5000');
+      this.db = openPrivateSqlite(file);
       const version = this.db.pragma('user_version', { simple: true }) as number;
       if (version > CATALOG_SCHEMA_VERSION) {
         throw new Error(`its schema is version ${version}; this cloudlet knows up to ${CATALOG_SCHEMA_VERSION}`);
@@ -134,12 +112,4 @@ export class SqliteClusterCatalog implements ClusterCatalog {
   async close(): Promise<void> {
     this.db.close();
   }
-}
-
-export function tokenOf(r: TokenRow): TokenRecord {
-  return { id: r.id, tenant: r.tenant, role: r.role, name: r.name, createdAt: r.created_at, ...(r.revoked_at ? { revokedAt: r.revoked_at } : {}) };
-}
-
-export function quotaOf(r: QuotaRow): Quota {
-  return { ...(r.instances !== null ? { instances: r.instances } : {}), ...(r.memory_mib !== null ? { memoryMiB: r.memory_mib } : {}) };
 }

@@ -5,9 +5,9 @@
  * is SQLite (better-sqlite3) in one file every process of the cluster on this machine opens (WAL).
  * A deployment over several machines implements the interface on its shared database.
  */
-import fs from 'node:fs';
 import path from 'node:path';
-import Database from 'better-sqlite3';
+import type Database from 'better-sqlite3';
+import { openPrivateSqlite } from '../private-sqlite';
 import { CloudletError } from '../errors';
 
 export interface Neighbour {
@@ -102,14 +102,8 @@ export class SqliteNeighbourRegistry implements NeighbourRegistry {
 
   constructor(readonly file: string) {
     try {
-      fs.mkdirSync(path.dirname(file), { recursive: true, mode: 0o700 });
-      // Tokens are secrets: the file exists with mode 0600 before SQLite opens it, so its -wal and
-      // -shm files (which SQLite gives the database file's mode) are 0600 too.
-      fs.closeSync(fs.openSync(file, 'a', 0o600));
-      for (const f of [file, `${file}-wal`, `${file}-shm`]) if (fs.existsSync(f)) fs.chmodSync(f, 0o600);
-      this.db = new Database(file);
-      this.db.pragma('journal_mode = WAL');
-      this.db.pragma('busy_timeout = 5000');
+      // Tokens are secrets: a file of mode 0600.
+      this.db = openPrivateSqlite(file);
       this.db.exec(`CREATE TABLE IF NOT EXISTS neighbours (
         name TEXT PRIMARY KEY, api_url TEXT NOT NULL, token TEXT NOT NULL, added_at TEXT NOT NULL,
         rtt_ms REAL, measured_at TEXT, serving_hosts INTEGER, error TEXT, error_at TEXT)`);
