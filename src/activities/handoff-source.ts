@@ -330,7 +330,7 @@ export function createHandoffSourceActivities(deps: HandoffSourceDeps) {
 
     /** After the destination confirmed: the source VM and its files go. */
     async handoffRemoveSource(input: { instanceId: string; handoffId: string }): Promise<{ removed: boolean }> {
-      const domain = records.domainName(input.instanceId);
+      const domain = await records.domainOf(input.instanceId);
       await hv.destroy(domain);
       await hv.undefine(domain);
       await releaseAdmission(deps.dataDir, input.instanceId);

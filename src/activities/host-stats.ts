@@ -44,7 +44,7 @@ export async function instancesByState(hostId: string, dataDir: string, hypervis
   const counts = new Map<string, number>();
   for (const id of ids) {
     if (!records.exists(id)) continue;
-    const state = await hypervisor.state(records.domainName(id)).catch(() => 'unknown');
+    const state = await hypervisor.state(await records.domainOf(id)).catch(() => 'unknown');
     counts.set(state, (counts.get(state) ?? 0) + 1);
   }
   return counts;

@@ -17,6 +17,7 @@ import { createHostStatsActivities } from './host-stats';
 import { createOverlayCacheActivities } from './overlay-cache';
 import { createAdmissionActivities } from './admission';
 import { createReconcileActivities } from './reconcile';
+import { createWarmPoolActivities } from './warm-pool';
 
 export interface HostActivityDeps {
   hostId: string;
@@ -54,7 +55,8 @@ export function createHostActivities(deps: HostActivityDeps) {
   const overlayCache = createOverlayCacheActivities({ dataDir: deps.dataDir, fetchPolicy: deps.config.fetch });
   const admission = createAdmissionActivities({ hostId: deps.hostId, dataDir: deps.dataDir, admission: deps.config.admission });
   const reconcile = createReconcileActivities({ hostId: deps.hostId, dataDir: deps.dataDir, hypervisor, log: deps.log });
-  return withFailureMapping({ ...guest, ...instances, ...recipes, ...handoffSource, ...handoffDestination, ...stats, ...overlayCache, ...admission, ...reconcile }, { hostId: deps.hostId, dataDir: deps.dataDir });
+  const pool = createWarmPoolActivities({ hostId: deps.hostId, dataDir: deps.dataDir, hypervisor, log: deps.log, admission: deps.config.admission });
+  return withFailureMapping({ ...guest, ...instances, ...recipes, ...handoffSource, ...handoffDestination, ...stats, ...overlayCache, ...admission, ...reconcile, ...pool }, { hostId: deps.hostId, dataDir: deps.dataDir });
 }
 
 export type HostActivities = ReturnType<typeof createHostActivities>;

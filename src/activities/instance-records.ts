@@ -18,6 +18,11 @@ export interface InstanceRecord {
   createdAt: string;
   /** Set on an instance that arrived by handoff: the handoff's id. */
   handoffId?: string;
+  /**
+   * Set on an instance served by a warm pool's VM (docs/warm-pool.md): the pool entry it took.
+   * Its `domain` is then that VM's name (libvirt cannot rename a running domain).
+   */
+  poolEntry?: string;
 }
 
 /**
@@ -41,6 +46,14 @@ export function instanceRecords(hostId: string, dataDir: string) {
     dir,
     domainName: (instanceId: string): string => `cl-${hostId}-${instanceId}`,
     exists: (instanceId: string): boolean => fs.existsSync(path.join(dir(instanceId), 'instance.json')),
+    /** The domain of an instance: its record's (a warm pool's VM keeps its own name), else the usual name. */
+    async domainOf(instanceId: string): Promise<string> {
+      try {
+        return (JSON.parse(await fs.promises.readFile(path.join(dir(instanceId), 'instance.json'), 'utf8')) as InstanceRecord).domain;
+      } catch {
+        return `cl-${hostId}-${instanceId}`;
+      }
+    },
     async read(instanceId: string): Promise<InstanceRecord> {
       const file = path.join(dir(instanceId), 'instance.json');
       try {

@@ -25,6 +25,7 @@ import { fingerprintVm, type VmFingerprint } from './vm-fingerprint';
 import type { Fingerprint } from '../client/handoff-peer';
 import type { FetchPolicy } from '../core/fetch/policy';
 import { domainMemoryBytes, releaseAdmission } from './admission';
+import { claimPoolEntry, releaseClaimIn } from './pool-entries';
 
 export type { InstanceRecord };
 
@@ -64,6 +65,7 @@ export function createInstanceActivities(deps: CloudletActivityDeps) {
   };
 
   const instanceDir = records.dir;
+  const releaseClaim = (dir: string): Promise<void> => releaseClaimIn({ dataDir: deps.dataDir, hypervisor: hv }, dir);
   const readRecord = records.read;
   const writeRecord = records.write;
 
@@ -83,9 +85,11 @@ export function createInstanceActivities(deps: CloudletActivityDeps) {
     const ramImage = path.join(path.dirname(savePath), SHARED_RAM_IMAGE);
     const sharedRam = fs.existsSync(`${ramImage}.json`) ? (JSON.parse(await fs.promises.readFile(`${ramImage}.json`, 'utf8')) as { offset: number; length: number; startedAhead?: string }) : undefined;
     // A VM a handoff started ahead (paused, waiting for its device state, its RAM filled) is used
-    // as it is; anything else under this name is a leftover.
+    // as it is, and so is a warm pool's VM this synthesis took (waiting for the whole stream);
+    // anything else under this name is a leftover.
     const ahead = sharedRam?.startedAhead === rec.domain && state === 'paused';
-    if (state !== 'absent' && !ahead) {
+    const pooled = rec.poolEntry !== undefined && !sharedRam && state === 'paused';
+    if (state !== 'absent' && !ahead && !pooled) {
       await hv.destroy(rec.domain);
       await hv.undefine(rec.domain);
     }
@@ -95,6 +99,16 @@ export function createInstanceActivities(deps: CloudletActivityDeps) {
     const xml = editDomainXml(header.domainXml, { name: rec.domain, uuid: randomUUID(), diskPath, diskFormat: 'qcow2', serialPath, sharedMemory: true, incomingDefer: false }, `domain XML of ${savePath}`);
     await rewriteSaveHeaderXml(savePath, xml);
     const restored: RestoreResult & Partial<RestoreIncomingResult> = await step('restore', async (): Promise<RestoreResult & Partial<RestoreIncomingResult>> => {
+      if (pooled) {
+        try {
+          const c = await withHeartbeats(hv.completeIncoming(rec.domain, savePath, { wholeStream: true, ...(verify ? { paused: true } : {}) }), () => ({ stage: 'resume' }));
+          return { name: rec.domain, ms: c.ms, incomingMs: c.ms, startMs: 0 };
+        } catch (e) {
+          log.warn({ domain: rec.domain, entryId: rec.poolEntry, err: String(e) }, 'the warm pool VM did not take the synthesized VM; restoring it anew');
+          await hv.destroy(rec.domain);
+          await hv.undefine(rec.domain);
+        }
+      }
       if (!sharedRam) return withHeartbeats(hv.restore(savePath, verify ? { paused: true } : {}), () => ({ stage: 'resume' }));
       if (ahead) {
         try {
@@ -281,11 +295,13 @@ export function createInstanceActivities(deps: CloudletActivityDeps) {
     },
 
     /** Fetch, decompress and apply an overlay to the local base: the launch VM's disk and memory. */
-    async synthesizeInstanceFiles(input: { instanceId: string; overlayUrl: string; baseId: string; appPort?: number }): Promise<{ timings: Record<string, number>; fetchedBytes?: number }> {
+    /** `warmPool`: false keeps the synthesis off this host's warm pool (default: take a ready VM when one fits). */
+    async synthesizeInstanceFiles(input: { instanceId: string; overlayUrl: string; baseId: string; appPort?: number; warmPool?: boolean }): Promise<{ timings: Record<string, number>; fetchedBytes?: number; poolEntry?: string }> {
       const dir = instanceDir(input.instanceId);
       if (fs.existsSync(path.join(dir, 'synthesized'))) return { timings: {} }; // done by an earlier attempt
       // An earlier attempt that died half-way (e.g. its worker was killed) may have left partial
-      // files: start from an empty directory.
+      // files, and a pool VM it took: start from an empty directory.
+      await releaseClaim(dir);
       await fs.promises.rm(dir, { recursive: true, force: true });
       await fs.promises.mkdir(dir, { recursive: true });
       const rec: InstanceRecord = { instanceId: input.instanceId, hostId: deps.hostId, domain: domainName(input.instanceId), baseId: input.baseId, appPort: input.appPort ?? APP_PORT_DEFAULT, createdAt: new Date().toISOString() };
@@ -319,9 +335,18 @@ export function createInstanceActivities(deps: CloudletActivityDeps) {
       if (r.meta.base.id !== input.baseId) {
         throw new CloudletError('WRONG_BASE', `overlay ${input.overlayUrl} was made for base ${r.meta.base.id}, not ${input.baseId}`);
       }
+      if (input.warmPool !== false) {
+        const t0 = Date.now();
+        const entry = await step('take a warm pool VM', () => claimPoolEntry(deps, { baseId: input.baseId, launchXml: r.meta.launch.domainXml, instanceDir: dir }));
+        if (entry) {
+          rec.domain = entry.domain;
+          rec.poolEntry = entry.entryId;
+          r.timings['poolClaim'] = Date.now() - t0;
+        }
+      }
       await writeRecord(rec);
       await fs.promises.writeFile(path.join(dir, 'synthesized'), '');
-      return { timings: r.timings, fetchedBytes: r.meta.segments.reduce((n, seg) => n + seg.length, 0) };
+      return { timings: r.timings, fetchedBytes: r.meta.segments.reduce((n, seg) => n + seg.length, 0), ...(rec.poolEntry ? { poolEntry: rec.poolEntry } : {}) };
     },
 
     /** Resume the synthesized VM (restore, replug its NIC, forward its app port); optionally wait for its app. */
@@ -332,7 +357,9 @@ export function createInstanceActivities(deps: CloudletActivityDeps) {
       let t0 = Date.now();
       const r = await restoreAsInstance(rec, path.join(dir, 'memory.sav'), path.join(dir, 'disk.qcow2'), input.verify, input.keepNic);
       const timings: Record<string, number> = { [input.keepNic ? 'resumeMs' : 'resume and replug NICMs']: Date.now() - t0 };
-      if (r.incoming) {
+      if (rec.poolEntry !== undefined && r.incoming?.startMs === 0) {
+        timings['load memory into the warm pool VMMs'] = r.incoming.incomingMs;
+      } else if (r.incoming) {
         // No start and fill here: the VM was started ahead of the cut-over, during the live rounds.
         if (r.incoming.startMs !== undefined) timings['start QEMU for the device stateMs'] = r.incoming.startMs;
         if (r.incoming.fillMs !== undefined) timings['fill shared RAMMs'] = r.incoming.fillMs;
@@ -371,10 +398,12 @@ export function createInstanceActivities(deps: CloudletActivityDeps) {
     /** Stop the VM and remove its files; a no-op for an instance that is already gone. */
     async terminateInstance(input: { instanceId: string }): Promise<{ existed: boolean }> {
       const dir = instanceDir(input.instanceId);
-      const domain = domainName(input.instanceId);
+      const domain = await records.domainOf(input.instanceId);
       const existed = fs.existsSync(dir) || (await hv.state(domain)) !== 'absent';
       await hv.destroy(domain);
       await hv.undefine(domain);
+      // A pool-served VM's synthesis cut off before its record: the claim names its domain.
+      await releaseClaim(dir);
       await releaseAdmission(deps.dataDir, input.instanceId);
       await fs.promises.rm(dir, { recursive: true, force: true });
       return { existed };

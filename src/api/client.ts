@@ -143,6 +143,14 @@ export class CloudletApiClient implements CloudletService {
     return (await this.json<{ hosts: HostInfo[] }>('GET', '/v1/hosts')).hosts;
   }
 
+  async getHost(id: string): Promise<HostInfo | undefined> {
+    return this.orUndefined(this.json<HostInfo>('GET', `/v1/hosts/${encodeURIComponent(id)}`));
+  }
+
+  async setPoolTarget(hostId: string, baseId: string, size: number): Promise<{ hostId: string; baseId: string; size: number }> {
+    return this.json<{ hostId: string; baseId: string; size: number }>('POST', `/v1/hosts/${encodeURIComponent(hostId)}/pool`, { body: { baseId, size } });
+  }
+
   async importBase(req: ImportBaseRequest, idempotencyKey?: string): Promise<OperationRef> {
     return (await this.json<Accepted>('POST', '/v1/bases', { body: req, idempotencyKey })).operation;
   }

@@ -70,6 +70,7 @@ export const ProvisionBodySchema = named(
     hostId: HostIdSchema,
     overlayUrl: UrlOrHostPath('overlayUrl').describe('The overlay to synthesize from (the original system\'s overlay_url).'),
     waitForAppPort: PortSchema.optional().describe('Report success only once the guest answers on this port.'),
+    warmPool: z.boolean().optional().describe('false: restore as usual even when the host\'s warm pool has a VM ready (default true; docs/warm-pool.md).'),
   }),
 );
 
@@ -149,7 +150,29 @@ export const HostStatsSchema = named(
   z.object({ memAvailableBytes: z.number(), memTotalBytes: z.number(), storeFreeBytes: z.number(), runningInstances: z.number().int(), at: z.number() }),
   'What the host has room for, read by its hostMonitor run every 5 s (at: epoch ms of the reading).',
 );
-export const HostInfoSchema = named('HostInfo', z.object({ id: z.string(), serving: z.boolean(), stats: HostStatsSchema.optional() }));
+export const WarmPoolSchema = named(
+  'WarmPool',
+  z.object({
+    targets: z.record(z.string(), z.number().int()).describe('Ready VMs wanted per base id.'),
+    entries: z.array(z.object({ entryId: z.string(), baseId: z.string(), domain: z.string(), memoryBytes: z.number(), createdAt: z.string(), startMs: z.number() })).describe('Ready VMs: started, paused, waiting for a synthesis.'),
+    taken: z.number().int().describe('Pool VMs that syntheses took and that still run as instances.'),
+    discarded: z.array(z.object({ entryId: z.string(), reason: z.string() })).describe('What the last step discarded, and why.'),
+    short: z.string().optional().describe('Why the pool is below its targets and cannot grow now.'),
+    memory: z.object({ capacityBytes: z.number(), admittedBytes: z.number(), poolBytes: z.number(), availableBytes: z.number(), reserveBytes: z.number() }),
+    at: z.number().describe('When the pool was last looked at (epoch ms).'),
+  }),
+  'A host\'s warm pool (docs/warm-pool.md), as its warmPool run last saw it.',
+);
+export const HostInfoSchema = named('HostInfo', z.object({ id: z.string(), serving: z.boolean(), stats: HostStatsSchema.optional(), pool: WarmPoolSchema.optional() }));
+export const HostParamsSchema = z.strictObject({ hostId: HostIdSchema });
+export const PoolTargetBodySchema = named(
+  'PoolTargetRequest',
+  z.strictObject({
+    baseId: Sha256IdSchema.describe('The base whose VMs the pool keeps ready (it must be on the host).'),
+    size: z.number().int().min(0).max(16).describe('Ready VMs to keep (0: none). Each counts its guest memory against what the host gives VMs.'),
+  }),
+);
+export const PoolTargetSchema = named('PoolTarget', z.object({ hostId: z.string(), baseId: z.string(), size: z.number().int() }));
 
 export const BaseInfoSchema = named(
   'BaseInfo',

@@ -274,6 +274,8 @@ export interface DomainXmlEdits {
    * argument; libvirt marks the domain tainted); false: that argument is removed if present.
    */
   incomingDefer?: boolean;
+  /** New MAC address of the first network interface. */
+  mac?: string;
 }
 
 const QEMU_NS = 'http://libvirt.org/schemas/domain/qemu/1.0';
@@ -352,6 +354,11 @@ export function editDomainXml(xml: string, edits: DomainXmlEdits, what = 'domain
     d.memoryBacking = mb;
   }
   if (edits.incomingDefer !== undefined) setIncomingDefer(d, edits.incomingDefer);
+  if (edits.mac !== undefined) {
+    const nic = asArray(devices?.interface)[0];
+    if (!nic) throw new CloudletError('BAD_INPUT', `${what} has no network interface to give MAC ${edits.mac}`, { fix: 'edit the MAC of a domain with a NIC' });
+    nic.mac = { [ATTR + 'address']: edits.mac };
+  }
   return buildXml(doc);
 }
 

@@ -638,12 +638,12 @@ export class LibvirtHypervisor implements Hypervisor {
     }
   }
 
-  async completeIncoming(name: string, file: string, options: { paused?: boolean } = {}): Promise<{ ms: number }> {
+  async completeIncoming(name: string, file: string, options: { paused?: boolean; wholeStream?: boolean } = {}): Promise<{ ms: number }> {
     const abs = path.resolve(file);
     assertFile(abs, 'save file', 'pass the path of a file written by streamMemory with ignoreShared');
     const header = await readSaveHeader(abs);
     const t0 = performance.now();
-    await migrateFromFile({ domain: name, file: abs, streamOffset: header.qemuStreamOffset, qmp: this.qmp(name), qmpBatch: this.qmpBatch(name), log: this.log });
+    await migrateFromFile({ domain: name, file: abs, streamOffset: header.qemuStreamOffset, qmp: this.qmp(name), qmpBatch: this.qmpBatch(name), log: this.log, ignoreShared: options.wholeStream !== true });
     if (!options.paused) await this.resume(name);
     return { ms: since(t0) };
   }

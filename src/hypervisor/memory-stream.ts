@@ -297,6 +297,11 @@ export interface MigrateFromFileInput {
   qmpBatch?: QmpBatch;
   timeoutMs?: number;
   log: pino.Logger;
+  /**
+   * false: the stream is a whole one (a plain libvirt save, RAM pages included), loaded into the
+   * domain's RAM file as it comes; default true (device state only, x-ignore-shared).
+   */
+  ignoreShared?: boolean;
 }
 
 /**
@@ -315,7 +320,7 @@ export async function migrateFromFile(input: MigrateFromFileInput): Promise<{ ms
   try {
     try {
       const setup: QmpCommand[] = [
-        { execute: 'migrate-set-capabilities', arguments: { capabilities: [{ capability: 'x-ignore-shared', state: true }] } },
+        { execute: 'migrate-set-capabilities', arguments: { capabilities: [{ capability: 'x-ignore-shared', state: input.ignoreShared ?? true }] } },
         { execute: 'migrate-incoming', arguments: { uri: `unix:${socketPath}` } },
       ];
       if (input.qmpBatch) {

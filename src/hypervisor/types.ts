@@ -185,8 +185,12 @@ export interface Hypervisor {
    * files may still be rewritten in place (QEMU re-reads them when the migration completes).
    */
   startIncoming(xml: string): Promise<{ name: string; ramFile: SharedRam; ms: number }>;
-  /** The second half: loads the device state from a save file of an x-ignore-shared stream; paused when `paused`, else running. */
-  completeIncoming(name: string, path: string, options?: { paused?: boolean }): Promise<{ ms: number }>;
+  /**
+   * The second half: loads the device state from a save file of an x-ignore-shared stream, or with
+   * `wholeStream` a plain save (RAM pages included, loaded into the RAM file: a warm pool's VM);
+   * paused when `paused`, else running.
+   */
+  completeIncoming(name: string, path: string, options?: { paused?: boolean; wholeStream?: boolean }): Promise<{ ms: number }>;
   /** The domain's guest RAM file, when its RAM is a shared file; undefined otherwise. */
   sharedRamFile(name: string): Promise<SharedRam | undefined>;
   /** Hot-unplugs the domain's NIC and plugs a new user-mode virtio NIC with `mac`. */

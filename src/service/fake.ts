@@ -166,6 +166,24 @@ export class FakeCloudletService implements CloudletService {
     return [...this.hosts.values()].map((h) => ({ ...h }));
   }
 
+  async getHost(id: string): Promise<HostInfo | undefined> {
+    this.record('getHost', [id]);
+    const h = this.hosts.get(id);
+    return h ? { ...h } : undefined;
+  }
+
+  async setPoolTarget(hostId: string, baseId: string, size: number): Promise<{ hostId: string; baseId: string; size: number }> {
+    this.record('setPoolTarget', [hostId, baseId, size]);
+    this.requireHost(hostId);
+    const h = this.hosts.get(hostId) as HostInfo;
+    const targets = { ...(h.pool?.targets ?? {}) };
+    if (size === 0) delete targets[baseId];
+    else targets[baseId] = size;
+    const capacityBytes = 8 * 1024 ** 3;
+    h.pool = { targets, entries: [], taken: 0, discarded: [], memory: { capacityBytes, admittedBytes: 0, poolBytes: 0, availableBytes: capacityBytes, reserveBytes: 1024 ** 3 }, at: Date.now() };
+    return { hostId, baseId, size };
+  }
+
   async importBase(req: ImportBaseRequest, idempotencyKey?: string): Promise<OperationRef> {
     this.record('importBase', [req], idempotencyKey);
     return this.idempotent('importBase', req, idempotencyKey, () => {

@@ -21,13 +21,14 @@ import { hostTaskQueue, SearchAttributes } from '../common/names';
 import { CloudletError } from '../core/errors';
 import { exportBase } from '../core/base';
 import { screenSource } from '../core/fetch/import-path';
-import { createOverlayVm, deployOverlay, hostStatsQuery, importBaseVm, operationProgressQuery, resumeBaseVm, synthesizeVm, terminateVm, type OperationProgress } from '../workflows';
+import { createOverlayVm, deployOverlay, hostStatsQuery, poolStateQuery, setPoolTargetSignal, importBaseVm, operationProgressQuery, resumeBaseVm, synthesizeVm, terminateVm, type OperationProgress } from '../workflows';
 import type {
   BaseInfo,
   CloudletService,
   CreateOverlayRequest,
   DeployRequest,
   HostInfo,
+  WarmPoolInfo,
   HostStats,
   ImportBaseRequest,
   InstanceInfo,
@@ -207,13 +208,35 @@ export class TemporalCloudletService implements CloudletService {
   // ---- hosts -------------------------------------------------------------------------------------
 
   async listHosts(): Promise<HostInfo[]> {
-    return Promise.all(
-      this.options.hosts.map(async (id) => {
-        const serving = await assertHostServing(this.client, id).then(() => true, () => false);
-        const stats = serving ? await this.hostStats(id) : undefined;
-        return { id, serving, ...(stats ? { stats } : {}) };
-      }),
-    );
+    return Promise.all(this.options.hosts.map((id) => this.hostInfo(id)));
+  }
+
+  async getHost(id: string): Promise<HostInfo | undefined> {
+    return this.options.hosts.includes(id) ? this.hostInfo(id) : undefined;
+  }
+
+  private async hostInfo(id: string): Promise<HostInfo> {
+    const serving = await assertHostServing(this.client, id).then(() => true, () => false);
+    const [stats, pool] = serving ? await Promise.all([this.hostStats(id), this.poolState(id)]) : [undefined, undefined];
+    return { id, serving, ...(stats ? { stats } : {}), ...(pool ? { pool } : {}) };
+  }
+
+  /** The latest report of a serving host's warm pool (its warmPool run), if it answers within 2 s. */
+  private async poolState(hostId: string): Promise<WarmPoolInfo | undefined> {
+    const r = await this.client
+      .withDeadline(Date.now() + 2000, () => this.client.workflow.getHandle(`warmPool/${hostId}`).query(poolStateQuery))
+      .catch(() => undefined);
+    if (!r) return undefined;
+    return { targets: r.targets, entries: r.entries, taken: r.taken, discarded: r.discarded, memory: r.memory, at: r.at, ...(r.short ? { short: r.short } : {}) };
+  }
+
+  async setPoolTarget(hostId: string, baseId: string, size: number): Promise<{ hostId: string; baseId: string; size: number }> {
+    if (!this.options.hosts.includes(hostId)) throw new CloudletError('UNKNOWN_HOST', `host ${hostId} is not a host of this cluster`, { fix: `choose from ${this.options.hosts.join(', ')}` });
+    await this.requireHost(hostId);
+    await this.client.workflow.getHandle(`warmPool/${hostId}`).signal(setPoolTargetSignal, { baseId, size }).catch((e: unknown) => {
+      throw new CloudletError('SERVICE_UNAVAILABLE', `host ${hostId}'s warm pool run (warmPool/${hostId}) is not running: ${(e as Error).message}`, { fix: "restart the host's worker; it starts the run", cause: e });
+    });
+    return { hostId, baseId, size };
   }
 
   /** The latest stats of a serving host (its hostMonitor run), if it answers within 2 s. */
@@ -284,7 +307,7 @@ export class TemporalCloudletService implements CloudletService {
     await this.requireHost(req.hostId);
     const instanceId = this.newInstanceId(key);
     return this.start('synthesizeVm', synthesizeVm, `synthesizeVm/${req.hostId}/${instanceId}`, {
-      hostId: req.hostId, instanceId, overlayUrl: req.overlayUrl, waitForApp: true, ...(req.waitForAppPort ? { appPort: req.waitForAppPort } : {}),
+      hostId: req.hostId, instanceId, overlayUrl: req.overlayUrl, waitForApp: true, ...(req.waitForAppPort ? { appPort: req.waitForAppPort } : {}), ...(req.warmPool === false ? { warmPool: false } : {}),
     }, `Synthesize instance ${instanceId} on host ${req.hostId} from ${req.overlayUrl}`);
   }
 

@@ -7,6 +7,7 @@
  * getOperation. An idempotency key makes a retried request return the same operation.
  */
 import type { HostStats } from '../activities/host-stats';
+import type { PoolReport } from '../activities/warm-pool';
 
 export type { HostStats };
 
@@ -61,7 +62,12 @@ export interface HostInfo {
   serving: boolean;
   /** The host's latest stats (its hostMonitor run), when its worker serves and has read them. */
   stats?: HostStats;
+  /** The host's warm pool as its warmPool run last saw it (docs/warm-pool.md). */
+  pool?: WarmPoolInfo;
 }
+
+/** A host's warm pool: targets per base, ready VMs, and why it is short of its targets if it is. */
+export type WarmPoolInfo = Pick<PoolReport, 'targets' | 'entries' | 'taken' | 'discarded' | 'memory' | 'at'> & { short?: string };
 
 export interface BaseInfo {
   id: string;
@@ -128,6 +134,8 @@ export interface ProvisionRequest {
   overlayUrl: string;
   /** Wait until the guest's application answers on this port before reporting success. */
   waitForAppPort?: number;
+  /** false: restore as usual even when the host's warm pool has a VM ready (default true). */
+  warmPool?: boolean;
 }
 
 export interface DeployRequest {
@@ -144,6 +152,10 @@ export interface DeployRequest {
 /** Thrown by services for unknown ids (404) and conflicts (409); the API maps codes to statuses. */
 export interface CloudletService {
   listHosts(): Promise<HostInfo[]>;
+  /** One host with its stats and warm pool; undefined when it is not a host of this cluster. */
+  getHost(id: string): Promise<HostInfo | undefined>;
+  /** Sets how many ready VMs of base `baseId` host `hostId` keeps (0: none); the pool follows within seconds. */
+  setPoolTarget(hostId: string, baseId: string, size: number): Promise<{ hostId: string; baseId: string; size: number }>;
 
   importBase(req: ImportBaseRequest, idempotencyKey?: string): Promise<OperationRef>;
   listBases(): Promise<BaseInfo[]>;

@@ -18,6 +18,7 @@ import { createMobilityActivities } from '../activities/mobility';
 import { connectClient } from '../client/connect';
 import { hostMonitor } from '../workflows/host-monitor';
 import { reconcileHost } from '../workflows/reconcile';
+import { warmPool } from '../workflows/warm-pool';
 import { SqliteNeighbourRegistry, type NeighbourRegistry } from '../core/mobility/registry';
 import { prewarmJoin } from '../core/snapshot';
 import { installRuntimeLogging } from './runtime-logging';
@@ -141,6 +142,18 @@ export async function createHostWorker(config: Config, hostId: string, log: Logg
           staticSummary: `Stats of host ${hostId} (free memory, store, running instances), read every 5 s`,
         })
         .catch((e: unknown) => log.warn({ err: (e as Error).message }, 'cannot start the host monitor: GET /v1/hosts shows no stats for this host'));
+      // The host's warm pool of ready VMs (docs/warm-pool.md): empty until a base is given a size.
+      const poolId = `warmPool/${hostId}`;
+      await client?.workflow
+        .start(warmPool, {
+          workflowId: poolId,
+          taskQueue: hostTaskQueue(hostId),
+          args: [{ hostId, everyMs: config.warmPoolEveryMs }],
+          workflowIdConflictPolicy: 'TERMINATE_EXISTING',
+          workflowRunTimeout: '1 hour',
+          staticSummary: `Warm pool of host ${hostId}: ready VMs per base, refilled after each use`,
+        })
+        .catch((e: unknown) => log.warn({ err: (e as Error).message }, 'cannot start the warm pool: syntheses on this host restore as usual'));
       // What a crash or a reboot of this host left behind: instances whose VM is gone (docs/reliability.md).
       await client?.workflow
         .start(reconcileHost, {
@@ -159,6 +172,7 @@ export async function createHostWorker(config: Config, hostId: string, log: Logg
         await running;
       } finally {
         await client?.workflow.getHandle(monitorId).terminate('the host worker stopped').catch(() => undefined);
+        await client?.workflow.getHandle(`warmPool/${hostId}`).terminate('the host worker stopped').catch(() => undefined);
         await client?.connection.close();
         unwatchHost(hostId);
         await registry?.close();

@@ -7,4 +7,5 @@ export { mobilityController, rttSamplesSignal, pauseSignal, stopSignal, setPolic
 export { refreshNeighbours } from './neighbours';
 export { hostMonitor, hostStatsQuery, stopMonitorSignal } from './host-monitor';
 export { reconcileHost, type ReconcileHostInput } from './reconcile';
+export { warmPool, poolStateQuery, setPoolTargetSignal, poolChangedSignal, stopPoolSignal, type WarmPoolInput } from './warm-pool';
 export { deployOverlay, type DeployOverlayInput, type DeployedVm, type HostDeployment } from './deployment';

@@ -172,6 +172,8 @@ export interface SynthesizeVmInput extends HostOperationInput {
   appPort?: number;
   /** How long to wait for the host to have memory for the VM (admission) before failing NO_MEMORY; default 10 minutes. */
   admissionWaitMs?: number;
+  /** false: restore as usual even when the host's warm pool has a VM ready (docs/warm-pool.md); default true. */
+  warmPool?: boolean;
 }
 
 /**
@@ -221,13 +223,13 @@ export async function synthesizeVm(input: SynthesizeVmInput) {
       const waitedMs = patched('admission-before-apply') ? await admit(check, t, input, overlay.memoryBytes) : 0;
       if (waitedMs > 0) timings['wait for memoryMs'] = waitedMs;
       const applied = await timed('fetch and apply overlay', () =>
-        long.synthesizeInstanceFiles({ instanceId: input.instanceId, overlayUrl: input.overlayUrl, baseId: overlay.baseId, ...(input.appPort ? { appPort: input.appPort } : {}) }));
+        long.synthesizeInstanceFiles({ instanceId: input.instanceId, overlayUrl: input.overlayUrl, baseId: overlay.baseId, ...(input.appPort ? { appPort: input.appPort } : {}), ...(input.warmPool === false ? { warmPool: false } : {}) }));
       // Restore, replug the NIC, forward the app port and (by default) wait until the app answers.
       const resumed = await timed('resume', () => long.resumeInstance({ instanceId: input.instanceId, waitForApp: input.waitForApp ?? true }));
       Object.assign(timings, resumed.timings);
       timings.firstResponseMs = Date.now() - started;
       // localActivitiesMs: what the local activities' own code took (they have no activity events).
-      return { hostId: input.hostId, instanceId: input.instanceId, baseId: overlay.baseId, hostPort: resumed.hostPort, timings, applyTimings: applied.timings, localActivitiesMs: local ? overlay.ranMs : 0, ...(resumed.answeredAt ? { answeredAt: resumed.answeredAt } : {}) };
+      return { hostId: input.hostId, instanceId: input.instanceId, baseId: overlay.baseId, hostPort: resumed.hostPort, timings, applyTimings: applied.timings, localActivitiesMs: local ? overlay.ranMs : 0, ...(resumed.answeredAt ? { answeredAt: resumed.answeredAt } : {}), ...(applied.poolEntry ? { poolEntry: applied.poolEntry } : {}) };
     } catch (e) {
       // Compensation: no half-made VM or file stays behind.
       await CancellationScope.nonCancellable(() => quick.terminateInstance({ instanceId: input.instanceId }));

@@ -24,6 +24,7 @@ export const instanceRoutes: Route[] = [
     handler: async ({ service, scope, body, idempotencyKey, reply }) => {
       const req: ProvisionRequest = { hostId: body.hostId, overlayUrl: body.overlayUrl };
       if (body.waitForAppPort !== undefined) req.waitForAppPort = body.waitForAppPort;
+      if (body.warmPool !== undefined) req.warmPool = body.warmPool;
       await scope.guardOverlayUrl(service, body.overlayUrl);
       const memory = scope.isAdmin ? 0 : await memoryOfOverlay(service, body.overlayUrl);
       return accepted(reply, await scope.startWithinQuota(service, 1, memory, () => service.provisionInstance(req, idempotencyKey)));

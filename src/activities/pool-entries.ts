@@ -1,0 +1,145 @@
+/**
+ * A host's warm pool on disk (docs/warm-pool.md): `<host data>/pool/<entryId>/` holds a VM started
+ * ahead of demand, paused and waiting for an incoming stream (QEMU `-incoming defer`), with its RAM
+ * in a shared file, an empty qcow2 layer over its base (`disk.qcow2`, opened inactive: rewritten in
+ * place when the entry is taken) and `entry.json`. `pool/targets.json` holds how many entries each
+ * base should have. A synthesis takes an entry whose VM has the launch VM's devices (same "shape")
+ * by renaming its directory into the instance's: one rename, so two syntheses never take the same
+ * entry. A symlink is left at the entry's old path (libvirt knows the VM's files by those paths)
+ * until the instance is gone.
+ */
+import { createHash } from 'node:crypto';
+import fs from 'node:fs';
+import path from 'node:path';
+import type { Logger } from 'pino';
+import { editDomainXml } from '../hypervisor/domain-xml';
+import type { Hypervisor } from '../hypervisor/types';
+
+export interface PoolEntry {
+  entryId: string;
+  baseId: string;
+  domain: string;
+  /** domainShape of the VM's XML: a launch VM with the same shape can take it. */
+  shape: string;
+  memoryBytes: number;
+  createdAt: string;
+  /** How long starting its QEMU took (ms). */
+  startMs: number;
+}
+
+/** What an instance directory holds while (and after) its synthesis takes a pool entry. */
+export const POOL_CLAIM = 'pool-claim.json';
+
+const ENTRY_ID = /^p[0-9a-f]{8}$/;
+
+export function poolDir(dataDir: string): string {
+  return path.join(dataDir, 'pool');
+}
+
+export function poolDomainName(hostId: string, entryId: string): string {
+  return `cl-${hostId}-pool-${entryId}`;
+}
+
+export function isEntryId(name: string): boolean {
+  return ENTRY_ID.test(name);
+}
+
+/**
+ * A digest of what a migration stream must match in the VM that takes it: the domain XML less
+ * what differs between any two VMs of the same kind (name, UUID, disk and serial paths, MAC).
+ */
+export function domainShape(xml: string): string {
+  // Every instance's RAM is a shared file, whatever the XML says (and where it says it).
+  const unshared = xml.replace(/<memoryBacking>[\s\S]*?<\/memoryBacking>/, '');
+  const norm = editDomainXml(unshared, {
+    name: 'pool',
+    uuid: '00000000-0000-0000-0000-000000000000',
+    diskPath: '/pool/disk.qcow2',
+    diskFormat: 'qcow2',
+    serialPath: '/pool/serial.log',
+    incomingDefer: false,
+    mac: '52:54:00:00:00:00',
+  }, 'domain XML of a warm pool VM');
+  return createHash('sha256').update(norm).digest('hex');
+}
+
+export async function readEntry(dir: string): Promise<PoolEntry | undefined> {
+  try {
+    return JSON.parse(await fs.promises.readFile(path.join(dir, 'entry.json'), 'utf8')) as PoolEntry;
+  } catch {
+    return undefined;
+  }
+}
+
+export async function readTargets(dataDir: string): Promise<Record<string, number>> {
+  try {
+    return JSON.parse(await fs.promises.readFile(path.join(poolDir(dataDir), 'targets.json'), 'utf8')) as Record<string, number>;
+  } catch {
+    return {};
+  }
+}
+
+export async function writeTargets(dataDir: string, targets: Record<string, number>): Promise<void> {
+  const file = path.join(poolDir(dataDir), 'targets.json');
+  await fs.promises.mkdir(path.dirname(file), { recursive: true });
+  await fs.promises.writeFile(`${file}.tmp`, JSON.stringify(targets, null, 2));
+  await fs.promises.rename(`${file}.tmp`, file);
+}
+
+/**
+ * Takes a ready entry of base `baseId` whose VM has the shape of `launchXml` into `instanceDir`:
+ * the synthesized disk (`disk.qcow2` there) is copied into the entry's disk file in place (the
+ * paused QEMU holds it open and re-reads it when the stream completes), which then becomes the
+ * instance's disk. Entries whose QEMU is gone are skipped (the pool discards them). Returns the
+ * entry, or undefined when none is ready (the synthesis restores as usual).
+ */
+export async function claimPoolEntry(deps: { hostId: string; dataDir: string; hypervisor: Hypervisor; log: Logger }, input: { baseId: string; launchXml: string; instanceDir: string }): Promise<PoolEntry | undefined> {
+  const root = poolDir(deps.dataDir);
+  const names = await fs.promises.readdir(root).catch(() => [] as string[]);
+  let shape: string;
+  try {
+    shape = domainShape(input.launchXml);
+  } catch {
+    return undefined;
+  }
+  for (const name of names.filter(isEntryId).sort()) {
+    const from = path.join(root, name);
+    const st = await fs.promises.lstat(from).catch(() => undefined);
+    if (!st?.isDirectory()) continue; // taken (a symlink) or gone
+    const entry = await readEntry(from);
+    if (!entry || entry.baseId !== input.baseId || entry.shape !== shape) continue;
+    if ((await deps.hypervisor.state(entry.domain).catch(() => 'unknown')) !== 'paused') continue;
+    // The claim is written first: a retry of a synthesis cut off from here on finds the VM to remove.
+    await fs.promises.writeFile(path.join(input.instanceDir, POOL_CLAIM), JSON.stringify(entry));
+    const taken = path.join(input.instanceDir, `.pool-${name}`);
+    try {
+      await fs.promises.rename(from, taken);
+    } catch {
+      await fs.promises.rm(path.join(input.instanceDir, POOL_CLAIM), { force: true });
+      continue; // another synthesis took it first
+    }
+    await fs.promises.symlink(path.relative(root, input.instanceDir), from);
+    const disk = path.join(input.instanceDir, 'disk.qcow2');
+    await fs.promises.copyFile(disk, path.join(taken, 'disk.qcow2'));
+    await fs.promises.rename(path.join(taken, 'disk.qcow2'), disk);
+    await fs.promises.rename(path.join(taken, 'serial.log'), path.join(input.instanceDir, 'serial.log')).catch(() => undefined);
+    await fs.promises.rm(taken, { recursive: true, force: true });
+    deps.log.info({ entryId: entry.entryId, domain: entry.domain, instanceDir: input.instanceDir }, 'warm pool entry taken');
+    return entry;
+  }
+  return undefined;
+}
+
+/**
+ * Undoes what a pool claim left in an instance directory that is being removed or started again:
+ * the pool VM goes, and the symlink at its entry's old path.
+ */
+export async function releaseClaimIn(deps: { dataDir: string; hypervisor: Hypervisor }, instanceDir: string): Promise<void> {
+  const entry = await fs.promises.readFile(path.join(instanceDir, POOL_CLAIM), 'utf8').then((t) => JSON.parse(t) as PoolEntry).catch(() => undefined);
+  if (!entry) return;
+  await deps.hypervisor.destroy(entry.domain);
+  await deps.hypervisor.undefine(entry.domain);
+  const link = path.join(poolDir(deps.dataDir), entry.entryId);
+  if ((await fs.promises.lstat(link).catch(() => undefined))?.isSymbolicLink()) await fs.promises.rm(link, { force: true });
+  await fs.promises.rm(path.join(instanceDir, POOL_CLAIM), { force: true });
+}

@@ -1,0 +1,211 @@
+/**
+ * Host activities of the warm pool (docs/warm-pool.md): set how many ready VMs a base should have
+ * here, and bring the pool towards that, one step per call (the warmPool workflow calls it in a
+ * loop, so each VM started shows in its history). A step first discards what cannot serve (QEMU
+ * gone, base removed, no longer wanted, half-made), then gives memory back when the host needs it
+ * (its admitted VMs plus the pool's would pass what it gives VMs, or MemAvailable fell under the
+ * reserve), then starts at most one VM where a base is short and the memory allows.
+ */
+import { randomBytes, randomUUID } from 'node:crypto';
+import fs from 'node:fs';
+import os from 'node:os';
+import path from 'node:path';
+import type { Logger } from 'pino';
+import { openBase, readBaseManifest } from '../core/base';
+import { CloudletError, isCloudletError } from '../core/errors';
+import { readSaveHeader } from '../core/snapshot';
+import { createQcow2Overlay } from '../hypervisor/disk';
+import { editDomainXml } from '../hypervisor/domain-xml';
+import type { Hypervisor } from '../hypervisor/types';
+import { admissionsDir, domainMemoryBytes, type AdmissionConfig } from './admission';
+import { randomMac } from './guest';
+import { availableMemory } from './host-stats';
+import { domainShape, isEntryId, poolDir, poolDomainName, readEntry, readTargets, writeTargets, type PoolEntry } from './pool-entries';
+
+export interface PoolReport {
+  hostId: string;
+  /** Ready VMs wanted per base. */
+  targets: Record<string, number>;
+  /** Ready VMs (paused, waiting for a synthesis). */
+  entries: Array<Pick<PoolEntry, 'entryId' | 'baseId' | 'domain' | 'memoryBytes' | 'createdAt' | 'startMs'>>;
+  /** Entries taken by syntheses whose instances still exist. */
+  taken: number;
+  /** What this step did. */
+  started: string[];
+  discarded: Array<{ entryId: string; reason: string }>;
+  /** Why the pool is below its targets, when it is and cannot grow now. */
+  short?: string;
+  /** More to start: the caller should call again at once. */
+  more: boolean;
+  memory: { capacityBytes: number; admittedBytes: number; poolBytes: number; availableBytes: number; reserveBytes: number };
+  at: number;
+}
+
+const MAX_POOL_SIZE = 16;
+
+export function createWarmPoolActivities(deps: { hostId: string; dataDir: string; hypervisor: Hypervisor; log: Logger; admission: AdmissionConfig }) {
+  const { hypervisor: hv, log } = deps;
+  const root = poolDir(deps.dataDir);
+  const storeRoot = path.join(deps.dataDir, 'store');
+  const capacity = (): number => deps.admission.vmMemoryBytes ?? Math.max(0, os.totalmem() - deps.admission.reserveBytes);
+
+  async function admittedBytes(): Promise<number> {
+    const dir = admissionsDir(deps.dataDir);
+    let sum = 0;
+    for (const n of await fs.promises.readdir(dir).catch(() => [] as string[])) {
+      if (!n.endsWith('.json')) continue;
+      const text = await fs.promises.readFile(path.join(dir, n), 'utf8').catch(() => '');
+      sum += Number((JSON.parse(text || '{}') as { memoryBytes?: number }).memoryBytes ?? 0);
+    }
+    return sum;
+  }
+
+  async function discard(entryId: string, domain: string, reason: string, out: PoolReport['discarded']): Promise<void> {
+    await hv.destroy(domain).catch(() => undefined);
+    await hv.undefine(domain).catch(() => undefined);
+    await fs.promises.rm(path.join(root, entryId), { recursive: true, force: true });
+    out.push({ entryId, reason });
+    log.info({ entryId, domain, reason }, 'warm pool entry discarded');
+  }
+
+  /** Starts one VM of `baseId` waiting for a stream; its directory appears complete or not at all. */
+  async function startEntry(baseId: string): Promise<PoolEntry> {
+    const entryId = `p${randomBytes(4).toString('hex')}`;
+    const domain = poolDomainName(deps.hostId, entryId);
+    const tmp = path.join(root, `.new-${entryId}`);
+    const dir = path.join(root, entryId);
+    try {
+      const base = await openBase(storeRoot, baseId);
+      await fs.promises.mkdir(tmp, { recursive: true });
+      // The VM's files are named by the entry's final path, which libvirt keeps.
+      const diskPath = path.join(dir, 'disk.qcow2');
+      await createQcow2Overlay(path.join(tmp, 'disk.qcow2'), base.diskPath, 'raw');
+      const header = await readSaveHeader(base.savePath);
+      const xml = editDomainXml(header.domainXml, { name: domain, uuid: randomUUID(), diskPath, diskFormat: 'qcow2', serialPath: path.join(dir, 'serial.log'), sharedMemory: true, mac: randomMac() }, `domain XML of base ${baseId}`);
+      await fs.promises.rename(tmp, dir);
+      const vm = await hv.startIncoming(xml);
+      const entry: PoolEntry = { entryId, baseId, domain, shape: domainShape(header.domainXml), memoryBytes: domainMemoryBytes(header.domainXml), createdAt: new Date().toISOString(), startMs: Math.round(vm.ms) };
+      await fs.promises.writeFile(path.join(dir, 'entry.tmp'), JSON.stringify(entry));
+      await fs.promises.rename(path.join(dir, 'entry.tmp'), path.join(dir, 'entry.json'));
+      log.info({ entryId, domain, baseId, startMs: entry.startMs }, 'warm pool entry ready');
+      return entry;
+    } catch (e) {
+      await hv.destroy(domain).catch(() => undefined);
+      await fs.promises.rm(tmp, { recursive: true, force: true });
+      await fs.promises.rm(dir, { recursive: true, force: true });
+      throw e;
+    }
+  }
+
+  /** One step towards the targets (see the module's comment); `dryRun`: only look. */
+  async function step(dryRun: boolean): Promise<PoolReport> {
+    const targets = await readTargets(deps.dataDir);
+    const report: PoolReport = {
+      hostId: deps.hostId, targets, entries: [], taken: 0, started: [], discarded: [], more: false,
+      memory: { capacityBytes: capacity(), admittedBytes: await admittedBytes(), poolBytes: 0, availableBytes: await availableMemory(), reserveBytes: deps.admission.reserveBytes },
+      at: Date.now(),
+    };
+    const names = (await fs.promises.readdir(root).catch(() => [] as string[])).sort();
+    const ready: PoolEntry[] = [];
+    for (const name of names) {
+      const file = path.join(root, name);
+      if (name.startsWith('.new-')) {
+        // A start cut off half-way (its worker died): nothing refers to it.
+        if (!dryRun) await discard(name, poolDomainName(deps.hostId, name.slice(5)), 'half-made', report.discarded);
+        continue;
+      }
+      if (!isEntryId(name)) continue;
+      const st = await fs.promises.lstat(file).catch(() => undefined);
+      if (!st) continue;
+      if (st.isSymbolicLink()) {
+        // Taken by a synthesis: kept while its instance exists.
+        if (fs.existsSync(file)) report.taken += 1;
+        else if (!dryRun) await fs.promises.rm(file, { force: true });
+        continue;
+      }
+      const entry = await readEntry(file);
+      const domain = entry?.domain ?? poolDomainName(deps.hostId, name);
+      const state = await hv.state(domain).catch(() => 'unknown');
+      let reason: string | undefined;
+      if (!entry) reason = 'half-made';
+      else if (state !== 'paused') reason = `its VM is ${state} (QEMU gone?), not paused waiting`;
+      else if (!(await readBaseManifest(storeRoot, entry.baseId).then(() => true, () => false))) reason = `base ${entry.baseId.slice(0, 12)}… is no longer on this host`;
+      else if (ready.filter((e) => e.baseId === entry.baseId).length >= (targets[entry.baseId] ?? 0)) reason = 'more than its base\'s target';
+      if (reason !== undefined) {
+        if (!dryRun) await discard(name, domain, reason, report.discarded);
+        continue;
+      }
+      if (entry) ready.push(entry);
+    }
+    const poolBytes = (): number => ready.reduce((n, e) => n + e.memoryBytes, 0);
+    // Memory first: the host's VMs come before ready ones. The newest entries go first.
+    const m = report.memory;
+    while (!dryRun && ready.length > 0 && (m.admittedBytes + poolBytes() > m.capacityBytes || m.availableBytes < m.reserveBytes)) {
+      const e = ready.pop() as PoolEntry;
+      await discard(e.entryId, e.domain, m.availableBytes < m.reserveBytes ? `memory needed: MemAvailable ${Math.round(m.availableBytes / 1048576)} MiB is under the reserve` : 'memory needed: admitted VMs and the pool would pass what the host gives VMs', report.discarded);
+      m.availableBytes += e.memoryBytes;
+    }
+    m.poolBytes = poolBytes();
+    // Then at most one start, for the base furthest below its target.
+    const deficits = Object.entries(targets)
+      .map(([baseId, want]) => ({ baseId, missing: Math.min(want, MAX_POOL_SIZE) - ready.filter((e) => e.baseId === baseId).length }))
+      .filter((d) => d.missing > 0)
+      .sort((a, b) => b.missing - a.missing);
+    const first = deficits[0];
+    if (first) {
+      const size = await readBaseManifest(storeRoot, first.baseId).then(
+        async () => domainMemoryBytes((await readSaveHeader((await openBase(storeRoot, first.baseId)).savePath)).domainXml),
+        () => undefined,
+      );
+      if (size === undefined) report.short = `base ${first.baseId.slice(0, 12)}… is not on this host: import it here`;
+      else if (m.admittedBytes + m.poolBytes + size > m.capacityBytes) report.short = `no memory: admitted VMs ${Math.round(m.admittedBytes / 1048576)} MiB + pool ${Math.round(m.poolBytes / 1048576)} MiB + ${Math.round(size / 1048576)} MiB would pass the ${Math.round(m.capacityBytes / 1048576)} MiB the host gives VMs`;
+      else if (m.availableBytes - size < m.reserveBytes) report.short = `no memory: MemAvailable ${Math.round(m.availableBytes / 1048576)} MiB less ${Math.round(size / 1048576)} MiB would fall under the reserve`;
+      else if (!dryRun) {
+        const e = await startEntry(first.baseId);
+        ready.push(e);
+        report.started.push(e.entryId);
+        m.poolBytes = poolBytes();
+        report.more = first.missing > 1 || deficits.length > 1;
+      }
+    }
+    report.entries = ready.map(({ entryId, baseId, domain, memoryBytes, createdAt, startMs }) => ({ entryId, baseId, domain, memoryBytes, createdAt, startMs }));
+    return report;
+  }
+
+  return {
+    /** Sets how many ready VMs base `baseId` should have on this host (0: none). */
+    async setPoolTarget(input: { baseId: string; size: number; hostId?: string }): Promise<Record<string, number>> {
+      if (input.hostId !== undefined && input.hostId !== deps.hostId) {
+        throw new CloudletError('BAD_INPUT', `a pool target of host ${input.hostId} reached host ${deps.hostId}`, { fix: "signal the host's own warmPool workflow" });
+      }
+      if (!Number.isInteger(input.size) || input.size < 0 || input.size > MAX_POOL_SIZE) {
+        throw new CloudletError('BAD_INPUT', `a warm pool size must be a whole number from 0 to ${MAX_POOL_SIZE} (got ${input.size})`, { fix: `ask for at most ${MAX_POOL_SIZE} ready VMs per base` });
+      }
+      const targets = await readTargets(deps.dataDir);
+      if (input.size === 0) delete targets[input.baseId];
+      else targets[input.baseId] = input.size;
+      await writeTargets(deps.dataDir, targets);
+      log.info({ baseId: input.baseId, size: input.size }, 'warm pool target set');
+      return targets;
+    },
+
+    /** One step towards the targets; the report says whether to call again at once (`more`). */
+    async maintainPool(): Promise<PoolReport> {
+      try {
+        return await step(false);
+      } catch (e) {
+        // A VM that would not start (e.g. libvirtd restarting) is retried on the next step.
+        log.warn({ err: isCloudletError(e) ? e.message : String(e) }, 'warm pool step failed');
+        const r = await step(true);
+        return { ...r, short: `the last start failed: ${isCloudletError(e) ? e.message : String(e)}` };
+      }
+    },
+
+    /** The pool as it is, without changing it. */
+    async poolReport(): Promise<PoolReport> {
+      return step(true);
+    },
+  };
+}
+
+export type WarmPoolActivities = ReturnType<typeof createWarmPoolActivities>;
