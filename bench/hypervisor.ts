@@ -13,9 +13,7 @@
  * (header rewrite + libvirt restore, as an instance does it) + replug + forward + first answer. Needs libvirtd (bash infra/libvirt.sh start) and the test guest
  * (bash infra/guest/build.sh); uses one VM at a time.
  */
-import { spawn } from 'node:child_process';
 import fs from 'node:fs';
-import net from 'node:net';
 import os from 'node:os';
 import path from 'node:path';
 import { z } from 'zod';
@@ -23,6 +21,7 @@ import { readSaveHeader, rewriteSaveHeaderXml } from '../src/core/snapshot/heade
 import { createQcow2Overlay, editDomainXml, LibvirtHypervisor } from '../src/hypervisor';
 import { GuestAppClient } from '../src/guest/app-client';
 import { argRuns, median } from './lib';
+import { lastQemuArgv, qemuRestoreMs } from './qemu-restore';
 
 const ROOT = path.resolve(__dirname, '..');
 const GUEST = path.join(ROOT, 'var', 'guest');
@@ -42,113 +41,6 @@ function argMachine(): string | undefined {
 }
 
 
-/** Offset of the QEMU stream in a libvirt save file: 92-byte header + data_len (XML, cookie, padding). */
-function qemuStreamOffset(file: string): number {
-  const fd = fs.openSync(file, 'r');
-  try {
-    const h = Buffer.alloc(92);
-    fs.readSync(fd, h, 0, 92, 0);
-    if (h.subarray(0, 16).toString('latin1') !== 'LibvirtQemudSave') throw new Error(`${file} is not a libvirt save file`);
-    if (h.readUInt32LE(28) !== 0) throw new Error(`${file} is compressed; the bench needs save_image_format = "raw"`);
-    return 92 + h.readUInt32LE(20);
-  } finally {
-    fs.closeSync(fd);
-  }
-}
-
-/** The argv of the last QEMU libvirt started for `name` (from /var/log/libvirt/qemu/<name>.log). */
-function lastQemuArgv(name: string): string[] {
-  const log = fs.readFileSync(`/var/log/libvirt/qemu/${name}.log`, 'utf8');
-  const start = log.lastIndexOf('/usr/bin/qemu-system-x86_64 \\\n');
-  if (start < 0) throw new Error(`no QEMU command line in the log of ${name}`);
-  const lines: string[] = [];
-  for (const line of log.slice(start).split('\n')) {
-    lines.push(line.replace(/ \\$/, ''));
-    if (!line.endsWith(' \\')) break;
-  }
-  const argv: string[] = [];
-  for (const line of lines) {
-    // Each line holds an option and its value; values with spaces or JSON are single-quoted.
-    const m = /^(\S+)(?: (.*))?$/.exec(line);
-    if (!m?.[1]) continue;
-    argv.push(m[1]);
-    if (m[2] !== undefined) argv.push(m[2].replace(/^'(.*)'$/, '$1'));
-  }
-  return argv;
-}
-
-/** libvirt's argv, made standalone: our own QMP socket and serial file, no fd passing, no sandbox. */
-function standaloneArgv(argv: string[], qmp: string, serial: string, incoming: string): string[] {
-  const out: string[] = [];
-  for (let i = 1; i < argv.length; i++) {
-    const opt = argv[i] as string;
-    const val = argv[i + 1];
-    const takesValue = opt.startsWith('-') && val !== undefined && !val.startsWith('-');
-    if (opt === '-S') continue;
-    if (takesValue) i++;
-    if (opt === '-object' && val?.includes('"secret"')) continue;
-    if (opt === '-add-fd' || opt === '-sandbox' || opt === '-incoming') continue;
-    if (opt === '-chardev' && val?.includes('id=charmonitor')) { out.push(opt, `socket,id=charmonitor,path=${qmp},server=on,wait=off`); continue; }
-    if (opt === '-chardev' && val?.includes('/dev/fdset/')) { out.push(opt, val.replace(/path=\/dev\/fdset\/\d+/, `path=${serial}`)); continue; }
-    out.push(opt);
-    if (takesValue) out.push(val);
-  }
-  out.push('-incoming', incoming);
-  return out;
-}
-
-/** Minimal QMP client: connect (retrying), negotiate, then ask until the VM runs. */
-async function waitRunning(sock: string, deadlineMs: number): Promise<void> {
-  const deadline = Date.now() + deadlineMs;
-  for (;;) {
-    const ok = await new Promise<boolean>((resolve) => {
-      const c = net.createConnection(sock);
-      let buf = '';
-      let negotiated = false;
-      c.on('error', () => resolve(false));
-      c.on('data', (d) => {
-        buf += d.toString();
-        let nl;
-        while ((nl = buf.indexOf('\n')) >= 0) {
-          const msg = JSON.parse(buf.slice(0, nl)) as { QMP?: unknown; return?: { status?: string } };
-          buf = buf.slice(nl + 1);
-          if (msg.QMP) c.write('{"execute":"qmp_capabilities"}\n');
-          else if (msg.return && !negotiated) { negotiated = true; c.write('{"execute":"query-status"}\n'); }
-          else if (msg.return?.status !== undefined) {
-            if (msg.return.status === 'running') { c.end(); resolve(true); return; }
-            // The stream records the run state at save time (paused, as libvirt saves): like
-            // libvirt, resume once the incoming migration is done.
-            if (msg.return.status === 'paused') c.write('{"execute":"cont"}\n');
-            setTimeout(() => c.write('{"execute":"query-status"}\n'), 10);
-          }
-        }
-      });
-    });
-    if (ok) return;
-    if (Date.now() > deadline) throw new Error('QEMU did not reach running');
-    await new Promise((r) => setTimeout(r, 10));
-  }
-}
-
-async function qemuRestoreMs(argv: string[], saveFile: string, dir: string): Promise<number> {
-  const qmp = path.join(dir, 'qmp.sock');
-  fs.rmSync(qmp, { force: true });
-  const offset = qemuStreamOffset(saveFile);
-  const args = standaloneArgv(argv, qmp, path.join(dir, 'serial-qemu.log'), `exec:tail -c +${offset + 1} ${saveFile}`);
-  const t0 = performance.now();
-  const child = spawn(argv[0] as string, args, { stdio: ['ignore', 'ignore', 'pipe'] });
-  let stderr = '';
-  child.stderr.on('data', (d) => (stderr += String(d)));
-  const exited = new Promise<void>((resolve) => child.on('exit', () => resolve()));
-  try {
-    await Promise.race([waitRunning(qmp, 60000), exited.then(() => { throw new Error(`QEMU exited: ${stderr}`); })]);
-    return performance.now() - t0;
-  } finally {
-    child.kill('SIGTERM');
-    await exited;
-  }
-}
-
 async function main(): Promise<void> {
   const runs = argRuns();
   const machine = argMachine();
@@ -158,7 +50,7 @@ async function main(): Promise<void> {
   const virtType = await hv.virtType();
   const dir = fs.mkdtempSync(path.join(os.tmpdir(), 'hv-bench-'));
   const m: Record<string, number[]> = {
-    boot_to_ready_ms: [], save_ms: [], restore_libvirt_ms: [], restore_qemu_ms: [],
+    boot_to_ready_ms: [], save_ms: [], restore_libvirt_ms: [], restore_qemu_ms: [], restore_pool_ms: [],
     replug_nic_ms: [], replug_detach_ms: [], replug_attach_ms: [], forward_ms: [], app_answer_ms: [], restore_to_answer_ms: [],
   };
   let machineType = machine ?? '';
@@ -218,6 +110,18 @@ async function main(): Promise<void> {
       fs.copyFileSync(disk, disk2);
       m.restore_qemu_ms?.push(await qemuRestoreMs(argv, saveFile, dir));
       await hv.undefine(NAME);
+
+      // The same save file into a VM a warm pool started ahead (docs/warm-pool.md): QEMU already
+      // runs, paused, waiting; only the stream and the resume are on the clock.
+      fs.copyFileSync(disk, disk2);
+      const saved = await readSaveHeader(saveFile);
+      await hv.startIncoming(editDomainXml(saved.domainXml, { diskPath: disk2, serialPath: path.join(dir, `serial-${r}-pool.log`), sharedMemory: true, preallocate: true }));
+      t0 = performance.now();
+      await hv.completeIncoming(NAME, saveFile, { wholeStream: true });
+      m.restore_pool_ms?.push(performance.now() - t0);
+      const poolFwd = await hv.forwardPort(NAME, { guestPort: manifest.appPort });
+      await new GuestAppClient(poolFwd.hostPort).waitForState(60000);
+      await hv.destroy(NAME);
       fs.rmSync(saveFile, { force: true });
     }
   } finally {
@@ -233,6 +137,8 @@ async function main(): Promise<void> {
   }
   const ratio = median(m.restore_libvirt_ms ?? []) / median(m.restore_qemu_ms ?? []);
   console.log(JSON.stringify({ bench: 'hypervisor', metric: 'restore_libvirt_over_qemu', unit: 'ratio', median: Math.round(ratio * 100) / 100, runs, ...context }));
+  const poolRatio = median(m.restore_pool_ms ?? []) / median(m.restore_qemu_ms ?? []);
+  console.log(JSON.stringify({ bench: 'hypervisor', metric: 'restore_pool_over_qemu', unit: 'ratio', median: Math.round(poolRatio * 100) / 100, runs, target: '<= 1.5', ...context }));
 }
 
 main().catch((e: unknown) => {

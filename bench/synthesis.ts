@@ -28,7 +28,6 @@ import path from 'node:path';
 import { promisify } from 'node:util';
 import type { Client } from '@temporalio/client';
 import { temporal } from '@temporalio/proto';
-import { z } from 'zod';
 import { randomMac } from '../src/activities/guest';
 import { hostTaskQueue } from '../src/common/names';
 import { connectClient } from '../src/client/connect';
@@ -42,59 +41,22 @@ import { createOverlayVm, importBaseVm, resumeBaseVm, synthesizeVm, terminateVm 
 import { ensureInfra, removeHostDomains, uniqueSuffix, waitForHostsServing, workerCommand } from '../test/helpers/infra';
 import { testBasePackage } from '../test/helpers/test-base';
 import { argRuns, median } from './lib';
+import { firstAnswer, instancePortWatcher } from './first-answer';
 
 const run = promisify(execFile);
 const EventType = temporal.api.enums.v1.EventType;
-const POLL_MS = 20;
 const APP_PORT = 8080;
 
 type Timestamp = { seconds?: { toNumber(): number } | number | null; nanos?: number | null } | null | undefined;
 
 const r1 = (x: number): number => Math.round(x * 10) / 10;
 const load = (): number[] => loadavg().map(r1);
-const sleep = (ms: number): Promise<void> => new Promise((r) => setTimeout(r, ms));
 
 function tsMs(ts: Timestamp): number {
   if (!ts) throw new Error('history event without a time');
   const s = ts.seconds;
   const secs = typeof s === 'number' ? s : s ? s.toNumber() : 0;
   return secs * 1000 + (ts.nanos ?? 0) / 1e6;
-}
-
-/**
- * First successful GET /cgi-bin/state on 127.0.0.1:port, polled every POLL_MS. Also reports the
- * longest failed attempt: a request that hangs (slirp accepts before the guest can answer) would
- * make the measured time late by up to that much.
- */
-async function firstAnswer(port: () => number | undefined, deadlineMs: number): Promise<{ state: GuestState; longestFailedMs: number }> {
-  const deadline = Date.now() + deadlineMs;
-  let longestFailedMs = 0;
-  for (;;) {
-    const p = port();
-    if (p !== undefined) {
-      const a0 = performance.now();
-      try {
-        return { state: await new GuestAppClient(p).state(2000), longestFailedMs };
-      } catch {
-        longestFailedMs = Math.max(longestFailedMs, performance.now() - a0); // not answering yet
-      }
-    }
-    if (Date.now() > deadline) throw new Error(`the application did not answer within ${deadlineMs} ms`);
-    await sleep(POLL_MS);
-  }
-}
-
-const InstanceFileSchema = z.object({ hostPort: z.number().int().optional() });
-
-/** The forwarded port of an instance, read from its record on host B as soon as it is written. */
-function instancePortWatcher(file: string): () => number | undefined {
-  return () => {
-    try {
-      return InstanceFileSchema.parse(JSON.parse(fs.readFileSync(file, 'utf8'))).hostPort;
-    } catch {
-      return undefined; // not written yet (or being renamed into place)
-    }
-  };
 }
 
 /** Workflow wall time and the time its activities ran, from its event history. */

@@ -81,7 +81,7 @@ export function createWarmPoolActivities(deps: { hostId: string; dataDir: string
       const diskPath = path.join(dir, 'disk.qcow2');
       await createQcow2Overlay(path.join(tmp, 'disk.qcow2'), base.diskPath, 'raw');
       const header = await readSaveHeader(base.savePath);
-      const xml = editDomainXml(header.domainXml, { name: domain, uuid: randomUUID(), diskPath, diskFormat: 'qcow2', serialPath: path.join(dir, 'serial.log'), sharedMemory: true, mac: randomMac() }, `domain XML of base ${baseId}`);
+      const xml = editDomainXml(header.domainXml, { name: domain, uuid: randomUUID(), diskPath, diskFormat: 'qcow2', serialPath: path.join(dir, 'serial.log'), sharedMemory: true, preallocate: true, mac: randomMac() }, `domain XML of base ${baseId}`);
       await fs.promises.rename(tmp, dir);
       const vm = await hv.startIncoming(xml);
       const entry: PoolEntry = { entryId, baseId, domain, shape: domainShape(header.domainXml), memoryBytes: domainMemoryBytes(header.domainXml), createdAt: new Date().toISOString(), startMs: Math.round(vm.ms) };

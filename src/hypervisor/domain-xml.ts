@@ -276,6 +276,11 @@ export interface DomainXmlEdits {
   incomingDefer?: boolean;
   /** New MAC address of the first network interface. */
   mac?: string;
+  /**
+   * The guest RAM is allocated when QEMU starts (`<allocation mode='immediate'/>`), not page by
+   * page as the guest or an incoming stream first touches it: a warm pool's VM pays that ahead.
+   */
+  preallocate?: boolean;
 }
 
 const QEMU_NS = 'http://libvirt.org/schemas/domain/qemu/1.0';
@@ -351,6 +356,11 @@ export function editDomainXml(xml: string, edits: DomainXmlEdits, what = 'domain
     const mb = child(d, 'memoryBacking') ?? {};
     mb.source = { [ATTR + 'type']: 'file' };
     mb.access = { [ATTR + 'mode']: 'shared' };
+    d.memoryBacking = mb;
+  }
+  if (edits.preallocate) {
+    const mb = child(d, 'memoryBacking') ?? {};
+    mb.allocation = { [ATTR + 'mode']: 'immediate' };
     d.memoryBacking = mb;
   }
   if (edits.incomingDefer !== undefined) setIncomingDefer(d, edits.incomingDefer);
