@@ -87,6 +87,27 @@ export async function writeTargets(dataDir: string, targets: Record<string, numb
 }
 
 /**
+ * The pool's levels as its files say (no hypervisor call: cheap enough for a scrape): ready
+ * entries per base, targets per base, and entries taken whose instance still exists.
+ */
+export async function poolLevels(dataDir: string): Promise<{ ready: Map<string, number>; targets: Record<string, number>; taken: number }> {
+  const root = poolDir(dataDir);
+  const ready = new Map<string, number>();
+  let taken = 0;
+  for (const name of await fs.promises.readdir(root).catch(() => [] as string[])) {
+    if (!isEntryId(name)) continue;
+    const st = await fs.promises.lstat(path.join(root, name)).catch(() => undefined);
+    if (st?.isSymbolicLink()) {
+      if (fs.existsSync(path.join(root, name))) taken += 1;
+      continue;
+    }
+    const entry = st?.isDirectory() ? await readEntry(path.join(root, name)) : undefined;
+    if (entry) ready.set(entry.baseId, (ready.get(entry.baseId) ?? 0) + 1);
+  }
+  return { ready, targets: await readTargets(dataDir), taken };
+}
+
+/**
  * Takes a ready entry of base `baseId` whose VM has the shape of `launchXml` into `instanceDir`:
  * the synthesized disk (`disk.qcow2` there) is copied into the entry's disk file in place (the
  * paused QEMU holds it open and re-reads it when the stream completes), which then becomes the

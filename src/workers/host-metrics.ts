@@ -7,6 +7,7 @@ import type { ActivityInterceptorsFactory } from '@temporalio/worker';
 import { metrics, recordActivityResult, scrapedGauge } from '../common/metrics';
 import type { Hypervisor } from '../hypervisor/types';
 import { availableMemory, instancesByState, storeFreeBytes } from '../activities/host-stats';
+import { poolLevels } from '../activities/pool-entries';
 
 /** Times each activity and records what its result says (stages, bytes). */
 export function activityMetrics(hostId: string): ActivityInterceptorsFactory {
@@ -57,6 +58,21 @@ export function watchHost(hostId: string, dataDir: string, hypervisor: Hyperviso
     }
     return out;
   });
+  // The warm pool (docs/warm-pool.md), per base: a base with a target and no ready VM shows 0.
+  scrapedGauge('cloudlet_warm_pool_vms', "Warm pool VMs on the host per base: ready (waiting for a synthesis) and target (what the pool keeps)", ['host', 'base', 'kind'], async () => {
+    const out: Array<{ labels: { host: string; base: string; kind: string }; value: number }> = [];
+    for (const [host, h] of hosts) {
+      const levels = await poolLevels(h.dataDir);
+      for (const base of new Set([...levels.ready.keys(), ...Object.keys(levels.targets)])) {
+        out.push({ labels: { host, base, kind: 'ready' }, value: levels.ready.get(base) ?? 0 });
+        out.push({ labels: { host, base, kind: 'target' }, value: levels.targets[base] ?? 0 });
+      }
+    }
+    return out;
+  });
+  scrapedGauge('cloudlet_warm_pool_taken', 'Warm pool VMs taken by syntheses whose instances still exist', ['host'], async () =>
+    Promise.all([...hosts].map(async ([host, h]) => ({ labels: { host }, value: (await poolLevels(h.dataDir)).taken }))),
+  );
 }
 
 /** The host's worker stopped: its gauges go. */

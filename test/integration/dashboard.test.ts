@@ -81,6 +81,9 @@ describe('the dashboard and the Temporal Web UI in Chromium', () => {
     expect(await text('#hosts')).toContain(db);
     // Each host's memory and store, from its hostMonitor run (read every 5 s).
     await pollUntil("the hosts' stats", 30_000, async () => ((await text('#hosts')).match(/[0-9.]+ GiB of [0-9.]+ GiB/g)?.length === 2 ? true : undefined), 250);
+    // No base has a warm pool here: each host's pool column says so.
+    expect(await text('#hosts')).toContain('Warm pool (ready of target)');
+    expect((await text('#hosts')).match(/\boff\b/g)?.length).toBe(2);
     expect(await text('#ops')).toMatch(/Nothing is running/);
 
     // A synthesis on db: the page shows it running, and its stage moves on.

@@ -11,6 +11,7 @@ import fs from 'node:fs';
 import { launchOverlay, startApiCluster, type ApiCluster } from '../helpers/api-cluster';
 import { pollUntil } from '../helpers/poll';
 import type { WarmPoolInfo } from '../../src/service/types';
+import { registry } from '../../src/common/metrics';
 
 jest.setTimeout(20 * 60_000);
 
@@ -65,6 +66,10 @@ describe('warm pool', () => {
       expect(e.baseId).toBe(baseId);
       expect(domainState(e.domain)).toBe('paused');
     }
+    // The worker's Prometheus gauges say the same (read at scrape).
+    const scraped = await registry.metrics();
+    expect(scraped).toContain(`cloudlet_warm_pool_vms{host="${host}",base="${baseId}",kind="ready"} 2`);
+    expect(scraped).toContain(`cloudlet_warm_pool_vms{host="${host}",base="${baseId}",kind="target"} 2`);
     const r = await synthesize();
     expect(full.entries.map((e) => e.entryId)).toContain(r.poolEntry);
     expect(r.timings['load memory into the warm pool VMMs']).toBeGreaterThan(0);

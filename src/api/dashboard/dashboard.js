@@ -23,6 +23,13 @@
   }
   const short = (id) => (id && id.length > 16 ? `${id.slice(0, 12)}…` : id || '');
   const mb = (b) => `${(b / 1e6).toFixed(1)} MB`;
+  /** A host's warm pool (docs/warm-pool.md): ready VMs of the target, and why it is short if it is. */
+  function poolCell(pool) {
+    const target = pool ? Object.values(pool.targets).reduce((a, b) => a + b, 0) : 0;
+    if (!pool || target === 0) return 'off';
+    const text = `${pool.entries.length} of ${target}`;
+    return pool.short ? h('span', { title: pool.short }, `${text} (short: ${pool.short})`) : text;
+  }
   const gib = (b) => `${(b / 2 ** 30).toFixed(1)} GiB`;
   const secs = (ms) => `${(ms / 1000).toFixed(2)} s`;
   const state = (s) => h('span', { class: `state ${s}` }, s);
@@ -116,9 +123,9 @@
 
     const running = (host) => instances.filter((i) => i.hostId === host && i.state === 'running').length;
     if (hosts === FORBIDDEN) $('hosts').replaceChildren(adminsOnly('Hosts'));
-    else $('hosts').replaceChildren(table(['Host', 'Serving', 'Running instances', 'Base VMs held', 'Memory available', 'Store free'],
+    else $('hosts').replaceChildren(table(['Host', 'Serving', 'Running instances', 'Base VMs held', 'Memory available', 'Store free', 'Warm pool (ready of target)'],
       hosts.map((x) => [h('span', { class: 'id' }, x.id), state(x.serving ? 'yes' : 'no'), String(running(x.id)), String(bases.filter((b) => b.hostIds.includes(x.id)).length),
-        x.stats ? `${gib(x.stats.memAvailableBytes)} of ${gib(x.stats.memTotalBytes)}` : '–', x.stats ? gib(x.stats.storeFreeBytes) : '–']),
+        x.stats ? `${gib(x.stats.memAvailableBytes)} of ${gib(x.stats.memTotalBytes)}` : '–', x.stats ? gib(x.stats.storeFreeBytes) : '–', poolCell(x.pool)]),
       'This API has no hosts configured (CLOUDLET_HOSTS).'));
     if (hosts !== FORBIDDEN && hosts.some((x) => !x.serving)) $('hosts').append(h('p', { class: 'muted' }, 'A host that is not serving has no worker polling its queue: start it with npx tsx src/workers/main.ts --host <id>.'));
 
