@@ -50,6 +50,8 @@ const EnvSchema = z.object({
   CLOUDLET_VM_MEMORY_MIB: z.coerce.number().int().positive().optional(),
   /** Memory a host keeps for itself when CLOUDLET_VM_MEMORY_MIB is unset (MiB). */
   CLOUDLET_MEMORY_RESERVE_MIB: z.coerce.number().int().min(0).default(1024),
+  /** How often a host's monitor reads its stats (ms); every 60 readings it also reconciles the host (docs/reliability.md). */
+  CLOUDLET_HOST_STATS_EVERY_MS: z.coerce.number().int().min(100).default(5000),
   /** How often a host's warm pool checks its VMs and replaces used ones (ms; docs/warm-pool.md). */
   CLOUDLET_WARM_POOL_EVERY_MS: z.coerce.number().int().min(500).default(10_000),
 });
@@ -75,6 +77,8 @@ export interface Config {
   admission: { vmMemoryBytes?: number; reserveBytes: number };
   /** How often a host's warm pool steps when at its targets (docs/warm-pool.md). */
   warmPoolEveryMs: number;
+  /** How often a host's monitor reads its stats; it reconciles the host every 60 readings. */
+  hostStatsEveryMs: number;
 }
 
 export function loadConfig(env: NodeJS.ProcessEnv = process.env): Config {
@@ -109,6 +113,7 @@ export function loadConfig(env: NodeJS.ProcessEnv = process.env): Config {
     },
     admission: { ...(e.CLOUDLET_VM_MEMORY_MIB !== undefined ? { vmMemoryBytes: e.CLOUDLET_VM_MEMORY_MIB * 1024 * 1024 } : {}), reserveBytes: e.CLOUDLET_MEMORY_RESERVE_MIB * 1024 * 1024 },
     warmPoolEveryMs: e.CLOUDLET_WARM_POOL_EVERY_MS,
+    hostStatsEveryMs: e.CLOUDLET_HOST_STATS_EVERY_MS,
     fetch: {
       allow: new AllowList([...list(e.CLOUDLET_FETCH_ALLOW), ...neighbourHosts]),
       importDirs: (e.CLOUDLET_IMPORT_DIRS !== undefined ? list(e.CLOUDLET_IMPORT_DIRS) : [path.join(varDir, 'imports'), path.join(varDir, 'cache')]).map((d) => path.resolve(d)),

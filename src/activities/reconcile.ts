@@ -3,7 +3,10 @@
  * crash or a reboot of the host, an instance whose record says it ran (it had its port forwarded)
  * but whose VM no longer runs is lost. Its files, its domain definition and its admission are
  * removed, and it is reported, so the API lists it as lost. An instance an overlay is being made
- * from (its launch.sav exists, or is being written) is left to that operation.
+ * from (its launch.sav exists, or is being written) is left to that operation. Domains of this
+ * host that nothing accounts for (no instance record names them, not a warm pool's, not a VM a
+ * handoff started ahead) are reported as orphans, not removed: whoever made one (a benchmark, an
+ * operator by hand) may still want it.
  */
 import fs from 'node:fs';
 import path from 'node:path';
@@ -11,6 +14,7 @@ import type { Logger } from 'pino';
 import type { Hypervisor } from '../hypervisor/types';
 import { instanceRecords, type InstanceRecord } from './instance-records';
 import { releaseAdmission } from './admission';
+import { poolDomainName } from './pool-entries';
 
 export interface LostInstance {
   instanceId: string;
@@ -19,21 +23,30 @@ export interface LostInstance {
   domainState: string;
 }
 
+export interface OrphanDomain {
+  domain: string;
+  state: string;
+}
+
 export function createReconcileActivities(deps: { hostId: string; dataDir: string; hypervisor: Hypervisor; log: Logger }) {
   const records = instanceRecords(deps.hostId, deps.dataDir);
   const instancesDir = path.join(deps.dataDir, 'instances');
   return {
-    async reconcileInstances(): Promise<{ checked: number; lost: LostInstance[] }> {
+    async reconcileInstances(): Promise<{ checked: number; lost: LostInstance[]; orphans: OrphanDomain[] }> {
       const ids = await fs.promises.readdir(instancesDir).catch(() => [] as string[]);
       const lost: LostInstance[] = [];
+      // Domains something accounts for: instances' (with a record or being made), handoffs' started ahead.
+      const accounted = new Set<string>();
       let checked = 0;
       for (const id of ids) {
+        accounted.add(records.domainName(id));
         let rec: InstanceRecord;
         try {
           rec = await records.read(id);
         } catch {
           continue; // a directory being made (no record yet)
         }
+        accounted.add(rec.domain);
         checked += 1;
         // Never resumed yet (a synthesis on its way), or an overlay is being made from it (its
         // memory is being or was saved): not lost, whatever libvirt says.
@@ -47,7 +60,21 @@ export function createReconcileActivities(deps: { hostId: string; dataDir: strin
         deps.log.warn({ instanceId: id, domain: rec.domain, domainState: state }, 'instance lost: its VM no longer runs; its files and admission were removed');
         lost.push({ instanceId: id, domain: rec.domain, domainState: state });
       }
-      return { checked, lost };
+      for (const id of await fs.promises.readdir(path.join(deps.dataDir, 'handoffs')).catch(() => [] as string[])) {
+        const started = await fs.promises.readFile(path.join(deps.dataDir, 'handoffs', id, 'started-ahead.json'), 'utf8').catch(() => undefined);
+        if (started) accounted.add((JSON.parse(started) as { domain: string }).domain);
+      }
+      const poolPrefix = poolDomainName(deps.hostId, '');
+      const orphans: OrphanDomain[] = [];
+      for (const domain of await deps.hypervisor.listDomains(`cl-${deps.hostId}-`)) {
+        // A warm pool's VMs are the pool's to keep or discard (activities/warm-pool.ts).
+        if (accounted.has(domain) || domain.startsWith(poolPrefix)) continue;
+        const state = await deps.hypervisor.state(domain).catch(() => 'unknown');
+        if (state === 'absent') continue;
+        orphans.push({ domain, state });
+        deps.log.warn({ domain, state }, 'domain without a record on this host (reported, not removed)');
+      }
+      return { checked, lost, orphans };
     },
   };
 }

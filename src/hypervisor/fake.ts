@@ -95,6 +95,10 @@ export class FakeHypervisor implements Hypervisor {
     return this.domains.get(name)?.state ?? 'absent';
   }
 
+  async listDomains(prefix: string): Promise<string[]> {
+    return [...this.domains.keys()].filter((n) => n.startsWith(prefix)).sort();
+  }
+
   async suspend(name: string): Promise<void> {
     this.record('suspend', name);
     this.get(name, 'suspend').state = 'paused';

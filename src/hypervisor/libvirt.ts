@@ -259,6 +259,17 @@ export class LibvirtHypervisor implements Hypervisor {
     }
   }
 
+  async listDomains(prefix: string): Promise<string[]> {
+    const h = await this.connection();
+    try {
+      // A domain may go between the listing and the lookup: it is then not listed.
+      const running = await Promise.all((await h.connectListDomains()).map(async (id) => h.domainLookupByID(id).then((d) => h.domainGetName(d)).catch(() => '')));
+      return [...new Set([...running, ...(await h.connectListDefinedDomains())])].filter((n) => n !== '' && n.startsWith(prefix)).sort();
+    } catch (e) {
+      throw this.fail('list domains', e, prefix);
+    }
+  }
+
   async state(name: string): Promise<DomainState> {
     assertName(name);
     const h = await this.connection();

@@ -29,6 +29,7 @@ export interface NativeHypervisor {
   domainDefineXML(xml: string): Promise<NativeDomain>;
   domainCreate(domain: NativeDomain): Promise<void>;
   domainLookupByName(name: string): Promise<NativeDomain>;
+  domainLookupByID(id: number): Promise<NativeDomain>;
   domainGetInfo(domain: NativeDomain): Promise<NativeDomainInfo>;
   domainGetName(domain: NativeDomain): Promise<string>;
   domainGetUUIDString(domain: NativeDomain): Promise<string>;

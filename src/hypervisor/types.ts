@@ -162,6 +162,8 @@ export interface Hypervisor {
   /** Removes a shut-off domain's definition (no-op when absent). */
   undefine(name: string): Promise<void>;
   state(name: string): Promise<DomainState>;
+  /** The names of every domain libvirt knows (running or defined) that start with `prefix`. */
+  listDomains(prefix: string): Promise<string[]>;
   suspend(name: string): Promise<void>;
   resume(name: string): Promise<void>;
   /** The live (or inactive) domain XML. */

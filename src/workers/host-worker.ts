@@ -136,10 +136,10 @@ export async function createHostWorker(config: Config, hostId: string, log: Logg
         .start(hostMonitor, {
           workflowId: monitorId,
           taskQueue: hostTaskQueue(hostId),
-          args: [{ hostId }],
+          args: [{ hostId, everyMs: config.hostStatsEveryMs }],
           workflowIdConflictPolicy: 'TERMINATE_EXISTING',
           workflowRunTimeout: '10 minutes',
-          staticSummary: `Stats of host ${hostId} (free memory, store, running instances), read every 5 s`,
+          staticSummary: `Stats of host ${hostId} (free memory, store, running instances), read every ${config.hostStatsEveryMs / 1000} s; reconciles the host every 60 readings`,
         })
         .catch((e: unknown) => log.warn({ err: (e as Error).message }, 'cannot start the host monitor: GET /v1/hosts shows no stats for this host'));
       // The host's warm pool of ready VMs (docs/warm-pool.md): empty until a base is given a size.

@@ -2,9 +2,13 @@
  * A host "reboot", on real parts: host B's worker stops, libvirtd is killed, B's QEMU processes
  * are killed, then libvirtd and B's worker start again. The worker's reconciliation run finds the
  * instance whose VM is gone: the API lists it as lost, its files, domain and admission are gone,
- * and B synthesizes again.
+ * and B synthesizes again. And without any restart: host A's periodic reconciliation (its monitor
+ * reads every 200 ms here, so it reconciles every 12 s) finds a VM whose QEMU died, and reports a
+ * domain nothing accounts for.
  */
+import { execFileSync } from 'node:child_process';
 import fs from 'node:fs';
+import os from 'node:os';
 import path from 'node:path';
 import { createLogger } from '../../src/common/logger';
 import { hostDir } from '../../src/config';
@@ -30,7 +34,7 @@ describe('a host that comes back after a reboot', () => {
   const token = `reboot-${process.pid}`;
 
   beforeAll(async () => {
-    c = await startApiCluster('rfault', ['ra', 'rb']);
+    c = await startApiCluster('rfault', ['ra', 'rb'], { env: { CLOUDLET_HOST_STATS_EVERY_MS: '200' } });
     hostB = c.cluster.hosts[1] ?? '';
     ({ overlayUrl } = await launchOverlay(c, token));
   });
@@ -70,5 +74,34 @@ describe('a host that comes back after a reboot', () => {
     const next = await c.done((await c.cloud.provisionInstance({ hostId: hostB, overlayUrl })).id);
     expect((await (await c.appOf(String(next.instanceId))).state()).token).toBe(token);
     await c.done((await c.cloud.terminateInstance(String(next.instanceId))).id);
+  });
+
+  it('finds a VM that died and a domain without a record while the worker runs (periodic reconciliation)', async () => {
+    const hostA = c.cluster.hosts[0] ?? '';
+    const made = await c.done((await c.cloud.provisionInstance({ hostId: hostA, overlayUrl })).id);
+    const instanceId = String(made.instanceId);
+    const stray = `cl-${hostA}-stray`;
+    const xml = path.join(os.tmpdir(), `${stray}.xml`);
+    fs.writeFileSync(xml, `<domain type='qemu'><name>${stray}</name><memory unit='MiB'>64</memory><os><type arch='x86_64'>hvm</type></os></domain>`);
+    const virsh = (...args: string[]): string => execFileSync('virsh', ['-c', 'qemu:///system', ...args], { encoding: 'utf8' });
+    virsh('define', xml);
+    try {
+      const since = Date.now();
+      killQemu(domainsOf(hostA, true).find((d) => d.endsWith(instanceId)) ?? '');
+      await waitFor('the API to list the instance as lost', async () => (await c.cloud.getInstance(instanceId))?.state === 'lost', 120_000);
+      // A run that began after the kill reported the stray domain, and left it.
+      await waitFor('a reconciliation to report the stray domain', async () => {
+        for await (const w of c.cluster.client.workflow.list({ query: `WorkflowId STARTS_WITH "reconcileHost/${hostA}/" AND ExecutionStatus = "Completed"` })) {
+          if (w.startTime.getTime() < since) continue;
+          const r = (await c.cluster.client.workflow.getHandle(w.workflowId, w.runId).result()) as { orphans?: Array<{ domain: string; state: string }> };
+          if (r.orphans?.some((o) => o.domain === stray && o.state === 'shut off')) return true;
+        }
+        return false;
+      }, 120_000, 1000);
+      expect(virsh('domstate', stray).trim()).toBe('shut off');
+    } finally {
+      virsh('undefine', stray);
+      fs.rmSync(xml, { force: true });
+    }
   });
 });

@@ -52,4 +52,28 @@ describe('reconcileInstances', () => {
     // A second run finds nothing more.
     expect((await acts.reconcileInstances()).lost).toEqual([]);
   });
+
+  it('reports domains of the host that nothing accounts for, and leaves them', async () => {
+    const hv = new FakeHypervisor();
+    const domain = (name: string, state: 'running' | 'paused' | 'shut off'): void => {
+      hv.domains.set(name, { spec: { name } as DomainSpec, state, persistent: true });
+    };
+    record('alive', { hostPort: 40001 });
+    domain('cl-h-alive', 'running');
+    // A pool-served instance: its record names the pool VM's domain.
+    record('pooled', { hostPort: 40002, domain: 'cl-h-pool-p0000000a', poolEntry: 'p0000000a' });
+    domain('cl-h-pool-p0000000a', 'running');
+    domain('cl-h-pool-p0000000b', 'paused'); // a ready pool VM: the pool's
+    fs.mkdirSync(path.join(dataDir, 'instances', 'arriving'), { recursive: true });
+    domain('cl-h-arriving', 'paused'); // a handoff's VM started ahead, no record yet
+    domain('cl-h-stray', 'running');
+    domain('cl-h-left', 'shut off');
+    domain('cl-other-x', 'running'); // another host's
+
+    const acts = createReconcileActivities({ hostId: 'h', dataDir, hypervisor: hv, log: createLogger('test', 'silent') });
+    const r = await acts.reconcileInstances();
+    expect(r.lost).toEqual([]);
+    expect(r.orphans).toEqual([{ domain: 'cl-h-left', state: 'shut off' }, { domain: 'cl-h-stray', state: 'running' }]);
+    expect(hv.domains.has('cl-h-stray')).toBe(true);
+  });
 });
