@@ -3,8 +3,8 @@
  * Prometheus metrics; a real Prometheus (Debian's package) scrapes both while an overlay made on
  * one host is synthesized on that worker's host. Afterwards Prometheus holds the cloudlet's series
  * with sensible values (the synthesis's activities and stages, the overlay's bytes, the running
- * instance, the host's memory and store space, API requests by route) and the Temporal SDK's own
- * worker metrics.
+ * instance, the host's memory and store space, its warm pool's levels, API requests by route) and
+ * the Temporal SDK's own worker metrics.
  */
 import { freePort } from '../../src/common/ports';
 import { spawn, type ChildProcess } from 'node:child_process';
@@ -87,6 +87,11 @@ describe('Prometheus scrapes the workers and the API', () => {
     await one(`cloudlet_instances{${h},state="running"}`, (v) => v === 1);
     await one(`cloudlet_host_memory_available_bytes{${h}}`, (v) => v > 256 * 1024 * 1024);
     await one(`cloudlet_store_free_bytes{${h}}`, (v) => v > 0);
+    // The warm pool: a base given one ready VM on the host shows it (target and ready) once it is started.
+    await cloud.setPoolTarget(mb, pkg.baseId, 1);
+    await one(`cloudlet_warm_pool_vms{${h},base="${pkg.baseId}",kind="target"}`, (v) => v === 1);
+    await one(`cloudlet_warm_pool_vms{${h},base="${pkg.baseId}",kind="ready"}`, (v) => v === 1);
+    await one('cloudlet_api_requests_total{job="cloudlet-api",method="POST",route="/v1/hosts/:hostId/pool",status="202"}', (v) => v === 1);
     // The Temporal SDK's own worker metrics come through the same target.
     await one(`temporal_num_pollers{job="cloudlet-worker",task_queue="cloudlet-host-${mb}"}`, (v) => v >= 1);
     await one('temporal_activity_execution_latency_count{job="cloudlet-worker"}', (v) => v >= 1);
