@@ -78,7 +78,7 @@ export function createHandoffDestinationActivities(deps: HandoffDestinationDeps)
       const diskPath = path.join(dir, 'disk.qcow2');
       await fs.promises.rm(diskPath, { force: true });
       await createQcow2Overlay(diskPath, base.diskPath, 'raw');
-      const xml = editDomainXml(prepare.domainXml, { name: domain, uuid: randomUUID(), diskPath, diskFormat: 'qcow2', serialPath: path.join(dir, 'serial.log'), sharedMemory: true }, 'domain XML of a handoff round');
+      const xml = editDomainXml(prepare.domainXml, { name: domain, uuid: randomUUID(), diskPath, diskFormat: 'qcow2', serialPath: path.join(dir, 'serial.log'), sharedMemory: true, preallocate: false }, 'domain XML of a handoff round');
       const vm = await hv.startIncoming(xml);
       await fillRamFile(vm.ramFile.path, { path: dest.memPath, offset: prepare.sharedRam.offset, length: prepare.sharedRam.length });
       const started: StartedAhead = { domain, ramFile: vm.ramFile.path, offset: prepare.sharedRam.offset, length: prepare.sharedRam.length };

@@ -96,7 +96,7 @@ export function createInstanceActivities(deps: CloudletActivityDeps) {
     const header = await readSaveHeader(savePath);
     const serialPath = path.join(path.dirname(savePath), 'serial.log');
     // Every instance's RAM is a shared file: a handoff reads it and hands it over without a memory stream.
-    const xml = editDomainXml(header.domainXml, { name: rec.domain, uuid: randomUUID(), diskPath, diskFormat: 'qcow2', serialPath, sharedMemory: true, incomingDefer: false }, `domain XML of ${savePath}`);
+    const xml = editDomainXml(header.domainXml, { name: rec.domain, uuid: randomUUID(), diskPath, diskFormat: 'qcow2', serialPath, sharedMemory: true, incomingDefer: false, preallocate: false }, `domain XML of ${savePath}`);
     await rewriteSaveHeaderXml(savePath, xml);
     const restored: RestoreResult & Partial<RestoreIncomingResult> = await step('restore', async (): Promise<RestoreResult & Partial<RestoreIncomingResult>> => {
       if (pooled) {
@@ -253,6 +253,9 @@ export function createInstanceActivities(deps: CloudletActivityDeps) {
       const state = await hv.state(rec.domain);
       if (state === 'running' || state === 'paused') {
         await hv.save(rec.domain, `${launchSave}.partial`);
+        // A VM a warm pool served was started to preallocate its RAM: its overlay's VMs need not.
+        const saved = await readSaveHeader(`${launchSave}.partial`);
+        if (/<allocation\b/.test(saved.domainXml)) await rewriteSaveHeaderXml(`${launchSave}.partial`, editDomainXml(saved.domainXml, { preallocate: false }, `domain XML of ${launchSave}`));
         await fs.promises.rename(`${launchSave}.partial`, launchSave);
       } else if (!fs.existsSync(launchSave) && fs.existsSync(`${launchSave}.partial`)) {
         // An earlier attempt's worker died while libvirt saved the VM: libvirt finished the save
@@ -298,7 +301,11 @@ export function createInstanceActivities(deps: CloudletActivityDeps) {
     /** `warmPool`: false keeps the synthesis off this host's warm pool (default: take a ready VM when one fits). */
     async synthesizeInstanceFiles(input: { instanceId: string; overlayUrl: string; baseId: string; appPort?: number; warmPool?: boolean }): Promise<{ timings: Record<string, number>; fetchedBytes?: number; poolEntry?: string }> {
       const dir = instanceDir(input.instanceId);
-      if (fs.existsSync(path.join(dir, 'synthesized'))) return { timings: {} }; // done by an earlier attempt
+      if (fs.existsSync(path.join(dir, 'synthesized'))) {
+        // Done by an earlier attempt.
+        const done = await readRecord(input.instanceId);
+        return { timings: {}, ...(done.poolEntry ? { poolEntry: done.poolEntry } : {}) };
+      }
       // An earlier attempt that died half-way (e.g. its worker was killed) may have left partial
       // files, and a pool VM it took: start from an empty directory.
       await releaseClaim(dir);
@@ -337,7 +344,7 @@ export function createInstanceActivities(deps: CloudletActivityDeps) {
       }
       if (input.warmPool !== false) {
         const t0 = Date.now();
-        const entry = await step('take a warm pool VM', () => claimPoolEntry(deps, { baseId: input.baseId, launchXml: r.meta.launch.domainXml, instanceDir: dir }));
+        const entry = await step('take a warm pool VM', () => withHeartbeats(claimPoolEntry(deps, { baseId: input.baseId, launchXml: r.meta.launch.domainXml, instanceDir: dir }), () => ({ stage: 'take a warm pool VM' })));
         if (entry) {
           rec.domain = entry.domain;
           rec.poolEntry = entry.entryId;

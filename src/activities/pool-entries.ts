@@ -108,6 +108,40 @@ export async function poolLevels(dataDir: string): Promise<{ ready: Map<string, 
 }
 
 /**
+ * The exclusive right to an entry: a file `claim` created with O_EXCL in its directory, holding
+ * who took it (an instance id, or "discard" for the pool's own step). A synthesis and the pool's
+ * step both take it before they touch the entry, so neither moves nor destroys a VM the other
+ * has. A claim left by a process that died before it finished (older than STALE_CLAIM_MS while
+ * the entry is still in the pool) may be taken over by the pool's step.
+ */
+export const CLAIM = 'claim';
+export const STALE_CLAIM_MS = 60_000;
+
+/** Takes the entry directory `dir` for `owner`; false when someone else has it (or it is gone). */
+export async function takeEntry(dir: string, owner: string, opts: { takeStale?: boolean } = {}): Promise<boolean> {
+  const file = path.join(dir, CLAIM);
+  try {
+    await fs.promises.writeFile(file, owner, { flag: 'wx' });
+    return true;
+  } catch (e) {
+    if ((e as NodeJS.ErrnoException).code !== 'EEXIST') return false;
+    // Ours already (a retried synthesis that died before it moved the entry).
+    if ((await fs.promises.readFile(file, 'utf8').catch(() => '')) === owner) return true;
+    if (!opts.takeStale) return false;
+    const st = await fs.promises.stat(file).catch(() => undefined);
+    if (!st || Date.now() - st.mtimeMs < STALE_CLAIM_MS) return false;
+    await fs.promises.writeFile(file, owner);
+    return true;
+  }
+}
+
+/** Gives back an entry taken by `owner` that stays in the pool. */
+export async function giveBackEntry(dir: string, owner: string): Promise<void> {
+  const file = path.join(dir, CLAIM);
+  if ((await fs.promises.readFile(file, 'utf8').catch(() => '')) === owner) await fs.promises.rm(file, { force: true });
+}
+
+/**
  * Takes a ready entry of base `baseId` whose VM has the shape of `launchXml` into `instanceDir`:
  * the synthesized disk (`disk.qcow2` there) is copied into the entry's disk file in place (the
  * paused QEMU holds it open and re-reads it when the stream completes), which then becomes the
@@ -117,6 +151,7 @@ export async function poolLevels(dataDir: string): Promise<{ ready: Map<string, 
 export async function claimPoolEntry(deps: { hostId: string; dataDir: string; hypervisor: Hypervisor; log: Logger }, input: { baseId: string; launchXml: string; instanceDir: string }): Promise<PoolEntry | undefined> {
   const root = poolDir(deps.dataDir);
   const names = await fs.promises.readdir(root).catch(() => [] as string[]);
+  const owner = path.basename(input.instanceDir);
   let shape: string;
   try {
     shape = domainShape(input.launchXml);
@@ -129,16 +164,15 @@ export async function claimPoolEntry(deps: { hostId: string; dataDir: string; hy
     if (!st?.isDirectory()) continue; // taken (a symlink) or gone
     const entry = await readEntry(from);
     if (!entry || entry.baseId !== input.baseId || entry.shape !== shape) continue;
-    if ((await deps.hypervisor.state(entry.domain).catch(() => 'unknown')) !== 'paused') continue;
-    // The claim is written first: a retry of a synthesis cut off from here on finds the VM to remove.
+    if (!(await takeEntry(from, owner))) continue; // another synthesis, or the pool's step, has it
+    if ((await deps.hypervisor.state(entry.domain).catch(() => 'unknown')) !== 'paused') {
+      await giveBackEntry(from, owner); // the pool's step discards it
+      continue;
+    }
+    // Written before the move: a retry of a synthesis cut off from here on knows what it took.
     await fs.promises.writeFile(path.join(input.instanceDir, POOL_CLAIM), JSON.stringify(entry));
     const taken = path.join(input.instanceDir, `.pool-${name}`);
-    try {
-      await fs.promises.rename(from, taken);
-    } catch {
-      await fs.promises.rm(path.join(input.instanceDir, POOL_CLAIM), { force: true });
-      continue; // another synthesis took it first
-    }
+    await fs.promises.rename(from, taken);
     await fs.promises.symlink(path.relative(root, input.instanceDir), from);
     const disk = path.join(input.instanceDir, 'disk.qcow2');
     await fs.promises.copyFile(disk, path.join(taken, 'disk.qcow2'));
@@ -152,15 +186,22 @@ export async function claimPoolEntry(deps: { hostId: string; dataDir: string; hy
 }
 
 /**
- * Undoes what a pool claim left in an instance directory that is being removed or started again:
- * the pool VM goes, and the symlink at its entry's old path.
+ * Undoes what a pool claim left in an instance directory that is being removed or started again.
+ * The pool VM goes only when this directory really took it (its entry was moved here, or the
+ * entry's old path links here); a claim that never got that far gives the entry back to the pool.
  */
 export async function releaseClaimIn(deps: { dataDir: string; hypervisor: Hypervisor }, instanceDir: string): Promise<void> {
   const entry = await fs.promises.readFile(path.join(instanceDir, POOL_CLAIM), 'utf8').then((t) => JSON.parse(t) as PoolEntry).catch(() => undefined);
   if (!entry) return;
-  await deps.hypervisor.destroy(entry.domain);
-  await deps.hypervisor.undefine(entry.domain);
   const link = path.join(poolDir(deps.dataDir), entry.entryId);
-  if ((await fs.promises.lstat(link).catch(() => undefined))?.isSymbolicLink()) await fs.promises.rm(link, { force: true });
+  const st = await fs.promises.lstat(link).catch(() => undefined);
+  const linksHere = st?.isSymbolicLink() === true && (await fs.promises.realpath(link).catch(() => '')) === (await fs.promises.realpath(instanceDir).catch(() => instanceDir));
+  if (linksHere || fs.existsSync(path.join(instanceDir, `.pool-${entry.entryId}`))) {
+    await deps.hypervisor.destroy(entry.domain);
+    await deps.hypervisor.undefine(entry.domain);
+    if (linksHere) await fs.promises.rm(link, { force: true });
+  } else if (st?.isDirectory()) {
+    await giveBackEntry(link, path.basename(instanceDir));
+  }
   await fs.promises.rm(path.join(instanceDir, POOL_CLAIM), { force: true });
 }

@@ -14,7 +14,7 @@ import type { Logger } from 'pino';
 import type { Hypervisor } from '../hypervisor/types';
 import { instanceRecords, type InstanceRecord } from './instance-records';
 import { releaseAdmission } from './admission';
-import { poolDomainName } from './pool-entries';
+import { poolDir, poolDomainName } from './pool-entries';
 
 export interface LostInstance {
   instanceId: string;
@@ -33,6 +33,8 @@ export function createReconcileActivities(deps: { hostId: string; dataDir: strin
   const instancesDir = path.join(deps.dataDir, 'instances');
   return {
     async reconcileInstances(): Promise<{ checked: number; lost: LostInstance[]; orphans: OrphanDomain[] }> {
+      // Domains first, records after: a synthesis that starts in between has its record read.
+      const domains = await deps.hypervisor.listDomains(`cl-${deps.hostId}-`);
       const ids = await fs.promises.readdir(instancesDir).catch(() => [] as string[]);
       const lost: LostInstance[] = [];
       // Domains something accounts for: instances' (with a record or being made), handoffs' started ahead.
@@ -66,9 +68,11 @@ export function createReconcileActivities(deps: { hostId: string; dataDir: strin
       }
       const poolPrefix = poolDomainName(deps.hostId, '');
       const orphans: OrphanDomain[] = [];
-      for (const domain of await deps.hypervisor.listDomains(`cl-${deps.hostId}-`)) {
-        // A warm pool's VMs are the pool's to keep or discard (activities/warm-pool.ts).
-        if (accounted.has(domain) || domain.startsWith(poolPrefix)) continue;
+      for (const domain of domains) {
+        if (accounted.has(domain)) continue;
+        // A warm pool's VMs are the pool's to keep or discard (activities/warm-pool.ts), while it
+        // has their entry (ready, or taken by an instance).
+        if (domain.startsWith(poolPrefix) && (await fs.promises.lstat(path.join(poolDir(deps.dataDir), domain.slice(poolPrefix.length))).then(() => true, () => false))) continue;
         const state = await deps.hypervisor.state(domain).catch(() => 'unknown');
         if (state === 'absent') continue;
         orphans.push({ domain, state });

@@ -20,7 +20,7 @@ import type { Hypervisor } from '../hypervisor/types';
 import { admissionsDir, domainMemoryBytes, type AdmissionConfig } from './admission';
 import { randomMac } from './guest';
 import { availableMemory } from './host-stats';
-import { domainShape, isEntryId, poolDir, poolDomainName, readEntry, readTargets, writeTargets, type PoolEntry } from './pool-entries';
+import { CLAIM, domainShape, giveBackEntry, isEntryId, poolDir, poolDomainName, readEntry, readTargets, STALE_CLAIM_MS, takeEntry, writeTargets, type PoolEntry } from './pool-entries';
 
 export interface PoolReport {
   hostId: string;
@@ -60,12 +60,25 @@ export function createWarmPoolActivities(deps: { hostId: string; dataDir: string
     return sum;
   }
 
-  async function discard(entryId: string, domain: string, reason: string, out: PoolReport['discarded']): Promise<void> {
-    await hv.destroy(domain).catch(() => undefined);
-    await hv.undefine(domain).catch(() => undefined);
-    await fs.promises.rm(path.join(root, entryId), { recursive: true, force: true });
-    out.push({ entryId, reason });
-    log.info({ entryId, domain, reason }, 'warm pool entry discarded');
+  /**
+   * Discards an entry: takes it first (a synthesis that has it keeps it), then destroys its VM;
+   * when the VM cannot be destroyed now (libvirtd restarting) the entry stays for the next step.
+   */
+  async function discard(name: string, domain: string, reason: string, out: PoolReport['discarded']): Promise<boolean> {
+    const dir = path.join(root, name);
+    if (!(await takeEntry(dir, 'discard', { takeStale: true }))) return false;
+    try {
+      await hv.destroy(domain);
+      await hv.undefine(domain);
+    } catch (e) {
+      await giveBackEntry(dir, 'discard');
+      log.warn({ entryId: name, domain, reason, err: isCloudletError(e) ? e.message : String(e) }, 'could not discard a warm pool entry now; the next step tries again');
+      return false;
+    }
+    await fs.promises.rm(dir, { recursive: true, force: true });
+    out.push({ entryId: name, reason });
+    log.info({ entryId: name, domain, reason }, 'warm pool entry discarded');
+    return true;
   }
 
   /** Starts one VM of `baseId` waiting for a stream; its directory appears complete or not at all. */
@@ -97,6 +110,16 @@ export function createWarmPoolActivities(deps: { hostId: string; dataDir: string
     }
   }
 
+  /** The guest memory of a stored base's VM, or why it cannot be read. */
+  async function baseMemoryBytes(baseId: string): Promise<number | string> {
+    try {
+      return domainMemoryBytes((await readSaveHeader((await openBase(storeRoot, baseId)).savePath)).domainXml);
+    } catch (e) {
+      if (isCloudletError(e) && e.code === 'NOT_FOUND') return `base ${baseId.slice(0, 12)}… is not on this host: import it here`;
+      return `base ${baseId.slice(0, 12)}… cannot be read: ${isCloudletError(e) ? e.message : String(e)}`;
+    }
+  }
+
   /** One step towards the targets (see the module's comment); `dryRun`: only look. */
   async function step(dryRun: boolean): Promise<PoolReport> {
     const targets = await readTargets(deps.dataDir);
@@ -125,9 +148,12 @@ export function createWarmPoolActivities(deps: { hostId: string; dataDir: string
       }
       const entry = await readEntry(file);
       const domain = entry?.domain ?? poolDomainName(deps.hostId, name);
+      const claim = await fs.promises.stat(path.join(file, CLAIM)).catch(() => undefined);
+      if (claim && Date.now() - claim.mtimeMs < STALE_CLAIM_MS) continue; // a synthesis is taking it
       const state = await hv.state(domain).catch(() => 'unknown');
       let reason: string | undefined;
-      if (!entry) reason = 'half-made';
+      if (claim) reason = 'taken by a synthesis that did not finish taking it';
+      else if (!entry) reason = 'half-made';
       else if (state !== 'paused') reason = `its VM is ${state} (QEMU gone?), not paused waiting`;
       else if (!(await readBaseManifest(storeRoot, entry.baseId).then(() => true, () => false))) reason = `base ${entry.baseId.slice(0, 12)}… is no longer on this host`;
       else if (ready.filter((e) => e.baseId === entry.baseId).length >= (targets[entry.baseId] ?? 0)) reason = 'more than its base\'s target';
@@ -139,35 +165,40 @@ export function createWarmPoolActivities(deps: { hostId: string; dataDir: string
     }
     const poolBytes = (): number => ready.reduce((n, e) => n + e.memoryBytes, 0);
     // Memory first: the host's VMs come before ready ones. The newest entries go first.
+    ready.sort((a, b) => a.createdAt.localeCompare(b.createdAt));
     const m = report.memory;
     while (!dryRun && ready.length > 0 && (m.admittedBytes + poolBytes() > m.capacityBytes || m.availableBytes < m.reserveBytes)) {
       const e = ready.pop() as PoolEntry;
-      await discard(e.entryId, e.domain, m.availableBytes < m.reserveBytes ? `memory needed: MemAvailable ${Math.round(m.availableBytes / 1048576)} MiB is under the reserve` : 'memory needed: admitted VMs and the pool would pass what the host gives VMs', report.discarded);
-      m.availableBytes += e.memoryBytes;
+      // (Not discarded when a synthesis took it meanwhile: it then counts as an instance.)
+      if (await discard(e.entryId, e.domain, m.availableBytes < m.reserveBytes ? `memory needed: MemAvailable ${Math.round(m.availableBytes / 1048576)} MiB is under the reserve` : 'memory needed: admitted VMs and the pool would pass what the host gives VMs', report.discarded)) {
+        m.availableBytes += e.memoryBytes;
+      }
     }
     m.poolBytes = poolBytes();
-    // Then at most one start, for the base furthest below its target.
+    // Then at most one start, for the base furthest below its target that fits; the others say why not.
     const deficits = Object.entries(targets)
       .map(([baseId, want]) => ({ baseId, missing: Math.min(want, MAX_POOL_SIZE) - ready.filter((e) => e.baseId === baseId).length }))
       .filter((d) => d.missing > 0)
       .sort((a, b) => b.missing - a.missing);
-    const first = deficits[0];
-    if (first) {
-      const size = await readBaseManifest(storeRoot, first.baseId).then(
-        async () => domainMemoryBytes((await readSaveHeader((await openBase(storeRoot, first.baseId)).savePath)).domainXml),
-        () => undefined,
-      );
-      if (size === undefined) report.short = `base ${first.baseId.slice(0, 12)}… is not on this host: import it here`;
-      else if (m.admittedBytes + m.poolBytes + size > m.capacityBytes) report.short = `no memory: admitted VMs ${Math.round(m.admittedBytes / 1048576)} MiB + pool ${Math.round(m.poolBytes / 1048576)} MiB + ${Math.round(size / 1048576)} MiB would pass the ${Math.round(m.capacityBytes / 1048576)} MiB the host gives VMs`;
-      else if (m.availableBytes - size < m.reserveBytes) report.short = `no memory: MemAvailable ${Math.round(m.availableBytes / 1048576)} MiB less ${Math.round(size / 1048576)} MiB would fall under the reserve`;
+    const why: string[] = [];
+    for (const d of deficits) {
+      if (report.started.length > 0) {
+        report.more = true;
+        break;
+      }
+      const size = await baseMemoryBytes(d.baseId);
+      if (typeof size === 'string') why.push(size);
+      else if (m.admittedBytes + m.poolBytes + size > m.capacityBytes) why.push(`no memory for base ${d.baseId.slice(0, 12)}…: admitted VMs ${Math.round(m.admittedBytes / 1048576)} MiB + pool ${Math.round(m.poolBytes / 1048576)} MiB + ${Math.round(size / 1048576)} MiB would pass the ${Math.round(m.capacityBytes / 1048576)} MiB the host gives VMs`);
+      else if (m.availableBytes - size < m.reserveBytes) why.push(`no memory for base ${d.baseId.slice(0, 12)}…: MemAvailable ${Math.round(m.availableBytes / 1048576)} MiB less ${Math.round(size / 1048576)} MiB would fall under the reserve`);
       else if (!dryRun) {
-        const e = await startEntry(first.baseId);
+        const e = await startEntry(d.baseId);
         ready.push(e);
         report.started.push(e.entryId);
         m.poolBytes = poolBytes();
-        report.more = first.missing > 1 || deficits.length > 1;
+        report.more = d.missing > 1;
       }
     }
+    if (why.length > 0) report.short = why.join('; ');
     report.entries = ready.map(({ entryId, baseId, domain, memoryBytes, createdAt, startMs }) => ({ entryId, baseId, domain, memoryBytes, createdAt, startMs }));
     return report;
   }
@@ -196,8 +227,9 @@ export function createWarmPoolActivities(deps: { hostId: string; dataDir: string
       } catch (e) {
         // A VM that would not start (e.g. libvirtd restarting) is retried on the next step.
         log.warn({ err: isCloudletError(e) ? e.message : String(e) }, 'warm pool step failed');
-        const r = await step(true);
-        return { ...r, short: `the last start failed: ${isCloudletError(e) ? e.message : String(e)}` };
+        const r = await step(true).catch(() => undefined);
+        if (!r) throw e;
+        return { ...r, more: false, short: `the last step failed: ${isCloudletError(e) ? e.message : String(e)}` };
       }
     },
 

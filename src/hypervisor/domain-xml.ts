@@ -277,8 +277,9 @@ export interface DomainXmlEdits {
   /** New MAC address of the first network interface. */
   mac?: string;
   /**
-   * The guest RAM is allocated when QEMU starts (`<allocation mode='immediate'/>`), not page by
-   * page as the guest or an incoming stream first touches it: a warm pool's VM pays that ahead.
+   * true: the guest RAM is allocated when QEMU starts (`<allocation mode='immediate'/>`), not page
+   * by page as the guest or an incoming stream first touches it: a warm pool's VM pays that ahead.
+   * false: that setting is removed.
    */
   preallocate?: boolean;
 }
@@ -362,6 +363,10 @@ export function editDomainXml(xml: string, edits: DomainXmlEdits, what = 'domain
     const mb = child(d, 'memoryBacking') ?? {};
     mb.allocation = { [ATTR + 'mode']: 'immediate' };
     d.memoryBacking = mb;
+  } else if (edits.preallocate === false) {
+    // A warm pool's VM preallocates; the VMs restored from its saves need not.
+    const mb = child(d, 'memoryBacking');
+    if (mb) delete mb.allocation;
   }
   if (edits.incomingDefer !== undefined) setIncomingDefer(d, edits.incomingDefer);
   if (edits.mac !== undefined) {

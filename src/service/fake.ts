@@ -180,7 +180,7 @@ export class FakeCloudletService implements CloudletService {
     if (size === 0) delete targets[baseId];
     else targets[baseId] = size;
     const capacityBytes = 8 * 1024 ** 3;
-    h.pool = { targets, entries: [], taken: 0, discarded: [], memory: { capacityBytes, admittedBytes: 0, poolBytes: 0, availableBytes: capacityBytes, reserveBytes: 1024 ** 3 }, at: Date.now() };
+    h.pool = { ...(h.pool ?? { entries: [], taken: 0, discarded: [], memory: { capacityBytes, admittedBytes: 0, poolBytes: 0, availableBytes: capacityBytes, reserveBytes: 1024 ** 3 } }), targets, at: Date.now() };
     return { hostId, baseId, size };
   }
 

@@ -138,7 +138,9 @@ export async function createHostWorker(config: Config, hostId: string, log: Logg
           taskQueue: hostTaskQueue(hostId),
           args: [{ hostId, everyMs: config.hostStatsEveryMs }],
           workflowIdConflictPolicy: 'TERMINATE_EXISTING',
-          workflowRunTimeout: '10 minutes',
+          // Twice what its 60 readings take (10 min at the default 5 s): a run times out only
+          // once no worker serves the host.
+          workflowRunTimeout: Math.max(10 * 60_000, 120 * config.hostStatsEveryMs),
           staticSummary: `Stats of host ${hostId} (free memory, store, running instances), read every ${config.hostStatsEveryMs / 1000} s; reconciles the host every 60 readings`,
         })
         .catch((e: unknown) => log.warn({ err: (e as Error).message }, 'cannot start the host monitor: GET /v1/hosts shows no stats for this host'));
@@ -150,7 +152,8 @@ export async function createHostWorker(config: Config, hostId: string, log: Logg
           taskQueue: hostTaskQueue(hostId),
           args: [{ hostId, everyMs: config.warmPoolEveryMs }],
           workflowIdConflictPolicy: 'TERMINATE_EXISTING',
-          workflowRunTimeout: '1 hour',
+          // Its 200 steps wait up to everyMs each (and start VMs in between): well over twice that.
+          workflowRunTimeout: Math.max(60 * 60_000, 400 * config.warmPoolEveryMs),
           staticSummary: `Warm pool of host ${hostId}: ready VMs per base, refilled after each use`,
         })
         .catch((e: unknown) => log.warn({ err: (e as Error).message }, 'cannot start the warm pool: syntheses on this host restore as usual'));

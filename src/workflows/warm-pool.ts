@@ -23,6 +23,8 @@ export interface WarmPoolInput {
   /** Between steps when the pool is at its targets (default 10 s). */
   everyMs?: number;
   last?: PoolReport;
+  /** Targets signalled to an earlier run that it had no time to set. */
+  pending?: Array<{ baseId: string; size: number }>;
 }
 
 const STEPS_PER_RUN = 200;
@@ -31,7 +33,7 @@ export async function warmPool(input: WarmPoolInput): Promise<void> {
   let latest = input.last;
   let stop = false;
   let poked = false;
-  const pending: Array<{ baseId: string; size: number }> = [];
+  const pending: Array<{ baseId: string; size: number }> = [...(input.pending ?? [])];
   setHandler(poolStateQuery, () => latest);
   setHandler(setPoolTargetSignal, (t) => {
     pending.push(t);
@@ -42,7 +44,7 @@ export async function warmPool(input: WarmPoolInput): Promise<void> {
   setHandler(stopPoolSignal, () => {
     stop = true;
   });
-  for (let i = 0; i < STEPS_PER_RUN; i++) {
+  for (let i = 0; i < STEPS_PER_RUN && !stop; i++) {
     while (pending.length > 0) {
       const t = pending.shift() as { baseId: string; size: number };
       try {
@@ -51,17 +53,19 @@ export async function warmPool(input: WarmPoolInput): Promise<void> {
         // A bad target (the API validates it first) is dropped; the report shows the targets.
       }
     }
+    // A poke that arrives during the step asks for another one.
+    poked = false;
     try {
       latest = await maintainPool();
     } catch {
-      // Keep the last report; the next step may work.
+      // Keep the last report, but wait before the next step: it may work then.
+      if (latest) latest = { ...latest, more: false };
     }
     if (stop) return;
-    if (latest?.more && pending.length === 0) continue;
-    poked = false;
-    if (await condition(() => stop || poked || pending.length > 0, input.everyMs ?? 10_000)) {
-      if (stop) return;
-    }
+    if (latest?.more || pending.length > 0 || poked) continue;
+    await condition(() => stop || poked || pending.length > 0, input.everyMs ?? 10_000);
   }
-  await continueAsNew<typeof warmPool>({ ...input, ...(latest ? { last: latest } : {}) });
+  if (stop) return;
+  // Signals that arrived during the last step go on with the next run.
+  await continueAsNew<typeof warmPool>({ hostId: input.hostId, ...(input.everyMs !== undefined ? { everyMs: input.everyMs } : {}), ...(latest ? { last: latest } : {}), ...(pending.length > 0 ? { pending: [...pending] } : {}) });
 }

@@ -64,6 +64,8 @@ describe('reconcileInstances', () => {
     record('pooled', { hostPort: 40002, domain: 'cl-h-pool-p0000000a', poolEntry: 'p0000000a' });
     domain('cl-h-pool-p0000000a', 'running');
     domain('cl-h-pool-p0000000b', 'paused'); // a ready pool VM: the pool's
+    fs.mkdirSync(path.join(dataDir, 'pool', 'p0000000b'), { recursive: true });
+    domain('cl-h-pool-p0000000c', 'paused'); // a pool VM whose entry is gone: nothing has it
     fs.mkdirSync(path.join(dataDir, 'instances', 'arriving'), { recursive: true });
     domain('cl-h-arriving', 'paused'); // a handoff's VM started ahead, no record yet
     domain('cl-h-stray', 'running');
@@ -73,7 +75,7 @@ describe('reconcileInstances', () => {
     const acts = createReconcileActivities({ hostId: 'h', dataDir, hypervisor: hv, log: createLogger('test', 'silent') });
     const r = await acts.reconcileInstances();
     expect(r.lost).toEqual([]);
-    expect(r.orphans).toEqual([{ domain: 'cl-h-left', state: 'shut off' }, { domain: 'cl-h-stray', state: 'running' }]);
+    expect(r.orphans).toEqual([{ domain: 'cl-h-left', state: 'shut off' }, { domain: 'cl-h-pool-p0000000c', state: 'paused' }, { domain: 'cl-h-stray', state: 'running' }]);
     expect(hv.domains.has('cl-h-stray')).toBe(true);
   });
 });

@@ -38,8 +38,20 @@ export const hostRoutes: Route[] = [
     tag: 'hosts',
     params: HostParamsSchema,
     body: PoolTargetBodySchema,
-    responses: { 202: { description: 'The target is taken; the pool follows it.', schema: PoolTargetSchema }, 400: R.badInput, 401: R.unauthorized, 403: R.forbidden, 422: R.unprocessable },
+    responses: {
+      202: { description: 'The target is taken; the pool follows it.', schema: PoolTargetSchema },
+      400: R.badInput,
+      401: R.unauthorized,
+      403: R.forbidden,
+      404: R.notFound,
+      422: { description: 'The host does not hold the base (WRONG_BASE): import it there first.' },
+      503: { description: "The host's warm pool run is not running (restart its worker)." },
+    },
     handler: async ({ params, body, service, reply, req }) => {
+      if (!(await service.getHost(params.hostId))) throw new CloudletError('NOT_FOUND', `host ${params.hostId} is not a host of this cluster`, { fix: 'list the hosts: GET /v1/hosts' });
+      if (body.size > 0 && !(await service.getBase(body.baseId))?.hostIds.includes(params.hostId)) {
+        throw new CloudletError('WRONG_BASE', `host ${params.hostId} does not hold base ${body.baseId}`, { fix: `import the base on host ${params.hostId} first (POST /v1/bases)` });
+      }
       const r = await service.setPoolTarget(params.hostId, body.baseId, body.size);
       req.log.info({ hostId: params.hostId, baseId: body.baseId, size: body.size }, 'warm pool target set');
       reply.code(202);
