@@ -16,7 +16,7 @@ import { readSaveHeader, rewriteSaveHeaderXml } from '../core/snapshot';
 import { Store } from '../core/store';
 import type { Hypervisor, RestoreIncomingResult, RestoreResult } from '../hypervisor/types';
 import { createQcow2Overlay } from '../hypervisor/disk';
-import { editDomainXml } from '../hypervisor/domain-xml';
+import { editDomainXml, memorySizes } from '../hypervisor/domain-xml';
 import { GuestAppClient } from '../guest/app-client';
 import { cancellationSignal, heartbeat, heartbeatOrCancel, withHeartbeats } from './heartbeat';
 import { randomMac } from './guest';
@@ -136,6 +136,11 @@ export function createInstanceActivities(deps: CloudletActivityDeps) {
         });
       }
       await hv.resume(rec.domain);
+    }
+    // A shrunk base's VM (its balloon inflated when it was saved) gets its memory back at once.
+    const mem = memorySizes(header.domainXml);
+    if (mem && mem.currentBytes < mem.maxBytes) {
+      await step('grow the balloon back', () => hv.setBalloon(rec.domain, mem.maxBytes)).catch((e: unknown) => log.warn({ domain: rec.domain, err: String(e) }, 'could not give the VM its memory back; it runs with what its base was shrunk to'));
     }
     const t0 = Date.now();
     if (!keepNic) await step('replug NIC', () => hv.replugNic(rec.domain, { mac: randomMac() }));

@@ -105,6 +105,27 @@ export interface DebianBaseOptions {
   memoryMiB?: number;
   /** Free page reporting through the virtio balloon (default on): freed guest pages stay out of snapshots. */
   freePageReporting?: boolean;
+  /**
+   * A shrunk base (docs/warm-pool.md): before the save, the guest drops its clean caches and its
+   * balloon is inflated until the guest holds this many MiB; VMs restored from it get their memory
+   * back at once (restoreAsInstance deflates the balloon).
+   */
+  shrinkToMiB?: number;
+}
+
+/** Drops the guest's clean caches and inflates its balloon to `mib`; waits until the guest holds no more than that (plus 8 MiB). */
+export async function shrinkGuest(hv: Hypervisor, domain: string, mib: number, timeoutMs = 120_000): Promise<{ ms: number; actualMiB: number }> {
+  const t0 = Date.now();
+  await hv.guestExec(domain, { path: '/bin/sh', args: ['-c', 'sync; echo 3 > /proc/sys/vm/drop_caches'], timeoutMs: 60_000 });
+  await hv.setBalloon(domain, mib * 1024 * 1024);
+  for (;;) {
+    const b = await hv.balloon(domain);
+    if (b.actualBytes <= (mib + 8) * 1024 * 1024) return { ms: Date.now() - t0, actualMiB: Math.round(b.actualBytes / 1048576) };
+    if (Date.now() - t0 > timeoutMs) {
+      throw new CloudletError('TIMEOUT', `the guest of domain "${domain}" still holds ${Math.round(b.actualBytes / 1048576)} MiB after ${timeoutMs / 1000} s of asking its balloon for ${mib} MiB`, { fix: 'shrink to a size the guest can give back (its used memory and more), or check that virtio_balloon is loaded in the guest' });
+    }
+    await new Promise((r) => setTimeout(r, 250));
+  }
 }
 
 /**
@@ -115,7 +136,11 @@ export async function debianBasePackage(hv: Hypervisor, varDir: string, log: Log
   const guest = loadGuestImage(path.join(varDir, 'debian'), 'debian');
   const memoryMiB = options.memoryMiB ?? guest.defaultMemoryMiB;
   const fpr = options.freePageReporting ?? true;
-  const packageFile = path.join(varDir, 'cache', 'bases', `debian-${guest.inputsDigest.slice(0, 16)}-${memoryMiB}-${DEFAULT_MACHINE}${fpr ? '-fpr' : ''}.cloudletbase`);
+  const shrink = options.shrinkToMiB;
+  if (shrink !== undefined && (!Number.isInteger(shrink) || shrink < 64 || shrink >= memoryMiB)) {
+    throw new CloudletError('BAD_INPUT', `a shrunk base needs a whole number of MiB from 64 to less than its ${memoryMiB} MiB (got ${shrink})`, { fix: 'pass e.g. shrinkToMiB: 256' });
+  }
+  const packageFile = path.join(varDir, 'cache', 'bases', `debian-${guest.inputsDigest.slice(0, 16)}-${memoryMiB}-${DEFAULT_MACHINE}${fpr ? '-fpr' : ''}${shrink !== undefined ? `-shrunk${shrink}` : ''}.cloudletbase`);
   return bootAndPackage(hv, {
     guest, packageFile, memoryMiB, vcpus: 1, diskBytes: 0, log,
     extra: { guestAgent: true, balloon: { freePageReporting: fpr } },
@@ -124,6 +149,10 @@ export async function debianBasePackage(hv: Hypervisor, varDir: string, log: Log
       await hv.waitForGuestAgent(domain, 60_000);
       const settled = await waitUntilIdle(hv, domain, { timeoutMs: 120_000 });
       log(`the guest settled after ${(settled.waitedMs / 1000).toFixed(1)} s (idle ${Math.round(settled.idleShare * 100)}% over the last ${settled.windowMs / 1000} s)`);
+      if (shrink !== undefined) {
+        const r = await shrinkGuest(hv, domain, shrink);
+        log(`the guest dropped its caches and gave back its memory down to ${r.actualMiB} MiB in ${(r.ms / 1000).toFixed(1)} s`);
+      }
     },
   });
 }

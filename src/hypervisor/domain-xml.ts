@@ -377,6 +377,19 @@ export function editDomainXml(xml: string, edits: DomainXmlEdits, what = 'domain
   return buildXml(doc);
 }
 
+/** The guest memory a domain XML configures (`<memory>`) and its balloon's size (`<currentMemory>`, else the same). */
+export function memorySizes(xml: string, what = 'domain XML'): { maxBytes: number; currentBytes: number } | undefined {
+  const d = domainRoot(parseXml(xml, what), what);
+  const read = (node: unknown): number | undefined => {
+    const t = text(node);
+    return t === undefined ? undefined : toKiB(Number(t), attr(node as XmlNode, 'unit')) * 1024;
+  };
+  const max = read(d.memory);
+  if (max === undefined || !Number.isFinite(max)) return undefined;
+  const cur = read(d.currentMemory);
+  return { maxBytes: max, currentBytes: cur !== undefined && Number.isFinite(cur) ? cur : max };
+}
+
 /** Whether the domain's RAM is a shared file (see DomainXmlEdits.sharedMemory). */
 export function hasSharedMemory(xml: string, what = 'domain XML'): boolean {
   const mb = child(domainRoot(parseXml(xml, what), what), 'memoryBacking');

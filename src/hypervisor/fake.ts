@@ -95,6 +95,18 @@ export class FakeHypervisor implements Hypervisor {
     return this.domains.get(name)?.state ?? 'absent';
   }
 
+  readonly balloons = new Map<string, number>();
+
+  async setBalloon(name: string, bytes: number): Promise<void> {
+    this.record('setBalloon', name, bytes);
+    this.balloons.set(name, bytes);
+  }
+
+  async balloon(name: string): Promise<{ actualBytes: number; maxBytes: number }> {
+    const max = (this.domains.get(name)?.spec.memoryMiB ?? 0) * 1024 * 1024;
+    return { actualBytes: this.balloons.get(name) ?? max, maxBytes: max };
+  }
+
   async listDomains(prefix: string): Promise<string[]> {
     return [...this.domains.keys()].filter((n) => n.startsWith(prefix)).sort();
   }

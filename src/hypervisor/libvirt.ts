@@ -259,6 +259,25 @@ export class LibvirtHypervisor implements Hypervisor {
     }
   }
 
+  async setBalloon(name: string, bytes: number): Promise<void> {
+    assertName(name);
+    if (!Number.isSafeInteger(bytes) || bytes < 1024 * 1024) {
+      throw new CloudletError('BAD_INPUT', `a balloon target for domain "${name}" must be a whole number of bytes of at least 1 MiB (got ${bytes})`, { fix: 'pass the guest memory wanted in bytes' });
+    }
+    await this.virsh('set the balloon', ['setmem', name, `${Math.floor(bytes / 1024)}KiB`, '--live'], name);
+  }
+
+  async balloon(name: string): Promise<{ actualBytes: number; maxBytes: number }> {
+    const { h, d } = await this.domain(name, 'read the balloon');
+    try {
+      const info = await h.domainGetInfo(d);
+      // domainGetInfo's memory is the balloon's current size (KiB), maxMem the configured one.
+      return { actualBytes: info.memory * 1024, maxBytes: info.maxMem * 1024 };
+    } catch (e) {
+      throw this.fail('read the balloon', e, name);
+    }
+  }
+
   async listDomains(prefix: string): Promise<string[]> {
     const h = await this.connection();
     try {

@@ -162,6 +162,13 @@ export interface Hypervisor {
   /** Removes a shut-off domain's definition (no-op when absent). */
   undefine(name: string): Promise<void>;
   state(name: string): Promise<DomainState>;
+  /**
+   * The virtio balloon of a running domain: `setBalloon` asks the guest to give back memory down
+   * to `bytes` (or to take it again, up to its configured size); `balloon` reads what the guest
+   * has now (`actualBytes`) and at most (`maxBytes`).
+   */
+  setBalloon(name: string, bytes: number): Promise<void>;
+  balloon(name: string): Promise<{ actualBytes: number; maxBytes: number }>;
   /** The names of every domain libvirt knows (running or defined) that start with `prefix`. */
   listDomains(prefix: string): Promise<string[]>;
   suspend(name: string): Promise<void>;

@@ -2,7 +2,7 @@
  * Guest RAM in a shared file and `-incoming defer` in the domain XML: what a handoff's cut-over
  * without a memory stream needs (docs/handoff.md), added, kept once, and removed again.
  */
-import { buildDomainXml, editDomainXml, hasSharedMemory, parseXml, type XmlNode } from '../../src/hypervisor/domain-xml';
+import { buildDomainXml, editDomainXml, hasSharedMemory, memorySizes, parseXml, type XmlNode } from '../../src/hypervisor/domain-xml';
 import type { DomainSpec } from '../../src/hypervisor/types';
 
 const spec: DomainSpec = {
@@ -54,5 +54,25 @@ describe('shared guest RAM and incoming defer in the domain XML', () => {
     const mixed = on.replace("<qemu:arg value=\"-incoming\"", "<qemu:arg value=\"-msg\"></qemu:arg><qemu:arg value=\"timestamp=on\"></qemu:arg><qemu:arg value=\"-incoming\"");
     expect(args(mixed)).toEqual(['-msg', 'timestamp=on', '-incoming', 'defer']);
     expect(args(editDomainXml(mixed, { incomingDefer: false }))).toEqual(['-msg', 'timestamp=on']);
+  });
+});
+
+describe('warm pool and shrunk-base settings in the domain XML', () => {
+  const plain = buildDomainXml(spec, 'qemu');
+
+  it('preallocates the guest RAM for a pool VM, and drops that for the VMs restored from its saves', () => {
+    const pooled = editDomainXml(plain, { sharedMemory: true, preallocate: true, mac: '52:54:00:aa:bb:cc' });
+    const mb = domainOf(pooled)['memoryBacking'] as XmlNode;
+    expect((mb['allocation'] as XmlNode)['@_mode']).toBe('immediate');
+    expect(pooled).toContain("52:54:00:aa:bb:cc");
+    const restored = editDomainXml(pooled, { preallocate: false });
+    expect(restored).not.toContain('allocation');
+    expect(hasSharedMemory(restored)).toBe(true);
+  });
+
+  it('reads the configured memory and the balloon size', () => {
+    expect(memorySizes(plain)).toEqual({ maxBytes: 256 * 1048576, currentBytes: 256 * 1048576 });
+    const shrunk = plain.replace(/<currentMemory[^>]*>\d+<\/currentMemory>/, '').replace('</memory>', "</memory><currentMemory unit='KiB'>98304</currentMemory>");
+    expect(memorySizes(shrunk)).toEqual({ maxBytes: 256 * 1048576, currentBytes: 96 * 1048576 });
   });
 });
