@@ -42,6 +42,8 @@ export interface PoolReport {
 }
 
 const MAX_POOL_SIZE = 16;
+/** How long after a VM was taken the pool waits before it starts another (ms). */
+export const REFILL_QUIET_MS = 5_000;
 
 export function createWarmPoolActivities(deps: { hostId: string; dataDir: string; hypervisor: Hypervisor; log: Logger; admission: AdmissionConfig }) {
   const { hypervisor: hv, log } = deps;
@@ -129,6 +131,7 @@ export function createWarmPoolActivities(deps: { hostId: string; dataDir: string
       at: Date.now(),
     };
     const names = (await fs.promises.readdir(root).catch(() => [] as string[])).sort();
+    let lastTakenMs = 0;
     const ready: PoolEntry[] = [];
     for (const name of names) {
       const file = path.join(root, name);
@@ -142,6 +145,7 @@ export function createWarmPoolActivities(deps: { hostId: string; dataDir: string
       if (!st) continue;
       if (st.isSymbolicLink()) {
         // Taken by a synthesis: kept while its instance exists.
+        lastTakenMs = Math.max(lastTakenMs, st.mtimeMs);
         if (fs.existsSync(file)) report.taken += 1;
         else if (!dryRun) await fs.promises.rm(file, { force: true });
         continue;
@@ -181,7 +185,11 @@ export function createWarmPoolActivities(deps: { hostId: string; dataDir: string
       .filter((d) => d.missing > 0)
       .sort((a, b) => b.missing - a.missing);
     const why: string[] = [];
-    for (const d of deficits) {
+    // A VM taken moments ago is still starting its application: a new QEMU start now would take
+    // the CPU from it. The refill waits until the host is quiet again.
+    const quietInMs = lastTakenMs + REFILL_QUIET_MS - Date.now();
+    if (deficits.length > 0 && quietInMs > 0) why.push(`a VM was taken ${Math.round((REFILL_QUIET_MS - quietInMs) / 1000)} s ago: refilling after ${REFILL_QUIET_MS / 1000} s, while its synthesis finishes`);
+    for (const d of quietInMs > 0 ? [] : deficits) {
       if (report.started.length > 0) {
         report.more = true;
         break;
