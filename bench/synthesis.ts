@@ -18,7 +18,7 @@
  * workflow from its history (wall time minus its activities' time; target ≤ 5%). Progress goes to
  * stderr. One guest VM runs at a time; every domain (cl-<host>-*) and file it makes is removed.
  */
-import { execFile, spawn, type ChildProcess } from 'node:child_process';
+import { execFile } from 'node:child_process';
 import { randomUUID } from 'node:crypto';
 import fs from 'node:fs';
 import http from 'node:http';
@@ -38,9 +38,10 @@ import { GuestAppClient, type GuestState } from '../src/guest/app-client';
 import { editDomainXml } from '../src/hypervisor/domain-xml';
 import { LibvirtHypervisor } from '../src/hypervisor/libvirt';
 import { createOverlayVm, importBaseVm, resumeBaseVm, synthesizeVm, terminateVm } from '../src/workflows';
-import { ensureInfra, removeHostDomains, uniqueSuffix, waitForHostsServing, workerCommand } from '../test/helpers/infra';
+import { ensureInfra, removeHostDomains, uniqueSuffix } from '../test/helpers/infra';
 import { testBasePackage } from '../test/helpers/test-base';
 import { argRuns, median } from './lib';
+import { hostExec, startWorkerProcesses, type WorkerProcesses } from './worker-processes';
 import { firstAnswer, instancePortWatcher } from './first-answer';
 
 const run = promisify(execFile);
@@ -193,8 +194,7 @@ async function runCase(hv: LibvirtHypervisor, runs: number, diskMiB: number | un
   const config: Config = { ...loadConfig({ CLOUDLET_LOG_LEVEL: 'warn' }), workflowTaskQueue: `wf-bench-synth-${suffix}` };
   const naiveRoot = path.join(hostDir(config, hostB), 'naive');
   const naiveServed = path.join(hostDir(config, hostA), 'naive-served');
-  const workers: ChildProcess[] = [];
-  const running: Promise<void>[] = [];
+  let workers: WorkerProcesses | undefined;
   let client: Client | undefined;
   let server: { url: string; close(): Promise<void> } | undefined;
   const m: Runs = {};
@@ -207,19 +207,8 @@ async function runCase(hv: LibvirtHypervisor, runs: number, diskMiB: number | un
     const c = client;
     // One worker process per host, as in production (src/workers/main.ts): the hosts' event loops
     // are not shared with each other nor with this process's pollers and naive-method client.
-    for (const h of [hostA, hostB]) {
-      const { command, args } = workerCommand(h);
-      const child = spawn(command, args, {
-        env: { ...process.env, CLOUDLET_WORKFLOW_QUEUE: config.workflowTaskQueue, CLOUDLET_VAR: config.varDir, CLOUDLET_LOG_LEVEL: 'warn' },
-        stdio: ['ignore', 'ignore', 'inherit'],
-      });
-      workers.push(child);
-      running.push(new Promise((resolve) => child.once('exit', () => resolve())));
-    }
-    await waitForHostsServing(c, [hostA, hostB], 120_000);
-    // Each operation's workflow runs on its host's queue, as the service starts them.
-    const exec = <A extends { hostId: string }, T>(wf: (a: A) => Promise<T>, id: string, arg: A): Promise<T> =>
-      c.workflow.execute(wf as (a: A) => Promise<T>, { taskQueue: hostTaskQueue(arg.hostId), workflowId: id, args: [{ ...arg, onHostQueue: true }] });
+    workers = await startWorkerProcesses(c, config, [hostA, hostB]);
+    const exec = hostExec(c);
 
     for (const hostId of [hostA, hostB]) {
       progress(`import the base on ${hostId}`);
@@ -380,8 +369,7 @@ async function runCase(hv: LibvirtHypervisor, runs: number, diskMiB: number | un
   } finally {
     progress('clean up');
     await server?.close();
-    for (const w of workers) w.kill('SIGTERM');
-    await Promise.allSettled(running);
+    await workers?.stop();
     await client?.connection.close();
     removeHostDomains([hostA, hostB]);
     for (const h of [hostA, hostB]) fs.rmSync(hostDir(config, h), { recursive: true, force: true });

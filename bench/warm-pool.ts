@@ -14,7 +14,6 @@
  * [{name,value,limit}]}: poolFirstResponseRatio (pool / no pool, limit 0.5) and poolRestoreOverQemu
  * (pool-served restore / QEMU's own, limit 1.5).
  */
-import { spawn, type ChildProcess } from 'node:child_process';
 import fs from 'node:fs';
 import { loadavg } from 'node:os';
 import path from 'node:path';
@@ -26,10 +25,11 @@ import { hostDir, loadConfig, type Config } from '../src/config';
 import { GuestAppClient } from '../src/guest/app-client';
 import { LibvirtHypervisor } from '../src/hypervisor/libvirt';
 import { createOverlayVm, importBaseVm, poolStateQuery, resumeBaseVm, setPoolTargetSignal, synthesizeVm, terminateVm } from '../src/workflows';
-import { ensureInfra, removeHostDomains, uniqueSuffix, waitForHostsServing, workerCommand } from '../test/helpers/infra';
+import { ensureInfra, removeHostDomains, uniqueSuffix } from '../test/helpers/infra';
 import { testBasePackage } from '../test/helpers/test-base';
 import { firstAnswer, instancePortWatcher } from './first-answer';
 import { argRuns, median } from './lib';
+import { hostExec, startWorkerProcesses, type WorkerProcesses } from './worker-processes';
 import { lastQemuArgv, qemuRestoreMs } from './qemu-restore';
 
 const load = (): number[] => loadavg().map((x) => Math.round(x * 10) / 10);
@@ -49,8 +49,7 @@ async function main(): Promise<void> {
   const hostA = `bpa-${suffix}`;
   const hostB = `bpb-${suffix}`;
   const config: Config = { ...loadConfig({ CLOUDLET_LOG_LEVEL: 'warn' }), workflowTaskQueue: `wf-bench-pool-${suffix}` };
-  const workers: ChildProcess[] = [];
-  const running: Promise<void>[] = [];
+  let workers: WorkerProcesses | undefined;
   let client: Client | undefined;
   const m: Record<string, number[]> = { pool_first_response_ms: [], no_pool_first_response_ms: [], pool_restore_ms: [], qemu_restore_ms: [], no_pool_restore_ms: [] };
   const stages: Record<string, number[]> = {};
@@ -63,18 +62,8 @@ async function main(): Promise<void> {
     const pkg = await testBasePackage(256);
     client = await connectClient(config);
     const c = client;
-    for (const h of [hostA, hostB]) {
-      const { command, args } = workerCommand(h);
-      const child = spawn(command, args, {
-        env: { ...process.env, CLOUDLET_WORKFLOW_QUEUE: config.workflowTaskQueue, CLOUDLET_VAR: config.varDir, CLOUDLET_LOG_LEVEL: 'warn', CLOUDLET_WARM_POOL_EVERY_MS: '1000' },
-        stdio: ['ignore', 'ignore', 'inherit'],
-      });
-      workers.push(child);
-      running.push(new Promise((resolve) => child.once('exit', () => resolve())));
-    }
-    await waitForHostsServing(c, [hostA, hostB], 120_000);
-    const exec = <A extends { hostId: string }, T>(wf: (a: A) => Promise<T>, id: string, arg: A): Promise<T> =>
-      c.workflow.execute(wf as (a: A) => Promise<T>, { taskQueue: hostTaskQueue(arg.hostId), workflowId: id, args: [{ ...arg, onHostQueue: true }] });
+    workers = await startWorkerProcesses(c, config, [hostA, hostB], { CLOUDLET_WARM_POOL_EVERY_MS: '1000' });
+    const exec = hostExec(c);
     for (const hostId of [hostA, hostB]) {
       progress(`import the base on ${hostId}`);
       await exec(importBaseVm, `bench-pool/import/${hostId}`, { hostId, source: pkg.packageFile });
@@ -136,8 +125,7 @@ async function main(): Promise<void> {
     emit({ metric: 'targets', targets: [{ name: 'poolFirstResponseRatio', value: ratio, limit: 0.5 }, { name: 'poolRestoreOverQemu', value: restore, limit: 1.5 }] });
   } finally {
     progress('clean up');
-    for (const w of workers) w.kill('SIGTERM');
-    await Promise.allSettled(running);
+    await workers?.stop();
     await client?.connection.close();
     await hv.close();
     removeHostDomains([hostA, hostB]);
