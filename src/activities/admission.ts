@@ -37,25 +37,33 @@ export function domainMemoryBytes(xml: string): number {
   return Number(m[2]) * factor;
 }
 
+/** What a host gives its VMs in all: CLOUDLET_VM_MEMORY_MIB, else its total memory less the reserve. */
+export function vmCapacityBytes(admission: AdmissionConfig): number {
+  return admission.vmMemoryBytes ?? Math.max(0, os.totalmem() - admission.reserveBytes);
+}
+
+/** The guest memory of the host's admitted VMs (all but `except`'s). */
+export async function admittedBytes(dataDir: string, except?: string): Promise<number> {
+  const dir = admissionsDir(dataDir);
+  let sum = 0;
+  for (const n of await fs.promises.readdir(dir).catch(() => [] as string[])) {
+    if (!n.endsWith('.json') || n === `${except}.json`) continue;
+    const text = await fs.promises.readFile(path.join(dir, n), 'utf8').catch(() => '');
+    sum += Number((JSON.parse(text || '{}') as { memoryBytes?: number }).memoryBytes ?? 0);
+  }
+  return sum;
+}
+
 export function createAdmissionActivities(deps: { hostId: string; dataDir: string; admission: AdmissionConfig }) {
   const dir = admissionsDir(deps.dataDir);
-  const capacity = (): number => deps.admission.vmMemoryBytes ?? Math.max(0, os.totalmem() - deps.admission.reserveBytes);
+  const capacity = (): number => vmCapacityBytes(deps.admission);
   let lock: Promise<unknown> = Promise.resolve();
   const exclusive = <T>(f: () => Promise<T>): Promise<T> => {
     const run = lock.then(f, f);
     lock = run.catch(() => undefined);
     return run;
   };
-  const committed = async (except: string): Promise<number> => {
-    const names = await fs.promises.readdir(dir).catch(() => [] as string[]);
-    let sum = 0;
-    for (const n of names) {
-      if (!n.endsWith('.json') || n === `${except}.json`) continue;
-      const text = await fs.promises.readFile(path.join(dir, n), 'utf8').catch(() => '');
-      sum += Number((JSON.parse(text || '{}') as { memoryBytes?: number }).memoryBytes ?? 0);
-    }
-    return sum;
-  };
+  const committed = (except: string): Promise<number> => admittedBytes(deps.dataDir, except);
 
   return {
     /**

@@ -8,7 +8,6 @@
  */
 import { randomBytes, randomUUID } from 'node:crypto';
 import fs from 'node:fs';
-import os from 'node:os';
 import path from 'node:path';
 import type { Logger } from 'pino';
 import { openBase, readBaseManifest } from '../core/base';
@@ -17,7 +16,7 @@ import { readSaveHeader } from '../core/snapshot';
 import { createQcow2Overlay } from '../hypervisor/disk';
 import { editDomainXml } from '../hypervisor/domain-xml';
 import type { Hypervisor } from '../hypervisor/types';
-import { admissionsDir, domainMemoryBytes, type AdmissionConfig } from './admission';
+import { admittedBytes, domainMemoryBytes, vmCapacityBytes, type AdmissionConfig } from './admission';
 import { randomMac } from './guest';
 import { availableMemory } from './host-stats';
 import { CLAIM, domainShape, giveBackEntry, isEntryId, poolDir, poolDomainName, readEntry, readTargets, STALE_CLAIM_MS, takeEntry, writeTargets, type PoolEntry } from './pool-entries';
@@ -49,18 +48,6 @@ export function createWarmPoolActivities(deps: { hostId: string; dataDir: string
   const { hypervisor: hv, log } = deps;
   const root = poolDir(deps.dataDir);
   const storeRoot = path.join(deps.dataDir, 'store');
-  const capacity = (): number => deps.admission.vmMemoryBytes ?? Math.max(0, os.totalmem() - deps.admission.reserveBytes);
-
-  async function admittedBytes(): Promise<number> {
-    const dir = admissionsDir(deps.dataDir);
-    let sum = 0;
-    for (const n of await fs.promises.readdir(dir).catch(() => [] as string[])) {
-      if (!n.endsWith('.json')) continue;
-      const text = await fs.promises.readFile(path.join(dir, n), 'utf8').catch(() => '');
-      sum += Number((JSON.parse(text || '{}') as { memoryBytes?: number }).memoryBytes ?? 0);
-    }
-    return sum;
-  }
 
   /**
    * Discards an entry: takes it first (a synthesis that has it keeps it), then destroys its VM;
@@ -127,7 +114,7 @@ export function createWarmPoolActivities(deps: { hostId: string; dataDir: string
     const targets = await readTargets(deps.dataDir);
     const report: PoolReport = {
       hostId: deps.hostId, targets, entries: [], taken: 0, started: [], discarded: [], more: false,
-      memory: { capacityBytes: capacity(), admittedBytes: await admittedBytes(), poolBytes: 0, availableBytes: await availableMemory(), reserveBytes: deps.admission.reserveBytes },
+      memory: { capacityBytes: vmCapacityBytes(deps.admission), admittedBytes: await admittedBytes(deps.dataDir), poolBytes: 0, availableBytes: await availableMemory(), reserveBytes: deps.admission.reserveBytes },
       at: Date.now(),
     };
     const names = (await fs.promises.readdir(root).catch(() => [] as string[])).sort();
