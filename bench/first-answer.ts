@@ -11,7 +11,7 @@ const sleep = (ms: number): Promise<void> => new Promise((r) => setTimeout(r, ms
  * longest failed attempt: a request that hangs (slirp accepts before the guest can answer) would
  * make the measured time late by up to that much.
  */
-export async function firstAnswer(port: () => number | undefined, deadlineMs: number): Promise<{ state: GuestState; longestFailedMs: number }> {
+export async function firstAnswer(port: () => number | undefined, deadlineMs: number): Promise<{ state: GuestState; longestFailedMs: number; port: number }> {
   const deadline = Date.now() + deadlineMs;
   let longestFailedMs = 0;
   for (;;) {
@@ -19,7 +19,7 @@ export async function firstAnswer(port: () => number | undefined, deadlineMs: nu
     if (p !== undefined) {
       const a0 = performance.now();
       try {
-        return { state: await new GuestAppClient(p).state(2000), longestFailedMs };
+        return { state: await new GuestAppClient(p).state(2000), longestFailedMs, port: p };
       } catch {
         longestFailedMs = Math.max(longestFailedMs, performance.now() - a0); // not answering yet
       }

@@ -11,12 +11,12 @@ import path from 'node:path';
 import type { Logger } from 'pino';
 import { CloudletError, isCloudletError } from '../core/errors';
 import { importBase, openBase, openBaseFiles, readBaseManifest } from '../core/base';
-import { applyOverlay, createOverlay, readOverlayMeta } from '../core/overlay';
-import { readSaveHeader, rewriteSaveHeaderXml } from '../core/snapshot';
+import { applyOverlay, createOverlay, readOverlayMeta, type OverlayMeta } from '../core/overlay';
+import { readSaveHeader, rewriteSaveHeaderXml, type SaveTee } from '../core/snapshot';
 import { Store } from '../core/store';
-import type { Hypervisor, RestoreIncomingResult, RestoreResult } from '../hypervisor/types';
+import type { ForwardResult, Hypervisor, RestoreIncomingResult, RestoreResult, SaveFeed } from '../hypervisor/types';
 import { createQcow2Overlay } from '../hypervisor/disk';
-import { editDomainXml, memorySizes } from '../hypervisor/domain-xml';
+import { editDomainXml, interfaceElements, memorySizes } from '../hypervisor/domain-xml';
 import { GuestAppClient } from '../guest/app-client';
 import { cancellationSignal, heartbeat, heartbeatOrCancel, withHeartbeats } from './heartbeat';
 import { randomMac } from './guest';
@@ -25,7 +25,7 @@ import { fingerprintVm, type VmFingerprint } from './vm-fingerprint';
 import type { Fingerprint } from '../client/handoff-peer';
 import type { FetchPolicy } from '../core/fetch/policy';
 import { domainMemoryBytes, releaseAdmission } from './admission';
-import { claimPoolEntry, releaseClaimIn } from './pool-entries';
+import { claimPoolEntry, installPoolDisk, POOL_LOADED, releaseClaimIn, takePoolEntry, type PoolEntry } from './pool-entries';
 
 export type { InstanceRecord };
 
@@ -41,6 +41,12 @@ export interface CloudletActivityDeps {
 }
 
 const APP_PORT_DEFAULT = 8080;
+
+/** Whether every NIC of a domain is a user-mode one (a network of its own QEMU process, private to the VM). */
+function userModeNicsOnly(domainXml: string): boolean {
+  const nics = interfaceElements(domainXml);
+  return nics.length > 0 && nics.every((n) => n.info.type === 'user');
+}
 
 const progress = (stage: string) => (done: number, total: number) => heartbeatOrCancel({ stage, bytesDone: done, bytesTotal: total });
 
@@ -79,9 +85,9 @@ export function createInstanceActivities(deps: CloudletActivityDeps) {
    * arrives by handoff is the same VM on the same virtual network, so its guest need not notice a
    * new device (no hot-plug, no DHCP before it answers).
    */
-  async function restoreAsInstance(rec: InstanceRecord, savePath: string, diskPath: string, verify?: Fingerprint, keepNic = false): Promise<{ restoreMs: number; replugMs: number; hostPort: number; verified?: VmFingerprint; incoming?: { startMs?: number; fillMs?: number; incomingMs: number } }> {
+  async function restoreAsInstance(rec: InstanceRecord, savePath: string, diskPath: string, verify?: Fingerprint, keepNic = false): Promise<{ restoreMs: number; replugMs: number; replugged: boolean; hostPort: number; verified?: VmFingerprint; incoming?: { startMs?: number; fillMs?: number; incomingMs: number } }> {
     const state = await hv.state(rec.domain);
-    if (state === 'running' && rec.hostPort !== undefined) return { restoreMs: 0, replugMs: 0, hostPort: rec.hostPort };
+    if (state === 'running' && rec.hostPort !== undefined) return { restoreMs: 0, replugMs: 0, replugged: false, hostPort: rec.hostPort };
     const ramImage = path.join(path.dirname(savePath), SHARED_RAM_IMAGE);
     const sharedRam = fs.existsSync(`${ramImage}.json`) ? (JSON.parse(await fs.promises.readFile(`${ramImage}.json`, 'utf8')) as { offset: number; length: number; startedAhead?: string }) : undefined;
     // A VM a handoff started ahead (paused, waiting for its device state, its RAM filled) is used
@@ -98,10 +104,21 @@ export function createInstanceActivities(deps: CloudletActivityDeps) {
     // Every instance's RAM is a shared file: a handoff reads it and hands it over without a memory stream.
     const xml = editDomainXml(header.domainXml, { name: rec.domain, uuid: randomUUID(), diskPath, diskFormat: 'qcow2', serialPath, sharedMemory: true, incomingDefer: false, preallocate: false }, `domain XML of ${savePath}`);
     await rewriteSaveHeaderXml(savePath, xml);
+    let servedByPool = false;
+    // What the synthesis left when it streamed the save into a warm pool VM (early start).
+    const preloaded = rec.poolEntry === undefined ? undefined : await fs.promises.readFile(path.join(path.dirname(savePath), POOL_LOADED), 'utf8').then((t) => JSON.parse(t) as { hostPort?: number }).catch(() => undefined);
     const restored: RestoreResult & Partial<RestoreIncomingResult> = await step('restore', async (): Promise<RestoreResult & Partial<RestoreIncomingResult>> => {
+      if (pooled && preloaded) {
+        // The synthesis streamed the save into it already (early start): it only waits to run.
+        const t1 = Date.now();
+        if (!verify) await hv.resume(rec.domain);
+        servedByPool = true;
+        return { name: rec.domain, ms: Date.now() - t1 };
+      }
       if (pooled) {
         try {
           const c = await withHeartbeats(hv.completeIncoming(rec.domain, savePath, { wholeStream: true, ...(verify ? { paused: true } : {}) }), () => ({ stage: 'resume' }));
+          servedByPool = true;
           return { name: rec.domain, ms: c.ms, incomingMs: c.ms, startMs: 0 };
         } catch (e) {
           log.warn({ domain: rec.domain, entryId: rec.poolEntry, err: String(e) }, 'the warm pool VM did not take the synthesized VM; restoring it anew');
@@ -142,10 +159,17 @@ export function createInstanceActivities(deps: CloudletActivityDeps) {
     if (mem && mem.currentBytes < mem.maxBytes) {
       await step('grow the balloon back', () => hv.setBalloon(rec.domain, mem.maxBytes)).catch((e: unknown) => log.warn({ domain: rec.domain, err: String(e) }, 'could not give the VM its memory back; it runs with what its base was shrunk to'));
     }
+    // A warm pool VM's NIC is already a new one: the user-mode network of a QEMU started for this
+    // VM alone, which gives the guest the same address and gateway as any other. The guest keeps
+    // the launch VM's MAC on it (the loaded device state carries it), and nothing outside that
+    // private network sees it, so the NIC is not hot-plugged again. A NIC on a shared network
+    // (bridge, libvirt network) is replugged with a fresh MAC as for any synthesized VM.
+    const nicIsNew = servedByPool && userModeNicsOnly(header.domainXml);
+    const replugged = !keepNic && !nicIsNew;
     const t0 = Date.now();
-    if (!keepNic) await step('replug NIC', () => hv.replugNic(rec.domain, { mac: randomMac() }));
+    if (replugged) await step('replug NIC', () => hv.replugNic(rec.domain, { mac: randomMac() }));
     const replugMs = Date.now() - t0;
-    const fwd = await step('forward app port', () => hv.forwardPort(rec.domain, { guestPort: rec.appPort }));
+    const fwd = servedByPool && preloaded?.hostPort !== undefined ? { hostPort: preloaded.hostPort } : await step('forward app port', () => hv.forwardPort(rec.domain, { guestPort: rec.appPort }));
     rec.hostPort = fwd.hostPort;
     await writeRecord(rec);
     if (sharedRam) {
@@ -155,7 +179,7 @@ export function createInstanceActivities(deps: CloudletActivityDeps) {
     }
     log.info({ instanceId: rec.instanceId, domain: rec.domain, restoreMs: restored.ms, replugMs, hostPort: fwd.hostPort }, 'instance running');
     const incoming = restored.incomingMs !== undefined ? { ...(restored.startMs !== undefined ? { startMs: restored.startMs } : {}), ...(restored.fillMs !== undefined ? { fillMs: restored.fillMs } : {}), incomingMs: restored.incomingMs } : undefined;
-    return { restoreMs: restored.ms, replugMs, hostPort: fwd.hostPort, ...(verified ? { verified } : {}), ...(incoming ? { incoming } : {}) };
+    return { restoreMs: restored.ms, replugMs, replugged, hostPort: fwd.hostPort, ...(verified ? { verified } : {}), ...(incoming ? { incoming } : {}) };
   }
 
   const activities = {
@@ -325,29 +349,84 @@ export function createInstanceActivities(deps: CloudletActivityDeps) {
       let last = { stage: 'apply overlay', bytesDone: 0, bytesTotal: 0 };
       const onProgress = progress('apply overlay');
       const signal = cancellationSignal();
+      // Early start: a warm pool VM of the launch VM's shape is taken as soon as the overlay's
+      // meta is read, and loads the save file while the apply rebuilds it. QEMU gets its last
+      // bytes only below, once every digest has been checked and the disk installed.
+      let taken: PoolEntry | undefined;
+      let feed: SaveFeed | undefined;
+      let claimMs = 0;
+      let forwarding: Promise<ForwardResult | undefined> | undefined;
+      const onMeta = input.warmPool === false ? undefined : async (meta: OverlayMeta): Promise<SaveTee | undefined> => {
+        if (meta.base.id !== input.baseId) return undefined;
+        const t0 = Date.now();
+        taken = await takePoolEntry(deps, { baseId: input.baseId, launchXml: meta.launch.domainXml, instanceDir: dir }).catch((e: unknown) => {
+          log.warn({ instanceId: input.instanceId, err: String(e) }, 'could not take a warm pool VM; the synthesis restores its VM as usual');
+          return undefined;
+        });
+        claimMs = Date.now() - t0;
+        if (!taken) return undefined;
+        const f = hv.feedIncoming(taken.domain);
+        feed = f;
+        // Its port forward too, while the apply runs (QEMU's user network takes it paused).
+        forwarding = hv.forwardPort(taken.domain, { guestPort: rec.appPort }).catch((e: unknown) => {
+          log.warn({ domain: taken?.domain, err: String(e) }, 'could not forward the app port of the warm pool VM ahead; it is forwarded at resume');
+          return undefined;
+        });
+        return (part) => f.write(part);
+      };
       const applyStart = Date.now();
-      const r = await step('fetch, decompress and apply overlay', () => withHeartbeats(
-        applyOverlay({
-          base,
-          overlay: input.overlayUrl,
-          outDiskPath: diskPath,
-          outSavePath: savePath,
-          onProgress: (done, total) => {
-            last = { stage: 'apply overlay', bytesDone: done, bytesTotal: total };
-            onProgress(done, total);
-          },
-          ...(signal ? { signal } : {}),
-          ...overlaySourceOptions,
-        }),
-        () => last,
-      ), { 'cloudlet.overlay_url': input.overlayUrl });
+      let r: Awaited<ReturnType<typeof applyOverlay>>;
+      try {
+        r = await step('fetch, decompress and apply overlay', () => withHeartbeats(
+          applyOverlay({
+            base,
+            overlay: input.overlayUrl,
+            outDiskPath: diskPath,
+            outSavePath: savePath,
+            onProgress: (done, total) => {
+              last = { stage: 'apply overlay', bytesDone: done, bytesTotal: total };
+              onProgress(done, total);
+            },
+            ...(signal ? { signal } : {}),
+            ...(onMeta ? { onMeta } : {}),
+            ...overlaySourceOptions,
+          }),
+          () => last,
+        ), { 'cloudlet.overlay_url': input.overlayUrl });
+      } catch (e) {
+        await feed?.close();
+        await releaseClaim(dir);
+        throw e;
+      }
       // The apply's own phases, one after another (fetch, decompression and apply are pipelined in "stream").
       const tm = r.timings;
       phaseSpans(applyStart, (['meta', 'prepare', 'stream', 'finishDisk', 'joinAfterStream', 'rename'] as const).filter((k) => tm[k] !== undefined).map((k) => [`apply: ${k}`, tm[k] ?? 0]), { 'cloudlet.decompress_wait_ms': tm.decompressWait ?? 0, 'cloudlet.apply_segments_ms': tm.applySegments ?? 0 });
       if (r.meta.base.id !== input.baseId) {
         throw new CloudletError('WRONG_BASE', `overlay ${input.overlayUrl} was made for base ${r.meta.base.id}, not ${input.baseId}`);
       }
-      if (input.warmPool !== false) {
+      if (taken && feed) {
+        const entry = taken;
+        const loading = feed;
+        const t0 = Date.now();
+        try {
+          const loaded = await step('load the rest into the warm pool VM', async () => {
+            await installPoolDisk(dir, entry);
+            return loading.complete();
+          }, { 'cloudlet.domain': entry.domain });
+          rec.domain = entry.domain;
+          rec.poolEntry = entry.entryId;
+          r.timings['poolClaim'] = claimMs;
+          r.timings['load the rest into the warm pool VMMs'] = Date.now() - t0;
+          r.timings['stream into the warm pool VMMs'] = loaded.ms;
+          const fwd = await forwarding;
+          await fs.promises.writeFile(path.join(dir, POOL_LOADED), JSON.stringify(fwd ? { hostPort: fwd.hostPort } : {}));
+        } catch (e) {
+          log.warn({ domain: entry.domain, entryId: entry.entryId, err: String(e) }, 'the warm pool VM did not take the synthesized VM; it will be restored anew');
+          await loading.close();
+          await releaseClaim(dir);
+        }
+      } else if (input.warmPool !== false) {
+        // None was ready when the meta was read: one that is now takes the whole stream at resume.
         const t0 = Date.now();
         const entry = await step('take a warm pool VM', () => withHeartbeats(claimPoolEntry(deps, { baseId: input.baseId, launchXml: r.meta.launch.domainXml, instanceDir: dir }), () => ({ stage: 'take a warm pool VM' })));
         if (entry) {
@@ -368,8 +447,10 @@ export function createInstanceActivities(deps: CloudletActivityDeps) {
       const dir = instanceDir(input.instanceId);
       let t0 = Date.now();
       const r = await restoreAsInstance(rec, path.join(dir, 'memory.sav'), path.join(dir, 'disk.qcow2'), input.verify, input.keepNic);
-      const timings: Record<string, number> = { [input.keepNic ? 'resumeMs' : 'resume and replug NICMs']: Date.now() - t0 };
-      if (rec.poolEntry !== undefined && r.incoming?.startMs === 0) {
+      const timings: Record<string, number> = { [r.replugged ? 'resume and replug NICMs' : 'resumeMs']: Date.now() - t0 };
+      if (rec.poolEntry !== undefined && r.incoming === undefined && fs.existsSync(path.join(dir, POOL_LOADED))) {
+        timings['resume the warm pool VMMs'] = r.restoreMs;
+      } else if (rec.poolEntry !== undefined && r.incoming?.startMs === 0) {
         timings['load memory into the warm pool VMMs'] = r.incoming.incomingMs;
       } else if (r.incoming) {
         // No start and fill here: the VM was started ahead of the cut-over, during the live rounds.

@@ -29,6 +29,8 @@ export interface PoolEntry {
 
 /** What an instance directory holds while (and after) its synthesis takes a pool entry. */
 export const POOL_CLAIM = 'pool-claim.json';
+/** Written once the taken VM has loaded the synthesized save file (early start): resume only runs it. */
+export const POOL_LOADED = 'pool-loaded';
 
 const ENTRY_ID = /^p[0-9a-f]{8}$/;
 
@@ -142,13 +144,13 @@ export async function giveBackEntry(dir: string, owner: string): Promise<void> {
 }
 
 /**
- * Takes a ready entry of base `baseId` whose VM has the shape of `launchXml` into `instanceDir`:
- * the synthesized disk (`disk.qcow2` there) is copied into the entry's disk file in place (the
- * paused QEMU holds it open and re-reads it when the stream completes), which then becomes the
- * instance's disk. Entries whose QEMU is gone are skipped (the pool discards them). Returns the
- * entry, or undefined when none is ready (the synthesis restores as usual).
+ * Takes a ready entry of base `baseId` whose VM has the shape of `launchXml` into `instanceDir`
+ * (as `.pool-<entryId>`, a symlink left at its old path): from then on the synthesis owns its VM.
+ * Entries whose QEMU is gone are skipped (the pool discards them). Returns the entry, or undefined
+ * when none is ready (the synthesis restores as usual). The VM still has the pool's empty disk
+ * until installPoolDisk.
  */
-export async function claimPoolEntry(deps: { hostId: string; dataDir: string; hypervisor: Hypervisor; log: Logger }, input: { baseId: string; launchXml: string; instanceDir: string }): Promise<PoolEntry | undefined> {
+export async function takePoolEntry(deps: { hostId: string; dataDir: string; hypervisor: Hypervisor; log: Logger }, input: { baseId: string; launchXml: string; instanceDir: string }): Promise<PoolEntry | undefined> {
   const root = poolDir(deps.dataDir);
   const names = await fs.promises.readdir(root).catch(() => [] as string[]);
   const owner = path.basename(input.instanceDir);
@@ -171,18 +173,33 @@ export async function claimPoolEntry(deps: { hostId: string; dataDir: string; hy
     }
     // Written before the move: a retry of a synthesis cut off from here on knows what it took.
     await fs.promises.writeFile(path.join(input.instanceDir, POOL_CLAIM), JSON.stringify(entry));
-    const taken = path.join(input.instanceDir, `.pool-${name}`);
-    await fs.promises.rename(from, taken);
+    await fs.promises.rename(from, path.join(input.instanceDir, `.pool-${name}`));
     await fs.promises.symlink(path.relative(root, input.instanceDir), from);
-    const disk = path.join(input.instanceDir, 'disk.qcow2');
-    await fs.promises.copyFile(disk, path.join(taken, 'disk.qcow2'));
-    await fs.promises.rename(path.join(taken, 'disk.qcow2'), disk);
-    await fs.promises.rename(path.join(taken, 'serial.log'), path.join(input.instanceDir, 'serial.log')).catch(() => undefined);
-    await fs.promises.rm(taken, { recursive: true, force: true });
     deps.log.info({ entryId: entry.entryId, domain: entry.domain, instanceDir: input.instanceDir }, 'warm pool entry taken');
     return entry;
   }
   return undefined;
+}
+
+/**
+ * Makes the synthesized disk (`disk.qcow2` in the instance directory) the taken VM's disk: it is
+ * copied into the entry's disk file in place (the paused QEMU holds it open, inactive, and re-reads
+ * it when its incoming stream completes), which then becomes the instance's `disk.qcow2`.
+ */
+export async function installPoolDisk(instanceDir: string, entry: PoolEntry): Promise<void> {
+  const taken = path.join(instanceDir, `.pool-${entry.entryId}`);
+  const disk = path.join(instanceDir, 'disk.qcow2');
+  await fs.promises.copyFile(disk, path.join(taken, 'disk.qcow2'));
+  await fs.promises.rename(path.join(taken, 'disk.qcow2'), disk);
+  await fs.promises.rename(path.join(taken, 'serial.log'), path.join(instanceDir, 'serial.log')).catch(() => undefined);
+  await fs.promises.rm(taken, { recursive: true, force: true });
+}
+
+/** takePoolEntry then installPoolDisk, for a synthesis whose disk is already written. */
+export async function claimPoolEntry(deps: { hostId: string; dataDir: string; hypervisor: Hypervisor; log: Logger }, input: { baseId: string; launchXml: string; instanceDir: string }): Promise<PoolEntry | undefined> {
+  const entry = await takePoolEntry(deps, input);
+  if (entry) await installPoolDisk(input.instanceDir, entry);
+  return entry;
 }
 
 /**
@@ -200,6 +217,7 @@ export async function releaseClaimIn(deps: { dataDir: string; hypervisor: Hyperv
     await deps.hypervisor.destroy(entry.domain);
     await deps.hypervisor.undefine(entry.domain);
     if (linksHere) await fs.promises.rm(link, { force: true });
+    await fs.promises.rm(path.join(instanceDir, `.pool-${entry.entryId}`), { recursive: true, force: true });
   } else if (st?.isDirectory()) {
     await giveBackEntry(link, path.basename(instanceDir));
   }

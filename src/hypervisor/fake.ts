@@ -9,7 +9,7 @@ import { CloudletError } from '../core/errors';
 import { assertCpuModelUsable, type DomainCapabilities } from './domcaps';
 import { isValidMac } from './domain-xml';
 import { waitForSerialLine } from './serial';
-import type { DomainSpec, DomainState, ForwardResult, GuestExecOptions, GuestExecResult, Hypervisor, NicSpec, RamImage, ReplugResult, RestoreIncomingResult, RestoreOptions, RestoreResult, SharedRam, SnapshotDiskResult, StreamMemoryOptions, StreamMemoryResult, VirtType } from './types';
+import type { DomainSpec, DomainState, ForwardResult, GuestExecOptions, GuestExecResult, Hypervisor, NicSpec, RamImage, ReplugResult, RestoreIncomingResult, RestoreOptions, RestoreResult, SaveFeed, SharedRam, SnapshotDiskResult, StreamMemoryOptions, StreamMemoryResult, VirtType } from './types';
 
 interface FakeDomain {
   spec: DomainSpec;
@@ -169,6 +169,17 @@ export class FakeHypervisor implements Hypervisor {
   async completeIncoming(name: string, file: string): Promise<{ ms: number }> {
     this.record('completeIncoming', name, file);
     throw new CloudletError('HYPERVISOR', 'the fake hypervisor keeps no guest RAM in files', { fix: 'use the libvirt adapter' });
+  }
+
+  feedIncoming(name: string): SaveFeed {
+    this.record('feedIncoming', name);
+    return {
+      write: async () => undefined,
+      complete: async () => {
+        throw new CloudletError('HYPERVISOR', 'the fake hypervisor keeps no guest RAM in files', { fix: 'use the libvirt adapter' });
+      },
+      close: async () => undefined,
+    };
   }
 
   async restore(file: string, options: RestoreOptions = {}): Promise<RestoreResult> {

@@ -14,12 +14,13 @@ import { assertCpuModelUsable, parseDomainCapabilities, parseMissingFeatures, us
 import { buildDomainXml, buildXml, editDomainXml, hasGuestAgentChannel, interfaceElements, interfaceXml, isValidMac, parseDomainXml } from './domain-xml';
 import { guestExec, type AgentSend } from './guest-agent';
 import { virtTypeVerdict } from './kvm';
-import { migrateFromFile, migrateToFile, saveCookieXml } from './memory-stream';
+import { migrateToFile, saveCookieXml } from './memory-stream';
+import { IncomingFeed, migrateFromFile } from './incoming-stream';
 import { fillRamFile } from './ram-file';
 import { loadNative, nativeMessage, type NativeDomain, type NativeHypervisor } from './native';
 import { parseQmpReply, QmpError, type QmpBatch, type QmpSend } from './qmp';
 import { waitForSerialLine } from './serial';
-import type { DomainSpec, DomainState, ForwardResult, GuestExecOptions, GuestExecResult, Hypervisor, NicSpec, RamImage, ReplugResult, RestoreIncomingResult, RestoreOptions, RestoreResult, SharedRam, SnapshotDiskResult, StreamMemoryOptions, StreamMemoryResult, VirtType } from './types';
+import type { DomainSpec, DomainState, ForwardResult, GuestExecOptions, GuestExecResult, Hypervisor, NicSpec, RamImage, ReplugResult, RestoreIncomingResult, RestoreOptions, RestoreResult, SaveFeed, SharedRam, SnapshotDiskResult, StreamMemoryOptions, StreamMemoryResult, VirtType } from './types';
 import { runVirsh, VirshError } from './virsh';
 
 export const DEFAULT_URI = 'qemu:///system';
@@ -676,6 +677,11 @@ export class LibvirtHypervisor implements Hypervisor {
     await migrateFromFile({ domain: name, file: abs, streamOffset: header.qemuStreamOffset, qmp: this.qmp(name), qmpBatch: this.qmpBatch(name), log: this.log, ignoreShared: options.wholeStream !== true });
     if (!options.paused) await this.resume(name);
     return { ms: since(t0) };
+  }
+
+  feedIncoming(name: string): SaveFeed {
+    assertName(name);
+    return new IncomingFeed({ domain: name, qmp: this.qmp(name), qmpBatch: this.qmpBatch(name), log: this.log, ignoreShared: false });
   }
 
   async pmemsave(name: string, outPath: string, bytes: number): Promise<void> {

@@ -138,7 +138,7 @@ export interface MigrateToFileInput {
   log: pino.Logger;
 }
 
-function qmpFailure(domain: string, e: unknown): CloudletError {
+export function qmpFailure(domain: string, e: unknown): CloudletError {
   if (e instanceof CloudletError) return e;
   if (e instanceof QmpError) {
     if (/paused due to previous migration/i.test(e.desc)) {
@@ -284,83 +284,5 @@ export async function migrateToFile(input: MigrateToFileInput): Promise<StreamMe
     if (input.ignoreShared) await qmp({ execute: 'migrate-set-capabilities', arguments: { capabilities: [{ capability: 'x-ignore-shared', state: false }] } }).catch(() => undefined);
     await rx.close();
     if (!ok) await unlink(tmp).catch(() => undefined);
-  }
-}
-
-export interface MigrateFromFileInput {
-  /** A domain started paused with `-incoming defer` whose shared RAM already holds the guest's memory. */
-  domain: string;
-  /** A save file of an x-ignore-shared stream (libvirt header, then QEMU's stream from `streamOffset`). */
-  file: string;
-  streamOffset: number;
-  qmp: QmpSend;
-  qmpBatch?: QmpBatch;
-  timeoutMs?: number;
-  log: pino.Logger;
-  /**
-   * false: the stream is a whole one (a plain libvirt save, RAM pages included), loaded into the
-   * domain's RAM file as it comes; default true (device state only, x-ignore-shared).
-   */
-  ignoreShared?: boolean;
-}
-
-/**
- * Feeds a device-state stream (x-ignore-shared: the RAM is already in the domain's shared file) to
- * a domain waiting with `-incoming defer`: QMP `migrate-incoming` on a unix socket in a private
- * directory, our process connects and writes the stream, then query-migrate until `completed`.
- * The domain ends paused.
- */
-export async function migrateFromFile(input: MigrateFromFileInput): Promise<{ ms: number; bytes: number }> {
-  const { domain, qmp } = input;
-  const t0 = performance.now();
-  const dir = await mkdtemp(path.join(os.tmpdir(), 'cloudlet-inc-'));
-  const socketPath = path.join(dir, 'incoming.sock');
-  const timeoutMs = input.timeoutMs ?? 60_000;
-  let bytes = 0;
-  try {
-    try {
-      const setup: QmpCommand[] = [
-        { execute: 'migrate-set-capabilities', arguments: { capabilities: [{ capability: 'x-ignore-shared', state: input.ignoreShared ?? true }] } },
-        { execute: 'migrate-incoming', arguments: { uri: `unix:${socketPath}` } },
-      ];
-      if (input.qmpBatch) {
-        const failed = (await input.qmpBatch(setup)).find((r) => r instanceof QmpError);
-        if (failed) throw failed;
-      } else {
-        for (const c of setup) await qmp(c);
-      }
-    } catch (e) {
-      throw qmpFailure(domain, e);
-    }
-    // QEMU listens once migrate-incoming returned; connect and write the stream.
-    await new Promise<void>((resolve, reject) => {
-      const sock = net.createConnection(socketPath);
-      sock.once('error', (e) => reject(new CloudletError('HYPERVISOR', `cannot send the device state to domain "${domain}" on ${socketPath}: ${e.message}`, { fix: `see /var/log/libvirt/qemu/${domain}.log`, cause: e })));
-      sock.once('connect', () => {
-        const src = fs.createReadStream(input.file, { start: input.streamOffset });
-        src.on('data', (d) => (bytes += d.length));
-        pipeline(src, sock).then(resolve, reject);
-      });
-    });
-    const deadline = Date.now() + timeoutMs;
-    for (;;) {
-      const status = parseMigrateStatus(await qmp({ execute: 'query-migrate' }).catch((e: unknown) => { throw qmpFailure(domain, e); }));
-      if (status.status === 'completed') break;
-      if (status.status === 'failed' || status.status === 'cancelled') {
-        throw new CloudletError('HYPERVISOR', `domain "${domain}" did not take the device state: its incoming migration ${status.status} (${status.errorDesc ?? 'QEMU gave no reason'})`, {
-          fix: `see /var/log/libvirt/qemu/${domain}.log; the stream must come from the same QEMU machine type with x-ignore-shared`,
-          details: { domain, status: status.status, errorDesc: status.errorDesc },
-        });
-      }
-      if (Date.now() > deadline) {
-        throw new CloudletError('TIMEOUT', `domain "${domain}" did not complete its incoming migration within ${timeoutMs} ms (status ${status.status})`, { fix: `see /var/log/libvirt/qemu/${domain}.log` });
-      }
-      await sleep(10);
-    }
-    const ms = Math.round(performance.now() - t0);
-    input.log.info({ domain, bytes, ms }, 'device state loaded');
-    return { ms, bytes };
-  } finally {
-    await rm(dir, { recursive: true, force: true });
   }
 }

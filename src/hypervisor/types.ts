@@ -120,6 +120,16 @@ export interface StreamMemoryOptions {
   ignoreShared?: boolean;
 }
 
+/** A save file streamed into a waiting domain as it is written (Hypervisor.feedIncoming). */
+export interface SaveFeed {
+  /** The next part of the save file, from its first byte. Never rejects: a failure is kept for `complete`. */
+  write(part: Buffer): Promise<void>;
+  /** Sends the bytes held back, waits until the domain has loaded the stream (paused); throws what went wrong. */
+  complete(): Promise<{ ms: number; bytes: number; tailMs: number }>;
+  /** Stops feeding; the domain is left as it is (the caller destroys it). */
+  close(): Promise<void>;
+}
+
 /** Where a domain's guest RAM is, when it is a shared file (DomainXmlEdits.sharedMemory). */
 export interface SharedRam {
   /** The RAM block's id in migration streams (libvirt's pc.ram). */
@@ -200,6 +210,12 @@ export interface Hypervisor {
    * paused when `paused`, else running.
    */
   completeIncoming(name: string, path: string, options?: { paused?: boolean; wholeStream?: boolean }): Promise<{ ms: number }>;
+  /**
+   * Early start into a domain waiting with `-incoming defer` (a warm pool's VM): a feed that takes
+   * a plain save file (RAM pages included) part by part while it is being rebuilt, and lets QEMU
+   * finish loading it only on `complete`. The domain ends paused.
+   */
+  feedIncoming(name: string): SaveFeed;
   /** The domain's guest RAM file, when its RAM is a shared file; undefined otherwise. */
   sharedRamFile(name: string): Promise<SharedRam | undefined>;
   /** Hot-unplugs the domain's NIC and plugs a new user-mode virtio NIC with `mac`. */

@@ -21,6 +21,7 @@ import { Qcow2Writer } from './qcow2-writer';
 import { openOverlaySource, type OverlaySource, type SourceOptions } from './source';
 import { tooLarge, type FetchPolicy } from '../fetch/policy';
 import type { BaseFiles, JoinSnapshot, OnProgress } from './types';
+import type { SaveTee } from '../snapshot';
 
 export async function readMetaFrom(src: OverlaySource): Promise<{ meta: OverlayMeta; dataStart: number }> {
   const header = decodeHeader(await src.read(0, HEADER_SIZE), src.name);
@@ -56,6 +57,13 @@ export interface ApplyToPartsInput {
   policy?: FetchPolicy;
   /** Directories of this host's own that a local overlay path may also be under. */
   extraDirs?: readonly string[];
+  /**
+   * Called once the meta is read and checked, before any segment: may return a consumer of the
+   * save file as it is rebuilt (early start: a VM that loads it as it arrives). It gets the whole
+   * file in order; the file's digests are checked only when the apply returns, so the consumer
+   * must not run what it got before that.
+   */
+  onMeta?: (meta: OverlayMeta) => Promise<SaveTee | undefined>;
 }
 
 function corrupt(segment: number, msg: string, cause?: unknown): CloudletError {
@@ -283,6 +291,7 @@ export async function applyOverlayToParts(input: ApplyToPartsInput): Promise<{ m
   try {
     const { meta, dataStart } = await readMetaFrom(src);
     checkBase(meta, base, src.name);
+    const tee = input.onMeta ? await input.onMeta(meta) : undefined;
     let t = mark('meta', t0);
     const needDelta = (meta.stats['delta'] ?? 0) > 0;
     if (needDelta) await xdelta();
@@ -326,7 +335,7 @@ export async function applyOverlayToParts(input: ApplyToPartsInput): Promise<{ m
         skeleton = raw;
         // The save file is built while the segments are applied: the join reads each part of the
         // memory image once the records before it are applied.
-        joining = input.join(raw, patched, saveTmp);
+        joining = input.join(raw, patched, saveTmp, tee ? { tee } : {});
         joining.catch(() => undefined);
       } else {
         const seg = item.index - 1;

@@ -5,7 +5,7 @@
 import { randomBytes } from 'node:crypto';
 import { rm } from 'node:fs/promises';
 import path from 'node:path';
-import { joinSnapshot, splitSnapshot } from '../snapshot';
+import { joinSnapshot, splitSnapshot, type SaveTee } from '../snapshot';
 import { applyOverlayToParts } from './apply';
 import { createOverlayFromParts } from './create';
 import type { OverlayMeta } from './format';
@@ -73,6 +73,8 @@ export interface ApplyOverlayInput {
   policy?: FetchPolicy;
   /** Directories of this host's own that a local overlay path may also be under. */
   extraDirs?: readonly string[];
+  /** A consumer of the save file as it is rebuilt (see ApplyToPartsInput.onMeta). */
+  onMeta?: (meta: OverlayMeta) => Promise<SaveTee | undefined>;
 }
 
 export function applyOverlay(input: ApplyOverlayInput): Promise<{ meta: OverlayMeta; timings: Record<string, number> }> {

@@ -1,6 +1,6 @@
 import type { ChunkIndex } from '../chunk';
 import type { OnProgress } from '../progress';
-import type { MemoryImageInput } from '../snapshot';
+import type { MemoryImageInput, SaveTee } from '../snapshot';
 
 /** A base as stored on a host; memory as the memory image of its save file. */
 export interface BaseRef {
@@ -57,6 +57,6 @@ export interface LaunchMemory {
 }
 
 /** Rebuilds the save file from a skeleton and a memory image (the codec's joinSnapshot). */
-export type JoinSnapshot = (skeleton: Buffer, image: MemoryImageInput, outSavePath: string) => Promise<{ size: number; sha256: string }>;
+export type JoinSnapshot = (skeleton: Buffer, image: MemoryImageInput, outSavePath: string, opts?: { tee?: SaveTee }) => Promise<{ size: number; sha256: string }>;
 
 export type { OnProgress };

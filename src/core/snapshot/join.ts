@@ -38,6 +38,13 @@ const RAM_FLAG_PAGE = F.RAM_FLAG_PAGE;
 const RAM_FLAG_CONTINUE = F.RAM_FLAG_CONTINUE;
 
 /**
+ * A consumer of the save file as it is rebuilt: called with every part, in order from the file's
+ * first byte, before the part's buffer is reused (so it must be done with the bytes when its
+ * promise settles). A VM that loads the stream as it comes is one (early start).
+ */
+export type SaveTee = (part: Buffer) => Promise<void>;
+
+/**
  * Buffered, hashing output. Large outputs: a full buffer is transferred to a hashing thread, then
  * written, then reused; up to POOL buffers are in flight, so building, hashing and writing overlap
  * and no byte is copied for hashing.
@@ -53,11 +60,14 @@ class OutWriter {
   private failure: unknown;
   private readonly inline: Hash | undefined;
   private readonly worker: PassThroughHasher | undefined;
+  /** The last part handed to the tee (parts go to it in order even when the hashing thread answers out of order). */
+  private teeTail: Promise<void> = Promise.resolve();
 
   constructor(
     /** undefined: hash only (verification), write nothing. */
     private readonly fh: FileHandle | undefined,
     expectedSize: number,
+    private readonly tee?: SaveTee,
   ) {
     this.buf = Buffer.from(takeBuffer());
     if (expectedSize >= HASH_IN_WORKER_FROM) this.worker = PassThroughHasher.acquire();
@@ -129,14 +139,22 @@ class OutWriter {
     if (this.inline) {
       this.inline.update(full.subarray(0, len));
       if (this.fh) await this.fh.write(full, 0, len, at);
+      if (this.tee) await this.tee(full.subarray(0, len));
       return;
     }
     const worker = this.worker as PassThroughHasher;
+    const tee = this.tee;
+    let handBack: (b: Buffer) => void = () => undefined;
+    const back = new Promise<Buffer>((resolve) => (handBack = resolve));
+    const teed = tee ? this.teeTail.then(async () => tee((await back).subarray(0, len))) : undefined;
+    if (teed) this.teeTail = teed.catch(() => undefined);
     const job = worker
       .submit(full.buffer as ArrayBuffer, len)
       .then(async (ab) => {
         const b = Buffer.from(ab);
         if (this.fh) await this.fh.write(b, 0, len, at);
+        handBack(b);
+        if (teed) await teed;
         this.release(b);
       })
       .catch((e: unknown) => {
@@ -200,10 +218,10 @@ async function withImage<T>(image: MemoryImageInput, f: (src: MemoryImageSource)
 }
 
 /** Streams the save file that `skeleton` + memory image describe into `w`. */
-async function rebuild(skeleton: Buffer, img: MemoryImageSource, outFh: FileHandle | undefined): Promise<{ size: number; sha256: string }> {
+async function rebuild(skeleton: Buffer, img: MemoryImageSource, outFh: FileHandle | undefined, tee?: SaveTee): Promise<{ size: number; sha256: string }> {
   const { header, ops } = decodeSkeleton(skeleton);
   const what = img.name;
-  const w = new OutWriter(outFh, header.saveFileSize);
+  const w = new OutWriter(outFh, header.saveFileSize, tee);
   let readAb: ArrayBuffer | undefined;
   try {
     const imgSize = img.size;
@@ -288,15 +306,19 @@ async function rebuild(skeleton: Buffer, img: MemoryImageSource, outFh: FileHand
   }
 }
 
-/** Rebuilds the save file byte for byte into outSavePath (temp name + rename; nothing left on error). */
-export async function joinSnapshot(skeleton: Buffer, image: MemoryImageInput, outSavePath: string): Promise<{ size: number; sha256: string }> {
+/**
+ * Rebuilds the save file byte for byte into outSavePath (temp name + rename; nothing left on
+ * error). `tee` also gets every part as it is written; the digest is checked only at the end, so
+ * whatever the tee feeds must not be used before the join returned.
+ */
+export async function joinSnapshot(skeleton: Buffer, image: MemoryImageInput, outSavePath: string, opts: { tee?: SaveTee } = {}): Promise<{ size: number; sha256: string }> {
   decodeSkeleton(skeleton); // fail on a bad skeleton before creating anything
   const tmp = `${outSavePath}.tmp-${process.pid}`;
   const out = await open(tmp, 'w');
   try {
     let result: { size: number; sha256: string };
     try {
-      result = await withImage(image, (img) => rebuild(skeleton, img, out));
+      result = await withImage(image, (img) => rebuild(skeleton, img, out, opts.tee));
     } finally {
       await out.close();
     }
