@@ -11,8 +11,8 @@ import path from 'node:path';
 import type { Logger } from 'pino';
 import { CloudletError, isCloudletError } from '../core/errors';
 import { importBase, openBase, openBaseFiles, readBaseManifest } from '../core/base';
-import { applyOverlay, createOverlay, readOverlayMeta, type OverlayMeta } from '../core/overlay';
-import { readSaveHeader, rewriteSaveHeaderXml, type SaveTee } from '../core/snapshot';
+import { applyOverlay, createOverlay, readOverlayMeta, type OverlayMeta, type SaveFileTee } from '../core/overlay';
+import { readSaveHeader, rewriteSaveHeaderXml } from '../core/snapshot';
 import { Store } from '../core/store';
 import type { ForwardResult, Hypervisor, RestoreIncomingResult, RestoreResult, SaveFeed } from '../hypervisor/types';
 import { createQcow2Overlay } from '../hypervisor/disk';
@@ -356,7 +356,7 @@ export function createInstanceActivities(deps: CloudletActivityDeps) {
       let feed: SaveFeed | undefined;
       let claimMs = 0;
       let forwarding: Promise<ForwardResult | undefined> | undefined;
-      const onMeta = input.warmPool === false ? undefined : async (meta: OverlayMeta): Promise<SaveTee | undefined> => {
+      const onMeta = input.warmPool === false ? undefined : async (meta: OverlayMeta): Promise<SaveFileTee | undefined> => {
         if (meta.base.id !== input.baseId) return undefined;
         const t0 = Date.now();
         taken = await takePoolEntry(deps, { baseId: input.baseId, launchXml: meta.launch.domainXml, instanceDir: dir }).catch((e: unknown) => {
@@ -372,7 +372,9 @@ export function createInstanceActivities(deps: CloudletActivityDeps) {
           log.warn({ domain: taken?.domain, err: String(e) }, 'could not forward the app port of the warm pool VM ahead; it is forwarded at resume');
           return undefined;
         });
-        return (part) => f.write(part);
+        // Its RAM holds the base's memory already: pages the launch VM has in common with the base
+        // are left out of the stream.
+        return { tee: (part) => f.write(part), ...(taken.prefilled ? { prefilled: taken.prefilled } : {}) };
       };
       const applyStart = Date.now();
       let r: Awaited<ReturnType<typeof applyOverlay>>;

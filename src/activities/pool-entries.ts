@@ -25,6 +25,13 @@ export interface PoolEntry {
   createdAt: string;
   /** How long starting its QEMU took (ms). */
   startMs: number;
+  /**
+   * Its RAM block `block` was filled with the base's memory image from `imageOffset` (`size`
+   * bytes) while it waited: a synthesis streams only the pages that differ from the base.
+   */
+  prefilled?: { block: string; imageOffset: number; size: number };
+  /** How long that fill took (ms). */
+  fillMs?: number;
 }
 
 /** What an instance directory holds while (and after) its synthesis takes a pool entry. */

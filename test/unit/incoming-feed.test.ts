@@ -15,7 +15,8 @@ import { joinSnapshot, splitSnapshot } from '../../src/core/snapshot';
 import { encodeSaveHeader } from '../../src/core/snapshot/header';
 import { IncomingFeed } from '../../src/hypervisor/incoming-stream';
 import { QmpError, type QmpCommand, type QmpSend } from '../../src/hypervisor/qmp';
-import { craftSaveFile, type CraftRecord } from '../fixtures/snapshot/craft';
+import { decodeSkeleton } from '../../src/core/snapshot/skeleton';
+import { craftSaveFile, pageData, type CraftRecord, type CraftSpec } from '../fixtures/snapshot/craft';
 
 const log = pino({ level: 'silent' });
 let dir: string;
@@ -51,6 +52,91 @@ describe('joinSnapshot tee', () => {
     expect(sha(teed)).toBe(sha(crafted.file));
     expect(joined.sha256).toBe(sha(crafted.file));
     if (pages > 1000) expect(calls).toBeGreaterThan(2);
+  });
+});
+
+describe('joinSnapshot tee to a receiver whose RAM holds the base', () => {
+  /** Launch and base differ in a few pages of pc.ram; pc.bios runs sit between pc.ram runs. */
+  const spec = (changed: Set<number>, seed: number): CraftSpec => {
+    const ram = (from: number, count: number): CraftRecord[] =>
+      Array.from({ length: count }, (_, i) => from + i).map((p) => (p % 9 === 0 ? { block: 'pc.ram', page: p, kind: 'zero' as const } : { block: 'pc.ram', page: p, kind: 'page' as const, data: pageData('pc.ram', p, changed.has(p) ? seed : 0) }));
+    return {
+      blocks: [{ name: 'pc.ram', size: 96 * 4096 }, { name: 'pc.bios', size: 4 * 4096 }],
+      parts: [[...ram(0, 40), ...seq('pc.bios', 4)], [...ram(40, 56)]],
+      devices: [{ name: 'cpu', data: Buffer.from('device state') }],
+    };
+  };
+
+  test('only pages that differ go; loaded over the base they give the launch memory exactly', async () => {
+    const changedPages = new Set([1, 2, 41, 55, 95]); // none a ZERO record (every 9th page)
+    const baseSave = path.join(dir, 'pre-base.sav');
+    const launchSave = path.join(dir, 'pre-launch.sav');
+    fs.writeFileSync(baseSave, craftSaveFile(spec(new Set(), 0)).file);
+    const launch = craftSaveFile(spec(changedPages, 7)).file;
+    fs.writeFileSync(launchSave, launch);
+    const baseLayout = await splitSnapshot(baseSave, path.join(dir, 'pre-base.img'), { logger: log });
+    const launchLayout = await splitSnapshot(launchSave, path.join(dir, 'pre-launch.img'), { logger: log });
+    const baseImg = fs.readFileSync(path.join(dir, 'pre-base.img'));
+    const launchImg = fs.readFileSync(path.join(dir, 'pre-launch.img'));
+    const ramBlock = baseLayout.blocks.find((b) => b.name === 'pc.ram');
+    if (!ramBlock) throw new Error('no pc.ram');
+    const parts: Buffer[] = [];
+    const joined = await joinSnapshot(launchLayout.skeleton, path.join(dir, 'pre-launch.img'), path.join(dir, 'pre-launch.out'), {
+      tee: async (part) => {
+        parts.push(Buffer.from(part));
+      },
+      prefilled: {
+        block: 'pc.ram',
+        imageOffset: ramBlock.imageOffset,
+        size: ramBlock.size,
+        // What a patched memory image says: the page is the base's.
+        isBase: (off) => baseImg.subarray(off, off + 4096).equals(launchImg.subarray(off, off + 4096)),
+      },
+    });
+    // The save file itself is still the launch VM's, byte for byte.
+    expect(joined.sha256).toBe(sha(launch));
+    expect(fs.readFileSync(path.join(dir, 'pre-launch.out')).equals(launch)).toBe(true);
+    expect(joined.teeDropped).toBe(96 - changedPages.size);
+    // A stream QEMU accepts: split it (every record must name a block it knows), then load it
+    // over the base's pc.ram, as the receiver would.
+    const reduced = Buffer.concat(parts);
+    expect(reduced.length).toBeLessThan(launch.length / 4);
+    fs.writeFileSync(path.join(dir, 'pre-reduced.sav'), reduced);
+    const red = await splitSnapshot(path.join(dir, 'pre-reduced.sav'), path.join(dir, 'pre-reduced.img'), { logger: log });
+    const redImg = fs.readFileSync(path.join(dir, 'pre-reduced.img'));
+    const redRam = red.blocks.find((b) => b.name === 'pc.ram');
+    const redBios = red.blocks.find((b) => b.name === 'pc.bios');
+    if (!redRam || !redBios) throw new Error('blocks missing');
+    const ram = Buffer.from(baseImg.subarray(ramBlock.imageOffset, ramBlock.imageOffset + ramBlock.size));
+    const sent = new Set<number>();
+    for (const op of decodeSkeleton(red.skeleton).ops) {
+      if (op.op !== 'run' || red.blocks[op.block]?.name !== 'pc.ram') continue;
+      for (let i = 0; i < op.count; i++) {
+        const page = op.firstPage + i;
+        sent.add(page);
+        redImg.copy(ram, page * 4096, redRam.imageOffset + page * 4096, redRam.imageOffset + (page + 1) * 4096);
+      }
+    }
+    expect([...sent].sort((a, b) => a - b)).toEqual([...changedPages].sort((a, b) => a - b));
+    expect(ram.equals(launchImg.subarray(ramBlock.imageOffset, ramBlock.imageOffset + ramBlock.size))).toBe(true);
+    // pc.bios is not prefilled: all of it went, under its own name.
+    const bios = launchLayout.blocks.find((b) => b.name === 'pc.bios');
+    expect(bios && redImg.subarray(redBios.imageOffset, redBios.imageOffset + redBios.size).equals(launchImg.subarray(bios.imageOffset, bios.imageOffset + bios.size))).toBe(true);
+  });
+
+  test('a receiver whose block is laid out elsewhere gets every page', async () => {
+    const launch = craftSaveFile(spec(new Set([3]), 7)).file;
+    fs.writeFileSync(path.join(dir, 'pre2.sav'), launch);
+    const layout = await splitSnapshot(path.join(dir, 'pre2.sav'), path.join(dir, 'pre2.img'), { logger: log });
+    const parts: Buffer[] = [];
+    const joined = await joinSnapshot(layout.skeleton, path.join(dir, 'pre2.img'), path.join(dir, 'pre2.out'), {
+      tee: async (part) => {
+        parts.push(Buffer.from(part));
+      },
+      prefilled: { block: 'pc.ram', imageOffset: 4096, size: 96 * 4096, isBase: () => true },
+    });
+    expect(joined.teeDropped).toBe(0);
+    expect(Buffer.concat(parts).equals(launch)).toBe(true);
   });
 });
 

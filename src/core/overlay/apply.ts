@@ -20,8 +20,7 @@ import { PatchedMemoryImage } from './patched-image';
 import { Qcow2Writer } from './qcow2-writer';
 import { openOverlaySource, type OverlaySource, type SourceOptions } from './source';
 import { tooLarge, type FetchPolicy } from '../fetch/policy';
-import type { BaseFiles, JoinSnapshot, OnProgress } from './types';
-import type { SaveTee } from '../snapshot';
+import type { BaseFiles, JoinSnapshot, OnProgress, SaveFileTee } from './types';
 
 export async function readMetaFrom(src: OverlaySource): Promise<{ meta: OverlayMeta; dataStart: number }> {
   const header = decodeHeader(await src.read(0, HEADER_SIZE), src.name);
@@ -59,11 +58,11 @@ export interface ApplyToPartsInput {
   extraDirs?: readonly string[];
   /**
    * Called once the meta is read and checked, before any segment: may return a consumer of the
-   * save file as it is rebuilt (early start: a VM that loads it as it arrives). It gets the whole
-   * file in order; the file's digests are checked only when the apply returns, so the consumer
-   * must not run what it got before that.
+   * save file as it is rebuilt (early start: a VM that loads it as it arrives). It gets the file
+   * in order (less the pages it holds already, SaveFileTee.prefilled); the file's digests are
+   * checked only when the apply returns, so the consumer must not run what it got before that.
    */
-  onMeta?: (meta: OverlayMeta) => Promise<SaveTee | undefined>;
+  onMeta?: (meta: OverlayMeta) => Promise<SaveFileTee | undefined>;
 }
 
 function corrupt(segment: number, msg: string, cause?: unknown): CloudletError {
@@ -335,7 +334,7 @@ export async function applyOverlayToParts(input: ApplyToPartsInput): Promise<{ m
         skeleton = raw;
         // The save file is built while the segments are applied: the join reads each part of the
         // memory image once the records before it are applied.
-        joining = input.join(raw, patched, saveTmp, tee ? { tee } : {});
+        joining = input.join(raw, patched, saveTmp, tee ? { tee: tee.tee, ...(tee.prefilled ? { prefilled: { ...tee.prefilled, isBase: (offset: number) => offset % CHUNK === 0 && patched.isBaseChunk(offset / CHUNK) } } : {}) } : {});
         joining.catch(() => undefined);
       } else {
         const seg = item.index - 1;

@@ -5,17 +5,17 @@
 import { randomBytes } from 'node:crypto';
 import { rm } from 'node:fs/promises';
 import path from 'node:path';
-import { joinSnapshot, splitSnapshot, type SaveTee } from '../snapshot';
+import { joinSnapshot, splitSnapshot } from '../snapshot';
 import { applyOverlayToParts } from './apply';
 import { createOverlayFromParts } from './create';
 import type { OverlayMeta } from './format';
-import type { BaseFiles, BaseRef, CreateOverlayOptions, OnProgress } from './types';
+import type { BaseFiles, BaseRef, CreateOverlayOptions, OnProgress, SaveFileTee } from './types';
 import type { FetchPolicy } from '../fetch/policy';
 
 export { readOverlayMeta, applyOverlayToParts } from './apply';
 export { createOverlayFromParts } from './create';
 export { OVERLAY_FORMAT_VERSION, type OverlayMeta, type SegmentRef, type BlobRef } from './format';
-export type { BaseFiles, BaseRef, CreateOverlayOptions, LaunchMemory, JoinSnapshot } from './types';
+export type { BaseFiles, BaseRef, CreateOverlayOptions, LaunchMemory, JoinSnapshot, SaveFileTee } from './types';
 export { baseFilesOf } from './types';
 
 export interface CreateOverlayInput {
@@ -74,7 +74,7 @@ export interface ApplyOverlayInput {
   /** Directories of this host's own that a local overlay path may also be under. */
   extraDirs?: readonly string[];
   /** A consumer of the save file as it is rebuilt (see ApplyToPartsInput.onMeta). */
-  onMeta?: (meta: OverlayMeta) => Promise<SaveTee | undefined>;
+  onMeta?: (meta: OverlayMeta) => Promise<SaveFileTee | undefined>;
 }
 
 export function applyOverlay(input: ApplyOverlayInput): Promise<{ meta: OverlayMeta; timings: Record<string, number> }> {

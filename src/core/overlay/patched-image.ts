@@ -81,6 +81,14 @@ export class PatchedMemoryImage implements MemoryImageSource {
     return new Promise((resolve, reject) => this.waiters.push({ chunk: endChunk, resolve, reject }));
   }
 
+  /**
+   * Whether chunk `chunk` is the base's and will stay so (final and not written by the overlay).
+   * False while it may still change.
+   */
+  isBaseChunk(chunk: number): boolean {
+    return chunk < this.final && !this.isChanged(chunk);
+  }
+
   isChanged(chunk: number): boolean {
     return (((this.changed[chunk >> 3] ?? 0) >> (chunk & 7)) & 1) === 1;
   }

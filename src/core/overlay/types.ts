@@ -1,6 +1,6 @@
 import type { ChunkIndex } from '../chunk';
 import type { OnProgress } from '../progress';
-import type { MemoryImageInput, SaveTee } from '../snapshot';
+import type { MemoryImageInput, SaveTee, TeeOptions } from '../snapshot';
 
 /** A base as stored on a host; memory as the memory image of its save file. */
 export interface BaseRef {
@@ -57,6 +57,16 @@ export interface LaunchMemory {
 }
 
 /** Rebuilds the save file from a skeleton and a memory image (the codec's joinSnapshot). */
-export type JoinSnapshot = (skeleton: Buffer, image: MemoryImageInput, outSavePath: string, opts?: { tee?: SaveTee }) => Promise<{ size: number; sha256: string }>;
+export type JoinSnapshot = (skeleton: Buffer, image: MemoryImageInput, outSavePath: string, opts?: Partial<TeeOptions>) => Promise<{ size: number; sha256: string; teeDropped?: number }>;
+
+/**
+ * A consumer of the save file as the apply rebuilds it (early start): `tee` gets the file in order,
+ * less the page records of RAM block `prefilled.block` that hold the base's page, when the
+ * consumer's copy of that block already is the base's memory image from `imageOffset`.
+ */
+export interface SaveFileTee {
+  tee: SaveTee;
+  prefilled?: { block: string; imageOffset: number; size: number };
+}
 
 export type { OnProgress };

@@ -4,7 +4,7 @@
  * Format notes: docs/memory-snapshot.md.
  */
 export { splitSnapshot, type RamBlockLayout, type SnapshotLayout, type SplitOptions, type SplitStats } from './split';
-export { joinSnapshot, prewarmJoin, verifySnapshot, type MemoryImageInput, type SaveTee } from './join';
+export { joinSnapshot, prewarmJoin, verifySnapshot, type MemoryImageInput, type SaveTee, type TeeOptions } from './join';
 export { openImageFile, type MemoryImageSource } from './image-source';
 export { readSaveHeader, rewriteSaveHeaderXml, cpuModelOf, type SaveHeader } from './header';
 export { decodeSkeleton, SKELETON_VERSION, type SkeletonHeader, type DecodedSkeleton } from './skeleton';

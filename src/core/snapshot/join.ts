@@ -45,6 +45,65 @@ const RAM_FLAG_CONTINUE = F.RAM_FLAG_CONTINUE;
 export type SaveTee = (part: Buffer) => Promise<void>;
 
 /**
+ * What a join's tee receives, and which page records it may leave out: those of RAM block `block`
+ * whose page the receiver holds already. The receiver's copy of the block is the base's memory
+ * image from `imageOffset` (`size` bytes); `isBase(imageOffset)` says whether the page at that
+ * offset of the image being joined is the base's and final (a patched memory image knows).
+ */
+export interface TeeOptions {
+  tee: SaveTee;
+  prefilled?: { block: string; imageOffset: number; size: number; isBase: (imageOffset: number) => boolean };
+}
+
+/** Bytes the tee gets at a time. */
+const TEE_SIZE = 1024 * 1024;
+
+/**
+ * The stream a tee gets: buffered and in order. A page record it gets names its block whenever
+ * the record before it (in what it got) was of another block, since records may be left out.
+ */
+class TeeOut {
+  private readonly buf = Buffer.allocUnsafe(TEE_SIZE);
+  private len = 0;
+  /** Block of the last page record sent (-1: none yet). */
+  lastBlock = -1;
+  dropped = 0;
+
+  constructor(private readonly tee: SaveTee) {}
+
+  async write(data: Buffer): Promise<void> {
+    for (let off = 0; off < data.length; ) {
+      if (this.len === this.buf.length) await this.flush();
+      const n = data.copy(this.buf, this.len, off);
+      this.len += n;
+      off += n;
+    }
+  }
+
+  /** A page record: `flags` without CONTINUE plus the block's name, or as given with CONTINUE. */
+  async record(addr: number, flags: number, name: Buffer | undefined, payload: Buffer): Promise<void> {
+    const len = 8 + (name ? 1 + name.length : 0) + payload.length;
+    if (this.len + len > this.buf.length) await this.flush();
+    const at = this.len;
+    this.buf.writeUInt32BE(Math.floor(addr / 2 ** 32), at);
+    this.buf.writeUInt32BE((addr % 2 ** 32) + flags, at + 4);
+    let p = at + 8;
+    if (name) {
+      this.buf[p++] = name.length;
+      p += name.copy(this.buf, p);
+    }
+    payload.copy(this.buf, p);
+    this.len += len;
+  }
+
+  async flush(): Promise<void> {
+    if (this.len === 0) return;
+    await this.tee(this.buf.subarray(0, this.len));
+    this.len = 0;
+  }
+}
+
+/**
  * Buffered, hashing output. Large outputs: a full buffer is transferred to a hashing thread, then
  * written, then reused; up to POOL buffers are in flight, so building, hashing and writing overlap
  * and no byte is copied for hashing.
@@ -60,14 +119,11 @@ class OutWriter {
   private failure: unknown;
   private readonly inline: Hash | undefined;
   private readonly worker: PassThroughHasher | undefined;
-  /** The last part handed to the tee (parts go to it in order even when the hashing thread answers out of order). */
-  private teeTail: Promise<void> = Promise.resolve();
 
   constructor(
     /** undefined: hash only (verification), write nothing. */
     private readonly fh: FileHandle | undefined,
     expectedSize: number,
-    private readonly tee?: SaveTee,
   ) {
     this.buf = Buffer.from(takeBuffer());
     if (expectedSize >= HASH_IN_WORKER_FROM) this.worker = PassThroughHasher.acquire();
@@ -139,22 +195,14 @@ class OutWriter {
     if (this.inline) {
       this.inline.update(full.subarray(0, len));
       if (this.fh) await this.fh.write(full, 0, len, at);
-      if (this.tee) await this.tee(full.subarray(0, len));
       return;
     }
     const worker = this.worker as PassThroughHasher;
-    const tee = this.tee;
-    let handBack: (b: Buffer) => void = () => undefined;
-    const back = new Promise<Buffer>((resolve) => (handBack = resolve));
-    const teed = tee ? this.teeTail.then(async () => tee((await back).subarray(0, len))) : undefined;
-    if (teed) this.teeTail = teed.catch(() => undefined);
     const job = worker
       .submit(full.buffer as ArrayBuffer, len)
       .then(async (ab) => {
         const b = Buffer.from(ab);
         if (this.fh) await this.fh.write(b, 0, len, at);
-        handBack(b);
-        if (teed) await teed;
         this.release(b);
       })
       .catch((e: unknown) => {
@@ -218,10 +266,14 @@ async function withImage<T>(image: MemoryImageInput, f: (src: MemoryImageSource)
 }
 
 /** Streams the save file that `skeleton` + memory image describe into `w`. */
-async function rebuild(skeleton: Buffer, img: MemoryImageSource, outFh: FileHandle | undefined, tee?: SaveTee): Promise<{ size: number; sha256: string }> {
+async function rebuild(skeleton: Buffer, img: MemoryImageSource, outFh: FileHandle | undefined, teeOpts?: TeeOptions): Promise<{ size: number; sha256: string; teeDropped: number }> {
   const { header, ops } = decodeSkeleton(skeleton);
   const what = img.name;
-  const w = new OutWriter(outFh, header.saveFileSize, tee);
+  const w = new OutWriter(outFh, header.saveFileSize);
+  const t = teeOpts ? new TeeOut(teeOpts.tee) : undefined;
+  // The prefilled block, when the image lays it out where the receiver's copy came from.
+  const pre = teeOpts?.prefilled;
+  const preIndex = pre ? header.blocks.findIndex((b) => b.name === pre.block && b.imageOffset === pre.imageOffset && b.size === pre.size) : -1;
   let readAb: ArrayBuffer | undefined;
   try {
     const imgSize = img.size;
@@ -235,6 +287,7 @@ async function rebuild(skeleton: Buffer, img: MemoryImageSource, outFh: FileHand
         const n = Math.min(w.room, imgSize - pos);
         const at = w.reserve(n);
         await img.read(w.buffer.subarray(at, at + n), n, pos);
+        if (t) await t.write(w.buffer.subarray(at, at + n));
         pos += n;
       }
     } else {
@@ -244,6 +297,7 @@ async function rebuild(skeleton: Buffer, img: MemoryImageSource, outFh: FileHand
       for (const o of ops) {
         if (o.op === 'lit') {
           await w.write(o.data);
+          if (t) await t.write(o.data);
           continue;
         }
         const b = header.blocks[o.block];
@@ -287,11 +341,22 @@ async function rebuild(skeleton: Buffer, img: MemoryImageSource, outFh: FileHand
             }
             if (zero) buf[p] = o.fills ? (o.fills.get(i) ?? 0) : (readBuf[k * PAGE_SIZE] as number);
             else readBuf.copy(buf, p, k * PAGE_SIZE, (k + 1) * PAGE_SIZE);
+            if (t) {
+              if (o.block === preIndex && pre?.isBase(b.imageOffset + addr)) {
+                t.dropped++;
+              } else {
+                const payload = buf.subarray(p, p + (zero ? 1 : PAGE_SIZE));
+                if (withName || t.lastBlock === o.block) await t.record(addr, flags, withName ? name : undefined, payload);
+                else await t.record(addr, flags & ~RAM_FLAG_CONTINUE, name, payload);
+                t.lastBlock = o.block;
+              }
+            }
           }
           done += n;
         }
       }
     }
+    if (t) await t.flush();
     const sha256 = await w.finish();
     const size = w.size;
     if (size !== header.saveFileSize || sha256 !== header.saveFileSha256) {
@@ -299,7 +364,7 @@ async function rebuild(skeleton: Buffer, img: MemoryImageSource, outFh: FileHand
         fix: 'the memory image does not match this skeleton (wrong base or damaged overlay); rebuild it',
       });
     }
-    return { size, sha256 };
+    return { size, sha256, teeDropped: t?.dropped ?? 0 };
   } finally {
     w.close();
     if (readAb) giveBack(readAb);
@@ -308,17 +373,20 @@ async function rebuild(skeleton: Buffer, img: MemoryImageSource, outFh: FileHand
 
 /**
  * Rebuilds the save file byte for byte into outSavePath (temp name + rename; nothing left on
- * error). `tee` also gets every part as it is written; the digest is checked only at the end, so
- * whatever the tee feeds must not be used before the join returned.
+ * error). A tee (opts) also gets the file as it is written, less the page records its receiver
+ * holds already (TeeOptions.prefilled); the digest is checked only at the end, so whatever the tee
+ * feeds must not be used before the join returned.
  */
-export async function joinSnapshot(skeleton: Buffer, image: MemoryImageInput, outSavePath: string, opts: { tee?: SaveTee } = {}): Promise<{ size: number; sha256: string }> {
+export async function joinSnapshot(skeleton: Buffer, image: MemoryImageInput, outSavePath: string, opts: Partial<TeeOptions> = {}): Promise<{ size: number; sha256: string; teeDropped?: number }> {
   decodeSkeleton(skeleton); // fail on a bad skeleton before creating anything
   const tmp = `${outSavePath}.tmp-${process.pid}`;
   const out = await open(tmp, 'w');
   try {
-    let result: { size: number; sha256: string };
+    let result: { size: number; sha256: string; teeDropped?: number };
     try {
-      result = await withImage(image, (img) => rebuild(skeleton, img, out, opts.tee));
+      const tee = opts.tee ? { tee: opts.tee, ...(opts.prefilled ? { prefilled: opts.prefilled } : {}) } : undefined;
+      const r = await withImage(image, (img) => rebuild(skeleton, img, out, tee));
+      result = { size: r.size, sha256: r.sha256, ...(tee ? { teeDropped: r.teeDropped } : {}) };
     } finally {
       await out.close();
     }
@@ -335,5 +403,8 @@ export async function joinSnapshot(skeleton: Buffer, image: MemoryImageInput, ou
  * sha256) without writing it; throws DIGEST_MISMATCH / CORRUPT otherwise.
  */
 export async function verifySnapshot(skeleton: Buffer, image: MemoryImageInput): Promise<{ size: number; sha256: string }> {
-  return withImage(image, (img) => rebuild(skeleton, img, undefined));
+  return withImage(image, async (img) => {
+    const { size, sha256 } = await rebuild(skeleton, img, undefined);
+    return { size, sha256 };
+  });
 }
