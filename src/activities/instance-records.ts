@@ -6,6 +6,9 @@ import fs from 'node:fs';
 import path from 'node:path';
 import { CloudletError } from '../core/errors';
 
+/** The app port of a VM whose request names none (the test guest's application). */
+export const APP_PORT_DEFAULT = 8080;
+
 export interface InstanceRecord {
   instanceId: string;
   hostId: string;

@@ -20,7 +20,7 @@ import { editDomainXml, interfaceElements, memorySizes } from '../hypervisor/dom
 import { GuestAppClient } from '../guest/app-client';
 import { cancellationSignal, heartbeat, heartbeatOrCancel, withHeartbeats } from './heartbeat';
 import { randomMac } from './guest';
-import { instanceRecords, SHARED_RAM_IMAGE, type InstanceRecord } from './instance-records';
+import { APP_PORT_DEFAULT, instanceRecords, SHARED_RAM_IMAGE, type InstanceRecord } from './instance-records';
 import { fingerprintVm, type VmFingerprint } from './vm-fingerprint';
 import type { Fingerprint } from '../client/handoff-peer';
 import type { FetchPolicy } from '../core/fetch/policy';
@@ -40,7 +40,6 @@ export interface CloudletActivityDeps {
   fetchPolicy: FetchPolicy;
 }
 
-const APP_PORT_DEFAULT = 8080;
 
 /** Whether every NIC of a domain is a user-mode one (a network of its own QEMU process, private to the VM). */
 function userModeNicsOnly(domainXml: string): boolean {
@@ -365,10 +364,12 @@ export function createInstanceActivities(deps: CloudletActivityDeps) {
         });
         claimMs = Date.now() - t0;
         if (!taken) return undefined;
-        const f = hv.feedIncoming(taken.domain);
+        const f = hv.feedIncoming(taken.domain, taken.listening ? { listening: taken.listening } : {});
         feed = f;
-        // Its port forward too, while the apply runs (QEMU's user network takes it paused).
-        forwarding = hv.forwardPort(taken.domain, { guestPort: rec.appPort }).catch((e: unknown) => {
+        // Its port forward too: made while it waited when the app has the default port, else now,
+        // while the apply runs (QEMU's user network takes it paused).
+        const ahead = taken.forward?.guestPort === rec.appPort ? taken.forward : undefined;
+        forwarding = ahead ? Promise.resolve({ hostPort: ahead.hostPort, guestPort: ahead.guestPort, hostAddress: '127.0.0.1' }) : hv.forwardPort(taken.domain, { guestPort: rec.appPort }).catch((e: unknown) => {
           log.warn({ domain: taken?.domain, err: String(e) }, 'could not forward the app port of the warm pool VM ahead; it is forwarded at resume');
           return undefined;
         });

@@ -32,6 +32,23 @@ export interface PoolEntry {
   prefilled?: { block: string; imageOffset: number; size: number };
   /** How long that fill took (ms). */
   fillMs?: number;
+  /** The unix socket its QEMU listens on for the stream (Hypervisor.listenIncoming), set up while it waited. */
+  listening?: string;
+  /** Its app port forward, set up while it waited (`guestPort` is the default app port). */
+  forward?: { guestPort: number; hostPort: number };
+}
+
+/**
+ * Where an entry's QEMU listens for its stream: in the pool's directory (beside, not in, the
+ * entry's directory, which moves when it is taken).
+ */
+export function listeningPath(dataDir: string, entryId: string): string {
+  return path.join(poolDir(dataDir), `.in-${entryId}.sock`);
+}
+
+/** Removes an entry's listening socket (left when its VM goes unused). */
+export async function removeListening(entry: Pick<PoolEntry, 'listening'>): Promise<void> {
+  if (entry.listening && /^\.in-p[0-9a-f]{8}\.sock$/.test(path.basename(entry.listening))) await fs.promises.rm(entry.listening, { force: true });
 }
 
 /** What an instance directory holds while (and after) its synthesis takes a pool entry. */
@@ -223,6 +240,7 @@ export async function releaseClaimIn(deps: { dataDir: string; hypervisor: Hyperv
   if (linksHere || fs.existsSync(path.join(instanceDir, `.pool-${entry.entryId}`))) {
     await deps.hypervisor.destroy(entry.domain);
     await deps.hypervisor.undefine(entry.domain);
+    await removeListening(entry);
     if (linksHere) await fs.promises.rm(link, { force: true });
     await fs.promises.rm(path.join(instanceDir, `.pool-${entry.entryId}`), { recursive: true, force: true });
   } else if (st?.isDirectory()) {

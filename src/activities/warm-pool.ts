@@ -20,7 +20,8 @@ import type { Hypervisor, SharedRam } from '../hypervisor/types';
 import { admittedBytes, domainMemoryBytes, vmCapacityBytes, type AdmissionConfig } from './admission';
 import { randomMac } from './guest';
 import { availableMemory } from './host-stats';
-import { CLAIM, domainShape, giveBackEntry, isEntryId, poolDir, poolDomainName, readEntry, readTargets, STALE_CLAIM_MS, takeEntry, writeTargets, type PoolEntry } from './pool-entries';
+import { APP_PORT_DEFAULT } from './instance-records';
+import { CLAIM, domainShape, giveBackEntry, isEntryId, poolDir, poolDomainName, readEntry, listeningPath, readTargets, removeListening, STALE_CLAIM_MS, takeEntry, writeTargets, type PoolEntry } from './pool-entries';
 
 export interface PoolReport {
   hostId: string;
@@ -65,6 +66,8 @@ export function createWarmPoolActivities(deps: { hostId: string; dataDir: string
       log.warn({ entryId: name, domain, reason, err: isCloudletError(e) ? e.message : String(e) }, 'could not discard a warm pool entry now; the next step tries again');
       return false;
     }
+    const entry = await readEntry(dir);
+    if (entry) await removeListening(entry);
     await fs.promises.rm(dir, { recursive: true, force: true });
     out.push({ entryId: name, reason });
     log.info({ entryId: name, domain, reason }, 'warm pool entry discarded');
@@ -85,6 +88,7 @@ export function createWarmPoolActivities(deps: { hostId: string; dataDir: string
     const domain = poolDomainName(deps.hostId, entryId);
     const tmp = path.join(root, `.new-${entryId}`);
     const dir = path.join(root, entryId);
+    let listening: string | undefined;
     try {
       const base = await openBase(storeRoot, baseId);
       await fs.promises.mkdir(tmp, { recursive: true });
@@ -99,13 +103,28 @@ export function createWarmPoolActivities(deps: { hostId: string; dataDir: string
       // the pages its launch VM changed (QEMU keeps what a stream leaves out).
       const t0 = Date.now();
       const prefilled = await prefill(base.skeletonPath, base.memImagePath, vm.ramFile);
-      const entry: PoolEntry = { entryId, baseId, domain, shape: domainShape(header.domainXml), memoryBytes: domainMemoryBytes(header.domainXml), createdAt: new Date().toISOString(), startMs: Math.round(vm.ms), ...(prefilled ? { prefilled, fillMs: Date.now() - t0 } : {}) };
+      const fillMs = Date.now() - t0;
+      // Its QEMU listens for the stream, and its app port is forwarded, now: neither is then on a
+      // synthesis's path (each is a monitor command, a virsh process).
+      // (A unix socket's path has at most 107 bytes: on a deeper data directory, the synthesis has
+      // QEMU listen on one of its own.)
+      const socket = listeningPath(deps.dataDir, entryId);
+      if (Buffer.byteLength(path.resolve(socket)) <= 100) {
+        await hv.listenIncoming(domain, socket);
+        listening = socket;
+      }
+      const fwd = await hv.forwardPort(domain, { guestPort: APP_PORT_DEFAULT });
+      const entry: PoolEntry = {
+        entryId, baseId, domain, shape: domainShape(header.domainXml), memoryBytes: domainMemoryBytes(header.domainXml), createdAt: new Date().toISOString(), startMs: Math.round(vm.ms),
+        ...(prefilled ? { prefilled, fillMs } : {}), ...(listening ? { listening } : {}), forward: { guestPort: APP_PORT_DEFAULT, hostPort: fwd.hostPort },
+      };
       await fs.promises.writeFile(path.join(dir, 'entry.tmp'), JSON.stringify(entry));
       await fs.promises.rename(path.join(dir, 'entry.tmp'), path.join(dir, 'entry.json'));
       log.info({ entryId, domain, baseId, startMs: entry.startMs }, 'warm pool entry ready');
       return entry;
     } catch (e) {
       await hv.destroy(domain).catch(() => undefined);
+      await removeListening({ listening });
       await fs.promises.rm(tmp, { recursive: true, force: true });
       await fs.promises.rm(dir, { recursive: true, force: true });
       throw e;
@@ -138,6 +157,12 @@ export function createWarmPoolActivities(deps: { hostId: string; dataDir: string
       if (name.startsWith('.new-')) {
         // A start cut off half-way (its worker died): nothing refers to it.
         if (!dryRun) await discard(name, poolDomainName(deps.hostId, name.slice(5)), 'half-made', report.discarded);
+        continue;
+      }
+      const socketOf = /^\.in-(p[0-9a-f]{8})\.sock$/.exec(name)?.[1];
+      if (socketOf !== undefined) {
+        // The listening socket of an entry that is gone (its start was cut off half-way).
+        if (!dryRun && !(await fs.promises.lstat(path.join(root, socketOf)).then(() => true, () => false))) await fs.promises.rm(file, { force: true });
         continue;
       }
       if (!isEntryId(name)) continue;

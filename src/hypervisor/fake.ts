@@ -171,6 +171,11 @@ export class FakeHypervisor implements Hypervisor {
     throw new CloudletError('HYPERVISOR', 'the fake hypervisor keeps no guest RAM in files', { fix: 'use the libvirt adapter' });
   }
 
+  async listenIncoming(name: string): Promise<void> {
+    this.record('listenIncoming', name);
+    throw new CloudletError('HYPERVISOR', 'the fake hypervisor keeps no guest RAM in files', { fix: 'use the libvirt adapter' });
+  }
+
   feedIncoming(name: string): SaveFeed {
     this.record('feedIncoming', name);
     return {

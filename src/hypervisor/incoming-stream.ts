@@ -39,34 +39,48 @@ interface IncomingTarget {
   timeoutMs?: number;
 }
 
-/** Sets the capability, starts QEMU listening on a fresh socket, connects to it. */
-async function connectIncoming(t: IncomingTarget): Promise<{ sock: net.Socket; dir: string }> {
-  const dir = await mkdtemp(path.join(os.tmpdir(), 'cloudlet-inc-'));
-  const socketPath = path.join(dir, 'incoming.sock');
+/**
+ * Sets the capability and has QEMU listen on `socketPath` (a fresh path in a private directory)
+ * for its incoming stream.
+ */
+export async function listenIncoming(t: IncomingTarget, socketPath: string): Promise<void> {
   try {
-    try {
-      const setup: QmpCommand[] = [
-        { execute: 'migrate-set-capabilities', arguments: { capabilities: [{ capability: 'x-ignore-shared', state: t.ignoreShared ?? true }] } },
-        { execute: 'migrate-incoming', arguments: { uri: `unix:${socketPath}` } },
-      ];
-      if (t.qmpBatch) {
-        const failed = (await t.qmpBatch(setup)).find((r) => r instanceof QmpError);
-        if (failed) throw failed;
-      } else {
-        for (const c of setup) await t.qmp(c);
-      }
-    } catch (e) {
-      throw qmpFailure(t.domain, e);
+    const setup: QmpCommand[] = [
+      { execute: 'migrate-set-capabilities', arguments: { capabilities: [{ capability: 'x-ignore-shared', state: t.ignoreShared ?? true }] } },
+      { execute: 'migrate-incoming', arguments: { uri: `unix:${socketPath}` } },
+    ];
+    if (t.qmpBatch) {
+      const failed = (await t.qmpBatch(setup)).find((r) => r instanceof QmpError);
+      if (failed) throw failed;
+    } else {
+      for (const c of setup) await t.qmp(c);
     }
+  } catch (e) {
+    throw qmpFailure(t.domain, e);
+  }
+}
+
+/**
+ * Connects to the domain's incoming socket: `listening`, where it listens already (listenIncoming
+ * ahead of time), or a fresh one it is told to listen on now. The directory returned is removed
+ * with the connection.
+ */
+async function connectIncoming(t: IncomingTarget, listening?: string): Promise<{ sock: net.Socket; remove: string }> {
+  const dir = listening ? undefined : await mkdtemp(path.join(os.tmpdir(), 'cloudlet-inc-'));
+  const socketPath = listening ?? path.join(dir as string, 'incoming.sock');
+  // Once connected, the socket's name is no longer needed: the private directory, or the file.
+  const remove = dir ?? socketPath;
+  try {
+    if (!listening) await listenIncoming(t, socketPath);
     // QEMU listens once migrate-incoming returned.
     const sock = await new Promise<net.Socket>((resolve, reject) => {
       const s = net.createConnection(socketPath);
       s.once('error', (e) => reject(new CloudletError('HYPERVISOR', `cannot send the memory stream to domain "${t.domain}" on ${socketPath}: ${e.message}`, { fix: `see /var/log/libvirt/qemu/${t.domain}.log`, cause: e })));
       s.once('connect', () => resolve(s));
     });
-    return { sock, dir };
+    return { sock, remove };
   } catch (e) {
-    await rm(dir, { recursive: true, force: true });
+    await rm(remove, { recursive: true, force: true });
     throw e;
   }
 }
@@ -103,7 +117,7 @@ export interface MigrateFromFileInput extends IncomingTarget {
 export async function migrateFromFile(input: MigrateFromFileInput): Promise<{ ms: number; bytes: number }> {
   const t0 = performance.now();
   let bytes = 0;
-  const { sock, dir } = await connectIncoming(input);
+  const { sock, remove } = await connectIncoming(input);
   try {
     const src = fs.createReadStream(input.file, { start: input.streamOffset });
     src.on('data', (d) => (bytes += d.length));
@@ -114,9 +128,12 @@ export async function migrateFromFile(input: MigrateFromFileInput): Promise<{ ms
     return { ms, bytes };
   } finally {
     sock.destroy();
-    await rm(dir, { recursive: true, force: true });
+    await rm(remove, { recursive: true, force: true });
   }
 }
+
+/** How long `complete` waits for QEMU to close the socket before it asks query-migrate anyway. */
+const CLOSE_WAIT_MS = 500;
 
 /** Bytes held back from QEMU until `complete`: with any byte missing, QEMU cannot finish loading. */
 const HOLD_BYTES = 64 * 1024;
@@ -127,7 +144,7 @@ const HOLD_BYTES = 64 * 1024;
  * `complete` then throws why, so the caller restores the save another way.
  */
 export class IncomingFeed implements SaveFeed {
-  private readonly connecting: Promise<{ sock: net.Socket; dir: string }>;
+  private readonly connecting: Promise<{ sock: net.Socket; remove: string }>;
   private failure: CloudletError | undefined;
   /** The start of the file until the libvirt header is complete (its length says where QEMU's stream starts). */
   private head: Buffer | undefined = Buffer.alloc(0);
@@ -136,8 +153,9 @@ export class IncomingFeed implements SaveFeed {
   private sent = 0;
   private readonly t0 = performance.now();
 
-  constructor(private readonly target: IncomingTarget & { ignoreShared: false }) {
-    this.connecting = connectIncoming(target);
+  /** `listening`: the socket the domain listens on already (see listenIncoming); else it is told to listen now. */
+  constructor(private readonly target: IncomingTarget & { ignoreShared: false }, listening?: string) {
+    this.connecting = connectIncoming(target, listening);
     this.connecting.then(
       ({ sock }) => sock.on('error', (e) => this.fail(e)),
       (e: unknown) => this.fail(e),
@@ -207,7 +225,16 @@ export class IncomingFeed implements SaveFeed {
       this.held = Buffer.alloc(0);
       if (this.failure) throw this.failure;
       const { sock } = await this.connecting;
-      await new Promise<void>((resolve) => sock.end(resolve));
+      // QEMU closes its end once it has loaded the stream (or given up on it): one query then says
+      // which. (Waited for a short while only: query-migrate decides.)
+      const closed = new Promise<void>((resolve) => {
+        if (sock.closed) resolve();
+        else sock.once('close', () => resolve());
+      });
+      sock.end();
+      let timer: NodeJS.Timeout | undefined;
+      await Promise.race([closed, new Promise<void>((resolve) => (timer = setTimeout(resolve, CLOSE_WAIT_MS)))]);
+      clearTimeout(timer);
       await waitIncomingCompleted(this.target);
       const r = { ms: Math.round(performance.now() - this.t0), bytes: this.sent, tailMs: Math.round(performance.now() - t1) };
       this.target.log.info({ domain: this.target.domain, ...r }, 'memory stream loaded');
@@ -224,6 +251,6 @@ export class IncomingFeed implements SaveFeed {
   async close(): Promise<void> {
     const c = await this.connecting.catch(() => undefined);
     c?.sock.destroy();
-    if (c) await rm(c.dir, { recursive: true, force: true });
+    if (c) await rm(c.remove, { recursive: true, force: true });
   }
 }

@@ -15,7 +15,7 @@ import { buildDomainXml, buildXml, editDomainXml, hasGuestAgentChannel, interfac
 import { guestExec, type AgentSend } from './guest-agent';
 import { virtTypeVerdict } from './kvm';
 import { migrateToFile, saveCookieXml } from './memory-stream';
-import { IncomingFeed, migrateFromFile } from './incoming-stream';
+import { IncomingFeed, listenIncoming, migrateFromFile } from './incoming-stream';
 import { fillRamFile } from './ram-file';
 import { loadNative, nativeMessage, type NativeDomain, type NativeHypervisor } from './native';
 import { parseQmpReply, QmpError, type QmpBatch, type QmpSend } from './qmp';
@@ -679,9 +679,14 @@ export class LibvirtHypervisor implements Hypervisor {
     return { ms: since(t0) };
   }
 
-  feedIncoming(name: string): SaveFeed {
+  feedIncoming(name: string, options: { listening?: string } = {}): SaveFeed {
     assertName(name);
-    return new IncomingFeed({ domain: name, qmp: this.qmp(name), qmpBatch: this.qmpBatch(name), log: this.log, ignoreShared: false });
+    return new IncomingFeed({ domain: name, qmp: this.qmp(name), qmpBatch: this.qmpBatch(name), log: this.log, ignoreShared: false }, options.listening);
+  }
+
+  async listenIncoming(name: string, socketPath: string): Promise<void> {
+    assertName(name);
+    await listenIncoming({ domain: name, qmp: this.qmp(name), qmpBatch: this.qmpBatch(name), log: this.log, ignoreShared: false }, path.resolve(socketPath));
   }
 
   async pmemsave(name: string, outPath: string, bytes: number): Promise<void> {

@@ -215,7 +215,14 @@ export interface Hypervisor {
    * a plain save file (RAM pages included) part by part while it is being rebuilt, and lets QEMU
    * finish loading it only on `complete`. The domain ends paused.
    */
-  feedIncoming(name: string): SaveFeed;
+  feedIncoming(name: string, options?: { listening?: string }): SaveFeed;
+  /**
+   * Has a domain waiting with `-incoming defer` listen for a plain save's stream (RAM pages
+   * included) on the unix socket `socketPath` (in a directory only this host's processes reach;
+   * at most ~100 bytes long), ahead of time, for feedIncoming's `listening`. The socket file goes
+   * when a feed has connected; whoever destroys the domain unused removes it.
+   */
+  listenIncoming(name: string, socketPath: string): Promise<void>;
   /** The domain's guest RAM file, when its RAM is a shared file; undefined otherwise. */
   sharedRamFile(name: string): Promise<SharedRam | undefined>;
   /** Hot-unplugs the domain's NIC and plugs a new user-mode virtio NIC with `mac`. */
