@@ -67,9 +67,14 @@ export function createReconcileActivities(deps: { hostId: string; dataDir: strin
         if (started) accounted.add((JSON.parse(started) as { domain: string }).domain);
       }
       const poolPrefix = poolDomainName(deps.hostId, '');
+      // Hosts of this machine (siblings of this host's directory) whose ids start with this one's
+      // (host-a, host-a-2) share its domain prefix: their domains are theirs.
+      const longerHosts = (await fs.promises.readdir(path.dirname(deps.dataDir)).catch(() => [] as string[]))
+        .filter((h) => h !== deps.hostId && h.startsWith(`${deps.hostId}-`))
+        .map((h) => `cl-${h}-`);
       const orphans: OrphanDomain[] = [];
       for (const domain of domains) {
-        if (accounted.has(domain)) continue;
+        if (accounted.has(domain) || longerHosts.some((p) => domain.startsWith(p))) continue;
         // A warm pool's VMs are the pool's to keep or discard (activities/warm-pool.ts), while it
         // has their entry (ready, or taken by an instance).
         if (domain.startsWith(poolPrefix) && (await fs.promises.lstat(path.join(poolDir(deps.dataDir), domain.slice(poolPrefix.length))).then(() => true, () => false))) continue;

@@ -78,4 +78,19 @@ describe('reconcileInstances', () => {
     expect(r.orphans).toEqual([{ domain: 'cl-h-left', state: 'shut off' }, { domain: 'cl-h-pool-p0000000c', state: 'paused' }, { domain: 'cl-h-stray', state: 'running' }]);
     expect(hv.domains.has('cl-h-stray')).toBe(true);
   });
+
+  it('leaves the domains of a host whose id starts with this one\'s to that host', async () => {
+    const hosts = fs.mkdtempSync(path.join(os.tmpdir(), 'reconcile-hosts-'));
+    try {
+      const mine = path.join(hosts, 'host-a');
+      fs.mkdirSync(path.join(hosts, 'host-a-2'), { recursive: true });
+      fs.mkdirSync(mine, { recursive: true });
+      const hv = new FakeHypervisor();
+      for (const name of ['cl-host-a-stray', 'cl-host-a-2-theirs', 'cl-host-a-2-pool-p0000000a']) hv.domains.set(name, { spec: { name } as DomainSpec, state: 'running', persistent: true });
+      const acts = createReconcileActivities({ hostId: 'host-a', dataDir: mine, hypervisor: hv, log: createLogger('test', 'silent') });
+      expect((await acts.reconcileInstances()).orphans).toEqual([{ domain: 'cl-host-a-stray', state: 'running' }]);
+    } finally {
+      fs.rmSync(hosts, { recursive: true, force: true });
+    }
+  });
 });
