@@ -7,7 +7,7 @@
  * absent, so its ids do not leak. Admins see everything. Without a catalog every principal is an
  * admin (configured tokens only) and nothing is filtered.
  */
-import { createHash } from 'node:crypto';
+import { createHash, randomUUID } from 'node:crypto';
 import type { ClusterCatalog, Quota } from '../core/cluster-catalog';
 import type { BaseInfo, CloudletService, InstanceInfo, OperationRef, OperationStatus, OverlayInfo } from '../service/types';
 import type { Principal } from './auth';
@@ -147,13 +147,17 @@ export class TenantScope {
       return ref;
     }
     const catalog = this.catalog;
-    return this.locks.with(tenant, async () => {
+    // One request of the tenant at a time in this process, and in the whole cluster (the
+    // catalog's lock: API processes sharing a catalog).
+    return this.locks.with(tenant, () => withTenantLock(catalog, tenant, async () => {
       const quota = await catalog.quotaOf(tenant);
       if (quota) await this.checkQuota(service, tenant, quota, count, memoryBytes);
       const ref = await start();
       await this.own(ref);
+      // Counted until the operation ends: a deployment's VMs are listed only as it makes them.
+      if (quota) await catalog.reserve({ operationId: ref.id, tenant, instances: count, memoryMiB: Math.ceil((count * memoryBytes) / MiB) });
       return ref;
-    });
+    }));
   }
 
   private async checkQuota(service: CloudletService, tenant: string, quota: Quota, count: number, memoryBytes: number): Promise<void> {
@@ -180,7 +184,33 @@ export class TenantScope {
     const memory = new Map(bases.map((b) => [b.id, b.memoryBytes]));
     const mine = (await this.instances(instances)).filter((i) => LIVE.has(i.state));
     const bytes = mine.reduce((sum, i) => sum + (memory.get(i.baseId) ?? unknownBytes), 0);
-    return { instances: mine.length, memoryMiB: Math.ceil(bytes / MiB) };
+    const pending = await this.reserved(service, mine);
+    return { instances: mine.length + pending.instances, memoryMiB: Math.ceil(bytes / MiB) + pending.memoryMiB };
+  }
+
+  /**
+   * What the tenant's operations in flight will still make beyond the instances already listed
+   * for them. Reservations of operations that have ended are dropped.
+   */
+  private async reserved(service: CloudletService, mine: InstanceInfo[]): Promise<{ instances: number; memoryMiB: number }> {
+    const tenant = this.principal.tenant;
+    if (!this.catalog || tenant === undefined) return { instances: 0, memoryMiB: 0 };
+    const ended: string[] = [];
+    let instances = 0;
+    let memoryMiB = 0;
+    for (const r of await this.catalog.reservationsOf(tenant)) {
+      const op = await service.getOperation(r.operationId);
+      if (!op || op.state !== 'running') {
+        ended.push(r.operationId);
+        continue;
+      }
+      const made = mine.filter((i) => i.operationId === r.operationId || i.parentOperationId === r.operationId).length;
+      const left = Math.max(0, r.instances - made);
+      instances += left;
+      memoryMiB += r.instances > 0 ? Math.ceil((r.memoryMiB * left) / r.instances) : 0;
+    }
+    if (ended.length > 0) await this.catalog.dropReservations(ended);
+    return { instances, memoryMiB };
   }
 }
 
@@ -193,6 +223,31 @@ export async function memoryOfOverlay(service: CloudletService, overlayUrl: stri
   const baseId = overlays.find((o) => o.url === overlayUrl)?.baseId;
   const base = bases.find((b) => b.id === baseId);
   return base ? base.memoryBytes : Math.max(0, ...bases.map((b) => b.memoryBytes));
+}
+
+/** How long a holder keeps the catalog's tenant lock at most (a process that died lets go then). */
+const TENANT_LOCK_TTL_MS = 30_000;
+/** How long a request waits for the tenant's lock before it is refused. */
+const TENANT_LOCK_WAIT_MS = 10_000;
+
+/** Runs `f` holding the catalog's lock of `tenant` (shared by every API process of the cluster). */
+async function withTenantLock<T>(catalog: ClusterCatalog, tenant: string, f: () => Promise<T>): Promise<T> {
+  const holder = randomUUID();
+  const deadline = Date.now() + TENANT_LOCK_WAIT_MS;
+  while (!(await catalog.tryLockTenant(tenant, holder, TENANT_LOCK_TTL_MS))) {
+    if (Date.now() > deadline) {
+      throw new ApiError(503, 'SERVICE_UNAVAILABLE', `tenant ${tenant}'s quota lock was held by other requests for ${TENANT_LOCK_WAIT_MS / 1000} s`, {
+        fix: 'retry the request; if this persists, another API process may be stuck holding it (it expires 30 s after it was taken)',
+        headers: { 'retry-after': '1' },
+      });
+    }
+    await new Promise((r) => setTimeout(r, 20 + Math.random() * 30));
+  }
+  try {
+    return await f();
+  } finally {
+    await catalog.unlockTenant(tenant, holder).catch(() => undefined);
+  }
 }
 
 /** One promise chain per tenant: quota checks and the starts they allow run one at a time. */

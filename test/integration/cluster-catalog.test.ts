@@ -120,6 +120,31 @@ describe.each(engines)('the %s catalog', (_name, make) => {
     await a.recordClosed([]);
   });
 
+  test('reservations: the first of an operation wins, listed per tenant, dropped by operation', async () => {
+    await a.reserve({ operationId: 'deployOverlay/d-1', tenant: 'acme', instances: 6, memoryMiB: 1536 });
+    await b.reserve({ operationId: 'deployOverlay/d-1', tenant: 'acme', instances: 1, memoryMiB: 1 }); // a retried request
+    await b.reserve({ operationId: 'synthesizeVm/h/i-9', tenant: 'acme', instances: 1, memoryMiB: 256 });
+    await a.reserve({ operationId: 'deployOverlay/d-2', tenant: 'globex', instances: 2, memoryMiB: 2 ** 31 });
+    expect((await b.reservationsOf('acme')).map((r) => [r.operationId, r.instances, r.memoryMiB])).toEqual([['deployOverlay/d-1', 6, 1536], ['synthesizeVm/h/i-9', 1, 256]]);
+    expect((await a.reservationsOf('globex'))[0]?.memoryMiB).toBe(2 ** 31);
+    await a.dropReservations(['deployOverlay/d-1', 'nope']);
+    await a.dropReservations([]);
+    expect((await b.reservationsOf('acme')).map((r) => r.operationId)).toEqual(['synthesizeVm/h/i-9']);
+  });
+
+  test('tenant locks: one holder at a time across connections; given back, or taken over once expired', async () => {
+    expect(await a.tryLockTenant('acme', 'p1', 30_000)).toBe(true);
+    expect(await b.tryLockTenant('acme', 'p2', 30_000)).toBe(false);
+    expect(await a.tryLockTenant('acme', 'p1', 30_000)).toBe(true); // its own again (renewed)
+    expect(await b.tryLockTenant('globex', 'p2', 30_000)).toBe(true); // another tenant's is free
+    await b.unlockTenant('acme', 'p2'); // not its: no effect
+    expect(await b.tryLockTenant('acme', 'p2', 30_000)).toBe(false);
+    await a.unlockTenant('acme', 'p1');
+    expect(await b.tryLockTenant('acme', 'p2', -1)).toBe(true); // taken, and already expired
+    expect(await a.tryLockTenant('acme', 'p3', 30_000)).toBe(true); // so p3 takes it over
+    expect(await b.tryLockTenant('acme', 'p2', 30_000)).toBe(false);
+  });
+
   test('a catalog of a newer schema is refused, naming it', async () => {
     await a.close();
     await b.close();
@@ -170,11 +195,11 @@ test('a version-1 catalog (tokens, owners, quotas) is upgraded in place on both 
     }
   }
   const check = new (await import('better-sqlite3')).default(file);
-  expect(check.pragma('user_version', { simple: true })).toBe(2);
+  expect(check.pragma('user_version', { simple: true })).toBe(3);
   check.close();
   const c2 = new Client({ connectionString: url });
   await c2.connect();
-  expect((await c2.query('SELECT version FROM catalog_schema')).rows).toEqual([{ version: 2 }]);
+  expect((await c2.query('SELECT version FROM catalog_schema')).rows).toEqual([{ version: 3 }]);
   await c2.end();
 });
 

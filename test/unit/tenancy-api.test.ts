@@ -27,7 +27,8 @@ let logLines: string[];
 
 beforeEach(async () => {
   dir = fs.mkdtempSync(path.join(os.tmpdir(), 'cloudlet-tenancy-'));
-  fake = new FakeCloudletService({ dir });
+  // Operations move only when a test advances them (a deployment stays in flight until it does).
+  fake = new FakeCloudletService({ dir, autoAdvance: false });
   catalog = new SqliteClusterCatalog(path.join(dir, 'catalog.sqlite'));
   logLines = [];
   const sink = new Writable({
@@ -283,6 +284,59 @@ describe('quotas', () => {
     await provision(a.token, overlayUrl);
     await provision(a.token, overlayUrl);
     expect((await call(a.token, 'POST', '/v1/instances', { hostId: 'host-a', overlayUrl })).statusCode).toBe(429);
+  });
+
+  test('a deployment in flight counts the VMs it has not made yet, until it ends', async () => {
+    const { overlayUrl } = await shared();
+    const a = await mint('acme');
+    await call(ADMIN, 'POST', '/v1/tenants/acme/quota', { instances: 3 });
+    // Accepted and running, none of its VMs listed yet (the fake makes them only when it ends).
+    const deploy = await call(a.token, 'POST', '/v1/deployments', { overlayUrl, hosts: ['host-a'], count: 2 });
+    expect(deploy.statusCode).toBe(202);
+    const deployId = (deploy.json() as { operation: { id: string } }).operation.id;
+    expect((await call(a.token, 'GET', '/v1/tenants/acme')).json()).toMatchObject({ usage: { instances: 2, memoryMiB: 512 } });
+    const again = await call(a.token, 'POST', '/v1/deployments', { overlayUrl, hosts: ['host-a'], count: 2 });
+    expect(again.statusCode).toBe(429);
+    expect(again.json()).toMatchObject({ error: { code: 'QUOTA_EXCEEDED', message: expect.stringContaining('tenant acme has 2 instance(s) of the 3') } });
+    await provision(a.token, overlayUrl);
+    expect((await call(a.token, 'POST', '/v1/instances', { hostId: 'host-a', overlayUrl })).statusCode).toBe(429);
+    // The deployment ended: what it reserved is free again (its record goes too).
+    fake.advance(deployId, true);
+    expect((await call(a.token, 'GET', '/v1/tenants/acme')).json()).toMatchObject({ usage: { instances: 1 } });
+    expect(await catalog.reservationsOf('acme')).toEqual([expect.objectContaining({ instances: 1 })]);
+    expect((await call(a.token, 'POST', '/v1/instances', { hostId: 'host-a', overlayUrl })).statusCode).toBe(202);
+  });
+
+  test('the quota lock is the catalog\'s: a request waits while another process holds it', async () => {
+    const { overlayUrl } = await shared();
+    const a = await mint('acme');
+    await call(ADMIN, 'POST', '/v1/tenants/acme/quota', { instances: 5 });
+    // Another API process holds acme's lock.
+    expect(await catalog.tryLockTenant('acme', 'other-process', 30_000)).toBe(true);
+    const attempts = jest.spyOn(catalog, 'tryLockTenant');
+    let answered = false;
+    const pending = call(a.token, 'POST', '/v1/instances', { hostId: 'host-a', overlayUrl }).then((r) => {
+      answered = true;
+      return r;
+    });
+    // It tries, and tries again, and does not go ahead while the other holds the lock...
+    await new Promise<void>((resolve) => {
+      const check = (): void => {
+        if (attempts.mock.calls.length >= 3) resolve();
+        else setTimeout(check, 5);
+      };
+      check();
+    });
+    expect(await attempts.mock.results[0]?.value).toBe(false);
+    expect(answered).toBe(false);
+    expect(fake.calls.filter((c) => c.method === 'provisionInstance')).toHaveLength(0);
+    attempts.mockRestore();
+    // ...and goes ahead once it is given back.
+    await catalog.unlockTenant('acme', 'other-process');
+    expect((await pending).statusCode).toBe(202);
+    // An expired lock (its holder died) is taken over.
+    expect(await catalog.tryLockTenant('acme', 'dead-process', -1)).toBe(true);
+    expect((await call(a.token, 'POST', '/v1/instances', { hostId: 'host-a', overlayUrl })).statusCode).toBe(202);
   });
 
   test('concurrent requests cannot both take the last place', async () => {

@@ -6,8 +6,8 @@
  */
 import { Pool, type PoolClient } from 'pg';
 import { CloudletError } from '../errors';
-import type { ClosedOperation, ClosedQuery, ClusterCatalog, NewToken, Ownership, Quota, TenantQuota, TokenRecord } from './types';
-import { CATALOG_SCHEMA_VERSION, catalogDdl, operationOf, operationRow, quotaOf, tokenOf, type OperationRow, type QuotaRow, type TokenRow } from './schema';
+import type { ClosedOperation, ClosedQuery, ClusterCatalog, NewToken, Ownership, Quota, Reservation, TenantQuota, TokenRecord } from './types';
+import { CATALOG_SCHEMA_VERSION, catalogDdl, operationOf, operationRow, quotaOf, reservationOf, tokenOf, type OperationRow, type QuotaRow, type ReservationRow, type TokenRow } from './schema';
 
 /** An arbitrary constant: the advisory lock held while the schema is made. */
 const SCHEMA_LOCK = 0x636c6f75;
@@ -146,6 +146,31 @@ export class PostgresClusterCatalog implements ClusterCatalog {
   async lastClosedAt(): Promise<string | undefined> {
     const [r] = await this.q<{ at: string | null }>('SELECT MAX(closed_at) AS at FROM operations');
     return r?.at ?? undefined;
+  }
+
+  async reserve(r: Omit<Reservation, 'createdAt'>, now = new Date()): Promise<void> {
+    await this.q('INSERT INTO reservations (operation_id, tenant, instances, memory_mib, created_at) VALUES ($1, $2, $3, $4, $5) ON CONFLICT DO NOTHING', [r.operationId, r.tenant, r.instances, r.memoryMiB, now.toISOString()]);
+  }
+
+  async reservationsOf(tenant: string): Promise<Reservation[]> {
+    return (await this.q<ReservationRow>('SELECT * FROM reservations WHERE tenant = $1 ORDER BY created_at', [tenant])).map(reservationOf);
+  }
+
+  async dropReservations(operationIds: readonly string[]): Promise<void> {
+    if (operationIds.length > 0) await this.q('DELETE FROM reservations WHERE operation_id = ANY($1)', [[...operationIds]]);
+  }
+
+  async tryLockTenant(tenant: string, holder: string, ttlMs: number, now = new Date()): Promise<boolean> {
+    const expires = new Date(now.getTime() + ttlMs).toISOString();
+    const rows = await this.q<{ tenant: string }>(
+      'INSERT INTO tenant_locks (tenant, holder, expires_at) VALUES ($1, $2, $3) ON CONFLICT (tenant) DO UPDATE SET holder = excluded.holder, expires_at = excluded.expires_at WHERE tenant_locks.expires_at < $4 OR tenant_locks.holder = excluded.holder RETURNING tenant',
+      [tenant, holder, expires, now.toISOString()],
+    );
+    return rows.length > 0;
+  }
+
+  async unlockTenant(tenant: string, holder: string): Promise<void> {
+    await this.q('DELETE FROM tenant_locks WHERE tenant = $1 AND holder = $2', [tenant, holder]);
   }
 
   async setQuota(tenant: string, q: Quota): Promise<void> {

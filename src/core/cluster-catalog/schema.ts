@@ -1,11 +1,14 @@
-import type { ClosedOperation, Quota, Role, TokenRecord } from './types';
+import type { ClosedOperation, Quota, Reservation, Role, TokenRecord } from './types';
 
 /**
  * The catalog's tables, written once for both engines (docs/security.md describes them). Times
  * are ISO-8601 text so both engines store and return them alike.
  */
-/** 1: tokens, owners, quotas. 2: ended operations (made on open when missing). */
-export const CATALOG_SCHEMA_VERSION = 2;
+/**
+ * 1: tokens, owners, quotas. 2: ended operations. 3: quota reservations of operations in flight,
+ * and per-tenant locks. Later tables are made on open when missing.
+ */
+export const CATALOG_SCHEMA_VERSION = 3;
 
 export interface TokenRow {
   id: string;
@@ -21,6 +24,18 @@ export interface QuotaRow {
   tenant: string;
   instances: number | string | null;
   memory_mib: number | string | null;
+}
+
+export interface ReservationRow {
+  operation_id: string;
+  tenant: string;
+  instances: number | string;
+  memory_mib: number | string;
+  created_at: string;
+}
+
+export function reservationOf(r: ReservationRow): Reservation {
+  return { operationId: r.operation_id, tenant: r.tenant, instances: Number(r.instances), memoryMiB: Number(r.memory_mib), createdAt: r.created_at };
 }
 
 export function tokenOf(r: TokenRow): TokenRecord {
@@ -81,5 +96,11 @@ export function catalogDdl(engine: 'sqlite' | 'postgres'): string {
       closed_at TEXT NOT NULL, parent_id TEXT, result TEXT, error TEXT);
     CREATE INDEX IF NOT EXISTS operations_by_kind ON operations (kind, host);
     CREATE INDEX IF NOT EXISTS operations_by_close ON operations (closed_at);
+    CREATE TABLE IF NOT EXISTS reservations (
+      operation_id TEXT PRIMARY KEY, tenant TEXT NOT NULL, instances ${int} NOT NULL,
+      memory_mib ${int} NOT NULL, created_at TEXT NOT NULL);
+    CREATE INDEX IF NOT EXISTS reservations_by_tenant ON reservations (tenant);
+    CREATE TABLE IF NOT EXISTS tenant_locks (
+      tenant TEXT PRIMARY KEY, holder TEXT NOT NULL, expires_at TEXT NOT NULL);
   `;
 }

@@ -5,8 +5,8 @@
 import type Database from 'better-sqlite3';
 import { openPrivateSqlite } from '../private-sqlite';
 import { CloudletError } from '../errors';
-import type { ClosedOperation, ClosedQuery, ClusterCatalog, NewToken, Ownership, Quota, TenantQuota, TokenRecord } from './types';
-import { CATALOG_SCHEMA_VERSION, catalogDdl, operationOf, operationRow, quotaOf, tokenOf, type OperationRow, type QuotaRow, type TokenRow } from './schema';
+import type { ClosedOperation, ClosedQuery, ClusterCatalog, NewToken, Ownership, Quota, Reservation, TenantQuota, TokenRecord } from './types';
+import { CATALOG_SCHEMA_VERSION, catalogDdl, operationOf, operationRow, quotaOf, reservationOf, tokenOf, type OperationRow, type QuotaRow, type ReservationRow, type TokenRow } from './schema';
 
 export class SqliteClusterCatalog implements ClusterCatalog {
   private readonly db: Database.Database;
@@ -92,6 +92,34 @@ export class SqliteClusterCatalog implements ClusterCatalog {
 
   async lastClosedAt(): Promise<string | undefined> {
     return (this.db.prepare('SELECT MAX(closed_at) AS at FROM operations').get() as { at: string | null }).at ?? undefined;
+  }
+
+  async reserve(r: Omit<Reservation, 'createdAt'>, now = new Date()): Promise<void> {
+    this.db.prepare('INSERT INTO reservations (operation_id, tenant, instances, memory_mib, created_at) VALUES (?, ?, ?, ?, ?) ON CONFLICT DO NOTHING').run(r.operationId, r.tenant, r.instances, r.memoryMiB, now.toISOString());
+  }
+
+  async reservationsOf(tenant: string): Promise<Reservation[]> {
+    return (this.db.prepare('SELECT * FROM reservations WHERE tenant = ? ORDER BY created_at').all(tenant) as ReservationRow[]).map(reservationOf);
+  }
+
+  async dropReservations(operationIds: readonly string[]): Promise<void> {
+    const stmt = this.db.prepare('DELETE FROM reservations WHERE operation_id = ?');
+    this.db.transaction(() => {
+      for (const id of operationIds) stmt.run(id);
+    })();
+  }
+
+  async tryLockTenant(tenant: string, holder: string, ttlMs: number, now = new Date()): Promise<boolean> {
+    const expires = new Date(now.getTime() + ttlMs).toISOString();
+    // Taken when free, expired (its holder died), or already this holder's.
+    const r = this.db
+      .prepare('INSERT INTO tenant_locks (tenant, holder, expires_at) VALUES (?, ?, ?) ON CONFLICT (tenant) DO UPDATE SET holder = excluded.holder, expires_at = excluded.expires_at WHERE tenant_locks.expires_at < ? OR tenant_locks.holder = excluded.holder')
+      .run(tenant, holder, expires, now.toISOString());
+    return r.changes > 0;
+  }
+
+  async unlockTenant(tenant: string, holder: string): Promise<void> {
+    this.db.prepare('DELETE FROM tenant_locks WHERE tenant = ? AND holder = ?').run(tenant, holder);
   }
 
   async setQuota(tenant: string, q: Quota): Promise<void> {

@@ -83,6 +83,19 @@ export interface ClosedQuery {
   status?: ClosedOperation['status'];
 }
 
+/**
+ * What an operation started within a tenant's quota will make (a deployment: `instances` VMs),
+ * counted against the quota until the operation has ended: its instances may not be listed yet.
+ */
+export interface Reservation {
+  operationId: string;
+  tenant: string;
+  instances: number;
+  /** Guest memory of all of them. */
+  memoryMiB: number;
+  createdAt: string;
+}
+
 export interface ClusterCatalog {
   addToken(token: NewToken): Promise<TokenRecord>;
   /** The live (not revoked) token with this digest. */
@@ -105,6 +118,18 @@ export interface ClusterCatalog {
   knownClosed(ids: readonly string[]): Promise<Set<string>>;
   /** The latest close time recorded (ISO), where the next sync may start from. */
   lastClosedAt(): Promise<string | undefined>;
+
+  /** Records a reservation; the first record of an operation wins (a retried request keeps it). */
+  reserve(r: Omit<Reservation, 'createdAt'>): Promise<void>;
+  reservationsOf(tenant: string): Promise<Reservation[]>;
+  dropReservations(operationIds: readonly string[]): Promise<void>;
+  /**
+   * Takes the tenant's lock for `holder` until `ttlMs` from now, unless another holder has it and
+   * it has not expired; true when taken. Every process of the cluster sees the same lock.
+   */
+  tryLockTenant(tenant: string, holder: string, ttlMs: number): Promise<boolean>;
+  /** Gives the lock back if `holder` has it. */
+  unlockTenant(tenant: string, holder: string): Promise<void>;
 
   setQuota(tenant: string, quota: Quota): Promise<void>;
   quotaOf(tenant: string): Promise<Quota | undefined>;
