@@ -11,10 +11,10 @@ import path from 'node:path';
 import type { Logger } from 'pino';
 import { CloudletError, isCloudletError } from '../core/errors';
 import { importBase, openBase, openBaseFiles, readBaseManifest } from '../core/base';
-import { applyOverlay, createOverlay, readOverlayMeta, type OverlayMeta, type SaveFileTee } from '../core/overlay';
+import { applyOverlay, createOverlay, readOverlayMeta, type OverlayMeta } from '../core/overlay';
 import { readSaveHeader, rewriteSaveHeaderXml } from '../core/snapshot';
 import { Store } from '../core/store';
-import type { ForwardResult, Hypervisor, RestoreIncomingResult, RestoreResult, SaveFeed } from '../hypervisor/types';
+import type { Hypervisor, RestoreIncomingResult, RestoreResult } from '../hypervisor/types';
 import { createQcow2Overlay } from '../hypervisor/disk';
 import { editDomainXml, interfaceElements, memorySizes } from '../hypervisor/domain-xml';
 import { GuestAppClient } from '../guest/app-client';
@@ -25,7 +25,8 @@ import { fingerprintVm, type VmFingerprint } from './vm-fingerprint';
 import type { Fingerprint } from '../client/handoff-peer';
 import type { FetchPolicy } from '../core/fetch/policy';
 import { domainMemoryBytes, releaseAdmission } from './admission';
-import { claimPoolEntry, installPoolDisk, POOL_LOADED, releaseClaimIn, takePoolEntry, type PoolEntry } from './pool-entries';
+import { claimPoolEntry, POOL_LOADED, releaseClaimIn } from './pool-entries';
+import { poolEarlyStart } from './pool-early-start';
 
 export type { InstanceRecord };
 
@@ -348,35 +349,8 @@ export function createInstanceActivities(deps: CloudletActivityDeps) {
       let last = { stage: 'apply overlay', bytesDone: 0, bytesTotal: 0 };
       const onProgress = progress('apply overlay');
       const signal = cancellationSignal();
-      // Early start: a warm pool VM of the launch VM's shape is taken as soon as the overlay's
-      // meta is read, and loads the save file while the apply rebuilds it. QEMU gets its last
-      // bytes only below, once every digest has been checked and the disk installed.
-      let taken: PoolEntry | undefined;
-      let feed: SaveFeed | undefined;
-      let claimMs = 0;
-      let forwarding: Promise<ForwardResult | undefined> | undefined;
-      const onMeta = input.warmPool === false ? undefined : async (meta: OverlayMeta): Promise<SaveFileTee | undefined> => {
-        if (meta.base.id !== input.baseId) return undefined;
-        const t0 = Date.now();
-        taken = await takePoolEntry(deps, { baseId: input.baseId, launchXml: meta.launch.domainXml, instanceDir: dir }).catch((e: unknown) => {
-          log.warn({ instanceId: input.instanceId, err: String(e) }, 'could not take a warm pool VM; the synthesis restores its VM as usual');
-          return undefined;
-        });
-        claimMs = Date.now() - t0;
-        if (!taken) return undefined;
-        const f = hv.feedIncoming(taken.domain, taken.listening ? { listening: taken.listening } : {});
-        feed = f;
-        // Its port forward too: made while it waited when the app has the default port, else now,
-        // while the apply runs (QEMU's user network takes it paused).
-        const ahead = taken.forward?.guestPort === rec.appPort ? taken.forward : undefined;
-        forwarding = ahead ? Promise.resolve({ hostPort: ahead.hostPort, guestPort: ahead.guestPort, hostAddress: '127.0.0.1' }) : hv.forwardPort(taken.domain, { guestPort: rec.appPort }).catch((e: unknown) => {
-          log.warn({ domain: taken?.domain, err: String(e) }, 'could not forward the app port of the warm pool VM ahead; it is forwarded at resume');
-          return undefined;
-        });
-        // Its RAM holds the base's memory already: pages the launch VM has in common with the base
-        // are left out of the stream.
-        return { tee: (part) => f.write(part), ...(taken.prefilled ? { prefilled: taken.prefilled } : {}) };
-      };
+      // Early start: a warm pool VM, when one is ready, loads the save file while the apply rebuilds it.
+      const early = input.warmPool === false ? undefined : poolEarlyStart(deps, { instanceId: input.instanceId, baseId: input.baseId, instanceDir: dir, appPort: rec.appPort });
       const applyStart = Date.now();
       let r: Awaited<ReturnType<typeof applyOverlay>>;
       try {
@@ -391,14 +365,13 @@ export function createInstanceActivities(deps: CloudletActivityDeps) {
               onProgress(done, total);
             },
             ...(signal ? { signal } : {}),
-            ...(onMeta ? { onMeta } : {}),
+            ...(early ? { onMeta: (meta: OverlayMeta) => early.onMeta(meta) } : {}),
             ...overlaySourceOptions,
           }),
           () => last,
         ), { 'cloudlet.overlay_url': input.overlayUrl });
       } catch (e) {
-        await feed?.close();
-        await releaseClaim(dir);
+        await early?.abort();
         throw e;
       }
       // The apply's own phases, one after another (fetch, decompression and apply are pipelined in "stream").
@@ -407,28 +380,12 @@ export function createInstanceActivities(deps: CloudletActivityDeps) {
       if (r.meta.base.id !== input.baseId) {
         throw new CloudletError('WRONG_BASE', `overlay ${input.overlayUrl} was made for base ${r.meta.base.id}, not ${input.baseId}`);
       }
-      if (taken && feed) {
-        const entry = taken;
-        const loading = feed;
-        const t0 = Date.now();
-        try {
-          const loaded = await step('load the rest into the warm pool VM', async () => {
-            await installPoolDisk(dir, entry);
-            return loading.complete();
-          }, { 'cloudlet.domain': entry.domain });
-          rec.domain = entry.domain;
-          rec.poolEntry = entry.entryId;
-          r.timings['poolClaim'] = claimMs;
-          r.timings['load the rest into the warm pool VMMs'] = Date.now() - t0;
-          r.timings['stream into the warm pool VMMs'] = loaded.ms;
-          const fwd = await forwarding;
-          await fs.promises.writeFile(path.join(dir, POOL_LOADED), JSON.stringify(fwd ? { hostPort: fwd.hostPort } : {}));
-        } catch (e) {
-          log.warn({ domain: entry.domain, entryId: entry.entryId, err: String(e) }, 'the warm pool VM did not take the synthesized VM; it will be restored anew');
-          await loading.close();
-          await releaseClaim(dir);
-        }
-      } else if (input.warmPool !== false) {
+      const loaded = await early?.finish();
+      if (loaded) {
+        rec.domain = loaded.entry.domain;
+        rec.poolEntry = loaded.entry.entryId;
+        Object.assign(r.timings, loaded.timings);
+      } else if (early && !early.taken) {
         // None was ready when the meta was read: one that is now takes the whole stream at resume.
         const t0 = Date.now();
         const entry = await step('take a warm pool VM', () => withHeartbeats(claimPoolEntry(deps, { baseId: input.baseId, launchXml: r.meta.launch.domainXml, instanceDir: dir }), () => ({ stage: 'take a warm pool VM' })));

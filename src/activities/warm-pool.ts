@@ -161,8 +161,11 @@ export function createWarmPoolActivities(deps: { hostId: string; dataDir: string
       }
       const socketOf = /^\.in-(p[0-9a-f]{8})\.sock$/.exec(name)?.[1];
       if (socketOf !== undefined) {
-        // The listening socket of an entry that is gone (its start was cut off half-way).
-        if (!dryRun && !(await fs.promises.lstat(path.join(root, socketOf)).then(() => true, () => false))) await fs.promises.rm(file, { force: true });
+        // The listening socket of an entry that is gone (its start was cut off half-way). Not a
+        // young one: a synthesis taking its entry has it between a rename and a symlink.
+        const gone = !(await fs.promises.lstat(path.join(root, socketOf)).then(() => true, () => false));
+        const old = Date.now() - ((await fs.promises.lstat(file).catch(() => undefined))?.mtimeMs ?? Date.now()) > STALE_CLAIM_MS;
+        if (!dryRun && gone && old) await fs.promises.rm(file, { force: true });
         continue;
       }
       if (!isEntryId(name)) continue;

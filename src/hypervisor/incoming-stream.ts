@@ -132,6 +132,8 @@ export async function migrateFromFile(input: MigrateFromFileInput): Promise<{ ms
   }
 }
 
+/** How long a part may wait for QEMU to read it before the feed gives up on the domain. */
+const WRITE_TIMEOUT_MS = 60_000;
 /** How long `complete` waits for QEMU to close the socket before it asks query-migrate anyway. */
 const CLOSE_WAIT_MS = 500;
 
@@ -169,17 +171,26 @@ export class IncomingFeed implements SaveFeed {
   private async send(data: Buffer): Promise<void> {
     if (data.length === 0 || this.failure) return;
     const { sock } = await this.connecting;
+    // A QEMU that lives but stops reading must not hold the apply: its socket goes after a while.
+    const timer = setTimeout(() => {
+      this.fail(new CloudletError('TIMEOUT', `domain "${this.target.domain}" read nothing of its memory stream for ${WRITE_TIMEOUT_MS / 1000} s`, { fix: `see /var/log/libvirt/qemu/${this.target.domain}.log` }));
+      sock.destroy();
+    }, WRITE_TIMEOUT_MS);
     await new Promise<void>((resolve) => {
       sock.write(data, (e) => {
         if (e) this.fail(e);
         resolve();
       });
     });
+    clearTimeout(timer);
     this.sent += data.length;
   }
 
-  /** The next part of the save file (from its first byte, libvirt header included). */
-  async write(part: Buffer): Promise<void> {
+  /**
+   * The next part of the save file (from its first byte, libvirt header included). `last`: the
+   * file's final part (device state, QEMU's end marker, its description): all of it is held back.
+   */
+  async write(part: Buffer, opts: { last?: boolean } = {}): Promise<void> {
     try {
       if (this.failure) return;
       let data = part;
@@ -200,6 +211,10 @@ export class IncomingFeed implements SaveFeed {
         const n = Math.min(this.skip, data.length);
         this.skip -= n;
         data = data.subarray(n);
+      }
+      if (opts.last) {
+        this.held = Buffer.concat([this.held, data]);
+        return;
       }
       // All but the last HOLD_BYTES so far go out; the rest is copied (the part's buffer is reused).
       const all = this.held.length + data.length;

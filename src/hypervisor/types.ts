@@ -122,8 +122,11 @@ export interface StreamMemoryOptions {
 
 /** A save file streamed into a waiting domain as it is written (Hypervisor.feedIncoming). */
 export interface SaveFeed {
-  /** The next part of the save file, from its first byte. Never rejects: a failure is kept for `complete`. */
-  write(part: Buffer): Promise<void>;
+  /**
+   * The next part of the save file, from its first byte; `last`: its final part, held back whole
+   * until `complete`. Never rejects: a failure is kept for `complete`.
+   */
+  write(part: Buffer, opts?: { last?: boolean }): Promise<void>;
   /** Sends the bytes held back, waits until the domain has loaded the stream (paused); throws what went wrong. */
   complete(): Promise<{ ms: number; bytes: number; tailMs: number }>;
   /** Stops feeding; the domain is left as it is (the caller destroys it). */

@@ -124,6 +124,28 @@ describe('joinSnapshot tee to a receiver whose RAM holds the base', () => {
     expect(bios && redImg.subarray(redBios.imageOffset, redBios.imageOffset + redBios.size).equals(launchImg.subarray(bios.imageOffset, bios.imageOffset + bios.size))).toBe(true);
   });
 
+  test('a save that sent a page twice: nothing is left out (the earlier copy is a literal)', async () => {
+    const twice: CraftSpec = { ...spec(new Set([3]), 7) };
+    twice.parts = [...twice.parts, [{ block: 'pc.ram', page: 3, kind: 'page', data: pageData('pc.ram', 3, 0) }]];
+    const launch = craftSaveFile(twice).file;
+    fs.writeFileSync(path.join(dir, 'twice.sav'), launch);
+    const layout = await splitSnapshot(path.join(dir, 'twice.sav'), path.join(dir, 'twice.img'), { logger: log });
+    expect(decodeSkeleton(layout.skeleton).header.resentRecords).toBe(1);
+    const parts: Buffer[] = [];
+    const joined = await joinSnapshot(layout.skeleton, path.join(dir, 'twice.img'), path.join(dir, 'twice.out'), {
+      tee: async (part) => {
+        parts.push(Buffer.from(part));
+      },
+      prefilled: { block: 'pc.ram', imageOffset: 0, size: 96 * 4096, isBase: () => true },
+    });
+    expect(joined.teeDropped).toBe(0);
+    // The same records (a record after a literal may name its block where the file did not):
+    // loaded, it is the launch memory.
+    fs.writeFileSync(path.join(dir, 'twice-teed.sav'), Buffer.concat(parts));
+    await splitSnapshot(path.join(dir, 'twice-teed.sav'), path.join(dir, 'twice-teed.img'), { logger: log });
+    expect(fs.readFileSync(path.join(dir, 'twice-teed.img')).equals(fs.readFileSync(path.join(dir, 'twice.img')))).toBe(true);
+  });
+
   test('a receiver whose block is laid out elsewhere gets every page', async () => {
     const launch = craftSaveFile(spec(new Set([3]), 7)).file;
     fs.writeFileSync(path.join(dir, 'pre2.sav'), launch);
@@ -205,6 +227,20 @@ describe('IncomingFeed', () => {
     expect(asked.slice(0, 2)).toEqual(['migrate-set-capabilities', 'migrate-incoming']);
     expect(new Set(asked.slice(2))).toEqual(new Set(['query-migrate']));
     expect(q.calls[0]?.arguments).toEqual({ capabilities: [{ capability: 'x-ignore-shared', state: false }] });
+    q.close();
+  });
+
+  test('the file\'s last part (device state, end marker) is held back whole, whatever its size', async () => {
+    const q = waitingQemu();
+    const { save, stream } = file();
+    const cut = save.length - 300 * 1024;
+    const feed = new IncomingFeed({ domain: 'feed-last', qmp: q.qmp, log, ignoreShared: false });
+    await feedAll(feed, save.subarray(0, cut), 1_000_003);
+    await feed.write(save.subarray(cut), { last: true });
+    await new Promise((r) => setTimeout(r, 50));
+    expect(q.received().length).toBe(stream.length - 300 * 1024 - 64 * 1024);
+    await feed.complete();
+    expect(sha(q.received())).toBe(sha(stream));
     q.close();
   });
 

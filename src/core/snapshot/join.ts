@@ -10,6 +10,9 @@ import * as F from './format';
 import { PassThroughHasher } from './hasher';
 import { openImageFile, type MemoryImageSource } from './image-source';
 import { decodeSkeleton } from './skeleton';
+import { TeeOut, type SaveTee, type TeeOptions } from './tee';
+
+export type { SaveTee, TeeOptions };
 
 const IO_SIZE = 8 * 1024 * 1024;
 /** Zero-record gaps up to this many pages are read through rather than split into two reads. */
@@ -36,72 +39,6 @@ const PAGE_SIZE = F.PAGE_SIZE;
 const RAM_FLAG_ZERO = F.RAM_FLAG_ZERO;
 const RAM_FLAG_PAGE = F.RAM_FLAG_PAGE;
 const RAM_FLAG_CONTINUE = F.RAM_FLAG_CONTINUE;
-
-/**
- * A consumer of the save file as it is rebuilt: called with every part, in order from the file's
- * first byte, before the part's buffer is reused (so it must be done with the bytes when its
- * promise settles). A VM that loads the stream as it comes is one (early start).
- */
-export type SaveTee = (part: Buffer) => Promise<void>;
-
-/**
- * What a join's tee receives, and which page records it may leave out: those of RAM block `block`
- * whose page the receiver holds already. The receiver's copy of the block is the base's memory
- * image from `imageOffset` (`size` bytes); `isBase(imageOffset)` says whether the page at that
- * offset of the image being joined is the base's and final (a patched memory image knows).
- */
-export interface TeeOptions {
-  tee: SaveTee;
-  prefilled?: { block: string; imageOffset: number; size: number; isBase: (imageOffset: number) => boolean };
-}
-
-/** Bytes the tee gets at a time. */
-const TEE_SIZE = 1024 * 1024;
-
-/**
- * The stream a tee gets: buffered and in order. A page record it gets names its block whenever
- * the record before it (in what it got) was of another block, since records may be left out.
- */
-class TeeOut {
-  private readonly buf = Buffer.allocUnsafe(TEE_SIZE);
-  private len = 0;
-  /** Block of the last page record sent (-1: none yet). */
-  lastBlock = -1;
-  dropped = 0;
-
-  constructor(private readonly tee: SaveTee) {}
-
-  async write(data: Buffer): Promise<void> {
-    for (let off = 0; off < data.length; ) {
-      if (this.len === this.buf.length) await this.flush();
-      const n = data.copy(this.buf, this.len, off);
-      this.len += n;
-      off += n;
-    }
-  }
-
-  /** A page record: `flags` without CONTINUE plus the block's name, or as given with CONTINUE. */
-  async record(addr: number, flags: number, name: Buffer | undefined, payload: Buffer): Promise<void> {
-    const len = 8 + (name ? 1 + name.length : 0) + payload.length;
-    if (this.len + len > this.buf.length) await this.flush();
-    const at = this.len;
-    this.buf.writeUInt32BE(Math.floor(addr / 2 ** 32), at);
-    this.buf.writeUInt32BE((addr % 2 ** 32) + flags, at + 4);
-    let p = at + 8;
-    if (name) {
-      this.buf[p++] = name.length;
-      p += name.copy(this.buf, p);
-    }
-    payload.copy(this.buf, p);
-    this.len += len;
-  }
-
-  async flush(): Promise<void> {
-    if (this.len === 0) return;
-    await this.tee(this.buf.subarray(0, this.len));
-    this.len = 0;
-  }
-}
 
 /**
  * Buffered, hashing output. Large outputs: a full buffer is transferred to a hashing thread, then
@@ -273,7 +210,10 @@ async function rebuild(skeleton: Buffer, img: MemoryImageSource, outFh: FileHand
   const t = teeOpts ? new TeeOut(teeOpts.tee) : undefined;
   // The prefilled block, when the image lays it out where the receiver's copy came from.
   const pre = teeOpts?.prefilled;
-  const preIndex = pre ? header.blocks.findIndex((b) => b.name === pre.block && b.imageOffset === pre.imageOffset && b.size === pre.size) : -1;
+  // Pages are left out only when each was sent once: an earlier copy of a page sent again is a
+  // literal, which the receiver loads; leaving out the final copy would leave it that one.
+  const preIndex = pre && header.resentRecords === 0 ? header.blocks.findIndex((b) => b.name === pre.block && b.imageOffset === pre.imageOffset && b.size === pre.size) : -1;
+  const lastOp = ops[ops.length - 1];
   let readAb: ArrayBuffer | undefined;
   try {
     const imgSize = img.size;
@@ -297,7 +237,12 @@ async function rebuild(skeleton: Buffer, img: MemoryImageSource, outFh: FileHand
       for (const o of ops) {
         if (o.op === 'lit') {
           await w.write(o.data);
-          if (t) await t.write(o.data);
+          if (t) {
+            if (o === lastOp) await t.last(o.data);
+            else await t.write(o.data);
+            // A literal may hold page records (earlier copies) that name another block.
+            t.lastBlock = -1;
+          }
           continue;
         }
         const b = header.blocks[o.block];

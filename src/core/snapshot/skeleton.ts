@@ -35,6 +35,11 @@ export const SkeletonHeaderSchema = z.object({
   pageSize: z.number().int().positive(),
   blocks: z.array(BlockSchema),
   qemuStreamOffset: z.number().int().nonnegative().optional(),
+  /**
+   * Page records the stream sent again later (the earlier copies are literals). Absent in
+   * skeletons made before it was recorded: unknown.
+   */
+  resentRecords: z.number().int().nonnegative().optional(),
   /** Why the file was kept opaque (opaque mode only). */
   reason: z.string().optional(),
 });

@@ -419,7 +419,7 @@ async function parseWith(r: StreamReader, savePath: string, fh: FileHandle, size
   stats.runs = runs;
   stats.literalBytes = litBytes;
   stats.capabilities = [...caps];
-  const header: SkeletonHeader = { mode: 'parsed', saveFileSize: size, saveFileSha256, memImageSize, pageSize: F.PAGE_SIZE, blocks, qemuStreamOffset };
+  const header: SkeletonHeader = { mode: 'parsed', saveFileSize: size, saveFileSha256, memImageSize, pageSize: F.PAGE_SIZE, blocks, qemuStreamOffset, resentRecords: stats.resentRecords };
   return { header, ops, domainXml, cookie, stats };
 }
 
