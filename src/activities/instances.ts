@@ -25,7 +25,7 @@ import { fingerprintVm, type VmFingerprint } from './vm-fingerprint';
 import type { Fingerprint } from '../client/handoff-peer';
 import type { FetchPolicy } from '../core/fetch/policy';
 import { domainMemoryBytes, releaseAdmission } from './admission';
-import { claimPoolEntry, POOL_LOADED, releaseClaimIn } from './pool-entries';
+import { POOL_LOADED, releaseClaimIn } from './pool-entries';
 import { poolEarlyStart } from './pool-early-start';
 
 export type { InstanceRecord };
@@ -40,7 +40,6 @@ export interface CloudletActivityDeps {
   /** What overlays and base packages may come from (docs/security.md). */
   fetchPolicy: FetchPolicy;
 }
-
 
 /** Whether every NIC of a domain is a user-mode one (a network of its own QEMU process, private to the VM). */
 function userModeNicsOnly(domainXml: string): boolean {
@@ -90,11 +89,13 @@ export function createInstanceActivities(deps: CloudletActivityDeps) {
     if (state === 'running' && rec.hostPort !== undefined) return { restoreMs: 0, replugMs: 0, replugged: false, hostPort: rec.hostPort };
     const ramImage = path.join(path.dirname(savePath), SHARED_RAM_IMAGE);
     const sharedRam = fs.existsSync(`${ramImage}.json`) ? (JSON.parse(await fs.promises.readFile(`${ramImage}.json`, 'utf8')) as { offset: number; length: number; startedAhead?: string }) : undefined;
+    // What the synthesis left when it streamed the save into a warm pool VM (early start).
+    const preloaded = rec.poolEntry === undefined ? undefined : await fs.promises.readFile(path.join(path.dirname(savePath), POOL_LOADED), 'utf8').then((t) => JSON.parse(t) as { hostPort?: number }).catch(() => undefined);
     // A VM a handoff started ahead (paused, waiting for its device state, its RAM filled) is used
-    // as it is, and so is a warm pool's VM this synthesis took (waiting for the whole stream);
+    // as it is, and so is a warm pool's VM this synthesis took and loaded (paused, waiting to run);
     // anything else under this name is a leftover.
     const ahead = sharedRam?.startedAhead === rec.domain && state === 'paused';
-    const pooled = rec.poolEntry !== undefined && !sharedRam && state === 'paused';
+    const pooled = preloaded !== undefined && !sharedRam && state === 'paused';
     if (state !== 'absent' && !ahead && !pooled) {
       await hv.destroy(rec.domain);
       await hv.undefine(rec.domain);
@@ -105,26 +106,13 @@ export function createInstanceActivities(deps: CloudletActivityDeps) {
     const xml = editDomainXml(header.domainXml, { name: rec.domain, uuid: randomUUID(), diskPath, diskFormat: 'qcow2', serialPath, sharedMemory: true, incomingDefer: false, preallocate: false }, `domain XML of ${savePath}`);
     await rewriteSaveHeaderXml(savePath, xml);
     let servedByPool = false;
-    // What the synthesis left when it streamed the save into a warm pool VM (early start).
-    const preloaded = rec.poolEntry === undefined ? undefined : await fs.promises.readFile(path.join(path.dirname(savePath), POOL_LOADED), 'utf8').then((t) => JSON.parse(t) as { hostPort?: number }).catch(() => undefined);
     const restored: RestoreResult & Partial<RestoreIncomingResult> = await step('restore', async (): Promise<RestoreResult & Partial<RestoreIncomingResult>> => {
-      if (pooled && preloaded) {
+      if (pooled) {
         // The synthesis streamed the save into it already (early start): it only waits to run.
         const t1 = Date.now();
         if (!verify) await hv.resume(rec.domain);
         servedByPool = true;
         return { name: rec.domain, ms: Date.now() - t1 };
-      }
-      if (pooled) {
-        try {
-          const c = await withHeartbeats(hv.completeIncoming(rec.domain, savePath, { wholeStream: true, ...(verify ? { paused: true } : {}) }), () => ({ stage: 'resume' }));
-          servedByPool = true;
-          return { name: rec.domain, ms: c.ms, incomingMs: c.ms, startMs: 0 };
-        } catch (e) {
-          log.warn({ domain: rec.domain, entryId: rec.poolEntry, err: String(e) }, 'the warm pool VM did not take the synthesized VM; restoring it anew');
-          await hv.destroy(rec.domain);
-          await hv.undefine(rec.domain);
-        }
       }
       if (!sharedRam) return withHeartbeats(hv.restore(savePath, verify ? { paused: true } : {}), () => ({ stage: 'resume' }));
       if (ahead) {
@@ -385,15 +373,6 @@ export function createInstanceActivities(deps: CloudletActivityDeps) {
         rec.domain = loaded.entry.domain;
         rec.poolEntry = loaded.entry.entryId;
         Object.assign(r.timings, loaded.timings);
-      } else if (early && !early.taken) {
-        // None was ready when the meta was read: one that is now takes the whole stream at resume.
-        const t0 = Date.now();
-        const entry = await step('take a warm pool VM', () => withHeartbeats(claimPoolEntry(deps, { baseId: input.baseId, launchXml: r.meta.launch.domainXml, instanceDir: dir }), () => ({ stage: 'take a warm pool VM' })));
-        if (entry) {
-          rec.domain = entry.domain;
-          rec.poolEntry = entry.entryId;
-          r.timings['poolClaim'] = Date.now() - t0;
-        }
       }
       await writeRecord(rec);
       await fs.promises.writeFile(path.join(dir, 'synthesized'), '');
@@ -410,8 +389,6 @@ export function createInstanceActivities(deps: CloudletActivityDeps) {
       const timings: Record<string, number> = { [r.replugged ? 'resume and replug NICMs' : 'resumeMs']: Date.now() - t0 };
       if (rec.poolEntry !== undefined && r.incoming === undefined && fs.existsSync(path.join(dir, POOL_LOADED))) {
         timings['resume the warm pool VMMs'] = r.restoreMs;
-      } else if (rec.poolEntry !== undefined && r.incoming?.startMs === 0) {
-        timings['load memory into the warm pool VMMs'] = r.incoming.incomingMs;
       } else if (r.incoming) {
         // No start and fill here: the VM was started ahead of the cut-over, during the live rounds.
         if (r.incoming.startMs !== undefined) timings['start QEMU for the device stateMs'] = r.incoming.startMs;
