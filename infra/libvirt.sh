@@ -87,6 +87,29 @@ libvirtd_pid() {
   alive "$pid" && [ "$(cat "/proc/$pid/comm" 2>/dev/null)" = libvirtd ] && echo "$pid"
 }
 
+# Domains a libvirtd died while starting (docs/hypervisor.md, "libvirtd killed while it starts a
+# domain"): libvirt 9.0 writes a domain's status (pid 0, its async "start" job) before QEMU runs;
+# if libvirtd dies before it records QEMU's pid, the next libvirtd loads that status, skips the
+# domain when it reconnects (pid 0: "inactive") and keeps the job forever. The domain then lists
+# as "paused (starting up)" and every call on it, destroy included, times out on its state change
+# lock. With no libvirtd running, such a status names a start that can never finish: drop it, and
+# stop a QEMU that started for it (it has no libvirt owner).
+sweep_unstarted_domains() {
+  local dir=/run/libvirt/qemu f name pid
+  [ -d "$dir" ] || return 0
+  for f in "$dir"/*.xml; do
+    [ -f "$f" ] || continue
+    grep -q "<domstatus [^>]*pid='0'" "$f" || continue
+    name="$(basename "$f" .xml)"
+    for pid in $(pgrep -f -- "-name guest=$name," || true); do
+      warn "stopping QEMU (pid $pid) of domain $name, which a libvirtd that died was starting"
+      kill -9 "$pid" 2>/dev/null || true
+    done
+    warn "dropping the status of domain $name, which a libvirtd that died left half-started (pid 0, its start job pending)"
+    rm -f "$f" "$dir/$name.pid"
+  done
+}
+
 start() {
   [ "$(id -u)" = 0 ] || die "libvirtd for qemu:///system must run as root; rerun as root"
   local p fresh=0
@@ -123,6 +146,7 @@ start() {
   if other="$(libvirtd_pid)"; then
     die "a libvirtd (pid $other) runs but does not answer on $URI; see $LOG, stop it (kill $other) and retry"
   fi
+  sweep_unstarted_domains
   local caps=/var/cache/libvirt/qemu/capabilities
   if compgen -G "$caps/*.xml" >/dev/null; then
     say "QEMU capabilities cache present in $caps (libvirtd reuses it if QEMU, libvirt and /dev/kvm are unchanged)"

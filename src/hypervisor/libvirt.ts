@@ -140,6 +140,15 @@ export class LibvirtHypervisor implements Hypervisor {
         cause: e,
       });
     }
+    if (name !== undefined && /cannot acquire state change lock/i.test(msg)) {
+      // Usually a long call on the domain still runs; if it lists as "paused (starting up)" with no
+      // QEMU, a libvirtd that died while starting it left it so, and only a restart clears it.
+      return new CloudletError('HYPERVISOR', `${op} of domain "${name}" failed: ${msg.trim()}`, {
+        fix: `retry when the domain's running call ends; if \`virsh -c ${this.uri} domstate --reason ${name}\` says "paused (starting up)", a libvirtd that died while starting it left it behind: restart libvirtd (bash infra/libvirt.sh stop && bash infra/libvirt.sh start drops such domains; docs/hypervisor.md)`,
+        details: { domain: name, operation: op },
+        cause: e,
+      });
+    }
     return new CloudletError('HYPERVISOR', `${op}${name ? ` of domain "${name}"` : ''} failed: ${msg.trim()}`, {
       fix: `see /var/log/libvirt/qemu/${name ?? '<domain>'}.log and var/libvirt/libvirtd.log`,
       details: { domain: name, operation: op },

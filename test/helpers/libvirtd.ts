@@ -19,3 +19,30 @@ const virsh = (...args: string[]): string => execFileSync('virsh', ['-c', 'qemu:
 export function domainsOf(hostId: string, onlyRunning = false): string[] {
   return virsh('list', ...(onlyRunning ? [] : ['--all']), '--name').split('\n').map((s) => s.trim()).filter((n) => n.startsWith(`cl-${hostId}-`));
 }
+
+/**
+ * Waits until libvirtd has begun to start a domain whose name starts with `prefix` and has not
+ * yet recorded its QEMU's pid (its status file says pid='0': the window of ~30 ms in which a
+ * libvirtd that dies leaves the domain half-started, docs/hypervisor.md), then kills libvirtd.
+ * Whether the window was caught; if the poll missed it, libvirtd is killed anyway, later.
+ */
+export async function killLibvirtdWhileStarting(prefix: string, timeoutMs: number): Promise<{ caught: boolean; domain?: string }> {
+  const dir = '/run/libvirt/qemu';
+  const deadline = Date.now() + timeoutMs;
+  while (Date.now() < deadline) {
+    const names = (await fs.promises.readdir(dir).catch(() => [] as string[])).filter((f) => f.startsWith(prefix) && f.endsWith('.xml'));
+    for (const f of names) {
+      const status = await fs.promises.readFile(`${dir}/${f}`, 'utf8').catch(() => '');
+      if (/<domstatus [^>]*pid='0'/.test(status)) {
+        killLibvirtd();
+        return { caught: true, domain: f.slice(0, -4) };
+      }
+      if (/<domstatus [^>]*pid='[1-9]/.test(status)) {
+        killLibvirtd();
+        return { caught: false, domain: f.slice(0, -4) };
+      }
+    }
+    await new Promise((r) => setTimeout(r, 1));
+  }
+  throw new Error(`libvirtd did not start a domain named ${prefix}* within ${timeoutMs} ms`);
+}
