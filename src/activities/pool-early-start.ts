@@ -60,12 +60,19 @@ export function poolEarlyStart(
       // Its port forward: made while it waited when the app has the default port, else now, while
       // the apply runs (QEMU's user network takes it paused).
       const ahead = entry.forward?.guestPort === input.appPort ? entry.forward : undefined;
+      // The forward made ahead for another port goes: nothing would know of its host port.
+      const stale = ahead ? undefined : entry.forward;
       forwarding = ahead
         ? Promise.resolve({ hostPort: ahead.hostPort, guestPort: ahead.guestPort, hostAddress: '127.0.0.1' })
-        : hv.forwardPort(entry.domain, { guestPort: input.appPort }).catch((e: unknown) => {
-            log.warn({ domain: entry.domain, err: String(e) }, 'could not forward the app port of the warm pool VM ahead; it is forwarded at resume');
-            return undefined;
-          });
+        : Promise.all([
+            hv.forwardPort(entry.domain, { guestPort: input.appPort }).catch((e: unknown) => {
+              log.warn({ domain: entry.domain, err: String(e) }, 'could not forward the app port of the warm pool VM ahead; it is forwarded at resume');
+              return undefined;
+            }),
+            stale && hv.unforwardPort(entry.domain, stale.hostPort).catch((e: unknown) => {
+              log.warn({ domain: entry.domain, hostPort: stale.hostPort, err: String(e) }, 'could not remove the port forward the warm pool VM was given for the default app port');
+            }),
+          ]).then(([fwd]) => fwd);
       // Its RAM holds the base's memory already: pages the launch VM has in common with the base
       // are left out of the stream.
       return { tee: (part, opts) => f.write(part, opts), ...(entry.prefilled ? { prefilled: entry.prefilled } : {}) };

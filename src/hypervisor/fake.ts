@@ -217,6 +217,11 @@ export class FakeHypervisor implements Hypervisor {
     return { hostPort: options.hostPort ?? this.nextPort++, guestPort: options.guestPort, hostAddress: '127.0.0.1' };
   }
 
+  async unforwardPort(name: string, hostPort: number): Promise<void> {
+    this.record('unforwardPort', name, { hostPort });
+    if (this.get(name, 'remove a forward').state !== 'running') throw new CloudletError('CONFLICT', `domain "${name}" is not running`);
+  }
+
   private caps(virtType: VirtType): DomainCapabilities {
     const usable = this.options.usableCpuModels ?? ['qemu64', 'kvm64'];
     return {

@@ -463,6 +463,22 @@ export class LibvirtHypervisor implements Hypervisor {
     }
   }
 
+  async unforwardPort(name: string, hostPort: number): Promise<void> {
+    if (!Number.isInteger(hostPort) || hostPort < 1 || hostPort > 65535) {
+      throw new CloudletError('BAD_INPUT', `host port ${hostPort} is not a TCP port`, { fix: 'pass 1..65535' });
+    }
+    const nics = interfaceElements(await this.domainXml(name)).filter((n) => n.info.type === 'user');
+    for (const nic of nics) {
+      if (!nic.info.alias) continue;
+      const out = await this.virsh('remove a port forward', ['qemu-monitor-command', name, '--hmp', `hostfwd_remove host${nic.info.alias} tcp:127.0.0.1:${hostPort}`], name);
+      // QEMU answers "host forwarding rule for ... removed", or that it found none on this netdev.
+      if (/removed/i.test(out)) {
+        this.log.info({ domain: name, hostPort }, 'port forward removed');
+        return;
+      }
+    }
+  }
+
   private capabilities(virtType: VirtType): Promise<DomainCapabilities> {
     let p = this.caps.get(virtType);
     if (!p) {

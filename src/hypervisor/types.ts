@@ -232,6 +232,8 @@ export interface Hypervisor {
   replugNic(name: string, nic: NicSpec): Promise<ReplugResult>;
   /** 127.0.0.1:hostPort -> guest:guestPort via QEMU's hostfwd_add; a free port is picked if none is given. Lost on restore and replug. */
   forwardPort(name: string, options: { hostPort?: number; guestPort: number }): Promise<ForwardResult>;
+  /** Removes the forward of 127.0.0.1:hostPort (QEMU's hostfwd_remove); a no-op if there is none. */
+  unforwardPort(name: string, hostPort: number): Promise<void>;
   /** Throws CPU_MODEL_UNUSABLE unless the model is usable='yes' in domcapabilities for the virt type. */
   checkCpuModel(model: string, virtType?: VirtType): Promise<void>;
   usableCpuModels(virtType?: VirtType): Promise<string[]>;

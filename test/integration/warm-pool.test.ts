@@ -3,8 +3,8 @@
  * host gives its VMs 800 MiB (three 256 MiB test guests) and steps its pool every second. A pool
  * is created, used by a synthesis (the VM answers with the launch state) and refilled; a pool VM
  * whose QEMU is killed is discarded and never used; an empty pool, or a request that opts out,
- * synthesizes as before; an admitted VM takes memory back from the pool, which grows again when
- * the VM goes.
+ * synthesizes as before; a VM taken for an app on another port keeps no forward of the default
+ * one; an admitted VM takes memory back from the pool, which grows again when the VM goes.
  */
 import { execFileSync } from 'node:child_process';
 import fs from 'node:fs';
@@ -12,6 +12,8 @@ import { launchOverlay, startApiCluster, type ApiCluster } from '../helpers/api-
 import { pollUntil } from '../helpers/poll';
 import type { WarmPoolInfo } from '../../src/service/types';
 import { registry } from '../../src/common/metrics';
+import { synthesizeVm } from '../../src/workflows';
+import { hostTaskQueue } from '../../src/common/names';
 
 jest.setTimeout(20 * 60_000);
 
@@ -103,6 +105,26 @@ describe('warm pool', () => {
     const healed = await poolWhere('two ready VMs, the killed one replaced', (p) => p.entries.length === 2 && !p.entries.some((e) => e.entryId === victim.entryId));
     for (const e of healed.entries) expect(domainState(e.domain)).toBe('paused');
     await c.done((await c.cloud.terminateInstance(r.instanceId)).id);
+  });
+
+  it('forwards only the app\'s own port of a VM taken for an app on another port', async () => {
+    const full = await poolWhere('two ready VMs', (p) => p.entries.length === 2);
+    const instanceId = `i-port-${process.pid}`;
+    // Through a Temporal client: the API's requests wait for the app, which the test guest serves
+    // on 8080 only.
+    const r = (await c.cluster.client.workflow.execute(synthesizeVm, {
+      taskQueue: hostTaskQueue(host),
+      workflowId: `synthesizeVm/${host}/${instanceId}`,
+      args: [{ hostId: host, instanceId, overlayUrl, appPort: 9090, waitForApp: false, onHostQueue: true }],
+    })) as unknown as Synthesized & { hostPort: number };
+    expect(full.entries.map((e) => e.entryId)).toContain(r.poolEntry);
+    const domain = full.entries.find((e) => e.entryId === r.poolEntry)?.domain ?? '';
+    const usernet = execFileSync('virsh', ['-c', 'qemu:///system', 'qemu-monitor-command', domain, '--hmp', 'info usernet'], { encoding: 'utf8' });
+    const forwards = usernet.split('\n').filter((l) => /HOST_FORWARD/.test(l));
+    // One forward: the instance's host port to guest port 9090; the one made ahead for 8080 went.
+    expect(forwards).toHaveLength(1);
+    expect(forwards[0]).toMatch(new RegExp(`127\\.0\\.0\\.1\\s+${r.hostPort}\\s+10\\.0\\.2\\.15\\s+9090`));
+    await c.done((await c.cloud.terminateInstance(instanceId)).id);
   });
 
   it('synthesizes as before when the pool is empty or the request opts out', async () => {
