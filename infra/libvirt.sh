@@ -101,7 +101,10 @@ sweep_unstarted_domains() {
     [ -f "$f" ] || continue
     grep -q "<domstatus [^>]*pid='0'" "$f" || continue
     name="$(basename "$f" .xml)"
-    for pid in $(pgrep -f -- "-name guest=$name," || true); do
+    # QEMU processes (by their exact command name) whose arguments name this domain, compared as
+    # fixed text (a domain name may hold regex characters).
+    for pid in $(pgrep -x qemu-system-x86 || true); do
+      tr '\0' ' ' < "/proc/$pid/cmdline" 2>/dev/null | grep -qF -- "guest=$name," || continue
       warn "stopping QEMU (pid $pid) of domain $name, which a libvirtd that died was starting"
       kill -9 "$pid" 2>/dev/null || true
     done

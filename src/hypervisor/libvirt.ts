@@ -144,7 +144,7 @@ export class LibvirtHypervisor implements Hypervisor {
       // Usually a long call on the domain still runs; if it lists as "paused (starting up)" with no
       // QEMU, a libvirtd that died while starting it left it so, and only a restart clears it.
       return new CloudletError('HYPERVISOR', `${op} of domain "${name}" failed: ${msg.trim()}`, {
-        fix: `retry when the domain's running call ends; if \`virsh -c ${this.uri} domstate --reason ${name}\` says "paused (starting up)", a libvirtd that died while starting it left it behind: restart libvirtd (bash infra/libvirt.sh stop && bash infra/libvirt.sh start drops such domains; docs/hypervisor.md)`,
+        fix: `retry when the domain's running call ends; if \`virsh -c ${this.uri} domstate --reason ${name}\` says "paused (starting up)", a libvirtd that died while starting it left it behind: restart libvirtd through infra/libvirt.sh, which drops such domains before it starts one (bash infra/libvirt.sh stop && bash infra/libvirt.sh start; a libvirtd started otherwise: kill $(cat /run/libvirtd.pid) first; docs/hypervisor.md)`,
         details: { domain: name, operation: op },
         cause: e,
       });

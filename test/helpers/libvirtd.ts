@@ -1,5 +1,5 @@
 /** libvirtd faults for tests: SIGKILL the running libvirtd (whoever started it), start one again. */
-import { execFileSync } from 'node:child_process';
+import { execFileSync, spawnSync } from 'node:child_process';
 import fs from 'node:fs';
 import { REPO } from './infra';
 
@@ -9,8 +9,21 @@ export function killLibvirtd(): void {
   process.kill(pid, 'SIGKILL');
 }
 
-export function startLibvirtd(): void {
-  execFileSync('bash', ['infra/libvirt.sh', 'start'], { cwd: REPO, stdio: ['ignore', 'ignore', 'inherit'], timeout: 120_000 });
+/** Starts libvirtd (infra/libvirt.sh start); what the script said (its stderr, also passed on). */
+export function startLibvirtd(): string {
+  const r = spawnSync('bash', ['infra/libvirt.sh', 'start'], { cwd: REPO, stdio: ['ignore', 'ignore', 'pipe'], encoding: 'utf8', timeout: 120_000 });
+  process.stderr.write(r.stderr);
+  if (r.status !== 0) throw new Error(`bash infra/libvirt.sh start failed (${r.error?.message ?? `exit ${r.status}`}): ${r.stderr.slice(-500)}`);
+  return r.stderr;
+}
+
+/** Whether libvirt's status file of `domain` says it was being started with no QEMU pid yet. */
+export function startedWithoutPid(domain: string): boolean {
+  try {
+    return /<domstatus [^>]*pid='0'/.test(fs.readFileSync(`/run/libvirt/qemu/${domain}.xml`, 'utf8'));
+  } catch {
+    return false;
+  }
 }
 
 const virsh = (...args: string[]): string => execFileSync('virsh', ['-c', 'qemu:///system', ...args], { encoding: 'utf8', stdio: ['ignore', 'pipe', 'ignore'] });
