@@ -12,6 +12,7 @@ import { HandoffDestination } from '../core/handoff/destination';
 import { handoffPaths } from '../core/handoff/paths';
 import type { Hypervisor } from '../hypervisor/types';
 import { withHeartbeats } from './heartbeat';
+import { releaseAdmission } from './admission';
 import { randomUUID } from 'node:crypto';
 import { instanceRecords, SHARED_RAM_IMAGE, type InstanceRecord } from './instance-records';
 import { createQcow2Overlay } from '../hypervisor/disk';
@@ -194,6 +195,7 @@ export function createHandoffDestinationActivities(deps: HandoffDestinationDeps)
           await hv.destroy(rec.domain);
           await hv.undefine(rec.domain);
           await fs.promises.rm(records.dir(input.instanceId), { recursive: true, force: true });
+          await releaseAdmission(deps.dataDir, input.instanceId);
           removedInstance = true;
         }
       } else {
@@ -201,6 +203,8 @@ export function createHandoffDestinationActivities(deps: HandoffDestinationDeps)
         // destination refuses an instance id it already runs, so that domain name is this handoff's).
         if (fs.existsSync(path.join(p.dir, STARTED_AHEAD))) await hv.destroy(records.domainName(input.instanceId));
         await fs.promises.rm(records.dir(input.instanceId), { recursive: true, force: true });
+        // Its admission (receiveHandoff admits the VM before it prepares anything).
+        await releaseAdmission(deps.dataDir, input.instanceId);
       }
       await fs.promises.rm(p.dir, { recursive: true, force: true });
       log.info({ handoffId: input.handoffId, removedInstance }, 'handoff aborted at the destination; its files are removed');

@@ -94,12 +94,14 @@ export function createInstanceActivities(deps: CloudletActivityDeps) {
       return { baseId: meta.base.id, ...(meta.launch.cpuModel ? { cpuModel: meta.launch.cpuModel } : {}), segments: meta.segments.length, bytes, memoryBytes: domainMemoryBytes(meta.launch.domainXml) };
     },
 
-    async checkBasePresent(input: { baseId: string; hostId?: string }): Promise<{ cpuModel?: string }> {
+    async checkBasePresent(input: { baseId: string; hostId?: string }): Promise<{ cpuModel?: string; memoryBytes: number }> {
       onThisHost(input);
       try {
         // The manifest only: the apply step opens the whole base (indexes included) and checks it.
         const manifest = await readBaseManifest(storeRoot, input.baseId);
-        return manifest.cpuModel ? { cpuModel: manifest.cpuModel } : {};
+        // The guest memory a VM resumed from it is given (admission counts it).
+        const memoryBytes = domainMemoryBytes(manifest.domainXml);
+        return manifest.cpuModel ? { cpuModel: manifest.cpuModel, memoryBytes } : { memoryBytes };
       } catch (e) {
         if (isCloudletError(e) && e.code === 'NOT_FOUND') {
           throw new CloudletError('WRONG_BASE', `host ${deps.hostId} does not have base ${input.baseId}`, {

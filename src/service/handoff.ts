@@ -210,7 +210,7 @@ function causeOf(e: unknown, what: string): CloudletError {
     return new CloudletError(/ended/.test(message) ? 'FORBIDDEN' : 'CONFLICT', `${what}: ${message}`, { fix: 'start a new handoff' });
   }
   const type = cause instanceof ApplicationFailure ? cause.type : undefined;
-  const known = ['WRONG_BASE', 'CORRUPT', 'DIGEST_MISMATCH', 'CONFLICT', 'TIMEOUT', 'HYPERVISOR', 'CPU_MODEL_UNUSABLE'] as const;
+  const known = ['WRONG_BASE', 'CORRUPT', 'DIGEST_MISMATCH', 'CONFLICT', 'TIMEOUT', 'HYPERVISOR', 'CPU_MODEL_UNUSABLE', 'NO_MEMORY'] as const;
   const code = known.find((k) => k === type) ?? 'CONFLICT';
   return new CloudletError(code, `${what}: ${message}`);
 }

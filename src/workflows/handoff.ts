@@ -22,6 +22,7 @@ import {
   defineUpdate,
   executeChild,
   isCancellation,
+  patched,
   proxyActivities,
   setHandler,
   allHandlersFinished,
@@ -30,6 +31,7 @@ import type { RetryPolicy } from '@temporalio/workflow';
 import type { BaseSent, HandoffSourceActivities, RoundReport } from '../activities/handoff-source';
 import type { HandoffDestinationActivities } from '../activities/handoff-destination';
 import type { InstanceActivities } from '../activities/instances';
+import type { AdmissionActivities } from '../activities/admission';
 import type { BaseImported, Fingerprint, HandoffTicket, ReceivedVm } from '../client/handoff-peer';
 import { decideNext, measuredLinkRate, DEFAULT_STOP_POLICY, type StopPolicy, type RoundRecord } from './handoff-policy';
 import type { Compression } from '../core/handoff/round';
@@ -43,7 +45,7 @@ function activitiesOf(hostId: string) {
   const retry: RetryPolicy = { maximumAttempts: 4, initialInterval: '1 second', nonRetryableErrorTypes: NON_RETRYABLE };
   const common = { taskQueue: hostTaskQueue(hostId), retry };
   return {
-    quick: proxyActivities<HandoffSourceActivities & HandoffDestinationActivities & InstanceActivities>({ ...common, startToCloseTimeout: '2 minutes' }),
+    quick: proxyActivities<HandoffSourceActivities & HandoffDestinationActivities & InstanceActivities & AdmissionActivities>({ ...common, startToCloseTimeout: '2 minutes' }),
     long: proxyActivities<HandoffSourceActivities & HandoffDestinationActivities & InstanceActivities>({
       ...common,
       startToCloseTimeout: '60 minutes',
@@ -229,7 +231,7 @@ export async function receiveHandoff(input: ReceiveHandoffInput) {
       if (final) state.finalRound = round;
       await condition(() => state.applied >= round || ended());
       const r = state.rounds.find((x) => x.round === round);
-      if (!r) throw ApplicationFailure.nonRetryable(`round ${round} was not applied: ${state.error ?? state.phase}`, 'CONFLICT');
+      if (!r) throw ApplicationFailure.nonRetryable(`round ${round} was not applied: ${state.error ?? state.phase}`, state.errorType ?? 'CONFLICT');
       return r;
     },
     {
@@ -282,6 +284,20 @@ export async function receiveHandoff(input: ReceiveHandoffInput) {
           throw ApplicationFailure.nonRetryable(`the package the source sent is base ${imported.baseId.slice(0, 12)}…, not ${input.baseId.slice(0, 12)}…, which the VM runs on`, 'WRONG_BASE');
         }
         state.baseImport = { baseId: imported.baseId, alreadyPresent: imported.alreadyPresent, importMs: Date.now() - t0 };
+      }
+      // The VM's memory must fit on this host now: a handoff does not wait for room (the source
+      // keeps running the VM meanwhile, and can hand it to another host). receiveAbort gives it back.
+      // patched: a run started before destinations were admitted replays without it.
+      if (patched('admission-handoff-destination')) {
+        t.stage('admit the VM\'s memory');
+        const base = await quick.checkBasePresent({ baseId: input.baseId, hostId: input.hostId });
+        const a = await quick.admitInstance({ instanceId: input.instanceId, memoryBytes: base.memoryBytes, hostId: input.hostId });
+        if (!a.admitted) {
+          throw ApplicationFailure.nonRetryable(
+            `host ${input.hostId} has no room for instance ${input.instanceId}'s ${Math.round(base.memoryBytes / 1048576)} MiB (its VMs hold ${Math.round(a.committedBytes / 1048576)} of ${Math.round(a.capacityBytes / 1048576)} MiB). Fix: hand it off to another host, or terminate instances there`,
+            'NO_MEMORY',
+          );
+        }
       }
       t.stage('prepare working files from the base');
       await long.receivePrepare(ids);

@@ -124,7 +124,13 @@ export async function importBaseVm(input: ImportBaseVmInput) {
   });
 }
 
-export interface ResumeBaseVmInput extends HostOperationInput { baseId: string; instanceId: string; appPort?: number }
+export interface ResumeBaseVmInput extends HostOperationInput {
+  baseId: string;
+  instanceId: string;
+  appPort?: number;
+  /** How long to wait for the host to have memory for the VM (admission) before failing NO_MEMORY; default 10 minutes. */
+  admissionWaitMs?: number;
+}
 export async function resumeBaseVm(input: ResumeBaseVmInput) {
   const t = tracker('resumeBaseVm', input.hostId, [{ key: SearchAttributes.baseId, value: input.baseId }]);
   const { quick, check, long } = hostActivities(input.hostId, input.onHostQueue);
@@ -133,8 +139,12 @@ export async function resumeBaseVm(input: ResumeBaseVmInput) {
     const base = await check.checkBasePresent({ baseId: input.baseId, hostId: input.hostId });
     t.stage('verify CPU model');
     await check.checkCpuModel({ ...(base.cpuModel ? { cpuModel: base.cpuModel } : {}), hostId: input.hostId });
-    t.stage('resume');
     try {
+      // A VM resumed from a base takes its memory like a synthesized one: it waits for room.
+      // patched: a run started before resumed bases were admitted replays without it.
+      // (A run whose base check ran before the change has no size in its history: not admitted.)
+      if (patched('admission-resume-base') && typeof base.memoryBytes === 'number') await admit(check, t, input, base.memoryBytes);
+      t.stage('resume');
       return await long.resumeBaseInstance({ instanceId: input.instanceId, baseId: input.baseId, ...(input.appPort ? { appPort: input.appPort } : {}) });
     } catch (e) {
       await CancellationScope.nonCancellable(() => quick.terminateInstance({ instanceId: input.instanceId }));
@@ -178,9 +188,10 @@ export interface SynthesizeVmInput extends HostOperationInput {
 
 /**
  * Waits until the host admits the VM's memory (docs/operations.md, "Admission"): each refusal is
- * followed by a workflow timer (1 s, doubling to 10 s), so waiting holds no worker slot.
+ * followed by a workflow timer (1 s, doubling to 10 s), so waiting holds no worker slot; NO_MEMORY
+ * after `admissionWaitMs`. How long it waited. (Synthesis, resumed bases, recipe rebuilds.)
  */
-async function admit(check: ReturnType<typeof hostActivities>['check'], t: ReturnType<typeof tracker>, input: SynthesizeVmInput, memoryBytes: number): Promise<number> {
+export async function admit(check: Pick<AdmissionActivities, 'admitInstance'>, t: { stage(name: string): void }, input: { instanceId: string; hostId: string; admissionWaitMs?: number }, memoryBytes: number): Promise<number> {
   const limit = input.admissionWaitMs ?? 10 * 60_000;
   let waited = 0;
   for (let delay = 1000; ; delay = Math.min(delay * 2, 10_000)) {

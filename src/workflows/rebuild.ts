@@ -10,6 +10,7 @@ import {
   ApplicationFailure,
   CancellationScope,
   isCancellation,
+  patched,
   proxyActivities,
   setCurrentDetails,
   setHandler,
@@ -20,7 +21,8 @@ import type { ActivityOptions, RetryPolicy } from '@temporalio/workflow';
 import type { InstanceActivities } from '../activities/instances';
 import type { RecipeActivities, RecipeInput } from '../activities/recipes';
 import { HOST_ID_PATTERN, hostTaskQueue, SearchAttributes } from '../common/names';
-import { operationProgressQuery, type OperationProgress } from './operations';
+import { admit, operationProgressQuery, type OperationProgress } from './operations';
+import type { AdmissionActivities } from '../activities/admission';
 import { rootCause } from './failures';
 
 /** The test guest's port of `POST /cgi-bin/exec` (docs/test-guest.md); see GUEST_EXEC_PORT. */
@@ -55,7 +57,7 @@ export async function rebuildOverlay(input: RecipeInput): Promise<RebuildOverlay
   }
   const info = workflowInfo();
   const common: ActivityOptions & { retry: RetryPolicy } = { taskQueue: hostTaskQueue(hostId), retry: { maximumAttempts: 5, initialInterval: '1 second', nonRetryableErrorTypes: NON_RETRYABLE } };
-  const quick = proxyActivities<RecipeActivities & InstanceActivities>({ ...common, startToCloseTimeout: '2 minutes' });
+  const quick = proxyActivities<RecipeActivities & InstanceActivities & AdmissionActivities>({ ...common, startToCloseTimeout: '2 minutes' });
 
   const progress: OperationProgress = { stage: 'starting', done: [] };
   setHandler(operationProgressQuery, () => progress);
@@ -107,6 +109,10 @@ export async function rebuildOverlay(input: RecipeInput): Promise<RebuildOverlay
     stage('resume base');
     const base = await quick.checkBasePresent({ baseId: recipe.baseId });
     await quick.checkCpuModel(base.cpuModel ? { cpuModel: base.cpuModel } : {});
+    // Its VMs (the build VM, then the verify VM, one at a time) are admitted by memory like any
+    // other (docs/operations.md). patched: a run started before they were replays without it.
+    const admitting = patched('admission-rebuild') && typeof base.memoryBytes === 'number';
+    if (admitting && (await admit(quick, { stage }, { instanceId: buildInstance, hostId }, base.memoryBytes)) > 0) stage('resume base');
     // The build instance forwards the guest's exec port (the recipe mechanism).
     await long.resumeBaseInstance({ instanceId: buildInstance, baseId: recipe.baseId, appPort: GUEST_EXEC_PORT });
 
@@ -120,6 +126,7 @@ export async function rebuildOverlay(input: RecipeInput): Promise<RebuildOverlay
     await quick.terminateInstance({ instanceId: buildInstance });
 
     stage('verify: synthesize');
+    if (admitting && (await admit(quick, { stage }, { instanceId: verifyInstance, hostId }, base.memoryBytes)) > 0) stage('verify: synthesize');
     // Fetched by its URL, like any host would; the verify instance forwards the application's port.
     await long.synthesizeInstanceFiles({ instanceId: verifyInstance, overlayUrl: made.url, baseId: recipe.baseId, appPort: recipe.appPort });
     await long.resumeInstance({ instanceId: verifyInstance });

@@ -3,9 +3,11 @@
  * libvirt): each host gives its VMs 800 MiB, room for three 256 MiB test guests. 20 synthesis
  * requests at once over the two hosts: the hosts never run more than three at a time, the others
  * wait (holding no worker slot) and start as VMs are terminated; none is lost, every one answers.
+ * A VM resumed from a base is admitted the same way: a fourth one waits until one of three goes.
  */
 import { execFileSync } from 'node:child_process';
 import { launchOverlay, startApiCluster, type ApiCluster } from '../helpers/api-cluster';
+import { waitFor } from '../helpers/poll';
 
 jest.setTimeout(20 * 60_000);
 
@@ -18,12 +20,13 @@ describe('admission by memory', () => {
   let c: ApiCluster;
   let hosts: [string, string];
   let overlayUrl: string;
+  let baseId: string;
   const token = `admission-${process.pid}`;
 
   beforeAll(async () => {
     c = await startApiCluster('admit', ['ma', 'mb'], { env: { CLOUDLET_VM_MEMORY_MIB: '800' } });
     hosts = [c.cluster.hosts[0] ?? '', c.cluster.hosts[1] ?? ''];
-    ({ overlayUrl } = await launchOverlay(c, token));
+    ({ overlayUrl, baseId } = await launchOverlay(c, token));
   });
 
   afterAll(async () => {
@@ -68,5 +71,21 @@ describe('admission by memory', () => {
     // Ten requests per host and room for three: most of them waited for memory.
     expect(waited.filter((w) => w > 0).length).toBeGreaterThanOrEqual(8);
     for (const h of hosts) expect(runningDomains(h)).toBe(0);
+  });
+
+  it('admits VMs resumed from a base like synthesized ones: a fourth waits until one of three goes', async () => {
+    const host = hosts[0];
+    const resume = async (): Promise<string> => (await c.cloud.resumeBase({ hostId: host, baseId })).id;
+    const first = await Promise.all([resume(), resume(), resume()]);
+    const three = await Promise.all(first.map((id) => c.done(id)));
+    expect(runningDomains(host)).toBe(3);
+    const fourth = await resume();
+    await waitFor('the fourth resume to wait for memory', async () => (await c.cloud.getOperation(fourth))?.progress?.stage === 'wait for memory', 120_000);
+    expect(runningDomains(host)).toBe(3);
+    await c.done((await c.cloud.terminateInstance(String(three[0]?.instanceId))).id);
+    const r = await c.done(fourth);
+    expect(runningDomains(host)).toBe(3);
+    for (const x of [...three.slice(1), r]) await c.done((await c.cloud.terminateInstance(String(x.instanceId))).id);
+    expect(runningDomains(host)).toBe(0);
   });
 });

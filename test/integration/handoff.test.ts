@@ -240,6 +240,31 @@ describe('live handoff between two clusters', () => {
     const westHost = path.join(west.config.varDir, 'hosts', west.hosts[0] ?? '');
     await waitFor('the destination to remove the handoff', async () => !fs.existsSync(path.join(westHost, 'handoffs')) || fs.readdirSync(path.join(westHost, 'handoffs')).length === 0, 120_000);
     expect(fs.existsSync(path.join(westHost, 'instances', inst.id))).toBe(false);
+    // The admission the destination took for the VM went with the rest.
+    expect(fs.existsSync(path.join(westHost, 'admitted', `${inst.id}.json`))).toBe(false);
+  });
+
+  it('a destination host without room for the VM refuses it: the source keeps serving, nothing is left there', async () => {
+    const inst = await runningInstance('full');
+    // The west host's memory is all taken (an admission as large as any host), for this test only.
+    const westHost = path.join(west.config.varDir, 'hosts', west.hosts[0] ?? '');
+    const hog = path.join(westHost, 'admitted', 'i-hog.json');
+    fs.mkdirSync(path.dirname(hog), { recursive: true });
+    fs.writeFileSync(hog, JSON.stringify({ instanceId: 'i-hog', memoryBytes: 2 ** 50, at: new Date().toISOString() }));
+    try {
+      // The destination has the base, so it admits the VM before it issues the ticket: the request
+      // for the handoff is refused, and no handoff starts.
+      await expect(eastCloud.handoffInstance(inst.id, handoffBody({ hostId: west.hosts[0] ?? '' }))).rejects.toThrow(/no room for instance/);
+    } finally {
+      fs.rmSync(hog, { force: true });
+    }
+    const app = new GuestAppClient(inst.port);
+    expect((await app.state()).token).toBe('tok-full');
+    const seq = Number(await guestExec(inst.port, 'cat /run/seq'));
+    await waitFor('the source to keep writing', async () => Number(await guestExec(inst.port, 'cat /run/seq')) > seq, 60_000);
+    await waitFor('the destination to remove the handoff', async () => !fs.existsSync(path.join(westHost, 'handoffs')) || fs.readdirSync(path.join(westHost, 'handoffs')).length === 0, 120_000);
+    expect(fs.existsSync(path.join(westHost, 'instances', inst.id))).toBe(false);
+    expect(fs.existsSync(path.join(westHost, 'admitted', `${inst.id}.json`))).toBe(false);
   });
 
   it('a destination killed mid-handoff leaves the source running and serving; back again, it removes what it had', async () => {
@@ -259,6 +284,7 @@ describe('live handoff between two clusters', () => {
     startWb();
     await waitFor('the destination to remove the handoff', async () => !fs.existsSync(path.join(wbDir, 'handoffs')) || fs.readdirSync(path.join(wbDir, 'handoffs')).length === 0, 5 * 60_000);
     expect(fs.existsSync(path.join(wbDir, 'instances', inst.id))).toBe(false);
+    expect(fs.existsSync(path.join(wbDir, 'admitted', `${inst.id}.json`))).toBe(false);
     // Its receiving run ends failed (listed as provisioning until then, not at all after).
     await waitFor('the receiving run to end', async () => (await westCloud.listInstances()).find((i) => i.id === inst.id) === undefined, 120_000);
   });
