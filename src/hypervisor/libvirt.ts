@@ -439,14 +439,13 @@ export class LibvirtHypervisor implements Hypervisor {
     if (!Number.isInteger(guestPort) || guestPort < 1 || guestPort > 65535) {
       throw new CloudletError('BAD_INPUT', `guest port ${guestPort} is not a TCP port`, { fix: 'pass 1..65535' });
     }
-    const nics = interfaceElements(await this.domainXml(name)).filter((n) => n.info.type === 'user');
-    const alias = nics[nics.length - 1]?.info.alias;
-    if (!alias) {
+    // The newest user-mode NIC (after a replug, the plugged one).
+    const netdev = (await this.userNetdevs(name)).at(-1);
+    if (!netdev) {
       throw new CloudletError('CONFLICT', `domain "${name}" has no running user-mode NIC to forward a port through`, {
         fix: 'start/restore the domain with an <interface type="user"> NIC (or replug one)',
       });
     }
-    const netdev = `host${alias}`;
     for (let attempt = 0; ; attempt++) {
       const hostPort = options.hostPort ?? (await freeLocalPort());
       const out = await this.virsh('forward a port', ['qemu-monitor-command', name, '--hmp', `hostfwd_add ${netdev} tcp:127.0.0.1:${hostPort}-:${guestPort}`], name);
@@ -467,16 +466,21 @@ export class LibvirtHypervisor implements Hypervisor {
     if (!Number.isInteger(hostPort) || hostPort < 1 || hostPort > 65535) {
       throw new CloudletError('BAD_INPUT', `host port ${hostPort} is not a TCP port`, { fix: 'pass 1..65535' });
     }
-    const nics = interfaceElements(await this.domainXml(name)).filter((n) => n.info.type === 'user');
-    for (const nic of nics) {
-      if (!nic.info.alias) continue;
-      const out = await this.virsh('remove a port forward', ['qemu-monitor-command', name, '--hmp', `hostfwd_remove host${nic.info.alias} tcp:127.0.0.1:${hostPort}`], name);
+    for (const netdev of await this.userNetdevs(name)) {
+      const out = await this.virsh('remove a port forward', ['qemu-monitor-command', name, '--hmp', `hostfwd_remove ${netdev} tcp:127.0.0.1:${hostPort}`], name);
       // QEMU answers "host forwarding rule for ... removed", or that it found none on this netdev.
       if (/removed/i.test(out)) {
         this.log.info({ domain: name, hostPort }, 'port forward removed');
         return;
       }
     }
+  }
+
+  /** QEMU's netdev ids of the running domain's user-mode NICs ("host" + the NIC's alias), in XML order. */
+  private async userNetdevs(name: string): Promise<string[]> {
+    return interfaceElements(await this.domainXml(name))
+      .filter((n) => n.info.type === 'user' && n.info.alias)
+      .map((n) => `host${n.info.alias ?? ''}`);
   }
 
   private capabilities(virtType: VirtType): Promise<DomainCapabilities> {

@@ -17,10 +17,14 @@ export function startLibvirtd(): string {
   return r.stderr;
 }
 
+const STATUS_DIR = '/run/libvirt/qemu';
+/** A status libvirt wrote when it began a start, before it recorded QEMU's pid. */
+const NO_PID = /<domstatus [^>]*pid='0'/;
+
 /** Whether libvirt's status file of `domain` says it was being started with no QEMU pid yet. */
 export function startedWithoutPid(domain: string): boolean {
   try {
-    return /<domstatus [^>]*pid='0'/.test(fs.readFileSync(`/run/libvirt/qemu/${domain}.xml`, 'utf8'));
+    return NO_PID.test(fs.readFileSync(`${STATUS_DIR}/${domain}.xml`, 'utf8'));
   } catch {
     return false;
   }
@@ -37,22 +41,18 @@ export function domainsOf(hostId: string, onlyRunning = false): string[] {
  * Waits until libvirtd has begun to start a domain whose name starts with `prefix` and has not
  * yet recorded its QEMU's pid (its status file says pid='0': the window of ~30 ms in which a
  * libvirtd that dies leaves the domain half-started, docs/hypervisor.md), then kills libvirtd.
- * Whether the window was caught; if the poll missed it, libvirtd is killed anyway, later.
+ * If the poll missed the window, libvirtd is killed anyway, later (startedWithoutPid tells which).
+ * The domain's name.
  */
-export async function killLibvirtdWhileStarting(prefix: string, timeoutMs: number): Promise<{ caught: boolean; domain?: string }> {
-  const dir = '/run/libvirt/qemu';
+export async function killLibvirtdWhileStarting(prefix: string, timeoutMs: number): Promise<string> {
   const deadline = Date.now() + timeoutMs;
   while (Date.now() < deadline) {
-    const names = (await fs.promises.readdir(dir).catch(() => [] as string[])).filter((f) => f.startsWith(prefix) && f.endsWith('.xml'));
+    const names = (await fs.promises.readdir(STATUS_DIR).catch(() => [] as string[])).filter((f) => f.startsWith(prefix) && f.endsWith('.xml'));
     for (const f of names) {
-      const status = await fs.promises.readFile(`${dir}/${f}`, 'utf8').catch(() => '');
-      if (/<domstatus [^>]*pid='0'/.test(status)) {
+      const status = await fs.promises.readFile(`${STATUS_DIR}/${f}`, 'utf8').catch(() => '');
+      if (/<domstatus [^>]*pid='\d+'/.test(status)) {
         killLibvirtd();
-        return { caught: true, domain: f.slice(0, -4) };
-      }
-      if (/<domstatus [^>]*pid='[1-9]/.test(status)) {
-        killLibvirtd();
-        return { caught: false, domain: f.slice(0, -4) };
+        return f.slice(0, -4);
       }
     }
     await new Promise((r) => setTimeout(r, 1));
