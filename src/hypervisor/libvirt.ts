@@ -17,7 +17,7 @@ import { virtTypeVerdict } from './kvm';
 import { migrateToFile, saveCookieXml } from './memory-stream';
 import { IncomingFeed, listenIncoming, migrateFromFile } from './incoming-stream';
 import { fillRamFile } from './ram-file';
-import { loadNative, nativeMessage, type NativeDomain, type NativeHypervisor } from './native';
+import { nativeMessage, openHypervisor, type NativeDomain, type NativeHypervisor } from './native';
 import { parseQmpReply, QmpError, type QmpBatch, type QmpSend } from './qmp';
 import { waitForSerialLine } from './serial';
 import type { DomainSpec, DomainState, ForwardResult, GuestExecOptions, GuestExecResult, Hypervisor, NicSpec, RamImage, ReplugResult, RestoreIncomingResult, RestoreOptions, RestoreResult, SaveFeed, SharedRam, SnapshotDiskResult, StreamMemoryOptions, StreamMemoryResult, VirtType } from './types';
@@ -91,16 +91,15 @@ export class LibvirtHypervisor implements Hypervisor {
 
   private connection(): Promise<NativeHypervisor> {
     this.conn ??= (async () => {
-      let native;
+      let h: NativeHypervisor;
       try {
-        native = loadNative();
+        h = openHypervisor(this.uri);
       } catch (e) {
         throw new CloudletError('HYPERVISOR_UNAVAILABLE', `the libvirt binding cannot be loaded (${nativeMessage(e)})`, {
           fix: 'reinstall npm dependencies so @unraid/libvirt builds its addon (npm run setup; needs libvirt-dev and build-essential)',
           cause: e,
         });
       }
-      const h = new native.Hypervisor({ uri: this.uri });
       try {
         await h.connectOpen();
       } catch (e) {

@@ -3,6 +3,12 @@
  * project is CommonJS, but its N-API addon (build/Release/libvirt.node) is a plain CommonJS
  * module. Every method returns a promise (the work runs on libuv's thread pool); failures reject
  * with a bare string holding libvirt's message (not an Error).
+ *
+ * The addon's workers keep only raw pointers to the hypervisor and domain objects they were given.
+ * If the garbage collector frees such an object while its call waits for a pool thread, the call
+ * reads freed memory: libvirt then says "invalid domain pointer", or the process dies of SIGSEGV
+ * (it did, in CI, with 20 syntheses at once). `openHypervisor` therefore holds every argument of a
+ * call, and the hypervisor itself, until the call settles (docs/hypervisor.md).
  */
 import fs from 'node:fs';
 import path from 'node:path';
@@ -64,7 +70,7 @@ export function findAddon(from: string = __dirname): string | undefined {
 let loaded: NativeModule | undefined;
 
 /** Loads the addon once; throws a plain Error with the path tried when it is missing. */
-export function loadNative(): NativeModule {
+function loadNative(): NativeModule {
   if (loaded) return loaded;
   const file = findAddon();
   if (!file) {
@@ -73,6 +79,41 @@ export function loadNative(): NativeModule {
   // eslint-disable-next-line @typescript-eslint/no-require-imports
   loaded = require(file) as NativeModule;
   return loaded;
+}
+
+/** The objects of calls still running; a call's entry goes when its promise settles. */
+const inFlight = new Set<readonly unknown[]>();
+
+/** How many native calls are running (for tests). */
+export function nativeCallsInFlight(): number {
+  return inFlight.size;
+}
+
+/**
+ * A connection object for `uri` (not yet open: call connectOpen) whose calls each keep the
+ * hypervisor and their arguments reachable until they settle. Throws a plain Error when the addon
+ * cannot be loaded.
+ */
+export function openHypervisor(uri: string): NativeHypervisor {
+  const target = new (loadNative().Hypervisor)({ uri });
+  return new Proxy(target, {
+    get(obj, prop, receiver): unknown {
+      const value: unknown = Reflect.get(obj, prop, receiver);
+      if (typeof value !== 'function') return value;
+      return (...args: unknown[]): Promise<unknown> => {
+        const held: readonly unknown[] = [obj, ...args];
+        inFlight.add(held);
+        let call: Promise<unknown>;
+        try {
+          call = Reflect.apply(value, obj, args) as Promise<unknown>;
+        } catch (e) {
+          inFlight.delete(held);
+          throw e;
+        }
+        return call.finally(() => inFlight.delete(held));
+      };
+    },
+  });
 }
 
 /** libvirt's message from a rejected native call. */
