@@ -26,6 +26,8 @@ export interface InstanceRecord {
    * Its `domain` is then that VM's name (libvirt cannot rename a running domain).
    */
   poolEntry?: string;
+  /** With poolEntry: the synthesis started that VM for itself, no ready one being in the pool (early start). */
+  startedOwn?: boolean;
 }
 
 /**

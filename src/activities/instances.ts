@@ -42,6 +42,12 @@ export interface CloudletActivityDeps {
 
 const progress = (stage: string) => (done: number, total: number) => heartbeatOrCancel({ stage, bytesDone: done, bytesTotal: total });
 
+/** What served an instance's early start, for a synthesis's result: the warm pool's VM (named), or one it started. */
+function earlyStartOf(rec: InstanceRecord): { poolEntry?: string; earlyStart?: 'pool' | 'own' } {
+  if (rec.poolEntry === undefined) return {};
+  return rec.startedOwn ? { earlyStart: 'own' } : { poolEntry: rec.poolEntry, earlyStart: 'pool' };
+}
+
 export function createInstanceActivities(deps: CloudletActivityDeps) {
   const { hypervisor: hv, log } = deps;
   const storeRoot = path.join(deps.dataDir, 'store');
@@ -216,13 +222,17 @@ export function createInstanceActivities(deps: CloudletActivityDeps) {
     },
 
     /** Fetch, decompress and apply an overlay to the local base: the launch VM's disk and memory. */
-    /** `warmPool`: false keeps the synthesis off this host's warm pool (default: take a ready VM when one fits). */
-    async synthesizeInstanceFiles(input: { instanceId: string; overlayUrl: string; baseId: string; appPort?: number; warmPool?: boolean }): Promise<{ timings: Record<string, number>; fetchedBytes?: number; poolEntry?: string }> {
+    /**
+     * Early start (docs/warm-pool.md): the save file streams into a VM while the apply rebuilds
+     * it; the VM is a ready one of this host's warm pool when one fits, else one the synthesis
+     * starts for itself. `warmPool`: false restores the save file once it is whole, as before.
+     */
+    async synthesizeInstanceFiles(input: { instanceId: string; overlayUrl: string; baseId: string; appPort?: number; warmPool?: boolean }): Promise<{ timings: Record<string, number>; fetchedBytes?: number; poolEntry?: string; earlyStart?: 'pool' | 'own' }> {
       const dir = instanceDir(input.instanceId);
       if (fs.existsSync(path.join(dir, 'synthesized'))) {
         // Done by an earlier attempt.
         const done = await readRecord(input.instanceId);
-        return { timings: {}, ...(done.poolEntry ? { poolEntry: done.poolEntry } : {}) };
+        return { timings: {}, ...earlyStartOf(done) };
       }
       // An earlier attempt that died half-way (e.g. its worker was killed) may have left partial
       // files, and a pool VM it took: start from an empty directory.
@@ -238,8 +248,8 @@ export function createInstanceActivities(deps: CloudletActivityDeps) {
       let last = { stage: 'apply overlay', bytesDone: 0, bytesTotal: 0 };
       const onProgress = progress('apply overlay');
       const signal = cancellationSignal();
-      // Early start: a warm pool VM, when one is ready, loads the save file while the apply rebuilds it.
-      const early = input.warmPool === false ? undefined : poolEarlyStart(deps, { instanceId: input.instanceId, baseId: input.baseId, instanceDir: dir, appPort: rec.appPort });
+      // Early start: a VM (the warm pool's, else one started now) loads the save file while the apply rebuilds it.
+      const early = input.warmPool === false ? undefined : poolEarlyStart(deps, { instanceId: input.instanceId, baseId: input.baseId, instanceDir: dir, appPort: rec.appPort, startOwn: true });
       const applyStart = Date.now();
       let r: Awaited<ReturnType<typeof applyOverlay>>;
       try {
@@ -273,11 +283,12 @@ export function createInstanceActivities(deps: CloudletActivityDeps) {
       if (loaded) {
         rec.domain = loaded.entry.domain;
         rec.poolEntry = loaded.entry.entryId;
+        if (loaded.startedOwn) rec.startedOwn = true;
         Object.assign(r.timings, loaded.timings);
       }
       await writeRecord(rec);
       await fs.promises.writeFile(path.join(dir, 'synthesized'), '');
-      return { timings: r.timings, fetchedBytes: r.meta.segments.reduce((n, seg) => n + seg.length, 0), ...(rec.poolEntry ? { poolEntry: rec.poolEntry } : {}) };
+      return { timings: r.timings, fetchedBytes: r.meta.segments.reduce((n, seg) => n + seg.length, 0), ...earlyStartOf(rec) };
     },
 
     /** Resume the synthesized VM (restore, replug its NIC, forward its app port); optionally wait for its app. */
@@ -289,7 +300,7 @@ export function createInstanceActivities(deps: CloudletActivityDeps) {
       const r = await restoreAsInstance(rec, path.join(dir, 'memory.sav'), path.join(dir, 'disk.qcow2'), input.verify, input.keepNic);
       const timings: Record<string, number> = { [r.replugged ? 'resume and replug NICMs' : 'resumeMs']: Date.now() - t0 };
       if (rec.poolEntry !== undefined && r.incoming === undefined && fs.existsSync(path.join(dir, POOL_LOADED))) {
-        timings['resume the warm pool VMMs'] = r.restoreMs;
+        timings[rec.startedOwn ? 'resume the started VMMs' : 'resume the warm pool VMMs'] = r.restoreMs;
       } else if (r.incoming) {
         // No start and fill here: the VM was started ahead of the cut-over, during the live rounds.
         if (r.incoming.startMs !== undefined) timings['start QEMU for the device stateMs'] = r.incoming.startMs;

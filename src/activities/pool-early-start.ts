@@ -1,9 +1,11 @@
 /**
- * Early start into a warm pool VM (docs/warm-pool.md): a synthesis takes a ready VM of its launch
- * VM's shape as soon as the overlay's meta is read, and the apply's join streams the save file into
- * it as it rebuilds it, less the pages the VM holds already (its RAM was filled with the base's).
- * QEMU gets the file's last part only in `finish`, once the apply has checked every digest and the
- * disk is installed, so it can neither activate the disk nor run the guest before then.
+ * Early start (docs/warm-pool.md): a synthesis gets a VM of its launch VM's shape as soon as the
+ * overlay's meta is read, and the apply's join streams the save file into it as it rebuilds it,
+ * less the pages the VM holds already (its RAM was filled with the base's). The VM is a warm pool's
+ * ready one when there is one; else (`startOwn`) the synthesis starts one for itself, while the
+ * overlay arrives, and the stream waits for it. QEMU gets the file's last part only in `finish`,
+ * once the apply has checked every digest and the disk is installed, so it can neither activate
+ * the disk nor run the guest before then.
  */
 import fs from 'node:fs';
 import path from 'node:path';
@@ -12,7 +14,11 @@ import { step } from '../common/tracing';
 import type { OverlayMeta, SaveFileTee } from '../core/overlay';
 import type { ForwardResult, Hypervisor, SaveFeed } from '../hypervisor/types';
 import { withHeartbeats } from './heartbeat';
-import { installPoolDisk, POOL_LOADED, releaseClaimIn, takePoolEntry, type PoolEntry } from './pool-entries';
+import { domainShape, installPoolDisk, moveEntryInto, POOL_LOADED, poolDir, releaseClaimIn, removeListening, takePoolEntry, type PoolEntry } from './pool-entries';
+import { baseDomainXml, basePrefill, startPoolEntry } from './pool-start';
+
+/** The RAM block a VM started here keeps in a shared file (the libvirt adapter's memory backend). */
+const SHARED_RAM_BLOCK = 'pc.ram';
 
 export interface PoolEarlyStart {
   /** For applyOverlay's `onMeta`: takes a VM and returns the feed into it (undefined: none ready). */
@@ -24,22 +30,87 @@ export interface PoolEarlyStart {
    * POOL_LOADED. Returns the entry and timings, or undefined when the VM did not take it (it is
    * destroyed; the synthesis restores its VM as usual).
    */
-  finish(): Promise<{ entry: PoolEntry; timings: Record<string, number> } | undefined>;
+  finish(): Promise<{ entry: PoolEntry; startedOwn: boolean; timings: Record<string, number> } | undefined>;
   /** The apply failed: stops feeding and destroys the VM taken. */
   abort(): Promise<void>;
 }
 
 export function poolEarlyStart(
   deps: { hostId: string; dataDir: string; hypervisor: Hypervisor; log: Logger },
-  input: { instanceId: string; baseId: string; instanceDir: string; appPort: number },
+  input: { instanceId: string; baseId: string; instanceDir: string; appPort: number; startOwn?: boolean },
 ): PoolEarlyStart {
   const { hypervisor: hv, log } = deps;
   const dir = input.instanceDir;
   let taken: PoolEntry | undefined;
   let feed: SaveFeed | undefined;
   let claimMs = 0;
+  /** The VM this synthesis starts for itself (no ready one in the pool): resolves to its feed. */
+  let starting: Promise<SaveFeed> | undefined;
+  let startedOwn = false;
   let forwarding: Promise<ForwardResult | undefined> | undefined;
   const release = (): Promise<void> => releaseClaimIn({ dataDir: deps.dataDir, hypervisor: hv }, dir);
+
+  /** Connects to the VM taken (or started) and forwards the app port (see onMeta). */
+  function attach(entry: PoolEntry): SaveFeed {
+    const f = hv.feedIncoming(entry.domain, entry.listening ? { listening: entry.listening } : {});
+    feed = f;
+    // Its port forward: made while it waited when the app has the default port, else now, while
+    // the apply runs (QEMU's user network takes it paused).
+    const ahead = entry.forward?.guestPort === input.appPort ? entry.forward : undefined;
+    // The forward made ahead for another port goes: nothing would know of its host port.
+    const stale = ahead ? undefined : entry.forward;
+    forwarding = ahead
+      ? Promise.resolve({ hostPort: ahead.hostPort, guestPort: ahead.guestPort, hostAddress: '127.0.0.1' })
+      : Promise.all([
+          hv.forwardPort(entry.domain, { guestPort: input.appPort }).catch((e: unknown) => {
+            log.warn({ domain: entry.domain, err: String(e) }, 'could not forward the app port of the warm pool VM ahead; it is forwarded at resume');
+            return undefined;
+          }),
+          stale && hv.unforwardPort(entry.domain, stale.hostPort).catch((e: unknown) => {
+            log.warn({ domain: entry.domain, hostPort: stale.hostPort, err: String(e) }, 'could not remove the port forward the warm pool VM was given for the default app port');
+          }),
+        ]).then(([fwd]) => fwd);
+    return f;
+  }
+
+  /**
+   * No ready VM: start one of the base for this synthesis, if the launch VM has the base VM's
+   * shape. The stream waits for it (the join holds its parts until the VM listens); the overlay
+   * keeps arriving meanwhile. Its RAM gets the base's memory before any part reaches it.
+   */
+  async function startOwn(meta: OverlayMeta): Promise<SaveFileTee | undefined> {
+    let prefill;
+    try {
+      if (domainShape(await baseDomainXml(deps.dataDir, input.baseId)) !== domainShape(meta.launch.domainXml)) {
+        log.info({ instanceId: input.instanceId }, 'the launch VM has other devices than its base VM: no early start, the synthesis restores its VM');
+        return undefined;
+      }
+      prefill = await basePrefill(deps.dataDir, input.baseId, SHARED_RAM_BLOCK);
+    } catch (e) {
+      log.warn({ instanceId: input.instanceId, err: String(e) }, 'could not plan an early start; the synthesis restores its VM as usual');
+      return undefined;
+    }
+    const t0 = Date.now();
+    startedOwn = true;
+    starting = startPoolEntry(deps, input.baseId, { claimFor: path.basename(dir), ...(prefill ? { expectPrefill: prefill } : {}) })
+      .then((entry) => moveEntryInto(deps, entry, dir).catch(async (e: unknown) => {
+        // Not ours yet, and claimed for us: nobody else would remove it.
+        await hv.destroy(entry.domain).catch(() => undefined);
+        await removeListening(entry);
+        await fs.promises.rm(path.join(poolDir(deps.dataDir), entry.entryId), { recursive: true, force: true });
+        throw e;
+      }))
+      .then((entry) => {
+        claimMs = Date.now() - t0;
+        taken = entry;
+        return attach(entry);
+      });
+    starting.catch((e: unknown) => log.warn({ instanceId: input.instanceId, err: String(e) }, 'could not start a VM for early start; the synthesis restores its VM as usual'));
+    const wait = starting;
+    // A part is dropped when the VM could not be started: finish() then finds no VM taken.
+    return { tee: (part, opts) => wait.then((f) => f.write(part, opts), () => undefined), ...(prefill ? { prefilled: prefill } : {}) };
+  }
+
   return {
     get taken() {
       return taken;
@@ -53,47 +124,33 @@ export function poolEarlyStart(
         return undefined;
       });
       claimMs = Date.now() - t0;
-      if (!taken) return undefined;
-      const entry = taken;
-      const f = hv.feedIncoming(entry.domain, entry.listening ? { listening: entry.listening } : {});
-      feed = f;
-      // Its port forward: made while it waited when the app has the default port, else now, while
-      // the apply runs (QEMU's user network takes it paused).
-      const ahead = entry.forward?.guestPort === input.appPort ? entry.forward : undefined;
-      // The forward made ahead for another port goes: nothing would know of its host port.
-      const stale = ahead ? undefined : entry.forward;
-      forwarding = ahead
-        ? Promise.resolve({ hostPort: ahead.hostPort, guestPort: ahead.guestPort, hostAddress: '127.0.0.1' })
-        : Promise.all([
-            hv.forwardPort(entry.domain, { guestPort: input.appPort }).catch((e: unknown) => {
-              log.warn({ domain: entry.domain, err: String(e) }, 'could not forward the app port of the warm pool VM ahead; it is forwarded at resume');
-              return undefined;
-            }),
-            stale && hv.unforwardPort(entry.domain, stale.hostPort).catch((e: unknown) => {
-              log.warn({ domain: entry.domain, hostPort: stale.hostPort, err: String(e) }, 'could not remove the port forward the warm pool VM was given for the default app port');
-            }),
-          ]).then(([fwd]) => fwd);
+      if (!taken) return input.startOwn ? startOwn(meta) : undefined;
+      const f = attach(taken);
       // Its RAM holds the base's memory already: pages the launch VM has in common with the base
       // are left out of the stream.
-      return { tee: (part, opts) => f.write(part, opts), ...(entry.prefilled ? { prefilled: entry.prefilled } : {}) };
+      return { tee: (part, opts) => f.write(part, opts), ...(taken.prefilled ? { prefilled: taken.prefilled } : {}) };
     },
 
     async finish() {
+      await starting?.catch(() => undefined);
       const entry = taken;
       const loading = feed;
       if (!entry || !loading) return undefined;
+      const what = startedOwn ? 'the started VM' : 'the warm pool VM';
       const t0 = Date.now();
       try {
-        const loaded = await step('load the rest into the warm pool VM', () => withHeartbeats((async () => {
+        const loaded = await step(`load the rest into ${what}`, () => withHeartbeats((async () => {
           await installPoolDisk(dir, entry);
           return loading.complete();
-        })(), () => ({ stage: 'load the rest into the warm pool VM' })), { 'cloudlet.domain': entry.domain });
-        const timings = { poolClaim: claimMs, 'load the rest into the warm pool VMMs': Date.now() - t0, 'stream into the warm pool VMMs': loaded.ms };
+        })(), () => ({ stage: `load the rest into ${what}` })), { 'cloudlet.domain': entry.domain });
+        const timings: Record<string, number> = startedOwn
+          ? { 'start a VM for early startMs': claimMs, 'load the rest into the started VMMs': Date.now() - t0, 'stream into the started VMMs': loaded.ms }
+          : { poolClaim: claimMs, 'load the rest into the warm pool VMMs': Date.now() - t0, 'stream into the warm pool VMMs': loaded.ms };
         const fwd = await forwarding;
         await fs.promises.writeFile(path.join(dir, POOL_LOADED), JSON.stringify(fwd ? { hostPort: fwd.hostPort } : {}));
-        return { entry, timings };
+        return { entry, startedOwn, timings };
       } catch (e) {
-        log.warn({ domain: entry.domain, entryId: entry.entryId, err: String(e) }, 'the warm pool VM did not take the synthesized VM; it will be restored anew');
+        log.warn({ domain: entry.domain, entryId: entry.entryId, err: String(e) }, `${what} did not take the synthesized VM; it will be restored anew`);
         await loading.close();
         await release();
         return undefined;
@@ -101,6 +158,7 @@ export function poolEarlyStart(
     },
 
     async abort() {
+      await starting?.catch(() => undefined);
       await feed?.close();
       await release();
     },

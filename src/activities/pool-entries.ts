@@ -195,14 +195,24 @@ export async function takePoolEntry(deps: { hostId: string; dataDir: string; hyp
       await giveBackEntry(from, owner); // the pool's step discards it
       continue;
     }
-    // Written before the move: a retry of a synthesis cut off from here on knows what it took.
-    await fs.promises.writeFile(path.join(input.instanceDir, POOL_CLAIM), JSON.stringify(entry));
-    await fs.promises.rename(from, path.join(input.instanceDir, `.pool-${name}`));
-    await fs.promises.symlink(path.relative(root, input.instanceDir), from);
-    deps.log.info({ entryId: entry.entryId, domain: entry.domain, instanceDir: input.instanceDir }, 'warm pool entry taken');
-    return entry;
+    return moveEntryInto(deps, entry, input.instanceDir);
   }
   return undefined;
+}
+
+/**
+ * Moves an entry the instance directory's owner has claimed into it (as `.pool-<entryId>`, a
+ * symlink left at its old path): from then on the synthesis owns its VM.
+ */
+export async function moveEntryInto(deps: { dataDir: string; log: Logger }, entry: PoolEntry, instanceDir: string): Promise<PoolEntry> {
+  const root = poolDir(deps.dataDir);
+  const from = path.join(root, entry.entryId);
+  // Written before the move: a retry of a synthesis cut off from here on knows what it took.
+  await fs.promises.writeFile(path.join(instanceDir, POOL_CLAIM), JSON.stringify(entry));
+  await fs.promises.rename(from, path.join(instanceDir, `.pool-${entry.entryId}`));
+  await fs.promises.symlink(path.relative(root, instanceDir), from);
+  deps.log.info({ entryId: entry.entryId, domain: entry.domain, instanceDir }, 'warm pool entry taken');
+  return entry;
 }
 
 /**

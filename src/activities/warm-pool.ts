@@ -6,22 +6,17 @@
  * (its admitted VMs plus the pool's would pass what it gives VMs, or MemAvailable fell under the
  * reserve), then starts at most one VM where a base is short and the memory allows.
  */
-import { randomBytes, randomUUID } from 'node:crypto';
 import fs from 'node:fs';
 import path from 'node:path';
 import type { Logger } from 'pino';
 import { openBase, readBaseManifest } from '../core/base';
 import { CloudletError, isCloudletError } from '../core/errors';
-import { decodeSkeleton, readSaveHeader } from '../core/snapshot';
-import { createQcow2Overlay } from '../hypervisor/disk';
-import { editDomainXml } from '../hypervisor/domain-xml';
-import { fillRamFile } from '../hypervisor/ram-file';
-import type { Hypervisor, SharedRam } from '../hypervisor/types';
+import { readSaveHeader } from '../core/snapshot';
+import type { Hypervisor } from '../hypervisor/types';
 import { admittedBytes, domainMemoryBytes, vmCapacityBytes, type AdmissionConfig } from './admission';
-import { randomMac } from './guest';
 import { availableMemory } from './host-stats';
-import { APP_PORT_DEFAULT } from './instance-records';
-import { CLAIM, domainShape, giveBackEntry, isEntryId, poolDir, poolDomainName, readEntry, listeningPath, readTargets, removeListening, STALE_CLAIM_MS, takeEntry, writeTargets, type PoolEntry } from './pool-entries';
+import { CLAIM, giveBackEntry, poolDomainName, isEntryId, poolDir, readEntry, readTargets, removeListening, STALE_CLAIM_MS, takeEntry, writeTargets, type PoolEntry } from './pool-entries';
+import { startPoolEntry } from './pool-start';
 
 export interface PoolReport {
   hostId: string;
@@ -72,63 +67,6 @@ export function createWarmPoolActivities(deps: { hostId: string; dataDir: string
     out.push({ entryId: name, reason });
     log.info({ entryId: name, domain, reason }, 'warm pool entry discarded');
     return true;
-  }
-
-  /** Fills a waiting VM's RAM file with the base's memory image of that block; undefined when the image has no such block. */
-  async function prefill(skeletonPath: string, memImagePath: string, ram: SharedRam): Promise<PoolEntry['prefilled']> {
-    const block = decodeSkeleton(await fs.promises.readFile(skeletonPath)).header.blocks.find((b) => b.name === ram.block);
-    if (!block) return undefined;
-    await fillRamFile(ram.path, { path: memImagePath, offset: block.imageOffset, length: block.size });
-    return { block: block.name, imageOffset: block.imageOffset, size: block.size };
-  }
-
-  /** Starts one VM of `baseId` waiting for a stream; its directory appears complete or not at all. */
-  async function startEntry(baseId: string): Promise<PoolEntry> {
-    const entryId = `p${randomBytes(4).toString('hex')}`;
-    const domain = poolDomainName(deps.hostId, entryId);
-    const tmp = path.join(root, `.new-${entryId}`);
-    const dir = path.join(root, entryId);
-    let listening: string | undefined;
-    try {
-      const base = await openBase(storeRoot, baseId);
-      await fs.promises.mkdir(tmp, { recursive: true });
-      // The VM's files are named by the entry's final path, which libvirt keeps.
-      const diskPath = path.join(dir, 'disk.qcow2');
-      await createQcow2Overlay(path.join(tmp, 'disk.qcow2'), base.diskPath, 'raw');
-      const header = await readSaveHeader(base.savePath);
-      const xml = editDomainXml(header.domainXml, { name: domain, uuid: randomUUID(), diskPath, diskFormat: 'qcow2', serialPath: path.join(dir, 'serial.log'), sharedMemory: true, preallocate: true, mac: randomMac() }, `domain XML of base ${baseId}`);
-      await fs.promises.rename(tmp, dir);
-      const vm = await hv.startIncoming(xml);
-      // Its RAM gets the base's memory now, while nobody waits: a synthesis then streams only
-      // the pages its launch VM changed (QEMU keeps what a stream leaves out).
-      const t0 = Date.now();
-      const prefilled = await prefill(base.skeletonPath, base.memImagePath, vm.ramFile);
-      const fillMs = Date.now() - t0;
-      // Its QEMU listens for the stream, and its app port is forwarded, now: neither is then on a
-      // synthesis's path (each is a monitor command, a virsh process).
-      // (A unix socket's path has at most 107 bytes: on a deeper data directory, the synthesis has
-      // QEMU listen on one of its own.)
-      const socket = listeningPath(deps.dataDir, entryId);
-      if (Buffer.byteLength(path.resolve(socket)) <= 100) {
-        await hv.listenIncoming(domain, socket);
-        listening = socket;
-      }
-      const fwd = await hv.forwardPort(domain, { guestPort: APP_PORT_DEFAULT });
-      const entry: PoolEntry = {
-        entryId, baseId, domain, shape: domainShape(header.domainXml), memoryBytes: domainMemoryBytes(header.domainXml), createdAt: new Date().toISOString(), startMs: Math.round(vm.ms),
-        ...(prefilled ? { prefilled, fillMs } : {}), ...(listening ? { listening } : {}), forward: { guestPort: APP_PORT_DEFAULT, hostPort: fwd.hostPort },
-      };
-      await fs.promises.writeFile(path.join(dir, 'entry.tmp'), JSON.stringify(entry));
-      await fs.promises.rename(path.join(dir, 'entry.tmp'), path.join(dir, 'entry.json'));
-      log.info({ entryId, domain, baseId, startMs: entry.startMs }, 'warm pool entry ready');
-      return entry;
-    } catch (e) {
-      await hv.destroy(domain).catch(() => undefined);
-      await removeListening({ listening });
-      await fs.promises.rm(tmp, { recursive: true, force: true });
-      await fs.promises.rm(dir, { recursive: true, force: true });
-      throw e;
-    }
   }
 
   /** The guest memory of a stored base's VM, or why it cannot be read. */
@@ -227,7 +165,7 @@ export function createWarmPoolActivities(deps: { hostId: string; dataDir: string
       else if (m.admittedBytes + m.poolBytes + size > m.capacityBytes) why.push(`no memory for base ${d.baseId.slice(0, 12)}…: admitted VMs ${Math.round(m.admittedBytes / 1048576)} MiB + pool ${Math.round(m.poolBytes / 1048576)} MiB + ${Math.round(size / 1048576)} MiB would pass the ${Math.round(m.capacityBytes / 1048576)} MiB the host gives VMs`);
       else if (m.availableBytes - size < m.reserveBytes) why.push(`no memory for base ${d.baseId.slice(0, 12)}…: MemAvailable ${Math.round(m.availableBytes / 1048576)} MiB less ${Math.round(size / 1048576)} MiB would fall under the reserve`);
       else if (!dryRun) {
-        const e = await startEntry(d.baseId);
+        const e = await startPoolEntry(deps, d.baseId);
         ready.push(e);
         report.started.push(e.entryId);
         m.poolBytes = poolBytes();

@@ -240,7 +240,7 @@ export async function synthesizeVm(input: SynthesizeVmInput) {
       Object.assign(timings, resumed.timings);
       timings.firstResponseMs = Date.now() - started;
       // localActivitiesMs: what the local activities' own code took (they have no activity events).
-      return { hostId: input.hostId, instanceId: input.instanceId, baseId: overlay.baseId, hostPort: resumed.hostPort, timings, applyTimings: applied.timings, localActivitiesMs: local ? overlay.ranMs : 0, ...(resumed.answeredAt ? { answeredAt: resumed.answeredAt } : {}), ...(applied.poolEntry ? { poolEntry: applied.poolEntry } : {}) };
+      return { hostId: input.hostId, instanceId: input.instanceId, baseId: overlay.baseId, hostPort: resumed.hostPort, timings, applyTimings: applied.timings, localActivitiesMs: local ? overlay.ranMs : 0, ...(resumed.answeredAt ? { answeredAt: resumed.answeredAt } : {}), ...(applied.poolEntry ? { poolEntry: applied.poolEntry } : {}), ...(applied.earlyStart ? { earlyStart: applied.earlyStart } : {}) };
     } catch (e) {
       // Compensation: no half-made VM or file stays behind.
       await CancellationScope.nonCancellable(() => quick.terminateInstance({ instanceId: input.instanceId }));

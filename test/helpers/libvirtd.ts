@@ -59,3 +59,15 @@ export async function killLibvirtdWhileStarting(prefix: string, timeoutMs: numbe
   }
   throw new Error(`libvirtd did not start a domain named ${prefix}* within ${timeoutMs} ms`);
 }
+
+/**
+ * Expects the synthesized instance of `result` to be the only domain of the host: named after the
+ * instance when its save file was restored, or the VM its synthesis started for itself (early
+ * start, `earlyStart: 'own'`).
+ */
+export function expectOnlyVmOf(hostId: string, result: Record<string, unknown>): void {
+  const want = result.earlyStart === 'own' ? new RegExp(`^cl-${hostId}-pool-p[0-9a-f]{8}$`) : new RegExp(`^cl-${hostId}-${String(result.instanceId)}$`);
+  const domains = domainsOf(hostId);
+  expect(domains).toHaveLength(1);
+  expect(domains[0]).toMatch(want);
+}

@@ -13,15 +13,12 @@ import path from 'node:path';
 import { freePort } from '../../src/common/ports';
 import { waitFor } from '../helpers/poll';
 import { REPO } from '../helpers/infra';
+import { domainsOf, expectOnlyVmOf } from '../helpers/libvirtd';
 import { launchOverlay, startApiCluster, type ApiCluster } from '../helpers/api-cluster';
 import { startStallingServer } from '../helpers/stalling-server';
 
 jest.setTimeout(20 * 60_000);
 
-function domainsOf(hostId: string): string[] {
-  const out = execFileSync('virsh', ['-c', 'qemu:///system', 'list', '--all', '--name'], { encoding: 'utf8' });
-  return out.split('\n').map((s) => s.trim()).filter((n) => n.startsWith(`cl-${hostId}-`));
-}
 
 describe('faults of the Temporal server, and duplicate requests', () => {
   let env: NodeJS.ProcessEnv;
@@ -67,7 +64,7 @@ describe('faults of the Temporal server, and duplicate requests', () => {
       const t2 = Date.now();
       const result = await c.done(op.id);
       process.stderr.write(`[faults-temporal] synthesis: server stop ${t1 - t0} ms, start ${t2 - t1} ms, run done ${Date.now() - t2} ms after the start\n`);
-      expect(domainsOf(hostB)).toEqual([`cl-${hostB}-${String(result.instanceId)}`]);
+      expectOnlyVmOf(hostB, result);
       expect((await (await c.appOf(String(result.instanceId))).state()).token).toBe(token);
       await c.done((await c.cloud.terminateInstance(String(result.instanceId))).id);
       expect(domainsOf(hostB)).toEqual([]);
@@ -112,7 +109,7 @@ describe('faults of the Temporal server, and duplicate requests', () => {
     for await (const w of c.cluster.client.workflow.list({ query: `WorkflowId = '${id}'` })) runs.push(w.runId);
     expect(runs).toHaveLength(1);
     const result = await c.done(id);
-    expect(domainsOf(hostB)).toEqual([`cl-${hostB}-${String(result.instanceId)}`]);
+    expectOnlyVmOf(hostB, result);
     expect((await (await c.appOf(String(result.instanceId))).state()).token).toBe(token);
     await c.done((await c.cloud.terminateInstance(String(result.instanceId))).id);
   });

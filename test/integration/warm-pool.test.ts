@@ -2,12 +2,14 @@
  * The warm pool on real parts (Temporal, a host worker, the HTTP API, libvirt and QEMU): the
  * host gives its VMs 800 MiB (three 256 MiB test guests) and steps its pool every second. A pool
  * is created, used by a synthesis (the VM answers with the launch state) and refilled; a pool VM
- * whose QEMU is killed is discarded and never used; an empty pool, or a request that opts out,
- * synthesizes as before; a VM taken for an app on another port keeps no forward of the default
- * one; an admitted VM takes memory back from the pool, which grows again when the VM goes.
+ * whose QEMU is killed is discarded and never used; a request that opts out restores as before;
+ * with the pool empty a synthesis starts a VM of its own early; a VM taken for an app on another
+ * port keeps no forward of the default one; an admitted VM takes memory back from the pool, which
+ * grows again when the VM goes.
  */
 import { execFileSync } from 'node:child_process';
 import fs from 'node:fs';
+import path from 'node:path';
 import { launchOverlay, startApiCluster, type ApiCluster } from '../helpers/api-cluster';
 import { pollUntil } from '../helpers/poll';
 import type { WarmPoolInfo } from '../../src/service/types';
@@ -43,7 +45,7 @@ describe('warm pool', () => {
       const p = await pool();
       return check(p) ? p : undefined;
     }, 250);
-  type Synthesized = { instanceId: string; poolEntry?: string; timings: Record<string, number>; applyTimings: Record<string, number> };
+  type Synthesized = { instanceId: string; poolEntry?: string; earlyStart?: 'pool' | 'own'; timings: Record<string, number>; applyTimings: Record<string, number> };
   const synthesize = async (opts: { warmPool?: boolean } = {}): Promise<Synthesized> => {
     const r = await c.done((await c.cloud.provisionInstance({ hostId: host, overlayUrl, ...opts })).id);
     const out = r as Synthesized;
@@ -131,7 +133,9 @@ describe('warm pool', () => {
     const ready = await poolWhere('two ready VMs', (p) => p.entries.length === 2);
     const optOut = await synthesize({ warmPool: false });
     expect(optOut.poolEntry).toBeUndefined();
+    expect(optOut.earlyStart).toBeUndefined();
     expect(optOut.applyTimings['stream into the warm pool VMMs']).toBeUndefined();
+    expect(optOut.applyTimings['stream into the started VMMs']).toBeUndefined();
     expect(optOut.timings['resume and replug NICMs']).toBeGreaterThan(0);
     expect((await pool()).entries.map((e) => e.entryId).sort()).toEqual(ready.entries.map((e) => e.entryId).sort());
     await c.done((await c.cloud.terminateInstance(optOut.instanceId)).id);
@@ -139,9 +143,24 @@ describe('warm pool', () => {
     await c.cloud.setPoolTarget(host, baseId, 0);
     await poolWhere('no ready VM and no target', (p) => p.entries.length === 0 && Object.keys(p.targets).length === 0);
     for (const e of ready.entries) expect(domainState(e.domain)).toBe('absent');
+    // No ready VM: the synthesis starts one for itself while the overlay arrives (early start
+    // without a pool) and streams the save into it; no restore of a whole file, no replug.
     const plain = await synthesize();
     expect(plain.poolEntry).toBeUndefined();
+    expect(plain.earlyStart).toBe('own');
+    expect(plain.applyTimings['start a VM for early startMs']).toBeGreaterThan(0);
+    expect(plain.applyTimings['stream into the started VMMs']).toBeGreaterThan(0);
+    expect(plain.timings['resume the started VMMs']).toBeGreaterThanOrEqual(0);
+    expect(plain.timings['resume and replug NICMs']).toBeUndefined();
+    // It is no ready VM of the pool, and goes with its instance, leaving nothing in the pool.
+    expect((await pool()).entries).toHaveLength(0);
+    const own = fs.readdirSync(path.join(c.cluster.config.varDir, 'hosts', host, 'pool')).filter((n) => /^p[0-9a-f]{8}$/.test(n));
+    expect(own).toHaveLength(1);
+    const ownDomain = `cl-${host}-pool-${own[0]}`;
+    expect(domainState(ownDomain)).toBe('running');
     await c.done((await c.cloud.terminateInstance(plain.instanceId)).id);
+    expect(domainState(ownDomain)).toBe('absent');
+    expect(fs.readdirSync(path.join(c.cluster.config.varDir, 'hosts', host, 'pool')).filter((n) => /^p[0-9a-f]{8}$/.test(n))).toHaveLength(0);
   });
 
   it('gives memory back to an admitted VM and grows again when it goes', async () => {
