@@ -69,7 +69,7 @@ export function createInstanceActivities(deps: CloudletActivityDeps) {
   };
 
   const instanceDir = records.dir;
-  const releaseClaim = (dir: string): Promise<void> => releaseClaimIn({ dataDir: deps.dataDir, hypervisor: hv }, dir);
+  const releaseClaim = (dir: string): Promise<void> => releaseClaimIn({ hostId: deps.hostId, dataDir: deps.dataDir, hypervisor: hv }, dir);
   const readRecord = records.read;
   const writeRecord = records.write;
 

@@ -14,7 +14,7 @@ import { step } from '../common/tracing';
 import type { OverlayMeta, SaveFileTee } from '../core/overlay';
 import type { ForwardResult, Hypervisor, SaveFeed } from '../hypervisor/types';
 import { withHeartbeats } from './heartbeat';
-import { domainShape, installPoolDisk, moveEntryInto, POOL_LOADED, poolDir, releaseClaimIn, removeListening, takePoolEntry, type PoolEntry } from './pool-entries';
+import { domainShape, installPoolDisk, moveEntryInto, POOL_LOADED, poolDir, releaseClaimIn, removeListening, startClaim, takePoolEntry, type PoolEntry } from './pool-entries';
 import { baseDomainXml, basePrefill, startPoolEntry } from './pool-start';
 
 /** The RAM block a VM started here keeps in a shared file (the libvirt adapter's memory backend). */
@@ -48,7 +48,7 @@ export function poolEarlyStart(
   let starting: Promise<SaveFeed> | undefined;
   let startedOwn = false;
   let forwarding: Promise<ForwardResult | undefined> | undefined;
-  const release = (): Promise<void> => releaseClaimIn({ dataDir: deps.dataDir, hypervisor: hv }, dir);
+  const release = (): Promise<void> => releaseClaimIn({ hostId: deps.hostId, dataDir: deps.dataDir, hypervisor: hv }, dir);
 
   /** Connects to the VM taken (or started) and forwards the app port (see onMeta). */
   function attach(entry: PoolEntry): SaveFeed {
@@ -92,7 +92,7 @@ export function poolEarlyStart(
     }
     const t0 = Date.now();
     startedOwn = true;
-    starting = startPoolEntry(deps, input.baseId, { claimFor: path.basename(dir), ...(prefill ? { expectPrefill: prefill } : {}) })
+    starting = startPoolEntry(deps, input.baseId, { claimFor: startClaim(path.basename(dir)), ...(prefill ? { expectPrefill: prefill } : {}) })
       .then((entry) => moveEntryInto(deps, entry, dir).catch(async (e: unknown) => {
         // Not ours yet, and claimed for us: nobody else would remove it.
         await hv.destroy(entry.domain).catch(() => undefined);

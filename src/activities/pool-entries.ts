@@ -241,7 +241,8 @@ export async function claimPoolEntry(deps: { hostId: string; dataDir: string; hy
  * The pool VM goes only when this directory really took it (its entry was moved here, or the
  * entry's old path links here); a claim that never got that far gives the entry back to the pool.
  */
-export async function releaseClaimIn(deps: { dataDir: string; hypervisor: Hypervisor }, instanceDir: string): Promise<void> {
+export async function releaseClaimIn(deps: { hostId: string; dataDir: string; hypervisor: Hypervisor }, instanceDir: string): Promise<void> {
+  await discardUnmovedStarts(deps, path.basename(instanceDir));
   const entry = await fs.promises.readFile(path.join(instanceDir, POOL_CLAIM), 'utf8').then((t) => JSON.parse(t) as PoolEntry).catch(() => undefined);
   if (!entry) return;
   const link = path.join(poolDir(deps.dataDir), entry.entryId);
@@ -257,4 +258,31 @@ export async function releaseClaimIn(deps: { dataDir: string; hypervisor: Hyperv
     await giveBackEntry(link, path.basename(instanceDir));
   }
   await fs.promises.rm(path.join(instanceDir, POOL_CLAIM), { force: true });
+}
+
+/** The claim of an entry a synthesis starts for itself (not one it takes from the pool, which goes back to the pool). */
+export function startClaim(owner: string): string {
+  return `start:${owner}`;
+}
+
+/**
+ * Removes the VMs a synthesis started for itself (early start) that never reached its directory:
+ * entries still in the pool, half-made or not, claimed as started by `owner`. A worker killed while it started
+ * one leaves it so; nobody else would take or remove it for a minute (the claim is fresh).
+ */
+async function discardUnmovedStarts(deps: { hostId: string; dataDir: string; hypervisor: Hypervisor }, owner: string): Promise<void> {
+  const root = poolDir(deps.dataDir);
+  for (const name of await fs.promises.readdir(root).catch(() => [] as string[])) {
+    const entryId = name.startsWith('.new-') ? name.slice(5) : name;
+    if (!isEntryId(entryId)) continue;
+    const dir = path.join(root, name);
+    const st = await fs.promises.lstat(dir).catch(() => undefined);
+    if (!st?.isDirectory()) continue;
+    if ((await fs.promises.readFile(path.join(dir, CLAIM), 'utf8').catch(() => '')) !== startClaim(owner)) continue;
+    const domain = poolDomainName(deps.hostId, entryId);
+    await deps.hypervisor.destroy(domain);
+    await deps.hypervisor.undefine(domain).catch(() => undefined);
+    await removeListening({ listening: listeningPath(deps.dataDir, entryId) });
+    await fs.promises.rm(dir, { recursive: true, force: true });
+  }
 }

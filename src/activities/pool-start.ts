@@ -45,8 +45,8 @@ export async function baseDomainXml(dataDir: string, baseId: string): Promise<st
 
 /**
  * Starts one VM of `baseId` waiting for a stream, as an entry of the pool; its directory appears
- * complete or not at all. `claimFor`: the entry appears already claimed by that owner (an instance
- * directory's name), so neither the pool nor another synthesis takes it. `expectPrefill`: the
+ * complete or not at all. `claimFor`: the entry appears already claimed so (startClaim of an
+ * instance directory's name), so neither the pool nor another synthesis takes it. `expectPrefill`: the
  * caller has already told a join which pages the VM holds; the start fails unless it fills exactly
  * that block.
  */

@@ -7,7 +7,8 @@
  * refused and nothing is received; a cancelled handoff resumes the source and leaves nothing at
  * the destination; a destination killed mid-handoff leaves the source serving and, once the
  * destination is back, nothing there; a destination host that lacks the base gets its package
- * from the source first and lists it afterwards.
+ * from the source first and lists it afterwards; a synthesized VM (started early, under a pool
+ * entry's name) moves like a resumed one.
  */
 import { spawn, type ChildProcess } from 'node:child_process';
 import fs from 'node:fs';
@@ -158,6 +159,41 @@ describe('live handoff between two clusters', () => {
     expect(ticket).toBeUndefined(); // never in a result
     const forged = await fetch(`${westApi.url}/v1/handoffs/${r.handoffId}/rounds`, { method: 'POST', headers: { authorization: 'Bearer forged.ticket', 'content-type': 'application/json' }, body: JSON.stringify({ round: 1, final: false }) });
     expect(forged.status).toBe(401);
+  });
+
+  it('moves a synthesized VM that started early (its own QEMU, files behind a symlink) with full verification', async () => {
+    const ea = east.hosts[0] ?? '';
+    // An overlay of a launch VM on east, synthesized on east: the synthesis starts its VM early.
+    const launch = await eastCloud.waitForOperation((await eastCloud.resumeBase({ hostId: ea, baseId: pkg.baseId }, `syn-launch-${east.suffix}`)).id, { timeoutMs: 5 * 60_000 });
+    const launchId = String((launch.result as { instanceId: string }).instanceId);
+    const launchApp = new GuestAppClient((launch.result as { hostPort: number }).hostPort);
+    await launchApp.waitForState(60_000);
+    await launchApp.set('tok-synthesized', 'state of the launch VM');
+    const made = await eastCloud.waitForOperation((await eastCloud.createOverlay({ instanceId: launchId })).id, { timeoutMs: 5 * 60_000 });
+    const overlayUrl = (await eastCloud.getOverlay(String((made.result as { overlayId: string }).overlayId)))?.url ?? '';
+    const syn = await eastCloud.waitForOperation((await eastCloud.provisionInstance({ hostId: ea, overlayUrl })).id, { timeoutMs: 5 * 60_000 });
+    const synthesized = syn.result as { instanceId: string; hostPort: number; earlyStart?: string };
+    expect(synthesized.earlyStart).toBe('own');
+    const app = new GuestAppClient(synthesized.hostPort);
+    expect((await app.state()).token).toBe('tok-synthesized');
+    expect(await guestExec(synthesized.hostPort, CHURN)).toBe('started');
+    await waitFor('the guest\'s writer to write', async () => Number(await guestExec(synthesized.hostPort, 'cat /run/seq')) > 1, 60_000);
+
+    const op = await eastCloud.handoffInstance(synthesized.instanceId, handoffBody({ verify: 'full', hostId: west.hosts[0] ?? '' }));
+    const s = await eastCloud.waitForOperation(op.id, { timeoutMs: 15 * 60_000 });
+    expect(s.error).toBeUndefined();
+    const r = s.result as { destination: { appEndpoint: string; hostId: string }; verified: { memorySha256: string } };
+    expect(r.verified.memorySha256).toMatch(/^[0-9a-f]{64}$/);
+    const port = Number(r.destination.appEndpoint.split(':')[1]);
+    await guestExec(port, 'sync; echo 3 > /proc/sys/vm/drop_caches; echo dropped');
+    const st = await new GuestAppClient(port).state();
+    expect(st.token).toBe('tok-synthesized');
+    expect(st.disk).toBe('state of the launch VM');
+    // The source's VM, its directory and the pool's symlink to it are gone.
+    const eastHost = path.join(east.config.varDir, 'hosts', ea);
+    expect(fs.existsSync(path.join(eastHost, 'instances', synthesized.instanceId))).toBe(false);
+    expect(fs.readdirSync(path.join(eastHost, 'pool')).filter((n) => /^p[0-9a-f]{8}$/.test(n))).toEqual([]);
+    await westCloud.waitForOperation((await westCloud.terminateInstance(synthesized.instanceId)).id, { timeoutMs: 5 * 60_000 });
   });
 
   it('a destination host without the base gets its package from the source, imports it, then receives the VM', async () => {

@@ -8,7 +8,7 @@ import os from 'node:os';
 import path from 'node:path';
 import { FakeHypervisor } from '../../src/hypervisor/fake';
 import type { DomainSpec } from '../../src/hypervisor/types';
-import { claimPoolEntry, domainShape, giveBackEntry, poolDir, releaseClaimIn, takeEntry, type PoolEntry } from '../../src/activities/pool-entries';
+import { claimPoolEntry, domainShape, giveBackEntry, poolDir, releaseClaimIn, startClaim, takeEntry, type PoolEntry } from '../../src/activities/pool-entries';
 import { createLogger } from '../../src/common/logger';
 
 const XML = (name: string, mac: string, disk: string): string => `<domain type='qemu'><name>${name}</name><uuid>6f1c0a52-0000-4000-8000-00000000000${name.length % 10}</uuid><memory unit='KiB'>262144</memory><os><type arch='x86_64' machine='pc-q35-7.2'>hvm</type></os><devices><disk type='file' device='disk'><driver name='qemu' type='qcow2'/><source file='${disk}'/><target dev='vda' bus='virtio'/></disk><interface type='user'><mac address='${mac}'/><model type='virtio'/></interface><serial type='file'><source path='/x/serial.log'/><target port='0'/></serial></devices></domain>`;
@@ -69,7 +69,7 @@ describe('warm pool entries', () => {
     const e = entry('p00000004');
     const dir = instance('d');
     await claimPoolEntry({ hostId: 'h', dataDir, hypervisor: hv, log }, { baseId: 'b', launchXml, instanceDir: dir });
-    await releaseClaimIn({ dataDir, hypervisor: hv }, dir);
+    await releaseClaimIn({ hostId: 'h', dataDir, hypervisor: hv }, dir);
     expect(hv.domains.has(e.domain)).toBe(false);
     expect(fs.existsSync(path.join(poolDir(dataDir), 'p00000004'))).toBe(false);
 
@@ -78,9 +78,32 @@ describe('warm pool entries', () => {
     const other = instance('e');
     expect(await takeEntry(path.join(poolDir(dataDir), 'p00000005'), 'e')).toBe(true);
     fs.writeFileSync(path.join(other, 'pool-claim.json'), JSON.stringify(f));
-    await releaseClaimIn({ dataDir, hypervisor: hv }, other);
+    await releaseClaimIn({ hostId: 'h', dataDir, hypervisor: hv }, other);
     expect(hv.domains.has(f.domain)).toBe(true);
     expect(fs.existsSync(path.join(poolDir(dataDir), 'p00000005', 'claim'))).toBe(false);
+  });
+
+  it('removes the VMs a retried synthesis had started for itself and not yet moved, and no other', async () => {
+    // Cut off while it started them (early start): one half-made, one complete, both claimed as its starts.
+    const half = path.join(poolDir(dataDir), '.new-p00000007');
+    fs.mkdirSync(half, { recursive: true });
+    fs.writeFileSync(path.join(half, 'claim'), startClaim('g'));
+    const whole = entry('p00000008');
+    fs.writeFileSync(path.join(poolDir(dataDir), 'p00000008', 'claim'), startClaim('g'));
+    hv.domains.set('cl-h-pool-p00000007', { spec: { name: 'cl-h-pool-p00000007' } as DomainSpec, state: 'paused', persistent: false });
+    // Another synthesis's start, and a pool entry it is taking: not touched.
+    const others = entry('p00000009');
+    fs.writeFileSync(path.join(poolDir(dataDir), 'p00000009', 'claim'), startClaim('h'));
+    const taking = entry('p0000000a');
+    expect(await takeEntry(path.join(poolDir(dataDir), 'p0000000a'), 'g')).toBe(true);
+    await releaseClaimIn({ hostId: 'h', dataDir, hypervisor: hv }, instance('g'));
+    expect(fs.existsSync(half)).toBe(false);
+    expect(fs.existsSync(path.join(poolDir(dataDir), 'p00000008'))).toBe(false);
+    expect(hv.domains.has('cl-h-pool-p00000007')).toBe(false);
+    expect(hv.domains.has(whole.domain)).toBe(false);
+    expect(hv.domains.has(others.domain)).toBe(true);
+    expect(hv.domains.has(taking.domain)).toBe(true);
+    expect(fs.existsSync(path.join(poolDir(dataDir), 'p0000000a'))).toBe(true);
   });
 
   it('keeps an entry a synthesis holds from the pool\'s discard, until it is given back', async () => {
