@@ -20,6 +20,7 @@ import { HandoffPeer, uploadBase, uploadRound, type HandoffTicket, type Received
 import type { Hypervisor } from '../hypervisor/types';
 import { heartbeat, heartbeatOrCancel, withHeartbeats, cancellationSignal } from './heartbeat';
 import { instanceRecords } from './instance-records';
+import { releaseClaimIn } from './pool-entries';
 import { fingerprintVm, type VmFingerprint } from './vm-fingerprint';
 import path from 'node:path';
 
@@ -333,6 +334,8 @@ export function createHandoffSourceActivities(deps: HandoffSourceDeps) {
       const domain = await records.domainOf(input.instanceId);
       await hv.destroy(domain);
       await hv.undefine(domain);
+      // A VM started early (a pool entry's): its entry's path in the pool and its socket go too.
+      await releaseClaimIn({ hostId: deps.hostId, dataDir: deps.dataDir, hypervisor: hv }, records.dir(input.instanceId));
       await releaseAdmission(deps.dataDir, input.instanceId);
       await fs.promises.rm(records.dir(input.instanceId), { recursive: true, force: true });
       await fs.promises.rm(handoffPaths(deps.dataDir, input.handoffId).dir, { recursive: true, force: true });

@@ -14,7 +14,7 @@ import type { Logger } from 'pino';
 import type { Hypervisor } from '../hypervisor/types';
 import { instanceRecords, type InstanceRecord } from './instance-records';
 import { releaseAdmission } from './admission';
-import { poolDir, poolDomainName } from './pool-entries';
+import { poolDir, poolDomainName, releaseClaimIn } from './pool-entries';
 
 export interface LostInstance {
   instanceId: string;
@@ -57,6 +57,8 @@ export function createReconcileActivities(deps: { hostId: string; dataDir: strin
         if (state === 'running' || state === 'paused') continue;
         await deps.hypervisor.destroy(rec.domain);
         await deps.hypervisor.undefine(rec.domain);
+        // A VM started early (a pool entry's): its entry's path in the pool and its socket go too.
+        await releaseClaimIn(deps, records.dir(id));
         await releaseAdmission(deps.dataDir, id);
         await fs.promises.rm(records.dir(id), { recursive: true, force: true });
         deps.log.warn({ instanceId: id, domain: rec.domain, domainState: state }, 'instance lost: its VM no longer runs; its files and admission were removed');
