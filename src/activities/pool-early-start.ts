@@ -94,10 +94,12 @@ export function poolEarlyStart(
     startedOwn = true;
     starting = startPoolEntry(deps, input.baseId, { claimFor: startClaim(path.basename(dir)), ...(prefill ? { expectPrefill: prefill } : {}) })
       .then((entry) => moveEntryInto(deps, entry, dir).catch(async (e: unknown) => {
-        // Not ours yet, and claimed for us: nobody else would remove it.
-        await hv.destroy(entry.domain).catch(() => undefined);
-        await removeListening(entry);
-        await fs.promises.rm(path.join(poolDir(deps.dataDir), entry.entryId), { recursive: true, force: true });
+        // Claimed for us and not moved (or moved half-way): nobody else would remove it soon.
+        // If its VM cannot be destroyed now, the entry stays for the pool's step (stale claim).
+        if (await hv.destroy(entry.domain).then(() => true, () => false)) {
+          await removeListening(entry);
+          await fs.promises.rm(path.join(poolDir(deps.dataDir), entry.entryId), { recursive: true, force: true });
+        }
         throw e;
       }))
       .then((entry) => {
@@ -135,7 +137,11 @@ export function poolEarlyStart(
       await starting?.catch(() => undefined);
       const entry = taken;
       const loading = feed;
-      if (!entry || !loading) return undefined;
+      if (!entry || !loading) {
+        // A start that failed half-way through its move left a claim here: undo it now.
+        if (startedOwn) await release().catch((e: unknown) => log.warn({ instanceId: input.instanceId, err: String(e) }, 'could not remove what a failed early start left; the instance\'s removal does'));
+        return undefined;
+      }
       const what = startedOwn ? 'the started VM' : 'the warm pool VM';
       const t0 = Date.now();
       try {
@@ -152,15 +158,17 @@ export function poolEarlyStart(
       } catch (e) {
         log.warn({ domain: entry.domain, entryId: entry.entryId, err: String(e) }, `${what} did not take the synthesized VM; it will be restored anew`);
         await loading.close();
-        await release();
+        // Not thrown: the restore goes on; what is left here goes with the instance's removal.
+        await release().catch((err: unknown) => log.warn({ domain: entry.domain, err: String(err) }, `could not remove ${what} now`));
         return undefined;
       }
     },
 
     async abort() {
+      // Never thrown: the apply's own failure (corrupt overlay, cancellation) is what the caller reports.
       await starting?.catch(() => undefined);
       await feed?.close();
-      await release();
+      await release().catch((e: unknown) => log.warn({ instanceId: input.instanceId, err: String(e) }, 'could not remove the early-started VM now; a retry or the instance\'s removal does'));
     },
   };
 }

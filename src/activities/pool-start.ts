@@ -31,6 +31,16 @@ export interface PoolStartDeps {
 /** What a base's RAM block holds when a VM is filled with it: its place in the base's memory image. */
 export type Prefill = NonNullable<PoolEntry['prefilled']>;
 
+/**
+ * Keeps a start's claim fresh: the pool's step takes over a claim older than STALE_CLAIM_MS, and
+ * a start on a busy host (QEMU, then filling its RAM) must not look abandoned.
+ */
+async function touchClaim(dir: string, claimFor: string | undefined): Promise<void> {
+  if (claimFor === undefined) return;
+  const now = new Date();
+  await fs.promises.utimes(path.join(dir, CLAIM), now, now).catch(() => undefined);
+}
+
 /** Where block `block` of a stored base's memory image is; undefined when the image has no such block. */
 export async function basePrefill(dataDir: string, baseId: string, block: string): Promise<Prefill | undefined> {
   const base = await openBase(path.join(dataDir, 'store'), baseId);
@@ -61,7 +71,7 @@ export async function startPoolEntry(deps: PoolStartDeps, baseId: string, opts: 
   try {
     const base = await openBase(path.join(deps.dataDir, 'store'), baseId);
     await fs.promises.mkdir(tmp, { recursive: true });
-    if (opts.claimFor !== undefined) await fs.promises.writeFile(path.join(tmp, CLAIM), opts.claimFor);
+    if (opts.claimFor !== undefined) await fs.promises.writeFile(path.join(tmp, CLAIM), opts.claimFor, { flag: 'wx' });
     // The VM's files are named by the entry's final path, which libvirt keeps.
     const diskPath = path.join(dir, 'disk.qcow2');
     await createQcow2Overlay(path.join(tmp, 'disk.qcow2'), base.diskPath, 'raw');
@@ -69,6 +79,7 @@ export async function startPoolEntry(deps: PoolStartDeps, baseId: string, opts: 
     const xml = editDomainXml(header.domainXml, { name: domain, uuid: randomUUID(), diskPath, diskFormat: 'qcow2', serialPath: path.join(dir, 'serial.log'), sharedMemory: true, preallocate: true, mac: randomMac() }, `domain XML of base ${baseId}`);
     await fs.promises.rename(tmp, dir);
     const vm = await hv.startIncoming(xml);
+    await touchClaim(dir, opts.claimFor);
     // Its RAM gets the base's memory now, before any stream: a synthesis then streams only the
     // pages its launch VM changed (QEMU keeps what a stream leaves out).
     const t0 = Date.now();
@@ -79,6 +90,7 @@ export async function startPoolEntry(deps: PoolStartDeps, baseId: string, opts: 
     }
     if (prefilled) await fillRamFile(vm.ramFile.path, { path: base.memImagePath, offset: prefilled.imageOffset, length: prefilled.size });
     const fillMs = Date.now() - t0;
+    await touchClaim(dir, opts.claimFor);
     // Its QEMU listens for the stream, and its app port is forwarded, now: neither is then on a
     // synthesis's path (each is a monitor command, a virsh process).
     // (A unix socket's path has at most 107 bytes: on a deeper data directory, the synthesis has

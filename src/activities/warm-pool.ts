@@ -93,8 +93,10 @@ export function createWarmPoolActivities(deps: { hostId: string; dataDir: string
     for (const name of names) {
       const file = path.join(root, name);
       if (name.startsWith('.new-')) {
-        // A start cut off half-way (its worker died): nothing refers to it.
-        if (!dryRun) await discard(name, poolDomainName(deps.hostId, name.slice(5)), 'half-made', report.discarded);
+        // A start cut off half-way (its worker died): nothing refers to it. Not a young one: a
+        // synthesis may be starting a VM for itself there (early start).
+        const young = Date.now() - ((await fs.promises.lstat(file).catch(() => undefined))?.mtimeMs ?? 0) < STALE_CLAIM_MS;
+        if (!dryRun && !young) await discard(name, poolDomainName(deps.hostId, name.slice(5)), 'half-made', report.discarded);
         continue;
       }
       const socketOf = /^\.in-(p[0-9a-f]{8})\.sock$/.exec(name)?.[1];

@@ -97,15 +97,15 @@ export function nativeCallsInFlight(): number {
 export function openHypervisor(uri: string): NativeHypervisor {
   const target = new (loadNative().Hypervisor)({ uri });
   return new Proxy(target, {
-    get(obj, prop, receiver): unknown {
-      const value: unknown = Reflect.get(obj, prop, receiver);
+    get(obj, prop): unknown {
+      const value: unknown = Reflect.get(obj, prop, obj);
       if (typeof value !== 'function') return value;
       return (...args: unknown[]): Promise<unknown> => {
         const held: readonly unknown[] = [obj, ...args];
         inFlight.add(held);
         let call: Promise<unknown>;
         try {
-          call = Reflect.apply(value, obj, args) as Promise<unknown>;
+          call = Promise.resolve(Reflect.apply(value, obj, args) as unknown);
         } catch (e) {
           inFlight.delete(held);
           throw e;

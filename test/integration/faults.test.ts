@@ -35,6 +35,15 @@ import { domainsOf } from '../helpers/libvirtd';
 
 jest.setTimeout(20 * 60_000);
 
+/** What a host's warm pool directory holds (none when it has none). */
+function poolFiles(hostId: string): string[] {
+  try {
+    return fs.readdirSync(path.join(loadConfig().varDir, 'hosts', hostId, 'pool'));
+  } catch {
+    return [];
+  }
+}
+
 function listFiles(dir: string): string[] {
   if (!fs.existsSync(dir)) return [];
   return fs.readdirSync(dir, { recursive: true, withFileTypes: true }).filter((e) => e.isFile()).map((e) => path.join(e.parentPath, e.name));
@@ -209,6 +218,12 @@ describe('faults during synthesis', () => {
       ['instances/k1/disk.qcow2', 'instances/k1/instance.json', 'instances/k1/memory.sav', 'instances/k1/serial.log', 'instances/k1/synthesized', ...early].sort(),
     );
     expect(domainsOf(hostB)).toHaveLength(1);
+    // In the pool: at most the live instance's entry path (and its socket), nothing of the killed attempt.
+    const pool = poolFiles(hostB).filter((n) => /^(\.new-)?p[0-9a-f]{8}$|^\.in-p[0-9a-f]{8}\.sock$/.test(n));
+    const own = result.earlyStart === 'own' ? 1 : 0;
+    expect(pool.filter((n) => /^p[0-9a-f]{8}$/.test(n))).toHaveLength(own);
+    expect(pool.filter((n) => n.startsWith('.new-'))).toEqual([]);
+    expect(pool.filter((n) => n.endsWith('.sock')).length).toBeLessThanOrEqual(own);
   };
 
   it('leaves no half-made VM or file when a synthesis is cancelled mid-download', async () => {
@@ -218,6 +233,8 @@ describe('faults during synthesis', () => {
     const stall = await startStallingServer(Buffer.from(await (await fetch(overlayUrl)).arrayBuffer()));
     try {
       const before = domainsOf(hostB);
+      const poolOfB = (): string[] => poolFiles(hostB).sort();
+      const poolBefore = poolOfB();
       const handle = await client.workflow.start(synthesizeVm, { taskQueue: hostTaskQueue(hostB), workflowId: id, args: [{ hostId: hostB, onHostQueue: true, instanceId: 'x1', overlayUrl: stall.url }] });
       await pollUntil('B to be half-way through the download', 120_000, async () => (stall.holding() ? true : undefined));
       await handle.cancel();
@@ -232,6 +249,7 @@ describe('faults during synthesis', () => {
       expect(fs.existsSync(path.join(config.varDir, 'hosts', hostB, 'instances', 'x1'))).toBe(false);
       // No VM of its own either: neither one named after it nor one it started early.
       expect(domainsOf(hostB)).toEqual(before);
+      expect(poolOfB()).toEqual(poolBefore);
     } finally {
       await stall.close();
     }

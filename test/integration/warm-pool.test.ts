@@ -129,7 +129,7 @@ describe('warm pool', () => {
     await c.done((await c.cloud.terminateInstance(instanceId)).id);
   });
 
-  it('synthesizes as before when the pool is empty or the request opts out', async () => {
+  it('restores as before when the request opts out; with the pool empty, starts a VM of its own early', async () => {
     const ready = await poolWhere('two ready VMs', (p) => p.entries.length === 2);
     const optOut = await synthesize({ warmPool: false });
     expect(optOut.poolEntry).toBeUndefined();
