@@ -43,8 +43,12 @@ async function touchClaim(dir: string, claimFor: string | undefined): Promise<vo
 
 /** Where block `block` of a stored base's memory image is; undefined when the image has no such block. */
 export async function basePrefill(dataDir: string, baseId: string, block: string): Promise<Prefill | undefined> {
-  const base = await openBase(path.join(dataDir, 'store'), baseId);
-  const found = decodeSkeleton(await fs.promises.readFile(base.skeletonPath)).header.blocks.find((b) => b.name === block);
+  return blockIn((await openBase(path.join(dataDir, 'store'), baseId)).skeletonPath, block);
+}
+
+/** Where block `block` is in the memory image a skeleton describes. */
+async function blockIn(skeletonPath: string, block: string): Promise<Prefill | undefined> {
+  const found = decodeSkeleton(await fs.promises.readFile(skeletonPath)).header.blocks.find((b) => b.name === block);
   return found ? { block: found.name, imageOffset: found.imageOffset, size: found.size } : undefined;
 }
 
@@ -83,8 +87,7 @@ export async function startPoolEntry(deps: PoolStartDeps, baseId: string, opts: 
     // Its RAM gets the base's memory now, before any stream: a synthesis then streams only the
     // pages its launch VM changed (QEMU keeps what a stream leaves out).
     const t0 = Date.now();
-    const block = decodeSkeleton(await fs.promises.readFile(base.skeletonPath)).header.blocks.find((b) => b.name === vm.ramFile.block);
-    const prefilled = block ? { block: block.name, imageOffset: block.imageOffset, size: block.size } : undefined;
+    const prefilled = await blockIn(base.skeletonPath, vm.ramFile.block);
     if (opts.expectPrefill && JSON.stringify(prefilled) !== JSON.stringify(opts.expectPrefill)) {
       throw new CloudletError('HYPERVISOR', `the VM started for early start has RAM block ${vm.ramFile.block}, not ${opts.expectPrefill.block} as its stream assumes`, { fix: 'none needed: the synthesis restores its VM as usual' });
     }
