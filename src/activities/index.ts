@@ -18,6 +18,7 @@ import { createOverlayCacheActivities } from './overlay-cache';
 import { createAdmissionActivities } from './admission';
 import { createReconcileActivities } from './reconcile';
 import { createWarmPoolActivities } from './warm-pool';
+import { catalogAt, createOperationRecordActivities } from './operation-records';
 
 export interface HostActivityDeps {
   hostId: string;
@@ -56,7 +57,8 @@ export function createHostActivities(deps: HostActivityDeps) {
   const admission = createAdmissionActivities({ hostId: deps.hostId, dataDir: deps.dataDir, admission: deps.config.admission });
   const reconcile = createReconcileActivities({ hostId: deps.hostId, dataDir: deps.dataDir, hypervisor, log: deps.log });
   const pool = createWarmPoolActivities({ hostId: deps.hostId, dataDir: deps.dataDir, hypervisor, log: deps.log, admission: deps.config.admission });
-  return withFailureMapping({ ...guest, ...instances, ...recipes, ...handoffSource, ...handoffDestination, ...stats, ...overlayCache, ...admission, ...reconcile, ...pool }, { hostId: deps.hostId, dataDir: deps.dataDir });
+  const records = createOperationRecordActivities({ catalog: catalogAt(deps.config.catalog) });
+  return withFailureMapping({ ...guest, ...instances, ...recipes, ...handoffSource, ...handoffDestination, ...stats, ...overlayCache, ...admission, ...reconcile, ...pool, ...records }, { hostId: deps.hostId, dataDir: deps.dataDir });
 }
 
 export type HostActivities = ReturnType<typeof createHostActivities>;

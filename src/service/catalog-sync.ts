@@ -1,11 +1,13 @@
 /**
- * Records ended operations in the cluster catalog: the runs of this cluster's hosts that closed
- * since the last record (less a margin, as visibility may list closes a little out of order),
- * with their results or failures. The API runs it before it lists (coalesced) and every 30 s, so
- * what it lists comes from the catalog and outlives the Temporal server's retention of the runs.
+ * Records ended operations in the cluster catalog from Temporal's visibility: the runs of this
+ * cluster's hosts that closed since the sync's mark (less a margin, as visibility may list closes a
+ * little out of order) and that their workflows did not record themselves (operation-record.ts in
+ * the workflows), with their results or failures. The API runs it before it lists (coalesced) and
+ * every 30 s, so what it lists outlives the Temporal server's retention of the runs.
  */
 import type { Client } from '@temporalio/client';
 import type { ClosedOperation, ClusterCatalog } from '../core/cluster-catalog';
+import { CANCELLED } from '../common/failure-summary';
 import { failureOf } from './failure';
 import type { OperationKind } from './types';
 
@@ -47,7 +49,7 @@ export class CatalogSync {
   }
 
   private async run(): Promise<number> {
-    const last = await this.catalog.lastClosedAt();
+    const last = await this.catalog.syncMark();
     const parts = [
       "ExecutionStatus != 'Running'",
       `(${SYNCED_KINDS.map((k) => `CloudletOperation = '${k}'`).join(' OR ')})`,
@@ -68,8 +70,12 @@ export class CatalogSync {
         ...(w.parentExecution?.workflowId ? { parentId: w.parentExecution.workflowId } : {}),
       });
     }
+    // Most operations were recorded by their own workflows as they ended: only the others (a run
+    // terminated or timed out, a record that failed, a run of an older worker) are read here.
     const known = await this.catalog.knownClosed(seen.map((w) => w.id));
     const fresh = seen.filter((w) => !known.has(w.id));
+    let mark = '';
+    for (const w of seen) if (known.has(w.id)) mark = maxIso(mark, w.closeTime.toISOString());
     const records: ClosedOperation[] = [];
     for (const w of fresh) {
       const completed = w.statusName === 'COMPLETED';
@@ -90,11 +96,17 @@ export class CatalogSync {
         // A completed run whose result could not be read now is left for a later sync (recorded
         // without it, it would stay without it).
         if (completed) continue;
-        rec.error = w.statusName === 'CANCELED' || w.statusName === 'CANCELLED' ? { type: 'CANCELLED', message: 'the operation was cancelled', nonRetryable: true } : failureOf(e, w.statusName);
+        rec.error = w.statusName === 'CANCELED' || w.statusName === 'CANCELLED' ? CANCELLED : failureOf(e, w.statusName);
       }
       records.push(rec);
+      mark = maxIso(mark, rec.closedAt);
     }
     await this.catalog.recordClosed(records);
+    if (mark) await this.catalog.advanceSyncMark(mark);
     return records.length;
   }
+}
+
+function maxIso(a: string, b: string): string {
+  return b > a ? b : a;
 }

@@ -86,7 +86,7 @@ const roundLine = (r: RoundReport): string =>
   `${r.final ? 'last round' : `round ${r.round}`}: ${mb(r.bytes)} sent (${r.memRawPages} pages, ${r.diskRawChunks} disk chunks new; ${r.compression.codec === 'none' ? 'stored' : `${r.compression.codec} ${r.compression.level}`}) in ${(r.ms.total / 1000).toFixed(1)} s, link ${(r.sendBytesPerSec * 8 / 1e6).toFixed(1)} Mbit/s`;
 
 export async function handoffVm(input: HandoffVmInput) {
-  const t = tracker('handoffVm', input.hostId);
+  const t = tracker('handoffVm', input);
   const { quick, long, once } = activitiesOf(input.hostId);
   const policy: StopPolicy = { ...DEFAULT_STOP_POLICY, ...(input.policy ?? {}) };
   const progress: HandoffProgress = { phase: 'live rounds', rounds: [] };
@@ -196,7 +196,7 @@ export const baseArrivedUpdate = defineUpdate<BaseImported, []>('baseArrived');
 export const abortSignal = defineSignal<[{ reason: string }]>('abort');
 
 export async function receiveHandoff(input: ReceiveHandoffInput) {
-  const t = tracker('receiveHandoff', input.hostId, [{ key: SearchAttributes.baseId, value: input.baseId }]);
+  const t = tracker('receiveHandoff', input, [{ key: SearchAttributes.baseId, value: input.baseId }]);
   const { quick, long } = activitiesOf(input.hostId);
   const state: ReceiveState = { handoffId: input.handoffId, phase: 'preparing', arrived: 0, applied: 0, rounds: [] };
   let completeAsked = false;

@@ -22,6 +22,7 @@ import type { InstanceActivities } from '../activities/instances';
 import type { RecipeActivities } from '../activities/recipes';
 import type { AdmissionActivities } from '../activities/admission';
 import { hostTaskQueue, SearchAttributes } from '../common/names';
+import { recordOperationEnd, type OperationEnd } from './operation-record';
 
 export interface OperationProgress {
   stage: string;
@@ -67,7 +68,9 @@ function hostActivities(hostId: string, onHostQueue?: boolean) {
   };
 }
 
-export function tracker(operation: string, hostId: string, extra: Array<{ key: typeof SearchAttributes.baseId | typeof SearchAttributes.overlayId; value: string }> = []) {
+/** Tracks an operation: its progress (a query), its search attributes, and its end in the catalog. */
+export function tracker(operation: string, input: HostOperationInput, extra: Array<{ key: typeof SearchAttributes.baseId | typeof SearchAttributes.overlayId; value: string }> = []) {
+  const hostId = input.hostId;
   const progress: OperationProgress = { stage: 'starting', done: [] };
   setHandler(operationProgressQuery, () => progress);
   upsertSearchAttributes([
@@ -85,27 +88,30 @@ export function tracker(operation: string, hostId: string, extra: Array<{ key: t
     tag(key: typeof SearchAttributes.baseId | typeof SearchAttributes.overlayId, value: string): void {
       upsertSearchAttributes([{ key, value }]);
     },
-    finish(status: 'succeeded' | 'failed'): void {
-      this.stage(status === 'succeeded' ? 'done' : 'failed');
-      upsertSearchAttributes([{ key: SearchAttributes.status, value: status }]);
+    async finish(end: OperationEnd): Promise<void> {
+      this.stage(end.status === 'succeeded' ? 'done' : 'failed');
+      upsertSearchAttributes([{ key: SearchAttributes.status, value: end.status }]);
+      await recordOperationEnd({ kind: operation, hostId, ...(input.onHostQueue !== undefined ? { onHostQueue: input.onHostQueue } : {}) }, end);
     },
   };
 }
 
+/** Runs an operation's body, then records how it ended (search attribute, catalog). */
 export async function tracked<T>(t: ReturnType<typeof tracker>, body: () => Promise<T>): Promise<T> {
+  let r: T;
   try {
-    const r = await body();
-    t.finish('succeeded');
-    return r;
+    r = await body();
   } catch (e) {
-    t.finish('failed');
+    await t.finish({ status: 'failed', error: e });
     throw e;
   }
+  await t.finish({ status: 'succeeded', result: r });
+  return r;
 }
 
 export interface ImportBaseVmInput extends HostOperationInput { source: string }
 export async function importBaseVm(input: ImportBaseVmInput) {
-  const t = tracker('importBaseVm', input.hostId);
+  const t = tracker('importBaseVm', input);
   const { quick, long } = hostActivities(input.hostId);
   return tracked(t, async () => {
     t.stage('import');
@@ -132,7 +138,7 @@ export interface ResumeBaseVmInput extends HostOperationInput {
   admissionWaitMs?: number;
 }
 export async function resumeBaseVm(input: ResumeBaseVmInput) {
-  const t = tracker('resumeBaseVm', input.hostId, [{ key: SearchAttributes.baseId, value: input.baseId }]);
+  const t = tracker('resumeBaseVm', input, [{ key: SearchAttributes.baseId, value: input.baseId }]);
   const { quick, check, long } = hostActivities(input.hostId, input.onHostQueue);
   return tracked(t, async () => {
     t.stage('check base');
@@ -155,7 +161,7 @@ export async function resumeBaseVm(input: ResumeBaseVmInput) {
 
 export interface CreateOverlayVmInput extends HostOperationInput { instanceId: string; keepInstance?: boolean; lzmaLevel?: number; delta?: boolean }
 export async function createOverlayVm(input: CreateOverlayVmInput) {
-  const t = tracker('createOverlay', input.hostId);
+  const t = tracker('createOverlay', input);
   const { quick, long } = hostActivities(input.hostId);
   return tracked(t, async () => {
     t.stage('snapshot and build overlay');
@@ -209,7 +215,7 @@ export async function admit(check: Pick<AdmissionActivities, 'admitInstance'>, t
   }
 }
 export async function synthesizeVm(input: SynthesizeVmInput) {
-  const t = tracker('synthesizeVm', input.hostId);
+  const t = tracker('synthesizeVm', input);
   const { quick, check, local, long } = hostActivities(input.hostId, input.onHostQueue);
   const started = Date.now();
   const timings: Record<string, number> = {};
@@ -251,7 +257,7 @@ export async function synthesizeVm(input: SynthesizeVmInput) {
 
 export interface TerminateVmInput extends HostOperationInput { instanceId: string }
 export async function terminateVm(input: TerminateVmInput) {
-  const t = tracker('terminateVm', input.hostId);
+  const t = tracker('terminateVm', input);
   const { quick } = hostActivities(input.hostId);
   return tracked(t, async () => {
     t.stage('terminate');

@@ -6,14 +6,12 @@
 import { proxyActivities } from '@temporalio/workflow';
 import type { ReconcileActivities, LostInstance } from '../activities/reconcile';
 import { hostTaskQueue } from '../common/names';
-import { tracked, tracker } from './operations';
+import { tracked, tracker, type HostOperationInput } from './operations';
 
-export interface ReconcileHostInput {
-  hostId: string;
-}
+export type ReconcileHostInput = HostOperationInput;
 
 export async function reconcileHost(input: ReconcileHostInput): Promise<{ hostId: string; checked: number; lost: LostInstance[] }> {
-  const t = tracker('reconcileHost', input.hostId);
+  const t = tracker('reconcileHost', input);
   const { reconcileInstances } = proxyActivities<ReconcileActivities>({ taskQueue: hostTaskQueue(input.hostId), startToCloseTimeout: '5 minutes', retry: { maximumAttempts: 3 } });
   return tracked(t, async () => {
     t.stage('compare instance records with the hypervisor');

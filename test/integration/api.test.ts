@@ -44,12 +44,15 @@ describe('the cloudlet story through the HTTP API', () => {
 
   beforeAll(async () => {
     pkg = await testBasePackage(256);
-    cluster = await startTestCluster('api', ['pa', 'pb']);
+    // The API and the workers share one catalog, as in a deployment: the workflows record their
+    // ends in it, the API's sync records what they could not.
+    catalogDir = fs.mkdtempSync(path.join(os.tmpdir(), 'cloudlet-api-catalog-'));
+    const catalogFile = path.join(catalogDir, 'catalog.sqlite');
+    cluster = await startTestCluster('api', ['pa', 'pb'], { env: { CLOUDLET_CATALOG_DB: catalogFile } });
     [hostA = '', hostB = ''] = cluster.hosts;
     ({ suffix, client: temporal } = cluster);
     token = `test-token-${suffix}-0123456789`;
-    catalogDir = fs.mkdtempSync(path.join(os.tmpdir(), 'cloudlet-api-catalog-'));
-    catalog = new SqliteClusterCatalog(path.join(catalogDir, 'catalog.sqlite'));
+    catalog = new SqliteClusterCatalog(catalogFile);
     api = await startApi(new TemporalCloudletService(temporal, cluster.config, { hosts: cluster.hosts, catalog }), { tokens: [token], catalog, port: 0, logger: createLogger('api', 'warn') });
     cloud = new CloudletApiClient({ baseUrl: api.url, token });
   });

@@ -99,7 +99,7 @@ describe.each(engines)('the %s catalog', (_name, make) => {
 
   test('ended operations: recorded with results, queried by kind, host and status, replaced only by a later close', async () => {
     const op = (id: string, kind: string, host: string, status: 'succeeded' | 'failed', startedAt: string, closedAt: string, extra: object = {}) => ({ id, kind, type: kind, hostId: host, status, startedAt, closedAt, ...extra });
-    expect(await a.lastClosedAt()).toBeUndefined();
+    expect(await a.syncMark()).toBeUndefined();
     await a.recordClosed([
       op('synthesizeVm/h1/i-1', 'synthesizeVm', 'h1', 'succeeded', '2026-12-01T10:00:00.000Z', '2026-12-01T10:00:02.000Z', { result: { instanceId: 'i-1', timings: { firstResponseMs: 1500 } }, parentId: 'deployOverlay/d-1' }),
       op('synthesizeVm/h2/i-2', 'synthesizeVm', 'h2', 'failed', '2026-12-01T10:01:00.000Z', '2026-12-01T10:01:05.000Z', { error: { type: 'CORRUPT', message: 'bad overlay' } }),
@@ -111,7 +111,11 @@ describe.each(engines)('the %s catalog', (_name, make) => {
     expect((await b.closedOperation('synthesizeVm/h2/i-2'))?.error).toEqual({ type: 'CORRUPT', message: 'bad overlay' });
     expect(await b.closedOperations({ kinds: [], hosts: ['h1'] })).toEqual([]);
     expect([...(await b.knownClosed(['synthesizeVm/h1/i-1', 'nope']))]).toEqual(['synthesizeVm/h1/i-1']);
-    expect(await b.lastClosedAt()).toBe('2026-12-01T10:01:05.000Z');
+    // Records do not move the sync's mark; the sync does, forward only.
+    expect(await b.syncMark()).toBeUndefined();
+    await a.advanceSyncMark('2026-12-01T10:01:05.000Z');
+    await b.advanceSyncMark('2026-12-01T09:00:00.000Z');
+    expect(await b.syncMark()).toBe('2026-12-01T10:01:05.000Z');
     // An older record of the same id does not replace a newer one; a newer one does.
     await b.recordClosed([op('synthesizeVm/h1/i-1', 'synthesizeVm', 'h1', 'failed', '2026-12-01T08:00:00.000Z', '2026-12-01T08:00:01.000Z')]);
     expect((await a.closedOperation('synthesizeVm/h1/i-1'))?.status).toBe('succeeded');
@@ -190,16 +194,18 @@ test('a version-1 catalog (tokens, owners, quotas) is upgraded in place on both 
       expect(await cat.tokenByDigest('d'.repeat(64))).toMatchObject({ id: '0123abcd', tenant: 'acme' });
       await cat.recordClosed([op]);
       expect(await cat.closedOperation(op.id)).toEqual(op);
+      await cat.advanceSyncMark(op.closedAt);
+      expect(await cat.syncMark()).toBe(op.closedAt);
     } finally {
       await cat.close();
     }
   }
   const check = new (await import('better-sqlite3')).default(file);
-  expect(check.pragma('user_version', { simple: true })).toBe(3);
+  expect(check.pragma('user_version', { simple: true })).toBe(4);
   check.close();
   const c2 = new Client({ connectionString: url });
   await c2.connect();
-  expect((await c2.query('SELECT version FROM catalog_schema')).rows).toEqual([{ version: 3 }]);
+  expect((await c2.query('SELECT version FROM catalog_schema')).rows).toEqual([{ version: 4 }]);
   await c2.end();
 });
 

@@ -143,9 +143,13 @@ export class PostgresClusterCatalog implements ClusterCatalog {
     return new Set((await this.q<{ id: string }>('SELECT id FROM operations WHERE id = ANY($1)', [[...new Set(ids)]])).map((r) => r.id));
   }
 
-  async lastClosedAt(): Promise<string | undefined> {
-    const [r] = await this.q<{ at: string | null }>('SELECT MAX(closed_at) AS at FROM operations');
-    return r?.at ?? undefined;
+  async syncMark(): Promise<string | undefined> {
+    const [r] = await this.q<{ at: string }>("SELECT at FROM sync_marks WHERE name = 'visibility'");
+    return r?.at;
+  }
+
+  async advanceSyncMark(at: string): Promise<void> {
+    await this.q("INSERT INTO sync_marks (name, at) VALUES ('visibility', $1) ON CONFLICT (name) DO UPDATE SET at = excluded.at WHERE excluded.at > sync_marks.at", [at]);
   }
 
   async reserve(r: Omit<Reservation, 'createdAt'>, now = new Date()): Promise<void> {

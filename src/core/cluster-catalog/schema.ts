@@ -6,9 +6,11 @@ import type { ClosedOperation, Quota, Reservation, Role, TokenRecord } from './t
  */
 /**
  * 1: tokens, owners, quotas. 2: ended operations. 3: quota reservations of operations in flight,
- * and per-tenant locks. Later tables are made on open when missing.
+ * and per-tenant locks. 4: the visibility sync's mark (ended operations are also recorded by their
+ * workflows, so the latest close recorded is no longer where the sync got to). Later tables are
+ * made on open when missing.
  */
-export const CATALOG_SCHEMA_VERSION = 3;
+export const CATALOG_SCHEMA_VERSION = 4;
 
 export interface TokenRow {
   id: string;
@@ -102,5 +104,7 @@ export function catalogDdl(engine: 'sqlite' | 'postgres'): string {
     CREATE INDEX IF NOT EXISTS reservations_by_tenant ON reservations (tenant);
     CREATE TABLE IF NOT EXISTS tenant_locks (
       tenant TEXT PRIMARY KEY, holder TEXT NOT NULL, expires_at TEXT NOT NULL);
+    CREATE TABLE IF NOT EXISTS sync_marks (
+      name TEXT PRIMARY KEY, at TEXT NOT NULL);
   `;
 }

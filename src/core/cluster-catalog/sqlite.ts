@@ -90,8 +90,12 @@ export class SqliteClusterCatalog implements ClusterCatalog {
     return new Set(ids.filter((id) => stmt.get(id) !== undefined));
   }
 
-  async lastClosedAt(): Promise<string | undefined> {
-    return (this.db.prepare('SELECT MAX(closed_at) AS at FROM operations').get() as { at: string | null }).at ?? undefined;
+  async syncMark(): Promise<string | undefined> {
+    return (this.db.prepare("SELECT at FROM sync_marks WHERE name = 'visibility'").get() as { at: string } | undefined)?.at;
+  }
+
+  async advanceSyncMark(at: string): Promise<void> {
+    this.db.prepare("INSERT INTO sync_marks (name, at) VALUES ('visibility', ?) ON CONFLICT (name) DO UPDATE SET at = excluded.at WHERE excluded.at > sync_marks.at").run(at);
   }
 
   async reserve(r: Omit<Reservation, 'createdAt'>, now = new Date()): Promise<void> {

@@ -116,8 +116,13 @@ export interface ClusterCatalog {
   closedOperation(id: string): Promise<ClosedOperation | undefined>;
   /** Which of these ids the catalog holds as ended. */
   knownClosed(ids: readonly string[]): Promise<Set<string>>;
-  /** The latest close time recorded (ISO), where the next sync may start from. */
-  lastClosedAt(): Promise<string | undefined>;
+  /**
+   * How far the sync from Temporal's visibility got (ISO close time), where the next one may start
+   * from; undefined before the first. Operations recorded by their own workflows do not move it.
+   */
+  syncMark(): Promise<string | undefined>;
+  /** Moves the sync's mark forward to `at` (never back). */
+  advanceSyncMark(at: string): Promise<void>;
 
   /** Records a reservation; the first record of an operation wins (a retried request keeps it). */
   reserve(r: Omit<Reservation, 'createdAt'>): Promise<void>;
