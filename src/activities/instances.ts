@@ -79,7 +79,16 @@ export function createInstanceActivities(deps: CloudletActivityDeps) {
     async importBasePackage(input: { source: string }): Promise<{ baseId: string; alreadyPresent: boolean; diskBytes: number; memoryBytes: number; cpuModel?: string }> {
       // A path on this host or an http(s) URL (downloaded into the store's temp area).
       // A handoff's source uploads the package into this host's own handoffs directory.
-      const r = await importBase(storeRoot, input.source, { onProgress: progress('import'), policy: deps.fetchPolicy, extraDirs: [path.join(deps.dataDir, 'handoffs')] });
+      // Heartbeats go on while a download waits on its server, so a cancel reaches the activity
+      // (and aborts the download) within seconds; a server that stops sending is the fetch's
+      // idle timeout's to end (CLOUDLET_FETCH_IDLE_TIMEOUT_S).
+      const signal = cancellationSignal();
+      let last: { stage: string; bytesDone?: number; bytesTotal?: number } = { stage: 'import' };
+      const onProgress = (done: number, total: number): void => {
+        last = { stage: 'import', bytesDone: done, bytesTotal: total };
+        heartbeatOrCancel(last);
+      };
+      const r = await withHeartbeats(importBase(storeRoot, input.source, { onProgress, policy: deps.fetchPolicy, extraDirs: [path.join(deps.dataDir, 'handoffs')], ...(signal ? { signal } : {}) }), () => last);
       const m = r.manifest;
       log.info({ baseId: m.baseId, alreadyPresent: r.alreadyPresent }, 'base imported');
       return { baseId: m.baseId, alreadyPresent: r.alreadyPresent, diskBytes: m.disk.size, memoryBytes: m.memory.saveFileSize, ...(m.cpuModel ? { cpuModel: m.cpuModel } : {}) };

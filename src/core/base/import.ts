@@ -40,7 +40,7 @@ function sameIndex(a: ChunkIndex, b: ChunkIndex): boolean {
  * store at `storeRoot`: verify everything, then move the base into place atomically. Importing a
  * base that is already there is a no-op (`alreadyPresent: true`).
  */
-export async function importBase(storeRoot: string, packageFileOrUrl: string, opts: { onProgress?: OnProgress; policy?: FetchPolicy; extraDirs?: readonly string[] } = {}): Promise<ImportResult> {
+export async function importBase(storeRoot: string, packageFileOrUrl: string, opts: { onProgress?: OnProgress; policy?: FetchPolicy; extraDirs?: readonly string[]; signal?: AbortSignal } = {}): Promise<ImportResult> {
   const { policy } = opts;
   if (!/^https?:\/\//i.test(packageFileOrUrl)) {
     const file = policy
@@ -57,7 +57,7 @@ export async function importBase(storeRoot: string, packageFileOrUrl: string, op
   }
   try {
     const file = path.join(dir, 'package.cbp');
-    await download(packageFileOrUrl, file, opts.onProgress, policy);
+    await download(packageFileOrUrl, file, opts.onProgress, policy, opts.signal);
     return await importBaseFile(storeRoot, file, opts);
   } finally {
     await fsp.rm(dir, { recursive: true, force: true });
@@ -65,11 +65,13 @@ export async function importBase(storeRoot: string, packageFileOrUrl: string, op
 }
 
 /** Downloads a package; under a policy, checked like any fetch and stopped at the size limit. */
-async function download(url: string, file: string, onProgress?: OnProgress, policy?: FetchPolicy): Promise<void> {
+async function download(url: string, file: string, onProgress?: OnProgress, policy?: FetchPolicy, signal?: AbortSignal): Promise<void> {
   let res: Response;
   try {
-    res = policy ? ((await guardedFetch('base package', url, policy)) as unknown as Response) : await fetch(url);
+    res = policy ? ((await guardedFetch('base package', url, policy, signal ? { signal } : {})) as unknown as Response) : await fetch(url, signal ? { signal } : {});
   } catch (e) {
+    // Stopped by the caller (a cancelled activity): its reason, not a network failure.
+    if (signal?.aborted) throw signal.reason;
     if (e instanceof CloudletError) throw e;
     throw new CloudletError('TIMEOUT', `cannot fetch base package ${url}: ${(e as Error).message}`, { fix: 'check the URL and that the server is up', cause: e });
   }
@@ -99,6 +101,7 @@ async function download(url: string, file: string, onProgress?: OnProgress, poli
     }
     await out.sync();
   } catch (e) {
+    if (signal?.aborted) throw signal.reason;
     if (e instanceof CloudletError) throw e;
     const timeout = policy ? bodyError(e, 'base package', url, policy) : e;
     if (timeout instanceof CloudletError) throw timeout;
