@@ -69,9 +69,9 @@ export function createMobilityActivities(deps: MobilityActivityDeps) {
     },
 
     /** A handoff ticket from the neighbour (its credentials from the registry). */
-    async mobilityBeginHandoff(input: { neighbour: string; instanceId: string; baseId: string }): Promise<{ apiUrl: string; ticket: HandoffTicket }> {
+    async mobilityBeginHandoff(input: { neighbour: string; instanceId: string; baseId: string; tenant?: string }): Promise<{ apiUrl: string; ticket: HandoffTicket }> {
       const n = await token(input.neighbour);
-      const ticket = await new HandoffPeer(n.apiUrl).begin(n.token, { instanceId: input.instanceId, baseId: input.baseId });
+      const ticket = await new HandoffPeer(n.apiUrl).begin(n.token, { instanceId: input.instanceId, baseId: input.baseId, ...(input.tenant ? { tenant: input.tenant } : {}) });
       return { apiUrl: n.apiUrl, ticket };
     },
 

@@ -5,6 +5,7 @@
 import { z } from 'zod';
 import * as Peer from '../client/handoff-peer';
 import { HostIdSchema, InstanceIdSchema, named, Sha256IdSchema } from './schemas';
+import { TenantNameSchema } from './tenant-schemas';
 
 const HttpUrl = z.string().url().refine((s) => /^https?:\/\//.test(s), 'an http(s) URL');
 
@@ -34,7 +35,12 @@ export const HandoffInstanceBodySchema = named(
 
 export const BeginReceiveBodySchema = named(
   'BeginReceiveRequest',
-  z.strictObject({ instanceId: InstanceIdSchema, baseId: Sha256IdSchema, hostId: HostIdSchema.optional() }),
+  z.strictObject({
+    instanceId: InstanceIdSchema,
+    baseId: Sha256IdSchema,
+    hostId: HostIdSchema.optional(),
+    tenant: TenantNameSchema.optional().describe("The tenant the VM belongs to at this cluster (the one it belonged to at the source); default the token's tenant"),
+  }),
   'A source cluster asks to hand a VM over to this cluster.',
 );
 

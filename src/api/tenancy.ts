@@ -8,7 +8,7 @@
  * admin (configured tokens only) and nothing is filtered.
  */
 import { createHash, randomUUID } from 'node:crypto';
-import type { ClusterCatalog, Quota } from '../core/cluster-catalog';
+import { tenantOfOperations, type ClusterCatalog, type Quota } from '../core/cluster-catalog';
 import type { BaseInfo, CloudletService, InstanceInfo, OperationRef, OperationStatus, OverlayInfo } from '../service/types';
 import type { Principal } from './auth';
 import { ApiError, notFound } from './errors';
@@ -107,6 +107,13 @@ export class TenantScope {
     const digest = /\/overlays\/([0-9a-f]{64})\.overlay$/.exec(url.split(/[?#]/)[0] ?? '')?.[1];
     const o = (await service.listOverlays()).find((x) => x.url === url || x.id === digest);
     if (o && !(await this.sees([o.operationId], true))) throw notFound('overlay', o.id === digest ? digest : url);
+  }
+
+  /** The tenant an instance belongs to (none: the admins'), from the owners of the operations that made it. */
+  async tenantOfInstance(service: CloudletService, id: string): Promise<string | undefined> {
+    if (!this.catalog) return undefined;
+    const inst = await service.getInstance(id);
+    return inst ? tenantOfOperations(this.catalog, [inst.operationId, inst.parentOperationId]) : undefined;
   }
 
   /** The instance if the principal sees it; else 404 (also for another tenant's). */

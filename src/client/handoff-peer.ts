@@ -57,6 +57,8 @@ export interface BeginHandoffRequest {
   instanceId: string;
   baseId: string;
   hostId?: string;
+  /** The tenant the VM belongs to at the source: it stays that tenant's at the destination. */
+  tenant?: string;
 }
 
 /** The destination's API, as the source sees it. */

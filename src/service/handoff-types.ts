@@ -27,6 +27,8 @@ export interface HandoffInstanceRequest {
   };
   /** A host of the destination cluster (default: its choice). */
   hostId?: string;
+  /** The tenant the instance belongs to here: the destination records the VM as that tenant's. */
+  tenant?: string;
   /** Expected link rate to plan the first round with (Mbit/s; later rounds measure it). */
   linkMbit?: number;
   /**

@@ -183,7 +183,7 @@ export class TemporalHandoffService implements HandoffService {
       throw new CloudletError(inst ? 'CONFLICT' : 'NOT_FOUND', inst ? `instance ${instanceId} is ${inst.state}; only a running instance can be handed off` : `instance ${instanceId} does not exist`, { fix: 'list instances with GET /v1/instances' });
     }
     const peer = new HandoffPeer(req.destination.apiUrl);
-    const ticket = await peer.begin(req.destination.credentials.token, { instanceId, baseId: inst.baseId, ...(req.hostId ? { hostId: req.hostId } : {}) });
+    const ticket = await peer.begin(req.destination.credentials.token, { instanceId, baseId: inst.baseId, ...(req.hostId ? { hostId: req.hostId } : {}), ...(req.tenant ? { tenant: req.tenant } : {}) });
     return this.service.start('handoffVm', handoffVm, `handoffVm/${inst.hostId}/${instanceId}/${ticket.handoffId}`, {
       hostId: inst.hostId,
       instanceId,

@@ -47,6 +47,7 @@ export async function createTemporalBackend(env: NodeJS.ProcessEnv = process.env
     ...(config.mobility.probeFrom ? { probeFrom: config.mobility.probeFrom } : {}),
     neighbourHosts: config.mobility.neighbourHosts,
     recipes: schedules,
+    catalog,
   });
   // A cluster with neighbours measures them every minute (the Schedule is made when the first is
   // added); one without has no such Schedule (one left from an earlier registry goes).

@@ -6,6 +6,7 @@
 import { ScheduleAlreadyRunning, ScheduleNotFoundError, ScheduleOverlapPolicy, WorkflowExecutionAlreadyStartedError, WorkflowNotFoundError, WorkflowUpdateFailedError, type Client, type WorkflowHandle } from '@temporalio/client';
 import { NeighbourPeer, type ClusterInfo, type DeviceRttAnswer } from '../client/neighbour-peer';
 import { CloudletError } from '../core/errors';
+import { tenantOfOperations, type ClusterCatalog } from '../core/cluster-catalog';
 import { DEFAULT_MOBILITY_POLICY, mergePolicy, type MobilityPolicy } from '../workflows/mobility-policy';
 import { neighbourView, parseNeighbourUrl, type NeighbourRegistry, type NeighbourView } from '../core/mobility/registry';
 import { formatDeviceAddress, measureDeviceRtt, parseDeviceAddress } from '../core/mobility/rtt';
@@ -32,6 +33,8 @@ export interface MobilityServiceOptions {
   recipes?: Pick<RecipeScheduleApi, 'get'>;
   /** A controller continues as new past this many history events (default 4000; tests lower it). */
   controllerHistoryLimit?: number;
+  /** The cluster catalog: a moved VM stays its tenant's at the neighbour. */
+  catalog?: Pick<ClusterCatalog, 'ownersOf'>;
 }
 
 export const mobilityWorkflowId = (instanceId: string): string => `mobility/${instanceId}`;
@@ -136,12 +139,13 @@ export class TemporalMobilityService implements MobilityService {
   }
 
   /** The instance, running, with what the controller needs to know of it. */
-  private async runningInstance(instanceId: string): Promise<{ instanceId: string; hostId: string; baseId: string; memoryBytes?: number }> {
+  private async runningInstance(instanceId: string): Promise<{ instanceId: string; hostId: string; baseId: string; memoryBytes?: number; tenant?: string }> {
     const inst = await this.service.getInstance(instanceId);
     if (!inst) throw new CloudletError('NOT_FOUND', `instance ${instanceId} does not exist in this cluster`, { fix: 'list instances with GET /v1/instances' });
     if (inst.state !== 'running') throw new CloudletError('CONFLICT', `instance ${instanceId} is ${inst.state}; only a running instance is watched`, { fix: 'report RTT for a running instance' });
     const base = await this.service.getBase(inst.baseId);
-    return { instanceId, hostId: inst.hostId, baseId: inst.baseId, ...(base ? { memoryBytes: base.memoryBytes } : {}) };
+    const tenant = this.options.catalog ? await tenantOfOperations(this.options.catalog, [inst.operationId, inst.parentOperationId]) : undefined;
+    return { instanceId, hostId: inst.hostId, baseId: inst.baseId, ...(base ? { memoryBytes: base.memoryBytes } : {}), ...(tenant ? { tenant } : {}) };
   }
 
   private handle(instanceId: string): WorkflowHandle<typeof mobilityController> {

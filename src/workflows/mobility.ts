@@ -74,6 +74,8 @@ export interface MobilityInput {
   memoryBytes?: number;
   device?: string;
   policy?: Partial<MobilityPolicy>;
+  /** The tenant the instance belongs to: it stays that tenant's at the neighbour it moves to. */
+  tenant?: string;
   /** Start cooling down (e.g. just after the instance arrived by a move). */
   cooldownMs?: number;
   /** Continue as new past this many history events (default 4000, or when Temporal suggests it). */
@@ -234,7 +236,7 @@ export async function mobilityController(input: MobilityInput) {
     show();
     let workflowId = '';
     try {
-      const { apiUrl, ticket } = await acts.mobilityBeginHandoff({ neighbour: choice.to.neighbour, instanceId: st.instanceId, baseId: st.baseId });
+      const { apiUrl, ticket } = await acts.mobilityBeginHandoff({ neighbour: choice.to.neighbour, instanceId: st.instanceId, baseId: st.baseId, ...(input.tenant ? { tenant: input.tenant } : {}) });
       workflowId = `handoffVm/${st.hostId}/${st.instanceId}/${ticket.handoffId}`;
       decision.handoff = { workflowId, state: 'running' };
       const r = await executeChild(handoffVm, {

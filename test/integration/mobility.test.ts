@@ -19,6 +19,7 @@ import { TemporalCloudletService } from '../../src/service';
 import { TemporalHandoffService } from '../../src/service/handoff';
 import { refreshScheduleId, TemporalMobilityService } from '../../src/service/mobility';
 import { SqliteNeighbourRegistry } from '../../src/core/mobility/registry';
+import { SqliteClusterCatalog } from '../../src/core/cluster-catalog';
 import { loadHandoffSecret } from '../../src/common/handoff-secret';
 import { GuestAppClient } from '../../src/guest/app-client';
 import { freePort } from '../../src/common/ports';
@@ -57,6 +58,13 @@ describe('mobility: the VM follows its user by RTT', () => {
   let net: DeviceNetwork;
   let pkg: { packageFile: string; baseId: string };
   const registries: SqliteNeighbourRegistry[] = [];
+  const catalogs: SqliteClusterCatalog[] = [];
+  /** A member token of `tenant` minted at a cluster's API, as a client. */
+  const memberOf = async (api: RunningApi, adminToken: string, tenant: string): Promise<CloudletApiClient> => {
+    const res = await fetch(`${api.url}/v1/tokens`, { method: 'POST', headers: { authorization: `Bearer ${adminToken}`, 'content-type': 'application/json' }, body: JSON.stringify({ tenant, role: 'member', name: `${tenant} in the mobility test` }) });
+    expect(res.status).toBe(201);
+    return new CloudletApiClient({ baseUrl: api.url, token: ((await res.json()) as { token: string }).token });
+  };
   const tmp = fs.mkdtempSync(path.join(os.tmpdir(), 'mobility-'));
   const eastToken = `east-token-${Date.now()}-0123456789`;
   const westToken = `west-token-${Date.now()}-0123456789`;
@@ -64,14 +72,18 @@ describe('mobility: the VM follows its user by RTT', () => {
 
   beforeAll(async () => {
     pkg = await testBasePackage(256);
-    east = await startTestCluster('east', ['ma'], { namespace: 'east', env: { CLOUDLET_PROBE_FROM: '127.0.1.1', CLOUDLET_NEIGHBOURS_DB: path.join(tmp, 'east.sqlite') } });
-    west = await startTestCluster('west', ['mb'], { namespace: 'west', env: { CLOUDLET_PROBE_FROM: '127.0.1.2', CLOUDLET_NEIGHBOURS_DB: path.join(tmp, 'west.sqlite') } });
+    // Each cluster's API and workers share a catalog of their own (tenants, owners, ended operations).
+    east = await startTestCluster('east', ['ma'], { namespace: 'east', env: { CLOUDLET_PROBE_FROM: '127.0.1.1', CLOUDLET_NEIGHBOURS_DB: path.join(tmp, 'east.sqlite'), CLOUDLET_CATALOG_DB: path.join(tmp, 'east-catalog.sqlite') } });
+    west = await startTestCluster('west', ['mb'], { namespace: 'west', env: { CLOUDLET_PROBE_FROM: '127.0.1.2', CLOUDLET_NEIGHBOURS_DB: path.join(tmp, 'west.sqlite'), CLOUDLET_CATALOG_DB: path.join(tmp, 'west-catalog.sqlite') } });
     const log = createLogger('api', 'warn');
     const apiOf = async (c: TestCluster, name: 'east' | 'west', token: string): Promise<RunningApi> => {
-      const service = new TemporalCloudletService(c.client, c.config, { hosts: c.hosts });
+      const catalog = new SqliteClusterCatalog(c.config.catalog.file);
+      catalogs.push(catalog);
+      const service = new TemporalCloudletService(c.client, c.config, { hosts: c.hosts, catalog });
       const registry = new SqliteNeighbourRegistry(c.config.mobility.registryFile);
       registries.push(registry);
       return startApi(service, {
+        catalog,
         handoffs: new TemporalHandoffService(c.client, service, { hosts: c.hosts, secret: loadHandoffSecret(c.config.varDir, name), idleTimeoutMs: 120_000 }),
         mobility: new TemporalMobilityService(c.client, service, {
           cluster: name,
@@ -81,6 +93,7 @@ describe('mobility: the VM follows its user by RTT', () => {
           ...(c.config.mobility.probeFrom ? { probeFrom: c.config.mobility.probeFrom } : {}),
           // Low, so the noise phase makes east's controller continue as new.
           controllerHistoryLimit: 120,
+          catalog,
         }),
         tokens: [token],
         port: 0,
@@ -107,6 +120,7 @@ describe('mobility: the VM follows its user by RTT', () => {
     await eastApi?.close();
     await westApi?.close();
     for (const r of registries) await r.close();
+    for (const c of catalogs) await c.close();
     await east?.stop();
     await west?.stop();
     fs.rmSync(tmp, { recursive: true, force: true });
@@ -167,9 +181,10 @@ describe('mobility: the VM follows its user by RTT', () => {
   });
 
   it('follows the user: no decision under noise, no move between close neighbours, a move to the nearest once the user walks there', async () => {
-    // A running instance on east whose application holds some state.
-    const op = await eastCloud.resumeBase({ hostId: east.hosts[0] ?? '', baseId: pkg.baseId }, `mob-${east.suffix}`);
-    const s = await eastCloud.waitForOperation(op.id, { timeoutMs: 5 * 60_000 });
+    // A running instance on east, tenant acme's, whose application holds some state.
+    const eastAcme = await memberOf(eastApi, eastToken, 'acme');
+    const op = await eastAcme.resumeBase({ hostId: east.hosts[0] ?? '', baseId: pkg.baseId }, `mob-${east.suffix}`);
+    const s = await eastAcme.waitForOperation(op.id, { timeoutMs: 5 * 60_000 });
     expect(s.state).toBe('succeeded');
     const { instanceId, hostPort } = s.result as { instanceId: string; hostPort: number };
     const app = new GuestAppClient(hostPort);
@@ -276,6 +291,9 @@ describe('mobility: the VM follows its user by RTT', () => {
 
     // The instance runs at west, which watches it now (cooling down first), and no longer at east.
     expect((await westCloud.getInstance(instanceId))?.state).toBe('running');
+    // It is still acme's: acme's members at west see it, another tenant's do not.
+    expect((await (await memberOf(westApi, westToken, 'acme')).getInstance(instanceId))?.state).toBe('running');
+    expect(await (await memberOf(westApi, westToken, 'globex')).getInstance(instanceId)).toBeUndefined();
     expect((await eastCloud.getInstance(instanceId))?.state).toBe('terminated');
     const atWest = await westCloud.mobility.mobilityState(instanceId);
     expect(atWest?.device).toBe(net.address);
@@ -317,6 +335,8 @@ describe('mobility: the VM follows its user by RTT', () => {
     await eastCloud.mobility.unwatchInstance(instanceId);
     await pollUntil('the controller at east to stop', 30_000, async () => ((await eastCloud.mobility.mobilityState(instanceId))?.phase === 'stopped' ? true : undefined), 200);
     expect((await eastCloud.getInstance(instanceId))?.state).toBe('running');
+    // Back at east it is acme's again (west named the tenant it had there).
+    expect((await eastAcme.getInstance(instanceId))?.state).toBe('running');
     const end = await eastCloud.terminateInstance(instanceId);
     expect((await eastCloud.waitForOperation(end.id, { timeoutMs: 5 * 60_000 })).state).toBe('succeeded');
   });

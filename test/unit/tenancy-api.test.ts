@@ -12,6 +12,8 @@ import type { FastifyInstance } from 'fastify';
 import { buildServer } from '../../src/api/server';
 import { FakeCloudletService, FakeRecipeSchedules } from '../../src/service/fake';
 import { digestToken, SqliteClusterCatalog } from '../../src/core/cluster-catalog';
+import { receiveOperationId, type BeginReceiveRequest, type HandoffInstanceRequest, type HandoffService } from '../../src/service/handoff-types';
+import type { OperationRef } from '../../src/service/types';
 
 // fastify's inject needs `cookie` 2, an ES module jest cannot load under Node 20 (as in api-server.test.ts).
 jest.mock('cookie', () => ({
@@ -219,6 +221,67 @@ describe('isolation', () => {
     expect((await call(b.token, 'POST', `/v1/bases/${baseId}/instances`, { hostId: 'host-b' })).statusCode).toBe(404);
     expect((await call(b.token, 'GET', `/v1/bases/${baseId}/package`)).statusCode).toBe(404);
     expect((await call(a.token, 'POST', `/v1/bases/${baseId}/instances`, { hostId: 'host-b' })).statusCode).toBe(202);
+  });
+});
+
+describe('handoffs keep the VM its tenant\'s', () => {
+  /** A handoff service that records what it was asked (the rest is handoff.test.ts). */
+  function recordingHandoffs() {
+    const asked: { handoff: Array<{ id: string; req: HandoffInstanceRequest }>; receive: BeginReceiveRequest[] } = { handoff: [], receive: [] };
+    const unused = async (): Promise<never> => {
+      throw new Error('not used here');
+    };
+    const handoffs: HandoffService = {
+      async handoffInstance(id, req) {
+        asked.handoff.push({ id, req });
+        return { id: `handoffVm/host-a/${id}/ho-${asked.handoff.length}`, kind: 'handoffVm', statusUrl: '' } as unknown as OperationRef;
+      },
+      async beginReceive(req) {
+        asked.receive.push(req);
+        const handoffId = `ho-${asked.receive.length}`;
+        return { handoffId, ticket: 't', hostId: 'host-b', instanceId: req.instanceId, receiverUrl: 'http://127.0.0.1:1/handoffs/x', expiresAt: new Date().toISOString() };
+      },
+      baseArrived: unused,
+      roundArrived: unused,
+      complete: unused,
+      status: unused,
+      abort: unused,
+    };
+    return { asked, handoffs };
+  }
+
+  test('the source names the instance\'s tenant to the destination, which records the VM it receives as that tenant\'s', async () => {
+    const { asked, handoffs } = recordingHandoffs();
+    const server = await buildServer({ service: fake, schedules: new FakeRecipeSchedules(fake), catalog, tokens: [ADMIN], handoffs, logger: pino({ level: 'silent' }) });
+    try {
+      const { overlayUrl, baseId } = await shared();
+      const a = await mint('acme');
+      const mine = await provision(a.token, overlayUrl);
+      const admins = await provision(ADMIN, overlayUrl);
+      const destination = { apiUrl: 'http://127.0.0.1:1', credentials: { token: 'x'.repeat(16) } };
+      for (const id of [mine, admins]) {
+        const res = await server.inject({ method: 'POST', url: `/v1/instances/${id}/handoff`, headers: auth(ADMIN), payload: { destination } });
+        expect(res.statusCode).toBe(202);
+      }
+      expect(asked.handoff.map((h) => [h.id, h.req.tenant])).toEqual([[mine, 'acme'], [admins, undefined]]);
+
+      // At the destination: the tenant the source named owns the receiving operation (so the VM
+      // that arrives), else the tenant of the token the source used (an operator's: none).
+      const westAdmin = await mint('west-ops', 'admin');
+      const begin = async (token: string, body: object) => server.inject({ method: 'POST', url: '/v1/handoffs', headers: auth(token), payload: { instanceId: 'moved-1', baseId, ...body } });
+      expect((await begin(ADMIN, { tenant: 'acme' })).statusCode).toBe(201);
+      expect((await begin(westAdmin.token, {})).statusCode).toBe(201);
+      expect((await begin(ADMIN, {})).statusCode).toBe(201);
+      const ids = [1, 2, 3].map((n) => receiveOperationId('host-b', 'moved-1', `ho-${n}`));
+      const owners = await catalog.ownersOf(ids);
+      expect(ids.map((id) => [owners.has(id), owners.get(id)?.tenant])).toEqual([[true, 'acme'], [true, 'west-ops'], [true, undefined]]);
+      // A tenant that is not a tenant name is refused, and nothing starts.
+      const bad = await begin(ADMIN, { tenant: 'Not A Tenant' });
+      expect(bad.statusCode).toBe(400);
+      expect(asked.receive).toHaveLength(3);
+    } finally {
+      await server.close();
+    }
   });
 });
 

@@ -65,8 +65,11 @@ export function handoffRoutes(handoffs: HandoffService | undefined): Route[] {
       },
       handler: async ({ params, body, reply, service, scope }) => {
         await scope.guardInstance(service, params.id);
+        // The VM stays its tenant's at the destination.
+        const tenant = await scope.tenantOfInstance(service, params.id);
         const req = {
           destination: body.destination,
+          ...(tenant ? { tenant } : {}),
           ...(body.hostId ? { hostId: body.hostId } : {}),
           ...(body.linkMbit ? { linkMbit: body.linkMbit } : {}),
           ...(body.verify ? { verify: body.verify } : {}),
@@ -88,8 +91,9 @@ export function handoffRoutes(handoffs: HandoffService | undefined): Route[] {
       responses: { 201: { description: 'Ready to receive.', schema: HandoffTicketSchema }, 400: R.badInput, 401: R.unauthorized, 409: R.conflict, 422: R.unprocessable },
       handler: async ({ body, reply, scope }) => {
         const ticket = await need().beginReceive({ instanceId: body.instanceId, baseId: body.baseId, ...(body.hostId ? { hostId: body.hostId } : {}) });
-        // The VM that arrives belongs to the tenant whose credentials the source cluster used.
-        await scope.own(receiveOperationId(ticket.hostId, ticket.instanceId, ticket.handoffId));
+        // The VM that arrives belongs to the tenant the source named (it was that tenant's there),
+        // else to the tenant whose credentials the source cluster used.
+        await scope.own(receiveOperationId(ticket.hostId, ticket.instanceId, ticket.handoffId), body.tenant);
         void reply.code(201);
         return ticket;
       },

@@ -7,6 +7,7 @@ export * from './types';
 export { digestToken, isCatalogToken, mintToken } from './tokens';
 export { SqliteClusterCatalog } from './sqlite';
 export { PostgresClusterCatalog } from './postgres';
+export { tenantOfOperations } from './ownership';
 
 export interface CatalogLocation {
   /** postgres://… (CLOUDLET_CATALOG_URL); when absent, the SQLite file. */
