@@ -60,3 +60,20 @@ export const CompleteBodySchema = named(
 export const ReceivedVmSchema = named('ReceivedVm', Peer.ReceivedVmSchema);
 export const AbortBodySchema = z.strictObject({ reason: z.string().max(1000).optional() });
 export const ReceiveStatusSchema = named('ReceiveStatus', Peer.ReceiveStatusSchema);
+
+export const TicketViewSchema = named(
+  'HandoffTicketRecord',
+  z.object({
+    handoffId: z.string(),
+    hostId: z.string(),
+    instanceId: z.string(),
+    tenant: z.string().optional().describe('The tenant the VM belongs to here; absent: the admins\''),
+    createdAt: z.string(),
+    expiresAt: z.string(),
+    endedAt: z.string().optional(),
+    ended: z.enum(['used', 'aborted', 'revoked']).optional(),
+    state: z.enum(['live', 'expired', 'used', 'aborted', 'revoked']).describe('live: good until it expires; expired; or how it ended'),
+  }),
+  'A handoff ticket this cluster issued, as its catalog keeps it (by digest: never the ticket itself).',
+);
+export const TicketListSchema = named('HandoffTicketList', z.object({ tickets: z.array(TicketViewSchema) }));

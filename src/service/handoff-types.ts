@@ -4,6 +4,7 @@
  */
 import type { AppliedRoundInfo, BaseImported, Fingerprint, HandoffTicket, ReceivedVm, ReceiveStatus } from '../client/handoff-peer';
 import type { OperationRef } from './types';
+import type { HandoffTicketRecord, TicketEnd } from '../core/cluster-catalog/types';
 
 export type { AppliedRoundInfo, BaseImported, Fingerprint, HandoffTicket, ReceivedVm, ReceiveStatus };
 
@@ -15,6 +16,14 @@ export interface BeginReceiveRequest {
   baseId: string;
   /** A host of this cluster (default: a serving host that holds the base, else any serving host). */
   hostId?: string;
+  /** The tenant the VM belongs to here (recorded with its ticket); undefined: the admins'. */
+  tenant?: string;
+}
+
+/** A ticket as an admin lists it (never the ticket itself). */
+export interface TicketView extends HandoffTicketRecord {
+  /** live: good until it expires; expired; or how it ended. */
+  state: 'live' | 'expired' | TicketEnd;
 }
 
 /** Hand an instance of this cluster off to another cluster. */
@@ -48,6 +57,10 @@ export interface HandoffService {
   complete(ticket: string, handoffId: string, appPort: number, verify?: Fingerprint): Promise<ReceivedVm>;
   status(ticket: string, handoffId: string): Promise<ReceiveStatus>;
   abort(ticket: string, handoffId: string, reason: string): Promise<ReceiveStatus>;
+  /** The tickets this cluster issued, newest first (an admin's view). */
+  listTickets(): Promise<TicketView[]>;
+  /** An admin revokes a handoff's ticket: it is refused from now on, and the handoff is aborted. */
+  revokeTicket(handoffId: string): Promise<TicketView>;
   handoffInstance(instanceId: string, req: HandoffInstanceRequest): Promise<OperationRef>;
 }
 

@@ -17,12 +17,19 @@ import { CloudletError } from '../core/errors';
 import { issueTicket, verifyTicket, type TicketClaims } from '../core/handoff/ticket';
 import { abortSignal, baseArrivedUpdate, completeUpdate, handoffVm, receiveHandoff, receiveStateQuery, roundArrivedUpdate, type ReceiveState } from '../workflows';
 import type { TemporalCloudletService } from './temporal';
-import { receiveOperationId, type BeginReceiveRequest, type HandoffInstanceRequest, type HandoffService } from './handoff-types';
+import { receiveOperationId, type BeginReceiveRequest, type HandoffInstanceRequest, type HandoffService, type TicketView } from './handoff-types';
+import { digestToken, type ClusterCatalog, type HandoffTicketRecord } from '../core/cluster-catalog';
 import type { OperationRef } from './types';
 
 export interface HandoffServiceOptions {
   hosts: string[];
   secret: Buffer;
+  /**
+   * The cluster catalog: each ticket is recorded there by its digest (with the VM's tenant and its
+   * expiry), checked on every ticket call, ended when the VM arrives or the handoff is aborted, and
+   * revocable by an admin. Without one, a ticket is good by its signature and the handoff's state.
+   */
+  catalog?: Pick<ClusterCatalog, 'addTicket' | 'ticketByDigest' | 'ticketOfHandoff' | 'endTicket' | 'listTickets'>;
   /** Tickets expire after this long (default 30 min). */
   ticketTtlMs?: number;
   /** A receiving host gives up after this long without word from the source (default 5 min). */
@@ -77,6 +84,13 @@ export class TemporalHandoffService implements HandoffService {
     const handle = this.client.workflow.getHandle(workflowId);
     const state = await this.waitPrepared(handle);
     const ticket = issueTicket(this.options.secret, { hid: handoffId, host: hostId, inst: req.instanceId, exp: expiresAt });
+    try {
+      await this.options.catalog?.addTicket({ handoffId, digest: digestToken(ticket), hostId, instanceId: req.instanceId, ...(req.tenant ? { tenant: req.tenant } : {}), expiresAt: new Date(expiresAt).toISOString() });
+    } catch (e) {
+      // A ticket the catalog does not hold would be refused: the receiving host lets go now.
+      await handle.signal(abortSignal, { reason: 'the ticket could not be recorded' }).catch(() => undefined);
+      throw e;
+    }
     return {
       handoffId,
       ticket,
@@ -107,10 +121,21 @@ export class TemporalHandoffService implements HandoffService {
     throw new CloudletError('CONFLICT', 'the receiving run ended before it was ready', { fix: `look at run ${handle.workflowId}` });
   }
 
-  /** The run a ticket is for, when the ticket is good for handoff `hid`. */
-  private handleFor(ticket: string, hid: string): { handle: WorkflowHandle; claims: TicketClaims } {
+  /**
+   * The run a ticket is for, when the ticket is good for handoff `hid`: signed by this cluster,
+   * not expired, for this handoff, and (with a catalog) recorded there and not revoked. `ended`:
+   * a ticket that was used or aborted still reads the status and aborts (again); otherwise 403.
+   */
+  private async handleFor(ticket: string, hid: string, ended: 'allow' | 'refuse' = 'refuse'): Promise<{ handle: WorkflowHandle; claims: TicketClaims }> {
     const claims = verifyTicket(this.options.secret, ticket);
     if (claims.hid !== hid) throw new CloudletError('FORBIDDEN', `the ticket is for handoff ${claims.hid}, not ${hid}`, { fix: 'use the ticket issued for this handoff' });
+    const catalog = this.options.catalog;
+    if (catalog) {
+      const rec = await catalog.ticketByDigest(digestToken(ticket));
+      if (!rec) throw new CloudletError('UNAUTHORIZED', `handoff ticket refused: the cluster catalog holds no such ticket for handoff ${hid}`, { fix: 'ask the destination API for a new ticket (POST /v1/handoffs)' });
+      if (rec.ended === 'revoked') throw new CloudletError('UNAUTHORIZED', `handoff ticket refused: an admin revoked it at ${rec.endedAt ?? '?'}`, { fix: 'ask the destination cluster\'s operators; start a new handoff for a new ticket' });
+      if (rec.ended && ended === 'refuse') throw new CloudletError('FORBIDDEN', `handoff ${hid} has ended (${rec.ended}): its ticket is used up`, { fix: 'start a new handoff for a new ticket' });
+    }
     return { claims, handle: this.client.workflow.getHandle(receiveWorkflowId(claims)) };
   }
 
@@ -122,7 +147,7 @@ export class TemporalHandoffService implements HandoffService {
   }
 
   async baseArrived(ticket: string, hid: string): Promise<BaseImported> {
-    const { handle } = this.handleFor(ticket, hid);
+    const { handle } = await this.handleFor(ticket, hid);
     await this.requireOpen(handle, hid);
     try {
       return await handle.executeUpdate(baseArrivedUpdate);
@@ -132,7 +157,7 @@ export class TemporalHandoffService implements HandoffService {
   }
 
   async roundArrived(ticket: string, hid: string, round: { round: number; final: boolean }): Promise<AppliedRoundInfo> {
-    const { handle } = this.handleFor(ticket, hid);
+    const { handle } = await this.handleFor(ticket, hid);
     await this.requireOpen(handle, hid);
     try {
       return await handle.executeUpdate(roundArrivedUpdate, { args: [round] });
@@ -142,17 +167,21 @@ export class TemporalHandoffService implements HandoffService {
   }
 
   async complete(ticket: string, hid: string, appPort: number, verify?: Fingerprint): Promise<ReceivedVm> {
-    const { handle } = this.handleFor(ticket, hid);
+    const { handle } = await this.handleFor(ticket, hid);
     await this.requireOpen(handle, hid);
+    let vm: ReceivedVm;
     try {
-      return await handle.executeUpdate(completeUpdate, { args: [{ appPort, ...(verify ? { verify } : {}) }] });
+      vm = await handle.executeUpdate(completeUpdate, { args: [{ appPort, ...(verify ? { verify } : {}) }] });
     } catch (e) {
       throw causeOf(e, 'resume the VM');
     }
+    // Single use: the VM is here, the ticket is good for nothing more than its status.
+    await this.options.catalog?.endTicket(hid, 'used');
+    return vm;
   }
 
   async status(ticket: string, hid: string): Promise<ReceiveStatus> {
-    const { handle, claims } = this.handleFor(ticket, hid);
+    const { handle, claims } = await this.handleFor(ticket, hid, 'allow');
     let st: ReceiveState;
     try {
       st = await this.client.withDeadline(Date.now() + STATUS_QUERY_MS, () => handle.query(receiveStateQuery));
@@ -163,7 +192,15 @@ export class TemporalHandoffService implements HandoffService {
   }
 
   async abort(ticket: string, hid: string, reason: string): Promise<ReceiveStatus> {
-    const { handle } = this.handleFor(ticket, hid);
+    const { handle } = await this.handleFor(ticket, hid, 'allow');
+    await this.options.catalog?.endTicket(hid, 'aborted');
+    await this.stopReceiving(handle, reason);
+    const st = await this.client.withDeadline(Date.now() + 5000, () => this.status(ticket, hid)).catch(() => undefined);
+    return st ?? { handoffId: hid, phase: 'aborted', applied: 0, error: 'the receiving host has not confirmed yet; it removes what it made when it runs again' };
+  }
+
+  /** Signals the receiving run to abort and waits (a while) for it to end. */
+  private async stopReceiving(handle: WorkflowHandle, reason: string): Promise<void> {
     const d = await handle.describe();
     if (d.status.name === 'RUNNING') {
       await handle.signal(abortSignal, { reason });
@@ -171,8 +208,29 @@ export class TemporalHandoffService implements HandoffService {
       const deadline = Date.now() + ABORT_WAIT_MS;
       while (Date.now() < deadline && (await handle.describe()).status.name === 'RUNNING') await new Promise((r) => setTimeout(r, 250));
     }
-    const st = await this.client.withDeadline(Date.now() + 5000, () => this.status(ticket, hid)).catch(() => undefined);
-    return st ?? { handoffId: hid, phase: 'aborted', applied: 0, error: 'the receiving host has not confirmed yet; it removes what it made when it runs again' };
+  }
+
+  async listTickets(): Promise<TicketView[]> {
+    const catalog = this.needCatalog();
+    const now = Date.now();
+    return (await catalog.listTickets()).map((t) => ticketView(t, now));
+  }
+
+  async revokeTicket(hid: string): Promise<TicketView> {
+    const catalog = this.needCatalog();
+    const rec = await catalog.ticketOfHandoff(hid);
+    if (!rec) throw new CloudletError('NOT_FOUND', `this cluster issued no ticket for handoff ${hid}`, { fix: 'list them with GET /v1/handoff-tickets' });
+    if (await catalog.endTicket(hid, 'revoked')) {
+      // Its receiving host stops and removes what it made, so the receiver refuses the ticket too.
+      const handle = this.client.workflow.getHandle(receiveOperationId(rec.hostId, rec.instanceId, hid));
+      await this.stopReceiving(handle, 'an admin of the destination revoked the ticket').catch(() => undefined);
+    }
+    return ticketView((await catalog.ticketOfHandoff(hid)) ?? rec, Date.now());
+  }
+
+  private needCatalog(): NonNullable<HandoffServiceOptions['catalog']> {
+    if (!this.options.catalog) throw new CloudletError('CATALOG_UNAVAILABLE', 'this API server keeps no cluster catalog, so it keeps no handoff tickets', { fix: 'start it with the Temporal backend (npm run api), which opens the catalog' });
+    return this.options.catalog;
   }
 
   // ---- source ------------------------------------------------------------------------------------
@@ -193,6 +251,10 @@ export class TemporalHandoffService implements HandoffService {
       ...(req.policy ? { policy: req.policy } : {}),
     }, `Hand off instance ${instanceId} from host ${inst.hostId} to ${req.destination.apiUrl} (host ${ticket.hostId})`);
   }
+}
+
+function ticketView(t: HandoffTicketRecord, now: number): TicketView {
+  return { ...t, state: t.ended ?? (Date.parse(t.expiresAt) < now ? 'expired' : 'live') };
 }
 
 function receiveWorkflowId(c: Pick<TicketClaims, 'host' | 'inst' | 'hid'>): string {

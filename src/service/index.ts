@@ -56,7 +56,7 @@ export async function createTemporalBackend(env: NodeJS.ProcessEnv = process.env
   return {
     mobility,
     service,
-    handoffs: new TemporalHandoffService(client, service, { hosts: hosts.data, secret: loadHandoffSecret(config.varDir, config.namespace, env) }),
+    handoffs: new TemporalHandoffService(client, service, { hosts: hosts.data, secret: loadHandoffSecret(config.varDir, config.namespace, env), catalog }),
     schedules,
     temporalUi: { url: config.webUiUrl, namespace: config.namespace },
     catalog,

@@ -136,6 +136,27 @@ describe.each(engines)('the %s catalog', (_name, make) => {
     expect((await b.reservationsOf('acme')).map((r) => r.operationId)).toEqual(['synthesizeVm/h/i-9']);
   });
 
+  test('handoff tickets: kept by digest with their tenant, listed newest first, ended once (used, aborted or revoked)', async () => {
+    const t1 = { handoffId: 'ho-1', digest: '1'.repeat(64), hostId: 'h1', instanceId: 'vm-1', tenant: 'acme', expiresAt: '2026-12-01T10:30:00.000Z' };
+    const t2 = { handoffId: 'ho-2', digest: '2'.repeat(64), hostId: 'h2', instanceId: 'vm-2', expiresAt: '2026-12-01T10:31:00.000Z' };
+    await a.addTicket(t1);
+    await b.addTicket(t2);
+    // One ticket per handoff, one handoff per digest.
+    await expect(a.addTicket({ ...t1, digest: '3'.repeat(64) })).rejects.toHaveProperty('message', expect.stringMatching(/UNIQUE|duplicate key/));
+    expect(await b.ticketByDigest('1'.repeat(64))).toMatchObject({ handoffId: 'ho-1', hostId: 'h1', instanceId: 'vm-1', tenant: 'acme', expiresAt: t1.expiresAt });
+    expect(await b.ticketByDigest('2'.repeat(64))).not.toHaveProperty('tenant');
+    expect(await a.ticketByDigest('9'.repeat(64))).toBeUndefined();
+    expect(await a.ticketOfHandoff('ho-2')).toMatchObject({ handoffId: 'ho-2', hostId: 'h2', instanceId: 'vm-2' });
+    expect(await a.ticketOfHandoff('ho-9')).toBeUndefined();
+    expect((await a.listTickets()).map((t) => t.handoffId).sort()).toEqual(['ho-1', 'ho-2']);
+    expect(await a.listTickets(1)).toHaveLength(1);
+    expect(await a.endTicket('ho-1', 'revoked')).toBe(true);
+    expect(await b.endTicket('ho-1', 'used')).toBe(false); // ended already: the first end stays
+    expect(await b.endTicket('ho-nope', 'aborted')).toBe(false);
+    expect(await b.ticketByDigest('1'.repeat(64))).toMatchObject({ ended: 'revoked', endedAt: expect.any(String) });
+    expect((await a.ticketByDigest('2'.repeat(64)))?.ended).toBeUndefined();
+  });
+
   test('tenant locks: one holder at a time across connections; given back, or taken over once expired', async () => {
     expect(await a.tryLockTenant('acme', 'p1', 30_000)).toBe(true);
     expect(await b.tryLockTenant('acme', 'p2', 30_000)).toBe(false);

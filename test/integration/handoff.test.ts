@@ -16,6 +16,7 @@ import { runCli } from '../../src/cli/main';
 import path from 'node:path';
 import { createLogger } from '../../src/common/logger';
 import { startApi, type RunningApi } from '../../src/api/server';
+import { SqliteClusterCatalog } from '../../src/core/cluster-catalog';
 import { CloudletApiClient } from '../../src/api/client';
 import { TemporalCloudletService } from '../../src/service';
 import { TemporalHandoffService } from '../../src/service/handoff';
@@ -45,6 +46,7 @@ describe('live handoff between two clusters', () => {
   const westToken = `west-token-${Date.now()}-0123456789`;
   const eastToken = `east-token-${Date.now()}-0123456789`;
   let pkg: { packageFile: string; baseId: string };
+  let westCatalog: SqliteClusterCatalog | undefined;
   /** A west host whose worker is a process of its own, to be killed. */
   let wb = '';
   let wbWorker: ChildProcess | undefined;
@@ -63,14 +65,17 @@ describe('live handoff between two clusters', () => {
     const log = createLogger('api', 'warn');
     const eastService = new TemporalCloudletService(east.client, east.config, { hosts: east.hosts });
     const westHosts = [...west.hosts, wb];
-    const westService = new TemporalCloudletService(west.client, west.config, { hosts: westHosts });
+    // West keeps a cluster catalog (the one its workers use): its tickets are recorded there.
+    westCatalog = new SqliteClusterCatalog(west.config.catalog.file);
+    const westService = new TemporalCloudletService(west.client, west.config, { hosts: westHosts, catalog: westCatalog });
     eastApi = await startApi(eastService, {
       handoffs: new TemporalHandoffService(east.client, eastService, { hosts: east.hosts, secret: loadHandoffSecret(east.config.varDir, 'east') }),
       tokens: [eastToken], port: 0, logger: log,
     });
     westApi = await startApi(westService, {
       // Short for the killed-destination test, but longer than a first round takes on a busy machine.
-      handoffs: new TemporalHandoffService(west.client, westService, { hosts: westHosts, secret: loadHandoffSecret(west.config.varDir, 'west'), idleTimeoutMs: 60_000 }),
+      handoffs: new TemporalHandoffService(west.client, westService, { hosts: westHosts, secret: loadHandoffSecret(west.config.varDir, 'west'), idleTimeoutMs: 60_000, catalog: westCatalog }),
+      catalog: westCatalog,
       tokens: [westToken], port: 0, logger: log,
     });
     eastCloud = new CloudletApiClient({ baseUrl: eastApi.url, token: eastToken });
@@ -87,6 +92,7 @@ describe('live handoff between two clusters', () => {
     if (wb) fs.rmSync(path.join(REPO, 'var', 'hosts', wb), { recursive: true, force: true });
     await eastApi?.close();
     await westApi?.close();
+    await westCatalog?.close();
     await east?.stop();
     await west?.stop();
   });
@@ -110,6 +116,13 @@ describe('live handoff between two clusters', () => {
       const st = await eastCloud.getOperation(id);
       return st && st.state !== 'running' ? st : undefined;
     }, 500);
+  }
+
+  /** West's handoff tickets, as its admins list them. */
+  async function listTickets(): Promise<Array<{ handoffId: string; hostId: string; instanceId: string; state: string; ended?: string }>> {
+    const res = await fetch(`${westApi.url}/v1/handoff-tickets`, { headers: { authorization: `Bearer ${westToken}` } });
+    expect(res.status).toBe(200);
+    return ((await res.json()) as { tickets: Array<{ handoffId: string; hostId: string; instanceId: string; state: string; ended?: string }> }).tickets;
   }
 
   const handoffBody = (extra: Partial<HandoffInstanceRequest> = {}): HandoffInstanceRequest => ({ destination: { apiUrl: westApi.url, credentials: { token: westToken } }, ...extra });
@@ -159,6 +172,8 @@ describe('live handoff between two clusters', () => {
     expect(ticket).toBeUndefined(); // never in a result
     const forged = await fetch(`${westApi.url}/v1/handoffs/${r.handoffId}/rounds`, { method: 'POST', headers: { authorization: 'Bearer forged.ticket', 'content-type': 'application/json' }, body: JSON.stringify({ round: 1, final: false }) });
     expect(forged.status).toBe(401);
+    // West's catalog holds the ticket as used: single use, on the record.
+    expect((await listTickets()).find((t) => t.handoffId === r.handoffId)).toMatchObject({ instanceId: inst.id, hostId: west.hosts[0], state: 'used', ended: 'used' });
   });
 
   it('moves a synthesized VM that started early (its own QEMU, files behind a symlink) with full verification', async () => {
@@ -260,6 +275,32 @@ describe('live handoff between two clusters', () => {
     const round = await fetch(`${westApi.url}/v1/handoffs/${ticket.handoffId}/rounds`, { method: 'POST', headers: { authorization: `Bearer ${ticket.ticket}`, 'content-type': 'application/json' }, body: JSON.stringify({ round: 1, final: false }) });
     expect(round.status).toBe(403);
     expect(fs.existsSync(path.join(west.config.varDir, 'hosts', west.hosts[0] ?? '', 'handoffs', ticket.handoffId))).toBe(false);
+    expect((await listTickets()).find((x) => x.handoffId === ticket.handoffId)).toMatchObject({ state: 'aborted' });
+
+    // A ticket is a catalog record, like a token: listed (never in clear), and an admin revokes it
+    // without a restart. The revoked ticket is refused by the API (401) and by the receiving host
+    // (its handoff is aborted: 403), and the host keeps nothing.
+    const t2res = await fetch(`${westApi.url}/v1/handoffs`, {
+      method: 'POST',
+      headers: { authorization: `Bearer ${westToken}`, 'content-type': 'application/json' },
+      body: JSON.stringify({ instanceId: `probe2-${west.suffix}`, baseId: pkg.baseId, hostId: west.hosts[0], tenant: 'acme' }),
+    });
+    expect(t2res.status).toBe(201);
+    const t2 = (await t2res.json()) as { handoffId: string; ticket: string; receiverUrl: string };
+    const listed = await fetch(`${westApi.url}/v1/handoff-tickets`, { headers: { authorization: `Bearer ${westToken}` } }).then((x) => x.text());
+    expect(listed).not.toContain(t2.ticket);
+    expect((await listTickets()).find((x) => x.handoffId === t2.handoffId)).toMatchObject({ state: 'live', instanceId: `probe2-${west.suffix}`, hostId: west.hosts[0] });
+    const put2 = () => fetch(`${t2.receiverUrl}/rounds/1`, { method: 'PUT', headers: { authorization: `Bearer ${t2.ticket}`, 'content-type': 'application/octet-stream', 'upload-offset': '0' }, body: Buffer.alloc(1000, 7) });
+    expect((await put2()).status).toBe(200);
+    const revoke = () => fetch(`${westApi.url}/v1/handoff-tickets/${t2.handoffId}`, { method: 'DELETE', headers: { authorization: `Bearer ${westToken}` } });
+    const revoked = await revoke();
+    expect(revoked.status).toBe(200);
+    expect(await revoked.json()).toMatchObject({ handoffId: t2.handoffId, state: 'revoked', tenant: 'acme' });
+    expect((await fetch(`${westApi.url}/v1/handoffs/${t2.handoffId}`, { headers: { authorization: `Bearer ${t2.ticket}` } })).status).toBe(401);
+    expect((await put2()).status).toBe(403);
+    expect(fs.existsSync(path.join(west.config.varDir, 'hosts', west.hosts[0] ?? '', 'handoffs', t2.handoffId))).toBe(false);
+    expect(((await (await revoke()).json()) as { state: string }).state).toBe('revoked');
+    expect((await fetch(`${westApi.url}/v1/handoff-tickets/ho-never-issued`, { method: 'DELETE', headers: { authorization: `Bearer ${westToken}` } })).status).toBe(404);
   });
 
   it('a cancelled handoff resumes the source, which keeps serving, and leaves nothing at the destination', async () => {

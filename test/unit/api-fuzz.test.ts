@@ -320,7 +320,7 @@ const MOBILITY_METHODS: Record<keyof MobilityService, true> = {
   watch: true, state: true, setPolicy: true, pause: true, moveNow: true, stop: true, discover: true,
 };
 const HANDOFF_METHODS: Record<keyof HandoffService, true> = {
-  beginReceive: true, baseArrived: true, roundArrived: true, complete: true, status: true, abort: true, handoffInstance: true,
+  beginReceive: true, baseArrived: true, roundArrived: true, complete: true, status: true, abort: true, handoffInstance: true, listTickets: true, revokeTicket: true,
 };
 
 /** A stand-in backend: every method answers at once; the ticket methods of a handoff want TICKET. */
@@ -333,6 +333,12 @@ function standIn<T>(methods: Record<string, true>, answer: (method: string, args
 function standInHandoffs(): HandoffService {
   return standIn<HandoffService>(HANDOFF_METHODS, (m, args) => {
     if (m === 'handoffInstance') return { id: `handoffVm/host-a/${String(args[0])}`, kind: 'handoffVm' };
+    if (m === 'listTickets') return [];
+    // The stand-in issued one ticket, for handoff ho-fuzz-1.
+    if (m === 'revokeTicket') {
+      if (args[0] !== 'ho-fuzz-1') throw new CloudletError('NOT_FOUND', `no ticket for handoff ${String(args[0])}`);
+      return { handoffId: 'ho-fuzz-1', hostId: 'host-a', instanceId: 'i-1', createdAt: '2026-12-04T00:00:00.000Z', expiresAt: '2026-12-04T00:30:00.000Z', endedAt: '2026-12-04T00:01:00.000Z', ended: 'revoked', state: 'revoked' };
+    }
     if (m !== 'beginReceive' && args[0] !== TICKET) throw new CloudletError('UNAUTHORIZED', 'not a ticket this cluster issued');
     return { standIn: m };
   });

@@ -246,6 +246,8 @@ describe('handoffs keep the VM its tenant\'s', () => {
       complete: unused,
       status: unused,
       abort: unused,
+      listTickets: unused,
+      revokeTicket: unused,
     };
     return { asked, handoffs };
   }

@@ -22,6 +22,8 @@ import {
   ReceivedVmSchema,
   ReceiveStatusSchema,
   RoundArrivedBodySchema,
+  TicketListSchema,
+  TicketViewSchema,
 } from '../handoff-schemas';
 
 const forbidden = { description: 'The ticket is good but its handoff has ended (tickets are single-use), or it is for another handoff.' };
@@ -90,13 +92,35 @@ export function handoffRoutes(handoffs: HandoffService | undefined): Route[] {
       body: BeginReceiveBodySchema,
       responses: { 201: { description: 'Ready to receive.', schema: HandoffTicketSchema }, 400: R.badInput, 401: R.unauthorized, 409: R.conflict, 422: R.unprocessable },
       handler: async ({ body, reply, scope }) => {
-        const ticket = await need().beginReceive({ instanceId: body.instanceId, baseId: body.baseId, ...(body.hostId ? { hostId: body.hostId } : {}) });
         // The VM that arrives belongs to the tenant the source named (it was that tenant's there),
         // else to the tenant whose credentials the source cluster used.
-        await scope.own(receiveOperationId(ticket.hostId, ticket.instanceId, ticket.handoffId), body.tenant);
+        const tenant = body.tenant ?? scope.principal.tenant;
+        const ticket = await need().beginReceive({ instanceId: body.instanceId, baseId: body.baseId, ...(body.hostId ? { hostId: body.hostId } : {}), ...(tenant ? { tenant } : {}) });
+        await scope.own(receiveOperationId(ticket.hostId, ticket.instanceId, ticket.handoffId), tenant ?? null);
         void reply.code(201);
         return ticket;
       },
+    }),
+    defineRoute({
+      method: 'GET',
+      path: '/v1/handoff-tickets',
+      operationId: 'listHandoffTickets',
+      access: 'admin',
+      summary: 'The handoff tickets this cluster issued, newest first: for which VM, host and tenant, until when, and how each ended',
+      tag: 'handoff',
+      responses: { 200: { description: 'The tickets (never the tickets themselves: the catalog keeps their sha256).', schema: TicketListSchema }, 401: R.unauthorized, 403: R.forbidden, 503: { description: 'No cluster catalog.' } },
+      handler: async () => ({ tickets: await need().listTickets() }),
+    }),
+    defineRoute({
+      method: 'DELETE',
+      path: '/v1/handoff-tickets/{id}',
+      operationId: 'revokeHandoffTicket',
+      access: 'admin',
+      summary: 'Revoke a handoff\'s ticket: refused from now on (401), and the handoff is aborted (its receiving host removes what it made)',
+      tag: 'handoff',
+      params: HandoffParamsSchema,
+      responses: { 200: { description: 'Revoked (or it had ended already: as it stands).', schema: TicketViewSchema }, 400: R.badInput, 401: R.unauthorized, 403: R.forbidden, 404: R.notFound, 503: { description: 'No cluster catalog.' } },
+      handler: async ({ params }) => need().revokeTicket(params.id),
     }),
     defineRoute({
       method: 'POST',

@@ -6,8 +6,8 @@
  */
 import { Pool, type PoolClient } from 'pg';
 import { CloudletError } from '../errors';
-import type { ClosedOperation, ClosedQuery, ClusterCatalog, NewToken, Ownership, Quota, Reservation, TenantQuota, TokenRecord } from './types';
-import { CATALOG_SCHEMA_VERSION, catalogDdl, operationOf, operationRow, quotaOf, reservationOf, tokenOf, type OperationRow, type QuotaRow, type ReservationRow, type TokenRow } from './schema';
+import type { ClosedOperation, ClosedQuery, ClusterCatalog, HandoffTicketRecord, NewHandoffTicket, NewToken, Ownership, Quota, Reservation, TenantQuota, TicketEnd, TokenRecord } from './types';
+import { CATALOG_SCHEMA_VERSION, catalogDdl, operationOf, operationRow, quotaOf, reservationOf, TICKET_COLUMNS, ticketOf, tokenOf, type OperationRow, type QuotaRow, type ReservationRow, type TicketRow, type TokenRow } from './schema';
 
 /** An arbitrary constant: the advisory lock held while the schema is made. */
 const SCHEMA_LOCK = 0x636c6f75;
@@ -175,6 +175,36 @@ export class PostgresClusterCatalog implements ClusterCatalog {
 
   async unlockTenant(tenant: string, holder: string): Promise<void> {
     await this.q('DELETE FROM tenant_locks WHERE tenant = $1 AND holder = $2', [tenant, holder]);
+  }
+
+  async addTicket(t: NewHandoffTicket, now = new Date()): Promise<void> {
+    await this.q('INSERT INTO handoff_tickets (handoff_id, digest, host, instance_id, tenant, created_at, expires_at) VALUES ($1, $2, $3, $4, $5, $6, $7)', [
+      t.handoffId,
+      t.digest,
+      t.hostId,
+      t.instanceId,
+      t.tenant ?? null,
+      now.toISOString(),
+      t.expiresAt,
+    ]);
+  }
+
+  async ticketByDigest(digest: string): Promise<HandoffTicketRecord | undefined> {
+    const [r] = await this.q<TicketRow>(`SELECT ${TICKET_COLUMNS} FROM handoff_tickets WHERE digest = $1`, [digest]);
+    return r ? ticketOf(r) : undefined;
+  }
+
+  async ticketOfHandoff(handoffId: string): Promise<HandoffTicketRecord | undefined> {
+    const [r] = await this.q<TicketRow>(`SELECT ${TICKET_COLUMNS} FROM handoff_tickets WHERE handoff_id = $1`, [handoffId]);
+    return r ? ticketOf(r) : undefined;
+  }
+
+  async endTicket(handoffId: string, why: TicketEnd, now = new Date()): Promise<boolean> {
+    return (await this.q('UPDATE handoff_tickets SET ended_at = $1, ended = $2 WHERE handoff_id = $3 AND ended IS NULL RETURNING handoff_id', [now.toISOString(), why, handoffId])).length > 0;
+  }
+
+  async listTickets(limit = 200): Promise<HandoffTicketRecord[]> {
+    return (await this.q<TicketRow>(`SELECT ${TICKET_COLUMNS} FROM handoff_tickets ORDER BY created_at DESC, handoff_id LIMIT $1`, [limit])).map(ticketOf);
   }
 
   async setQuota(tenant: string, q: Quota): Promise<void> {

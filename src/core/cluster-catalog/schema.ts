@@ -1,4 +1,4 @@
-import type { ClosedOperation, Quota, Reservation, Role, TokenRecord } from './types';
+import type { ClosedOperation, HandoffTicketRecord, Quota, Reservation, Role, TicketEnd, TokenRecord } from './types';
 
 /**
  * The catalog's tables, written once for both engines (docs/security.md describes them). Times
@@ -7,8 +7,8 @@ import type { ClosedOperation, Quota, Reservation, Role, TokenRecord } from './t
 /**
  * 1: tokens, owners, quotas. 2: ended operations. 3: quota reservations of operations in flight,
  * and per-tenant locks. 4: the visibility sync's mark (ended operations are also recorded by their
- * workflows, so the latest close recorded is no longer where the sync got to). Later tables are
- * made on open when missing.
+ * workflows, so the latest close recorded is no longer where the sync got to), and handoff
+ * tickets. Later tables are made on open when missing.
  */
 export const CATALOG_SCHEMA_VERSION = 4;
 
@@ -38,6 +38,32 @@ export interface ReservationRow {
 
 export function reservationOf(r: ReservationRow): Reservation {
   return { operationId: r.operation_id, tenant: r.tenant, instances: Number(r.instances), memoryMiB: Number(r.memory_mib), createdAt: r.created_at };
+}
+
+export interface TicketRow {
+  handoff_id: string;
+  host: string;
+  instance_id: string;
+  tenant: string | null;
+  created_at: string;
+  expires_at: string;
+  ended_at: string | null;
+  ended: TicketEnd | null;
+}
+
+export const TICKET_COLUMNS = 'handoff_id, host, instance_id, tenant, created_at, expires_at, ended_at, ended';
+
+export function ticketOf(r: TicketRow): HandoffTicketRecord {
+  return {
+    handoffId: r.handoff_id,
+    hostId: r.host,
+    instanceId: r.instance_id,
+    ...(r.tenant !== null ? { tenant: r.tenant } : {}),
+    createdAt: r.created_at,
+    expiresAt: r.expires_at,
+    ...(r.ended_at !== null ? { endedAt: r.ended_at } : {}),
+    ...(r.ended !== null ? { ended: r.ended } : {}),
+  };
 }
 
 export function tokenOf(r: TokenRow): TokenRecord {
@@ -106,5 +132,9 @@ export function catalogDdl(engine: 'sqlite' | 'postgres'): string {
       tenant TEXT PRIMARY KEY, holder TEXT NOT NULL, expires_at TEXT NOT NULL);
     CREATE TABLE IF NOT EXISTS sync_marks (
       name TEXT PRIMARY KEY, at TEXT NOT NULL);
+    CREATE TABLE IF NOT EXISTS handoff_tickets (
+      handoff_id TEXT PRIMARY KEY, digest TEXT NOT NULL UNIQUE, host TEXT NOT NULL, instance_id TEXT NOT NULL,
+      tenant TEXT, created_at TEXT NOT NULL, expires_at TEXT NOT NULL, ended_at TEXT,
+      ended TEXT CHECK (ended IN ('used', 'aborted', 'revoked')));
   `;
 }

@@ -5,8 +5,8 @@
 import type Database from 'better-sqlite3';
 import { openPrivateSqlite } from '../private-sqlite';
 import { CloudletError } from '../errors';
-import type { ClosedOperation, ClosedQuery, ClusterCatalog, NewToken, Ownership, Quota, Reservation, TenantQuota, TokenRecord } from './types';
-import { CATALOG_SCHEMA_VERSION, catalogDdl, operationOf, operationRow, quotaOf, reservationOf, tokenOf, type OperationRow, type QuotaRow, type ReservationRow, type TokenRow } from './schema';
+import type { ClosedOperation, ClosedQuery, ClusterCatalog, HandoffTicketRecord, NewHandoffTicket, NewToken, Ownership, Quota, Reservation, TenantQuota, TicketEnd, TokenRecord } from './types';
+import { CATALOG_SCHEMA_VERSION, catalogDdl, operationOf, operationRow, quotaOf, reservationOf, TICKET_COLUMNS, ticketOf, tokenOf, type OperationRow, type QuotaRow, type ReservationRow, type TicketRow, type TokenRow } from './schema';
 
 export class SqliteClusterCatalog implements ClusterCatalog {
   private readonly db: Database.Database;
@@ -124,6 +124,30 @@ export class SqliteClusterCatalog implements ClusterCatalog {
 
   async unlockTenant(tenant: string, holder: string): Promise<void> {
     this.db.prepare('DELETE FROM tenant_locks WHERE tenant = ? AND holder = ?').run(tenant, holder);
+  }
+
+  async addTicket(t: NewHandoffTicket, now = new Date()): Promise<void> {
+    this.db
+      .prepare('INSERT INTO handoff_tickets (handoff_id, digest, host, instance_id, tenant, created_at, expires_at) VALUES (?, ?, ?, ?, ?, ?, ?)')
+      .run(t.handoffId, t.digest, t.hostId, t.instanceId, t.tenant ?? null, now.toISOString(), t.expiresAt);
+  }
+
+  async ticketByDigest(digest: string): Promise<HandoffTicketRecord | undefined> {
+    const r = this.db.prepare(`SELECT ${TICKET_COLUMNS} FROM handoff_tickets WHERE digest = ?`).get(digest) as TicketRow | undefined;
+    return r ? ticketOf(r) : undefined;
+  }
+
+  async ticketOfHandoff(handoffId: string): Promise<HandoffTicketRecord | undefined> {
+    const r = this.db.prepare(`SELECT ${TICKET_COLUMNS} FROM handoff_tickets WHERE handoff_id = ?`).get(handoffId) as TicketRow | undefined;
+    return r ? ticketOf(r) : undefined;
+  }
+
+  async endTicket(handoffId: string, why: TicketEnd, now = new Date()): Promise<boolean> {
+    return this.db.prepare('UPDATE handoff_tickets SET ended_at = ?, ended = ? WHERE handoff_id = ? AND ended IS NULL').run(now.toISOString(), why, handoffId).changes > 0;
+  }
+
+  async listTickets(limit = 200): Promise<HandoffTicketRecord[]> {
+    return (this.db.prepare(`SELECT ${TICKET_COLUMNS} FROM handoff_tickets ORDER BY created_at DESC, handoff_id LIMIT ?`).all(limit) as TicketRow[]).map(ticketOf);
   }
 
   async setQuota(tenant: string, q: Quota): Promise<void> {

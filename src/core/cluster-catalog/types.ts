@@ -96,6 +96,30 @@ export interface Reservation {
   createdAt: string;
 }
 
+/**
+ * A handoff ticket as the destination's catalog keeps it: which handoff it opens, for whom, until
+ * when, and how it ended. The ticket itself is never stored, only its sha256 (like a token's).
+ */
+export interface HandoffTicketRecord {
+  handoffId: string;
+  hostId: string;
+  instanceId: string;
+  /** The tenant the VM will belong to here; undefined: the admins'. */
+  tenant?: string;
+  createdAt: string;
+  expiresAt: string;
+  /** When it stopped being good, and why: used (the VM arrived), aborted, or revoked by an admin. */
+  endedAt?: string;
+  ended?: TicketEnd;
+}
+
+export type TicketEnd = 'used' | 'aborted' | 'revoked';
+
+export interface NewHandoffTicket extends Omit<HandoffTicketRecord, 'createdAt' | 'endedAt' | 'ended'> {
+  /** sha256 (hex) of the whole ticket. */
+  digest: string;
+}
+
 export interface ClusterCatalog {
   addToken(token: NewToken): Promise<TokenRecord>;
   /** The live (not revoked) token with this digest. */
@@ -135,6 +159,17 @@ export interface ClusterCatalog {
   tryLockTenant(tenant: string, holder: string, ttlMs: number): Promise<boolean>;
   /** Gives the lock back if `holder` has it. */
   unlockTenant(tenant: string, holder: string): Promise<void>;
+
+  /** Records a ticket issued for a handoff (one per handoff). */
+  addTicket(t: NewHandoffTicket): Promise<void>;
+  /** The ticket with this digest, whatever its state. */
+  ticketByDigest(digest: string): Promise<HandoffTicketRecord | undefined>;
+  /** The ticket of a handoff, whatever its state. */
+  ticketOfHandoff(handoffId: string): Promise<HandoffTicketRecord | undefined>;
+  /** Ends a handoff's ticket (it is good no more); false when it had ended already or is unknown. */
+  endTicket(handoffId: string, why: TicketEnd): Promise<boolean>;
+  /** Tickets, the most recently issued first (at most `limit`, default 200). */
+  listTickets(limit?: number): Promise<HandoffTicketRecord[]>;
 
   setQuota(tenant: string, quota: Quota): Promise<void>;
   quotaOf(tenant: string): Promise<Quota | undefined>;
