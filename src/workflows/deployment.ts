@@ -22,6 +22,7 @@ import type { OverlayCacheActivities } from '../activities/overlay-cache';
 import { hostTaskQueue, SearchAttributes } from '../common/names';
 import { operationProgressQuery, synthesizeVm, terminateVm, type OperationProgress } from './operations';
 import { rootCause } from './failures';
+import { recordedOperation } from './operation-record';
 
 export interface DeployOverlayInput {
   deploymentId: string;
@@ -54,6 +55,10 @@ export interface HostDeployment {
 const mb = (b: number): string => `${(b / 1e6).toFixed(2)} MB`;
 
 export async function deployOverlay(input: DeployOverlayInput) {
+  return recordedOperation({ kind: 'deployOverlay', hostId: input.hosts[0]?.hostId ?? '' }, () => deploy(input));
+}
+
+async function deploy(input: DeployOverlayInput) {
   const started = Date.now();
   const progress: OperationProgress = { stage: 'starting', done: [] };
   const total = input.hosts.reduce((n, h) => n + h.count, 0);

@@ -21,9 +21,22 @@ export interface RecordedOperation {
   onHostQueue?: boolean;
 }
 
+/** Runs an operation's body and records how it ended (for workflows without a tracker). */
+export async function recordedOperation<T>(op: RecordedOperation, body: () => Promise<T>): Promise<T> {
+  let r: T;
+  try {
+    r = await body();
+  } catch (e) {
+    await recordOperationEnd(op, { status: 'failed', error: e });
+    throw e;
+  }
+  await recordOperationEnd(op, { status: 'succeeded', result: r });
+  return r;
+}
+
 export async function recordOperationEnd(op: RecordedOperation, end: OperationEnd): Promise<void> {
-  // Runs of an older version replay without this step.
-  if (!patched('record-operation-end')) return;
+  // Runs of an older version replay without this step; an operation of no host has no worker to ask.
+  if (!patched('record-operation-end') || op.hostId === '') return;
   const info = workflowInfo();
   const record: ClosedOperation = {
     id: info.workflowId,
@@ -40,7 +53,8 @@ export async function recordOperationEnd(op: RecordedOperation, end: OperationEn
   // On the host's own queue its worker runs the record as a local activity (no extra dispatch).
   const records = op.onHostQueue === true
     ? proxyLocalActivities<OperationRecordActivities>({ startToCloseTimeout: '30 seconds', retry, localRetryThreshold: '500 ms' })
-    : proxyActivities<OperationRecordActivities>({ taskQueue: hostTaskQueue(op.hostId), startToCloseTimeout: '30 seconds', retry });
+    // A host whose worker is down delays the run's end by a minute at most, then the sync records it.
+    : proxyActivities<OperationRecordActivities>({ taskQueue: hostTaskQueue(op.hostId), startToCloseTimeout: '30 seconds', scheduleToCloseTimeout: '1 minute', retry });
   try {
     // A cancelled run records that it was cancelled.
     await CancellationScope.nonCancellable(() => records.recordOperationEnd(record));

@@ -24,6 +24,7 @@ import { HOST_ID_PATTERN, hostTaskQueue, SearchAttributes } from '../common/name
 import { admit, operationProgressQuery, type OperationProgress } from './operations';
 import type { AdmissionActivities } from '../activities/admission';
 import { rootCause } from './failures';
+import { recordedOperation } from './operation-record';
 
 /** The test guest's port of `POST /cgi-bin/exec` (docs/test-guest.md); see GUEST_EXEC_PORT. */
 const GUEST_EXEC_PORT = 8080;
@@ -55,6 +56,10 @@ export async function rebuildOverlay(input: RecipeInput): Promise<RebuildOverlay
     // Checked here: without a valid host there is no queue to validate the rest on.
     throw ApplicationFailure.nonRetryable(`the recipe has no valid hostId (${JSON.stringify(hostId)}). Fix: give the host that holds the base, e.g. "local"`, 'BAD_INPUT');
   }
+  return recordedOperation({ kind: 'rebuildOverlay', hostId }, () => rebuild(input, hostId));
+}
+
+async function rebuild(input: RecipeInput, hostId: string): Promise<RebuildOverlayResult> {
   const info = workflowInfo();
   const common: ActivityOptions & { retry: RetryPolicy } = { taskQueue: hostTaskQueue(hostId), retry: { maximumAttempts: 5, initialInterval: '1 second', nonRetryableErrorTypes: NON_RETRYABLE } };
   const quick = proxyActivities<RecipeActivities & InstanceActivities & AdmissionActivities>({ ...common, startToCloseTimeout: '2 minutes' });

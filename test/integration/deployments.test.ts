@@ -16,6 +16,7 @@ import { createLogger } from '../../src/common/logger';
 import { GuestAppClient } from '../../src/guest/app-client';
 import { TemporalCloudletService } from '../../src/service';
 import { startTestCluster, type TestCluster } from '../helpers/cluster';
+import { SqliteClusterCatalog } from '../../src/core/cluster-catalog';
 import { testBasePackage } from '../helpers/test-base';
 import { pollUntil } from '../helpers/poll';
 
@@ -107,6 +108,16 @@ describe('deployments: one overlay, many hosts', () => {
     // Every VM is an operation of its own, and the deployment's progress names each.
     const status = await cloud.getOperation(op.id);
     expect(status?.progress?.done.filter((d) => / answers \(first response/.test(d))).toHaveLength(6);
+    // The deployment and each of its syntheses recorded their ends in the cluster catalog the
+    // workers use (this API keeps none: nothing else writes there).
+    const catalog = new SqliteClusterCatalog(cluster.config.catalog.file);
+    try {
+      expect(await catalog.closedOperation(op.id)).toMatchObject({ kind: 'deployOverlay', hostId: hostA, status: 'succeeded', result: { requested: 6, answering: 6 } });
+      const children = await catalog.closedOperations({ kinds: ['synthesizeVm'], hosts: [hostA, hostB] });
+      expect(children.filter((c) => c.parentId === op.id && c.status === 'succeeded')).toHaveLength(6);
+    } finally {
+      await catalog.close();
+    }
     figures.sixOverTwo = { allAnsweringMs: r.allAnsweringMs, firstResponseMs: r.hosts.flatMap((h) => h.vms.map((v) => v.firstResponseMs)), fetchMs: r.hosts.map((h) => h.fetchMs) };
     for (const i of await ofDeployment(deploymentId)) await done((await cloud.terminateInstance(i.id)).id);
   });
@@ -146,5 +157,11 @@ describe('deployments: one overlay, many hosts', () => {
     const leftovers = cluster.hosts.flatMap((h) => fs.existsSync(path.join(cluster.config.varDir, 'hosts', h, 'instances')) ? fs.readdirSync(path.join(cluster.config.varDir, 'hosts', h, 'instances')).filter((d) => d.startsWith(`i-${deploymentId.slice(2)}-`)) : []);
     expect(leftovers).toEqual([]);
     await expect(cloud.cancelOperation(op.id)).rejects.toMatchObject({ status: 409 });
+    const catalog = new SqliteClusterCatalog(cluster.config.catalog.file);
+    try {
+      expect(await catalog.closedOperation(op.id)).toMatchObject({ kind: 'deployOverlay', status: 'failed', error: { type: 'CANCELLED' } });
+    } finally {
+      await catalog.close();
+    }
   });
 });
