@@ -31,6 +31,10 @@ export function createOperationRecordActivities(deps: { catalog: () => Promise<C
     async recordOperationEnd(op) {
       const catalog = await deps.catalog();
       await catalog.recordClosed([op]);
+      // A receiving run that ended (the VM arrived, or it failed, was aborted or gave up) ends
+      // its handoff's ticket: the catalog lists it so, and the API refuses it from then on.
+      const handoffId = op.kind === 'receiveHandoff' ? /\/(ho-[a-z0-9-]+)$/.exec(op.id)?.[1] : undefined;
+      if (handoffId) await catalog.endTicket(handoffId, op.status === 'succeeded' ? 'used' : 'aborted');
     },
   };
 }

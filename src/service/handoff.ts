@@ -9,7 +9,7 @@
  *   gave (they never enter Temporal's history) and starts handoffVm on the instance's host.
  */
 import { randomBytes } from 'node:crypto';
-import { WorkflowUpdateFailedError, type Client, type WorkflowHandle } from '@temporalio/client';
+import { WorkflowNotFoundError, WorkflowUpdateFailedError, type Client, type WorkflowHandle } from '@temporalio/client';
 import { ApplicationFailure } from '@temporalio/common';
 import { assertHostServing } from '../client/connect';
 import { HandoffPeer, type AppliedRoundInfo, type BaseImported, type Fingerprint, type HandoffTicket, type ReceivedVm, type ReceiveStatus } from '../client/handoff-peer';
@@ -131,7 +131,13 @@ export class TemporalHandoffService implements HandoffService {
     if (claims.hid !== hid) throw new CloudletError('FORBIDDEN', `the ticket is for handoff ${claims.hid}, not ${hid}`, { fix: 'use the ticket issued for this handoff' });
     const catalog = this.options.catalog;
     if (catalog) {
-      const rec = await catalog.ticketByDigest(digestToken(ticket));
+      // Reading (status, abort) goes on by the signature when the catalog does not answer: a
+      // source that cannot learn that its VM arrived would resume its own copy.
+      const rec = await catalog.ticketByDigest(digestToken(ticket)).catch((e: unknown) => {
+        if (ended === 'allow') return 'unread' as const;
+        throw e;
+      });
+      if (rec === 'unread') return { claims, handle: this.client.workflow.getHandle(receiveWorkflowId(claims)) };
       if (!rec) throw new CloudletError('UNAUTHORIZED', `handoff ticket refused: the cluster catalog holds no such ticket for handoff ${hid}`, { fix: 'ask the destination API for a new ticket (POST /v1/handoffs)' });
       if (rec.ended === 'revoked') throw new CloudletError('UNAUTHORIZED', `handoff ticket refused: an admin revoked it at ${rec.endedAt ?? '?'}`, { fix: 'ask the destination cluster\'s operators; start a new handoff for a new ticket' });
       if (rec.ended && ended === 'refuse') throw new CloudletError('FORBIDDEN', `handoff ${hid} has ended (${rec.ended}): its ticket is used up`, { fix: 'start a new handoff for a new ticket' });
@@ -175,8 +181,10 @@ export class TemporalHandoffService implements HandoffService {
     } catch (e) {
       throw causeOf(e, 'resume the VM');
     }
-    // Single use: the VM is here, the ticket is good for nothing more than its status.
-    await this.options.catalog?.endTicket(hid, 'used');
+    // Single use: the VM is here, the ticket is good for nothing more than its status. (The
+    // receiving run's end records the same; a catalog that does not answer now must not turn
+    // the arrival into a failure the source would answer by resuming its own copy.)
+    await this.options.catalog?.endTicket(hid, 'used').catch(() => false);
     return vm;
   }
 
@@ -193,8 +201,9 @@ export class TemporalHandoffService implements HandoffService {
 
   async abort(ticket: string, hid: string, reason: string): Promise<ReceiveStatus> {
     const { handle } = await this.handleFor(ticket, hid, 'allow');
-    await this.options.catalog?.endTicket(hid, 'aborted');
+    // The run stops first: a catalog that does not answer must not keep the host receiving.
     await this.stopReceiving(handle, reason);
+    await this.options.catalog?.endTicket(hid, 'aborted').catch(() => false);
     const st = await this.client.withDeadline(Date.now() + 5000, () => this.status(ticket, hid)).catch(() => undefined);
     return st ?? { handoffId: hid, phase: 'aborted', applied: 0, error: 'the receiving host has not confirmed yet; it removes what it made when it runs again' };
   }
@@ -223,7 +232,16 @@ export class TemporalHandoffService implements HandoffService {
     if (await catalog.endTicket(hid, 'revoked')) {
       // Its receiving host stops and removes what it made, so the receiver refuses the ticket too.
       const handle = this.client.workflow.getHandle(receiveOperationId(rec.hostId, rec.instanceId, hid));
-      await this.stopReceiving(handle, 'an admin of the destination revoked the ticket').catch(() => undefined);
+      try {
+        await this.stopReceiving(handle, 'an admin of the destination revoked the ticket');
+      } catch (e) {
+        if (!(e instanceof WorkflowNotFoundError)) {
+          throw new CloudletError('DESTINATION_UNAVAILABLE', `ticket of handoff ${hid} revoked (the API refuses it), but its receiving run could not be told to stop: ${(e as Error).message}`, {
+            fix: 'revoke it again once the Temporal server answers; until then its receiving host still takes uploads for it',
+            cause: e,
+          });
+        }
+      }
     }
     return ticketView((await catalog.ticketOfHandoff(hid)) ?? rec, Date.now());
   }

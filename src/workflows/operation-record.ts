@@ -5,7 +5,7 @@
  * record themselves (terminated, timed out, or the record failed). A failed record never fails
  * the operation: it is logged and left to that sync.
  */
-import { CancellationScope, isCancellation, log, patched, proxyActivities, proxyLocalActivities, workflowInfo } from '@temporalio/workflow';
+import { CancellationScope, isCancellation, log, patched, proxyActivities, proxyLocalActivities, TemporalFailure, workflowInfo } from '@temporalio/workflow';
 import type { RetryPolicy } from '@temporalio/workflow';
 import type { OperationRecordActivities } from '../activities/operation-records';
 import type { ClosedOperation } from '../core/cluster-catalog/types';
@@ -35,6 +35,9 @@ export async function recordedOperation<T>(op: RecordedOperation, body: () => Pr
 }
 
 export async function recordOperationEnd(op: RecordedOperation, end: OperationEnd): Promise<void> {
+  // An error that is not a Temporal failure fails the workflow task, which is retried: the run
+  // has not ended.
+  if (end.status === 'failed' && !(end.error instanceof TemporalFailure) && !isCancellation(end.error)) return;
   // Runs of an older version replay without this step; an operation of no host has no worker to ask.
   if (!patched('record-operation-end') || op.hostId === '') return;
   const info = workflowInfo();

@@ -230,6 +230,34 @@ test('a version-1 catalog (tokens, owners, quotas) is upgraded in place on both 
   await c2.end();
 });
 
+test('a version-3 catalog is upgraded with the sync\'s mark at the latest close it holds, so its first sync does not scan all of visibility', async () => {
+  const op = { id: 'synthesizeVm/h/i', kind: 'synthesizeVm', type: 'synthesizeVm', hostId: 'h', status: 'succeeded' as const, startedAt: '2026-12-01T00:00:00.000Z', closedAt: '2026-12-01T00:00:07.000Z' };
+  const file = path.join(dir, `catalog-v3-${(seq += 1)}.sqlite`);
+  const url = await pg.newDatabase(`v3_${(seq += 1)}`);
+  // Made as a version-4 catalog, then taken back to what version 3 had.
+  for (const open of [async () => new SqliteClusterCatalog(file), () => PostgresClusterCatalog.open(url)]) {
+    const cat = await open();
+    await cat.recordClosed([op]);
+    await cat.close();
+  }
+  const db = new (await import('better-sqlite3')).default(file);
+  db.exec('DROP TABLE sync_marks');
+  db.pragma('user_version = 3');
+  db.close();
+  const c = new Client({ connectionString: url });
+  await c.connect();
+  await c.query('DROP TABLE sync_marks; UPDATE catalog_schema SET version = 3');
+  await c.end();
+  for (const open of [async () => new SqliteClusterCatalog(file), () => PostgresClusterCatalog.open(url)]) {
+    const cat = await open();
+    try {
+      expect(await cat.syncMark()).toBe(op.closedAt);
+    } finally {
+      await cat.close();
+    }
+  }
+});
+
 test('an unreachable PostgreSQL catalog is CATALOG_UNAVAILABLE, naming the server without its password and the fix', async () => {
   const err = await PostgresClusterCatalog.open('postgres://cloudlet:s3cret@127.0.0.1:1/nowhere').catch((e: unknown) => e);
   expect(err).toBeInstanceOf(CloudletError);

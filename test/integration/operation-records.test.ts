@@ -112,6 +112,13 @@ test('a run whose worker cannot reach the catalog ends as it would; the sync fro
     const result = await other.client.workflow.execute(reconcileHost, { workflowId, taskQueue: hostTaskQueue(offHost), args: [{ hostId: offHost, onHostQueue: true }] });
     expect(result).toMatchObject({ hostId: offHost, lost: [] });
     expect(await catalog.closedOperation(workflowId)).toBeUndefined();
+    // Nor anywhere else: not in the default catalog of this var directory either.
+    const fallback = new SqliteClusterCatalog(path.join(other.config.varDir, 'clusters', other.config.namespace, 'catalog.sqlite'));
+    try {
+      expect(await fallback.closedOperation(workflowId)).toBeUndefined();
+    } finally {
+      await fallback.close();
+    }
     const own = await catalog.closedOperation(`reconcileHost/${host}/records-own`);
     expect(own).toBeDefined();
     // The API's sync over both clusters' hosts: it records the run that could not record itself.

@@ -119,7 +119,7 @@ export function handoffRoutes(handoffs: HandoffService | undefined): Route[] {
       summary: 'Revoke a handoff\'s ticket: refused from now on (401), and the handoff is aborted (its receiving host removes what it made)',
       tag: 'handoff',
       params: HandoffParamsSchema,
-      responses: { 200: { description: 'Revoked (or it had ended already: as it stands).', schema: TicketViewSchema }, 400: R.badInput, 401: R.unauthorized, 403: R.forbidden, 404: R.notFound, 503: { description: 'No cluster catalog.' } },
+      responses: { 200: { description: 'Revoked (or it had ended already: as it stands).', schema: TicketViewSchema }, 400: R.badInput, 401: R.unauthorized, 403: R.forbidden, 404: R.notFound, 503: { description: 'No cluster catalog, or the receiving run could not be told to stop (revoke again).' } },
       handler: async ({ params }) => need().revokeTicket(params.id),
     }),
     defineRoute({

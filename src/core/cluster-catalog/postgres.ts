@@ -32,6 +32,8 @@ export class PostgresClusterCatalog implements ClusterCatalog {
         const v = (await c.query<{ version: number }>('SELECT version FROM catalog_schema')).rows[0]?.version;
         if (v !== undefined && v > CATALOG_SCHEMA_VERSION) throw new Error(`its schema is version ${v}; this cloudlet knows up to ${CATALOG_SCHEMA_VERSION}`);
         await c.query(catalogDdl('postgres'));
+        // Upgraded from before the sync's mark: it got as far as the latest close it recorded.
+        if (v !== undefined && v < 4) await c.query("INSERT INTO sync_marks (name, at) SELECT 'visibility', MAX(closed_at) FROM operations HAVING MAX(closed_at) IS NOT NULL ON CONFLICT (name) DO NOTHING");
         if (v === undefined) await c.query('INSERT INTO catalog_schema (version) VALUES ($1)', [CATALOG_SCHEMA_VERSION]);
         else if (v < CATALOG_SCHEMA_VERSION) await c.query('UPDATE catalog_schema SET version = $1', [CATALOG_SCHEMA_VERSION]);
       });

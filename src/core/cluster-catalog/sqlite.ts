@@ -20,6 +20,11 @@ export class SqliteClusterCatalog implements ClusterCatalog {
         throw new Error(`its schema is version ${version}; this cloudlet knows up to ${CATALOG_SCHEMA_VERSION}`);
       }
       this.db.exec(catalogDdl('sqlite'));
+      if (version > 0 && version < 4) {
+        // Upgraded from before the sync's mark: it got as far as the latest close it recorded.
+        const last = (this.db.prepare('SELECT MAX(closed_at) AS at FROM operations').get() as { at: string | null }).at;
+        if (last) this.db.prepare("INSERT INTO sync_marks (name, at) VALUES ('visibility', ?) ON CONFLICT (name) DO NOTHING").run(last);
+      }
       this.db.pragma(`user_version = ${CATALOG_SCHEMA_VERSION}`);
     } catch (e) {
       throw new CloudletError('CATALOG_UNAVAILABLE', `cannot open the cluster catalog ${file}: ${(e as Error).message}`, {
