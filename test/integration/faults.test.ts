@@ -196,12 +196,13 @@ describe('faults during synthesis', () => {
     const scheduled = events.find((e) => e.activityTaskScheduledEventAttributes?.activityType?.name === 'synthesizeInstanceFiles');
     const started = events.find((e) => e.activityTaskStartedEventAttributes && String(e.activityTaskStartedEventAttributes.scheduledEventId) === String(scheduled?.eventId));
     expect(started?.activityTaskStartedEventAttributes?.attempt).toBeGreaterThanOrEqual(2);
-    // On the host's queue the preflight and the admission ran as local activities: markers, no activity tasks.
+    // On the host's queue the preflight, the admission and, last, the record of the run's end in
+    // the catalog ran as local activities: markers, no activity tasks.
     const localTypes = events
       .filter((e) => e.markerRecordedEventAttributes?.markerName === 'core_local_activity')
       .map((e) => (JSON.parse(Buffer.from(e.markerRecordedEventAttributes?.details?.data?.payloads?.[0]?.data ?? []).toString('utf8')) as { activity_type?: string }).activity_type);
-    expect(localTypes).toEqual(['preflightSynthesis', 'admitInstance']);
-    expect(events.some((e) => ['preflightSynthesis', 'admitInstance'].includes(e.activityTaskScheduledEventAttributes?.activityType?.name ?? ''))).toBe(false);
+    expect(localTypes).toEqual(['preflightSynthesis', 'admitInstance', 'recordOperationEnd']);
+    expect(events.some((e) => ['preflightSynthesis', 'admitInstance', 'recordOperationEnd'].includes(e.activityTaskScheduledEventAttributes?.activityType?.name ?? ''))).toBe(false);
     expect(result.localActivitiesMs).toBeGreaterThanOrEqual(0);
     expect(result.localActivitiesMs).toBeLessThan(result.timings.firstResponseMs ?? 0);
     // The path taken (local checks) is in the input, so a replay on another queue is deterministic.
