@@ -13,7 +13,7 @@
  * overlay; keep the launch VM's save file and flattened disk for the baselines (naive xdelta3+xz
  * overlay, whole VM copy; bench/workload-baselines.ts).
  *
- * Measure: one host worker (B) on the real Temporal dev server; a bench file server on 127.0.0.1
+ * Measure: one host worker (B) on the real Temporal dev server; a file server (its own process) on 127.0.0.1
  * serves every method's files; each link profile (src/links: namespaces, veth, tbf, relays that
  * add the RTT) stands between it and B. First response = from the start of the method until the
  * application's real request is answered correctly. Ours is `synthesizeVm` through the workflow.
@@ -27,8 +27,6 @@ import { createHash } from 'node:crypto';
 import fs from 'node:fs';
 import { loadavg } from 'node:os';
 import path from 'node:path';
-import fastify from 'fastify';
-import fastifyStatic from '@fastify/static';
 import { execFile } from 'node:child_process';
 import { promisify } from 'node:util';
 import { z } from 'zod';
@@ -38,6 +36,7 @@ import { hostTaskQueue } from '../src/common/names';
 import { createLogger } from '../src/common/logger';
 import { hostDir, loadConfig } from '../src/config';
 import { debianBasePackage } from '../src/guest/base-package';
+import { preparePackageRepo } from '../src/guest/package-repo';
 import { LibvirtHypervisor } from '../src/hypervisor/libvirt';
 import { LINK_PROFILES, openLink, type LinkProfileName } from '../src/links';
 import { importBaseVm, synthesizeVm, terminateVm } from '../src/workflows';
@@ -47,6 +46,7 @@ import { startTestCluster } from '../test/helpers/cluster';
 import { REPO } from '../test/helpers/infra';
 import { groupedBarChart, type BarGroup } from './chart';
 import { argRuns, median } from './lib';
+import { startFileServer } from './file-server';
 import { prepareBaselines, removeBaseline, runBaseline, type BaselineFiles } from './workload-baselines';
 
 const run = promisify(execFile);
@@ -74,6 +74,8 @@ interface Built {
   overlayBytes: number;
   /** The real request's time on the launch VM (median of 5), before the overlay was made. */
   requestMs: number;
+  /** The Debian packages the recipe installed, as Debian ships them (.deb files, xz-compressed). */
+  packages: { debs: number; bytes: number };
   baselines?: BaselineFiles;
 }
 type BuiltWithBaselines = Built & { baselines: BaselineFiles };
@@ -136,10 +138,23 @@ export async function build(app: WorkloadName, hv: LibvirtHypervisor, base: { pa
   }
   const info = BuildInfo.parse(JSON.parse(fs.readFileSync(infoFile, 'utf8')));
   const overlayBytes = fs.statSync(info.overlayFile).size;
-  if (variant !== 'default' || !withBaselines) return { app, dir, overlayFile: info.overlayFile, overlayBytes, requestMs: info.requestMs };
+  const packages = await packagesOf(recipe.packages, path.join(buildHost, 'cache', 'guest-packages'));
+  if (variant !== 'default' || !withBaselines) return { app, dir, overlayFile: info.overlayFile, overlayBytes, requestMs: info.requestMs, packages };
   progress(`${app}: making the baselines (xdelta3 + xz -9 of whole images: minutes, once)`);
   const baselines = await prepareBaselines(dir, baseFiles, { diskRaw: path.join(dir, 'launch-disk.raw'), save: path.join(dir, 'launch.sav') });
-  return { app, dir, overlayFile: info.overlayFile, overlayBytes, requestMs: info.requestMs, baselines };
+  return { app, dir, overlayFile: info.overlayFile, overlayBytes, requestMs: info.requestMs, packages, baselines };
+}
+
+/**
+ * The .deb files a recipe's packages add to the Debian base (the recipe's own cache of them, keyed
+ * by the package list and the guest's dpkg status: the base image's, which the guest still has).
+ * Their bytes are a floor for any overlay that carries the installed files: they are those files
+ * as Debian compresses them (xz), with nothing else.
+ */
+async function packagesOf(packages: string[], cacheRoot: string): Promise<{ debs: number; bytes: number }> {
+  if (packages.length === 0) return { debs: 0, bytes: 0 };
+  const repo = await preparePackageRepo({ guestStatus: fs.readFileSync(path.join(VAR, 'debian', 'dpkg-status'), 'utf8'), packages, cacheRoot });
+  return { debs: repo.debs.length, bytes: repo.bytes };
 }
 
 /**
@@ -196,7 +211,12 @@ async function main(): Promise<void> {
     if (!b.baselines) throw new Error(`${app}: no baselines were made`);
     built.push({ ...b, baselines: b.baselines });
   }
-  for (const b of built) emit({ metric: 'sizes', app: b.app, oursBytes: b.overlayBytes, naiveBytes: b.baselines.naive.bytes, wholeBytes: b.baselines.whole.bytes, requestMs: r1(b.requestMs) });
+  for (const b of built) {
+    emit({
+      metric: 'sizes', app: b.app, oursBytes: b.overlayBytes, naiveBytes: b.baselines.naive.bytes, wholeBytes: b.baselines.whole.bytes, requestMs: r1(b.requestMs),
+      packageDebs: b.packages.debs, packageBytes: b.packages.bytes, oursOverPackages: b.packages.bytes ? Math.round((b.overlayBytes / b.packages.bytes) * 1000) / 1000 : null,
+    });
+  }
   if (process.argv.includes('--build-only')) {
     await hv.close();
     return;
@@ -211,18 +231,27 @@ async function main(): Promise<void> {
       fs.linkSync(f, path.join(served, `${b.app}-${path.basename(f)}`));
     }
   }
-  const server = fastify({ logger: false });
-  await server.register(fastifyStatic, { root: served, prefix: '/', acceptRanges: true, index: false, list: false });
-  await server.listen({ host: '127.0.0.1', port: 0 });
-  const serverPort = (server.server.address() as { port: number }).port;
+  // In a process of its own, like an overlay server on another machine (bench/file-server.mjs).
+  const server = await startFileServer(served);
+  const serverPort = server.port;
 
-  const cluster = await startTestCluster('wlbench', ['wlb']);
+  // CLOUDLET_BENCH_LOG_LEVEL=info shows host B's step logs (on stderr, beside the JSON lines).
+  const cluster = await startTestCluster('wlbench', ['wlb'], { env: { CLOUDLET_LOG_LEVEL: process.env.CLOUDLET_BENCH_LOG_LEVEL ?? 'warn' } });
   const [hostB] = cluster.hosts as [string];
   const results: Array<{ app: WorkloadName; link: LinkProfileName; method: Method; firstResponseMs: number; bytes: number; stages: Record<string, number> }> = [];
   try {
     await cluster.client.workflow.execute(importBaseVm, { taskQueue: hostTaskQueue(hostB), workflowId: `importBaseVm/${hostB}/${base.baseId.slice(0, 12)}`, args: [{ hostId: hostB, source: base.packageFile, onHostQueue: true }] });
     const baseOnB = path.join(hostDir(cluster.config, hostB), 'store', 'bases', base.baseId);
     const inputs = await workloadInputs(INPUTS);
+    // Warm-up, not measured: the first VM a host starts after its worker did (QEMU and its
+    // libraries not yet in the page cache) took 2.7 s to start where the next took 1.1 s.
+    const first = built[0];
+    if (first) {
+      progress(`warm-up: one synthesis of ${first.app} on B without a link (not measured)`);
+      const warm = { hostId: hostB, instanceId: 'wl-warmup', onHostQueue: true };
+      await cluster.client.workflow.execute(synthesizeVm, { taskQueue: hostTaskQueue(hostB), workflowId: `synthesizeVm/${hostB}/wl-warmup-${Date.now()}`, args: [{ ...warm, overlayUrl: `http://127.0.0.1:${serverPort}/${first.app}-ours.overlay`, appPort: WORKLOAD_APP_PORT, waitForApp: false }] });
+      await cluster.client.workflow.execute(terminateVm, { taskQueue: hostTaskQueue(hostB), workflowId: `terminateVm/${hostB}/wl-warmup-${Date.now()}`, args: [warm] });
+    }
     for (const linkName of links) {
       const link = await openLink({ profile: linkName, target: { host: '127.0.0.1', port: serverPort } });
       try {
@@ -322,6 +351,9 @@ async function main(): Promise<void> {
         ...(beyond.length ? [{ name: 'beyondTransferS', value: median(beyond), limit: 3 }] : []),
       ],
     });
+    // What no overlay that carries the installed files can go under: the packages' own .deb bytes.
+    const floors = built.map((b) => b.packages.bytes / b.baselines.naive.bytes);
+    emit({ metric: 'floors', note: 'the Debian packages each recipe installed (.deb bytes) over the naive overlay: a floor for sizeRatio', apps: built.map((b) => b.app), packagesOverNaive: floors.map((x) => Math.round(x * 1000) / 1000), median: median(floors) });
   }
   const chart = groupedBarChart('First response (s): ours vs naive overlay vs whole VM copy', 'seconds', [...methods], groups);
   const out = path.join(REPO, 'docs', 'figures', 'workloads-first-response.svg');

@@ -262,6 +262,7 @@ export function createInstanceActivities(deps: CloudletActivityDeps) {
       const applyStart = Date.now();
       let r: Awaited<ReturnType<typeof applyOverlay>>;
       try {
+        await early?.beforeMeta();
         r = await step('fetch, decompress and apply overlay', () => withHeartbeats(
           applyOverlay({
             base,

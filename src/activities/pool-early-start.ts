@@ -14,13 +14,19 @@ import { step } from '../common/tracing';
 import type { OverlayMeta, SaveFileTee } from '../core/overlay';
 import type { ForwardResult, Hypervisor, SaveFeed } from '../hypervisor/types';
 import { withHeartbeats } from './heartbeat';
-import { domainShape, installPoolDisk, moveEntryInto, POOL_LOADED, poolDir, releaseClaimIn, removeListening, startClaim, takePoolEntry, type PoolEntry } from './pool-entries';
+import { domainShape, installPoolDisk, moveEntryInto, POOL_LOADED, poolDir, poolLevels, releaseClaimIn, removeListening, startClaim, takePoolEntry, type PoolEntry } from './pool-entries';
 import { baseDomainXml, basePrefill, startPoolEntry } from './pool-start';
 
 /** The RAM block a VM started here keeps in a shared file (the libvirt adapter's memory backend). */
 const SHARED_RAM_BLOCK = 'pc.ram';
 
 export interface PoolEarlyStart {
+  /**
+   * Before the overlay's meta is read: with no ready VM of the base in the pool (and `startOwn`),
+   * starts one now, so that its start overlaps the meta's and the first segments' download.
+   * onMeta keeps it only when the launch VM has the base VM's shape.
+   */
+  beforeMeta(): Promise<void>;
   /** For applyOverlay's `onMeta`: takes a VM and returns the feed into it (undefined: none ready). */
   onMeta(meta: OverlayMeta): Promise<SaveFileTee | undefined>;
   /** The entry taken, if any. */
@@ -47,6 +53,9 @@ export function poolEarlyStart(
   /** The VM this synthesis starts for itself (no ready one in the pool): resolves to its feed. */
   let starting: Promise<SaveFeed> | undefined;
   let startedOwn = false;
+  let ownPrefill: Awaited<ReturnType<typeof basePrefill>>;
+  /** The domain shape of the base's VM, known once a start was planned. */
+  let baseShape: string | undefined;
   let forwarding: Promise<ForwardResult | undefined> | undefined;
   const release = (): Promise<void> => releaseClaimIn({ hostId: deps.hostId, dataDir: deps.dataDir, hypervisor: hv }, dir);
 
@@ -74,22 +83,23 @@ export function poolEarlyStart(
   }
 
   /**
-   * No ready VM: start one of the base for this synthesis, if the launch VM has the base VM's
-   * shape. The stream waits for it (the join holds its parts until the VM listens); the overlay
-   * keeps arriving meanwhile. Its RAM gets the base's memory before any part reaches it.
+   * No ready VM: start one of the base for this synthesis. The stream waits for it (the join holds
+   * its parts until the VM listens); the overlay keeps arriving meanwhile. Its RAM gets the base's
+   * memory before any part reaches it. planOwn first: false when no start can be planned.
    */
-  async function startOwn(meta: OverlayMeta): Promise<SaveFileTee | undefined> {
-    let prefill;
+  async function planOwn(): Promise<boolean> {
     try {
-      if (domainShape(await baseDomainXml(deps.dataDir, input.baseId)) !== domainShape(meta.launch.domainXml)) {
-        log.info({ instanceId: input.instanceId }, 'the launch VM has other devices than its base VM: no early start, the synthesis restores its VM');
-        return undefined;
-      }
-      prefill = await basePrefill(deps.dataDir, input.baseId, SHARED_RAM_BLOCK);
+      baseShape = domainShape(await baseDomainXml(deps.dataDir, input.baseId));
+      ownPrefill = await basePrefill(deps.dataDir, input.baseId, SHARED_RAM_BLOCK);
+      return true;
     } catch (e) {
       log.warn({ instanceId: input.instanceId, err: String(e) }, 'could not plan an early start; the synthesis restores its VM as usual');
-      return undefined;
+      return false;
     }
+  }
+
+  function startOwnVm(): void {
+    const prefill = ownPrefill;
     const t0 = Date.now();
     startedOwn = true;
     starting = startPoolEntry(deps, input.baseId, { claimFor: startClaim(path.basename(dir)), ...(prefill ? { expectPrefill: prefill } : {}) })
@@ -108,9 +118,25 @@ export function poolEarlyStart(
         return attach(entry);
       });
     starting.catch((e: unknown) => log.warn({ instanceId: input.instanceId, err: String(e) }, 'could not start a VM for early start; the synthesis restores its VM as usual'));
-    const wait = starting;
+  }
+
+  /** The feed into the VM this synthesis started (or is starting) for itself. */
+  function ownTee(): SaveFileTee {
+    const wait = starting as Promise<SaveFeed>;
     // A part is dropped when the VM could not be started: finish() then finds no VM taken.
-    return { tee: (part, opts) => wait.then((f) => f.write(part, opts), () => undefined), ...(prefill ? { prefilled: prefill } : {}) };
+    return { tee: (part, opts) => wait.then((f) => f.write(part, opts), () => undefined), ...(ownPrefill ? { prefilled: ownPrefill } : {}) };
+  }
+
+  /** Stops and removes the VM started ahead, when the overlay turned out to need another one. */
+  async function dropOwn(why: string): Promise<void> {
+    log.info({ instanceId: input.instanceId }, `${why}: the VM started ahead goes, the synthesis restores its VM`);
+    await starting?.catch(() => undefined);
+    await feed?.close();
+    await release().catch((e: unknown) => log.warn({ instanceId: input.instanceId, err: String(e) }, 'could not remove the VM started ahead now; the instance\'s removal does'));
+    starting = undefined;
+    feed = undefined;
+    taken = undefined;
+    startedOwn = false;
   }
 
   return {
@@ -118,7 +144,27 @@ export function poolEarlyStart(
       return taken;
     },
 
+    async beforeMeta() {
+      if (!input.startOwn || starting) return;
+      // A ready VM of the pool is taken once the meta says which shape is needed; with none, one
+      // is started now, while the overlay's first bytes are on their way (its start is seconds).
+      const ready = await poolLevels(deps.dataDir).then((l) => l.ready.get(input.baseId) ?? 0, () => 0);
+      if (ready === 0 && (await planOwn())) startOwnVm();
+    },
+
     async onMeta(meta) {
+      if (starting) {
+        // Started ahead: keep it when the overlay is of this base and its launch VM has the base VM's shape.
+        let fits = false;
+        try {
+          fits = meta.base.id === input.baseId && domainShape(meta.launch.domainXml) === baseShape;
+        } catch {
+          fits = false;
+        }
+        if (fits) return ownTee();
+        await dropOwn(meta.base.id === input.baseId ? 'the launch VM has other devices than its base VM' : `the overlay is of base ${meta.base.id}`);
+        return undefined;
+      }
       if (meta.base.id !== input.baseId) return undefined;
       const t0 = Date.now();
       taken = await takePoolEntry(deps, { baseId: input.baseId, launchXml: meta.launch.domainXml, instanceDir: dir }).catch((e: unknown) => {
@@ -126,7 +172,22 @@ export function poolEarlyStart(
         return undefined;
       });
       claimMs = Date.now() - t0;
-      if (!taken) return input.startOwn ? startOwn(meta) : undefined;
+      if (!taken) {
+        if (!input.startOwn) return undefined;
+        let launchShape: string | undefined;
+        try {
+          launchShape = domainShape(meta.launch.domainXml);
+        } catch {
+          launchShape = undefined;
+        }
+        if (!(await planOwn())) return undefined;
+        if (launchShape !== baseShape) {
+          log.info({ instanceId: input.instanceId }, 'the launch VM has other devices than its base VM: no early start, the synthesis restores its VM');
+          return undefined;
+        }
+        startOwnVm();
+        return ownTee();
+      }
       const f = attach(taken);
       // Its RAM holds the base's memory already: pages the launch VM has in common with the base
       // are left out of the stream.

@@ -41,7 +41,7 @@ export async function startTestCluster(name: string, hostPrefixes: string[], opt
   const workers: HostWorker[] = [];
   const runs: Promise<void>[] = [];
   for (const h of hosts) {
-    const w = await createHostWorker(config, h, createLogger(`worker-${h}`, 'warn'));
+    const w = await createHostWorker(config, h, createLogger(`worker-${h}`, config.logLevel));
     workers.push(w);
     runs.push(w.run());
   }

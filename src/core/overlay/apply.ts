@@ -15,6 +15,7 @@ import { xd3_decode_memory } from 'xdelta3-wasm';
 import { CloudletError, isCloudletError } from '../errors';
 import { xdelta, preadFully } from './create';
 import { CHUNK, ChangedDigest, HEADER_SIZE, Kind, MAX_RUN, RECORD_HEADER_SIZE, Target, ZERO_CHUNK, dataAreaLength, decodeHeader, decodeMeta, type BlobRef, type OverlayMeta } from './format';
+import { readAhead } from '../read-ahead';
 import { xzDecompress } from './lzma';
 import { PatchedMemoryImage } from './patched-image';
 import { Qcow2Writer } from './qcow2-writer';
@@ -138,6 +139,16 @@ class Applier {
   }
 
   apply(seg: number, buf: Buffer): void {
+    for (const _ of this.steps(seg, buf)) {
+      // all at once
+    }
+  }
+
+  /**
+   * Applies a segment, record by record, yielding after each: a caller can give the event loop
+   * a turn now and then (the download it shares the thread with keeps reading).
+   */
+  *steps(seg: number, buf: Buffer): Generator<void> {
     let pos = 0;
     const need = (n: number, what: string): void => {
       if (pos + n > buf.length) throw corrupt(seg, `record at byte ${pos} needs ${n} bytes of ${what}, only ${buf.length - pos} left`);
@@ -169,6 +180,7 @@ class Applier {
           for (let i = 0; i < count; i++) this.digests[target].add(chunk + i, ZERO_CHUNK);
           if (target === Target.Disk) this.disk.writeZero(chunk, count);
           else this.mem.zeroChunks(chunk, count);
+          yield;
           continue;
         case Kind.Raw:
           need(count * CHUNK, 'raw data');
@@ -202,6 +214,7 @@ class Applier {
           throw corrupt(seg, `record at byte ${at} has unknown kind ${kind}`);
       }
       this.write(target, chunk, data);
+      yield;
     }
   }
 
@@ -235,6 +248,23 @@ class Applier {
 }
 
 /** Yields the blobs of the data area in order, each checked against its sha256. */
+/** The longest the apply holds the thread before the event loop gets a turn (the download's reads). */
+const SLICE_MS = 8;
+
+/** Runs a segment's steps, giving the event loop a turn every SLICE_MS. */
+async function applyInSlices(steps: Generator<void>): Promise<void> {
+  let sliceStart = performance.now();
+  for (const _ of steps) {
+    if (performance.now() - sliceStart >= SLICE_MS) {
+      await new Promise<void>((r) => setImmediate(r));
+      sliceStart = performance.now();
+    }
+  }
+}
+
+/** How far the download may run ahead of the blobs applied (compressed bytes held in memory). */
+const READ_AHEAD_BYTES = 64 * 1024 * 1024;
+
 async function* blobs(src: OverlaySource, dataStart: number, refs: Array<[string, BlobRef]>): AsyncIterable<Buffer> {
   const total = refs.reduce((s, [, r]) => s + r.length, 0);
   let pending: Buffer[] = [];
@@ -260,7 +290,9 @@ async function* blobs(src: OverlaySource, dataStart: number, refs: Array<[string
       yield blob;
     }
   };
-  for await (const piece of src.stream(dataStart, total)) {
+  // The download runs ahead of decompression and applying (up to READ_AHEAD_BYTES), so a moment
+  // of CPU contention does not pause the socket and leave the link idle.
+  for await (const piece of readAhead(src.stream(dataStart, total), READ_AHEAD_BYTES)) {
     pending.push(piece);
     have += piece.length;
     yield* take();
@@ -339,7 +371,7 @@ export async function applyOverlayToParts(input: ApplyToPartsInput): Promise<{ m
       } else {
         const seg = item.index - 1;
         try {
-          applier?.apply(seg, raw);
+          if (applier) await applyInSlices(applier.steps(seg, raw));
         } catch (e) {
           throw isCloudletError(e) ? e : corrupt(seg, (e as Error).message, e);
         }
@@ -357,6 +389,8 @@ export async function applyOverlayToParts(input: ApplyToPartsInput): Promise<{ m
       while (inflight.length > concurrency) await applyOne();
     }
     if (index !== refs.length) throw new CloudletError('CORRUPT', `overlay ${src.name} is truncated: ${index} of ${refs.length} blobs present`);
+    // From the start to the overlay's last byte received: the rest of "stream" is its tail.
+    timings['lastByte'] = Math.round(performance.now() - t0);
     while (inflight.length > 0) await applyOne();
     patched.complete();
     timings['decompressWait'] = Math.round(waitMs);
