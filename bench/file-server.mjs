@@ -2,6 +2,7 @@
 // for an overlay server on another machine. In the benchmark's own process its event loop would
 // stop sending whenever the synthesizing host's worker (same process) was busy.
 //   node bench/file-server.mjs ROOT   → prints {"port":N} on stdout once it listens
+import process from 'node:process';
 import fastify from 'fastify';
 import fastifyStatic from '@fastify/static';
 
