@@ -54,6 +54,8 @@ export function poolEarlyStart(
   let starting: Promise<SaveFeed> | undefined;
   let startedOwn = false;
   let ownPrefill: Awaited<ReturnType<typeof basePrefill>>;
+  /** The VM started ahead being removed (dropOwn). */
+  let dropping: Promise<void> | undefined;
   /** The domain shape of the base's VM, known once a start was planned. */
   let baseShape: string | undefined;
   let forwarding: Promise<ForwardResult | undefined> | undefined;
@@ -127,16 +129,22 @@ export function poolEarlyStart(
     return { tee: (part, opts) => wait.then((f) => f.write(part, opts), () => undefined), ...(ownPrefill ? { prefilled: ownPrefill } : {}) };
   }
 
-  /** Stops and removes the VM started ahead, when the overlay turned out to need another one. */
-  async function dropOwn(why: string): Promise<void> {
+  /**
+   * Stops and removes the VM started ahead, when the overlay turned out to need another one. In
+   * the background: the download goes on meanwhile; finish() and abort() wait for it.
+   */
+  function dropOwn(why: string): void {
     log.info({ instanceId: input.instanceId }, `${why}: the VM started ahead goes, the synthesis restores its VM`);
-    await starting?.catch(() => undefined);
-    await feed?.close();
-    await release().catch((e: unknown) => log.warn({ instanceId: input.instanceId, err: String(e) }, 'could not remove the VM started ahead now; the instance\'s removal does'));
+    const wasStarting = starting;
     starting = undefined;
-    feed = undefined;
-    taken = undefined;
     startedOwn = false;
+    dropping = (async () => {
+      await wasStarting?.catch(() => undefined);
+      await feed?.close();
+      feed = undefined;
+      taken = undefined;
+      await release().catch((e: unknown) => log.warn({ instanceId: input.instanceId, err: String(e) }, 'could not remove the VM started ahead now; the instance\'s removal does'));
+    })();
   }
 
   return {
@@ -162,7 +170,7 @@ export function poolEarlyStart(
           fits = false;
         }
         if (fits) return ownTee();
-        await dropOwn(meta.base.id === input.baseId ? 'the launch VM has other devices than its base VM' : `the overlay is of base ${meta.base.id}`);
+        dropOwn(meta.base.id === input.baseId ? 'the launch VM has other devices than its base VM' : `the overlay is of base ${meta.base.id}`);
         return undefined;
       }
       if (meta.base.id !== input.baseId) return undefined;
@@ -195,6 +203,7 @@ export function poolEarlyStart(
     },
 
     async finish() {
+      await dropping;
       await starting?.catch(() => undefined);
       const entry = taken;
       const loading = feed;
@@ -227,6 +236,7 @@ export function poolEarlyStart(
 
     async abort() {
       // Never thrown: the apply's own failure (corrupt overlay, cancellation) is what the caller reports.
+      await dropping;
       await starting?.catch(() => undefined);
       await feed?.close();
       await release().catch((e: unknown) => log.warn({ instanceId: input.instanceId, err: String(e) }, 'could not remove the early-started VM now; a retry or the instance\'s removal does'));

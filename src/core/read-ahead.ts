@@ -7,9 +7,12 @@
 /**
  * Yields what `source` yields, in order, while a pump reads it into a queue of at most
  * `maxBytes` (one item more when a single item is larger). An error of the source reaches the
- * consumer after the items before it; a consumer that stops early stops the pump and the source.
+ * consumer after the items before it. A consumer that stops early stops the pump, which returns
+ * the source at its next step; `onStop` is called at once, to cut a source that is waiting (an
+ * HTTP body whose reader is pending) short.
  */
-export async function* readAhead(source: AsyncIterable<Buffer>, maxBytes: number): AsyncGenerator<Buffer> {
+export async function* readAhead(source: AsyncIterable<Buffer>, maxBytes: number, onStop?: () => void): AsyncGenerator<Buffer> {
+  const limit = Math.max(1, maxBytes);
   const queue: Buffer[] = [];
   let queued = 0;
   let ended = false;
@@ -31,7 +34,7 @@ export async function* readAhead(source: AsyncIterable<Buffer>, maxBytes: number
   const pump = (async (): Promise<void> => {
     try {
       for (;;) {
-        while (queued >= maxBytes && !stopped) await new Promise<void>((r) => (wakePump = r));
+        while (queued >= limit && !stopped) await new Promise<void>((r) => (wakePump = r));
         if (stopped) return;
         const next = await iterator.next();
         if (next.done) return;
@@ -69,6 +72,7 @@ export async function* readAhead(source: AsyncIterable<Buffer>, maxBytes: number
     // the consumer's error back.
     stopped = true;
     signalPump();
+    if (!ended) onStop?.();
     void pump;
   }
 }

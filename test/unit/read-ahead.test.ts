@@ -64,3 +64,38 @@ describe('readAhead', () => {
     expect(s.read()).toBeLessThan(100);
   });
 });
+
+describe('readAhead onStop', () => {
+  it('is called when the consumer stops before the end, not after a full read', async () => {
+    let stops = 0;
+    // Five pieces, one byte of read-ahead: the source is not read to its end when the consumer stops.
+    for await (const p of readAhead(gatedSource(Array.from({ length: 5 }, () => Buffer.from('a'))).source, 1, () => (stops += 1))) {
+      expect(p.toString()).toBe('a');
+      break;
+    }
+    expect(stops).toBe(1);
+    const all: string[] = [];
+    for await (const p of readAhead(gatedSource([Buffer.from('a'), Buffer.from('b')]).source, 10, () => (stops += 1))) all.push(p.toString());
+    expect(all).toEqual(['a', 'b']);
+    expect(stops).toBe(1);
+  });
+
+  it('lets a source that waits forever end once told to stop', async () => {
+    const stop = new AbortController();
+    let ended = false;
+    async function* stalled(): AsyncGenerator<Buffer> {
+      try {
+        yield Buffer.from('x');
+        await new Promise<void>((resolve) => stop.signal.addEventListener('abort', () => resolve()));
+      } finally {
+        ended = true;
+      }
+    }
+    for await (const p of readAhead(stalled(), 10, () => stop.abort())) {
+      expect(p.toString()).toBe('x');
+      break;
+    }
+    await until(() => ended);
+    expect(ended).toBe(true);
+  });
+});

@@ -138,12 +138,6 @@ class Applier {
     }
   }
 
-  apply(seg: number, buf: Buffer): void {
-    for (const _ of this.steps(seg, buf)) {
-      // all at once
-    }
-  }
-
   /**
    * Applies a segment, record by record, yielding after each: a caller can give the event loop
    * a turn now and then (the download it shares the thread with keeps reading).
@@ -247,7 +241,6 @@ class Applier {
   }
 }
 
-/** Yields the blobs of the data area in order, each checked against its sha256. */
 /** The longest the apply holds the thread before the event loop gets a turn (the download's reads). */
 const SLICE_MS = 8;
 
@@ -265,7 +258,12 @@ async function applyInSlices(steps: Generator<void>): Promise<void> {
 /** How far the download may run ahead of the blobs applied (compressed bytes held in memory). */
 const READ_AHEAD_BYTES = 64 * 1024 * 1024;
 
-async function* blobs(src: OverlaySource, dataStart: number, refs: Array<[string, BlobRef]>): AsyncIterable<Buffer> {
+/**
+ * Yields the blobs of the data area in order, each checked against its sha256. `onLastByte` is
+ * called when the download has received its last byte (which, reading ahead, can be before the
+ * blobs are taken).
+ */
+async function* blobs(src: OverlaySource, dataStart: number, refs: Array<[string, BlobRef]>, onLastByte: () => void): AsyncIterable<Buffer> {
   const total = refs.reduce((s, [, r]) => s + r.length, 0);
   let pending: Buffer[] = [];
   let have = 0;
@@ -292,7 +290,13 @@ async function* blobs(src: OverlaySource, dataStart: number, refs: Array<[string
   };
   // The download runs ahead of decompression and applying (up to READ_AHEAD_BYTES), so a moment
   // of CPU contention does not pause the socket and leave the link idle.
-  for await (const piece of readAhead(src.stream(dataStart, total), READ_AHEAD_BYTES)) {
+  // A consumer that stops early (a bad blob, an error applying) stops the download at once.
+  const stop = new AbortController();
+  async function* download(): AsyncGenerator<Buffer> {
+    yield* src.stream(dataStart, total, stop.signal);
+    onLastByte();
+  }
+  for await (const piece of readAhead(download(), READ_AHEAD_BYTES, () => stop.abort())) {
     pending.push(piece);
     have += piece.length;
     yield* take();
@@ -382,15 +386,16 @@ export async function applyOverlayToParts(input: ApplyToPartsInput): Promise<{ m
       input.onProgress?.(done, total);
     };
     let index = 0;
-    for await (const blob of blobs(src, dataStart, refs)) {
+    for await (const blob of blobs(src, dataStart, refs, () => {
+      // From the start to the overlay's last byte received: the rest of "stream" is its tail.
+      timings['lastByte'] = Math.round(performance.now() - t0);
+    })) {
       inflight.push({ index, job: decode(index, blob) });
       index += 1;
       // Keep `concurrency` decompressions running; apply the oldest once it is done.
       while (inflight.length > concurrency) await applyOne();
     }
     if (index !== refs.length) throw new CloudletError('CORRUPT', `overlay ${src.name} is truncated: ${index} of ${refs.length} blobs present`);
-    // From the start to the overlay's last byte received: the rest of "stream" is its tail.
-    timings['lastByte'] = Math.round(performance.now() - t0);
     while (inflight.length > 0) await applyOne();
     patched.complete();
     timings['decompressWait'] = Math.round(waitMs);

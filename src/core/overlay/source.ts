@@ -15,8 +15,11 @@ export interface OverlaySource {
   readonly maxBytes?: number;
   /** Exactly `length` bytes at `offset`, or a CORRUPT "truncated" error. */
   read(offset: number, length: number): Promise<Buffer>;
-  /** `length` bytes from `offset`, in pieces, in order. */
-  stream(offset: number, length: number): AsyncIterable<Buffer>;
+  /**
+   * `length` bytes from `offset`, in pieces, in order. `stop`: the reader no longer wants them;
+   * once it is aborted the stream ends at once (a download in flight is cancelled, not retried).
+   */
+  stream(offset: number, length: number, stop?: AbortSignal): AsyncIterable<Buffer>;
   close(): Promise<void>;
 }
 
@@ -77,8 +80,8 @@ class FileSource implements OverlaySource {
     return buf;
   }
 
-  async *stream(offset: number, length: number): AsyncIterable<Buffer> {
-    for (let at = 0; at < length; at += PIECE) yield await this.read(offset + at, Math.min(PIECE, length - at));
+  async *stream(offset: number, length: number, stop?: AbortSignal): AsyncIterable<Buffer> {
+    for (let at = 0; at < length && !stop?.aborted; at += PIECE) yield await this.read(offset + at, Math.min(PIECE, length - at));
   }
 
   async close(): Promise<void> {
@@ -103,9 +106,11 @@ class HttpSource implements OverlaySource {
     if (this.signal?.aborted) throw this.signal.reason ?? new Error(`download of overlay ${this.name} aborted`);
   }
 
-  private async request(from: number, to: number): Promise<Response> {
+  private async request(from: number, to: number, stop?: AbortSignal): Promise<Response> {
     let res: Response;
-    const init = { headers: { Range: `bytes=${from}-${to}` }, ...(this.signal ? { signal: this.signal } : {}) };
+    const signals = [this.signal, stop].filter((x): x is AbortSignal => x !== undefined);
+    const signal = signals.length > 1 ? AbortSignal.any(signals) : signals[0];
+    const init = { headers: { Range: `bytes=${from}-${to}` }, ...(signal ? { signal } : {}) };
     try {
       res = this.policy ? ((await guardedFetch('overlay', this.name, this.policy, init)) as unknown as Response) : await fetch(this.name, init);
     } catch (e) {
@@ -134,11 +139,18 @@ class HttpSource implements OverlaySource {
     return Buffer.concat(parts, length);
   }
 
-  async *stream(offset: number, length: number): AsyncIterable<Buffer> {
+  async *stream(offset: number, length: number, stop?: AbortSignal): AsyncIterable<Buffer> {
     let done = 0;
     let failures = 0;
     while (done < length) {
-      const res = await this.request(offset + done, offset + length - 1);
+      if (stop?.aborted) return;
+      let res: Response;
+      try {
+        res = await this.request(offset + done, offset + length - 1, stop);
+      } catch (e) {
+        if (stop?.aborted) return;
+        throw e;
+      }
       const body = res.body;
       if (!body) throw truncated(this.name, offset, length, done);
       const reader = body.getReader();
@@ -156,6 +168,7 @@ class HttpSource implements OverlaySource {
         }
       } catch (e) {
         this.checkAborted();
+        if (stop?.aborted) return;
         failures += 1;
         if (failures > this.retries) {
           throw new CloudletError('TIMEOUT', `download of overlay ${this.name} failed ${failures} times (last at byte ${offset + done}): ${(e as Error).message}`, {
