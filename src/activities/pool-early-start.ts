@@ -17,6 +17,15 @@ import { withHeartbeats } from './heartbeat';
 import { domainShape, installPoolDisk, moveEntryInto, POOL_LOADED, poolDir, poolLevels, releaseClaimIn, removeListening, startClaim, takePoolEntry, type PoolEntry } from './pool-entries';
 import { baseDomainXml, basePrefill, startPoolEntry } from './pool-start';
 
+/** A domain XML's shape (domainShape), or undefined when it cannot be read (it then fits nothing). */
+function shapeOf(xml: string): string | undefined {
+  try {
+    return domainShape(xml);
+  } catch {
+    return undefined;
+  }
+}
+
 /** The RAM block a VM started here keeps in a shared file (the libvirt adapter's memory backend). */
 const SHARED_RAM_BLOCK = 'pc.ram';
 
@@ -163,13 +172,7 @@ export function poolEarlyStart(
     async onMeta(meta) {
       if (starting) {
         // Started ahead: keep it when the overlay is of this base and its launch VM has the base VM's shape.
-        let fits = false;
-        try {
-          fits = meta.base.id === input.baseId && domainShape(meta.launch.domainXml) === baseShape;
-        } catch {
-          fits = false;
-        }
-        if (fits) return ownTee();
+        if (meta.base.id === input.baseId && shapeOf(meta.launch.domainXml) === baseShape) return ownTee();
         dropOwn(meta.base.id === input.baseId ? 'the launch VM has other devices than its base VM' : `the overlay is of base ${meta.base.id}`);
         return undefined;
       }
@@ -182,14 +185,8 @@ export function poolEarlyStart(
       claimMs = Date.now() - t0;
       if (!taken) {
         if (!input.startOwn) return undefined;
-        let launchShape: string | undefined;
-        try {
-          launchShape = domainShape(meta.launch.domainXml);
-        } catch {
-          launchShape = undefined;
-        }
         if (!(await planOwn())) return undefined;
-        if (launchShape !== baseShape) {
+        if (shapeOf(meta.launch.domainXml) !== baseShape) {
           log.info({ instanceId: input.instanceId }, 'the launch VM has other devices than its base VM: no early start, the synthesis restores its VM');
           return undefined;
         }
